@@ -1,0 +1,156 @@
+//! A bounded map of lookups with a time-to-live, dropped by tenant when the registry changes.
+//! A generation counter keeps a lookup that raced with a change from being cached.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct CacheKey {
+    tenant: String,
+    kind: String,
+    auth_id: String,
+}
+
+impl CacheKey {
+    pub(super) fn new(tenant: &str, kind: &str, auth_id: &str) -> Self {
+        CacheKey {
+            tenant: tenant.to_owned(),
+            kind: kind.to_owned(),
+            auth_id: auth_id.to_owned(),
+        }
+    }
+}
+
+pub(super) struct Cache<V> {
+    map: Mutex<HashMap<CacheKey, (Instant, Arc<V>)>>,
+    ttl: Duration,
+    capacity: usize,
+    generation: AtomicU64,
+    /// Entries are only served while change notifications are known to arrive.
+    active: AtomicBool,
+}
+
+impl<V> Cache<V> {
+    pub(super) fn new(ttl: Duration, capacity: usize) -> Self {
+        Cache {
+            map: Mutex::new(HashMap::new()),
+            ttl,
+            capacity,
+            generation: AtomicU64::new(0),
+            active: AtomicBool::new(false),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<CacheKey, (Instant, Arc<V>)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(super) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub(super) fn get(&self, key: &CacheKey) -> Option<Arc<V>> {
+        if !self.is_active() {
+            return None;
+        }
+        let map = self.map();
+        let (at, v) = map.get(key)?;
+        (at.elapsed() < self.ttl).then(|| v.clone())
+    }
+
+    /// Stores `value` unless the registry changed since `generation` was read.
+    pub(super) fn insert(&self, key: CacheKey, value: Arc<V>, generation: u64) {
+        if !self.is_active() || self.capacity == 0 {
+            return;
+        }
+        let mut map = self.map();
+        if self.generation() != generation {
+            return;
+        }
+        if map.len() >= self.capacity {
+            let ttl = self.ttl;
+            map.retain(|_, (at, _)| at.elapsed() < ttl);
+            if map.len() >= self.capacity
+                && let Some(k) = map.keys().next().cloned()
+            {
+                map.remove(&k);
+            }
+        }
+        map.insert(key, (Instant::now(), value));
+    }
+
+    pub(super) fn invalidate_tenant(&self, tenant: &str) {
+        let mut map = self.map();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.retain(|k, _| k.tenant != tenant);
+    }
+
+    pub(super) fn clear(&self) {
+        let mut map = self.map();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.clear();
+    }
+
+    pub(super) fn activate(&self) {
+        self.clear();
+        self.active.store(true, Ordering::Release);
+    }
+
+    pub(super) fn deactivate(&self) {
+        self.active.store(false, Ordering::Release);
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(t: &str, a: &str) -> CacheKey {
+        CacheKey::new(t, "psk", a)
+    }
+
+    #[test]
+    fn serves_only_while_active_and_fresh() {
+        let c = Cache::new(Duration::from_secs(60), 10);
+        c.insert(k("t", "a"), Arc::new(1), c.generation());
+        assert!(c.get(&k("t", "a")).is_none(), "inactive cache stores nothing");
+        c.activate();
+        c.insert(k("t", "a"), Arc::new(1), c.generation());
+        assert_eq!(c.get(&k("t", "a")).as_deref(), Some(&1));
+        let expired = Cache::new(Duration::ZERO, 10);
+        expired.activate();
+        expired.insert(k("t", "a"), Arc::new(1), expired.generation());
+        assert!(expired.get(&k("t", "a")).is_none());
+    }
+
+    #[test]
+    fn invalidation_is_per_tenant_and_beats_racing_lookups() {
+        let c = Cache::new(Duration::from_secs(60), 10);
+        c.activate();
+        c.insert(k("t1", "a"), Arc::new(1), c.generation());
+        c.insert(k("t2", "a"), Arc::new(2), c.generation());
+        let before = c.generation();
+        c.invalidate_tenant("t1");
+        assert!(c.get(&k("t1", "a")).is_none());
+        assert_eq!(c.get(&k("t2", "a")).as_deref(), Some(&2));
+        c.insert(k("t1", "b"), Arc::new(3), before);
+        assert!(c.get(&k("t1", "b")).is_none(), "a lookup older than the change is dropped");
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let c = Cache::new(Duration::from_secs(60), 3);
+        c.activate();
+        for i in 0..10 {
+            c.insert(k("t", &i.to_string()), Arc::new(i), c.generation());
+        }
+        assert!(c.map().len() <= 3);
+    }
+}

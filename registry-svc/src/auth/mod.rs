@@ -1,0 +1,529 @@
+//! The device-authentication library the gateways call: checks `authId@tenant` + password,
+//! finds PSK keys and X.509 credentials, and honours every enabled flag and validity window.
+//! Lookups are cached; PostgreSQL notifications drop cache entries as soon as registry data
+//! changes, and the same notifications are offered to gateways to close live connections.
+
+mod cache;
+pub mod password;
+
+use crate::metrics;
+use crate::model::credentials::{HASHED_PASSWORD, PSK, X509_CERT};
+use cache::{Cache, CacheKey};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use password::PasswordHash;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::sync::{broadcast, watch};
+
+/// The channel the registry's triggers notify on.
+pub const NOTIFY_CHANNEL: &str = "ferrule_registry";
+
+/// Cache settings of the authenticator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthCacheConfig {
+    /// How long a credential lookup is reused (seconds); changes drop entries sooner.
+    pub ttl_secs: u64,
+    /// Most lookups kept at once.
+    pub capacity: usize,
+}
+
+impl Default for AuthCacheConfig {
+    fn default() -> Self {
+        AuthCacheConfig {
+            ttl_secs: 60,
+            capacity: 100_000,
+        }
+    }
+}
+
+/// A device whose credentials were verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedDevice {
+    pub tenant_id: String,
+    pub device_id: String,
+    pub auth_id: String,
+}
+
+/// Why a device was not authenticated; gateways map each to their protocol's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("malformed user name: expected authId@tenant")]
+    MalformedUsername,
+    #[error("unknown tenant")]
+    UnknownTenant,
+    #[error("tenant is disabled")]
+    TenantDisabled,
+    /// Unknown auth-id, wrong secret, disabled credentials or no secret valid right now.
+    #[error("bad credentials")]
+    BadCredentials,
+    #[error("device is disabled")]
+    DeviceDisabled,
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// A stable label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            AuthError::MalformedUsername | AuthError::BadCredentials => "unauthorized",
+            AuthError::UnknownTenant => "unknown-tenant",
+            AuthError::TenantDisabled => "tenant-disabled",
+            AuthError::DeviceDisabled => "device-disabled",
+            AuthError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// A registry change, as announced by the database; gateways close connections with it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RegistryChange {
+    /// `tenant`, `device` or `credentials`.
+    pub kind: String,
+    /// `INSERT`, `UPDATE` or `DELETE`.
+    pub op: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub device: Option<String>,
+    /// For tenants and devices: whether the entity is enabled after the change.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+impl RegistryChange {
+    /// Whether connections of the affected tenant or device must be closed.
+    pub fn revokes_access(&self) -> bool {
+        self.kind != "credentials" && (self.op == "DELETE" || self.enabled == Some(false))
+    }
+}
+
+/// One secret, decoded for checking.
+#[derive(Debug)]
+struct Secret {
+    enabled: bool,
+    not_before: Option<DateTime<Utc>>,
+    not_after: Option<DateTime<Utc>>,
+    password: Option<PasswordHash>,
+    key: Option<Vec<u8>>,
+}
+
+impl Secret {
+    fn from_json(s: &serde_json::Map<String, serde_json::Value>) -> Secret {
+        let instant = |k: &str| {
+            s.get(k)
+                .and_then(|v| v.as_str())
+                .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+                .map(|t| t.with_timezone(&Utc))
+        };
+        Secret {
+            enabled: s.get("enabled").and_then(|v| v.as_bool()).unwrap_or(true),
+            not_before: instant("not-before"),
+            not_after: instant("not-after"),
+            password: PasswordHash::from_secret(s),
+            key: s.get("key").and_then(|v| v.as_str()).and_then(|k| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(k).ok()
+            }),
+        }
+    }
+
+    fn usable(&self, now: DateTime<Utc>) -> bool {
+        self.enabled
+            && self.not_before.is_none_or(|t| t <= now)
+            && self.not_after.is_none_or(|t| now <= t)
+    }
+}
+
+/// What the database said about (tenant, type, auth-id).
+#[derive(Debug)]
+enum Lookup {
+    UnknownTenant,
+    TenantDisabled,
+    NoCredentials,
+    Found(Found),
+}
+
+#[derive(Debug)]
+struct Found {
+    device_id: String,
+    device_enabled: bool,
+    credentials_enabled: bool,
+    secrets: Vec<Secret>,
+    /// Digest of the last password that verified, and the secret it matched, so that a
+    /// reconnecting device does not pay for bcrypt again.
+    verified: Mutex<Option<([u8; 32], usize)>>,
+}
+
+impl Found {
+    fn check(&self) -> Result<(), AuthError> {
+        if !self.credentials_enabled {
+            return Err(AuthError::BadCredentials);
+        }
+        if !self.device_enabled {
+            return Err(AuthError::DeviceDisabled);
+        }
+        Ok(())
+    }
+}
+
+/// Verifies device credentials against the registry; cheap to clone and share.
+#[derive(Clone)]
+pub struct DeviceAuthenticator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    cache: Cache<Lookup>,
+    /// Random per process, so that the verification memo is useless outside this process.
+    memo_key: [u8; 32],
+    changes: broadcast::Sender<RegistryChange>,
+}
+
+impl DeviceAuthenticator {
+    pub fn new(pool: Pool, cfg: &AuthCacheConfig) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        DeviceAuthenticator {
+            inner: Arc::new(Inner {
+                pool,
+                cache: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
+                memo_key: rand::random(),
+                changes,
+            }),
+        }
+    }
+
+    /// Registry changes as they happen; a lagging receiver should re-check all it holds.
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryChange> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Whether the cache is in use (it is only while change notifications arrive).
+    pub fn cache_active(&self) -> bool {
+        self.inner.cache.is_active()
+    }
+
+    /// Listens for registry changes until `shutdown` turns true, reconnecting on failure.
+    /// Without a live listener the cache is bypassed, so stale data is never served.
+    pub fn spawn_listener(
+        &self,
+        db: tokio_postgres::Config,
+        shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let inner = self.inner.clone();
+        tokio::spawn(listen(inner, db, shutdown))
+    }
+
+    /// Checks `authId@tenant` and a password (the form devices use for Basic auth and MQTT).
+    pub async fn verify_password(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<AuthenticatedDevice, AuthError> {
+        let result = self.verify_password_inner(username, password).await;
+        metrics::auth_attempt(
+            result.as_ref().map(|_| "succeeded").unwrap_or_else(|e| e.outcome()),
+            HASHED_PASSWORD,
+        );
+        result
+    }
+
+    async fn verify_password_inner(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<AuthenticatedDevice, AuthError> {
+        let (auth_id, tenant) = split_username(username)?;
+        let lookup = self.lookup(tenant, HASHED_PASSWORD, auth_id).await?;
+        let found = found(&lookup)?;
+        let now = Utc::now();
+        let digest = self.memo_digest(tenant, auth_id, password);
+        let memo = *found.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((d, idx)) = memo
+            && bool::from(d.ct_eq(&digest))
+            && found.secrets.get(idx).is_some_and(|s| s.usable(now))
+        {
+            return Ok(device(tenant, found, auth_id));
+        }
+        for (idx, secret) in found.secrets.iter().enumerate() {
+            if !secret.usable(now) {
+                continue;
+            }
+            let Some(hash) = &secret.password else { continue };
+            let ok = if hash.is_expensive() {
+                let (hash, pw) = (hash.clone(), password.to_vec());
+                tokio::task::spawn_blocking(move || hash.verify(&pw))
+                    .await
+                    .map_err(|e| AuthError::Unavailable(e.to_string()))?
+            } else {
+                hash.verify(password)
+            };
+            if ok {
+                *found.verified.lock().unwrap_or_else(|p| p.into_inner()) = Some((digest, idx));
+                return Ok(device(tenant, found, auth_id));
+            }
+        }
+        Err(AuthError::BadCredentials)
+    }
+
+    /// The PSK for a DTLS identity `authId@tenant`, with the device it authenticates.
+    pub async fn psk_key(
+        &self,
+        identity: &str,
+    ) -> Result<(AuthenticatedDevice, Vec<u8>), AuthError> {
+        let (auth_id, tenant) = split_username(identity)?;
+        let lookup = self.lookup(tenant, PSK, auth_id).await?;
+        let found = found(&lookup)?;
+        let now = Utc::now();
+        let key = found
+            .secrets
+            .iter()
+            .filter(|s| s.usable(now))
+            .find_map(|s| s.key.clone())
+            .ok_or(AuthError::BadCredentials)?;
+        Ok((device(tenant, found, auth_id), key))
+    }
+
+    /// The device of a client certificate, by its subject DN (RFC 2253) within a tenant.
+    pub async fn x509(
+        &self,
+        tenant: &str,
+        subject_dn: &str,
+    ) -> Result<AuthenticatedDevice, AuthError> {
+        let lookup = self.lookup(tenant, X509_CERT, subject_dn).await?;
+        let found = found(&lookup)?;
+        let now = Utc::now();
+        if found.secrets.iter().any(|s| s.usable(now)) {
+            Ok(device(tenant, found, subject_dn))
+        } else {
+            Err(AuthError::BadCredentials)
+        }
+    }
+
+    /// The tenant whose trust anchor has this subject DN (a client certificate's issuer).
+    pub async fn tenant_by_trust_anchor(&self, issuer_dn: &str) -> Result<Option<String>, AuthError> {
+        let db = self.inner.pool.get().await.map_err(unavailable)?;
+        let row = db
+            .query_opt(
+                "SELECT t.tenant_id FROM tenants t,
+                        jsonb_array_elements(coalesce(t.data->'trusted-ca', '[]'::jsonb)) ca
+                  WHERE ca->>'subject-dn' = $1 ORDER BY t.tenant_id LIMIT 1",
+                &[&issuer_dn],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    fn memo_digest(&self, tenant: &str, auth_id: &str, password: &[u8]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.inner.memo_key);
+        h.update(tenant.as_bytes());
+        h.update([0]);
+        h.update(auth_id.as_bytes());
+        h.update([0]);
+        h.update(password);
+        h.finalize().into()
+    }
+
+    async fn lookup(&self, tenant: &str, kind: &str, auth_id: &str) -> Result<Arc<Lookup>, AuthError> {
+        let key = CacheKey::new(tenant, kind, auth_id);
+        if let Some(hit) = self.inner.cache.get(&key) {
+            metrics::auth_cache(true);
+            return Ok(hit);
+        }
+        metrics::auth_cache(false);
+        let generation = self.inner.cache.generation();
+        let lookup = Arc::new(self.query(tenant, kind, auth_id).await?);
+        self.inner.cache.insert(key, lookup.clone(), generation);
+        Ok(lookup)
+    }
+
+    async fn query(&self, tenant: &str, kind: &str, auth_id: &str) -> Result<Lookup, AuthError> {
+        let db = self.inner.pool.get().await.map_err(unavailable)?;
+        let row = db
+            .query_opt(
+                "SELECT coalesce((t.data->>'enabled')::boolean, true),
+                        c.device_id, coalesce((d.data->>'enabled')::boolean, true), c.data
+                   FROM tenants t
+                   LEFT JOIN credentials c
+                          ON c.tenant_id = t.tenant_id AND c.type = $2 AND c.auth_id = $3
+                   LEFT JOIN devices d
+                          ON d.tenant_id = c.tenant_id AND d.device_id = c.device_id
+                  WHERE t.tenant_id = $1",
+                &[&tenant, &kind, &auth_id],
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(Lookup::UnknownTenant);
+        };
+        if !row.get::<_, bool>(0) {
+            return Ok(Lookup::TenantDisabled);
+        }
+        let Some(device_id) = row.get::<_, Option<String>>(1) else {
+            return Ok(Lookup::NoCredentials);
+        };
+        let data: serde_json::Value = row.get(3);
+        let secrets = data
+            .get("secrets")
+            .and_then(|s| s.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_object().map(Secret::from_json))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Lookup::Found(Found {
+            device_id,
+            device_enabled: row.get(2),
+            credentials_enabled: data.get("enabled").and_then(|e| e.as_bool()).unwrap_or(true),
+            secrets,
+            verified: Mutex::new(None),
+        }))
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> AuthError {
+    AuthError::Unavailable(e.to_string())
+}
+
+fn found(lookup: &Lookup) -> Result<&Found, AuthError> {
+    match lookup {
+        Lookup::UnknownTenant => Err(AuthError::UnknownTenant),
+        Lookup::TenantDisabled => Err(AuthError::TenantDisabled),
+        Lookup::NoCredentials => Err(AuthError::BadCredentials),
+        Lookup::Found(f) => f.check().map(|()| f),
+    }
+}
+
+fn device(tenant: &str, found: &Found, auth_id: &str) -> AuthenticatedDevice {
+    AuthenticatedDevice {
+        tenant_id: tenant.to_owned(),
+        device_id: found.device_id.clone(),
+        auth_id: auth_id.to_owned(),
+    }
+}
+
+/// Splits `authId@tenant` at the first `@`, as Hono does.
+pub fn split_username(username: &str) -> Result<(&str, &str), AuthError> {
+    match username.split_once('@') {
+        Some((a, t)) if !a.is_empty() && !t.is_empty() => Ok((a, t)),
+        _ => Err(AuthError::MalformedUsername),
+    }
+}
+
+async fn listen(inner: Arc<Inner>, db: tokio_postgres::Config, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match listen_once(&inner, &db, &mut shutdown).await {
+            Ok(()) => break,
+            Err(e) => tracing::warn!(error = %e, "registry change listener lost; cache bypassed"),
+        }
+        inner.cache.deactivate();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    inner.cache.deactivate();
+}
+
+/// Returns `Ok` on shutdown and an error when the connection ends.
+async fn listen_once(
+    inner: &Inner,
+    db: &tokio_postgres::Config,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (client, mut conn) = db.connect(tokio_postgres::NoTls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let driver = tokio::spawn(async move {
+        while let Some(msg) = futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match msg {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await?;
+    inner.cache.activate();
+    tracing::debug!("listening for registry changes");
+    let result = loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(payload) => on_change(inner, &payload),
+                None => break Err(anyhow::anyhow!("notification connection closed")),
+            },
+            _ = shutdown.wait_for(|s| *s) => break Ok(()),
+        }
+    };
+    driver.abort();
+    result
+}
+
+fn on_change(inner: &Inner, payload: &str) {
+    match serde_json::from_str::<RegistryChange>(payload) {
+        Ok(change) => {
+            inner.cache.invalidate_tenant(&change.tenant);
+            // No receiver is fine: nobody holds connections in this process.
+            let _ = inner.changes.send(change);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, payload, "unreadable registry notification; cache cleared");
+            inner.cache.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_split_at_the_first_at() {
+        assert_eq!(split_username("sensor1@DEFAULT_TENANT"), Ok(("sensor1", "DEFAULT_TENANT")));
+        assert_eq!(split_username("a@b@c"), Ok(("a", "b@c")));
+        assert_eq!(split_username("a"), Err(AuthError::MalformedUsername));
+        assert_eq!(split_username("@t"), Err(AuthError::MalformedUsername));
+        assert_eq!(split_username("a@"), Err(AuthError::MalformedUsername));
+    }
+
+    #[test]
+    fn validity_windows() {
+        let now = Utc::now();
+        let s = |v: serde_json::Value| Secret::from_json(v.as_object().unwrap());
+        assert!(s(serde_json::json!({})).usable(now));
+        assert!(!s(serde_json::json!({"enabled": false})).usable(now));
+        assert!(!s(serde_json::json!({"not-after": "2000-01-01T00:00:00Z"})).usable(now));
+        assert!(!s(serde_json::json!({"not-before": "2999-01-01T00:00:00Z"})).usable(now));
+        assert!(s(serde_json::json!({"not-before": "2000-01-01T00:00:00Z",
+                                     "not-after": "2999-01-01T00:00:00Z"})).usable(now));
+    }
+
+    #[test]
+    fn which_changes_revoke_access() {
+        let c = |kind: &str, op: &str, enabled: Option<bool>| RegistryChange {
+            kind: kind.into(),
+            op: op.into(),
+            tenant: "t".into(),
+            device: None,
+            enabled,
+        };
+        assert!(c("device", "DELETE", None).revokes_access());
+        assert!(c("tenant", "UPDATE", Some(false)).revokes_access());
+        assert!(!c("device", "UPDATE", Some(true)).revokes_access());
+        assert!(!c("credentials", "DELETE", None).revokes_access());
+    }
+}

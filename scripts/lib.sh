@@ -1,0 +1,144 @@
+# Shared by scripts/up, scripts/down and scripts/test: where things live and how the backing
+# services (PostgreSQL, the Kafka-protocol broker) are installed and started. Source it.
+set -euo pipefail
+
+FERRULE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Tools, logs and pid files live outside the clone so a fresh clone reuses them.
+FERRULE_HOME="${FERRULE_HOME:-$HOME/.local/share/ferrule}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ferrule/target}"
+FERRULE_RUN="$FERRULE_HOME/run"
+FERRULE_PG_PORT="${FERRULE_PG_PORT:-5432}"
+FERRULE_KAFKA_PORT="${FERRULE_KAFKA_PORT:-9092}"
+# memory (fast, lost on restart) or postgres (survives broker restarts).
+FERRULE_BROKER_STORAGE="${FERRULE_BROKER_STORAGE:-memory}"
+NISSHI_VERSION=0.8.1
+NISSHI_BIN="$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION/bin/nisshi"
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+if [ "$(id -u)" = 0 ]; then
+    # The server refuses to run as root and cannot enter root's home: keep its data elsewhere.
+    PG_DATA="${FERRULE_PG_DATA:-/var/lib/ferrule/pgdata}"
+else
+    PG_DATA="${FERRULE_PG_DATA:-$FERRULE_HOME/pgdata}"
+fi
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port seconds what
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        port_open "$1" && return 0
+        sleep 0.1
+    done
+    die "$3 did not open port $1 within $2 s"
+}
+
+APT_UPDATED=""
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    say "installing Debian packages: ${missing[*]}"
+    if [ -z "$APT_UPDATED" ]; then
+        $sudo apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_rust() {
+    command -v cargo >/dev/null || die "cargo is not installed: install a Rust toolchain (rustup) first"
+    if command -v rustup >/dev/null; then
+        rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+        rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+    fi
+}
+
+ensure_base() {
+    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3
+    ensure_rust
+    [ -n "$PG_BIN" ] || PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+}
+
+pg_run() { # run a PostgreSQL server binary as the owner of the data directory
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+ensure_postgres() {
+    if port_open "$FERRULE_PG_PORT"; then
+        return 0
+    fi
+    if [ ! -s "$PG_DATA/PG_VERSION" ]; then
+        say "creating a PostgreSQL cluster in $PG_DATA"
+        mkdir -p "$PG_DATA"
+        [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$(dirname "$PG_DATA")"
+        chmod 700 "$PG_DATA"
+        pg_run "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 >/dev/null
+    fi
+    say "starting PostgreSQL on 127.0.0.1:$FERRULE_PG_PORT"
+    pg_run "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 \
+        -o "-p $FERRULE_PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DATA -c max_connections=300" \
+        start >/dev/null || { tail -n 20 "$PG_DATA/server.log" >&2; die "PostgreSQL did not start"; }
+}
+
+ensure_database() { # name
+    local psql=(psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atq)
+    if [ "$("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = '$1'")" != 1 ]; then
+        "${psql[@]}" -c "CREATE DATABASE \"$1\"" >/dev/null
+    fi
+}
+
+install_broker() {
+    [ -x "$NISSHI_BIN" ] && return 0
+    say "building the Kafka-protocol broker nisshi $NISSHI_VERSION (once; several minutes)"
+    mkdir -p "$FERRULE_HOME/tools"
+    CARGO_TARGET_DIR="$FERRULE_HOME/tools/nisshi-build" cargo install nisshi \
+        --version "$NISSHI_VERSION" --locked --ignore-rust-version \
+        --no-default-features --features dynostore,postgres \
+        --root "$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION" >&2
+    rm -rf "$FERRULE_HOME/tools/nisshi-build"
+}
+
+ensure_broker() {
+    port_open "$FERRULE_KAFKA_PORT" && return 0
+    install_broker
+    local storage="memory://nisshi/"
+    if [ "$FERRULE_BROKER_STORAGE" = postgres ]; then
+        ensure_database nisshi
+        storage="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/nisshi"
+    fi
+    mkdir -p "$FERRULE_RUN/broker"
+    say "starting the Kafka-protocol broker on 127.0.0.1:$FERRULE_KAFKA_PORT ($FERRULE_BROKER_STORAGE storage)"
+    # The broker reads ./.env: start it from a folder of its own.
+    (cd "$FERRULE_RUN/broker" && exec nohup "$NISSHI_BIN" broker \
+        --listener-url "tcp://127.0.0.1:$FERRULE_KAFKA_PORT" \
+        --advertised-listener-url "tcp://127.0.0.1:$FERRULE_KAFKA_PORT" \
+        --storage-engine "$storage" \
+        --group-initial-rebalance-delay 0s) </dev/null >"$FERRULE_RUN/broker.log" 2>&1 &
+    echo $! >"$FERRULE_RUN/broker.pid"
+    wait_port "$FERRULE_KAFKA_PORT" 60 "the broker (log: $FERRULE_RUN/broker.log)"
+}
+
+stop_pidfile() { # file what
+    [ -f "$1" ] || return 0
+    local pid
+    pid="$(cat "$1")"
+    if kill -0 "$pid" 2>/dev/null; then
+        say "stopping $2 (pid $pid)"
+        kill "$pid"
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$1"
+}

@@ -1,0 +1,168 @@
+//! The `ferrule` configuration: one TOML file plus `FERRULE_<SECTION>__<KEY>` environment
+//! overrides, with defaults that work against the local services `scripts/up` starts.
+
+use anyhow::Context;
+use ferrule_registry::{DatabaseConfig, RegistryConfig};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub log: LogConfig,
+    pub health: HealthConfig,
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `ferrule_registry=debug,info`; `RUST_LOG` wins.
+    pub filter: String,
+    /// `text` for people, `json` for log collectors.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Where `/readiness`, `/liveness` and `/metrics` are served.
+    pub bind: SocketAddr,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8088)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers` of the Kafka-protocol cluster.
+    pub bootstrap_servers: String,
+    /// How long one metadata request may take (milliseconds).
+    pub metadata_timeout_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            metadata_timeout_ms: 2000,
+        }
+    }
+}
+
+/// Environment variables that configure `ferrule`: `FERRULE_` + section + `__` + key.
+pub const ENV_PREFIX: &str = "FERRULE_";
+
+impl Config {
+    /// Defaults, then the file (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                anyhow::bail!("config file {} does not exist", path.display());
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+        fig.extract().context("invalid configuration")
+    }
+
+    /// The defaults as TOML, which is also the reference of every key.
+    pub fn defaults_toml() -> String {
+        toml::to_string_pretty(&Config::default())
+            .unwrap_or_else(|e| format!("# cannot render defaults: {e}\n"))
+    }
+}
+
+/// Every key as `section.key = default`, one per line, for `--help`.
+pub fn key_reference() -> String {
+    let value = toml::Value::try_from(Config::default()).unwrap_or(toml::Value::Boolean(false));
+    let mut lines = Vec::new();
+    flatten("", &value, &mut lines);
+    lines.join("\n")
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            let env = format!("{ENV_PREFIX}{}", prefix.replace('.', "__").to_uppercase());
+            out.push(format!("  {prefix} = {other}   [{env}]"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                "[registry]\nbind = \"127.0.0.1:1\"\n[database]\nurl = \"postgres://x@h/db\"\n",
+            )?;
+            jail.set_env("FERRULE_REGISTRY__MAX_PAYLOAD_SIZE", "42");
+            jail.set_env("FERRULE_DATABASE__URL", "postgres://y@h/db");
+            jail.set_env("FERRULE_HOME", "ignored: not a config key");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.registry.bind.port(), 1);
+            assert_eq!(c.registry.max_payload_size, 42);
+            assert_eq!(c.database.url, "postgres://y@h/db");
+            assert_eq!(c.health.bind.port(), 8088);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "[registry]\nbindd = \"127.0.0.1:1\"\n")?;
+            assert!(Config::load(Some(Path::new("f.toml"))).is_err());
+            assert!(Config::load(Some(Path::new("missing.toml"))).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn reference_lists_keys_with_env_names() {
+        let r = key_reference();
+        assert!(r.contains("registry.bind = \"127.0.0.1:28080\"   [FERRULE_REGISTRY__BIND]"), "{r}");
+        assert!(r.contains("kafka.bootstrap_servers"), "{r}");
+        assert!(Config::defaults_toml().contains("[registry.management]"));
+    }
+}

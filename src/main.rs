@@ -1,0 +1,220 @@
+//! `ferrule`: one binary, one subcommand per service, `ferrule all` for all of them in one
+//! process. This file only wires configuration, logging, probes and shutdown around the
+//! service crates.
+#![forbid(unsafe_code)]
+
+mod config;
+mod health;
+mod kafka;
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use config::Config;
+use health::Readiness;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// Hono-compatible IoT connectivity: device registry, gateways, command routing, AMQP bridge.
+#[derive(Parser)]
+#[command(name = "ferrule", version)]
+struct Cli {
+    /// TOML configuration file; every key can also be set as FERRULE_<SECTION>__<KEY>.
+    #[arg(long, short, env = "FERRULE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every service in one process (the laptop, CI and quick-start setup).
+    All,
+    /// Run the device registry (Hono Device Registry Management API v1).
+    Registry,
+    /// Send a metadata request to the configured Kafka cluster and print what it answered.
+    CheckKafka,
+    /// Print the default configuration as TOML.
+    PrintConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    let help = format!(
+        "Configuration keys, their defaults and environment variables:\n{}",
+        config::key_reference()
+    );
+    let matches = Cli::command().after_long_help(help).get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    if let Command::PrintConfig = cli.command {
+        print!("{}", Config::defaults_toml());
+        return Ok(());
+    }
+    let cfg = Config::load(cli.config.as_deref())?;
+    init_logging(&cfg.log)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::All => run_services(cfg, true).await,
+            Command::Registry => run_services(cfg, false).await,
+            Command::CheckKafka => check_kafka(&cfg).await,
+            Command::PrintConfig => Ok(()),
+        }
+    })
+}
+
+fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.filter))
+        .context("log.filter is not a valid tracing filter")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log.format.as_str() {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("log.format must be text or json, not {other}"),
+    }
+    Ok(())
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))
+}
+
+/// Runs the registry (and, for `all`, every other service) until SIGINT/SIGTERM.
+async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let readiness = Readiness::default();
+    let health_listener = bind("health", cfg.health.bind).await?;
+    let registry_listener = bind("registry", cfg.registry.bind).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(health::serve(health_listener, readiness.clone(), shutdown.clone()));
+
+    readiness.register("postgresql");
+    if all {
+        readiness.register("kafka");
+        let client = kafka::MetadataClient::new(
+            &cfg.kafka.bootstrap_servers,
+            Duration::from_millis(cfg.kafka.metadata_timeout_ms),
+        )?;
+        tasks.spawn(probe_kafka(client, readiness.clone(), shutdown.clone()));
+    }
+
+    let store = ferrule_registry::open_store(&cfg.database, &cfg.registry).await?;
+    tasks.spawn(probe_database(store.clone(), readiness.clone(), shutdown.clone()));
+    tasks.spawn(ferrule_registry::serve(
+        registry_listener,
+        store,
+        cfg.registry.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        registry = %cfg.registry.bind,
+        health = %cfg.health.bind,
+        "ferrule started"
+    );
+
+    let result = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a service stopped unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.into()),
+        },
+    };
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        tracing::warn!("services did not stop within 10 s");
+    }
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn probe_database(
+    store: ferrule_registry::Store,
+    readiness: Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        let result = match tokio::time::timeout(PROBE_INTERVAL, store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(_) => Err("no answer within 1 s".into()),
+        };
+        readiness.report("postgresql", result);
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+async fn probe_kafka(
+    client: kafka::MetadataClient,
+    readiness: Readiness,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let client = std::sync::Arc::new(client);
+    loop {
+        let c = client.clone();
+        let result = match tokio::task::spawn_blocking(move || c.fetch()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        };
+        readiness.report("kafka", result);
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+async fn check_kafka(cfg: &Config) -> anyhow::Result<()> {
+    let client = kafka::MetadataClient::new(
+        &cfg.kafka.bootstrap_servers,
+        Duration::from_millis(cfg.kafka.metadata_timeout_ms),
+    )?;
+    let info = tokio::task::spawn_blocking(move || client.fetch())
+        .await?
+        .with_context(|| {
+            format!(
+                "no metadata from the Kafka cluster at {}",
+                cfg.kafka.bootstrap_servers
+            )
+        })?;
+    println!(
+        "kafka at {}: brokers [{}], {} topics",
+        cfg.kafka.bootstrap_servers,
+        info.brokers.join(", "),
+        info.topics
+    );
+    Ok(())
+}
