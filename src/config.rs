@@ -126,6 +126,8 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
 }
 
 #[cfg(test)]
+// figment's test jail returns its own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -161,7 +163,10 @@ mod tests {
     #[test]
     fn reference_lists_keys_with_env_names() {
         let r = key_reference();
-        assert!(r.contains("registry.bind = \"127.0.0.1:28080\"   [FERRULE_REGISTRY__BIND]"), "{r}");
+        assert!(
+            r.contains("registry.bind = \"127.0.0.1:28080\"   [FERRULE_REGISTRY__BIND]"),
+            "{r}"
+        );
         assert!(r.contains("kafka.bootstrap_servers"), "{r}");
         assert!(Config::defaults_toml().contains("[registry.management]"));
     }

@@ -24,7 +24,9 @@ impl Readiness {
 
     pub fn report(&self, name: &'static str, result: Result<(), String>) {
         let mut probes = self.lock();
-        let changed = probes.get(name).is_none_or(|old| old.is_ok() != result.is_ok());
+        let changed = probes
+            .get(name)
+            .is_none_or(|old| old.is_ok() != result.is_ok());
         if changed {
             match &result {
                 Ok(()) => tracing::info!(probe = name, "ready"),
@@ -63,7 +65,10 @@ impl Readiness {
 
 pub fn router(readiness: Readiness) -> Router {
     Router::new()
-        .route("/liveness", get(|| async { axum::Json(serde_json::json!({"status": "UP"})) }))
+        .route(
+            "/liveness",
+            get(|| async { axum::Json(serde_json::json!({"status": "UP"})) }),
+        )
         .route("/readiness", get(ready))
         .route("/metrics", get(metrics))
         .with_state(readiness)

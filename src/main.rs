@@ -92,7 +92,11 @@ async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
     let health_listener = bind("health", cfg.health.bind).await?;
     let registry_listener = bind("registry", cfg.registry.bind).await?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(health::serve(health_listener, readiness.clone(), shutdown.clone()));
+    tasks.spawn(health::serve(
+        health_listener,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
 
     readiness.register("postgresql");
     if all {
@@ -105,7 +109,11 @@ async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
     }
 
     let store = ferrule_registry::open_store(&cfg.database, &cfg.registry).await?;
-    tasks.spawn(probe_database(store.clone(), readiness.clone(), shutdown.clone()));
+    tasks.spawn(probe_database(
+        store.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(ferrule_registry::serve(
         registry_listener,
         store,
@@ -129,7 +137,10 @@ async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("services did not stop within 10 s");
     }
     result
@@ -139,13 +150,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -39,7 +39,8 @@ pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
         if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) {
             create_database(&pg).await?;
         } else {
-            return Err(e).with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&cfg.url)));
+            return Err(e)
+                .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(&cfg.url)));
         }
     }
     let mgr = Manager::from_config(
@@ -61,7 +62,10 @@ async fn create_database(pg: &tokio_postgres::Config) -> anyhow::Result<()> {
     let name = pg.get_dbname().unwrap_or("ferrule").to_owned();
     let mut admin = pg.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin.connect(NoTls).await.context("connecting to database postgres")?;
+    let (client, conn) = admin
+        .connect(NoTls)
+        .await
+        .context("connecting to database postgres")?;
     let task = tokio::spawn(conn);
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match client.batch_execute(&sql).await {
@@ -76,7 +80,10 @@ async fn create_database(pg: &tokio_postgres::Config) -> anyhow::Result<()> {
 }
 
 async fn migrate(pool: &Pool) -> anyhow::Result<()> {
-    let mut client = pool.get().await.context("getting a connection for migrations")?;
+    let mut client = pool
+        .get()
+        .await
+        .context("getting a connection for migrations")?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;

@@ -44,7 +44,9 @@ pub fn rejected(reason: &str) {
 
 /// Counts a device authentication attempt.
 pub fn auth_attempt(outcome: &str, client_type: &str) {
-    AUTH_ATTEMPTS.with_label_values(&[outcome, client_type]).inc();
+    AUTH_ATTEMPTS
+        .with_label_values(&[outcome, client_type])
+        .inc();
 }
 
 /// Counts a credential cache lookup.

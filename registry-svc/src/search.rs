@@ -89,7 +89,9 @@ impl SearchQuery {
                     return Err(Invalid::new(format!("unsupported filter op `{}`", f.op)));
                 }
                 if !(f.value.is_string() || f.value.is_number() || f.value.is_boolean()) {
-                    return Err(Invalid::new("filter value must be a string, number or boolean"));
+                    return Err(Invalid::new(
+                        "filter value must be a string, number or boolean",
+                    ));
                 }
                 Ok(Filter {
                     path: pointer(&f.field)?,
@@ -201,11 +203,7 @@ pub fn build(
                     (Value::String(s), false) => {
                         params.push(Box::new(f.path.clone()));
                         params.push(Box::new(like_pattern(s)));
-                        format!(
-                            "(data #>> ${}) LIKE ${}",
-                            params.len() - 1,
-                            params.len()
-                        )
+                        format!("(data #>> ${}) LIKE ${}", params.len() - 1, params.len())
                     }
                     (v, false) => {
                         params.push(Box::new(f.path.clone()));
@@ -268,14 +266,28 @@ mod tests {
         .unwrap();
         assert_eq!(q.filters[0].path, vec!["ext", "a/b"]);
         assert!(q.sorts[0].descending);
-        assert!(SearchQuery::parse(None, None, &[r#"{"field": "ext"}"#.into()], &[], None).is_err());
         assert!(
-            SearchQuery::parse(None, None, &[r#"{"field": "/a", "value": 1, "op": "gt"}"#.into()], &[], None)
-                .is_err()
+            SearchQuery::parse(None, None, &[r#"{"field": "ext"}"#.into()], &[], None).is_err()
         );
         assert!(
-            SearchQuery::parse(None, None, &[], &[r#"{"field": "/a", "direction": "up"}"#.into()], None)
-                .is_err()
+            SearchQuery::parse(
+                None,
+                None,
+                &[r#"{"field": "/a", "value": 1, "op": "gt"}"#.into()],
+                &[],
+                None
+            )
+            .is_err()
+        );
+        assert!(
+            SearchQuery::parse(
+                None,
+                None,
+                &[],
+                &[r#"{"field": "/a", "direction": "up"}"#.into()],
+                None
+            )
+            .is_err()
         );
     }
 
@@ -290,12 +302,23 @@ mod tests {
         let q = SearchQuery::parse(
             Some("10"),
             Some("5"),
-            &[r#"{"field": "/enabled", "value": true}"#.into(), r#"{"field": "/id", "value": "d*"}"#.into()],
+            &[
+                r#"{"field": "/enabled", "value": true}"#.into(),
+                r#"{"field": "/id", "value": "d*"}"#.into(),
+            ],
             &[],
             None,
         )
         .unwrap();
-        let s = build(&q, "device_id, data", "devices", "device_id", "tenant_id = $1", vec![Box::new("t".to_owned())], None);
+        let s = build(
+            &q,
+            "device_id, data",
+            "devices",
+            "device_id",
+            "tenant_id = $1",
+            vec![Box::new("t".to_owned())],
+            None,
+        );
         assert_eq!(s.params.len(), 6);
         assert!(s.sql.contains("(data #> $2) = $3"), "{}", s.sql);
         assert!(s.sql.contains("device_id LIKE $4"), "{}", s.sql);

@@ -134,7 +134,12 @@ impl Store {
         Ok((row.get(0), row.get(1)))
     }
 
-    pub async fn update_tenant(&self, id: &str, t: Tenant, if_match: Option<&str>) -> Result<String> {
+    pub async fn update_tenant(
+        &self,
+        id: &str,
+        t: Tenant,
+        if_match: Option<&str>,
+    ) -> Result<String> {
         let data = to_json(&t)?;
         let mut db = self.pool.get().await?;
         let tx = db.transaction().await?;
@@ -157,7 +162,9 @@ impl Store {
         match updated {
             Ok(_) => {}
             Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) => {
-                return Err(RegistryError::Conflict("a tenant with this alias exists".into()));
+                return Err(RegistryError::Conflict(
+                    "a tenant with this alias exists".into(),
+                ));
             }
             Err(e) => return Err(e.into()),
         }
@@ -183,7 +190,15 @@ impl Store {
     }
 
     pub async fn search_tenants(&self, q: &SearchQuery) -> Result<Page> {
-        let s = search::build(q, "tenant_id, data", "tenants", "tenant_id", "true", vec![], None);
+        let s = search::build(
+            q,
+            "tenant_id, data",
+            "tenants",
+            "tenant_id",
+            "true",
+            vec![],
+            None,
+        );
         self.page(&s, |row| {
             let mut doc: Value = row.get(2);
             let id: String = row.get(1);
@@ -231,9 +246,15 @@ impl Store {
             .await?
             .ok_or_else(|| RegistryError::NotFound(format!("tenant `{tenant}` not found")))?
             .get(0);
-        if let Some(max) = limit.and_then(|l| l.parse::<i64>().ok()).filter(|m| *m >= 0) {
+        if let Some(max) = limit
+            .and_then(|l| l.parse::<i64>().ok())
+            .filter(|m| *m >= 0)
+        {
             let n: i64 = tx
-                .query_one("SELECT count(*) FROM devices WHERE tenant_id = $1", &[&tenant])
+                .query_one(
+                    "SELECT count(*) FROM devices WHERE tenant_id = $1",
+                    &[&tenant],
+                )
                 .await?
                 .get(0);
             if n >= max {
@@ -316,7 +337,12 @@ impl Store {
         Ok(version)
     }
 
-    pub async fn delete_device(&self, tenant: &str, id: &str, if_match: Option<&str>) -> Result<()> {
+    pub async fn delete_device(
+        &self,
+        tenant: &str,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<()> {
         let mut db = self.pool.get().await?;
         let tx = db.transaction().await?;
         let row = tx
@@ -435,11 +461,10 @@ impl Store {
         }
         let existing = Self::stored_credentials(&tx, tenant, device).await?;
         let rules = self.rules;
-        let prepared = tokio::task::spawn_blocking(move || {
-            credentials::prepare(requested, &existing, rules)
-        })
-        .await
-        .map_err(|e| RegistryError::Internal(e.to_string()))??;
+        let prepared =
+            tokio::task::spawn_blocking(move || credentials::prepare(requested, &existing, rules))
+                .await
+                .map_err(|e| RegistryError::Internal(e.to_string()))??;
         tx.execute(
             "DELETE FROM credentials WHERE tenant_id = $1 AND device_id = $2",
             &[&tenant, &device],

@@ -75,11 +75,15 @@ mod tests {
             OCTET_STREAM
         );
         assert_eq!(
-            ContentType::for_upload(Some("text/plain"), 0).unwrap().as_str(),
+            ContentType::for_upload(Some("text/plain"), 0)
+                .unwrap()
+                .as_str(),
             "text/plain"
         );
         assert_eq!(
-            ContentType::for_upload(Some(EMPTY_NOTIFICATION), 0).unwrap().as_str(),
+            ContentType::for_upload(Some(EMPTY_NOTIFICATION), 0)
+                .unwrap()
+                .as_str(),
             EMPTY_NOTIFICATION
         );
         assert_eq!(

@@ -167,10 +167,7 @@ mod tests {
             HonoTopic::telemetry("DEFAULT_TENANT").unwrap().to_string(),
             "hono.telemetry.DEFAULT_TENANT"
         );
-        assert_eq!(
-            HonoTopic::event("t1").unwrap().to_string(),
-            "hono.event.t1"
-        );
+        assert_eq!(HonoTopic::event("t1").unwrap().to_string(), "hono.event.t1");
         assert_eq!(
             HonoTopic::command_response("t1").unwrap().to_string(),
             "hono.command_response.t1"
@@ -190,17 +187,40 @@ mod tests {
         let t = HonoTopic::parse("hono.command_response.a.b").unwrap();
         assert_eq!(t.kind, TopicKind::CommandResponse);
         assert_eq!(t.tenant(), Some("a.b"));
-        assert_eq!(HonoTopic::parse("hono.command_internal.x").unwrap().tenant(), None);
+        assert_eq!(
+            HonoTopic::parse("hono.command_internal.x")
+                .unwrap()
+                .tenant(),
+            None
+        );
     }
 
     #[test]
     fn rejects_non_hono_and_empty_suffix() {
-        assert!(matches!(HonoTopic::parse("telemetry.t"), Err(TopicError::NotHono(_))));
-        assert!(matches!(HonoTopic::parse("hono.telemetry."), Err(TopicError::EmptySuffix(_))));
-        assert!(matches!(HonoTopic::parse("hono.telemetry"), Err(TopicError::UnknownKind(_))));
-        assert!(matches!(HonoTopic::parse("hono.metrics.t"), Err(TopicError::UnknownKind(_))));
-        assert!(matches!(HonoTopic::telemetry(""), Err(TopicError::EmptySuffix(_))));
-        assert!(matches!(HonoTopic::telemetry("a/b"), Err(TopicError::IllegalName(_))));
+        assert!(matches!(
+            HonoTopic::parse("telemetry.t"),
+            Err(TopicError::NotHono(_))
+        ));
+        assert!(matches!(
+            HonoTopic::parse("hono.telemetry."),
+            Err(TopicError::EmptySuffix(_))
+        ));
+        assert!(matches!(
+            HonoTopic::parse("hono.telemetry"),
+            Err(TopicError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            HonoTopic::parse("hono.metrics.t"),
+            Err(TopicError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            HonoTopic::telemetry(""),
+            Err(TopicError::EmptySuffix(_))
+        ));
+        assert!(matches!(
+            HonoTopic::telemetry("a/b"),
+            Err(TopicError::IllegalName(_))
+        ));
     }
 
     #[test]

@@ -44,7 +44,10 @@ pub fn effective_ttl_millis(
     tenant_default: Option<i64>,
 ) -> Option<i64> {
     let mut effective = max.filter(|m| *m > -1).unwrap_or(-1);
-    let candidate = requested.or(device_default).or(tenant_default).unwrap_or(-1);
+    let candidate = requested
+        .or(device_default)
+        .or(tenant_default)
+        .unwrap_or(-1);
     if candidate > -1 && (effective == -1 || candidate < effective) {
         effective = candidate;
     }
@@ -63,29 +66,53 @@ mod tests {
 
     #[test]
     fn max_alone_applies() {
-        assert_eq!(effective_ttl_millis(Some(30), None, None, None), Some(30_000));
+        assert_eq!(
+            effective_ttl_millis(Some(30), None, None, None),
+            Some(30_000)
+        );
     }
 
     #[test]
     fn request_lowers_but_never_raises_the_max() {
-        assert_eq!(effective_ttl_millis(Some(30), Some(10), None, None), Some(10_000));
-        assert_eq!(effective_ttl_millis(Some(30), Some(100), None, None), Some(30_000));
-        assert_eq!(effective_ttl_millis(None, Some(100), None, None), Some(100_000));
+        assert_eq!(
+            effective_ttl_millis(Some(30), Some(10), None, None),
+            Some(10_000)
+        );
+        assert_eq!(
+            effective_ttl_millis(Some(30), Some(100), None, None),
+            Some(30_000)
+        );
+        assert_eq!(
+            effective_ttl_millis(None, Some(100), None, None),
+            Some(100_000)
+        );
         assert_eq!(effective_ttl_millis(Some(30), Some(0), None, None), Some(0));
     }
 
     #[test]
     fn request_beats_device_default_beats_tenant_default() {
-        assert_eq!(effective_ttl_millis(None, Some(5), Some(6), Some(7)), Some(5_000));
-        assert_eq!(effective_ttl_millis(None, None, Some(6), Some(7)), Some(6_000));
+        assert_eq!(
+            effective_ttl_millis(None, Some(5), Some(6), Some(7)),
+            Some(5_000)
+        );
+        assert_eq!(
+            effective_ttl_millis(None, None, Some(6), Some(7)),
+            Some(6_000)
+        );
         assert_eq!(effective_ttl_millis(None, None, None, Some(7)), Some(7_000));
-        assert_eq!(effective_ttl_millis(Some(3), None, None, Some(7)), Some(3_000));
+        assert_eq!(
+            effective_ttl_millis(Some(3), None, None, Some(7)),
+            Some(3_000)
+        );
     }
 
     #[test]
     fn keys_match_hono() {
         assert_eq!(TtlKind::Event.max_key(), "max-ttl");
         assert_eq!(TtlKind::TelemetryQos1.default_key(), "ttl-telemetry-qos1");
-        assert_eq!(TtlKind::CommandResponse.max_key(), "max-ttl-command-response");
+        assert_eq!(
+            TtlKind::CommandResponse.max_key(),
+            "max-ttl-command-response"
+        );
     }
 }

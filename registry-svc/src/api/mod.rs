@@ -94,8 +94,8 @@ async fn require_auth(State(api): State<Api>, req: Request, next: Next) -> Respo
         next.run(req).await
     } else {
         metrics::rejected("unauthorized");
-        let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "authentication required")
-            .into_response();
+        let mut resp =
+            ApiError::new(StatusCode::UNAUTHORIZED, "authentication required").into_response();
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"ferrule-registry\""),

@@ -65,11 +65,7 @@ async fn update(
     Ok(no_content(Some(&version)))
 }
 
-async fn remove(
-    State(api): State<Api>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult {
+async fn remove(State(api): State<Api>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult {
     check_tenant_id(&id)?;
     api.store
         .delete_tenant(&id, if_match(&headers).as_deref())

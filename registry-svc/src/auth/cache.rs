@@ -120,7 +120,10 @@ mod tests {
     fn serves_only_while_active_and_fresh() {
         let c = Cache::new(Duration::from_secs(60), 10);
         c.insert(k("t", "a"), Arc::new(1), c.generation());
-        assert!(c.get(&k("t", "a")).is_none(), "inactive cache stores nothing");
+        assert!(
+            c.get(&k("t", "a")).is_none(),
+            "inactive cache stores nothing"
+        );
         c.activate();
         c.insert(k("t", "a"), Arc::new(1), c.generation());
         assert_eq!(c.get(&k("t", "a")).as_deref(), Some(&1));
@@ -141,7 +144,10 @@ mod tests {
         assert!(c.get(&k("t1", "a")).is_none());
         assert_eq!(c.get(&k("t2", "a")).as_deref(), Some(&2));
         c.insert(k("t1", "b"), Arc::new(3), before);
-        assert!(c.get(&k("t1", "b")).is_none(), "a lookup older than the change is dropped");
+        assert!(
+            c.get(&k("t1", "b")).is_none(),
+            "a lookup older than the change is dropped"
+        );
     }
 
     #[test]

@@ -227,7 +227,10 @@ impl DeviceAuthenticator {
     ) -> Result<AuthenticatedDevice, AuthError> {
         let result = self.verify_password_inner(username, password).await;
         metrics::auth_attempt(
-            result.as_ref().map(|_| "succeeded").unwrap_or_else(|e| e.outcome()),
+            result
+                .as_ref()
+                .map(|_| "succeeded")
+                .unwrap_or_else(|e| e.outcome()),
             HASHED_PASSWORD,
         );
         result
@@ -254,7 +257,9 @@ impl DeviceAuthenticator {
             if !secret.usable(now) {
                 continue;
             }
-            let Some(hash) = &secret.password else { continue };
+            let Some(hash) = &secret.password else {
+                continue;
+            };
             let ok = if hash.is_expensive() {
                 let (hash, pw) = (hash.clone(), password.to_vec());
                 tokio::task::spawn_blocking(move || hash.verify(&pw))
@@ -306,7 +311,10 @@ impl DeviceAuthenticator {
     }
 
     /// The tenant whose trust anchor has this subject DN (a client certificate's issuer).
-    pub async fn tenant_by_trust_anchor(&self, issuer_dn: &str) -> Result<Option<String>, AuthError> {
+    pub async fn tenant_by_trust_anchor(
+        &self,
+        issuer_dn: &str,
+    ) -> Result<Option<String>, AuthError> {
         let db = self.inner.pool.get().await.map_err(unavailable)?;
         let row = db
             .query_opt(
@@ -331,7 +339,12 @@ impl DeviceAuthenticator {
         h.finalize().into()
     }
 
-    async fn lookup(&self, tenant: &str, kind: &str, auth_id: &str) -> Result<Arc<Lookup>, AuthError> {
+    async fn lookup(
+        &self,
+        tenant: &str,
+        kind: &str,
+        auth_id: &str,
+    ) -> Result<Arc<Lookup>, AuthError> {
         let key = CacheKey::new(tenant, kind, auth_id);
         if let Some(hit) = self.inner.cache.get(&key) {
             metrics::auth_cache(true);
@@ -382,7 +395,10 @@ impl DeviceAuthenticator {
         Ok(Lookup::Found(Found {
             device_id,
             device_enabled: row.get(2),
-            credentials_enabled: data.get("enabled").and_then(|e| e.as_bool()).unwrap_or(true),
+            credentials_enabled: data
+                .get("enabled")
+                .and_then(|e| e.as_bool())
+                .unwrap_or(true),
             secrets,
             verified: Mutex::new(None),
         }))
@@ -418,7 +434,11 @@ pub fn split_username(username: &str) -> Result<(&str, &str), AuthError> {
     }
 }
 
-async fn listen(inner: Arc<Inner>, db: tokio_postgres::Config, mut shutdown: watch::Receiver<bool>) {
+async fn listen(
+    inner: Arc<Inner>,
+    db: tokio_postgres::Config,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         match listen_once(&inner, &db, &mut shutdown).await {
             Ok(()) => break,
@@ -493,7 +513,10 @@ mod tests {
 
     #[test]
     fn usernames_split_at_the_first_at() {
-        assert_eq!(split_username("sensor1@DEFAULT_TENANT"), Ok(("sensor1", "DEFAULT_TENANT")));
+        assert_eq!(
+            split_username("sensor1@DEFAULT_TENANT"),
+            Ok(("sensor1", "DEFAULT_TENANT"))
+        );
         assert_eq!(split_username("a@b@c"), Ok(("a", "b@c")));
         assert_eq!(split_username("a"), Err(AuthError::MalformedUsername));
         assert_eq!(split_username("@t"), Err(AuthError::MalformedUsername));
@@ -508,8 +531,11 @@ mod tests {
         assert!(!s(serde_json::json!({"enabled": false})).usable(now));
         assert!(!s(serde_json::json!({"not-after": "2000-01-01T00:00:00Z"})).usable(now));
         assert!(!s(serde_json::json!({"not-before": "2999-01-01T00:00:00Z"})).usable(now));
-        assert!(s(serde_json::json!({"not-before": "2000-01-01T00:00:00Z",
-                                     "not-after": "2999-01-01T00:00:00Z"})).usable(now));
+        assert!(
+            s(serde_json::json!({"not-before": "2000-01-01T00:00:00Z",
+                                     "not-after": "2999-01-01T00:00:00Z"}))
+            .usable(now)
+        );
     }
 
     #[test]

@@ -81,12 +81,14 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD;
         let salted = Sha256::digest([b"salt".as_slice(), b"pw"].concat());
         let h = PasswordHash::from_secret(&secret(json!({
-            "pwd-hash": b64.encode(salted), "salt": b64.encode("salt")}))).unwrap();
+            "pwd-hash": b64.encode(salted), "salt": b64.encode("salt")})))
+        .unwrap();
         assert!(h.verify(b"pw"));
         assert!(!h.verify(b"pw2"));
         let plain = Sha256::digest(b"pw");
         let h = PasswordHash::from_secret(&secret(json!({"pwd-hash": b64.encode(plain),
-            "hash-function": "sha-256"}))).unwrap();
+            "hash-function": "sha-256"})))
+        .unwrap();
         assert!(h.verify(b"pw"));
     }
 
@@ -95,13 +97,20 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD;
         let d = Sha512::digest(b"pw");
         let h = PasswordHash::from_secret(&secret(json!({"pwd-hash": b64.encode(d),
-            "hash-function": "sha-512"}))).unwrap();
+            "hash-function": "sha-512"})))
+        .unwrap();
         assert!(h.verify(b"pw") && !h.verify(b"px"));
-        let bc = bcrypt::hash_with_result("pw", 4).unwrap().format_for_version(bcrypt::Version::TwoA);
-        let h = PasswordHash::from_secret(&secret(json!({"pwd-hash": bc, "hash-function": "bcrypt"})))
-            .unwrap();
+        let bc = bcrypt::hash_with_result("pw", 4)
+            .unwrap()
+            .format_for_version(bcrypt::Version::TwoA);
+        let h =
+            PasswordHash::from_secret(&secret(json!({"pwd-hash": bc, "hash-function": "bcrypt"})))
+                .unwrap();
         assert!(h.is_expensive());
         assert!(h.verify(b"pw") && !h.verify(b"px"));
-        assert!(PasswordHash::from_secret(&secret(json!({"pwd-hash": "x", "hash-function": "md5"}))).is_none());
+        assert!(
+            PasswordHash::from_secret(&secret(json!({"pwd-hash": "x", "hash-function": "md5"})))
+                .is_none()
+        );
     }
 }

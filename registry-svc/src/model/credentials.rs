@@ -3,8 +3,7 @@
 //! that never carries a stored secret.
 
 use super::{
-    Invalid, JsonObject, check_auth_id, check_credential_type, default_true, is_true,
-    parse_instant,
+    Invalid, JsonObject, check_auth_id, check_credential_type, default_true, is_true, parse_instant,
 };
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -74,7 +73,9 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<Credentials>, Invalid> {
             )));
         }
         if c.cred_type == X509_CERT && c.secrets.len() != 1 {
-            return Err(Invalid::new("x509-cert credentials take exactly one secret"));
+            return Err(Invalid::new(
+                "x509-cert credentials take exactly one secret",
+            ));
         }
         if !keys.insert((c.cred_type.as_str(), c.auth_id.as_str())) {
             return Err(Invalid::new(format!(
@@ -230,7 +231,9 @@ fn check_secret(
 fn check_password_secret(s: &mut JsonObject, rules: CredentialRules) -> Result<(), Invalid> {
     if let Some(plain) = str_field(s, "pwd-plain")? {
         if s.contains_key("pwd-hash") || s.contains_key("salt") {
-            return Err(Invalid::new("`pwd-plain` cannot be combined with `pwd-hash` or `salt`"));
+            return Err(Invalid::new(
+                "`pwd-plain` cannot be combined with `pwd-hash` or `salt`",
+            ));
         }
         if plain.is_empty() {
             return Err(Invalid::new("`pwd-plain` is empty"));
@@ -246,12 +249,16 @@ fn check_password_secret(s: &mut JsonObject, rules: CredentialRules) -> Result<(
     let hash = str_field(s, "pwd-hash")?
         .ok_or_else(|| Invalid::new("a password secret needs `pwd-hash` or `pwd-plain`"))?
         .to_owned();
-    let function = str_field(s, "hash-function")?.unwrap_or("sha-256").to_owned();
+    let function = str_field(s, "hash-function")?
+        .unwrap_or("sha-256")
+        .to_owned();
     match function.as_str() {
         "sha-256" | "sha-512" => {
             let want = if function == "sha-256" { 32 } else { 64 };
             if b64("pwd-hash", &hash)?.len() != want {
-                return Err(Invalid::new(format!("`pwd-hash` is not a {function} digest")));
+                return Err(Invalid::new(format!(
+                    "`pwd-hash` is not a {function} digest"
+                )));
             }
             if let Some(salt) = str_field(s, "salt")? {
                 b64("salt", salt)?;
@@ -347,7 +354,10 @@ mod tests {
         assert!(s.get("pwd-plain").is_none());
         assert!(s["id"].as_str().is_some());
         let view = serde_json::to_string(&public_view(&stored)).unwrap();
-        assert!(!view.contains("pwd-hash") && !view.contains("$2a$"), "{view}");
+        assert!(
+            !view.contains("pwd-hash") && !view.contains("$2a$"),
+            "{view}"
+        );
     }
 
     #[test]
@@ -358,24 +368,30 @@ mod tests {
         .unwrap_err();
         assert!(err.0.contains("cost 11"), "{err}");
         let h2b = format!("$2b$04${}", "a".repeat(53));
-        assert!(one(json!([{"type": "hashed-password", "auth-id": "a",
+        assert!(
+            one(json!([{"type": "hashed-password", "auth-id": "a",
             "secrets": [{"hash-function": "bcrypt", "pwd-hash": h2b}]}]))
-        .is_err());
+            .is_err()
+        );
     }
 
     #[test]
     fn sha_digests_are_checked() {
-        assert!(one(json!([{"type": "hashed-password", "auth-id": "a",
+        assert!(
+            one(json!([{"type": "hashed-password", "auth-id": "a",
             "secrets": [{"pwd-hash": "AAAA"}]}]))
-        .is_err());
+            .is_err()
+        );
         let ok = one(json!([{"type": "hashed-password", "auth-id": "a",
             "secrets": [{"pwd-hash": base64::engine::general_purpose::STANDARD.encode([0u8; 32]),
                          "salt": "AAEC"}]}]))
         .unwrap();
         assert_eq!(ok[0].secrets[0]["hash-function"], "sha-256");
-        assert!(one(json!([{"type": "hashed-password", "auth-id": "a",
+        assert!(
+            one(json!([{"type": "hashed-password", "auth-id": "a",
             "secrets": [{"pwd-hash": "AAAA", "hash-function": "md5"}]}]))
-        .is_err());
+            .is_err()
+        );
     }
 
     #[test]
@@ -386,18 +402,22 @@ mod tests {
         assert!(parse_list(br#"[{"type": "Psk!", "auth-id": "a", "secrets": [{}]}]"#).is_err());
         assert!(parse_list(br#"[{"type": "psk", "auth-id": "a@b", "secrets": [{}]}]"#).is_err());
         assert!(parse_list(br#"[{"type": "psk", "auth-id": "a", "secrets": []}]"#).is_err());
-        assert!(parse_list(br#"[{"type": "psk", "auth-id": "a", "secrets": [{}], "x": 1}]"#).is_err());
+        assert!(
+            parse_list(br#"[{"type": "psk", "auth-id": "a", "secrets": [{}], "x": 1}]"#).is_err()
+        );
         assert!(
             one(json!([{"type": "psk", "auth-id": "a", "secrets": [{"key": "AAEC", "pwd": 1}]}]))
                 .is_err()
         );
-        assert!(one(json!([{"type": "x509-cert", "auth-id": "CN=d,O=t", "secrets": [{}]}])).is_ok());
+        assert!(
+            one(json!([{"type": "x509-cert", "auth-id": "CN=d,O=t", "secrets": [{}]}])).is_ok()
+        );
     }
 
     #[test]
     fn patch_mode_keeps_stored_secrets_and_refuses_unknown_ids() {
-        let stored = one(json!([{"type": "psk", "auth-id": "a", "secrets": [{"key": "AAEC"}]}]))
-            .unwrap();
+        let stored =
+            one(json!([{"type": "psk", "auth-id": "a", "secrets": [{"key": "AAEC"}]}])).unwrap();
         let id = stored[0].secrets[0]["id"].as_str().unwrap().to_owned();
         let req = parse_list(
             json!([{"type": "psk", "auth-id": "a", "secrets": [{"id": id, "comment": "c"}]}])

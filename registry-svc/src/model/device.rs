@@ -60,7 +60,12 @@ impl Device {
         for id in d.via.iter().flatten() {
             check_device_id(id).map_err(|e| Invalid::new(format!("via: {e}")))?;
         }
-        for g in d.via_groups.iter().flatten().chain(d.member_of.iter().flatten()) {
+        for g in d
+            .via_groups
+            .iter()
+            .flatten()
+            .chain(d.member_of.iter().flatten())
+        {
             check_device_id(g).map_err(|e| Invalid::new(format!("group: {e}")))?;
         }
         let gateway_side = d.member_of.as_ref().is_some_and(|m| !m.is_empty());

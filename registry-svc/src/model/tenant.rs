@@ -191,10 +191,19 @@ impl Tenant {
         }
         if let Some(limits) = &self.resource_limits {
             for (name, dv) in [
-                ("data-volume", limits.data_volume.as_ref().map(|d| (&d.effective_since, &d.period))),
+                (
+                    "data-volume",
+                    limits
+                        .data_volume
+                        .as_ref()
+                        .map(|d| (&d.effective_since, &d.period)),
+                ),
                 (
                     "connection-duration",
-                    limits.connection_duration.as_ref().map(|d| (&d.effective_since, &d.period)),
+                    limits
+                        .connection_duration
+                        .as_ref()
+                        .map(|d| (&d.effective_since, &d.period)),
                 ),
             ] {
                 if let Some((since, period)) = dv {
@@ -256,7 +265,9 @@ impl TrustedCa {
             .filter(|d| !d.trim().is_empty())
             .ok_or_else(|| Invalid::new("trusted-ca needs a `subject-dn`"))?;
         if !dn.contains('=') {
-            return Err(Invalid::new(format!("trusted-ca subject-dn `{dn}` is not a DN")));
+            return Err(Invalid::new(format!(
+                "trusted-ca subject-dn `{dn}` is not a DN"
+            )));
         }
         let key = self
             .public_key
@@ -270,7 +281,9 @@ impl TrustedCa {
             && alg != "RSA"
             && alg != "EC"
         {
-            return Err(Invalid::new(format!("trusted-ca algorithm `{alg}` is not RSA or EC")));
+            return Err(Invalid::new(format!(
+                "trusted-ca algorithm `{alg}` is not RSA or EC"
+            )));
         }
         let nb = self
             .not_before
@@ -300,7 +313,10 @@ mod tests {
         let t = Tenant::parse(b"").unwrap();
         assert!(t.enabled);
         let t = Tenant::parse(b"{}").unwrap();
-        assert_eq!(serde_json::to_value(&t).unwrap(), serde_json::json!({"enabled": true}));
+        assert_eq!(
+            serde_json::to_value(&t).unwrap(),
+            serde_json::json!({"enabled": true})
+        );
     }
 
     #[test]
@@ -325,7 +341,10 @@ mod tests {
         let dup = br#"{"trusted-ca": [{"id": "a", "subject-dn": "CN=a", "public-key": "AAEC"},
                                       {"id": "a", "subject-dn": "CN=b", "public-key": "AAEC"}]}"#;
         assert!(Tenant::parse(dup).is_err());
-        assert!(Tenant::parse(br#"{"trusted-ca": [{"subject-dn": "CN=a", "public-key": "%%"}]}"#).is_err());
+        assert!(
+            Tenant::parse(br#"{"trusted-ca": [{"subject-dn": "CN=a", "public-key": "%%"}]}"#)
+                .is_err()
+        );
         assert!(Tenant::parse(br#"{"trusted-ca": [{"public-key": "AAEC"}]}"#).is_err());
     }
 }
