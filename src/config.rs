@@ -2,6 +2,7 @@
 //! overrides, with defaults that work against the local services `scripts/up` starts.
 
 use anyhow::Context;
+use ferrule_gateways::{GatewayConfig, KafkaConfig};
 use ferrule_registry::{DatabaseConfig, RegistryConfig};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -17,6 +18,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub registry: RegistryConfig,
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,24 +50,6 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8088)),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers` of the Kafka-protocol cluster.
-    pub bootstrap_servers: String,
-    /// How long one metadata request may take (milliseconds).
-    pub metadata_timeout_ms: u64,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            bootstrap_servers: "127.0.0.1:9092".into(),
-            metadata_timeout_ms: 2000,
         }
     }
 }

@@ -34,6 +34,8 @@ enum Command {
     All,
     /// Run the device registry (Hono Device Registry Management API v1).
     Registry,
+    /// Run the protocol gateways (HTTP adapter) that write device data into Kafka.
+    Gateway,
     /// Send a metadata request to the configured Kafka cluster and print what it answered.
     CheckKafka,
     /// Print the default configuration as TOML.
@@ -58,8 +60,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::All => run_services(cfg, true).await,
-            Command::Registry => run_services(cfg, false).await,
+            Command::All => run_services(cfg, Services::ALL).await,
+            Command::Registry => run_services(cfg, Services::REGISTRY).await,
+            Command::Gateway => run_services(cfg, Services::GATEWAY).await,
             Command::CheckKafka => check_kafka(&cfg).await,
             Command::PrintConfig => Ok(()),
         }
@@ -85,12 +88,42 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListe
         .with_context(|| format!("{what}: cannot listen on {addr}"))
 }
 
-/// Runs the registry (and, for `all`, every other service) until SIGINT/SIGTERM.
-async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
+/// Which services one process runs.
+#[derive(Clone, Copy)]
+struct Services {
+    registry: bool,
+    gateway: bool,
+}
+
+impl Services {
+    const ALL: Services = Services {
+        registry: true,
+        gateway: true,
+    };
+    const REGISTRY: Services = Services {
+        registry: true,
+        gateway: false,
+    };
+    const GATEWAY: Services = Services {
+        registry: false,
+        gateway: true,
+    };
+}
+
+/// Runs the chosen services until SIGINT/SIGTERM or until one of them fails.
+async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let readiness = Readiness::default();
+    // Bind every port first, so a busy port fails the start at once.
     let health_listener = bind("health", cfg.health.bind).await?;
-    let registry_listener = bind("registry", cfg.registry.bind).await?;
+    let registry_listener = match services.registry {
+        true => Some(bind("registry", cfg.registry.bind).await?),
+        false => None,
+    };
+    let http_listener = match services.gateway {
+        true => Some(bind("HTTP adapter", cfg.gateway.http.bind).await?),
+        false => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(health::serve(
         health_listener,
@@ -99,7 +132,7 @@ async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
     ));
 
     readiness.register("postgresql");
-    if all {
+    if services.gateway {
         readiness.register("kafka");
         let client = kafka::MetadataClient::new(
             &cfg.kafka.bootstrap_servers,
@@ -114,14 +147,34 @@ async fn run_services(cfg: Config, all: bool) -> anyhow::Result<()> {
         readiness.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(ferrule_registry::serve(
-        registry_listener,
-        store,
-        cfg.registry.clone(),
-        shutdown.clone(),
-    ));
+    if let Some(listener) = registry_listener {
+        tasks.spawn(ferrule_registry::serve(
+            listener,
+            store.clone(),
+            cfg.registry.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(listener) = http_listener {
+        let registry = ferrule_registry::DeviceAuthenticator::new(
+            store.pool().clone(),
+            &cfg.registry.auth_cache,
+        );
+        let db: tokio_postgres::Config = cfg.database.url.parse()?;
+        let listen = registry.spawn_listener(db, shutdown.clone());
+        tasks.spawn(async move {
+            let _ = listen.await;
+            Ok(())
+        });
+        let (gateway, kafka) = (cfg.gateway.clone(), cfg.kafka.clone());
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            ferrule_gateways::serve_http(listener, gateway, &kafka, registry, shutdown).await
+        });
+    }
     tracing::info!(
-        registry = %cfg.registry.bind,
+        registry = services.registry.then(|| cfg.registry.bind.to_string()),
+        http = services.gateway.then(|| cfg.gateway.http.bind.to_string()),
         health = %cfg.health.bind,
         "ferrule started"
     );

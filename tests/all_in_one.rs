@@ -28,15 +28,17 @@ struct Ferrule {
     child: Child,
     registry: String,
     health: String,
+    http: String,
 }
 
 impl Ferrule {
     fn start(kafka: &str) -> Ferrule {
-        let (registry, health) = (free_port(), free_port());
+        let (registry, health, http) = (free_port(), free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
             .arg("all")
             .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
             .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
+            .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
             .env("FERRULE_DATABASE__URL", database_url())
             .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", kafka)
             .env("FERRULE_KAFKA__METADATA_TIMEOUT_MS", "500")
@@ -50,6 +52,7 @@ impl Ferrule {
             child,
             registry: format!("http://127.0.0.1:{registry}"),
             health: format!("http://127.0.0.1:{health}"),
+            http: format!("http://127.0.0.1:{http}"),
         }
     }
 
@@ -194,6 +197,22 @@ fn registry_answers_curl_as_in_hono_getting_started() {
         assert_eq!(dev.device_id, device);
     });
 
+    // The device sends telemetry to the HTTP adapter, as in Hono's guide.
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-u",
+        &format!("{device}@{tenant}:this-is-my-password"),
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "qos-level: 1",
+        "--data-binary",
+        r#"{"temp": 5}"#,
+        &format!("{}/telemetry", f.http),
+    ]);
+    assert_eq!(code, 202, "{body}");
+
     // Anonymous writes are refused and counted.
     let (code, _) = curl(&["-X", "POST", &format!("{}/v1/tenants", f.registry)]);
     assert_eq!(code, 401);
@@ -201,6 +220,12 @@ fn registry_answers_curl_as_in_hono_getting_started() {
     assert_eq!(code, 200);
     assert!(
         metrics.contains("ferrule_registry_rejected_requests_total{reason=\"unauthorized\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "hono_telemetry_processing_duration_seconds_count{component_name=\"hono-http\""
+        ),
         "{metrics}"
     );
     assert_eq!(curl(&[&format!("{}/liveness", f.health)]).0, 200);

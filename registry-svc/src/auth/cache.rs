@@ -84,25 +84,35 @@ impl<V> Cache<V> {
         }
         map.insert(key, (Instant::now(), value));
     }
+}
 
-    pub(super) fn invalidate_tenant(&self, tenant: &str) {
+/// The operations change notifications apply to every cache, whatever it holds.
+pub(super) trait CacheControl {
+    fn invalidate_tenant(&self, tenant: &str);
+    fn clear(&self);
+    fn activate(&self);
+    fn deactivate(&self);
+}
+
+impl<V> CacheControl for Cache<V> {
+    fn invalidate_tenant(&self, tenant: &str) {
         let mut map = self.map();
         self.generation.fetch_add(1, Ordering::AcqRel);
         map.retain(|k, _| k.tenant != tenant);
     }
 
-    pub(super) fn clear(&self) {
+    fn clear(&self) {
         let mut map = self.map();
         self.generation.fetch_add(1, Ordering::AcqRel);
         map.clear();
     }
 
-    pub(super) fn activate(&self) {
+    fn activate(&self) {
         self.clear();
         self.active.store(true, Ordering::Release);
     }
 
-    pub(super) fn deactivate(&self) {
+    fn deactivate(&self) {
         self.active.store(false, Ordering::Release);
         self.clear();
     }

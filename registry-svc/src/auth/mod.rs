@@ -8,7 +8,9 @@ pub mod password;
 
 use crate::metrics;
 use crate::model::credentials::{HASHED_PASSWORD, PSK, X509_CERT};
-use cache::{Cache, CacheKey};
+use crate::model::device::Device;
+use crate::model::tenant::Tenant;
+use cache::{Cache, CacheControl, CacheKey};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use password::PasswordHash;
@@ -180,6 +182,8 @@ pub struct DeviceAuthenticator {
 struct Inner {
     pool: Pool,
     cache: Cache<Lookup>,
+    tenants: Cache<Option<Tenant>>,
+    devices: Cache<Option<Device>>,
     /// Random per process, so that the verification memo is useless outside this process.
     memo_key: [u8; 32],
     changes: broadcast::Sender<RegistryChange>,
@@ -192,6 +196,8 @@ impl DeviceAuthenticator {
             inner: Arc::new(Inner {
                 pool,
                 cache: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
+                tenants: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
+                devices: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
                 memo_key: rand::random(),
                 changes,
             }),
@@ -328,6 +334,34 @@ impl DeviceAuthenticator {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// The tenant document (cached like credentials), `None` when the tenant does not exist.
+    pub async fn tenant(&self, tenant: &str) -> Result<Arc<Option<Tenant>>, AuthError> {
+        cached_document(
+            &self.inner.pool,
+            &self.inner.tenants,
+            CacheKey::new(tenant, "tenant", ""),
+            "SELECT data FROM tenants WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+    }
+
+    /// The device document (cached like credentials), `None` when the device does not exist.
+    pub async fn device(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> Result<Arc<Option<Device>>, AuthError> {
+        cached_document(
+            &self.inner.pool,
+            &self.inner.devices,
+            CacheKey::new(tenant, "device", device),
+            "SELECT data FROM devices WHERE tenant_id = $1 AND device_id = $2",
+            &[&tenant, &device],
+        )
+        .await
+    }
+
     fn memo_digest(&self, tenant: &str, auth_id: &str, password: &[u8]) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.inner.memo_key);
@@ -405,6 +439,36 @@ impl DeviceAuthenticator {
     }
 }
 
+impl Inner {
+    /// Every cache; they all follow the same change notifications.
+    fn caches(&self) -> [&dyn CacheControl; 3] {
+        [&self.cache, &self.tenants, &self.devices]
+    }
+}
+
+/// A registry document by key, from the cache or else from PostgreSQL.
+async fn cached_document<T: serde::de::DeserializeOwned>(
+    pool: &Pool,
+    cache: &Cache<Option<T>>,
+    key: CacheKey,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Arc<Option<T>>, AuthError> {
+    if let Some(hit) = cache.get(&key) {
+        return Ok(hit);
+    }
+    let generation = cache.generation();
+    let db = pool.get().await.map_err(unavailable)?;
+    let row = db.query_opt(sql, params).await.map_err(unavailable)?;
+    let doc = match row {
+        Some(r) => Some(serde_json::from_value::<T>(r.get(0)).map_err(unavailable)?),
+        None => None,
+    };
+    let doc = Arc::new(doc);
+    cache.insert(key, doc.clone(), generation);
+    Ok(doc)
+}
+
 fn unavailable(e: impl std::fmt::Display) -> AuthError {
     AuthError::Unavailable(e.to_string())
 }
@@ -444,13 +508,13 @@ async fn listen(
             Ok(()) => break,
             Err(e) => tracing::warn!(error = %e, "registry change listener lost; cache bypassed"),
         }
-        inner.cache.deactivate();
+        inner.caches().iter().for_each(|c| c.deactivate());
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
     }
-    inner.cache.deactivate();
+    inner.caches().iter().for_each(|c| c.deactivate());
 }
 
 /// Returns `Ok` on shutdown and an error when the connection ends.
@@ -478,7 +542,7 @@ async fn listen_once(
     client
         .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
         .await?;
-    inner.cache.activate();
+    inner.caches().iter().for_each(|c| c.activate());
     tracing::debug!("listening for registry changes");
     let result = loop {
         tokio::select! {
@@ -496,13 +560,15 @@ async fn listen_once(
 fn on_change(inner: &Inner, payload: &str) {
     match serde_json::from_str::<RegistryChange>(payload) {
         Ok(change) => {
-            inner.cache.invalidate_tenant(&change.tenant);
+            for c in inner.caches() {
+                c.invalidate_tenant(&change.tenant);
+            }
             // No receiver is fine: nobody holds connections in this process.
             let _ = inner.changes.send(change);
         }
         Err(e) => {
             tracing::warn!(error = %e, payload, "unreadable registry notification; cache cleared");
-            inner.cache.clear();
+            inner.caches().iter().for_each(|c| c.clear());
         }
     }
 }

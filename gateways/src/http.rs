@@ -1,0 +1,380 @@
+//! The HTTP adapter (`hono-http`): translates Hono's HTTP API into pipeline uploads and the
+//! pipeline's errors into Hono's status codes; CORS pre-flight for browser devices.
+
+use crate::metrics;
+use crate::pipeline::{AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+const ADAPTER: AdapterType = AdapterType::Http;
+
+/// The `[gateway.http]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where the plain HTTP endpoint listens.
+    pub bind: SocketAddr,
+    /// Realm named in `WWW-Authenticate` on 401.
+    pub realm: String,
+    /// Longest `hono-ttd` honoured when the tenant sets no `max-ttd` (seconds).
+    pub max_ttd_secs: i64,
+    /// Idle timeout of long polls (seconds); a ttd is capped at 80 % of it.
+    pub idle_timeout_secs: i64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            realm: "Hono".into(),
+            max_ttd_secs: 60,
+            idle_timeout_secs: 75,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Adapter {
+    pipeline: IngestPipeline,
+    cfg: std::sync::Arc<HttpConfig>,
+}
+
+/// The adapter's routes.
+pub fn router(pipeline: IngestPipeline, cfg: HttpConfig) -> Router {
+    let limit = pipeline.max_payload_size();
+    let state = Adapter {
+        pipeline,
+        cfg: std::sync::Arc::new(cfg),
+    };
+    Router::new()
+        .route(
+            "/telemetry",
+            post(|s, h, u, b| own(s, h, u, b, Endpoint::Telemetry)),
+        )
+        .route(
+            "/event",
+            post(|s, h, u, b| own(s, h, u, b, Endpoint::Event)),
+        )
+        .route(
+            "/telemetry/{tenant}/{device}",
+            put(|s, p, h, u, b| addressed(s, p, h, u, b, Endpoint::Telemetry)),
+        )
+        .route(
+            "/event/{tenant}/{device}",
+            put(|s, p, h, u, b| addressed(s, p, h, u, b, Endpoint::Event)),
+        )
+        .route(
+            "/telemetry//{device}",
+            put(|s, p, h, u, b| gateway(s, p, h, u, b, Endpoint::Telemetry)),
+        )
+        .route(
+            "/event//{device}",
+            put(|s, p, h, u, b| gateway(s, p, h, u, b, Endpoint::Event)),
+        )
+        // A body over the limit is cut off here already; the pipeline checks again.
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(cors))
+        .with_state(state)
+}
+
+/// `POST /telemetry` and `POST /event`: an authenticated device sends its own data.
+async fn own(
+    State(a): State<Adapter>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Response {
+    handle(&a, &headers, &uri, body, endpoint, None, true).await
+}
+
+/// `PUT /{endpoint}/{tenant}/{device}`: a gateway acting for a device, or an unauthenticated
+/// device where the tenant allows it.
+async fn addressed(
+    State(a): State<Adapter>,
+    Path((tenant, device)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Response {
+    handle(
+        &a,
+        &headers,
+        &uri,
+        body,
+        endpoint,
+        Some((tenant, device)),
+        false,
+    )
+    .await
+}
+
+/// `PUT /{endpoint}//{device}`: a gateway acting for a device of its own tenant.
+async fn gateway(
+    State(a): State<Adapter>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Response {
+    handle(
+        &a,
+        &headers,
+        &uri,
+        body,
+        endpoint,
+        Some((String::new(), device)),
+        true,
+    )
+    .await
+}
+
+async fn handle(
+    a: &Adapter,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+    target: Option<(String, String)>,
+    auth_required: bool,
+) -> Response {
+    match upload(a, headers, uri, body, endpoint, target, auth_required).await {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => error_response(&a.cfg, e),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    a: &Adapter,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+    target: Option<(String, String)>,
+    auth_required: bool,
+) -> Result<(), UploadError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            UploadError::PayloadTooLarge(a.pipeline.max_payload_size())
+        } else {
+            UploadError::BadRequest(r.body_text())
+        }
+    })?;
+    let origin = match basic_credentials(headers)? {
+        Some((user, password)) => Origin::Device(
+            a.pipeline
+                .authenticate(ADAPTER, &user, password.as_bytes(), target.as_ref())
+                .await?,
+        ),
+        None if auth_required => {
+            return Err(UploadError::Unauthorized("credentials required".into()));
+        }
+        None => Origin::Anonymous,
+    };
+    let query = uri.query().unwrap_or("");
+    let qos = match header_str(headers, "qos-level")? {
+        None | Some("0") => Qos::AtMostOnce,
+        Some("1") => Qos::AtLeastOnce,
+        Some(other) => {
+            return Err(UploadError::BadRequest(format!(
+                "unsupported QoS-Level `{other}`"
+            )));
+        }
+    };
+    let qos = if endpoint == Endpoint::Event && header_str(headers, "qos-level")?.is_none() {
+        Qos::AtLeastOnce
+    } else {
+        qos
+    };
+    let ttl_secs = number_param(headers, query, "hono-ttl")?;
+    let ttd_secs = number_param(headers, query, "hono-ttd")?
+        .filter(|t| *t > 0)
+        .map(|t| {
+            t.min(a.cfg.max_ttd_secs)
+                .min(a.cfg.idle_timeout_secs * 80 / 100)
+        });
+    a.pipeline
+        .upload(Upload {
+            adapter: ADAPTER,
+            endpoint,
+            qos,
+            origin,
+            target,
+            content_type: header_str(headers, header::CONTENT_TYPE.as_str())?.map(str::to_owned),
+            payload: body.to_vec(),
+            ttl_secs,
+            ttd_secs,
+            orig_address: uri.path().to_owned(),
+            retain: false,
+            traceparent: header_str(headers, "traceparent")?.map(str::to_owned),
+        })
+        .await
+        .map(|_| ())
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, UploadError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(str::trim)
+                .map_err(|_| UploadError::BadRequest(format!("header `{name}` is not text")))
+        })
+        .transpose()
+}
+
+/// A numeric Hono parameter, from the header or else the query string.
+fn number_param(headers: &HeaderMap, query: &str, name: &str) -> Result<Option<i64>, UploadError> {
+    let raw = match header_str(headers, name)? {
+        Some(v) => Some(v.to_owned()),
+        None => query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        }),
+    };
+    raw.map(|v| {
+        v.parse::<i64>()
+            .map_err(|_| UploadError::BadRequest(format!("`{name}` must be an integer")))
+    })
+    .transpose()
+}
+
+/// `Authorization: Basic base64(authId@tenant:password)`, split at the first `:`.
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, UploadError> {
+    let Some(value) = header_str(headers, header::AUTHORIZATION.as_str())? else {
+        return Ok(None);
+    };
+    let bad = || UploadError::Unauthorized("malformed Basic credentials".into());
+    let (scheme, encoded) = value.split_once(' ').ok_or_else(bad)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(UploadError::Unauthorized(
+            "only Basic authentication is supported".into(),
+        ));
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (user, password) = text.split_once(':').ok_or_else(bad)?;
+    Ok(Some((user.to_owned(), password.to_owned())))
+}
+
+/// The one place pipeline errors become HTTP status codes (Hono's table, §3.4).
+fn error_response(cfg: &HttpConfig, e: UploadError) -> Response {
+    let status = match &e {
+        UploadError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        UploadError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        UploadError::Forbidden(_) => StatusCode::FORBIDDEN,
+        UploadError::NotFound(_) => StatusCode::NOT_FOUND,
+        UploadError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        UploadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut resp = (status, e.to_string()).into_response();
+    if status == StatusCode::UNAUTHORIZED
+        && let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", cfg.realm))
+    {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+const ALLOWED_HEADERS: &str =
+    "authorization, content-type, qos-level, hono-ttd, hono-ttl, hono-cmd-status, traceparent";
+const EXPOSED_HEADERS: &str = "hono-command, hono-cmd-req-id, hono-cmd-target-device";
+
+/// Answers CORS pre-flight requests and marks every answer as readable from any origin.
+async fn cors(req: Request, next: Next) -> Response {
+    let preflight = req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut resp = if preflight {
+        let mut r = StatusCode::OK.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST, PUT, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(ALLOWED_HEADERS),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
+        r
+    } else if req.method() == Method::OPTIONS {
+        metrics::rejected(ADAPTER.name(), "bad-request");
+        StatusCode::BAD_REQUEST.into_response()
+    } else {
+        next.run(req).await
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static(EXPOSED_HEADERS),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_split_at_first_colon() {
+        let mut h = HeaderMap::new();
+        let enc = base64::engine::general_purpose::STANDARD.encode("dev@tenant:pa:ss");
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {enc}").parse().unwrap(),
+        );
+        assert_eq!(
+            basic_credentials(&h).unwrap(),
+            Some(("dev@tenant".to_owned(), "pa:ss".to_owned()))
+        );
+        h.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
+        assert!(basic_credentials(&h).is_err());
+        h.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
+        assert!(basic_credentials(&h).is_err());
+        assert_eq!(basic_credentials(&HeaderMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn numeric_parameters_from_header_or_query() {
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            number_param(&h, "hono-ttd=10&x=1", "hono-ttd").unwrap(),
+            Some(10)
+        );
+        h.insert("hono-ttd", "20".parse().unwrap());
+        assert_eq!(
+            number_param(&h, "hono-ttd=10", "hono-ttd").unwrap(),
+            Some(20)
+        );
+        assert!(number_param(&h, "", "hono-ttl").unwrap().is_none());
+        h.insert("hono-ttl", "soon".parse().unwrap());
+        assert!(number_param(&h, "", "hono-ttl").is_err());
+    }
+}

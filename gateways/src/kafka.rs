@@ -1,0 +1,168 @@
+//! The Kafka leg of the gateways: one idempotent producer per process for every QoS, topics
+//! created through the admin API when first used, and a full producer queue reported as
+//! back-pressure instead of growing memory.
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The `[kafka]` section: the cluster and how Ferrule produces to it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers` of the Kafka-protocol cluster.
+    pub bootstrap_servers: String,
+    /// How long one metadata request may take (milliseconds).
+    pub metadata_timeout_ms: u64,
+    /// Partitions of topics Ferrule creates.
+    pub topic_partitions: i32,
+    /// Replication factor of topics Ferrule creates.
+    pub topic_replication: i32,
+    /// Most records waiting in the producer; a full queue answers devices with 503.
+    pub producer_queue_messages: u32,
+    /// How long a record may wait for the broker's ack before the device gets 503 (ms).
+    pub delivery_timeout_ms: u64,
+    /// How long the producer waits to fill a batch (ms).
+    pub linger_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            metadata_timeout_ms: 2000,
+            topic_partitions: 3,
+            topic_replication: 1,
+            producer_queue_messages: 100_000,
+            delivery_timeout_ms: 2500,
+            linger_ms: 5,
+        }
+    }
+}
+
+/// Why a record did not reach the broker; the device is told, the record is never re-sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The producer queue is full: the broker is slower than the devices.
+    #[error("the producer queue is full")]
+    QueueFull,
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("delivery was cancelled")]
+    Cancelled,
+}
+
+/// A record on its way to Kafka.
+pub struct OutboundRecord<'a> {
+    pub topic: &'a str,
+    pub key: &'a str,
+    pub headers: OwnedHeaders,
+    pub payload: &'a [u8],
+}
+
+/// The process's one producer, plus the set of topics known to exist.
+pub struct DownstreamSender {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    known_topics: Mutex<HashSet<String>>,
+    cfg: KafkaConfig,
+}
+
+impl DownstreamSender {
+    pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &cfg.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                cfg.producer_queue_messages.to_string(),
+            )
+            .set("message.timeout.ms", cfg.delivery_timeout_ms.to_string())
+            .set("log_level", "3");
+        let producer: FutureProducer = client.create()?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.bootstrap_servers)
+            .set("log_level", "3")
+            .create()?;
+        Ok(DownstreamSender {
+            producer,
+            admin,
+            known_topics: Mutex::new(HashSet::new()),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Creates `topic` unless it is known to exist; an existing topic is fine.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<(), ProduceError> {
+        if self.known().contains(topic) {
+            return Ok(());
+        }
+        let new = NewTopic::new(
+            topic,
+            self.cfg.topic_partitions,
+            TopicReplication::Fixed(self.cfg.topic_replication),
+        );
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_millis(self.cfg.metadata_timeout_ms)));
+        let results = self.admin.create_topics([&new], &opts).await?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
+            }
+        }
+        self.known().insert(topic.to_owned());
+        Ok(())
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.known_topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the record to the producer without waiting; the returned future resolves when
+    /// the broker acked. A full queue is returned at once as back-pressure.
+    pub fn enqueue(&self, record: OutboundRecord<'_>) -> Result<Delivery, ProduceError> {
+        let fr = FutureRecord::to(record.topic)
+            .key(record.key)
+            .payload(record.payload)
+            .headers(record.headers);
+        match self.producer.send_result(fr) {
+            Ok(f) => Ok(Delivery(f)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(ProduceError::QueueFull)
+            }
+            Err((e, _)) => Err(e.into()),
+        }
+    }
+
+    /// Waits until queued records were delivered or `timeout` passed (used at shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "records still unsent at shutdown");
+        }
+    }
+}
+
+/// The broker's answer to one record.
+pub struct Delivery(DeliveryFuture);
+
+impl Delivery {
+    pub async fn acked(self) -> Result<(), ProduceError> {
+        match self.0.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e.into()),
+            Err(_) => Err(ProduceError::Cancelled),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Gateway metrics under Hono's names (Prometheus form: dots become underscores, units are
+//! suffixed), registered in the process-wide registry the health port serves.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use std::sync::LazyLock;
+
+static PROCESSING: LazyLock<HistogramVec> =
+    LazyLock::new(|| {
+        let h = HistogramVec::new(
+        HistogramOpts::new(
+            "hono_telemetry_processing_duration_seconds",
+            "Time from receiving a telemetry message or event until it was forwarded or refused",
+        )
+        .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+        &["component_name", "tenant", "type", "status", "qos"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let _ = prometheus::register(Box::new(h.clone()));
+        h
+    });
+
+static PAYLOAD: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let h = HistogramVec::new(
+        HistogramOpts::new(
+            "hono_telemetry_payload_bytes",
+            "Payload size of device messages",
+        )
+        .buckets(prometheus::exponential_buckets(16.0, 4.0, 8).unwrap_or_default()),
+        &["component_name", "tenant", "type", "status"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(h.clone()));
+    h
+});
+
+static REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "ferrule_gateway_rejected_total",
+            "Device requests refused by a gateway, by adapter and reason",
+        ),
+        &["component_name", "reason"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
+/// Records one processed message (`status` is `forwarded`, `unprocessable` or `undeliverable`).
+pub fn message(
+    adapter: &str,
+    tenant: &str,
+    kind: &str,
+    status: &str,
+    qos: &str,
+    secs: f64,
+    bytes: usize,
+) {
+    PROCESSING
+        .with_label_values(&[adapter, tenant, kind, status, qos])
+        .observe(secs);
+    PAYLOAD
+        .with_label_values(&[adapter, tenant, kind, status])
+        .observe(bytes as f64);
+}
+
+/// Counts a refused request.
+pub fn rejected(adapter: &str, reason: &str) {
+    REJECTED.with_label_values(&[adapter, reason]).inc();
+}
+
+pub fn init() {
+    LazyLock::force(&PROCESSING);
+    LazyLock::force(&PAYLOAD);
+    LazyLock::force(&REJECTED);
+}

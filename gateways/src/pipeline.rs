@@ -1,0 +1,632 @@
+//! The one ingest pipeline every protocol adapter calls: authenticate → authorise (tenant,
+//! adapter, device, gateway) → validate → build the Kafka record → produce → answer by QoS.
+//! Adapters only translate their wire format into an [`Upload`] and the [`UploadError`] back.
+
+use crate::kafka::{DownstreamSender, OutboundRecord, ProduceError};
+use crate::metrics;
+use ferrule_registry::model::device::Device;
+use ferrule_registry::model::tenant::Tenant;
+use ferrule_registry::{AuthError, AuthenticatedDevice, DeviceAuthenticator};
+use ferrule_schemas::headers as h;
+use ferrule_schemas::ttl::{TtlKind, effective_ttl_millis};
+use ferrule_schemas::{ContentType, HonoTopic};
+use rdkafka::message::{Header, OwnedHeaders};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Which protocol adapter a message came through (Hono's adapter type names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterType {
+    Http,
+    Mqtt,
+    Coap,
+}
+
+impl AdapterType {
+    pub const fn name(self) -> &'static str {
+        match self {
+            AdapterType::Http => "hono-http",
+            AdapterType::Mqtt => "hono-mqtt",
+            AdapterType::Coap => "hono-coap",
+        }
+    }
+}
+
+/// Telemetry (throughput) or event (reliability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Telemetry,
+    Event,
+}
+
+impl Endpoint {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Endpoint::Telemetry => "telemetry",
+            Endpoint::Event => "event",
+        }
+    }
+}
+
+/// The delivery guarantee the device asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+impl Qos {
+    const fn as_i64(self) -> i64 {
+        match self {
+            Qos::AtMostOnce => 0,
+            Qos::AtLeastOnce => 1,
+        }
+    }
+}
+
+/// Who sent a message: an authenticated device (maybe a gateway) or nobody known.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    Device(AuthenticatedDevice),
+    Anonymous,
+}
+
+/// One device message as an adapter hands it over.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub adapter: AdapterType,
+    pub endpoint: Endpoint,
+    pub qos: Qos,
+    pub origin: Origin,
+    /// Tenant and device named in the address: the gateway and unauthenticated forms. An
+    /// empty tenant means "the gateway's own".
+    pub target: Option<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload: Vec<u8>,
+    /// `hono-ttl` in seconds.
+    pub ttl_secs: Option<i64>,
+    /// Time until disconnect in seconds, already capped by the adapter.
+    pub ttd_secs: Option<i64>,
+    /// The URI or topic the message was sent to.
+    pub orig_address: String,
+    pub retain: bool,
+    pub traceparent: Option<String>,
+}
+
+/// Why a message was not forwarded; each adapter maps these to its protocol in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("payload larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl UploadError {
+    /// A stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UploadError::BadRequest(_) => "bad-request",
+            UploadError::Unauthorized(_) => "unauthorized",
+            UploadError::Forbidden(_) => "forbidden",
+            UploadError::NotFound(_) => "not-found",
+            UploadError::PayloadTooLarge(_) => "payload-too-large",
+            UploadError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl From<AuthError> for UploadError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unavailable(m) => {
+                UploadError::Unavailable(format!("registry unavailable: {m}"))
+            }
+            AuthError::TenantDisabled => UploadError::Forbidden(e.to_string()),
+            AuthError::DeviceDisabled => UploadError::NotFound(e.to_string()),
+            other => UploadError::Unauthorized(other.to_string()),
+        }
+    }
+}
+
+/// Where an accepted message went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub tenant: String,
+    pub device: String,
+}
+
+/// The shared pipeline; cheap to clone into every connection.
+#[derive(Clone)]
+pub struct IngestPipeline {
+    registry: DeviceAuthenticator,
+    sender: Arc<DownstreamSender>,
+    max_payload_size: usize,
+}
+
+struct Resolved {
+    tenant: String,
+    device: String,
+    gateway: Option<String>,
+    anonymous: bool,
+}
+
+impl IngestPipeline {
+    pub fn new(
+        registry: DeviceAuthenticator,
+        sender: Arc<DownstreamSender>,
+        max_payload_size: usize,
+    ) -> Self {
+        IngestPipeline {
+            registry,
+            sender,
+            max_payload_size,
+        }
+    }
+
+    pub fn max_payload_size(&self) -> usize {
+        self.max_payload_size
+    }
+
+    /// Checks `authId@tenant` + password for any adapter. `target` is the device the message
+    /// is addressed to, if any: a disabled device sending for another one is a disabled
+    /// gateway (403), a disabled device sending its own data is unknown (404), as in Hono.
+    pub async fn authenticate(
+        &self,
+        adapter: AdapterType,
+        username: &str,
+        password: &[u8],
+        target: Option<&(String, String)>,
+    ) -> Result<AuthenticatedDevice, UploadError> {
+        self.registry
+            .verify_password(username, password)
+            .await
+            .map_err(|e| {
+                metrics::rejected(adapter.name(), e.outcome());
+                let for_other = target.is_some_and(|(_, device)| {
+                    ferrule_registry::auth::split_username(username)
+                        .is_ok_and(|(auth_id, _)| auth_id != device)
+                });
+                match e {
+                    AuthError::DeviceDisabled if for_other => {
+                        UploadError::Forbidden("gateway is disabled".into())
+                    }
+                    other => other.into(),
+                }
+            })
+    }
+
+    /// Runs one message through the pipeline; returns once the message may be acknowledged
+    /// to the device under its QoS.
+    pub async fn upload(&self, up: Upload) -> Result<Accepted, UploadError> {
+        let started = Instant::now();
+        let kind = up.endpoint.name();
+        let qos = up.qos.as_i64().to_string();
+        let adapter = up.adapter.name();
+        let size = up.payload.len();
+        let result = self.process(up).await;
+        let (tenant, status) = match &result {
+            Ok(a) => (a.tenant.as_str(), "forwarded"),
+            Err(e) => {
+                metrics::rejected(adapter, e.reason());
+                let status = if matches!(e, UploadError::Unavailable(_)) {
+                    "undeliverable"
+                } else {
+                    "unprocessable"
+                };
+                ("", status)
+            }
+        };
+        metrics::message(
+            adapter,
+            tenant,
+            kind,
+            status,
+            &qos,
+            started.elapsed().as_secs_f64(),
+            size,
+        );
+        result
+    }
+
+    async fn process(&self, up: Upload) -> Result<Accepted, UploadError> {
+        if up.payload.len() > self.max_payload_size {
+            return Err(UploadError::PayloadTooLarge(self.max_payload_size));
+        }
+        if up.endpoint == Endpoint::Event && up.qos == Qos::AtMostOnce {
+            return Err(UploadError::BadRequest(
+                "events must be sent with QoS 1".into(),
+            ));
+        }
+        let who = resolve(&up)?;
+        let tenant = self.registry.tenant(&who.tenant).await?;
+        let tenant = tenant
+            .as_ref()
+            .as_ref()
+            .ok_or_else(|| UploadError::NotFound(format!("tenant `{}` not found", who.tenant)))?;
+        authorise_tenant(tenant, up.adapter, who.anonymous)?;
+        let device = self.registry.device(&who.tenant, &who.device).await?;
+        let device = device
+            .as_ref()
+            .as_ref()
+            .filter(|d| d.enabled)
+            .ok_or_else(|| {
+                UploadError::NotFound(format!("device `{}` not found or disabled", who.device))
+            })?;
+        if let Some(gw) = &who.gateway {
+            let gateway = self.registry.device(&who.tenant, gw).await?;
+            let gateway = gateway
+                .as_ref()
+                .as_ref()
+                .filter(|g| g.enabled)
+                .ok_or_else(|| {
+                    UploadError::Forbidden(format!("gateway `{gw}` unknown or disabled"))
+                })?;
+            if !may_act_for(gw, gateway, device) {
+                return Err(UploadError::Forbidden(format!(
+                    "gateway `{gw}` may not act for device `{}`",
+                    who.device
+                )));
+            }
+        }
+
+        let defaults = merged_defaults(tenant, device);
+        let given_ct = up.content_type.clone().or_else(|| {
+            defaults
+                .get(h::CONTENT_TYPE)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
+        let ct = ContentType::for_upload(given_ct.as_deref(), up.payload.len())
+            .map_err(|e| UploadError::BadRequest(e.to_string()))?;
+        let ttl = ttl_millis(&up, tenant, device);
+
+        let topic = match up.endpoint {
+            Endpoint::Telemetry => HonoTopic::telemetry(&who.tenant),
+            Endpoint::Event => HonoTopic::event(&who.tenant),
+        }
+        .map_err(|e| UploadError::BadRequest(e.to_string()))?
+        .to_string();
+        let headers = build_headers(&up, &who.device, ct.as_str(), ttl, &defaults);
+        self.sender
+            .ensure_topic(&topic)
+            .await
+            .map_err(produce_error)?;
+        let delivery = self
+            .sender
+            .enqueue(OutboundRecord {
+                topic: &topic,
+                key: &who.device,
+                headers,
+                payload: &up.payload,
+            })
+            .map_err(produce_error)?;
+        if up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce {
+            delivery.acked().await.map_err(produce_error)?;
+        }
+        Ok(Accepted {
+            tenant: who.tenant,
+            device: who.device,
+        })
+    }
+}
+
+fn produce_error(e: ProduceError) -> UploadError {
+    UploadError::Unavailable(format!("downstream unavailable: {e}"))
+}
+
+/// Works out tenant, device and acting gateway from the sender and the address.
+fn resolve(up: &Upload) -> Result<Resolved, UploadError> {
+    match (&up.origin, &up.target) {
+        (Origin::Device(d), None) => Ok(Resolved {
+            tenant: d.tenant_id.clone(),
+            device: d.device_id.clone(),
+            gateway: None,
+            anonymous: false,
+        }),
+        (Origin::Device(d), Some((tenant, device))) => {
+            if !tenant.is_empty() && *tenant != d.tenant_id {
+                return Err(UploadError::Forbidden(
+                    "a gateway may only act for devices of its own tenant".into(),
+                ));
+            }
+            let gateway = (*device != d.device_id).then(|| d.device_id.clone());
+            Ok(Resolved {
+                tenant: d.tenant_id.clone(),
+                device: device.clone(),
+                gateway,
+                anonymous: false,
+            })
+        }
+        (Origin::Anonymous, Some((tenant, device))) if !tenant.is_empty() => Ok(Resolved {
+            tenant: tenant.clone(),
+            device: device.clone(),
+            gateway: None,
+            anonymous: true,
+        }),
+        (Origin::Anonymous, _) => Err(UploadError::Unauthorized("authentication required".into())),
+    }
+}
+
+/// Tenant enabled, adapter enabled for it, and anonymous uploads only where it allows them.
+fn authorise_tenant(
+    tenant: &Tenant,
+    adapter: AdapterType,
+    anonymous: bool,
+) -> Result<(), UploadError> {
+    if !tenant.enabled {
+        return Err(UploadError::Forbidden("tenant is disabled".into()));
+    }
+    let entry = match &tenant.adapters {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .find(|a| a.adapter_type == adapter.name())
+                .filter(|a| a.enabled)
+                .ok_or_else(|| {
+                    UploadError::Forbidden(format!(
+                        "adapter {} is disabled for the tenant",
+                        adapter.name()
+                    ))
+                })?,
+        ),
+    };
+    if anonymous && entry.is_none_or(|a| a.device_authentication_required) {
+        return Err(UploadError::Unauthorized(
+            "the tenant requires device authentication".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A gateway may act for a device that names it in `via` or shares a group via `viaGroups`.
+fn may_act_for(gateway_id: &str, gateway: &Device, device: &Device) -> bool {
+    device.via.iter().flatten().any(|v| v == gateway_id)
+        || device
+            .via_groups
+            .iter()
+            .flatten()
+            .any(|g| gateway.member_of.iter().flatten().any(|m| m == g))
+}
+
+/// Tenant defaults overlaid with device defaults (the device's win).
+fn merged_defaults(tenant: &Tenant, device: &Device) -> serde_json::Map<String, Value> {
+    let mut m = tenant.defaults.clone().unwrap_or_default();
+    m.extend(device.defaults.clone().unwrap_or_default());
+    m
+}
+
+fn ttl_millis(up: &Upload, tenant: &Tenant, device: &Device) -> Option<i64> {
+    let kind = match (up.endpoint, up.qos) {
+        (Endpoint::Event, _) => TtlKind::Event,
+        (Endpoint::Telemetry, Qos::AtMostOnce) => TtlKind::TelemetryQos0,
+        (Endpoint::Telemetry, Qos::AtLeastOnce) => TtlKind::TelemetryQos1,
+    };
+    let limits = tenant.resource_limits.as_ref();
+    let max = limits.map(|l| match kind {
+        TtlKind::Event => l.max_ttl,
+        TtlKind::TelemetryQos0 => l.max_ttl_telemetry_qos0,
+        TtlKind::TelemetryQos1 => l.max_ttl_telemetry_qos1,
+        TtlKind::CommandResponse => l.max_ttl_command_response,
+    });
+    let default_of = |d: &Option<serde_json::Map<String, Value>>| {
+        d.as_ref()
+            .and_then(|m| m.get(kind.default_key()))
+            .and_then(Value::as_i64)
+    };
+    // Only events honour a device's own ttl request (`hono-ttl`).
+    let requested = if up.endpoint == Endpoint::Event {
+        up.ttl_secs
+    } else {
+        None
+    };
+    effective_ttl_millis(
+        max,
+        requested,
+        default_of(&device.defaults),
+        default_of(&tenant.defaults),
+    )
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Every §1.3 header of a telemetry/event record, then the defaults the message lacks.
+fn build_headers(
+    up: &Upload,
+    device: &str,
+    content_type: &str,
+    ttl: Option<i64>,
+    defaults: &serde_json::Map<String, Value>,
+) -> OwnedHeaders {
+    let mut set: Vec<(&str, Vec<u8>)> = vec![
+        (h::CONTENT_TYPE, content_type.as_bytes().to_vec()),
+        (h::CREATION_TIME, h::encode_i64(now_millis())),
+        (h::DEVICE_ID, device.as_bytes().to_vec()),
+        (h::QOS, h::encode_i64(up.qos.as_i64())),
+        (h::ORIG_ADAPTER, up.adapter.name().as_bytes().to_vec()),
+        (h::ORIG_ADDRESS, up.orig_address.as_bytes().to_vec()),
+    ];
+    let ttd = up
+        .ttd_secs
+        .or_else(|| defaults.get(h::TTD).and_then(Value::as_i64));
+    if let Some(ttd) = ttd {
+        set.push((h::TTD, h::encode_i64(ttd)));
+    }
+    if let Some(ttl) = ttl {
+        set.push((h::TTL, h::encode_i64(ttl)));
+    }
+    if up.retain {
+        set.push((h::RETAIN, h::encode_bool(true).to_vec()));
+    }
+    if let Some(tp) = &up.traceparent {
+        set.push((h::TRACEPARENT, tp.as_bytes().to_vec()));
+    }
+    for (k, v) in defaults {
+        let consumed = k == h::TTL || h::TTL_DEFAULT_KEYS.contains(&k.as_str());
+        if !consumed && !set.iter().any(|(name, _)| name == k) {
+            set.push((k.as_str(), h::encode(v)));
+        }
+    }
+    set.into_iter()
+        .fold(OwnedHeaders::new_with_capacity(12), |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(&v),
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    fn upload(origin: Origin, target: Option<(&str, &str)>) -> Upload {
+        Upload {
+            adapter: AdapterType::Http,
+            endpoint: Endpoint::Telemetry,
+            qos: Qos::AtMostOnce,
+            origin,
+            target: target.map(|(t, d)| (t.to_owned(), d.to_owned())),
+            content_type: None,
+            payload: b"{}".to_vec(),
+            ttl_secs: None,
+            ttd_secs: None,
+            orig_address: "/telemetry".into(),
+            retain: false,
+            traceparent: None,
+        }
+    }
+
+    fn dev(tenant: &str, device: &str) -> Origin {
+        Origin::Device(AuthenticatedDevice {
+            tenant_id: tenant.into(),
+            device_id: device.into(),
+            auth_id: device.into(),
+        })
+    }
+
+    #[test]
+    fn resolves_devices_gateways_and_anonymous_senders() {
+        let r = resolve(&upload(dev("t", "d"), None)).unwrap();
+        assert_eq!(
+            (r.tenant.as_str(), r.device.as_str(), r.gateway),
+            ("t", "d", None)
+        );
+        let r = resolve(&upload(dev("t", "gw"), Some(("", "d")))).unwrap();
+        assert_eq!(r.gateway.as_deref(), Some("gw"));
+        let r = resolve(&upload(dev("t", "gw"), Some(("t", "gw")))).unwrap();
+        assert_eq!(r.gateway, None);
+        assert!(matches!(
+            resolve(&upload(dev("t", "gw"), Some(("other", "d")))),
+            Err(UploadError::Forbidden(_))
+        ));
+        let r = resolve(&upload(Origin::Anonymous, Some(("t", "d")))).unwrap();
+        assert!(r.anonymous);
+        assert!(matches!(
+            resolve(&upload(Origin::Anonymous, None)),
+            Err(UploadError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            resolve(&upload(Origin::Anonymous, Some(("", "d")))),
+            Err(UploadError::Unauthorized(_))
+        ));
+    }
+
+    fn tenant(v: Value) -> Tenant {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn adapter_and_anonymous_rules() {
+        assert!(authorise_tenant(&tenant(serde_json::json!({})), AdapterType::Http, false).is_ok());
+        assert!(matches!(
+            authorise_tenant(&tenant(serde_json::json!({})), AdapterType::Http, true),
+            Err(UploadError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            authorise_tenant(
+                &tenant(serde_json::json!({"enabled": false})),
+                AdapterType::Http,
+                false
+            ),
+            Err(UploadError::Forbidden(_))
+        ));
+        let only_mqtt =
+            tenant(serde_json::json!({"adapters": [{"type": "hono-mqtt", "enabled": true}]}));
+        assert!(matches!(
+            authorise_tenant(&only_mqtt, AdapterType::Http, false),
+            Err(UploadError::Forbidden(_))
+        ));
+        assert!(authorise_tenant(&only_mqtt, AdapterType::Mqtt, false).is_ok());
+        let open = tenant(
+            serde_json::json!({"adapters": [{"type": "hono-http", "enabled": true,
+            "device-authentication-required": false}]}),
+        );
+        assert!(authorise_tenant(&open, AdapterType::Http, true).is_ok());
+    }
+
+    #[test]
+    fn via_and_groups() {
+        let d: Device =
+            serde_json::from_value(serde_json::json!({"via": ["gw1"], "viaGroups": ["g"]}))
+                .unwrap();
+        let gw: Device = serde_json::from_value(serde_json::json!({})).unwrap();
+        let member: Device =
+            serde_json::from_value(serde_json::json!({"memberOf": ["g"]})).unwrap();
+        assert!(may_act_for("gw1", &gw, &d));
+        assert!(!may_act_for("gw2", &gw, &d));
+        assert!(may_act_for("gw2", &member, &d));
+    }
+
+    #[test]
+    fn headers_and_defaults() {
+        let mut up = upload(dev("t", "d"), None);
+        up.ttd_secs = Some(30);
+        up.retain = true;
+        let defaults = serde_json::json!({"ttl": 10, "ttl-telemetry-qos0": 5, "custom": 7,
+                                          "qos": 9, "label": "x"});
+        let hs = build_headers(
+            &up,
+            "d",
+            "text/plain",
+            Some(5000),
+            defaults.as_object().unwrap(),
+        );
+        let get = |k: &str| {
+            hs.iter()
+                .find(|hd| hd.key == k)
+                .and_then(|hd| hd.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(get("content-type").as_deref(), Some("text/plain"));
+        assert_eq!(get("device_id").as_deref(), Some("d"));
+        assert_eq!(
+            get("qos").as_deref(),
+            Some("0"),
+            "defaults never override set headers"
+        );
+        assert_eq!(get("ttd").as_deref(), Some("30"));
+        assert_eq!(get("ttl").as_deref(), Some("5000"));
+        assert_eq!(get("x-opt-retain").as_deref(), Some("true"));
+        assert_eq!(get("orig_adapter").as_deref(), Some("hono-http"));
+        assert_eq!(get("custom").as_deref(), Some("7"));
+        assert_eq!(get("label").as_deref(), Some("x"));
+        assert!(get("ttl-telemetry-qos0").is_none());
+        assert!(get("creation-time").unwrap().parse::<i64>().unwrap() > 1_700_000_000_000);
+    }
+}

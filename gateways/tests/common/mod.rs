@@ -1,0 +1,227 @@
+//! The registry and the HTTP adapter served on ephemeral ports against the real PostgreSQL
+//! and the real Kafka-protocol broker; records are read back with an rdkafka consumer.
+#![allow(dead_code)]
+
+use ferrule_gateways::{GatewayConfig, KafkaConfig};
+use ferrule_registry::{DatabaseConfig, DeviceAuthenticator, RegistryConfig};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+pub const ADMIN_PASSWORD: &str = "gw-test-admin";
+
+pub fn kafka() -> KafkaConfig {
+    KafkaConfig {
+        bootstrap_servers: std::env::var("FERRULE_TEST_KAFKA")
+            .unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        ..KafkaConfig::default()
+    }
+}
+
+pub fn database() -> DatabaseConfig {
+    DatabaseConfig {
+        url: std::env::var("FERRULE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
+        pool_size: 4,
+    }
+}
+
+pub fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub struct Platform {
+    pub registry: String,
+    pub http: String,
+    pub client: reqwest::Client,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl Platform {
+    pub async fn start() -> Platform {
+        Self::start_with(GatewayConfig::default()).await
+    }
+
+    pub async fn start_with(gateway: GatewayConfig) -> Platform {
+        let mut reg_cfg = RegistryConfig::default();
+        reg_cfg.management.password = ADMIN_PASSWORD.into();
+        reg_cfg.plain_password_cost = 4;
+        let store = ferrule_registry::open_store(&database(), &reg_cfg)
+            .await
+            .expect("PostgreSQL must be running (scripts/test starts it)");
+        let (tx, rx) = watch::channel(false);
+        let reg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let registry = format!("http://{}", reg_listener.local_addr().unwrap());
+        tokio::spawn(ferrule_registry::serve(
+            reg_listener,
+            store.clone(),
+            reg_cfg,
+            rx.clone(),
+        ));
+
+        let auth = DeviceAuthenticator::new(store.pool().clone(), &Default::default());
+        auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
+        let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = format!("http://{}", http_listener.local_addr().unwrap());
+        let kafka = kafka();
+        tokio::spawn(async move {
+            ferrule_gateways::serve_http(http_listener, gateway, &kafka, auth, rx).await
+        });
+        Platform {
+            registry,
+            http,
+            client: reqwest::Client::new(),
+            _shutdown: tx,
+        }
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Value) -> StatusCode {
+        let r = self
+            .client
+            .request(method, format!("{}{path}", self.registry))
+            .basic_auth("admin", Some(ADMIN_PASSWORD))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert!(
+            status.is_success(),
+            "{path}: {status} {}",
+            r.text().await.unwrap()
+        );
+        status
+    }
+
+    pub async fn tenant(&self, body: Value) -> String {
+        let id = random_id("t");
+        self.admin(Method::POST, &format!("/v1/tenants/{id}"), body)
+            .await;
+        id
+    }
+
+    pub async fn update_tenant(&self, tenant: &str, body: Value) {
+        self.admin(Method::PUT, &format!("/v1/tenants/{tenant}"), body)
+            .await;
+    }
+
+    pub async fn device(&self, tenant: &str, device: &str, body: Value) {
+        self.admin(
+            Method::POST,
+            &format!("/v1/devices/{tenant}/{device}"),
+            body,
+        )
+        .await;
+    }
+
+    pub async fn update_device(&self, tenant: &str, device: &str, body: Value) {
+        self.admin(Method::PUT, &format!("/v1/devices/{tenant}/{device}"), body)
+            .await;
+    }
+
+    /// A device with password credentials `<device>@<tenant>` / `pw`.
+    pub async fn device_with_password(&self, tenant: &str, device: &str, body: Value) {
+        self.device(tenant, device, body).await;
+        self.admin(
+            Method::PUT,
+            &format!("/v1/credentials/{tenant}/{device}"),
+            json!([{"type": "hashed-password", "auth-id": device, "secrets": [{"pwd-plain": "pw"}]}]),
+        )
+        .await;
+    }
+
+    /// A request to the HTTP adapter.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("{}{path}", self.http))
+    }
+
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.put(format!("{}{path}", self.http))
+    }
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `n` records of `topic` from the beginning (a fresh consumer group), or panics after
+/// 20 s; then waits briefly to make sure no more than `n` arrive.
+pub async fn read(topic: &str, n: usize) -> Vec<Record> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka().bootstrap_servers)
+            .set("group.id", random_id("test-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("log_level", "3")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&topic]).unwrap();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        let mut extra_wait: Option<Instant> = None;
+        loop {
+            if out.len() >= n && extra_wait.is_none() {
+                extra_wait = Some(Instant::now());
+            }
+            if extra_wait.is_some_and(|t| t.elapsed() > Duration::from_millis(300)) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "only {} of {n} records arrived on {topic}",
+                out.len()
+            );
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                let m = m.unwrap();
+                let mut headers = HashMap::new();
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        headers.entry(h.key.to_owned()).or_insert_with(|| {
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()
+                        });
+                    }
+                }
+                out.push(Record {
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// Registry changes reach the gateway through PostgreSQL notifications, within a second:
+/// repeats the request until it gets `want`, for at most two seconds.
+pub async fn eventually<F, Fut>(want: StatusCode, mut request: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+{
+    let start = Instant::now();
+    loop {
+        let got = request().await.unwrap().status();
+        if got == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "still {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
