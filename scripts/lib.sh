@@ -62,7 +62,7 @@ ensure_rust() {
 }
 
 ensure_base() {
-    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3
+    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3 mosquitto-clients
     ensure_rust
     [ -n "$PG_BIN" ] || PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 }

@@ -2,7 +2,7 @@
 //! adapter, device, gateway) → validate → build the Kafka record → produce → answer by QoS.
 //! Adapters only translate their wire format into an [`Upload`] and the [`UploadError`] back.
 
-use crate::kafka::{DownstreamSender, OutboundRecord, ProduceError};
+use crate::kafka::{Delivery, DownstreamSender, OutboundRecord, ProduceError};
 use crate::metrics;
 use ferrule_registry::model::device::Device;
 use ferrule_registry::model::tenant::Tenant;
@@ -208,37 +208,35 @@ impl IngestPipeline {
     /// Runs one message through the pipeline; returns once the message may be acknowledged
     /// to the device under its QoS.
     pub async fn upload(&self, up: Upload) -> Result<Accepted, UploadError> {
-        let started = Instant::now();
-        let kind = up.endpoint.name();
-        let qos = up.qos.as_i64().to_string();
-        let adapter = up.adapter.name();
-        let size = up.payload.len();
-        let result = self.process(up).await;
-        let (tenant, status) = match &result {
-            Ok(a) => (a.tenant.as_str(), "forwarded"),
-            Err(e) => {
-                metrics::rejected(adapter, e.reason());
-                let status = if matches!(e, UploadError::Unavailable(_)) {
-                    "undeliverable"
-                } else {
-                    "unprocessable"
-                };
-                ("", status)
-            }
-        };
-        metrics::message(
-            adapter,
-            tenant,
-            kind,
-            status,
-            &qos,
-            started.elapsed().as_secs_f64(),
-            size,
-        );
-        result
+        self.submit(up).await?.outcome().await
     }
 
-    async fn process(&self, up: Upload) -> Result<Accepted, UploadError> {
+    /// Checks the message and hands it to the producer, in the order of calls; the returned
+    /// [`Pending`] resolves when the device may be answered. Adapters that keep several
+    /// messages in flight (MQTT) call this in arrival order to keep each device's order.
+    pub async fn submit(&self, up: Upload) -> Result<Pending, UploadError> {
+        let started = Instant::now();
+        let meta = Meta {
+            adapter: up.adapter.name(),
+            kind: up.endpoint.name(),
+            qos: up.qos.as_i64(),
+            size: up.payload.len(),
+            started,
+        };
+        match self.prepare_and_enqueue(up).await {
+            Ok((accepted, delivery)) => Ok(Pending {
+                accepted,
+                delivery,
+                meta,
+            }),
+            Err(e) => Err(meta.finish_err(e)),
+        }
+    }
+
+    async fn prepare_and_enqueue(
+        &self,
+        up: Upload,
+    ) -> Result<(Accepted, Option<Delivery>), UploadError> {
         if up.payload.len() > self.max_payload_size {
             return Err(UploadError::PayloadTooLarge(self.max_payload_size));
         }
@@ -310,15 +308,66 @@ impl IngestPipeline {
                 payload: &up.payload,
             })
             .map_err(produce_error)?;
-        if up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce {
-            delivery.acked().await.map_err(produce_error)?;
-        }
-        Ok(Accepted {
-            tenant: who.tenant,
-            device: who.device,
-        })
+        // QoS 0 telemetry is answered without waiting for the broker.
+        let wait = up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce;
+        Ok((
+            Accepted {
+                tenant: who.tenant,
+                device: who.device,
+            },
+            wait.then_some(delivery),
+        ))
     }
 }
+
+/// What metrics need to know about a message in flight.
+struct Meta {
+    adapter: &'static str,
+    kind: &'static str,
+    qos: i64,
+    size: usize,
+    started: Instant,
+}
+
+impl Meta {
+    fn finish(&self, tenant: &str, status: &str) {
+        let qos = if self.qos == 0 { "0" } else { "1" };
+        let secs = self.started.elapsed().as_secs_f64();
+        metrics::message(self.adapter, tenant, self.kind, status, qos, secs, self.size);
+    }
+
+    fn finish_err(&self, e: UploadError) -> UploadError {
+        metrics::rejected(self.adapter, e.reason());
+        let status = if matches!(e, UploadError::Unavailable(_)) {
+            "undeliverable"
+        } else {
+            "unprocessable"
+        };
+        self.finish("", status);
+        e
+    }
+}
+
+/// A message handed to the producer; resolves when the device may be answered.
+pub struct Pending {
+    accepted: Accepted,
+    delivery: Option<Delivery>,
+    meta: Meta,
+}
+
+impl Pending {
+    /// Waits for the broker's ack where the QoS needs one.
+    pub async fn outcome(self) -> Result<Accepted, UploadError> {
+        if let Some(d) = self.delivery
+            && let Err(e) = d.acked().await
+        {
+            return Err(self.meta.finish_err(produce_error(e)));
+        }
+        self.meta.finish(&self.accepted.tenant, "forwarded");
+        Ok(self.accepted)
+    }
+}
+
 
 fn produce_error(e: ProduceError) -> UploadError {
     UploadError::Unavailable(format!("downstream unavailable: {e}"))
