@@ -34,7 +34,7 @@ enum Command {
     All,
     /// Run the device registry (Hono Device Registry Management API v1).
     Registry,
-    /// Run the protocol gateways (HTTP adapter) that write device data into Kafka.
+    /// Run the protocol gateways (HTTP and MQTT adapters) that write device data into Kafka.
     Gateway,
     /// Send a metadata request to the configured Kafka cluster and print what it answered.
     CheckKafka,
@@ -120,8 +120,11 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         true => Some(bind("registry", cfg.registry.bind).await?),
         false => None,
     };
-    let http_listener = match services.gateway {
-        true => Some(bind("HTTP adapter", cfg.gateway.http.bind).await?),
+    let gateway_listeners = match services.gateway {
+        true => Some(ferrule_gateways::Listeners {
+            http: Some(bind("HTTP adapter", cfg.gateway.http.bind).await?),
+            mqtt: Some(bind("MQTT adapter", cfg.gateway.mqtt.bind).await?),
+        }),
         false => None,
     };
     let mut tasks = tokio::task::JoinSet::new();
@@ -155,7 +158,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    if let Some(listener) = http_listener {
+    if let Some(listeners) = gateway_listeners {
         let registry = ferrule_registry::DeviceAuthenticator::new(
             store.pool().clone(),
             &cfg.registry.auth_cache,
@@ -169,12 +172,13 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         let (gateway, kafka) = (cfg.gateway.clone(), cfg.kafka.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            ferrule_gateways::serve_http(listener, gateway, &kafka, registry, shutdown).await
+            ferrule_gateways::serve(listeners, gateway, &kafka, registry, shutdown).await
         });
     }
     tracing::info!(
         registry = services.registry.then(|| cfg.registry.bind.to_string()),
         http = services.gateway.then(|| cfg.gateway.http.bind.to_string()),
+        mqtt = services.gateway.then(|| cfg.gateway.mqtt.bind.to_string()),
         health = %cfg.health.bind,
         "ferrule started"
     );

@@ -33,12 +33,13 @@ struct Ferrule {
 
 impl Ferrule {
     fn start(kafka: &str) -> Ferrule {
-        let (registry, health, http) = (free_port(), free_port(), free_port());
+        let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
             .arg("all")
             .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
             .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
             .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
+            .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
             .env("FERRULE_DATABASE__URL", database_url())
             .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", kafka)
             .env("FERRULE_KAFKA__METADATA_TIMEOUT_MS", "500")

@@ -57,6 +57,8 @@ pub enum ProduceError {
     Kafka(#[from] KafkaError),
     #[error("delivery was cancelled")]
     Cancelled,
+    #[error("the cluster did not answer in time")]
+    Timeout,
 }
 
 /// A record on its way to Kafka.
@@ -113,9 +115,13 @@ impl DownstreamSender {
             self.cfg.topic_partitions,
             TopicReplication::Fixed(self.cfg.topic_replication),
         );
+        let timeout = Duration::from_millis(self.cfg.metadata_timeout_ms);
         let opts = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_millis(self.cfg.metadata_timeout_ms)));
-        let results = self.admin.create_topics([&new], &opts).await?;
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
+        let results = tokio::time::timeout(timeout * 2, self.admin.create_topics([&new], &opts))
+            .await
+            .map_err(|_| ProduceError::Timeout)??;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -6,6 +6,7 @@
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod mqtt;
 pub mod pipeline;
 
 pub use kafka::{DownstreamSender, KafkaConfig};
@@ -25,6 +26,7 @@ pub struct GatewayConfig {
     /// Largest device payload accepted (bytes); Hono's default is 2048.
     pub max_payload_size: usize,
     pub http: http::HttpConfig,
+    pub mqtt: mqtt::MqttConfig,
 }
 
 impl Default for GatewayConfig {
@@ -32,29 +34,58 @@ impl Default for GatewayConfig {
         GatewayConfig {
             max_payload_size: 2048,
             http: http::HttpConfig::default(),
+            mqtt: mqtt::MqttConfig::default(),
         }
     }
 }
 
-/// Serves the HTTP adapter on `listener` until `shutdown` turns true, then flushes the producer.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
+/// The sockets the gateway serves; an adapter without one is not run.
+pub struct Listeners {
+    pub http: Option<tokio::net::TcpListener>,
+    pub mqtt: Option<tokio::net::TcpListener>,
+}
+
+/// Serves the protocol adapters until `shutdown` turns true, then flushes the producer. All
+/// adapters share one pipeline and so one Kafka producer.
+pub async fn serve(
+    listeners: Listeners,
     cfg: GatewayConfig,
     kafka: &KafkaConfig,
     registry: DeviceAuthenticator,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     metrics::init();
     let sender = Arc::new(DownstreamSender::new(kafka).context("creating the Kafka producer")?);
     let pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size);
-    let app = http::router(pipeline, cfg.http);
-    tracing::info!(addr = %listener.local_addr()?, "HTTP adapter listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await
-        .context("HTTP adapter failed")?;
+    let mut adapters = tokio::task::JoinSet::new();
+    if let Some(listener) = listeners.http {
+        let app = http::router(pipeline.clone(), cfg.http);
+        let mut shutdown = shutdown.clone();
+        tracing::info!(addr = %listener.local_addr()?, "HTTP adapter listening");
+        adapters.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                })
+                .await
+                .context("HTTP adapter failed")
+        });
+    }
+    if let Some(listener) = listeners.mqtt {
+        adapters.spawn(mqtt::serve(
+            listener,
+            pipeline.clone(),
+            cfg.mqtt,
+            shutdown.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(done) = adapters.join_next().await {
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            result = Err(e);
+            break;
+        }
+    }
     tokio::task::spawn_blocking(move || sender.flush(Duration::from_secs(5))).await?;
-    Ok(())
+    result
 }

@@ -46,6 +46,56 @@ static REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     c
 });
 
+static CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    let g = prometheus::IntGaugeVec::new(
+        Opts::new(
+            "hono_connections_authenticated",
+            "Open connections of authenticated devices",
+        ),
+        &["component_name", "tenant"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+});
+
+static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "hono_connections_attempts_total",
+            "Connection attempts, by outcome",
+        ),
+        &["component_name", "tenant", "outcome"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
+/// Counts a connection attempt (`outcome` as Hono names it: `succeeded`, `unauthorized`, …).
+pub fn connection_attempt(adapter: &str, tenant: &str, outcome: &str) {
+    ATTEMPTS
+        .with_label_values(&[adapter, tenant, outcome])
+        .inc();
+}
+
+/// Tracks an open authenticated connection; decrements again when dropped.
+pub struct ConnectionGuard(prometheus::IntGauge);
+
+impl ConnectionGuard {
+    pub fn new(adapter: &str, tenant: &str) -> Self {
+        let g = CONNECTIONS.with_label_values(&[adapter, tenant]);
+        g.inc();
+        ConnectionGuard(g)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Records one processed message (`status` is `forwarded`, `unprocessable` or `undeliverable`).
 pub fn message(
     adapter: &str,
@@ -73,4 +123,6 @@ pub fn init() {
     LazyLock::force(&PROCESSING);
     LazyLock::force(&PAYLOAD);
     LazyLock::force(&REJECTED);
+    LazyLock::force(&CONNECTIONS);
+    LazyLock::force(&ATTEMPTS);
 }

@@ -177,6 +177,38 @@ impl IngestPipeline {
         self.max_payload_size
     }
 
+    /// Registry changes, for adapters that hold connections open.
+    pub fn registry_changes(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<ferrule_registry::auth::RegistryChange> {
+        self.registry.subscribe()
+    }
+
+    /// Whether an authenticated device may (still) hold a connection: tenant enabled, adapter
+    /// enabled for it, device enabled.
+    pub async fn authorise_connection(
+        &self,
+        adapter: AdapterType,
+        device: &AuthenticatedDevice,
+    ) -> Result<(), UploadError> {
+        let tenant = self.registry.tenant(&device.tenant_id).await?;
+        let tenant = tenant.as_ref().as_ref().ok_or_else(|| {
+            UploadError::NotFound(format!("tenant `{}` not found", device.tenant_id))
+        })?;
+        authorise_tenant(tenant, adapter, false)?;
+        let doc = self
+            .registry
+            .device(&device.tenant_id, &device.device_id)
+            .await?;
+        match doc.as_ref() {
+            Some(d) if d.enabled => Ok(()),
+            _ => Err(UploadError::NotFound(format!(
+                "device `{}` not found or disabled",
+                device.device_id
+            ))),
+        }
+    }
+
     /// Checks `authId@tenant` + password for any adapter. `target` is the device the message
     /// is addressed to, if any: a disabled device sending for another one is a disabled
     /// gateway (403), a disabled device sending its own data is unknown (404), as in Hono.
@@ -333,7 +365,15 @@ impl Meta {
     fn finish(&self, tenant: &str, status: &str) {
         let qos = if self.qos == 0 { "0" } else { "1" };
         let secs = self.started.elapsed().as_secs_f64();
-        metrics::message(self.adapter, tenant, self.kind, status, qos, secs, self.size);
+        metrics::message(
+            self.adapter,
+            tenant,
+            self.kind,
+            status,
+            qos,
+            secs,
+            self.size,
+        );
     }
 
     fn finish_err(&self, e: UploadError) -> UploadError {
@@ -367,7 +407,6 @@ impl Pending {
         Ok(self.accepted)
     }
 }
-
 
 fn produce_error(e: ProduceError) -> UploadError {
     UploadError::Unavailable(format!("downstream unavailable: {e}"))

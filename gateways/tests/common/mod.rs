@@ -38,6 +38,7 @@ pub fn random_id(prefix: &str) -> String {
 pub struct Platform {
     pub registry: String,
     pub http: String,
+    pub mqtt_port: u16,
     pub client: reqwest::Client,
     _shutdown: watch::Sender<bool>,
 }
@@ -48,6 +49,10 @@ impl Platform {
     }
 
     pub async fn start_with(gateway: GatewayConfig) -> Platform {
+        Self::start_full(gateway, kafka()).await
+    }
+
+    pub async fn start_full(gateway: GatewayConfig, kafka: KafkaConfig) -> Platform {
         let mut reg_cfg = RegistryConfig::default();
         reg_cfg.management.password = ADMIN_PASSWORD.into();
         reg_cfg.plain_password_cost = 4;
@@ -68,13 +73,19 @@ impl Platform {
         auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
         let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = format!("http://{}", http_listener.local_addr().unwrap());
-        let kafka = kafka();
-        tokio::spawn(async move {
-            ferrule_gateways::serve_http(http_listener, gateway, &kafka, auth, rx).await
-        });
+        let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mqtt_port = mqtt_listener.local_addr().unwrap().port();
+        let listeners = ferrule_gateways::Listeners {
+            http: Some(http_listener),
+            mqtt: Some(mqtt_listener),
+        };
+        tokio::spawn(
+            async move { ferrule_gateways::serve(listeners, gateway, &kafka, auth, rx).await },
+        );
         Platform {
             registry,
             http,
+            mqtt_port,
             client: reqwest::Client::new(),
             _shutdown: tx,
         }
@@ -182,8 +193,8 @@ pub async fn read(topic: &str, n: usize) -> Vec<Record> {
                 "only {} of {n} records arrived on {topic}",
                 out.len()
             );
-            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-                let m = m.unwrap();
+            // Errors such as "unknown topic" while nothing was written yet are not records.
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 let mut headers = HashMap::new();
                 if let Some(hs) = m.headers() {
                     for h in hs.iter() {

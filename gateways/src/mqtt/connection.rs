@@ -1,0 +1,384 @@
+//! One MQTT connection: CONNECT and authentication, then publishes handed to the pipeline in
+//! arrival order with PUBACKs sent as the broker acks them, keep-alive, and closing when the
+//! registry revokes the device.
+
+use super::MqttConfig;
+use super::codec::{self, ConnectOutcome, Inbound, Outbound, PublishRequest, Version};
+use super::topic;
+use crate::metrics;
+use crate::pipeline::{Accepted, AdapterType, IngestPipeline, Origin, Qos, Upload, UploadError};
+use bytes::BytesMut;
+use ferrule_registry::AuthenticatedDevice;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+
+const ADAPTER: AdapterType = AdapterType::Mqtt;
+/// Room for the topic and header next to the largest payload.
+const PACKET_OVERHEAD: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error("no CONNECT in time")]
+    ConnectTimeout,
+    #[error("refused: {0:?}")]
+    Refused(ConnectOutcome),
+    #[error("closed: {0}")]
+    Closed(String),
+}
+
+/// What to do when a publish fails (the `on-error` property; no error-topic subscription
+/// exists yet, so errors are never published back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnError {
+    Disconnect,
+    Ignore,
+    SkipAck,
+}
+
+type Outcome = (u16, bool, OnError, Result<Accepted, UploadError>);
+type InFlight = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+struct Session {
+    stream: TcpStream,
+    version: Version,
+    out: BytesMut,
+}
+
+impl Session {
+    async fn send(&mut self, packet: Outbound) -> Result<(), ConnectionError> {
+        self.out.clear();
+        codec::encode(self.version, &packet, &mut self.out)?;
+        self.stream.write_all(&self.out).await?;
+        Ok(())
+    }
+}
+
+pub async fn run(
+    mut stream: TcpStream,
+    pipeline: IngestPipeline,
+    cfg: &MqttConfig,
+    instance_full: bool,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let _ = stream.set_nodelay(true);
+    let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
+    let mut buf = BytesMut::with_capacity(256);
+    let (version, connect) = tokio::time::timeout(
+        Duration::from_secs(cfg.connect_timeout_secs),
+        read_connect(&mut stream, &mut buf, max_packet),
+    )
+    .await
+    .map_err(|_| ConnectionError::ConnectTimeout)??;
+    let mut session = Session {
+        stream,
+        version,
+        out: BytesMut::with_capacity(64),
+    };
+    if instance_full {
+        metrics::connection_attempt(ADAPTER.name(), "", "adapter-connections-exceeded");
+        session
+            .send(Outbound::ConnAck(ConnectOutcome::UseAnotherServer))
+            .await?;
+        return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
+    }
+    let device = match authenticate(&pipeline, &connect).await {
+        Ok(d) => d,
+        Err((outcome, tenant, label)) => {
+            metrics::connection_attempt(ADAPTER.name(), &tenant, label);
+            session.send(Outbound::ConnAck(outcome)).await?;
+            return Err(ConnectionError::Refused(outcome));
+        }
+    };
+    metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded");
+    let _gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
+    let changes = pipeline.registry_changes();
+    session
+        .send(Outbound::ConnAck(ConnectOutcome::Accepted))
+        .await?;
+    tracing::debug!(tenant = %device.tenant_id, device = %device.device_id, client = %connect.client_id, "MQTT device connected");
+    serve(
+        session,
+        buf,
+        pipeline,
+        cfg,
+        device,
+        connect.keep_alive_secs,
+        changes,
+        shutdown,
+    )
+    .await
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<(Version, codec::ConnectRequest), ConnectionError> {
+    loop {
+        if let Some(version) = codec::detect_version(buf)?
+            && let Some(packet) = codec::decode(version, buf, max_packet)?
+        {
+            return match packet {
+                Inbound::Connect(c) => Ok((version, c)),
+                _ => Err(codec::CodecError::NotConnect.into()),
+            };
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ConnectionError::Closed("closed before CONNECT".into()));
+        }
+    }
+}
+
+/// Authenticates and authorises a CONNECT; on refusal the CONNACK outcome, the tenant (if
+/// known) and Hono's metric outcome label.
+async fn authenticate(
+    pipeline: &IngestPipeline,
+    c: &codec::ConnectRequest,
+) -> Result<AuthenticatedDevice, (ConnectOutcome, String, &'static str)> {
+    let (Some(user), Some(password)) = (&c.username, &c.password) else {
+        return Err((
+            ConnectOutcome::BadCredentials,
+            String::new(),
+            "unauthorized",
+        ));
+    };
+    let tenant_of = || {
+        ferrule_registry::auth::split_username(user)
+            .map(|(_, t)| t.to_owned())
+            .unwrap_or_default()
+    };
+    let refused = |e: &UploadError| match e {
+        UploadError::Unauthorized(_) => (ConnectOutcome::BadCredentials, "unauthorized"),
+        UploadError::Unavailable(_) => (ConnectOutcome::ServerUnavailable, "unavailable"),
+        UploadError::Forbidden(m) if m.contains("adapter") => {
+            (ConnectOutcome::NotAuthorized, "adapter-disabled")
+        }
+        _ => (ConnectOutcome::NotAuthorized, "unknown"),
+    };
+    let device = pipeline
+        .authenticate(ADAPTER, user, password.as_bytes(), None)
+        .await
+        .map_err(|e| {
+            let (o, l) = refused(&e);
+            (o, tenant_of(), l)
+        })?;
+    pipeline
+        .authorise_connection(ADAPTER, &device)
+        .await
+        .map_err(|e| {
+            let (o, l) = refused(&e);
+            (o, tenant_of(), l)
+        })?;
+    Ok(device)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    mut session: Session,
+    mut buf: BytesMut,
+    pipeline: IngestPipeline,
+    cfg: &MqttConfig,
+    device: AuthenticatedDevice,
+    keep_alive_secs: u16,
+    mut changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
+    // A client that says nothing for 1.5 keep-alive periods is gone (MQTT §3.1.2.10).
+    let idle =
+        (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
+    let mut deadline = idle.map(|d| Instant::now() + d);
+    let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+    loop {
+        // Everything already buffered is handled before reading more.
+        while in_flight.len() < cfg.max_in_flight {
+            let Some(packet) = codec::decode(session.version, &mut buf, max_packet)? else {
+                break;
+            };
+            match packet {
+                Inbound::Publish(p) => {
+                    if let Some(f) = publish(&mut session, &pipeline, &device, p).await? {
+                        in_flight.push_back(f);
+                    }
+                }
+                Inbound::PingReq => session.send(Outbound::PingResp).await?,
+                Inbound::Subscribe { pkid, filters } => {
+                    session
+                        .send(Outbound::SubAckFailure { pkid, filters })
+                        .await?
+                }
+                Inbound::Unsubscribe { pkid, filters } => {
+                    session.send(Outbound::UnsubAck { pkid, filters }).await?
+                }
+                Inbound::PubAck(_) => {}
+                Inbound::Disconnect => return Ok(()),
+                Inbound::Connect(_) => {
+                    return Err(ConnectionError::Closed("second CONNECT".into()));
+                }
+                Inbound::Unsupported(what) => {
+                    metrics::rejected(ADAPTER.name(), "unsupported");
+                    return Err(ConnectionError::Closed(format!("{what} is not supported")));
+                }
+            }
+        }
+        let can_read = in_flight.len() < cfg.max_in_flight;
+        tokio::select! {
+            read = session.stream.read_buf(&mut buf), if can_read => {
+                if read? == 0 {
+                    return Ok(());
+                }
+                deadline = idle.map(|d| Instant::now() + d);
+            }
+            Some((pkid, qos1, on_error, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                match result {
+                    Ok(_) if qos1 => session.send(Outbound::PubAck(pkid)).await?,
+                    Ok(_) => {}
+                    Err(e) => publish_failed(&mut session, pkid, qos1, on_error, e).await?,
+                }
+            }
+            _ = sleep_until(deadline) => {
+                return Err(ConnectionError::Closed("keep-alive expired".into()));
+            }
+            change = changes.recv() => {
+                let revoked = match change {
+                    Ok(c) => c.revokes_access()
+                        && c.tenant == device.tenant_id
+                        && c.device.as_ref().is_none_or(|d| *d == device.device_id),
+                    // Missed changes: ask the registry again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        pipeline.authorise_connection(ADAPTER, &device).await.is_err()
+                    }
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+                if revoked {
+                    return Err(ConnectionError::Closed("device or tenant revoked".into()));
+                }
+            }
+            _ = stopped(&mut shutdown) => return Ok(()),
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands one PUBLISH to the pipeline; returns the future of its ack, or `None` when it failed
+/// already (and the failure was handled).
+async fn publish(
+    session: &mut Session,
+    pipeline: &IngestPipeline,
+    device: &AuthenticatedDevice,
+    p: PublishRequest,
+) -> Result<Option<InFlight>, ConnectionError> {
+    let qos1 = match p.qos {
+        0 => false,
+        1 => true,
+        _ => return Err(ConnectionError::Closed("QoS 2 is not supported".into())),
+    };
+    if p.payload.len() > pipeline.max_payload_size() {
+        metrics::rejected(ADAPTER.name(), "payload-too-large");
+        return Err(ConnectionError::Closed("payload too large".into()));
+    }
+    let address = match topic::parse(&p.topic) {
+        Ok(a) => a,
+        Err(e) => {
+            metrics::rejected(ADAPTER.name(), "bad-topic");
+            publish_failed(
+                session,
+                p.pkid,
+                qos1,
+                OnError::Disconnect,
+                UploadError::BadRequest(e.to_string()),
+            )
+            .await?;
+            return Ok(None);
+        }
+    };
+    let on_error = match address.property("on-error") {
+        Some("ignore") => OnError::Ignore,
+        Some("skip-ack") => OnError::SkipAck,
+        _ => OnError::Disconnect,
+    };
+    let ttl_secs = address.property("hono-ttl").and_then(|v| v.parse().ok());
+    let content_type = address
+        .property("content-type")
+        .map(str::to_owned)
+        .or(p.content_type);
+    let up = Upload {
+        adapter: ADAPTER,
+        endpoint: address.endpoint,
+        qos: if qos1 {
+            Qos::AtLeastOnce
+        } else {
+            Qos::AtMostOnce
+        },
+        origin: Origin::Device(device.clone()),
+        target: address.target,
+        content_type,
+        payload: p.payload.to_vec(),
+        ttl_secs,
+        ttd_secs: None,
+        orig_address: p.topic,
+        retain: p.retain,
+        traceparent: None,
+    };
+    match pipeline.submit(up).await {
+        Ok(pending) => {
+            let pkid = p.pkid;
+            Ok(Some(Box::pin(async move {
+                (pkid, qos1, on_error, pending.outcome().await)
+            })))
+        }
+        Err(e) => {
+            publish_failed(session, p.pkid, qos1, on_error, e).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// Hono's error policy without an error-topic subscription: terminal errors (the device,
+/// gateway, tenant or adapter is not allowed) always disconnect; others follow `on-error`.
+async fn publish_failed(
+    session: &mut Session,
+    pkid: u16,
+    qos1: bool,
+    on_error: OnError,
+    e: UploadError,
+) -> Result<(), ConnectionError> {
+    let terminal = matches!(
+        e,
+        UploadError::Forbidden(_)
+            | UploadError::NotFound(_)
+            | UploadError::Unauthorized(_)
+            | UploadError::PayloadTooLarge(_)
+    );
+    match (terminal, on_error) {
+        (true, _) | (false, OnError::Disconnect) => Err(ConnectionError::Closed(e.to_string())),
+        (false, OnError::Ignore) => {
+            if qos1 {
+                session.send(Outbound::PubAck(pkid)).await?;
+            }
+            Ok(())
+        }
+        (false, OnError::SkipAck) => Ok(()),
+    }
+}
+
+/// Resolves when `shutdown` turns true (the borrow of the flag ends inside).
+pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

@@ -1,0 +1,77 @@
+//! The MQTT adapter (`hono-mqtt`, 3.1.1 and 5): a thin accept loop around one task per
+//! connection. The wire format lives in `codec`, the topic grammar in `topic`, the rules in
+//! the shared ingest pipeline.
+
+mod codec;
+mod connection;
+mod topic;
+
+use crate::pipeline::IngestPipeline;
+use connection::stopped;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::{Semaphore, watch};
+
+/// The `[gateway.mqtt]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Where the plain MQTT endpoint listens.
+    pub bind: SocketAddr,
+    /// Most connections this instance holds; more are refused.
+    pub max_connections: usize,
+    /// How long a client may take to send CONNECT (seconds).
+    pub connect_timeout_secs: u64,
+    /// Messages of one connection waiting for the broker's ack before the gateway stops
+    /// reading from that connection (back-pressure).
+    pub max_in_flight: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 200_000,
+            connect_timeout_secs: 10,
+            max_in_flight: 100,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true; open connections close with it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    pipeline: IngestPipeline,
+    cfg: MqttConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "MQTT adapter listening");
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let cfg = Arc::new(cfg);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving the others.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let permit = slots.clone().try_acquire_owned().ok();
+                let (pipeline, cfg, shutdown) = (pipeline.clone(), cfg.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let _permit = permit.as_ref();
+                    let full = permit.is_none();
+                    if let Err(e) = connection::run(stream, pipeline, &cfg, full, shutdown).await {
+                        tracing::debug!(%peer, error = %e, "MQTT connection ended");
+                    }
+                });
+            }
+            _ = stopped(&mut shutdown) => return Ok(()),
+        }
+    }
+}

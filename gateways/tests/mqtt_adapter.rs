@@ -1,0 +1,519 @@
+//! Port of Hono's `MqttPublishTestBase` and `MqttConnectionIT` checklists (without command &
+//! control): Eclipse Mosquitto's `mosquitto_pub` as the device for MQTT 3.1.1 and 5, raw MQTT
+//! packets where a test needs to watch the connection, records read back from the real broker.
+
+mod common;
+
+use bytes::BytesMut;
+use common::*;
+use ferrule_gateways::GatewayConfig;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4;
+use serde_json::json;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Runs `mosquitto_pub`; returns whether it succeeded and what it printed on stderr.
+async fn mosquitto_pub(
+    port: u16,
+    version: &str,
+    user: &str,
+    topic: &str,
+    msg: &str,
+    qos: u8,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-V",
+        version,
+        "-u",
+        user,
+        "-P",
+        "pw",
+    ])
+    .args([
+        "-t",
+        topic,
+        "-m",
+        msg,
+        "-q",
+        &qos.to_string(),
+        "-i",
+        &random_id("client"),
+    ])
+    .args(extra);
+    let out =
+        tokio::task::spawn_blocking(move || cmd.output().expect("mosquitto_pub is installed"))
+            .await
+            .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_lowercase(),
+    )
+}
+
+fn user(device: &str, tenant: &str) -> String {
+    format!("{device}@{tenant}")
+}
+
+/// A raw MQTT 3.1.1 client, for watching what the gateway does to the connection.
+struct RawClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    async fn connect(
+        port: u16,
+        username: &str,
+        keep_alive: u16,
+    ) -> (RawClient, v4::ConnectReturnCode) {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut c = RawClient {
+            stream,
+            buf: BytesMut::new(),
+        };
+        let mut connect = v4::Connect::new(random_id("raw"));
+        connect.keep_alive = keep_alive;
+        connect.set_login(username, "pw");
+        c.send(v4::Packet::Connect(connect)).await;
+        let code = match c.next().await {
+            Some(v4::Packet::ConnAck(a)) => a.code,
+            other => panic!("expected CONNACK, got {other:?}"),
+        };
+        (c, code)
+    }
+
+    async fn send(&mut self, p: v4::Packet) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, 1 << 20).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, pkid: u16) {
+        let mut p = v4::Publish::new(topic, qos, payload.to_vec());
+        p.pkid = pkid;
+        self.send(v4::Packet::Publish(p)).await;
+    }
+
+    /// The next packet, or `None` once the gateway closed the connection (within 5 s).
+    async fn next(&mut self) -> Option<v4::Packet> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("bad packet from the gateway: {e}"),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the gateway neither answered nor closed within 5 s"),
+            }
+        }
+    }
+
+    /// Asserts that the gateway closes the connection (sending nothing but PUBACKs first).
+    async fn expect_closed(&mut self) {
+        loop {
+            match self.next().await {
+                None => return,
+                Some(v4::Packet::PubAck(_)) => {}
+                Some(other) => panic!("expected the connection to close, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn telemetry_and_events_with_mosquitto_311_and_5() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let u = user("dev", &tenant);
+    for (version, topic, qos) in [
+        ("mqttv311", "telemetry", 0),
+        ("mqttv311", "t", 1),
+        ("mqttv5", "telemetry", 1),
+        ("mqttv5", "t/?content-type=text%2Fplain", 0),
+    ] {
+        let (ok, err) = mosquitto_pub(
+            p.mqtt_port,
+            version,
+            &u,
+            topic,
+            &format!("{version} {topic} {qos}"),
+            qos,
+            &[],
+        )
+        .await;
+        assert!(ok, "{version} {topic}: {err}");
+    }
+    let (ok, err) = mosquitto_pub(
+        p.mqtt_port,
+        "mqttv311",
+        &u,
+        "event/?content-type=text/plain&hono-ttl=30",
+        "alarm",
+        1,
+        &[],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, err) = mosquitto_pub(
+        p.mqtt_port,
+        "mqttv5",
+        &u,
+        "e",
+        "v5 alarm",
+        1,
+        &["-D", "publish", "content-type", "text/x-v5"],
+    )
+    .await;
+    assert!(ok, "{err}");
+
+    let records = read(&format!("hono.telemetry.{tenant}"), 4).await;
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert_eq!(r.key, "dev");
+        assert_eq!(r.headers["device_id"], "dev");
+        assert_eq!(r.headers["orig_adapter"], "hono-mqtt");
+        let text = String::from_utf8_lossy(&r.payload).into_owned();
+        let qos = text.rsplit(' ').next().unwrap();
+        assert_eq!(r.headers["qos"], qos, "{text}");
+        assert!(
+            text.contains(&r.headers["orig_address"]),
+            "{text} {:?}",
+            r.headers
+        );
+    }
+    let plain = records
+        .iter()
+        .find(|r| r.headers["orig_address"].starts_with("t/?"))
+        .unwrap();
+    assert_eq!(plain.headers["content-type"], "text/plain");
+    let events = read(&format!("hono.event.{tenant}"), 2).await;
+    let alarm = events.iter().find(|r| r.payload == b"alarm").unwrap();
+    assert_eq!(alarm.headers["ttl"], "30000");
+    assert_eq!(alarm.headers["content-type"], "text/plain");
+    assert_eq!(alarm.headers["qos"], "1");
+    let v5 = events.iter().find(|r| r.payload == b"v5 alarm").unwrap();
+    assert_eq!(
+        v5.headers["content-type"], "text/x-v5",
+        "MQTT 5 content-type property"
+    );
+}
+
+#[tokio::test]
+async fn connack_codes_for_refused_connections() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let off = p
+        .tenant(json!({"adapters": [{"type": "hono-http", "enabled": true}]}))
+        .await;
+    p.device_with_password(&off, "dev", json!({})).await;
+    p.device_with_password(&tenant, "disabled", json!({"enabled": false}))
+        .await;
+    let disabled_tenant = p.tenant(json!({"enabled": false})).await;
+    p.device_with_password(&disabled_tenant, "dev", json!({}))
+        .await;
+
+    let cases = [
+        (format!("nobody@{tenant}"), "bad user name or password"),
+        (
+            format!("dev@{}", random_id("t")),
+            "bad user name or password",
+        ),
+        (user("dev", &off), "not authori"),
+        (user("disabled", &tenant), "not authori"),
+        (user("dev", &disabled_tenant), "not authori"),
+    ];
+    for (u, want) in &cases {
+        for version in ["mqttv311", "mqttv5"] {
+            let (ok, err) = mosquitto_pub(p.mqtt_port, version, u, "telemetry", "x", 0, &[]).await;
+            assert!(!ok, "{u} {version} connected");
+            assert!(err.contains(want), "{u} {version}: {err}");
+        }
+    }
+    // Wrong password, raw: CONNACK 0x04 in 3.1.1.
+    let stream = TcpStream::connect(("127.0.0.1", p.mqtt_port))
+        .await
+        .unwrap();
+    let mut c = RawClient {
+        stream,
+        buf: BytesMut::new(),
+    };
+    let mut connect = v4::Connect::new("raw");
+    connect.set_login(user("dev", &tenant), "wrong");
+    c.send(v4::Packet::Connect(connect)).await;
+    match c.next().await {
+        Some(v4::Packet::ConnAck(a)) => {
+            assert_eq!(a.code, v4::ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.next().await.is_none(), "closed after a refused CONNECT");
+}
+
+#[tokio::test]
+async fn qos1_pubacks_only_after_kafka_and_device_order_of_10k() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (mut c, code) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    let n: u16 = 10_000;
+    let writer = async {
+        for i in 1..=n {
+            c.publish("telemetry", i.to_string().as_bytes(), QoS::AtLeastOnce, i)
+                .await;
+        }
+    };
+    writer.await;
+    let mut acked = Vec::new();
+    while acked.len() < n as usize {
+        match c.next().await {
+            Some(v4::Packet::PubAck(a)) => acked.push(a.pkid),
+            other => panic!("after {} PUBACKs: {other:?}", acked.len()),
+        }
+    }
+    assert_eq!(acked, (1..=n).collect::<Vec<_>>(), "PUBACKs come in order");
+    let records = read(&format!("hono.telemetry.{tenant}"), n as usize).await;
+    let seq: Vec<u16> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).parse().unwrap())
+        .collect();
+    assert_eq!(seq, (1..=n).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn error_policy_closes_or_ignores() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let u = user("dev", &tenant);
+
+    // An event at QoS 0 is refused: default policy disconnects.
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &u, 60).await;
+    c.publish("event", b"x", QoS::AtMostOnce, 0).await;
+    c.expect_closed().await;
+
+    // Empty payload without content type, `on-error=ignore`: PUBACK, connection stays.
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &u, 60).await;
+    c.publish("telemetry/?on-error=ignore", b"", QoS::AtLeastOnce, 5)
+        .await;
+    match c.next().await {
+        Some(v4::Packet::PubAck(a)) => assert_eq!(a.pkid, 5),
+        other => panic!("{other:?}"),
+    }
+    c.send(v4::Packet::PingReq).await;
+    assert_eq!(c.next().await, Some(v4::Packet::PingResp));
+
+    // `skip-ack`: nothing comes back, the next good message is acked.
+    c.publish("telemetry/?on-error=skip-ack", b"", QoS::AtLeastOnce, 6)
+        .await;
+    c.publish("telemetry", b"ok", QoS::AtLeastOnce, 7).await;
+    match c.next().await {
+        Some(v4::Packet::PubAck(a)) => assert_eq!(a.pkid, 7),
+        other => panic!("{other:?}"),
+    }
+
+    // Unknown topic, and subscriptions (not offered yet) get SUBACK failure.
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command///req/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => {
+            assert_eq!(s.return_codes, vec![v4::SubscribeReasonCode::Failure])
+        }
+        other => panic!("{other:?}"),
+    }
+    c.publish("unknown/topic", b"x", QoS::AtLeastOnce, 8).await;
+    c.expect_closed().await;
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records.len(), 1, "only the good message was forwarded");
+}
+
+#[tokio::test]
+async fn oversized_payload_closes_the_connection() {
+    let p = Platform::start_with(GatewayConfig {
+        max_payload_size: 64,
+        ..Default::default()
+    })
+    .await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.publish("telemetry", &[b'x'; 65], QoS::AtLeastOnce, 1)
+        .await;
+    c.expect_closed().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.publish("telemetry", &[b'x'; 5000], QoS::AtMostOnce, 0)
+        .await;
+    c.expect_closed().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.publish("telemetry", &[b'y'; 64], QoS::AtLeastOnce, 2)
+        .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::PubAck(_))));
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].payload, vec![b'y'; 64]);
+}
+
+#[tokio::test]
+async fn gateways_publish_for_their_devices_only() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "gw", json!({})).await;
+    p.device(&tenant, "behind", json!({"via": ["gw"]})).await;
+    p.device(&tenant, "alone", json!({})).await;
+    let u = user("gw", &tenant);
+    let (ok, err) = mosquitto_pub(p.mqtt_port, "mqttv311", &u, "t//behind", "a", 1, &[]).await;
+    assert!(ok, "{err}");
+    let (ok, err) = mosquitto_pub(
+        p.mqtt_port,
+        "mqttv5",
+        &u,
+        &format!("telemetry/{tenant}/behind"),
+        "b",
+        1,
+        &[],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &u, 60).await;
+    c.publish("t//alone", b"c", QoS::AtLeastOnce, 1).await;
+    c.expect_closed().await;
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    assert_eq!(records.len(), 2);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.key == "behind" && r.headers["device_id"] == "behind")
+    );
+}
+
+#[tokio::test]
+async fn tenants_are_isolated() {
+    let p = Platform::start().await;
+    let a = p.tenant(json!({})).await;
+    let b = p.tenant(json!({})).await;
+    p.device_with_password(&a, "dev", json!({"via": ["dev"]}))
+        .await;
+    p.device_with_password(&b, "dev", json!({})).await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &a), 60).await;
+    c.publish(&format!("t/{b}/dev"), b"sneaky", QoS::AtLeastOnce, 1)
+        .await;
+    c.expect_closed().await;
+    let (ok, err) = mosquitto_pub(
+        p.mqtt_port,
+        "mqttv311",
+        &user("dev", &b),
+        "t",
+        "from-b",
+        1,
+        &[],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let records = read(&format!("hono.telemetry.{b}"), 1).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].payload, b"from-b");
+}
+
+#[tokio::test]
+async fn registry_changes_close_live_connections_within_a_second() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "d1", json!({})).await;
+    p.device_with_password(&tenant, "d2", json!({})).await;
+    p.device_with_password(&tenant, "d3", json!({})).await;
+    let (mut c1, _) = RawClient::connect(p.mqtt_port, &user("d1", &tenant), 60).await;
+    let (mut c2, _) = RawClient::connect(p.mqtt_port, &user("d2", &tenant), 60).await;
+    let (mut c3, _) = RawClient::connect(p.mqtt_port, &user("d3", &tenant), 60).await;
+
+    p.update_device(&tenant, "d1", json!({"enabled": false}))
+        .await;
+    let t = Instant::now();
+    c1.expect_closed().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    // The others are untouched.
+    c2.send(v4::Packet::PingReq).await;
+    assert_eq!(c2.next().await, Some(v4::Packet::PingResp));
+
+    p.update_tenant(&tenant, json!({"enabled": false})).await;
+    let t = Instant::now();
+    c2.expect_closed().await;
+    c3.expect_closed().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_is_enforced() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 1).await;
+    let t = Instant::now();
+    c.expect_closed().await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "closed too early: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn without_the_broker_nothing_is_acknowledged() {
+    // A broker address where nothing listens.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kafka = ferrule_gateways::KafkaConfig {
+        bootstrap_servers: dead.to_string(),
+        metadata_timeout_ms: 500,
+        delivery_timeout_ms: 500,
+        ..Default::default()
+    };
+    let p = Platform::start_full(GatewayConfig::default(), kafka).await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (mut c, code) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    c.publish("event", b"must not be acked", QoS::AtLeastOnce, 1)
+        .await;
+    assert_eq!(
+        c.next().await,
+        None,
+        "no PUBACK: the connection is closed instead"
+    );
+    let r = p
+        .post("/event")
+        .basic_auth(user("dev", &tenant), Some("pw"))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+}
