@@ -517,3 +517,40 @@ async fn without_the_broker_nothing_is_acknowledged() {
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn connection_events_on_connect_and_disconnect() {
+    let mut cfg = GatewayConfig::default();
+    cfg.mqtt.connection_events = ferrule_gateways::mqtt::ConnectionEvents::Events;
+    let p = Platform::start_with(cfg).await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (ok, err) = mosquitto_pub(
+        p.mqtt_port,
+        "mqttv311",
+        &user("dev", &tenant),
+        "t",
+        "x",
+        1,
+        &["-i", "client-42"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let events = read(&format!("hono.event.{tenant}"), 2).await;
+    assert_eq!(events.len(), 2);
+    let causes: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(
+                e.headers["content-type"],
+                "application/vnd.eclipse-hono-dc-notification+json"
+            );
+            assert_eq!(e.headers["device_id"], "dev");
+            serde_json::from_slice(&e.payload).unwrap()
+        })
+        .collect();
+    assert_eq!(causes[0]["cause"], "connected");
+    assert_eq!(causes[1]["cause"], "disconnected");
+    assert_eq!(causes[0]["remote-id"], "client-42");
+    assert_eq!(causes[0]["source"], "hono-mqtt");
+}

@@ -2,11 +2,13 @@
 //! arrival order with PUBACKs sent as the broker acks them, keep-alive, and closing when the
 //! registry revokes the device.
 
-use super::MqttConfig;
 use super::codec::{self, ConnectOutcome, Inbound, Outbound, PublishRequest, Version};
 use super::topic;
+use super::{ConnectionEvents, MqttConfig};
 use crate::metrics;
-use crate::pipeline::{Accepted, AdapterType, IngestPipeline, Origin, Qos, Upload, UploadError};
+use crate::pipeline::{
+    Accepted, AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError,
+};
 use bytes::BytesMut;
 use ferrule_registry::AuthenticatedDevice;
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -105,18 +107,60 @@ pub async fn run(
     session
         .send(Outbound::ConnAck(ConnectOutcome::Accepted))
         .await?;
-    tracing::debug!(tenant = %device.tenant_id, device = %device.device_id, client = %connect.client_id, "MQTT device connected");
-    serve(
+    connection_event(&pipeline, cfg, &device, &connect.client_id, "connected").await;
+    let result = serve(
         session,
         buf,
-        pipeline,
+        pipeline.clone(),
         cfg,
-        device,
+        device.clone(),
         connect.keep_alive_secs,
         changes,
         shutdown,
     )
-    .await
+    .await;
+    connection_event(&pipeline, cfg, &device, &connect.client_id, "disconnected").await;
+    result
+}
+
+/// Reports a connect or disconnect as configured (Hono's `dc-notification` event).
+async fn connection_event(
+    pipeline: &IngestPipeline,
+    cfg: &MqttConfig,
+    device: &AuthenticatedDevice,
+    client_id: &str,
+    cause: &str,
+) {
+    match cfg.connection_events {
+        ConnectionEvents::None => {}
+        ConnectionEvents::Logging => tracing::info!(
+            tenant = %device.tenant_id, device = %device.device_id, client = %client_id, "device {cause}"
+        ),
+        ConnectionEvents::Events => {
+            let payload = serde_json::json!({
+                "cause": cause,
+                "remote-id": client_id,
+                "source": ADAPTER.name(),
+            });
+            let up = Upload {
+                adapter: ADAPTER,
+                endpoint: Endpoint::Event,
+                qos: Qos::AtLeastOnce,
+                origin: Origin::Device(device.clone()),
+                target: None,
+                content_type: Some(ferrule_schemas::content_type::CONNECTION_NOTIFICATION.into()),
+                payload: payload.to_string().into_bytes(),
+                ttl_secs: None,
+                ttd_secs: None,
+                orig_address: String::new(),
+                retain: false,
+                traceparent: None,
+            };
+            if let Err(e) = pipeline.upload(up).await {
+                tracing::warn!(error = %e, device = %device.device_id, "connection event lost");
+            }
+        }
+    }
 }
 
 async fn read_connect(

@@ -26,6 +26,18 @@ pub struct MqttConfig {
     /// Messages of one connection waiting for the broker's ack before the gateway stops
     /// reading from that connection (back-pressure).
     pub max_in_flight: usize,
+    /// Connection events: `none`, `logging` (at INFO) or `events` (a dc-notification event
+    /// to `hono.event.<tenant>` on connect and disconnect).
+    pub connection_events: ConnectionEvents,
+}
+
+/// How connects and disconnects of devices are reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionEvents {
+    None,
+    Logging,
+    Events,
 }
 
 impl Default for MqttConfig {
@@ -35,6 +47,7 @@ impl Default for MqttConfig {
             max_connections: 200_000,
             connect_timeout_secs: 10,
             max_in_flight: 100,
+            connection_events: ConnectionEvents::Logging,
         }
     }
 }

@@ -1,0 +1,301 @@
+//! Simulated devices: a tenant with N password devices provisioned through the registry API,
+//! driven over raw MQTT (rumqttc's codec) or HTTP; plus the raw Kafka producer baseline.
+
+use base64::Engine;
+use bytes::BytesMut;
+use futures_util::stream::{self, StreamExt};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rumqttc::mqttbytes::{QoS, v4};
+use sha2::Digest;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const PASSWORD: &str = "loadtest-pw";
+
+/// A provisioned tenant and its devices (device id = auth-id).
+pub struct Fleet {
+    pub tenant: String,
+    pub devices: Vec<String>,
+}
+
+impl Fleet {
+    pub async fn provision(registry: &str, auth: &str, n: usize) -> anyhow::Result<Fleet> {
+        let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+        let http = reqwest::Client::new();
+        let tenant = format!("load-{}", uuid::Uuid::new_v4().simple());
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(PASSWORD));
+        let r = http
+            .post(format!("{registry}/v1/tenants/{tenant}"))
+            .basic_auth(user, Some(password))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "creating the tenant: {}",
+            r.status()
+        );
+        let devices: Vec<String> = (0..n).map(|i| format!("dev-{i}")).collect();
+        let results: Vec<anyhow::Result<()>> = stream::iter(devices.iter().cloned())
+            .map(|d| {
+                let (http, tenant, hash) = (http.clone(), tenant.clone(), hash.clone());
+                async move {
+                    let r = http
+                        .post(format!("{registry}/v1/devices/{tenant}/{d}"))
+                        .basic_auth(user, Some(password))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status().is_success(), "device {d}: {}", r.status());
+                    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": d,
+                        "secrets": [{"pwd-hash": hash, "hash-function": "sha-256"}]}]);
+                    let r = http
+                        .put(format!("{registry}/v1/credentials/{tenant}/{d}"))
+                        .basic_auth(user, Some(password))
+                        .json(&creds)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status().is_success(), "credentials {d}: {}", r.status());
+                    Ok(())
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<()>>()?;
+        Ok(Fleet { tenant, devices })
+    }
+
+    pub fn telemetry_topic(&self) -> String {
+        format!("hono.telemetry.{}", self.tenant)
+    }
+
+    fn username(&self, device: &str) -> String {
+        format!("{device}@{}", self.tenant)
+    }
+
+    /// Every device connects and publishes `per_device` messages; QoS 1 keeps up to 100 in
+    /// flight per device.
+    pub async fn mqtt_publish(
+        &self,
+        addr: &str,
+        per_device: usize,
+        qos: u8,
+        size: usize,
+    ) -> anyhow::Result<()> {
+        let payload = vec![b'x'; size];
+        let tasks = self.devices.iter().enumerate().map(|(i, d)| {
+            let (addr, user, payload) = (addr.to_owned(), self.username(d), payload.clone());
+            tokio::spawn(async move {
+                let mut c = MqttDevice::connect(&addr, &user, i).await?;
+                c.publish_all(per_device, qos, &payload).await
+            })
+        });
+        for r in futures_util::future::join_all(tasks).await {
+            r??;
+        }
+        Ok(())
+    }
+
+    /// Connects every device and keeps the connections open.
+    pub async fn mqtt_hold(&self, addr: &str) -> anyhow::Result<Vec<TcpStream>> {
+        let results: Vec<anyhow::Result<TcpStream>> = stream::iter(self.devices.iter().enumerate())
+            .map(|(i, d)| {
+                let (addr, user) = (addr.to_owned(), self.username(d));
+                async move { Ok(MqttDevice::connect(&addr, &user, i).await?.stream) }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// `requests` POSTs spread over the devices with `concurrency` in flight.
+    pub async fn http_post(
+        &self,
+        url: &str,
+        requests: usize,
+        concurrency: usize,
+        qos: u8,
+        size: usize,
+    ) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(concurrency)
+            .build()?;
+        let next = Arc::new(AtomicUsize::new(0));
+        let payload = vec![b'x'; size];
+        let workers = (0..concurrency).map(|_| {
+            let (http, next, payload) = (http.clone(), next.clone(), payload.clone());
+            let users: Vec<String> = self.devices.iter().map(|d| self.username(d)).collect();
+            let url = format!("{url}/telemetry");
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        return anyhow::Ok(());
+                    }
+                    let r = http
+                        .post(&url)
+                        .basic_auth(&users[i % users.len()], Some(PASSWORD))
+                        .header("content-type", "application/octet-stream")
+                        .header("qos-level", qos.to_string())
+                        .body(payload.clone())
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status() == 202, "HTTP {}", r.status());
+                }
+            })
+        });
+        for r in futures_util::future::join_all(workers).await {
+            r??;
+        }
+        Ok(())
+    }
+}
+
+struct MqttDevice {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl MqttDevice {
+    /// Connects from 127.0.0.x (x spread by `index`), so that 100k connections fit the
+    /// ephemeral port range.
+    async fn connect(addr: &str, user: &str, index: usize) -> anyhow::Result<MqttDevice> {
+        let target: std::net::SocketAddr = addr.parse()?;
+        let socket = TcpSocket::new_v4()?;
+        if target.ip().is_loopback() {
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (index / 20_000) as u8);
+            socket.bind((source, 0).into())?;
+        }
+        let stream = socket.connect(target).await?;
+        stream.set_nodelay(true)?;
+        let mut d = MqttDevice {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        };
+        let mut connect = v4::Connect::new(user);
+        connect.keep_alive = 600;
+        connect.set_login(user, PASSWORD);
+        d.write(&[v4::Packet::Connect(connect)]).await?;
+        match d.read().await? {
+            v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::Success => Ok(d),
+            other => anyhow::bail!("{user}: {other:?}"),
+        }
+    }
+
+    async fn write(&mut self, packets: &[v4::Packet]) -> anyhow::Result<()> {
+        let mut out = BytesMut::new();
+        for p in packets {
+            p.write(&mut out, 1 << 20)?;
+        }
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn read(&mut self) -> anyhow::Result<v4::Packet> {
+        loop {
+            match v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Ok(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => anyhow::bail!(e),
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                anyhow::bail!("connection closed by the gateway");
+            }
+        }
+    }
+
+    async fn publish_all(&mut self, n: usize, qos: u8, payload: &[u8]) -> anyhow::Result<()> {
+        let qos = if qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        const WINDOW: usize = 100;
+        let (mut sent, mut acked) = (0usize, 0usize);
+        while sent < n {
+            let batch = (n - sent).min(if qos == QoS::AtMostOnce {
+                WINDOW
+            } else {
+                WINDOW - (sent - acked)
+            });
+            let packets: Vec<v4::Packet> = (0..batch)
+                .map(|k| {
+                    let mut p = v4::Publish::new("telemetry", qos, payload.to_vec());
+                    if qos == QoS::AtLeastOnce {
+                        p.pkid = ((sent + k) % 65_535 + 1) as u16;
+                    }
+                    v4::Packet::Publish(p)
+                })
+                .collect();
+            self.write(&packets).await?;
+            sent += batch;
+            if qos == QoS::AtLeastOnce {
+                // Wait for at least one ack before refilling the window.
+                while sent - acked >= WINDOW || (sent == n && acked < n) {
+                    if let v4::Packet::PubAck(_) = self.read().await? {
+                        acked += 1;
+                    }
+                }
+            }
+        }
+        // A ping answered means every earlier packet was handled.
+        self.write(&[v4::Packet::PingReq]).await?;
+        while !matches!(self.read().await?, v4::Packet::PingResp) {}
+        Ok(())
+    }
+}
+
+/// Produces `n` records like the gateway's (key, 3 headers, payload) and waits for every ack.
+pub async fn raw_producer(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    size: usize,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("log_level", "3")
+        .create()?;
+    let payload = vec![b'x'; size];
+    let results: Vec<anyhow::Result<()>> = stream::iter(0..n)
+        .map(|i| {
+            let producer = &producer;
+            let payload = &payload;
+            async move {
+                let key = format!("dev-{}", i % 100);
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "content-type",
+                        value: Some("application/octet-stream"),
+                    })
+                    .insert(Header {
+                        key: "device_id",
+                        value: Some(key.as_str()),
+                    })
+                    .insert(Header {
+                        key: "qos",
+                        value: Some("1"),
+                    });
+                let record = FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(payload)
+                    .headers(headers);
+                producer
+                    .send(record, std::time::Duration::from_secs(30))
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| anyhow::anyhow!(e))
+            }
+        })
+        .buffer_unordered(10_000)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}

@@ -1,0 +1,156 @@
+//! `ferrule-loadtest`: drives a running Ferrule with simulated devices and measures what
+//! reaches Kafka, next to a raw rdkafka producer against the same broker as the ceiling.
+//! Every scenario provisions its own tenant through the registry API.
+#![forbid(unsafe_code)]
+
+mod devices;
+mod measure;
+
+use clap::{Parser, Subcommand};
+use measure::{ProcessSample, Report};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "ferrule-loadtest", version)]
+struct Cli {
+    /// Kafka bootstrap servers (the same broker Ferrule writes to).
+    #[arg(long, default_value = "127.0.0.1:9092", global = true)]
+    kafka: String,
+    /// Registry management API.
+    #[arg(long, default_value = "http://127.0.0.1:28080", global = true)]
+    registry: String,
+    /// Registry management credentials `user:password`.
+    #[arg(long, default_value = "admin:admin-secret", global = true)]
+    registry_auth: String,
+    /// Ferrule's process id, for CPU seconds and resident memory.
+    #[arg(long, global = true)]
+    pid: Option<u32>,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 64, global = true)]
+    size: usize,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Raw rdkafka producer (idempotent, acks=all, 3 headers): the Kafka-leg ceiling.
+    KafkaProducer {
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+    },
+    /// MQTT devices publishing telemetry as fast as the gateway takes it.
+    Mqtt {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        messages_per_device: usize,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
+    /// HTTP devices posting telemetry with a fixed number of requests in flight.
+    Http {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
+    /// Idle MQTT connections: resident memory per connection.
+    IdleMqtt {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let before = cli.pid.map(ProcessSample::read).transpose()?;
+    let report = match &cli.scenario {
+        Scenario::KafkaProducer { messages } => {
+            let topic = format!("loadtest.baseline.{}", uuid::Uuid::new_v4().simple());
+            let started = Instant::now();
+            devices::raw_producer(&cli.kafka, &topic, *messages, cli.size).await?;
+            let secs =
+                measure::wait_for_records(&cli.kafka, &topic, *messages as i64, started).await?;
+            Report::new("kafka-producer", *messages, secs)
+        }
+        Scenario::Mqtt {
+            addr,
+            devices: n,
+            messages_per_device,
+            qos,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let total = n * messages_per_device;
+            let started = Instant::now();
+            fleet
+                .mqtt_publish(addr, *messages_per_device, *qos, cli.size)
+                .await?;
+            let secs = measure::wait_for_records(
+                &cli.kafka,
+                &fleet.telemetry_topic(),
+                total as i64,
+                started,
+            )
+            .await?;
+            Report::new(&format!("mqtt-qos{qos}"), total, secs)
+        }
+        Scenario::Http {
+            url,
+            devices: n,
+            requests,
+            concurrency,
+            qos,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let started = Instant::now();
+            fleet
+                .http_post(url, *requests, *concurrency, *qos, cli.size)
+                .await?;
+            let secs = measure::wait_for_records(
+                &cli.kafka,
+                &fleet.telemetry_topic(),
+                *requests as i64,
+                started,
+            )
+            .await?;
+            Report::new(&format!("http-qos{qos}"), *requests, secs)
+        }
+        Scenario::IdleMqtt { addr, connections } => {
+            let fleet =
+                devices::Fleet::provision(&cli.registry, &cli.registry_auth, *connections).await?;
+            let baseline = cli.pid.map(ProcessSample::read).transpose()?;
+            let started = Instant::now();
+            let held = fleet.mqtt_hold(addr).await?;
+            let secs = started.elapsed().as_secs_f64();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut r = Report::new("mqtt-idle", held.len(), secs);
+            if let (Some(b), Some(pid)) = (baseline, cli.pid) {
+                let now = ProcessSample::read(pid)?;
+                r.rss_per_connection_bytes = Some(
+                    (now.rss_bytes.saturating_sub(b.rss_bytes)) as f64 / held.len().max(1) as f64,
+                );
+            }
+            drop(held);
+            r
+        }
+    };
+    let mut report = report;
+    if let (Some(b), Some(pid)) = (before, cli.pid) {
+        report.add_process(&b, &ProcessSample::read(pid)?);
+    }
+    println!("{}", report.to_json());
+    eprintln!("{}", report.summary());
+    Ok(())
+}

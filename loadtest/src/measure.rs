@@ -1,0 +1,149 @@
+//! What a run measures: records that reached Kafka (high watermarks), throughput, and the
+//! CPU seconds and resident memory of the Ferrule process from /proc.
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::time::{Duration, Instant};
+
+/// CPU time and resident memory of a process at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessSample {
+    pub cpu_secs: f64,
+    pub rss_bytes: u64,
+}
+
+impl ProcessSample {
+    pub fn read(pid: u32) -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // Linux reports CPU time in clock ticks of 1/100 s on every common configuration.
+        Ok(ProcessSample {
+            cpu_secs: ticks / 100.0,
+            rss_bytes: rss_kb * 1024,
+        })
+    }
+}
+
+/// One scenario's result.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub scenario: String,
+    pub messages: usize,
+    pub seconds: f64,
+    pub cpu_secs: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    pub rss_per_connection_bytes: Option<f64>,
+}
+
+impl Report {
+    pub fn new(scenario: &str, messages: usize, seconds: f64) -> Self {
+        Report {
+            scenario: scenario.to_owned(),
+            messages,
+            seconds,
+            cpu_secs: None,
+            rss_bytes: None,
+            rss_per_connection_bytes: None,
+        }
+    }
+
+    pub fn add_process(&mut self, before: &ProcessSample, after: &ProcessSample) {
+        self.cpu_secs = Some(after.cpu_secs - before.cpu_secs);
+        self.rss_bytes = Some(after.rss_bytes);
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds.max(1e-9)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "scenario": self.scenario,
+            "messages": self.messages,
+            "seconds": self.seconds,
+            "per_second": self.rate(),
+            "process_cpu_seconds": self.cpu_secs,
+            "process_cpu_seconds_per_100k": self.cpu_secs.map(|c| c * 100_000.0 / self.messages.max(1) as f64),
+            "process_rss_bytes": self.rss_bytes,
+            "rss_per_connection_bytes": self.rss_per_connection_bytes,
+        })
+        .to_string()
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{:<16} {:>9} msgs in {:>7.2} s = {:>10.0} /s",
+            self.scenario,
+            self.messages,
+            self.seconds,
+            self.rate()
+        );
+        if let Some(c) = self.cpu_secs {
+            s += &format!(
+                ", ferrule CPU {:.2} s ({:.2} s per 100k)",
+                c,
+                c * 100_000.0 / self.messages.max(1) as f64
+            );
+        }
+        if let Some(r) = self.rss_per_connection_bytes {
+            s += &format!(", {r:.0} B RSS per connection");
+        }
+        s
+    }
+}
+
+/// Waits until `topic` holds `expected` records and returns the seconds since `started`.
+pub async fn wait_for_records(
+    bootstrap: &str,
+    topic: &str,
+    expected: i64,
+    started: Instant,
+) -> anyhow::Result<f64> {
+    let bootstrap = bootstrap.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "ferrule-loadtest-watermarks")
+            .set("log_level", "3")
+            .create()?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            let partitions = md
+                .topics()
+                .first()
+                .map(|t| t.partitions().len())
+                .unwrap_or(0);
+            let mut total = 0;
+            for p in 0..partitions {
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, p as i32, Duration::from_secs(5))?;
+                total += high - low;
+            }
+            if total >= expected {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {total} of {expected} records arrived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await?
+}
