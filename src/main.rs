@@ -120,10 +120,19 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         true => Some(bind("registry", cfg.registry.bind).await?),
         false => None,
     };
+    let tls = cfg.gateway.tls.cert_file.is_some();
     let gateway_listeners = match services.gateway {
         true => Some(ferrule_gateways::Listeners {
             http: Some(bind("HTTP adapter", cfg.gateway.http.bind).await?),
             mqtt: Some(bind("MQTT adapter", cfg.gateway.mqtt.bind).await?),
+            https: match tls {
+                true => Some(bind("HTTPS adapter", cfg.gateway.http.tls_bind).await?),
+                false => None,
+            },
+            mqtts: match tls {
+                true => Some(bind("MQTTS adapter", cfg.gateway.mqtt.tls_bind).await?),
+                false => None,
+            },
         }),
         false => None,
     };

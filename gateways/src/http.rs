@@ -23,6 +23,8 @@ const ADAPTER: AdapterType = AdapterType::Http;
 pub struct HttpConfig {
     /// Where the plain HTTP endpoint listens.
     pub bind: SocketAddr,
+    /// Where HTTPS listens when `gateway.tls` names a certificate.
+    pub tls_bind: SocketAddr,
     /// Realm named in `WWW-Authenticate` on 401.
     pub realm: String,
     /// Longest `hono-ttd` honoured when the tenant sets no `max-ttd` (seconds).
@@ -35,6 +37,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_bind: SocketAddr::from(([127, 0, 0, 1], 8443)),
             realm: "Hono".into(),
             max_ttd_secs: 60,
             idle_timeout_secs: 75,

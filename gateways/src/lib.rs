@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;
+pub mod tls;
 
 pub use kafka::{DownstreamSender, KafkaConfig};
 pub use pipeline::IngestPipeline;
@@ -27,6 +28,7 @@ pub struct GatewayConfig {
     pub max_payload_size: usize,
     pub http: http::HttpConfig,
     pub mqtt: mqtt::MqttConfig,
+    pub tls: tls::TlsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -35,6 +37,7 @@ impl Default for GatewayConfig {
             max_payload_size: 2048,
             http: http::HttpConfig::default(),
             mqtt: mqtt::MqttConfig::default(),
+            tls: tls::TlsConfig::default(),
         }
     }
 }
@@ -43,6 +46,10 @@ impl Default for GatewayConfig {
 pub struct Listeners {
     pub http: Option<tokio::net::TcpListener>,
     pub mqtt: Option<tokio::net::TcpListener>,
+    /// HTTPS; served only when `gateway.tls` names a certificate.
+    pub https: Option<tokio::net::TcpListener>,
+    /// MQTTS; served only when `gateway.tls` names a certificate.
+    pub mqtts: Option<tokio::net::TcpListener>,
 }
 
 /// Serves the protocol adapters until `shutdown` turns true, then flushes the producer. All
@@ -59,7 +66,7 @@ pub async fn serve(
     let pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size);
     let mut adapters = tokio::task::JoinSet::new();
     if let Some(listener) = listeners.http {
-        let app = http::router(pipeline.clone(), cfg.http);
+        let app = http::router(pipeline.clone(), cfg.http.clone());
         let mut shutdown = shutdown.clone();
         tracing::info!(addr = %listener.local_addr()?, "HTTP adapter listening");
         adapters.spawn(async move {
@@ -74,6 +81,32 @@ pub async fn serve(
     if let Some(listener) = listeners.mqtt {
         adapters.spawn(mqtt::serve(
             listener,
+            None,
+            pipeline.clone(),
+            cfg.mqtt.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let https = cfg.tls.acceptor(&[b"http/1.1"])?;
+    if let (Some(listener), Some(acceptor)) = (listeners.https, https) {
+        let app = http::router(pipeline.clone(), cfg.http.clone());
+        let mut shutdown = shutdown.clone();
+        let listener = tls::TlsListener::new(listener, acceptor)?;
+        tracing::info!(addr = %listener.local_addr_or_unknown(), "HTTPS adapter listening");
+        adapters.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                })
+                .await
+                .context("HTTPS adapter failed")
+        });
+    }
+    let mqtts = cfg.tls.acceptor(&[])?;
+    if let (Some(listener), Some(acceptor)) = (listeners.mqtts, mqtts) {
+        adapters.spawn(mqtt::serve(
+            listener,
+            Some(acceptor),
             pipeline.clone(),
             cfg.mqtt,
             shutdown.clone(),

@@ -15,8 +15,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
@@ -50,13 +49,13 @@ enum OnError {
 type Outcome = (u16, bool, OnError, Result<Accepted, UploadError>);
 type InFlight = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
-struct Session {
-    stream: TcpStream,
+struct Session<S> {
+    stream: S,
     version: Version,
     out: BytesMut,
 }
 
-impl Session {
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn send(&mut self, packet: Outbound) -> Result<(), ConnectionError> {
         self.out.clear();
         codec::encode(self.version, &packet, &mut self.out)?;
@@ -65,14 +64,13 @@ impl Session {
     }
 }
 
-pub async fn run(
-    mut stream: TcpStream,
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut stream: S,
     pipeline: IngestPipeline,
     cfg: &MqttConfig,
     instance_full: bool,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    let _ = stream.set_nodelay(true);
     let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
     let mut buf = BytesMut::with_capacity(256);
     let (version, connect) = tokio::time::timeout(
@@ -163,8 +161,8 @@ async fn connection_event(
     }
 }
 
-async fn read_connect(
-    stream: &mut TcpStream,
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<(Version, codec::ConnectRequest), ConnectionError> {
@@ -227,8 +225,8 @@ async fn authenticate(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve(
-    mut session: Session,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut session: Session<S>,
     mut buf: BytesMut,
     pipeline: IngestPipeline,
     cfg: &MqttConfig,
@@ -322,8 +320,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Hands one PUBLISH to the pipeline; returns the future of its ack, or `None` when it failed
 /// already (and the failure was handled).
-async fn publish(
-    session: &mut Session,
+async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<S>,
     pipeline: &IngestPipeline,
     device: &AuthenticatedDevice,
     p: PublishRequest,
@@ -396,8 +394,8 @@ async fn publish(
 
 /// Hono's error policy without an error-topic subscription: terminal errors (the device,
 /// gateway, tenant or adapter is not allowed) always disconnect; others follow `on-error`.
-async fn publish_failed(
-    session: &mut Session,
+async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<S>,
     pkid: u16,
     qos1: bool,
     on_error: OnError,

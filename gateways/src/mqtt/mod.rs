@@ -7,11 +7,13 @@ mod connection;
 mod topic;
 
 use crate::pipeline::IngestPipeline;
+use crate::tls::TlsListener;
 use connection::stopped;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 
 /// The `[gateway.mqtt]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,6 +21,8 @@ use tokio::sync::{Semaphore, watch};
 pub struct MqttConfig {
     /// Where the plain MQTT endpoint listens.
     pub bind: SocketAddr,
+    /// Where MQTTS listens when `gateway.tls` names a certificate.
+    pub tls_bind: SocketAddr,
     /// Most connections this instance holds; more are refused.
     pub max_connections: usize,
     /// How long a client may take to send CONNECT (seconds).
@@ -44,6 +48,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls_bind: SocketAddr::from(([127, 0, 0, 1], 8883)),
             max_connections: 200_000,
             connect_timeout_secs: 10,
             max_in_flight: 100,
@@ -52,39 +57,82 @@ impl Default for MqttConfig {
     }
 }
 
-/// Accepts connections until `shutdown` turns true; open connections close with it.
+/// Accepts connections until `shutdown` turns true; open connections close with it. With a
+/// TLS acceptor the listener serves MQTTS.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<TlsAcceptor>,
     pipeline: IngestPipeline,
     cfg: MqttConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "MQTT adapter listening");
+    let secure = if tls.is_some() { "MQTTS" } else { "MQTT" };
+    tracing::info!(addr = %listener.local_addr()?, "{secure} adapter listening");
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let cfg = Arc::new(cfg);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
+    let ctx = Accepting {
+        slots,
+        pipeline,
+        cfg,
+        shutdown: shutdown.clone(),
+    };
+    match tls {
+        Some(acceptor) => {
+            let mut listener = TlsListener::new(listener, acceptor)?;
+            loop {
+                tokio::select! {
+                    next = listener.next() => match next {
+                        Some((stream, peer)) => ctx.spawn(stream, peer),
+                        None => return Ok(()),
+                    },
+                    _ = stopped(&mut shutdown) => return Ok(()),
+                }
+            }
+        }
+        None => loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        ctx.spawn(stream, peer);
+                    }
                     Err(e) => {
                         // Out of file descriptors and the like: keep serving the others.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
                     }
-                };
-                let permit = slots.clone().try_acquire_owned().ok();
-                let (pipeline, cfg, shutdown) = (pipeline.clone(), cfg.clone(), shutdown.clone());
-                tokio::spawn(async move {
-                    let _permit = permit.as_ref();
-                    let full = permit.is_none();
-                    if let Err(e) = connection::run(stream, pipeline, &cfg, full, shutdown).await {
-                        tracing::debug!(%peer, error = %e, "MQTT connection ended");
-                    }
-                });
+                },
+                _ = stopped(&mut shutdown) => return Ok(()),
             }
-            _ = stopped(&mut shutdown) => return Ok(()),
-        }
+        },
+    }
+}
+
+/// What every accepted connection needs.
+struct Accepting {
+    slots: Arc<Semaphore>,
+    pipeline: IngestPipeline,
+    cfg: Arc<MqttConfig>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Accepting {
+    fn spawn<S>(&self, stream: S, peer: std::net::SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        let (pipeline, cfg, shutdown) = (
+            self.pipeline.clone(),
+            self.cfg.clone(),
+            self.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let full = permit.is_none();
+            if let Err(e) = connection::run(stream, pipeline, &cfg, full, shutdown).await {
+                tracing::debug!(%peer, error = %e, "MQTT connection ended");
+            }
+            drop(permit);
+        });
     }
 }

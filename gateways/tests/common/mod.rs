@@ -39,6 +39,8 @@ pub struct Platform {
     pub registry: String,
     pub http: String,
     pub mqtt_port: u16,
+    pub https_port: Option<u16>,
+    pub mqtts_port: Option<u16>,
     pub client: reqwest::Client,
     _shutdown: watch::Sender<bool>,
 }
@@ -75,9 +77,22 @@ impl Platform {
         let http = format!("http://{}", http_listener.local_addr().unwrap());
         let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mqtt_port = mqtt_listener.local_addr().unwrap().port();
+        let tls_listener = || async {
+            match gateway.tls.cert_file.is_some() {
+                true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                false => None,
+            }
+        };
+        let (https, mqtts) = (tls_listener().await, tls_listener().await);
+        let port = |l: &Option<tokio::net::TcpListener>| {
+            l.as_ref().map(|l| l.local_addr().unwrap().port())
+        };
+        let (https_port, mqtts_port) = (port(&https), port(&mqtts));
         let listeners = ferrule_gateways::Listeners {
             http: Some(http_listener),
             mqtt: Some(mqtt_listener),
+            https,
+            mqtts,
         };
         tokio::spawn(
             async move { ferrule_gateways::serve(listeners, gateway, &kafka, auth, rx).await },
@@ -86,6 +101,8 @@ impl Platform {
             registry,
             http,
             mqtt_port,
+            https_port,
+            mqtts_port,
             client: reqwest::Client::new(),
             _shutdown: tx,
         }

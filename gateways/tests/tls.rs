@@ -1,0 +1,151 @@
+//! HTTPS and MQTTS with rustls: curl and mosquitto_pub trusting a test CA reach Kafka through
+//! the TLS ports; a client that does not speak TLS is dropped without harming the others.
+
+mod common;
+
+use common::*;
+use ferrule_gateways::GatewayConfig;
+use ferrule_gateways::tls::TlsConfig;
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A CA and a server certificate for 127.0.0.1/localhost, as PEM files in a fresh folder.
+fn certificates() -> (PathBuf, TlsConfig) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(random_id("ferrule-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Ferrule Test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let cert = server.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    let tls = TlsConfig {
+        cert_file: Some(dir.join("server.pem")),
+        key_file: Some(dir.join("server-key.pem")),
+    };
+    (dir, tls)
+}
+
+#[tokio::test]
+async fn https_and_mqtts_reach_kafka() {
+    let (dir, tls) = certificates();
+    let p = Platform::start_with(GatewayConfig {
+        tls,
+        ..Default::default()
+    })
+    .await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let ca = dir.join("ca.pem");
+    let (https, mqtts) = (p.https_port.unwrap(), p.mqtts_port.unwrap());
+
+    // A plain-TCP client on the TLS port gets nowhere, and does not disturb the others.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", https)).unwrap();
+    std::io::Write::write_all(&mut plain, b"POST /telemetry HTTP/1.1\r\n\r\n").unwrap();
+
+    let user = format!("dev@{tenant}:pw");
+    let url = format!("https://127.0.0.1:{https}/telemetry");
+    let ca_arg = ca.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &ca_arg,
+                "-u",
+                &user,
+            ])
+            .args([
+                "-H",
+                "content-type: text/plain",
+                "--data-binary",
+                "over https",
+                &url,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "202",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (u, ca_arg) = (format!("dev@{tenant}"), ca.to_str().unwrap().to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &mqtts.to_string(),
+                "--cafile",
+                &ca_arg,
+                "-u",
+                &u,
+                "-P",
+                "pw",
+            ])
+            .args(["-t", "telemetry", "-m", "over mqtts", "-q", "1"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without trusting the CA, curl refuses the server.
+    let url = format!("https://127.0.0.1:{https}/telemetry");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &url,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000");
+
+    let mut payloads: Vec<Vec<u8>> = read(&format!("hono.telemetry.{tenant}"), 2)
+        .await
+        .into_iter()
+        .map(|r| r.payload)
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        vec![b"over https".to_vec(), b"over mqtts".to_vec()]
+    );
+    drop(plain);
+    let _ = std::fs::remove_dir_all(dir);
+}
