@@ -14,8 +14,16 @@ use axum::routing::{post, put};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 const ADAPTER: AdapterType = AdapterType::Http;
+
+/// The TLS peer of an HTTPS request; absent on plain HTTP.
+type Peer = Option<axum::Extension<axum::extract::ConnectInfo<crate::tls::TlsPeer>>>;
+
+fn cert(peer: Peer) -> Option<Arc<Vec<u8>>> {
+    peer.and_then(|p| p.0.0.client_cert)
+}
 
 /// The `[gateway.http]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,27 +69,27 @@ pub fn router(pipeline: IngestPipeline, cfg: HttpConfig) -> Router {
     Router::new()
         .route(
             "/telemetry",
-            post(|s, h, u, b| own(s, h, u, b, Endpoint::Telemetry)),
+            post(|s, t, h, u, b| own(s, t, h, u, b, Endpoint::Telemetry)),
         )
         .route(
             "/event",
-            post(|s, h, u, b| own(s, h, u, b, Endpoint::Event)),
+            post(|s, t, h, u, b| own(s, t, h, u, b, Endpoint::Event)),
         )
         .route(
             "/telemetry/{tenant}/{device}",
-            put(|s, p, h, u, b| addressed(s, p, h, u, b, Endpoint::Telemetry)),
+            put(|s, t, p, h, u, b| addressed(s, t, p, h, u, b, Endpoint::Telemetry)),
         )
         .route(
             "/event/{tenant}/{device}",
-            put(|s, p, h, u, b| addressed(s, p, h, u, b, Endpoint::Event)),
+            put(|s, t, p, h, u, b| addressed(s, t, p, h, u, b, Endpoint::Event)),
         )
         .route(
             "/telemetry//{device}",
-            put(|s, p, h, u, b| gateway(s, p, h, u, b, Endpoint::Telemetry)),
+            put(|s, t, p, h, u, b| gateway(s, t, p, h, u, b, Endpoint::Telemetry)),
         )
         .route(
             "/event//{device}",
-            put(|s, p, h, u, b| gateway(s, p, h, u, b, Endpoint::Event)),
+            put(|s, t, p, h, u, b| gateway(s, t, p, h, u, b, Endpoint::Event)),
         )
         // A body over the limit is cut off here already; the pipeline checks again.
         .layer(DefaultBodyLimit::max(limit))
@@ -92,18 +100,20 @@ pub fn router(pipeline: IngestPipeline, cfg: HttpConfig) -> Router {
 /// `POST /telemetry` and `POST /event`: an authenticated device sends its own data.
 async fn own(
     State(a): State<Adapter>,
+    peer: Peer,
     headers: HeaderMap,
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Response {
-    handle(&a, &headers, &uri, body, endpoint, None, true).await
+    handle(&a, cert(peer), &headers, &uri, body, endpoint, None, true).await
 }
 
 /// `PUT /{endpoint}/{tenant}/{device}`: a gateway acting for a device, or an unauthenticated
 /// device where the tenant allows it.
 async fn addressed(
     State(a): State<Adapter>,
+    peer: Peer,
     Path((tenant, device)): Path<(String, String)>,
     headers: HeaderMap,
     uri: Uri,
@@ -112,6 +122,7 @@ async fn addressed(
 ) -> Response {
     handle(
         &a,
+        cert(peer),
         &headers,
         &uri,
         body,
@@ -125,6 +136,7 @@ async fn addressed(
 /// `PUT /{endpoint}//{device}`: a gateway acting for a device of its own tenant.
 async fn gateway(
     State(a): State<Adapter>,
+    peer: Peer,
     Path(device): Path<String>,
     headers: HeaderMap,
     uri: Uri,
@@ -133,6 +145,7 @@ async fn gateway(
 ) -> Response {
     handle(
         &a,
+        cert(peer),
         &headers,
         &uri,
         body,
@@ -143,8 +156,10 @@ async fn gateway(
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     a: &Adapter,
+    client_cert: Option<Arc<Vec<u8>>>,
     headers: &HeaderMap,
     uri: &Uri,
     body: Result<Bytes, BytesRejection>,
@@ -152,7 +167,18 @@ async fn handle(
     target: Option<(String, String)>,
     auth_required: bool,
 ) -> Response {
-    match upload(a, headers, uri, body, endpoint, target, auth_required).await {
+    match upload(
+        a,
+        client_cert,
+        headers,
+        uri,
+        body,
+        endpoint,
+        target,
+        auth_required,
+    )
+    .await
+    {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
         Err(e) => error_response(&a.cfg, e),
     }
@@ -161,6 +187,7 @@ async fn handle(
 #[allow(clippy::too_many_arguments)]
 async fn upload(
     a: &Adapter,
+    client_cert: Option<Arc<Vec<u8>>>,
     headers: &HeaderMap,
     uri: &Uri,
     body: Result<Bytes, BytesRejection>,
@@ -175,16 +202,18 @@ async fn upload(
             UploadError::BadRequest(r.body_text())
         }
     })?;
-    let origin = match basic_credentials(headers)? {
-        Some((user, password)) => Origin::Device(
+    // Hono's order: a client certificate first, then Basic credentials.
+    let origin = match (client_cert, basic_credentials(headers)?) {
+        (Some(der), _) => Origin::Device(a.pipeline.authenticate_certificate(ADAPTER, &der).await?),
+        (None, Some((user, password))) => Origin::Device(
             a.pipeline
                 .authenticate(ADAPTER, &user, password.as_bytes(), target.as_ref())
                 .await?,
         ),
-        None if auth_required => {
+        (None, None) if auth_required => {
             return Err(UploadError::Unauthorized("credentials required".into()));
         }
-        None => Origin::Anonymous,
+        (None, None) => Origin::Anonymous,
     };
     let query = uri.query().unwrap_or("");
     let qos = match header_str(headers, "qos-level")? {

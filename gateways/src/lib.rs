@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;
 pub mod tls;
+pub mod x509;
 
 pub use kafka::{DownstreamSender, KafkaConfig};
 pub use pipeline::IngestPipeline;
@@ -94,6 +95,7 @@ pub async fn serve(
         let listener = tls::TlsListener::new(listener, acceptor)?;
         tracing::info!(addr = %listener.local_addr_or_unknown(), "HTTPS adapter listening");
         adapters.spawn(async move {
+            let app = app.into_make_service_with_connect_info::<tls::TlsPeer>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = shutdown.wait_for(|s| *s).await;

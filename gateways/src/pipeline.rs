@@ -177,6 +177,46 @@ impl IngestPipeline {
         self.max_payload_size
     }
 
+    /// Authenticates a TLS client certificate: the tenant is the one whose trust anchor has
+    /// the certificate's issuer DN and public key, the device the one whose `x509-cert`
+    /// credentials name the certificate's subject DN.
+    pub async fn authenticate_certificate(
+        &self,
+        adapter: AdapterType,
+        der: &[u8],
+    ) -> Result<AuthenticatedDevice, UploadError> {
+        let result = self.certificate_device(der).await;
+        if let Err(e) = &result {
+            metrics::rejected(adapter.name(), e.reason());
+        }
+        result
+    }
+
+    async fn certificate_device(&self, der: &[u8]) -> Result<AuthenticatedDevice, UploadError> {
+        let untrusted = || UploadError::Unauthorized("client certificate is not trusted".into());
+        let cert = crate::x509::parse(der).map_err(UploadError::Unauthorized)?;
+        let tenant_id = self
+            .registry
+            .tenant_by_trust_anchor(&cert.issuer_dn)
+            .await?
+            .ok_or_else(untrusted)?;
+        let tenant = self.registry.tenant(&tenant_id).await?;
+        let tenant = tenant.as_ref().as_ref().ok_or_else(untrusted)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let trusted = tenant
+            .trusted_ca
+            .iter()
+            .flatten()
+            .filter(|ca| ca.subject_dn.as_deref() == Some(cert.issuer_dn.as_str()))
+            .filter_map(|ca| ca.public_key.as_deref())
+            .filter_map(|k| base64::Engine::decode(&b64, k).ok())
+            .any(|spki| crate::x509::signed_by(der, &spki));
+        if !trusted {
+            return Err(untrusted());
+        }
+        Ok(self.registry.x509(&tenant_id, &cert.subject_dn).await?)
+    }
+
     /// Registry changes, for adapters that hold connections open.
     pub fn registry_changes(
         &self,

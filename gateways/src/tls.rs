@@ -2,6 +2,7 @@
 //! completes handshakes off the accept loop so one slow client never holds up the others.
 
 use anyhow::Context;
+use rustls_pki_types::UnixTime;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,12 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::crypto::CryptoProvider;
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use tokio_rustls::rustls::{
+    self, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 use tokio_rustls::server::TlsStream;
 
 /// The `[gateway.tls]` section: without a certificate the TLS ports stay closed.
@@ -38,13 +44,107 @@ impl TlsConfig {
         let key = PrivateKeyDer::from_pem_file(key)
             .with_context(|| format!("reading {}", key.display()))?;
         let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = Arc::new(DeferredClientCert {
+            provider: provider.clone(),
+        });
         let mut cfg = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .context("the TLS certificate and key do not fit together")?;
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Some(TlsAcceptor::from(Arc::new(cfg))))
+    }
+}
+
+/// Asks for a client certificate without requiring one, and checks only that the client holds
+/// its key. Whether the certificate is trusted depends on the tenant, which is known only from
+/// the certificate itself: the ingest pipeline checks it against the tenant's trust anchors.
+#[derive(Debug)]
+struct DeferredClientCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for DeferredClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The client certificate of a TLS connection (DER), if the client sent one.
+pub fn client_certificate(stream: &TlsStream<TcpStream>) -> Option<Arc<Vec<u8>>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|c| Arc::new(c.to_vec()))
+}
+
+/// Per-connection data the HTTPS handlers see (axum `ConnectInfo`).
+#[derive(Debug, Clone)]
+pub struct TlsPeer {
+    pub client_cert: Option<Arc<Vec<u8>>>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for TlsPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        TlsPeer {
+            client_cert: client_certificate(stream.io()),
+        }
     }
 }
 

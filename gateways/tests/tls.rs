@@ -149,3 +149,120 @@ async fn https_and_mqtts_reach_kafka() {
     drop(plain);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A CA named `CN=<cn>` and a device certificate `CN=<device>` it signed,
+/// written as PEM files; returns the CA's public key (DER SPKI, base64) for the trust anchor.
+fn device_credentials(dir: &std::path::Path, name: &str, ca_cn: &str, device_cn: &str) -> String {
+    use base64::Engine;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let spki = base64::engine::general_purpose::STANDARD
+        .encode(rcgen::PublicKeyData::subject_public_key_info(&ca_key));
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_cn);
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, device_cn);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    spki
+}
+
+#[tokio::test]
+async fn devices_authenticate_with_client_certificates() {
+    let (dir, tls) = certificates();
+    let p = Platform::start_with(GatewayConfig {
+        tls,
+        ..Default::default()
+    })
+    .await;
+    let ca_cn = random_id("device-ca");
+    let spki = device_credentials(&dir, "dev", &ca_cn, "device-1");
+    // Same CA name, another key: a forgery the gateway must refuse.
+    device_credentials(&dir, "forged", &ca_cn, "device-1");
+    let tenant = p
+        .tenant(json!({"trusted-ca": [{"subject-dn": format!("CN={ca_cn}"), "public-key": spki}]}))
+        .await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_x509(&tenant, "dev", "CN=device-1").await;
+    let (https, mqtts) = (p.https_port.unwrap(), p.mqtts_port.unwrap());
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+
+    let curl = |cert: &str| {
+        let args = vec![
+            "-s".to_owned(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            "--cacert".into(),
+            path("ca.pem"),
+            "--cert".into(),
+            path(&format!("{cert}.pem")),
+            "--key".into(),
+            path(&format!("{cert}-key.pem")),
+            "-H".into(),
+            "content-type: text/plain".into(),
+            "--data-binary".into(),
+            format!("{cert} over https"),
+            format!("https://127.0.0.1:{https}/telemetry"),
+        ];
+        tokio::task::spawn_blocking(move || Command::new("curl").args(args).output().unwrap())
+    };
+    let out = curl("dev").await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "202",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = curl("forged").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+
+    let mosquitto = |cert: &str| {
+        let args = vec![
+            "-h".to_owned(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            mqtts.to_string(),
+            "--cafile".into(),
+            path("ca.pem"),
+            "--cert".into(),
+            path(&format!("{cert}.pem")),
+            "--key".into(),
+            path(&format!("{cert}-key.pem")),
+            "-t".into(),
+            "telemetry".into(),
+            "-m".into(),
+            format!("{cert} over mqtts"),
+            "-q".into(),
+            "1".into(),
+        ];
+        tokio::task::spawn_blocking(move || {
+            Command::new("mosquitto_pub").args(args).output().unwrap()
+        })
+    };
+    let out = mosquitto("dev").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mosquitto("forged").await.unwrap();
+    assert!(!out.status.success());
+
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let mut payloads: Vec<Vec<u8>> = records.iter().map(|r| r.payload.clone()).collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        vec![b"dev over https".to_vec(), b"dev over mqtts".to_vec()]
+    );
+    assert!(records.iter().all(|r| r.headers["device_id"] == "dev"));
+    let _ = std::fs::remove_dir_all(dir);
+}

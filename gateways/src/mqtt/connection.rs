@@ -66,6 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut stream: S,
+    client_cert: Option<std::sync::Arc<Vec<u8>>>,
     pipeline: IngestPipeline,
     cfg: &MqttConfig,
     instance_full: bool,
@@ -91,7 +92,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             .await?;
         return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
     }
-    let device = match authenticate(&pipeline, &connect).await {
+    let device = match authenticate(&pipeline, &connect, client_cert.as_deref()).await {
         Ok(d) => d,
         Err((outcome, tenant, label)) => {
             metrics::connection_attempt(ADAPTER.name(), &tenant, label);
@@ -186,14 +187,9 @@ async fn read_connect<S: AsyncRead + Unpin>(
 async fn authenticate(
     pipeline: &IngestPipeline,
     c: &codec::ConnectRequest,
+    client_cert: Option<&Vec<u8>>,
 ) -> Result<AuthenticatedDevice, (ConnectOutcome, String, &'static str)> {
-    let (Some(user), Some(password)) = (&c.username, &c.password) else {
-        return Err((
-            ConnectOutcome::BadCredentials,
-            String::new(),
-            "unauthorized",
-        ));
-    };
+    let user = c.username.as_deref().unwrap_or_default();
     let tenant_of = || {
         ferrule_registry::auth::split_username(user)
             .map(|(_, t)| t.to_owned())
@@ -207,13 +203,20 @@ async fn authenticate(
         }
         _ => (ConnectOutcome::NotAuthorized, "unknown"),
     };
-    let device = pipeline
-        .authenticate(ADAPTER, user, password.as_bytes(), None)
-        .await
-        .map_err(|e| {
-            let (o, l) = refused(&e);
-            (o, tenant_of(), l)
-        })?;
+    // Hono's order: a client certificate first, then user name and password.
+    let device = match (client_cert, &c.username, &c.password) {
+        (Some(der), _, _) => pipeline.authenticate_certificate(ADAPTER, der).await,
+        (None, Some(user), Some(password)) => {
+            pipeline
+                .authenticate(ADAPTER, user, password.as_bytes(), None)
+                .await
+        }
+        _ => Err(UploadError::Unauthorized("no credentials".into())),
+    }
+    .map_err(|e| {
+        let (o, l) = refused(&e);
+        (o, tenant_of(), l)
+    })?;
     pipeline
         .authorise_connection(ADAPTER, &device)
         .await

@@ -82,7 +82,10 @@ pub async fn serve(
             loop {
                 tokio::select! {
                     next = listener.next() => match next {
-                        Some((stream, peer)) => ctx.spawn(stream, peer),
+                        Some((stream, peer)) => {
+                        let cert = crate::tls::client_certificate(&stream);
+                        ctx.spawn(stream, peer, cert)
+                    }
                         None => return Ok(()),
                     },
                     _ = stopped(&mut shutdown) => return Ok(()),
@@ -94,7 +97,7 @@ pub async fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        ctx.spawn(stream, peer);
+                        ctx.spawn(stream, peer, None);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: keep serving the others.
@@ -117,7 +120,7 @@ struct Accepting {
 }
 
 impl Accepting {
-    fn spawn<S>(&self, stream: S, peer: std::net::SocketAddr)
+    fn spawn<S>(&self, stream: S, peer: std::net::SocketAddr, client_cert: Option<Arc<Vec<u8>>>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -129,7 +132,9 @@ impl Accepting {
         );
         tokio::spawn(async move {
             let full = permit.is_none();
-            if let Err(e) = connection::run(stream, pipeline, &cfg, full, shutdown).await {
+            if let Err(e) =
+                connection::run(stream, client_cert, pipeline, &cfg, full, shutdown).await
+            {
                 tracing::debug!(%peer, error = %e, "MQTT connection ended");
             }
             drop(permit);

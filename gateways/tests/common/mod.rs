@@ -163,6 +163,16 @@ impl Platform {
         .await;
     }
 
+    /// `x509-cert` credentials for a device.
+    pub async fn credentials_x509(&self, tenant: &str, device: &str, subject_dn: &str) {
+        self.admin(
+            Method::PUT,
+            &format!("/v1/credentials/{tenant}/{device}"),
+            json!([{"type": "x509-cert", "auth-id": subject_dn, "secrets": [{}]}]),
+        )
+        .await;
+    }
+
     /// A request to the HTTP adapter.
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.post(format!("{}{path}", self.http))
