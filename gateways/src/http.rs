@@ -309,14 +309,7 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, Up
 
 /// The one place pipeline errors become HTTP status codes (Hono's table, §3.4).
 fn error_response(cfg: &HttpConfig, e: UploadError) -> Response {
-    let status = match &e {
-        UploadError::BadRequest(_) => StatusCode::BAD_REQUEST,
-        UploadError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-        UploadError::Forbidden(_) => StatusCode::FORBIDDEN,
-        UploadError::NotFound(_) => StatusCode::NOT_FOUND,
-        UploadError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        UploadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, e.to_string()).into_response();
     if status == StatusCode::UNAUTHORIZED
         && let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", cfg.realm))

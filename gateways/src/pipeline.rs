@@ -112,6 +112,18 @@ pub enum UploadError {
 }
 
 impl UploadError {
+    /// The HTTP status code Hono uses for this error (HTTP answers, MQTT error messages).
+    pub fn status(&self) -> u16 {
+        match self {
+            UploadError::BadRequest(_) => 400,
+            UploadError::Unauthorized(_) => 401,
+            UploadError::Forbidden(_) => 403,
+            UploadError::NotFound(_) => 404,
+            UploadError::PayloadTooLarge(_) => 413,
+            UploadError::Unavailable(_) => 503,
+        }
+    }
+
     /// A stable label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -554,3 +554,76 @@ async fn connection_events_on_connect_and_disconnect() {
     assert_eq!(causes[0]["remote-id"], "client-42");
     assert_eq!(causes[0]["source"], "hono-mqtt");
 }
+
+#[tokio::test]
+async fn errors_are_published_to_the_error_topic() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "error///#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => {
+            assert_eq!(
+                s.return_codes,
+                vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Empty payload without a content type, default policy: error message, then PUBACK.
+    c.publish("telemetry/?correlation-id=abc", b"", QoS::AtLeastOnce, 3)
+        .await;
+    match c.next().await {
+        Some(v4::Packet::Publish(e)) => {
+            assert_eq!(e.topic, "error///telemetry/abc/400");
+            let body: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+            assert_eq!(body["code"], 400);
+            assert_eq!(body["correlation-id"], "abc");
+            assert!(
+                body["message"].as_str().unwrap().contains("content type"),
+                "{body}"
+            );
+            assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.next().await, Some(v4::Packet::PubAck(v4::PubAck::new(3))));
+    // Short endpoint name, packet id as correlation id, skip-ack: error message only.
+    c.publish("e/?on-error=skip-ack", b"", QoS::AtLeastOnce, 4)
+        .await;
+    match c.next().await {
+        Some(v4::Packet::Publish(e)) => assert_eq!(e.topic, "error///e/4/400"),
+        other => panic!("{other:?}"),
+    }
+    c.send(v4::Packet::PingReq).await;
+    assert_eq!(
+        c.next().await,
+        Some(v4::Packet::PingResp),
+        "no PUBACK for skip-ack"
+    );
+    // A filter for another tenant is refused.
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "error/other-tenant//#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => {
+            assert_eq!(s.return_codes, vec![v4::SubscribeReasonCode::Failure])
+        }
+        other => panic!("{other:?}"),
+    }
+    // on-error=disconnect: error message, then the connection closes.
+    c.publish("t/?on-error=disconnect", b"", QoS::AtLeastOnce, 5)
+        .await;
+    match c.next().await {
+        Some(v4::Packet::Publish(e)) => assert_eq!(e.topic, "error///t/5/400"),
+        other => panic!("{other:?}"),
+    }
+    c.expect_closed().await;
+}

@@ -3,7 +3,8 @@
 //! sees a protocol version.
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4;
+use rumqttc::mqttbytes::{QoS, v4};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5;
 
 /// The protocol version a client chose in its CONNECT.
@@ -19,9 +20,10 @@ pub enum Inbound {
     Connect(ConnectRequest),
     Publish(PublishRequest),
     PubAck(u16),
+    /// Topic filters with their requested QoS.
     Subscribe {
         pkid: u16,
-        filters: usize,
+        filters: Vec<(String, u8)>,
     },
     Unsubscribe {
         pkid: u16,
@@ -68,10 +70,15 @@ pub enum ConnectOutcome {
 pub enum Outbound {
     ConnAck(ConnectOutcome),
     PubAck(u16),
-    /// Every filter refused (0x80): command subscriptions come with command & control.
-    SubAckFailure {
+    /// Per filter the granted QoS, or `None` for a refused one (0x80).
+    SubAck {
         pkid: u16,
-        filters: usize,
+        granted: Vec<Option<u8>>,
+    },
+    /// A QoS 0 message to the device (error messages).
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
     },
     UnsubAck {
         pkid: u16,
@@ -180,7 +187,11 @@ fn from_v4(p: v4::Packet) -> Inbound {
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
         v4::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.len(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
         },
         v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
@@ -215,7 +226,11 @@ fn from_v5(p: v5::Packet) -> Inbound {
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
         v5::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.len(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
         },
         v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
@@ -250,9 +265,21 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     v4::Packet::ConnAck(v4::ConnAck::new(code, false))
                 }
                 Outbound::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(*pkid)),
-                Outbound::SubAckFailure { pkid, filters } => v4::Packet::SubAck(v4::SubAck::new(
+                Outbound::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
                     *pkid,
-                    vec![v4::SubscribeReasonCode::Failure; *filters],
+                    granted
+                        .iter()
+                        .map(|g| match g {
+                            Some(1) => v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                            Some(_) => v4::SubscribeReasonCode::Success(QoS::AtMostOnce),
+                            None => v4::SubscribeReasonCode::Failure,
+                        })
+                        .collect(),
+                )),
+                Outbound::Publish { topic, payload } => v4::Packet::Publish(v4::Publish::new(
+                    topic.as_str(),
+                    QoS::AtMostOnce,
+                    payload.clone(),
                 )),
                 Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
                 Outbound::PingResp => v4::Packet::PingResp,
@@ -281,11 +308,24 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     reason: v5::PubAckReason::Success,
                     properties: None,
                 }),
-                Outbound::SubAckFailure { pkid, filters } => v5::Packet::SubAck(v5::SubAck {
+                Outbound::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
                     pkid: *pkid,
-                    return_codes: vec![v5::SubscribeReasonCode::Unspecified; *filters],
+                    return_codes: granted
+                        .iter()
+                        .map(|g| match g {
+                            Some(1) => v5::SubscribeReasonCode::Success(QoS5::AtLeastOnce),
+                            Some(_) => v5::SubscribeReasonCode::Success(QoS5::AtMostOnce),
+                            None => v5::SubscribeReasonCode::Unspecified,
+                        })
+                        .collect(),
                     properties: None,
                 }),
+                Outbound::Publish { topic, payload } => v5::Packet::Publish(v5::Publish::new(
+                    topic.as_str(),
+                    QoS5::AtMostOnce,
+                    payload.clone(),
+                    None,
+                )),
                 Outbound::UnsubAck { pkid, filters } => v5::Packet::UnsubAck(v5::UnsubAck {
                     pkid: *pkid,
                     reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; *filters],

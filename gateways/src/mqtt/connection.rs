@@ -37,16 +37,29 @@ pub enum ConnectionError {
     Closed(String),
 }
 
-/// What to do when a publish fails (the `on-error` property; no error-topic subscription
-/// exists yet, so errors are never published back).
+/// What to do when a publish fails (the `on-error` property of the topic's property bag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OnError {
+    Default,
     Disconnect,
     Ignore,
     SkipAck,
 }
 
-type Outcome = (u16, bool, OnError, Result<Accepted, UploadError>);
+/// What answering a publish needs once its outcome is known.
+struct PublishContext {
+    pkid: u16,
+    qos1: bool,
+    on_error: OnError,
+    /// `telemetry`, `t`, `event` or `e`, as the device wrote it.
+    endpoint: String,
+    /// The property-bag `correlation-id`, else the packet id (QoS 1), else `-1`.
+    correlation_id: String,
+    /// The device the message was for (a gateway's edge device, or the sender).
+    device: String,
+}
+
+type Outcome = (PublishContext, Result<Accepted, UploadError>);
 type InFlight = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 struct Session<S> {
@@ -244,6 +257,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
     let mut deadline = idle.map(|d| Instant::now() + d);
     let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+    // The device's subscription to its error topic, if any (§4.6).
+    let mut errors: Option<ErrorSubscription> = None;
     loop {
         // Everything already buffered is handled before reading more.
         while in_flight.len() < cfg.max_in_flight {
@@ -252,15 +267,23 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             match packet {
                 Inbound::Publish(p) => {
-                    if let Some(f) = publish(&mut session, &pipeline, &device, p).await? {
+                    if let Some(f) =
+                        publish(&mut session, &pipeline, &device, errors.as_ref(), p).await?
+                    {
                         in_flight.push_back(f);
                     }
                 }
                 Inbound::PingReq => session.send(Outbound::PingResp).await?,
                 Inbound::Subscribe { pkid, filters } => {
-                    session
-                        .send(Outbound::SubAckFailure { pkid, filters })
-                        .await?
+                    let granted = filters
+                        .iter()
+                        .map(|(filter, _)| {
+                            let sub = ErrorSubscription::parse(filter, &device)?;
+                            errors = Some(sub);
+                            Some(0)
+                        })
+                        .collect();
+                    session.send(Outbound::SubAck { pkid, granted }).await?
                 }
                 Inbound::Unsubscribe { pkid, filters } => {
                     session.send(Outbound::UnsubAck { pkid, filters }).await?
@@ -284,11 +307,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
                 deadline = idle.map(|d| Instant::now() + d);
             }
-            Some((pkid, qos1, on_error, result)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((failure, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 match result {
-                    Ok(_) if qos1 => session.send(Outbound::PubAck(pkid)).await?,
+                    Ok(_) if failure.qos1 => session.send(Outbound::PubAck(failure.pkid)).await?,
                     Ok(_) => {}
-                    Err(e) => publish_failed(&mut session, pkid, qos1, on_error, e).await?,
+                    Err(e) => publish_failed(&mut session, &failure, errors.as_ref(), e).await?,
                 }
             }
             _ = sleep_until(deadline) => {
@@ -327,6 +350,7 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session<S>,
     pipeline: &IngestPipeline,
     device: &AuthenticatedDevice,
+    errors: Option<&ErrorSubscription>,
     p: PublishRequest,
 ) -> Result<Option<InFlight>, ConnectionError> {
     let qos1 = match p.qos {
@@ -338,26 +362,44 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         metrics::rejected(ADAPTER.name(), "payload-too-large");
         return Err(ConnectionError::Closed("payload too large".into()));
     }
+    let mut ctx = PublishContext {
+        pkid: p.pkid,
+        qos1,
+        on_error: OnError::Disconnect,
+        endpoint: p.topic.split('/').next().unwrap_or_default().to_owned(),
+        correlation_id: if qos1 {
+            p.pkid.to_string()
+        } else {
+            "-1".to_owned()
+        },
+        device: device.device_id.clone(),
+    };
     let address = match topic::parse(&p.topic) {
         Ok(a) => a,
         Err(e) => {
             metrics::rejected(ADAPTER.name(), "bad-topic");
             publish_failed(
                 session,
-                p.pkid,
-                qos1,
-                OnError::Disconnect,
+                &ctx,
+                errors,
                 UploadError::BadRequest(e.to_string()),
             )
             .await?;
             return Ok(None);
         }
     };
-    let on_error = match address.property("on-error") {
+    ctx.on_error = match address.property("on-error") {
         Some("ignore") => OnError::Ignore,
         Some("skip-ack") => OnError::SkipAck,
-        _ => OnError::Disconnect,
+        Some("disconnect") => OnError::Disconnect,
+        _ => OnError::Default,
     };
+    if let Some(c) = address.property("correlation-id") {
+        ctx.correlation_id = c.to_owned();
+    }
+    if let Some((_, d)) = &address.target {
+        ctx.device = d.clone();
+    }
     let ttl_secs = address.property("hono-ttl").and_then(|v| v.parse().ok());
     let content_type = address
         .property("content-type")
@@ -382,28 +424,41 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         traceparent: None,
     };
     match pipeline.submit(up).await {
-        Ok(pending) => {
-            let pkid = p.pkid;
-            Ok(Some(Box::pin(async move {
-                (pkid, qos1, on_error, pending.outcome().await)
-            })))
-        }
+        Ok(pending) => Ok(Some(Box::pin(
+            async move { (ctx, pending.outcome().await) },
+        ))),
         Err(e) => {
-            publish_failed(session, p.pkid, qos1, on_error, e).await?;
+            publish_failed(session, &ctx, errors, e).await?;
             Ok(None)
         }
     }
 }
 
-/// Hono's error policy without an error-topic subscription: terminal errors (the device,
-/// gateway, tenant or adapter is not allowed) always disconnect; others follow `on-error`.
+/// Hono's error policy (§4.6). Terminal errors (the device, gateway, tenant or adapter is not
+/// allowed, or the payload too large) always disconnect. Otherwise, without an error
+/// subscription `default`/`disconnect` disconnect; with one, the error is published to it
+/// first and `default` acknowledges. `ignore` acknowledges, `skip-ack` does not.
 async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session<S>,
-    pkid: u16,
-    qos1: bool,
-    on_error: OnError,
+    ctx: &PublishContext,
+    errors: Option<&ErrorSubscription>,
     e: UploadError,
 ) -> Result<(), ConnectionError> {
+    if let Some(sub) = errors {
+        let payload = serde_json::json!({
+            "code": e.status(),
+            "message": e.to_string(),
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "correlation-id": ctx.correlation_id,
+        });
+        let topic = sub.topic_for(&ctx.device, &ctx.endpoint, &ctx.correlation_id, e.status());
+        session
+            .send(Outbound::Publish {
+                topic,
+                payload: payload.to_string().into_bytes(),
+            })
+            .await?;
+    }
     let terminal = matches!(
         e,
         UploadError::Forbidden(_)
@@ -411,15 +466,56 @@ async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
             | UploadError::Unauthorized(_)
             | UploadError::PayloadTooLarge(_)
     );
-    match (terminal, on_error) {
-        (true, _) | (false, OnError::Disconnect) => Err(ConnectionError::Closed(e.to_string())),
-        (false, OnError::Ignore) => {
-            if qos1 {
-                session.send(Outbound::PubAck(pkid)).await?;
-            }
-            Ok(())
+    let ack = match (terminal, ctx.on_error) {
+        (true, _) | (_, OnError::Disconnect) => return Err(ConnectionError::Closed(e.to_string())),
+        (false, OnError::Default) if errors.is_none() => {
+            return Err(ConnectionError::Closed(e.to_string()));
         }
-        (false, OnError::SkipAck) => Ok(()),
+        (false, OnError::Default | OnError::Ignore) => true,
+        (false, OnError::SkipAck) => false,
+    };
+    if ack && ctx.qos1 {
+        session.send(Outbound::PubAck(ctx.pkid)).await?;
+    }
+    Ok(())
+}
+
+/// A subscription to the error topic: `error/[tenant]/[device]/#` or `e/…`, or for gateways
+/// `…/+/#`. Error messages mirror its prefix and segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ErrorSubscription {
+    prefix: String,
+    tenant: String,
+    /// Empty (the device itself), `+` (any device of a gateway) or one device id.
+    device: String,
+}
+
+impl ErrorSubscription {
+    /// The subscription if `filter` is a valid error-topic filter for this device.
+    fn parse(filter: &str, device: &AuthenticatedDevice) -> Option<Self> {
+        let parts: Vec<&str> = filter.split('/').collect();
+        let [prefix @ ("error" | "e"), tenant, dev, "#"] = parts.as_slice() else {
+            return None;
+        };
+        if !tenant.is_empty() && *tenant != device.tenant_id {
+            return None;
+        }
+        Some(ErrorSubscription {
+            prefix: (*prefix).to_owned(),
+            tenant: (*tenant).to_owned(),
+            device: (*dev).to_owned(),
+        })
+    }
+
+    fn topic_for(&self, device: &str, endpoint: &str, correlation_id: &str, status: u16) -> String {
+        let dev = match self.device.as_str() {
+            "+" => device,
+            d => d,
+        };
+        format!(
+            "{}/{}/{}/{endpoint}/{correlation_id}/{status}",
+            self.prefix, self.tenant, dev
+        )
     }
 }
 
