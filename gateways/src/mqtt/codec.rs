@@ -458,16 +458,21 @@ mod tests {
         encode(Version::V311, &Outbound::PubAck(0x0102), &mut buf).unwrap();
         assert_eq!(&buf[..], &[0x40, 2, 1, 2]);
         let mut buf = BytesMut::new();
+        let granted = vec![None, Some(0)];
         encode(
             Version::V311,
-            &Outbound::SubAckFailure {
-                pkid: 1,
-                filters: 2,
-            },
+            &Outbound::SubAck { pkid: 1, granted },
             &mut buf,
         )
         .unwrap();
-        assert_eq!(&buf[..], &[0x90, 4, 0, 1, 0x80, 0x80]);
+        assert_eq!(&buf[..], &[0x90, 4, 0, 1, 0x80, 0x00]);
+        let mut buf = BytesMut::new();
+        let p = Outbound::Publish {
+            topic: "e".into(),
+            payload: b"x".to_vec(),
+        };
+        encode(Version::V311, &p, &mut buf).unwrap();
+        assert_eq!(&buf[..], &[0x30, 4, 0, 1, b'e', b'x']);
         let mut buf = BytesMut::new();
         encode(Version::V311, &Outbound::PingResp, &mut buf).unwrap();
         assert_eq!(&buf[..], &[0xd0, 0]);
