@@ -423,6 +423,10 @@ async fn ttd_defaults_and_retain_free_headers() {
     let r = p
         .post("/telemetry?hono-ttd=100")
         .basic_auth(user("dev", &tenant), Some("pw"))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .body("x")
         .send()
         .await
@@ -441,6 +445,17 @@ async fn ttd_defaults_and_retain_free_headers() {
     assert_eq!(rec.headers["ttl"], "5000");
     assert!(!rec.headers.contains_key("ttl-telemetry-qos0"));
     assert!(!rec.headers.contains_key("x-opt-retain"));
+    assert_eq!(
+        rec.headers["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "the trace context travels in a Kafka header"
+    );
+    // Hono's metric names, with the tenant as a label.
+    let metrics = prometheus_text();
+    assert!(
+        metrics.contains(&format!("hono_telemetry_processing_duration_seconds_count{{component_name=\"hono-http\",qos=\"0\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("hono_telemetry_payload_bytes_count{{component_name=\"hono-http\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")));
 }
 
 #[tokio::test]
@@ -503,4 +518,14 @@ async fn two_tenants_never_see_each_others_data() {
     assert_eq!(rb.len(), 1);
     assert_eq!(ra[0].payload, b"from-a");
     assert_eq!(rb[0].payload, b"from-b");
+}
+
+/// The process's Prometheus metrics, as the health port serves them.
+fn prometheus_text() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&prometheus::gather(), &mut buf)
+        .unwrap();
+    String::from_utf8(buf).unwrap()
 }

@@ -182,6 +182,20 @@ async fn telemetry_and_events_with_mosquitto_311_and_5() {
 
     let records = read(&format!("hono.telemetry.{tenant}"), 4).await;
     assert_eq!(records.len(), 4);
+    let metrics = {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&prometheus::gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    assert!(
+        metrics.contains(&format!(
+            "hono_connections_attempts_total{{component_name=\"hono-mqtt\",outcome=\"succeeded\",tenant=\"{tenant}\"}} 6"
+        )),
+        "{metrics}"
+    );
     for r in &records {
         assert_eq!(r.key, "dev");
         assert_eq!(r.headers["device_id"], "dev");
