@@ -3,11 +3,9 @@
 //! Every scenario provisions its own tenant through the registry API.
 #![forbid(unsafe_code)]
 
-mod devices;
-mod measure;
-
 use clap::{Parser, Subcommand};
-use measure::{ProcessSample, Report};
+use ferrule_loadtest::devices;
+use ferrule_loadtest::measure::{self, ProcessSample, Report};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]

@@ -1,0 +1,6 @@
+//! The load-testing harness as a library: simulated devices and measurements, used by the
+//! `ferrule-loadtest` binary and by the smoke test that keeps the harness from rotting.
+#![forbid(unsafe_code)]
+
+pub mod devices;
+pub mod measure;

@@ -1,0 +1,91 @@
+//! A seconds-long run of the load-testing harness against a real `ferrule all`, so the harness
+//! keeps working; full runs are `scripts/loadtest`, never part of the test suite.
+
+use ferrule_loadtest::devices::{Fleet, raw_producer};
+use ferrule_loadtest::measure::{ProcessSample, Report, wait_for_records};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn harness_smoke_run() {
+    let kafka = std::env::var("FERRULE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let db = std::env::var("FERRULE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into());
+    let (registry, http, mqtt, health) = (free_port(), free_port(), free_port(), free_port());
+    let mut ferrule = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .arg("all")
+        .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
+        .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
+        .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
+        .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
+        .env("FERRULE_DATABASE__URL", &db)
+        .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", &kafka)
+        .env("FERRULE_REGISTRY__MANAGEMENT__PASSWORD", "smoke")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = ferrule.id();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ferrule did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The Kafka baseline.
+    let topic = format!("loadtest.smoke.{}", uuid::Uuid::new_v4().simple());
+    let t = Instant::now();
+    raw_producer(&kafka, &topic, 500, 32).await.unwrap();
+    let secs = wait_for_records(&kafka, &topic, 500, t).await.unwrap();
+    assert!(Report::new("kafka-producer", 500, secs).rate() > 0.0);
+
+    // MQTT QoS 0 and 1, HTTP QoS 1, idle connections, all on one provisioned fleet.
+    let before = ProcessSample::read(pid).unwrap();
+    let fleet = Fleet::provision(&format!("http://127.0.0.1:{registry}"), "admin:smoke", 5)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    fleet
+        .mqtt_publish(&format!("127.0.0.1:{mqtt}"), 20, 0, 32)
+        .await
+        .unwrap();
+    fleet
+        .mqtt_publish(&format!("127.0.0.1:{mqtt}"), 20, 1, 32)
+        .await
+        .unwrap();
+    fleet
+        .http_post(&format!("http://127.0.0.1:{http}"), 50, 4, 1, 32)
+        .await
+        .unwrap();
+    let secs = wait_for_records(&kafka, &fleet.telemetry_topic(), 250, t)
+        .await
+        .unwrap();
+    let held = fleet.mqtt_hold(&format!("127.0.0.1:{mqtt}")).await.unwrap();
+    assert_eq!(held.len(), 5);
+    let mut report = Report::new("smoke", 250, secs);
+    report.add_process(&before, &ProcessSample::read(pid).unwrap());
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["messages"], 250);
+    assert!(
+        json["process_cpu_seconds"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+    assert!(
+        json["process_rss_bytes"].as_u64().unwrap() > 1_000_000,
+        "{json}"
+    );
+    drop(held);
+    let _ = ferrule.kill();
+    let _ = ferrule.wait();
+}
