@@ -3,6 +3,7 @@
 //! by hand.
 #![forbid(unsafe_code)]
 
+pub mod command;
 pub mod content_type;
 pub mod headers;
 pub mod topic;

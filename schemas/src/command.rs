@@ -1,0 +1,218 @@
+//! Commands on `hono.command.<tenant>`: the validity rules of Hono's Kafka command API, and the
+//! request id devices echo back (`hono-cmd-req-id`, MQTT `${req-id}`), from which a gateway
+//! rebuilds the response's correlation id without any lookup.
+
+use crate::headers as h;
+use base64::Engine;
+
+/// A command record, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub device_id: String,
+    pub subject: String,
+    pub content_type: Option<String>,
+    /// `Some` for request/response commands.
+    pub correlation_id: Option<String>,
+}
+
+impl Command {
+    pub fn is_one_way(&self) -> bool {
+        self.correlation_id.is_none()
+    }
+}
+
+/// Why a command is invalid; `correlation_id` is set when the application waits for an answer
+/// and so must get a 400 response instead of silence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid command: {reason}")]
+pub struct InvalidCommand {
+    pub reason: String,
+    pub correlation_id: Option<String>,
+}
+
+/// Checks a record of a command topic: key = `device_id` header, a `subject`, and a
+/// `correlation-id` when `response-required` is true. `headers` are in record order; the
+/// first of a repeated header wins.
+pub fn parse_command<'a, I>(key: Option<&[u8]>, headers: I) -> Result<Command, InvalidCommand>
+where
+    I: IntoIterator<Item = (&'a str, Option<&'a [u8]>)> + Clone,
+{
+    let text = |name: &str| {
+        h::first(headers.clone(), name)
+            .and_then(h::decode_str)
+            .map(str::to_owned)
+    };
+    let response_required = h::first(headers.clone(), h::RESPONSE_REQUIRED)
+        .and_then(h::decode_bool)
+        .unwrap_or(false);
+    let correlation_id = text(h::CORRELATION_ID).filter(|c| !c.is_empty());
+    let invalid = |reason: &str| InvalidCommand {
+        reason: reason.to_owned(),
+        correlation_id: if response_required {
+            correlation_id.clone()
+        } else {
+            None
+        },
+    };
+    let device_id = text(h::DEVICE_ID)
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| invalid("the device_id header is missing"))?;
+    if key.and_then(|k| std::str::from_utf8(k).ok()) != Some(device_id.as_str()) {
+        return Err(invalid("the record key differs from device_id"));
+    }
+    let subject = text(h::SUBJECT)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| invalid("the subject header is missing"))?;
+    if response_required && correlation_id.is_none() {
+        return Err(invalid("a request/response command needs a correlation-id"));
+    }
+    Ok(Command {
+        device_id,
+        subject,
+        content_type: text(h::CONTENT_TYPE),
+        correlation_id: if response_required {
+            correlation_id
+        } else {
+            None
+        },
+    })
+}
+
+/// The id a device gets for a request/response command and sends back with its response.
+/// It carries the correlation id, base64url-encoded so that it is a single safe segment in
+/// URL paths and MQTT topics (no `/`, `+`, `#`, `?` or `%`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId {
+    pub correlation_id: String,
+}
+
+/// Format marker, so that a later format can coexist.
+const REQUEST_ID_V1: char = '1';
+
+impl RequestId {
+    pub fn encode(&self) -> String {
+        let mut s = String::with_capacity(1 + self.correlation_id.len() * 4 / 3 + 4);
+        s.push(REQUEST_ID_V1);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode_string(self.correlation_id.as_bytes(), &mut s);
+        s
+    }
+
+    /// Reads a request id a device sent back; `None` for anything Ferrule did not issue.
+    pub fn decode(id: &str) -> Option<RequestId> {
+        let rest = id.strip_prefix(REQUEST_ID_V1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(rest)
+            .ok()?;
+        Some(RequestId {
+            correlation_id: String::from_utf8(bytes).ok()?,
+        })
+    }
+}
+
+/// Whether a status a device reports for a command is acceptable (200–299 and 400–599).
+pub fn is_valid_response_status(status: u16) -> bool {
+    (200..300).contains(&status) || (400..600).contains(&status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hs<'a>(pairs: &'a [(&'a str, &'a [u8])]) -> Vec<(&'a str, Option<&'a [u8]>)> {
+        pairs.iter().map(|(k, v)| (*k, Some(*v))).collect()
+    }
+
+    #[test]
+    fn one_way_and_request_response_commands() {
+        let c = parse_command(
+            Some(b"d1"),
+            hs(&[("device_id", b"d1"), ("subject", b"setVolume")]),
+        )
+        .unwrap();
+        assert!(c.is_one_way());
+        assert_eq!(c.subject, "setVolume");
+        let c = parse_command(
+            Some(b"d1"),
+            hs(&[
+                ("device_id", b"d1"),
+                ("subject", b"getState"),
+                ("response-required", b"true"),
+                ("correlation-id", b"c-1"),
+                ("content-type", b"application/json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(c.content_type.as_deref(), Some("application/json"));
+        // A correlation id without response-required is a one-way command.
+        let c = parse_command(
+            Some(b"d1"),
+            hs(&[
+                ("device_id", b"d1"),
+                ("subject", b"x"),
+                ("correlation-id", b"c"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.is_one_way());
+    }
+
+    #[test]
+    fn invalid_commands_say_whom_to_answer() {
+        // Missing subject, response wanted: answered with the correlation id (→ 400 response).
+        let e = parse_command(
+            Some(b"d1"),
+            hs(&[
+                ("device_id", b"d1"),
+                ("response-required", b"true"),
+                ("correlation-id", b"c-9"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.correlation_id.as_deref(), Some("c-9"));
+        // Missing subject, one-way: dropped silently.
+        let e = parse_command(Some(b"d1"), hs(&[("device_id", b"d1")])).unwrap_err();
+        assert_eq!(e.correlation_id, None);
+        // Response wanted but no correlation id.
+        let e = parse_command(
+            Some(b"d1"),
+            hs(&[
+                ("device_id", b"d1"),
+                ("subject", b"s"),
+                ("response-required", b"true"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.correlation_id, None);
+        // Key and device_id disagree.
+        assert!(
+            parse_command(Some(b"d2"), hs(&[("device_id", b"d1"), ("subject", b"s")])).is_err()
+        );
+        assert!(parse_command(None, hs(&[("device_id", b"d1"), ("subject", b"s")])).is_err());
+    }
+
+    #[test]
+    fn request_ids_round_trip_and_are_one_safe_segment() {
+        for c in ["c-1", "a/b+c#d?e%f g", "ünï", ""] {
+            let id = RequestId {
+                correlation_id: c.to_owned(),
+            }
+            .encode();
+            assert!(!id.contains(['/', '+', '#', '?', '%', ' ']), "{id}");
+            assert_eq!(RequestId::decode(&id).unwrap().correlation_id, c);
+        }
+        assert!(RequestId::decode("2abc").is_none());
+        assert!(RequestId::decode("1!!").is_none());
+    }
+
+    #[test]
+    fn response_statuses() {
+        for ok in [200, 204, 299, 400, 404, 503, 599] {
+            assert!(is_valid_response_status(ok), "{ok}");
+        }
+        for bad in [100, 199, 300, 302, 399, 600, 999] {
+            assert!(!is_valid_response_status(bad), "{bad}");
+        }
+    }
+}
