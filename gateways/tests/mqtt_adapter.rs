@@ -168,6 +168,7 @@ async fn telemetry_and_events_with_mosquitto_311_and_5() {
     )
     .await;
     assert!(ok, "{err}");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (ok, err) = mosquitto_pub(
         p.mqtt_port,
         "mqttv5",
@@ -175,7 +176,17 @@ async fn telemetry_and_events_with_mosquitto_311_and_5() {
         "e",
         "v5 alarm",
         1,
-        &["-D", "publish", "content-type", "text/x-v5"],
+        &[
+            "-D",
+            "publish",
+            "content-type",
+            "text/x-v5",
+            "-D",
+            "publish",
+            "user-property",
+            "traceparent",
+            tp,
+        ],
     )
     .await;
     assert!(ok, "{err}");
@@ -223,6 +234,10 @@ async fn telemetry_and_events_with_mosquitto_311_and_5() {
     assert_eq!(
         v5.headers["content-type"], "text/x-v5",
         "MQTT 5 content-type property"
+    );
+    assert_eq!(
+        v5.headers["traceparent"], tp,
+        "MQTT 5 user property traceparent"
     );
 }
 

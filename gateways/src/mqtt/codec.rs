@@ -53,6 +53,8 @@ pub struct PublishRequest {
     pub payload: Bytes,
     /// MQTT 5's content-type property.
     pub content_type: Option<String>,
+    /// MQTT 5's user property `traceparent` (W3C trace context).
+    pub traceparent: Option<String>,
 }
 
 /// Why a CONNECT was refused, or that it was not; encoded per version as Hono's table says.
@@ -183,6 +185,7 @@ fn from_v4(p: v4::Packet) -> Inbound {
             pkid: p.pkid,
             payload: p.payload,
             content_type: None,
+            traceparent: None,
         }),
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
         v4::Packet::Subscribe(s) => Inbound::Subscribe {
@@ -221,6 +224,12 @@ fn from_v5(p: v5::Packet) -> Inbound {
             retain: p.retain,
             pkid: p.pkid,
             payload: p.payload,
+            traceparent: p.properties.as_ref().and_then(|pr| {
+                pr.user_properties
+                    .iter()
+                    .find(|(k, _)| k == "traceparent")
+                    .map(|(_, v)| v.clone())
+            }),
             content_type: p.properties.and_then(|pr| pr.content_type),
         }),
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),

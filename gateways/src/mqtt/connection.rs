@@ -421,7 +421,7 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         ttd_secs: None,
         orig_address: p.topic,
         retain: p.retain,
-        traceparent: None,
+        traceparent: p.traceparent,
     };
     match pipeline.submit(up).await {
         Ok(pending) => Ok(Some(Box::pin(
