@@ -96,8 +96,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut session = Session {
         stream,
         version,
-        out: BytesMut::with_capacity(64),
+        out: BytesMut::new(),
     };
+    if buf.is_empty() {
+        // Most connections idle between messages: give the CONNECT buffer back.
+        buf = BytesMut::new();
+    }
     if instance_full {
         metrics::connection_attempt(ADAPTER.name(), "", "adapter-connections-exceeded");
         session
@@ -105,7 +109,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             .await?;
         return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
     }
-    let device = match authenticate(&pipeline, &connect, client_cert.as_deref()).await {
+    let device = match Box::pin(authenticate(&pipeline, &connect, client_cert.as_deref())).await {
         Ok(d) => d,
         Err((outcome, tenant, label)) => {
             metrics::connection_attempt(ADAPTER.name(), &tenant, label);
@@ -119,7 +123,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     session
         .send(Outbound::ConnAck(ConnectOutcome::Accepted))
         .await?;
-    connection_event(&pipeline, cfg, &device, &connect.client_id, "connected").await;
+    Box::pin(connection_event(
+        &pipeline,
+        cfg,
+        &device,
+        &connect.client_id,
+        "connected",
+    ))
+    .await;
     let result = serve(
         session,
         buf,
@@ -131,7 +142,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         shutdown,
     )
     .await;
-    connection_event(&pipeline, cfg, &device, &connect.client_id, "disconnected").await;
+    Box::pin(connection_event(
+        &pipeline,
+        cfg,
+        &device,
+        &connect.client_id,
+        "disconnected",
+    ))
+    .await;
     result
 }
 
@@ -324,7 +342,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                         && c.device.as_ref().is_none_or(|d| *d == device.device_id),
                     // Missed changes: ask the registry again.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        pipeline.authorise_connection(ADAPTER, &device).await.is_err()
+                        Box::pin(pipeline.authorise_connection(ADAPTER, &device)).await.is_err()
                     }
                     Err(broadcast::error::RecvError::Closed) => false,
                 };
@@ -423,7 +441,9 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         retain: p.retain,
         traceparent: p.traceparent,
     };
-    match pipeline.submit(up).await {
+    // Boxed: the registry lookups inside are large futures, and an idle connection should not
+    // carry their space.
+    match Box::pin(pipeline.submit(up)).await {
         Ok(pending) => Ok(Some(Box::pin(
             async move { (ctx, pending.outcome().await) },
         ))),
