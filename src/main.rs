@@ -153,6 +153,14 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         tasks.spawn(probe_kafka(client, readiness.clone(), shutdown.clone()));
     }
 
+    if services.registry
+        && cfg.registry.management.password == ferrule_registry::ManagementAuth::default().password
+    {
+        tracing::warn!(
+            "the registry management API uses the default password; set \
+             FERRULE_REGISTRY__MANAGEMENT__PASSWORD (or registry.management.password)"
+        );
+    }
     let store = ferrule_registry::open_store(&cfg.database, &cfg.registry).await?;
     tasks.spawn(probe_database(
         store.clone(),
