@@ -26,7 +26,10 @@ impl Default for DatabaseConfig {
 }
 
 /// The migrations in order; each runs in its own transaction exactly once per database.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_registry.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_registry.sql")),
+    (2, include_str!("../migrations/0002_command_routing.sql")),
+];
 
 /// An arbitrary constant that serialises concurrent migrators (tests, several instances).
 const MIGRATION_LOCK: i64 = 0x4645_5252_554c_4531;

@@ -1,0 +1,195 @@
+//! The routing state in PostgreSQL and Hono's target-selection rule: the device's own
+//! subscription first, else its last known gateway if that gateway is in `via` and subscribed,
+//! else any subscribed gateway in `via`. Expired subscriptions and instances that stopped
+//! sending heartbeats never count, so commands to them fail fast instead of waiting.
+
+use deadpool_postgres::Pool;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("database error")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("no database connection")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// Where a command for a device goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandTarget {
+    /// The gateway instance whose internal topic gets the command.
+    pub instance_id: String,
+    /// The gateway that acts for the device, when the command goes through one.
+    pub gateway_id: Option<String>,
+}
+
+/// Handle on the routing tables; cheap to clone.
+#[derive(Clone)]
+pub struct RoutingState {
+    pool: Pool,
+    /// An instance without a heartbeat for this long counts as dead.
+    instance_timeout: Duration,
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl RoutingState {
+    pub fn new(pool: Pool, instance_timeout: Duration) -> Self {
+        RoutingState {
+            pool,
+            instance_timeout,
+        }
+    }
+
+    /// Records that `instance` is alive.
+    pub async fn heartbeat(&self, instance: &str) -> Result<(), RoutingError> {
+        let db = self.pool.get().await?;
+        db.execute(
+            "INSERT INTO adapter_instances (instance_id, last_seen) VALUES ($1, now())
+             ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
+            &[&instance],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `device` (a device, or a gateway for all its devices) has a command consumer on
+    /// `instance`, for `lifespan` or until unregistered; the newest registration wins.
+    pub async fn register(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+        lifespan: Option<Duration>,
+    ) -> Result<(), RoutingError> {
+        let lifespan = lifespan.map(secs);
+        let db = self.pool.get().await?;
+        db.execute(
+            "INSERT INTO command_consumers (tenant_id, device_id, instance_id, expires)
+             VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8))
+             ON CONFLICT (tenant_id, device_id) DO UPDATE
+               SET instance_id = EXCLUDED.instance_id, expires = EXCLUDED.expires,
+                   registered = now()",
+            &[&tenant, &device, &instance, &lifespan],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the registration if `instance` still holds it; `false` when another instance
+    /// took over or the entry is gone (Hono answers 412 then).
+    pub async fn unregister(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+    ) -> Result<bool, RoutingError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "DELETE FROM command_consumers
+                  WHERE tenant_id = $1 AND device_id = $2 AND instance_id = $3",
+                &[&tenant, &device, &instance],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// The gateway `device` last used (the device itself for direct connections).
+    pub async fn set_last_gateway(
+        &self,
+        tenant: &str,
+        device: &str,
+        gateway: &str,
+    ) -> Result<(), RoutingError> {
+        let db = self.pool.get().await?;
+        db.execute(
+            "INSERT INTO last_known_gateways (tenant_id, device_id, gateway_id) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant_id, device_id) DO UPDATE
+               SET gateway_id = EXCLUDED.gateway_id, updated = now()",
+            &[&tenant, &device, &gateway],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Where a command for `device` goes, given the gateways in its `via` (groups expanded);
+    /// `None` when nothing can reach it now.
+    pub async fn resolve(
+        &self,
+        tenant: &str,
+        device: &str,
+        via: &[String],
+    ) -> Result<Option<CommandTarget>, RoutingError> {
+        let timeout = secs(self.instance_timeout);
+        let db = self.pool.get().await?;
+        // Live subscriptions of the device and of its gateways, in one query.
+        let mut ids = vec![device.to_owned()];
+        ids.extend(via.iter().filter(|g| *g != device).cloned());
+        let rows = db
+            .query(
+                "SELECT c.device_id, c.instance_id
+                   FROM command_consumers c
+                   JOIN adapter_instances i ON i.instance_id = c.instance_id
+                  WHERE c.tenant_id = $1 AND c.device_id = ANY($2)
+                    AND (c.expires IS NULL OR c.expires > now())
+                    AND i.last_seen > now() - make_interval(secs => $3::float8)
+                  ORDER BY c.registered DESC",
+                &[&tenant, &ids, &timeout],
+            )
+            .await?;
+        let live: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        // 1. The device's own subscription.
+        if let Some((_, instance)) = live.iter().find(|(d, _)| d == device) {
+            return Ok(Some(CommandTarget {
+                instance_id: instance.clone(),
+                gateway_id: None,
+            }));
+        }
+        // 2. The last known gateway, if it is in `via` and subscribed.
+        let last: Option<String> = db
+            .query_opt(
+                "SELECT gateway_id FROM last_known_gateways WHERE tenant_id = $1 AND device_id = $2",
+                &[&tenant, &device],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if let Some(gw) = last.filter(|g| via.contains(g))
+            && let Some((_, instance)) = live.iter().find(|(d, _)| *d == gw)
+        {
+            return Ok(Some(CommandTarget {
+                instance_id: instance.clone(),
+                gateway_id: Some(gw),
+            }));
+        }
+        // 3. Any subscribed gateway in `via` (the most recently subscribed).
+        Ok(live.into_iter().next().map(|(gw, instance)| CommandTarget {
+            instance_id: instance,
+            gateway_id: Some(gw),
+        }))
+    }
+
+    /// Drops expired subscriptions and the subscriptions of dead instances, so the tables never
+    /// grow without bound; returns how many rows went.
+    pub async fn purge(&self) -> Result<u64, RoutingError> {
+        let timeout = secs(self.instance_timeout);
+        let db = self.pool.get().await?;
+        let expired = db
+            .execute(
+                "DELETE FROM command_consumers WHERE expires IS NOT NULL AND expires <= now()",
+                &[],
+            )
+            .await?;
+        let dead = db
+            .execute(
+                "DELETE FROM command_consumers c USING adapter_instances i
+                  WHERE c.instance_id = i.instance_id
+                    AND i.last_seen <= now() - make_interval(secs => $1::float8)",
+                &[&timeout],
+            )
+            .await?;
+        Ok(expired + dead)
+    }
+}

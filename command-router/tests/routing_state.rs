@@ -1,0 +1,146 @@
+//! The routing state against the real PostgreSQL: Hono's target-selection rule, lifespans,
+//! dead instances, unregistering and cleanup with the device.
+
+use ferrule_command_router::{CommandTarget, RoutingState};
+use ferrule_registry::{DatabaseConfig, RegistryConfig};
+use std::time::Duration;
+
+async fn setup() -> (RoutingState, ferrule_registry::Store, String) {
+    let db = DatabaseConfig {
+        url: std::env::var("FERRULE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
+        pool_size: 2,
+    };
+    let store = ferrule_registry::open_store(&db, &RegistryConfig::default())
+        .await
+        .unwrap();
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let t = ferrule_registry::model::tenant::Tenant::parse(b"{}").unwrap();
+    store.create_tenant(Some(tenant.clone()), t).await.unwrap();
+    for d in ["dev", "gw1", "gw2", "other"] {
+        let doc = ferrule_registry::model::device::Device::parse(b"{}").unwrap();
+        store
+            .create_device(&tenant, Some(d.into()), doc)
+            .await
+            .unwrap();
+    }
+    let routing = RoutingState::new(store.pool().clone(), Duration::from_secs(30));
+    (routing, store, tenant)
+}
+
+fn target(instance: &str, gateway: Option<&str>) -> Option<CommandTarget> {
+    Some(CommandTarget {
+        instance_id: instance.into(),
+        gateway_id: gateway.map(str::to_owned),
+    })
+}
+
+fn id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test]
+async fn target_selection_follows_hono_rule() {
+    let (r, _store, t) = setup().await;
+    let (a, b, c) = (id("inst-a"), id("inst-b"), id("inst-c"));
+    for i in [&a, &b, &c] {
+        r.heartbeat(i).await.unwrap();
+    }
+    let via = vec!["gw1".to_owned(), "gw2".to_owned()];
+    assert_eq!(
+        r.resolve(&t, "dev", &via).await.unwrap(),
+        None,
+        "nobody subscribed"
+    );
+
+    // 3. Any subscribed gateway in via.
+    r.register(&t, "gw1", &a, None).await.unwrap();
+    assert_eq!(
+        r.resolve(&t, "dev", &via).await.unwrap(),
+        target(&a, Some("gw1"))
+    );
+    // A gateway outside via never counts.
+    r.register(&t, "other", &c, None).await.unwrap();
+    assert_eq!(
+        r.resolve(&t, "dev", &via).await.unwrap(),
+        target(&a, Some("gw1"))
+    );
+
+    // 2. The last known gateway wins over other gateways in via.
+    r.register(&t, "gw2", &b, None).await.unwrap();
+    r.set_last_gateway(&t, "dev", "gw1").await.unwrap();
+    assert_eq!(
+        r.resolve(&t, "dev", &via).await.unwrap(),
+        target(&a, Some("gw1"))
+    );
+    r.set_last_gateway(&t, "dev", "gw2").await.unwrap();
+    assert_eq!(
+        r.resolve(&t, "dev", &via).await.unwrap(),
+        target(&b, Some("gw2"))
+    );
+
+    // 1. The device's own subscription wins over everything.
+    r.register(&t, "dev", &c, None).await.unwrap();
+    assert_eq!(r.resolve(&t, "dev", &via).await.unwrap(), target(&c, None));
+}
+
+#[tokio::test]
+async fn lifespans_dead_instances_and_unregistering() {
+    let (r, _store, t) = setup().await;
+    let (a, b) = (id("inst-a"), id("inst-b"));
+    r.heartbeat(&a).await.unwrap();
+    // An expired subscription does not count.
+    r.register(&t, "dev", &a, Some(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), None);
+    // An instance that never sent a heartbeat (or stopped) does not count.
+    r.register(&t, "dev", &b, None).await.unwrap();
+    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), None);
+    r.heartbeat(&b).await.unwrap();
+    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), target(&b, None));
+    let short = RoutingState::new(_store.pool().clone(), Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        short.resolve(&t, "dev", &[]).await.unwrap(),
+        None,
+        "b missed its heartbeat"
+    );
+
+    // Unregistering by another instance fails; the holder succeeds.
+    assert!(!r.unregister(&t, "dev", &a).await.unwrap());
+    assert!(r.unregister(&t, "dev", &b).await.unwrap());
+    assert!(!r.unregister(&t, "dev", &b).await.unwrap());
+    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn routing_rows_go_with_the_device_and_purge_drops_stale_ones() {
+    let (r, store, t) = setup().await;
+    let a = id("inst-a");
+    r.heartbeat(&a).await.unwrap();
+    r.register(&t, "dev", &a, None).await.unwrap();
+    r.set_last_gateway(&t, "dev", "gw1").await.unwrap();
+    r.register(&t, "gw1", &a, Some(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        r.purge().await.unwrap() >= 1,
+        "the expired gateway subscription is purged"
+    );
+    store.delete_device(&t, "dev", None).await.unwrap();
+    let db = store.pool().get().await.unwrap();
+    for table in ["command_consumers", "last_known_gateways"] {
+        let n: i64 = db
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE tenant_id = $1"),
+                &[&t],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table}");
+    }
+}
