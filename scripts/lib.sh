@@ -75,9 +75,18 @@ pg_run() { # run a PostgreSQL server binary as the owner of the data directory
     fi
 }
 
+pg_usable() { psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atqc 'SELECT 1' postgres >/dev/null 2>&1; }
+
 ensure_postgres() {
     if port_open "$FERRULE_PG_PORT"; then
-        return 0
+        pg_usable && return 0
+        # Debian's own cluster may have started on install; it wants passwords on TCP.
+        if command -v pg_lsclusters >/dev/null && pg_lsclusters -h | awk '{print $3, $4}' | grep -q "^$FERRULE_PG_PORT online"; then
+            say "stopping Debian's PostgreSQL cluster on port $FERRULE_PG_PORT (ferrule runs its own)"
+            pg_lsclusters -h | awk -v p="$FERRULE_PG_PORT" '$3 == p && $4 == "online" {print $1, $2}' |
+                while read -r ver name; do pg_ctlcluster "$ver" "$name" stop || true; done
+        fi
+        port_open "$FERRULE_PG_PORT" && die "port $FERRULE_PG_PORT is taken by a PostgreSQL that refuses postgres@127.0.0.1 without a password; set FERRULE_PG_PORT"
     fi
     if [ ! -s "$PG_DATA/PG_VERSION" ]; then
         say "creating a PostgreSQL cluster in $PG_DATA"
