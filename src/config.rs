@@ -19,6 +19,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub registry: RegistryConfig,
     pub gateway: GatewayConfig,
+    pub router: ferrule_command_router::RouterConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

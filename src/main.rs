@@ -36,6 +36,8 @@ enum Command {
     Registry,
     /// Run the protocol gateways (HTTP and MQTT adapters) that write device data into Kafka.
     Gateway,
+    /// Run the command router (consumes hono.command.*, forwards to gateway instances).
+    Router,
     /// Send a metadata request to the configured Kafka cluster and print what it answered.
     CheckKafka,
     /// Print the default configuration as TOML.
@@ -63,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             Command::All => run_services(cfg, Services::ALL).await,
             Command::Registry => run_services(cfg, Services::REGISTRY).await,
             Command::Gateway => run_services(cfg, Services::GATEWAY).await,
+            Command::Router => run_services(cfg, Services::ROUTER).await,
             Command::CheckKafka => check_kafka(&cfg).await,
             Command::PrintConfig => Ok(()),
         }
@@ -93,20 +96,29 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListe
 struct Services {
     registry: bool,
     gateway: bool,
+    router: bool,
 }
 
 impl Services {
     const ALL: Services = Services {
         registry: true,
         gateway: true,
+        router: true,
     };
     const REGISTRY: Services = Services {
         registry: true,
         gateway: false,
+        router: false,
     };
     const GATEWAY: Services = Services {
         registry: false,
         gateway: true,
+        router: false,
+    };
+    const ROUTER: Services = Services {
+        registry: false,
+        gateway: false,
+        router: true,
     };
 }
 
@@ -144,7 +156,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     ));
 
     readiness.register("postgresql");
-    if services.gateway {
+    if services.gateway || services.router {
         readiness.register("kafka");
         let client = kafka::MetadataClient::new(
             &cfg.kafka.bootstrap_servers,
@@ -175,17 +187,32 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    if let Some(listeners) = gateway_listeners {
-        let registry = ferrule_registry::DeviceAuthenticator::new(
-            store.pool().clone(),
-            &cfg.registry.auth_cache,
-        );
+    // One registry view (cache + change listener) for the gateway and the router.
+    let registry = (services.gateway || services.router).then(|| {
+        ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &cfg.registry.auth_cache)
+    });
+    if let Some(registry) = &registry {
         let db: tokio_postgres::Config = cfg.database.url.parse()?;
         let listen = registry.spawn_listener(db, shutdown.clone());
         tasks.spawn(async move {
             let _ = listen.await;
             Ok(())
         });
+    }
+    if services.router
+        && let Some(registry) = registry.clone()
+    {
+        let (router, bootstrap, pool) = (
+            cfg.router.clone(),
+            cfg.kafka.bootstrap_servers.clone(),
+            store.pool().clone(),
+        );
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            ferrule_command_router::run(router, &bootstrap, registry, pool, shutdown).await
+        });
+    }
+    if let (Some(listeners), Some(registry)) = (gateway_listeners, registry) {
         let (gateway, kafka) = (cfg.gateway.clone(), cfg.kafka.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

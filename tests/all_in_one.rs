@@ -214,6 +214,10 @@ fn registry_answers_curl_as_in_hono_getting_started() {
     ]);
     assert_eq!(code, 202, "{body}");
 
+    // The command router runs too: a request/response command for the device, which holds no
+    // subscription, is answered with a 503 delivery failure.
+    assert_eq!(command_response_status(&tenant, &device), "503");
+
     // Anonymous writes are refused and counted.
     let (code, _) = curl(&["-X", "POST", &format!("{}/v1/tenants", f.registry)]);
     assert_eq!(code, 401);
@@ -296,4 +300,79 @@ fn help_documents_every_config_key() {
         .unwrap();
     let toml = String::from_utf8_lossy(&out.stdout);
     assert!(toml.contains("[registry.management]"), "{toml}");
+}
+
+/// Sends a request/response command with rdkafka and returns the `status` of its response.
+fn command_response_status(tenant: &str, device: &str) -> String {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "device_id",
+            value: Some(device),
+        })
+        .insert(Header {
+            key: "subject",
+            value: Some("ping"),
+        })
+        .insert(Header {
+            key: "response-required",
+            value: Some("true"),
+        })
+        .insert(Header {
+            key: "correlation-id",
+            value: Some("all-in-one-1"),
+        });
+    producer
+        .send(
+            BaseRecord::to(&format!("hono.command.{tenant}"))
+                .key(device)
+                .payload("")
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(5)).unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set(
+            "group.id",
+            format!("all-in-one-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&format!("hono.command_response.{tenant}")])
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no command response"
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m.headers().unwrap();
+            let correlation = headers
+                .iter()
+                .find(|h| h.key == "correlation-id")
+                .and_then(|h| h.value);
+            assert_eq!(correlation, Some(&b"all-in-one-1"[..]));
+            let status = headers
+                .iter()
+                .find(|h| h.key == "status")
+                .and_then(|h| h.value)
+                .unwrap();
+            return String::from_utf8_lossy(status).into_owned();
+        }
+    }
 }

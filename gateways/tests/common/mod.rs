@@ -199,6 +199,7 @@ pub async fn read(topic: &str, n: usize) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &kafka().bootstrap_servers)
             .set("group.id", random_id("test-reader"))
+            .set("topic.metadata.refresh.interval.ms", "500")
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .set("log_level", "3")
