@@ -4,72 +4,68 @@
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use std::sync::LazyLock;
 
+/// Registers a metric in the process-wide registry; the definitions below are constant, so a
+/// failure is a programming error. A second registration (tests with several gateways in one
+/// process) keeps the first.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    m: Result<M, prometheus::Error>,
+) -> M {
+    let m = m.unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(m.clone()));
+    m
+}
+
 static PROCESSING: LazyLock<HistogramVec> =
     LazyLock::new(|| {
-        let h = HistogramVec::new(
+        registered(HistogramVec::new(
         HistogramOpts::new(
             "hono_telemetry_processing_duration_seconds",
             "Time from receiving a telemetry message or event until it was forwarded or refused",
         )
         .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         &["component_name", "tenant", "type", "status", "qos"],
-    )
-    .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let _ = prometheus::register(Box::new(h.clone()));
-        h
+    ))
     });
 
 static PAYLOAD: LazyLock<HistogramVec> = LazyLock::new(|| {
-    let h = HistogramVec::new(
+    registered(HistogramVec::new(
         HistogramOpts::new(
             "hono_telemetry_payload_bytes",
             "Payload size of device messages",
         )
         .buckets(prometheus::exponential_buckets(16.0, 4.0, 8).unwrap_or_default()),
         &["component_name", "tenant", "type", "status"],
-    )
-    .unwrap_or_else(|e| panic!("metric definition: {e}"));
-    let _ = prometheus::register(Box::new(h.clone()));
-    h
+    ))
 });
 
 static REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
+    registered(IntCounterVec::new(
         Opts::new(
             "ferrule_gateway_rejected_total",
             "Device requests refused by a gateway, by adapter and reason",
         ),
         &["component_name", "reason"],
-    )
-    .unwrap_or_else(|e| panic!("metric definition: {e}"));
-    let _ = prometheus::register(Box::new(c.clone()));
-    c
+    ))
 });
 
 static CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
-    let g = prometheus::IntGaugeVec::new(
+    registered(prometheus::IntGaugeVec::new(
         Opts::new(
             "hono_connections_authenticated",
             "Open connections of authenticated devices",
         ),
         &["component_name", "tenant"],
-    )
-    .unwrap_or_else(|e| panic!("metric definition: {e}"));
-    let _ = prometheus::register(Box::new(g.clone()));
-    g
+    ))
 });
 
 static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    let c = IntCounterVec::new(
+    registered(IntCounterVec::new(
         Opts::new(
             "hono_connections_attempts_total",
             "Connection attempts, by outcome",
         ),
         &["component_name", "tenant", "outcome"],
-    )
-    .unwrap_or_else(|e| panic!("metric definition: {e}"));
-    let _ = prometheus::register(Box::new(c.clone()));
-    c
+    ))
 });
 
 /// Counts a connection attempt (`outcome` as Hono names it: `succeeded`, `unauthorized`, …).
