@@ -44,6 +44,11 @@ impl Ferrule {
             .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", kafka)
             .env("FERRULE_KAFKA__METADATA_TIMEOUT_MS", "500")
             .env("FERRULE_REGISTRY__MANAGEMENT__PASSWORD", PASSWORD)
+            // A router group of its own: a killed test process must not hold partitions of another.
+            .env(
+                "FERRULE_ROUTER__GROUP_ID",
+                format!("router-{}", uuid::Uuid::new_v4().simple()),
+            )
             .env("FERRULE_REGISTRY__PLAIN_PASSWORD_COST", "4")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

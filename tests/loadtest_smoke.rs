@@ -29,6 +29,11 @@ async fn harness_smoke_run() {
         .env("FERRULE_DATABASE__URL", &db)
         .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", &kafka)
         .env("FERRULE_REGISTRY__MANAGEMENT__PASSWORD", "smoke")
+        // A router group of its own: a killed test process must not hold partitions of another.
+        .env(
+            "FERRULE_ROUTER__GROUP_ID",
+            format!("router-{}", uuid::Uuid::new_v4().simple()),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
