@@ -3,6 +3,7 @@
 //! shared ingest pipeline.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
@@ -27,6 +28,8 @@ use tokio::sync::watch;
 pub struct GatewayConfig {
     /// Largest device payload accepted (bytes); Hono's default is 2048.
     pub max_payload_size: usize,
+    /// Must match `router.instance_timeout_secs`: heartbeats are sent at a third of it.
+    pub instance_timeout_secs: u64,
     pub http: http::HttpConfig,
     pub mqtt: mqtt::MqttConfig,
     pub tls: tls::TlsConfig,
@@ -36,6 +39,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             max_payload_size: 2048,
+            instance_timeout_secs: 30,
             http: http::HttpConfig::default(),
             mqtt: mqtt::MqttConfig::default(),
             tls: tls::TlsConfig::default(),
@@ -64,8 +68,17 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     metrics::init();
     let sender = Arc::new(DownstreamSender::new(kafka).context("creating the Kafka producer")?);
+    let routing = ferrule_command_router::RoutingState::new(
+        registry.pool().clone(),
+        Duration::from_secs(cfg.instance_timeout_secs),
+    );
     let pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size);
+    let hub = commands::CommandHub::new(routing, sender.clone());
     let mut adapters = tokio::task::JoinSet::new();
+    adapters.spawn(
+        hub.clone()
+            .run(kafka.bootstrap_servers.clone(), shutdown.clone()),
+    );
     if let Some(listener) = listeners.http {
         let app = http::router(pipeline.clone(), cfg.http.clone());
         let mut shutdown = shutdown.clone();
@@ -84,6 +97,7 @@ pub async fn serve(
             listener,
             None,
             pipeline.clone(),
+            Some(hub.clone()),
             cfg.mqtt.clone(),
             shutdown.clone(),
         ));
@@ -110,6 +124,7 @@ pub async fn serve(
             listener,
             Some(acceptor),
             pipeline.clone(),
+            Some(hub.clone()),
             cfg.mqtt,
             shutdown.clone(),
         ));

@@ -229,6 +229,25 @@ impl IngestPipeline {
         Ok(self.registry.x509(&tenant_id, &cert.subject_dn).await?)
     }
 
+    /// Whether `gateway` may act for `device` (same tenant, `via` or `viaGroups`).
+    pub async fn may_act_for(&self, tenant: &str, gateway: &str, device: &str) -> bool {
+        let (Ok(d), Ok(g)) = (
+            self.registry.device(tenant, device).await,
+            self.registry.device(tenant, gateway).await,
+        ) else {
+            return false;
+        };
+        match (d.as_ref(), g.as_ref()) {
+            (Some(d), Some(g)) => d.enabled && g.enabled && may_act_for(gateway, g, d),
+            _ => false,
+        }
+    }
+
+    /// The registry view, for services that share its pool.
+    pub fn registry(&self) -> &DeviceAuthenticator {
+        &self.registry
+    }
+
     /// Registry changes, for adapters that hold connections open.
     pub fn registry_changes(
         &self,

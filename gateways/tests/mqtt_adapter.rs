@@ -105,7 +105,11 @@ impl RawClient {
 
     /// The next packet, or `None` once the gateway closed the connection (within 5 s).
     async fn next(&mut self) -> Option<v4::Packet> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.next_within(Duration::from_secs(5)).await
+    }
+
+    async fn next_within(&mut self, limit: Duration) -> Option<v4::Packet> {
+        let deadline = Instant::now() + limit;
         loop {
             match v4::Packet::read(&mut self.buf, 1 << 20) {
                 Ok(p) => return Some(p),
@@ -116,7 +120,7 @@ impl RawClient {
             match tokio::time::timeout(left, self.stream.read_buf(&mut self.buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return None,
                 Ok(Ok(_)) => {}
-                Err(_) => panic!("the gateway neither answered nor closed within 5 s"),
+                Err(_) => panic!("the gateway neither answered nor closed within {limit:?}"),
             }
         }
     }
@@ -356,9 +360,9 @@ async fn error_policy_closes_or_ignores() {
         other => panic!("{other:?}"),
     }
 
-    // Unknown topic, and subscriptions (not offered yet) get SUBACK failure.
+    // Unknown topic, and subscriptions to topics the gateway does not offer get SUBACK failure.
     c.send(v4::Packet::Subscribe(v4::Subscribe::new(
-        "command///req/#",
+        "not/a/hono/topic/#",
         QoS::AtLeastOnce,
     )))
     .await;
@@ -655,4 +659,173 @@ async fn errors_are_published_to_the_error_topic() {
         other => panic!("{other:?}"),
     }
     c.expect_closed().await;
+}
+
+/// Sends a command the way a Kafka application does.
+async fn send_command(tenant: &str, device: &str, headers: &[(&str, &str)], payload: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka().bootstrap_servers)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let mut hs = OwnedHeaders::new();
+    for (k, v) in headers {
+        hs = hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    let topic = format!("hono.command.{tenant}");
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(device)
+                .headers(hs)
+                .payload(payload),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+}
+
+/// A command router of its own for this test (own consumer group).
+async fn start_router() -> tokio::sync::watch::Sender<bool> {
+    let store = ferrule_registry::open_store(&database(), &Default::default())
+        .await
+        .unwrap();
+    let auth =
+        ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &Default::default());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
+    let routing =
+        ferrule_command_router::RoutingState::new(store.pool().clone(), Duration::from_secs(30));
+    let group = random_id("router");
+    tokio::spawn(async move {
+        ferrule_command_router::forward::run(&kafka().bootstrap_servers, &group, auth, routing, rx)
+            .await
+    });
+    tx
+}
+
+#[tokio::test]
+async fn request_response_command_round_trip_over_mqtt() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command///req/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => {
+            assert_eq!(
+                s.return_codes,
+                vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "setVolume"),
+            ("response-required", "true"),
+            ("correlation-id", "c-1/with slash"),
+        ],
+        "5",
+    )
+    .await;
+    let command = match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(p)) => p,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(&command.payload[..], b"5");
+    let parts: Vec<&str> = command.topic.split('/').collect();
+    assert_eq!(parts.len(), 6, "{}", command.topic);
+    assert_eq!(
+        (parts[0], parts[1], parts[2], parts[3], parts[5]),
+        ("command", "", "", "req", "setVolume")
+    );
+    let req_id = parts[4].to_owned();
+    assert!(!req_id.is_empty());
+
+    c.publish(
+        &format!("command///res/{req_id}/200/?content-type=text%2Fplain"),
+        b"volume set",
+        QoS::AtLeastOnce,
+        9,
+    )
+    .await;
+    assert_eq!(c.next().await, Some(v4::Packet::PubAck(v4::PubAck::new(9))));
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    let r = &responses[0];
+    assert_eq!(r.key, "dev");
+    assert_eq!(r.headers["correlation-id"], "c-1/with slash");
+    assert_eq!(r.headers["status"], "200");
+    assert_eq!(r.headers["tenant_id"], tenant);
+    assert_eq!(r.headers["content-type"], "text/plain");
+    assert_eq!(r.payload, b"volume set");
+
+    // A status outside 200-299/400-599 is refused: error policy closes the connection.
+    c.publish(
+        &format!("command///res/{req_id}/302"),
+        b"",
+        QoS::AtLeastOnce,
+        10,
+    )
+    .await;
+    c.expect_closed().await;
+}
+
+#[tokio::test]
+async fn gateway_receives_one_way_commands_for_its_devices() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "gw", json!({})).await;
+    p.device(&tenant, "edge", json!({"via": ["gw"]})).await;
+    p.device(&tenant, "stranger", json!({})).await;
+    let _router = start_router().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("gw", &tenant), 60).await;
+    // A device outside `via` cannot be subscribed for.
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command//stranger/req/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => {
+            assert_eq!(s.return_codes, vec![v4::SubscribeReasonCode::Failure])
+        }
+        other => panic!("{other:?}"),
+    }
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command//+/req/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::SubAck(_))));
+    send_command(
+        &tenant,
+        "edge",
+        &[("device_id", "edge"), ("subject", "doIt")],
+        "go",
+    )
+    .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert_eq!(
+                p.topic, "command//edge/req//doIt",
+                "one-way: empty request id"
+            );
+            assert_eq!(&p.payload[..], b"go");
+        }
+        other => panic!("{other:?}"),
+    }
 }

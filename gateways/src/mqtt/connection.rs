@@ -5,6 +5,7 @@
 use super::codec::{self, ConnectOutcome, Inbound, Outbound, PublishRequest, Version};
 use super::topic;
 use super::{ConnectionEvents, MqttConfig};
+use crate::commands::{CommandDelivery, CommandHub};
 use crate::metrics;
 use crate::pipeline::{
     Accepted, AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError,
@@ -16,6 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
@@ -81,6 +83,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut stream: S,
     client_cert: Option<std::sync::Arc<Vec<u8>>>,
     pipeline: IngestPipeline,
+    hub: Option<CommandHub>,
     cfg: &MqttConfig,
     instance_full: bool,
     shutdown: watch::Receiver<bool>,
@@ -131,6 +134,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         "connected",
     ))
     .await;
+    let mut commands = Commands {
+        hub,
+        sub: None,
+        queue: None,
+        sender: None,
+    };
     let result = serve(
         session,
         buf,
@@ -139,9 +148,13 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         device.clone(),
         connect.keep_alive_secs,
         changes,
+        &mut commands,
         shutdown,
     )
     .await;
+    if let (Some(hub), Some(sub)) = (&commands.hub, &commands.sub) {
+        Box::pin(hub.unsubscribe(&device.tenant_id, &sub.registered)).await;
+    }
     Box::pin(connection_event(
         &pipeline,
         cfg,
@@ -267,6 +280,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     device: AuthenticatedDevice,
     keep_alive_secs: u16,
     mut changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
+    commands: &mut Commands,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
@@ -285,22 +299,31 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             };
             match packet {
                 Inbound::Publish(p) => {
-                    if let Some(f) =
-                        publish(&mut session, &pipeline, &device, errors.as_ref(), p).await?
+                    if let Some(f) = publish(
+                        &mut session,
+                        &pipeline,
+                        &device,
+                        errors.as_ref(),
+                        commands.hub.as_ref(),
+                        p,
+                    )
+                    .await?
                     {
                         in_flight.push_back(f);
                     }
                 }
                 Inbound::PingReq => session.send(Outbound::PingResp).await?,
                 Inbound::Subscribe { pkid, filters } => {
-                    let granted = filters
-                        .iter()
-                        .map(|(filter, _)| {
-                            let sub = ErrorSubscription::parse(filter, &device)?;
+                    let mut granted = Vec::with_capacity(filters.len());
+                    for (filter, _) in &filters {
+                        if let Some(sub) = ErrorSubscription::parse(filter, &device) {
                             errors = Some(sub);
-                            Some(0)
-                        })
-                        .collect();
+                            granted.push(Some(0));
+                        } else {
+                            let ok = Box::pin(commands.subscribe(&pipeline, &device, filter)).await;
+                            granted.push(ok.then_some(0));
+                        }
+                    }
                     session.send(Outbound::SubAck { pkid, granted }).await?
                 }
                 Inbound::Unsubscribe { pkid, filters } => {
@@ -330,6 +353,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     Ok(_) if failure.qos1 => session.send(Outbound::PubAck(failure.pkid)).await?,
                     Ok(_) => {}
                     Err(e) => publish_failed(&mut session, &failure, errors.as_ref(), e).await?,
+                }
+            }
+            Some(cmd) = next_command(&mut commands.queue) => {
+                if let Some(sub) = &commands.sub {
+                    let topic = sub.topic_for(&cmd, &device.device_id);
+                    session.send(Outbound::Publish { topic, payload: cmd.payload }).await?;
                 }
             }
             _ = sleep_until(deadline) => {
@@ -369,6 +398,7 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
     pipeline: &IngestPipeline,
     device: &AuthenticatedDevice,
     errors: Option<&ErrorSubscription>,
+    hub: Option<&CommandHub>,
     p: PublishRequest,
 ) -> Result<Option<InFlight>, ConnectionError> {
     let qos1 = match p.qos {
@@ -376,6 +406,9 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         1 => true,
         _ => return Err(ConnectionError::Closed("QoS 2 is not supported".into())),
     };
+    if let Some(response) = topic::parse_response(&p.topic) {
+        return command_response(session, device, errors, hub, p, qos1, response).await;
+    }
     if p.payload.len() > pipeline.max_payload_size() {
         metrics::rejected(ADAPTER.name(), "payload-too-large");
         return Err(ConnectionError::Closed("payload too large".into()));
@@ -542,4 +575,181 @@ impl ErrorSubscription {
 /// Resolves when `shutdown` turns true (the borrow of the flag ends inside).
 pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// The command side of one connection: its subscription and the queue commands arrive on.
+pub(super) struct Commands {
+    hub: Option<CommandHub>,
+    sub: Option<CommandSubscription>,
+    queue: Option<mpsc::Receiver<CommandDelivery>>,
+    sender: Option<mpsc::Sender<CommandDelivery>>,
+}
+
+/// Commands a connection may hold unsent before further ones fail with 503.
+const COMMAND_QUEUE: usize = 16;
+
+/// A live command subscription and how to address commands to it.
+struct CommandSubscription {
+    filter: topic::CommandFilter,
+    /// The device (or gateway) id the subscription is registered under.
+    registered: String,
+}
+
+impl CommandSubscription {
+    /// `{prefix}/{tenant}/{device}/{req}/{reqId}/{subject}`, mirroring the filter; a gateway-wide
+    /// subscription names the target device (empty when the command is for the gateway itself).
+    fn topic_for(&self, cmd: &CommandDelivery, own: &str) -> String {
+        let f = &self.filter;
+        let device = match f.device.as_str() {
+            "+" if cmd.device_id == own => "",
+            "+" => cmd.device_id.as_str(),
+            d => d,
+        };
+        let req_id = cmd
+            .correlation_id
+            .as_ref()
+            .map(|c| {
+                ferrule_schemas::command::RequestId {
+                    correlation_id: c.clone(),
+                }
+                .encode()
+            })
+            .unwrap_or_default();
+        format!(
+            "{}/{}/{device}/{}/{req_id}/{}",
+            f.prefix, f.tenant, f.req, cmd.subject
+        )
+    }
+}
+
+impl Commands {
+    /// Subscribes for commands; `false` (SUBACK failure) for a filter that is not a command
+    /// filter, names another tenant, or a device this gateway may not act for.
+    async fn subscribe(
+        &mut self,
+        pipeline: &IngestPipeline,
+        device: &AuthenticatedDevice,
+        filter: &str,
+    ) -> bool {
+        let (Some(hub), Some(f)) = (self.hub.clone(), topic::parse_command_filter(filter)) else {
+            return false;
+        };
+        if !f.tenant.is_empty() && f.tenant != device.tenant_id {
+            return false;
+        }
+        let registered = match f.device.as_str() {
+            "" | "+" => device.device_id.clone(),
+            d if d == device.device_id => d.to_owned(),
+            d => {
+                if !pipeline
+                    .may_act_for(&device.tenant_id, &device.device_id, d)
+                    .await
+                {
+                    return false;
+                }
+                d.to_owned()
+            }
+        };
+        let tx = match &self.sender {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+                self.queue = Some(rx);
+                self.sender = Some(tx.clone());
+                tx
+            }
+        };
+        if hub
+            .subscribe(&device.tenant_id, &registered, tx)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.sub = Some(CommandSubscription {
+            filter: f,
+            registered,
+        });
+        true
+    }
+}
+
+async fn next_command(
+    queue: &mut Option<mpsc::Receiver<CommandDelivery>>,
+) -> Option<CommandDelivery> {
+    match queue {
+        Some(q) => q.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A device's response to a request/response command, written to the application's topic.
+#[allow(clippy::too_many_arguments)]
+async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<S>,
+    device: &AuthenticatedDevice,
+    errors: Option<&ErrorSubscription>,
+    hub: Option<&CommandHub>,
+    p: PublishRequest,
+    qos1: bool,
+    address: Result<topic::ResponseAddress, topic::TopicError>,
+) -> Result<Option<InFlight>, ConnectionError> {
+    let ctx = PublishContext {
+        pkid: p.pkid,
+        qos1,
+        on_error: OnError::Default,
+        endpoint: if p.topic.starts_with("c/") {
+            "c-s".into()
+        } else {
+            "command-response".into()
+        },
+        correlation_id: if qos1 {
+            p.pkid.to_string()
+        } else {
+            "-1".to_owned()
+        },
+        device: device.device_id.clone(),
+    };
+    let result = async {
+        let a = address.map_err(|e| UploadError::BadRequest(e.to_string()))?;
+        if !a.tenant.is_empty() && a.tenant != device.tenant_id {
+            return Err(UploadError::Forbidden("response for another tenant".into()));
+        }
+        let request = ferrule_schemas::command::RequestId::decode(&a.request_id)
+            .ok_or_else(|| UploadError::BadRequest("unknown request id".into()))?;
+        let target = if a.device.is_empty() {
+            device.device_id.clone()
+        } else {
+            a.device.clone()
+        };
+        let content_type = a
+            .properties
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map(|(_, v)| v.clone())
+            .or(p.content_type.clone());
+        let hub = hub.ok_or_else(|| UploadError::Unavailable("commands are not enabled".into()))?;
+        Box::pin(hub.respond(
+            &device.tenant_id,
+            &target,
+            &request.correlation_id,
+            a.status,
+            content_type.as_deref(),
+            &p.payload,
+        ))
+        .await
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            if qos1 {
+                session.send(Outbound::PubAck(p.pkid)).await?;
+            }
+            Ok(None)
+        }
+        Err(e) => {
+            publish_failed(session, &ctx, errors, e).await?;
+            Ok(None)
+        }
+    }
 }

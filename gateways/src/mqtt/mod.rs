@@ -63,6 +63,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<TlsAcceptor>,
     pipeline: IngestPipeline,
+    hub: Option<crate::commands::CommandHub>,
     cfg: MqttConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -73,6 +74,7 @@ pub async fn serve(
     let ctx = Accepting {
         slots,
         pipeline,
+        hub,
         cfg,
         shutdown: shutdown.clone(),
     };
@@ -115,6 +117,7 @@ pub async fn serve(
 struct Accepting {
     slots: Arc<Semaphore>,
     pipeline: IngestPipeline,
+    hub: Option<crate::commands::CommandHub>,
     cfg: Arc<MqttConfig>,
     shutdown: watch::Receiver<bool>,
 }
@@ -125,6 +128,7 @@ impl Accepting {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let permit = self.slots.clone().try_acquire_owned().ok();
+        let hub = self.hub.clone();
         let (pipeline, cfg, shutdown) = (
             self.pipeline.clone(),
             self.cfg.clone(),
@@ -133,7 +137,7 @@ impl Accepting {
         tokio::spawn(async move {
             let full = permit.is_none();
             if let Err(e) =
-                connection::run(stream, client_cert, pipeline, &cfg, full, shutdown).await
+                connection::run(stream, client_cert, pipeline, hub, &cfg, full, shutdown).await
             {
                 tracing::debug!(%peer, error = %e, "MQTT connection ended");
             }

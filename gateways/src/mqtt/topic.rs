@@ -115,3 +115,127 @@ mod tests {
         }
     }
 }
+
+/// A command response published by a device: `command/[tenant]/[device]/res/{reqId}/{status}`
+/// or `c/…/s/…`, optionally with a property bag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseAddress {
+    pub tenant: String,
+    pub device: String,
+    pub request_id: String,
+    pub status: u16,
+    pub properties: Vec<(String, String)>,
+}
+
+/// `None` when `topic` is not a command topic at all.
+pub fn parse_response(topic: &str) -> Option<Result<ResponseAddress, TopicError>> {
+    let (path, bag) = match topic.find("/?") {
+        Some(i) => (&topic[..i], Some(&topic[i + 2..])),
+        None => (topic, None),
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    if !matches!(parts.first(), Some(&"command") | Some(&"c")) {
+        return None;
+    }
+    let bad = || TopicError(topic.to_owned());
+    let [_, tenant, device, "res" | "s", req, status] = parts.as_slice() else {
+        return Some(Err(bad()));
+    };
+    let Ok(status) = status.parse::<u16>() else {
+        return Some(Err(bad()));
+    };
+    let properties = bag
+        .map(|b| {
+            b.split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (decode(k), decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Ok(ResponseAddress {
+        tenant: (*tenant).to_owned(),
+        device: (*device).to_owned(),
+        request_id: (*req).to_owned(),
+        status,
+        properties,
+    }))
+}
+
+/// A command subscription: `command/[tenant]/[device]/req/#` or `c/…/q/#`; the device segment
+/// is empty (the device itself), `+` (a gateway, for all its devices) or one device id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandFilter {
+    pub prefix: String,
+    pub tenant: String,
+    pub device: String,
+    pub req: String,
+}
+
+pub fn parse_command_filter(filter: &str) -> Option<CommandFilter> {
+    let parts: Vec<&str> = filter.split('/').collect();
+    let [
+        prefix @ ("command" | "c"),
+        tenant,
+        device,
+        req @ ("req" | "q"),
+        "#",
+    ] = parts.as_slice()
+    else {
+        return None;
+    };
+    Some(CommandFilter {
+        prefix: (*prefix).to_owned(),
+        tenant: (*tenant).to_owned(),
+        device: (*device).to_owned(),
+        req: (*req).to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    #[test]
+    fn response_topics() {
+        let r = parse_response("command///res/1abc/200").unwrap().unwrap();
+        assert_eq!(
+            (
+                r.tenant.as_str(),
+                r.device.as_str(),
+                r.request_id.as_str(),
+                r.status
+            ),
+            ("", "", "1abc", 200)
+        );
+        let r = parse_response("c//dev/s/1x/503/?content-type=text%2Fplain")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.device, "dev");
+        assert_eq!(
+            r.properties,
+            vec![("content-type".to_owned(), "text/plain".to_owned())]
+        );
+        assert!(parse_response("command///res/1abc/ok").unwrap().is_err());
+        assert!(parse_response("command///req/1abc/200").unwrap().is_err());
+        assert!(parse_response("telemetry").is_none());
+    }
+
+    #[test]
+    fn command_filters() {
+        let f = parse_command_filter("command///req/#").unwrap();
+        assert_eq!(
+            (f.prefix.as_str(), f.device.as_str(), f.req.as_str()),
+            ("command", "", "req")
+        );
+        assert_eq!(parse_command_filter("c//+/q/#").unwrap().device, "+");
+        assert_eq!(
+            parse_command_filter("command/t/d/req/#").unwrap().tenant,
+            "t"
+        );
+        assert!(parse_command_filter("command///req/+").is_none());
+        assert!(parse_command_filter("error///#").is_none());
+    }
+}

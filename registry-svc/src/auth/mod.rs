@@ -204,6 +204,11 @@ impl DeviceAuthenticator {
         }
     }
 
+    /// The registry's connection pool, for services that keep their own state beside it.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
     /// Registry changes as they happen; a lagging receiver should re-check all it holds.
     pub fn subscribe(&self) -> broadcast::Receiver<RegistryChange> {
         self.inner.changes.subscribe()
