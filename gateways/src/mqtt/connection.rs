@@ -154,6 +154,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     .await;
     if let (Some(hub), Some(sub)) = (&commands.hub, &commands.sub) {
         Box::pin(hub.unsubscribe(&device.tenant_id, &sub.registered)).await;
+        Box::pin(reachability(&pipeline, &device, &sub.registered, 0)).await;
     }
     Box::pin(connection_event(
         &pipeline,
@@ -164,6 +165,33 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ))
     .await;
     result
+}
+
+/// Tells applications whether commands reach `target` (Hono's empty notification with `ttd`:
+/// -1 while subscribed, 0 once gone), sent as the device that subscribed.
+async fn reachability(
+    pipeline: &IngestPipeline,
+    device: &AuthenticatedDevice,
+    target: &str,
+    ttd: i64,
+) {
+    let up = Upload {
+        adapter: ADAPTER,
+        endpoint: Endpoint::Event,
+        qos: Qos::AtLeastOnce,
+        origin: Origin::Device(device.clone()),
+        target: (target != device.device_id).then(|| (String::new(), target.to_owned())),
+        content_type: Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.into()),
+        payload: Vec::new(),
+        ttl_secs: None,
+        ttd_secs: Some(ttd),
+        orig_address: String::new(),
+        retain: false,
+        traceparent: None,
+    };
+    if let Err(e) = pipeline.upload(up).await {
+        tracing::warn!(error = %e, device = target, ttd, "ttd notification lost");
+    }
 }
 
 /// Reports a connect or disconnect as configured (Hono's `dc-notification` event).
