@@ -285,6 +285,18 @@ async fn gateways_act_only_for_their_devices() {
         StatusCode::FORBIDDEN,
         "a gateway never reaches another tenant"
     );
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(r.key, "behind");
+        assert_eq!(
+            r.headers["device_id"], "behind",
+            "the record names the device, not the gateway"
+        );
+    }
+    let events = read(&format!("hono.event.{tenant}"), 1).await;
+    assert_eq!(events[0].headers["orig_address"], "/event//behind");
+
     // A disabled gateway may not act any more (403), a disabled device not send (404).
     p.update_device(&tenant, "gw", json!({"enabled": false}))
         .await;
@@ -300,18 +312,6 @@ async fn gateways_act_only_for_their_devices() {
             .send()
     };
     eventually(StatusCode::NOT_FOUND, own).await;
-
-    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
-    assert_eq!(records.len(), 2);
-    for r in &records {
-        assert_eq!(r.key, "behind");
-        assert_eq!(
-            r.headers["device_id"], "behind",
-            "the record names the device, not the gateway"
-        );
-    }
-    let events = read(&format!("hono.event.{tenant}"), 1).await;
-    assert_eq!(events[0].headers["orig_address"], "/event//behind");
 }
 
 #[tokio::test]
