@@ -725,7 +725,7 @@ async fn request_response_command_round_trip_over_mqtt() {
         Some(v4::Packet::SubAck(s)) => {
             assert_eq!(
                 s.return_codes,
-                vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+                vec![v4::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
             )
         }
         other => panic!("{other:?}"),
@@ -747,6 +747,13 @@ async fn request_response_command_round_trip_over_mqtt() {
         other => panic!("{other:?}"),
     };
     assert_eq!(&command.payload[..], b"5");
+    assert_eq!(
+        command.qos,
+        QoS::AtLeastOnce,
+        "delivered with the granted QoS"
+    );
+    c.send(v4::Packet::PubAck(v4::PubAck::new(command.pkid)))
+        .await;
     let parts: Vec<&str> = command.topic.split('/').collect();
     assert_eq!(parts.len(), 6, "{}", command.topic);
     assert_eq!(
@@ -828,4 +835,47 @@ async fn gateway_receives_one_way_commands_for_its_devices() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn unacknowledged_qos1_command_gets_503() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "c///q/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::SubAck(_))));
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "reboot"),
+            ("response-required", "true"),
+            ("correlation-id", "c-2"),
+        ],
+        "",
+    )
+    .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert!(p.topic.starts_with("c///q/"), "{}", p.topic);
+            assert!(p.topic.ends_with("/reboot"), "{}", p.topic);
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+        }
+        other => panic!("{other:?}"),
+    }
+    // No PUBACK: after a second the application gets a 503 delivery failure.
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    assert_eq!(responses[0].headers["status"], "503");
+    assert_eq!(responses[0].headers["correlation-id"], "c-2");
+    assert_eq!(
+        responses[0].headers["content-type"],
+        "application/vnd.eclipse-hono-delivery-failure-notification+json"
+    );
 }

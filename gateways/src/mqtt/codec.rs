@@ -77,10 +77,13 @@ pub enum Outbound {
         pkid: u16,
         granted: Vec<Option<u8>>,
     },
-    /// A QoS 0 message to the device (error messages).
+    /// A message to the device: error messages at QoS 0, commands at the granted QoS
+    /// (`pkid` is used for QoS 1 only).
     Publish {
         topic: String,
         payload: Vec<u8>,
+        qos1: bool,
+        pkid: u16,
     },
     UnsubAck {
         pkid: u16,
@@ -285,11 +288,23 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                         })
                         .collect(),
                 )),
-                Outbound::Publish { topic, payload } => v4::Packet::Publish(v4::Publish::new(
-                    topic.as_str(),
-                    QoS::AtMostOnce,
-                    payload.clone(),
-                )),
+                Outbound::Publish {
+                    topic,
+                    payload,
+                    qos1,
+                    pkid,
+                } => {
+                    let qos = if *qos1 {
+                        QoS::AtLeastOnce
+                    } else {
+                        QoS::AtMostOnce
+                    };
+                    let mut p = v4::Publish::new(topic.as_str(), qos, payload.clone());
+                    if *qos1 {
+                        p.pkid = *pkid;
+                    }
+                    v4::Packet::Publish(p)
+                }
                 Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
                 Outbound::PingResp => v4::Packet::PingResp,
             };
@@ -329,12 +344,23 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                         .collect(),
                     properties: None,
                 }),
-                Outbound::Publish { topic, payload } => v5::Packet::Publish(v5::Publish::new(
-                    topic.as_str(),
-                    QoS5::AtMostOnce,
-                    payload.clone(),
-                    None,
-                )),
+                Outbound::Publish {
+                    topic,
+                    payload,
+                    qos1,
+                    pkid,
+                } => {
+                    let qos = if *qos1 {
+                        QoS5::AtLeastOnce
+                    } else {
+                        QoS5::AtMostOnce
+                    };
+                    let mut p = v5::Publish::new(topic.as_str(), qos, payload.clone(), None);
+                    if *qos1 {
+                        p.pkid = *pkid;
+                    }
+                    v5::Packet::Publish(p)
+                }
                 Outbound::UnsubAck { pkid, filters } => v5::Packet::UnsubAck(v5::UnsubAck {
                     pkid: *pkid,
                     reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; *filters],
@@ -479,6 +505,8 @@ mod tests {
         let p = Outbound::Publish {
             topic: "e".into(),
             payload: b"x".to_vec(),
+            qos1: false,
+            pkid: 0,
         };
         encode(Version::V311, &p, &mut buf).unwrap();
         assert_eq!(&buf[..], &[0x30, 4, 0, 1, b'e', b'x']);

@@ -139,6 +139,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         sub: None,
         queue: None,
         sender: None,
+        unacked: Default::default(),
+        last_pkid: 0,
     };
     let result = serve(
         session,
@@ -343,13 +345,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Inbound::PingReq => session.send(Outbound::PingResp).await?,
                 Inbound::Subscribe { pkid, filters } => {
                     let mut granted = Vec::with_capacity(filters.len());
-                    for (filter, _) in &filters {
+                    for (filter, qos) in &filters {
                         if let Some(sub) = ErrorSubscription::parse(filter, &device) {
                             errors = Some(sub);
                             granted.push(Some(0));
                         } else {
-                            let ok = Box::pin(commands.subscribe(&pipeline, &device, filter)).await;
-                            granted.push(ok.then_some(0));
+                            let qos = (*qos).min(1);
+                            let ok =
+                                Box::pin(commands.subscribe(&pipeline, &device, filter, qos)).await;
+                            granted.push(ok.then_some(qos));
                         }
                     }
                     session.send(Outbound::SubAck { pkid, granted }).await?
@@ -357,7 +361,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 Inbound::Unsubscribe { pkid, filters } => {
                     session.send(Outbound::UnsubAck { pkid, filters }).await?
                 }
-                Inbound::PubAck(_) => {}
+                Inbound::PubAck(pkid) => {
+                    commands.unacked.remove(&pkid);
+                }
                 Inbound::Disconnect => return Ok(()),
                 Inbound::Connect(_) => {
                     return Err(ConnectionError::Closed("second CONNECT".into()));
@@ -369,6 +375,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
         let can_read = in_flight.len() < cfg.max_in_flight;
+        let ack_deadline = commands.earliest_deadline();
         tokio::select! {
             read = session.stream.read_buf(&mut buf), if can_read => {
                 if read? == 0 {
@@ -386,7 +393,30 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Some(cmd) = next_command(&mut commands.queue) => {
                 if let Some(sub) = &commands.sub {
                     let topic = sub.topic_for(&cmd, &device.device_id);
-                    session.send(Outbound::Publish { topic, payload: cmd.payload }).await?;
+                    let qos1 = sub.qos == 1;
+                    let pkid = commands.next_pkid();
+                    if qos1 {
+                        let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;
+                        commands.unacked.insert(pkid, (deadline, cmd.device_id.clone(), cmd.correlation_id.clone()));
+                    }
+                    session.send(Outbound::Publish { topic, payload: cmd.payload, qos1, pkid }).await?;
+                }
+            }
+            _ = sleep_until(ack_deadline) => {
+                // Commands the device did not acknowledge in time are released: 503.
+                for (device_id, correlation_id) in commands.expire(Instant::now()) {
+                    if let (Some(hub), Some(cid)) = (&commands.hub, correlation_id) {
+                        let body = serde_json::json!({"error": "the device did not acknowledge the command"}).to_string();
+                        let _ = Box::pin(hub.respond(
+                            &device.tenant_id,
+                            &device_id,
+                            &cid,
+                            503,
+                            Some(ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION),
+                            body.as_bytes(),
+                        ))
+                        .await;
+                    }
                 }
             }
             _ = sleep_until(deadline) => {
@@ -537,6 +567,8 @@ async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
             .send(Outbound::Publish {
                 topic,
                 payload: payload.to_string().into_bytes(),
+                qos1: false,
+                pkid: 0,
             })
             .await?;
     }
@@ -611,7 +643,13 @@ pub(super) struct Commands {
     sub: Option<CommandSubscription>,
     queue: Option<mpsc::Receiver<CommandDelivery>>,
     sender: Option<mpsc::Sender<CommandDelivery>>,
+    /// QoS 1 commands sent and not yet PUBACKed: packet id → (deadline, device, correlation).
+    unacked: std::collections::HashMap<u16, (Instant, String, Option<String>)>,
+    last_pkid: u16,
 }
+
+/// How long a device has to acknowledge a QoS 1 command (Hono's `sendMessageToDeviceTimeout`).
+const COMMAND_ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Commands a connection may hold unsent before further ones fail with 503.
 const COMMAND_QUEUE: usize = 16;
@@ -619,6 +657,8 @@ const COMMAND_QUEUE: usize = 16;
 /// A live command subscription and how to address commands to it.
 struct CommandSubscription {
     filter: topic::CommandFilter,
+    /// The QoS granted to the subscription, used for every command.
+    qos: u8,
     /// The device (or gateway) id the subscription is registered under.
     registered: String,
 }
@@ -658,6 +698,7 @@ impl Commands {
         pipeline: &IngestPipeline,
         device: &AuthenticatedDevice,
         filter: &str,
+        qos: u8,
     ) -> bool {
         let (Some(hub), Some(f)) = (self.hub.clone(), topic::parse_command_filter(filter)) else {
             return false;
@@ -696,9 +737,40 @@ impl Commands {
         }
         self.sub = Some(CommandSubscription {
             filter: f,
+            qos,
             registered,
         });
         true
+    }
+}
+
+impl Commands {
+    /// Packet ids for commands, 1..=65535, skipping ones still waiting for a PUBACK.
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+            if !self.unacked.contains_key(&self.last_pkid) {
+                return self.last_pkid;
+            }
+        }
+    }
+
+    fn earliest_deadline(&self) -> Option<Instant> {
+        self.unacked.values().map(|(d, _, _)| *d).min()
+    }
+
+    /// Removes and returns the commands whose acknowledgement is overdue.
+    fn expire(&mut self, now: Instant) -> Vec<(String, Option<String>)> {
+        let overdue: Vec<u16> = self
+            .unacked
+            .iter()
+            .filter(|(_, (d, _, _))| *d <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        overdue
+            .into_iter()
+            .filter_map(|k| self.unacked.remove(&k).map(|(_, d, c)| (d, c)))
+            .collect()
     }
 }
 
