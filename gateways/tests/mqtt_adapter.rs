@@ -780,6 +780,19 @@ async fn request_response_command_round_trip_over_mqtt() {
     assert_eq!(r.headers["content-type"], "text/plain");
     assert_eq!(r.payload, b"volume set");
 
+    // Unsubscribing ends the subscription (ttd 0 follows below); a new one starts it again.
+    c.send(v4::Packet::Unsubscribe(v4::Unsubscribe::new(
+        "command///req/#",
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::UnsubAck(_))));
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command///req/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::SubAck(_))));
+
     // A status outside 200-299/400-599 is refused: error policy closes the connection.
     c.publish(
         &format!("command///res/{req_id}/302"),

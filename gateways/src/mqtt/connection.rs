@@ -359,6 +359,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     session.send(Outbound::SubAck { pkid, granted }).await?
                 }
                 Inbound::Unsubscribe { pkid, filters } => {
+                    for filter in &filters {
+                        if errors
+                            .as_ref()
+                            .is_some_and(|_| ErrorSubscription::parse(filter, &device).is_some())
+                        {
+                            errors = None;
+                        } else if let Some(ended) = commands.unsubscribe(filter) {
+                            if let Some(hub) = &commands.hub {
+                                Box::pin(hub.unsubscribe(&device.tenant_id, &ended)).await;
+                            }
+                            Box::pin(reachability(&pipeline, &device, &ended, 0)).await;
+                        }
+                    }
+                    let filters = filters.len();
                     session.send(Outbound::UnsubAck { pkid, filters }).await?
                 }
                 Inbound::PubAck(pkid) => {
@@ -752,6 +766,17 @@ impl Commands {
             if !self.unacked.contains_key(&self.last_pkid) {
                 return self.last_pkid;
             }
+        }
+    }
+
+    /// Ends the command subscription if `filter` is its filter; returns the id it was
+    /// registered under.
+    fn unsubscribe(&mut self, filter: &str) -> Option<String> {
+        let f = topic::parse_command_filter(filter)?;
+        if self.sub.as_ref().is_some_and(|s| s.filter == f) {
+            self.sub.take().map(|s| s.registered)
+        } else {
+            None
         }
     }
 
