@@ -6,7 +6,9 @@
 
 use crate::routing::RoutingState;
 use ferrule_registry::DeviceAuthenticator;
-use ferrule_schemas::command::{InvalidCommand, parse_command};
+use ferrule_schemas::command::{
+    InvalidCommand, delivery_failure_body, parse_command, response_headers,
+};
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::{HonoTopic, TopicKind};
@@ -14,7 +16,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// The consumer group all router instances share (Hono's name).
@@ -23,7 +25,7 @@ pub const GROUP_ID: &str = "cmd-router-group";
 /// Why a command was not forwarded, as the status of the delivery-failure response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Failure {
-    status: i64,
+    status: u16,
     reason: String,
 }
 
@@ -212,42 +214,26 @@ async fn respond(
     failure: Failure,
 ) -> anyhow::Result<()> {
     let topic = HonoTopic::command_response(tenant)?.to_string();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let (status, creation) = (h::encode_i64(failure.status), h::encode_i64(now));
-    let mut out = OwnedHeaders::new()
-        .insert(Header {
-            key: h::CORRELATION_ID,
-            value: Some(correlation_id),
-        })
-        .insert(Header {
-            key: h::CREATION_TIME,
-            value: Some(&creation),
-        })
-        .insert(Header {
-            key: h::DEVICE_ID,
-            value: Some(device),
-        })
-        .insert(Header {
-            key: h::TENANT_ID,
-            value: Some(tenant),
-        })
-        .insert(Header {
-            key: h::STATUS,
-            value: Some(&status),
-        })
-        .insert(Header {
-            key: h::CONTENT_TYPE,
-            value: Some(DELIVERY_FAILURE_NOTIFICATION),
+    let fixed = response_headers(
+        tenant,
+        device,
+        correlation_id,
+        failure.status,
+        Some(DELIVERY_FAILURE_NOTIFICATION),
+    );
+    let mut out = OwnedHeaders::new_with_capacity(fixed.len() + 2);
+    for (k, v) in &fixed {
+        out = out.insert(Header {
+            key: k,
+            value: Some(v),
         });
+    }
     for (k, v) in command_headers {
         if k.starts_with(h::DELIVERY_FAILURE_METADATA_PREFIX) {
             out = out.insert(Header { key: k, value: *v });
         }
     }
-    let payload = serde_json::json!({ "error": failure.reason }).to_string();
+    let payload = delivery_failure_body(&failure.reason);
     producer
         .send(
             FutureRecord::to(&topic)

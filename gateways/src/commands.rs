@@ -6,7 +6,7 @@ use crate::kafka::{DownstreamSender, OutboundRecord};
 use crate::pipeline::UploadError;
 use ferrule_command_router::RoutingState;
 use ferrule_schemas::HonoTopic;
-use ferrule_schemas::command::is_valid_response_status;
+use ferrule_schemas::command::{delivery_failure_body, is_valid_response_status, response_headers};
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use rdkafka::ClientConfig;
@@ -14,7 +14,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// A command for a device connected to this instance.
@@ -73,13 +73,6 @@ impl RecentSet {
         }
         true
     }
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 impl CommandHub {
@@ -160,39 +153,16 @@ impl CommandHub {
         let topic = HonoTopic::command_response(tenant)
             .map_err(|e| UploadError::BadRequest(e.to_string()))?
             .to_string();
-        let (status_v, creation) = (
-            h::encode_i64(i64::from(status)),
-            h::encode_i64(now_millis()),
-        );
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: h::CORRELATION_ID,
-                value: Some(correlation_id),
-            })
-            .insert(Header {
-                key: h::CREATION_TIME,
-                value: Some(&creation),
-            })
-            .insert(Header {
-                key: h::DEVICE_ID,
-                value: Some(device),
-            })
-            .insert(Header {
-                key: h::TENANT_ID,
-                value: Some(tenant),
-            })
-            .insert(Header {
-                key: h::STATUS,
-                value: Some(&status_v),
-            });
         let ct = content_type
             .or((!payload.is_empty()).then_some(ferrule_schemas::content_type::OCTET_STREAM));
-        if let Some(ct) = ct {
-            headers = headers.insert(Header {
-                key: h::CONTENT_TYPE,
-                value: Some(ct),
+        let headers = response_headers(tenant, device, correlation_id, status, ct)
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(6), |hs, (k, v)| {
+                hs.insert(Header {
+                    key: k,
+                    value: Some(v),
+                })
             });
-        }
         let unavailable = |e: crate::kafka::ProduceError| {
             UploadError::Unavailable(format!("downstream unavailable: {e}"))
         };
@@ -213,6 +183,31 @@ impl CommandHub {
             .acked()
             .await
             .map_err(unavailable)
+    }
+
+    /// Tells the application that a request/response command was not delivered.
+    pub async fn fail(
+        &self,
+        tenant: &str,
+        device: &str,
+        correlation_id: &str,
+        status: u16,
+        reason: &str,
+    ) {
+        let body = delivery_failure_body(reason);
+        let sent = self
+            .respond(
+                tenant,
+                device,
+                correlation_id,
+                status,
+                Some(DELIVERY_FAILURE_NOTIFICATION),
+                &body,
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, device, "delivery-failure response lost");
+        }
     }
 
     /// Heartbeats and the internal command topic, until `shutdown` turns true.
@@ -322,18 +317,14 @@ impl CommandHub {
             None => false,
         };
         if !delivered && let Some(cid) = correlation_id {
-            let body =
-                serde_json::json!({"error": "device is not connected to this gateway"}).to_string();
-            let _ = self
-                .respond(
-                    &tenant,
-                    &device,
-                    &cid,
-                    503,
-                    Some(DELIVERY_FAILURE_NOTIFICATION),
-                    body.as_bytes(),
-                )
-                .await;
+            self.fail(
+                &tenant,
+                &device,
+                &cid,
+                503,
+                "device is not connected to this gateway",
+            )
+            .await;
         }
     }
 }

@@ -13,7 +13,7 @@ use ferrule_schemas::{ContentType, HonoTopic};
 use rdkafka::message::{Header, OwnedHeaders};
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// Which protocol adapter a message came through (Hono's adapter type names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -596,13 +596,6 @@ fn ttl_millis(up: &Upload, tenant: &Tenant, device: &Device) -> Option<i64> {
     )
 }
 
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 /// Every §1.3 header of a telemetry/event record, then the defaults the message lacks.
 fn build_headers(
     up: &Upload,
@@ -613,7 +606,7 @@ fn build_headers(
 ) -> OwnedHeaders {
     let mut set: Vec<(&str, Vec<u8>)> = vec![
         (h::CONTENT_TYPE, content_type.as_bytes().to_vec()),
-        (h::CREATION_TIME, h::encode_i64(now_millis())),
+        (h::CREATION_TIME, h::encode_i64(h::now_millis())),
         (h::DEVICE_ID, device.as_bytes().to_vec()),
         (h::QOS, h::encode_i64(up.qos.as_i64())),
         (h::ORIG_ADAPTER, up.adapter.name().as_bytes().to_vec()),

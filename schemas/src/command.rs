@@ -110,6 +110,35 @@ impl RequestId {
     }
 }
 
+/// The headers of a record on `hono.command_response.<tenant>`, made now. `content_type` is
+/// the device's, or the delivery-failure type for responses Ferrule makes itself.
+pub fn response_headers(
+    tenant: &str,
+    device: &str,
+    correlation_id: &str,
+    status: u16,
+    content_type: Option<&str>,
+) -> Vec<(&'static str, Vec<u8>)> {
+    let mut hs = vec![
+        (h::CORRELATION_ID, correlation_id.as_bytes().to_vec()),
+        (h::CREATION_TIME, h::encode_i64(h::now_millis())),
+        (h::DEVICE_ID, device.as_bytes().to_vec()),
+        (h::TENANT_ID, tenant.as_bytes().to_vec()),
+        (h::STATUS, h::encode_i64(i64::from(status))),
+    ];
+    if let Some(ct) = content_type {
+        hs.push((h::CONTENT_TYPE, ct.as_bytes().to_vec()));
+    }
+    hs
+}
+
+/// The body of a response Ferrule makes when a command could not be delivered.
+pub fn delivery_failure_body(reason: &str) -> Vec<u8> {
+    serde_json::json!({ "error": reason })
+        .to_string()
+        .into_bytes()
+}
+
 /// Whether a status a device reports for a command is acceptable (200–299 and 400–599).
 pub fn is_valid_response_status(status: u16) -> bool {
     (200..300).contains(&status) || (400..600).contains(&status)
@@ -204,6 +233,24 @@ mod tests {
         }
         assert!(RequestId::decode("2abc").is_none());
         assert!(RequestId::decode("1!!").is_none());
+    }
+
+    #[test]
+    fn response_headers_carry_the_correlation() {
+        let hs = response_headers("t", "d", "c-1", 503, Some("x/y"));
+        let get = |k: &str| hs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("correlation-id").unwrap(), b"c-1");
+        assert_eq!(get("status").unwrap(), b"503");
+        assert_eq!(get("tenant_id").unwrap(), b"t");
+        assert_eq!(get("device_id").unwrap(), b"d");
+        assert_eq!(get("content-type").unwrap(), b"x/y");
+        assert!(get("creation-time").is_some());
+        assert!(
+            response_headers("t", "d", "c", 200, None)
+                .iter()
+                .all(|(k, _)| *k != "content-type")
+        );
+        assert_eq!(delivery_failure_body("gone"), br#"{"error":"gone"}"#);
     }
 
     #[test]

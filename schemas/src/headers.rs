@@ -48,6 +48,14 @@ pub fn encode_bool(value: bool) -> &'static [u8] {
     if value { b"true" } else { b"false" }
 }
 
+/// `creation-time` for a record made now: milliseconds since the epoch.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 /// The first value of `name` among `headers`; later duplicates are ignored as Hono does.
 pub fn first<'a, I>(headers: I, name: &str) -> Option<&'a [u8]>
 where

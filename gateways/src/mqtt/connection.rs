@@ -420,16 +420,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 // Commands the device did not acknowledge in time are released: 503.
                 for (device_id, correlation_id) in commands.expire(Instant::now()) {
                     if let (Some(hub), Some(cid)) = (&commands.hub, correlation_id) {
-                        let body = serde_json::json!({"error": "the device did not acknowledge the command"}).to_string();
-                        let _ = Box::pin(hub.respond(
-                            &device.tenant_id,
-                            &device_id,
-                            &cid,
-                            503,
-                            Some(ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION),
-                            body.as_bytes(),
-                        ))
-                        .await;
+                        let reason = "the device did not acknowledge the command";
+                        Box::pin(hub.fail(&device.tenant_id, &device_id, &cid, 503, reason)).await;
                     }
                 }
             }

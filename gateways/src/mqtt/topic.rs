@@ -30,10 +30,7 @@ pub struct TopicError(pub String);
 
 pub fn parse(topic: &str) -> Result<PublishAddress, TopicError> {
     let bad = || TopicError(topic.to_owned());
-    let (path, bag) = match topic.find("/?") {
-        Some(i) => (&topic[..i], Some(&topic[i + 2..])),
-        None => (topic, None),
-    };
+    let (path, properties) = split_property_bag(topic);
     let mut segments = path.split('/');
     let endpoint = match segments.next() {
         Some("telemetry" | "t") => Endpoint::Telemetry,
@@ -48,22 +45,27 @@ pub fn parse(topic: &str) -> Result<PublishAddress, TopicError> {
         }
         _ => return Err(bad()),
     };
-    let properties = bag
-        .map(|b| {
-            b.split('&')
-                .filter(|kv| !kv.is_empty())
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (decode(k), decode(v))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     Ok(PublishAddress {
         endpoint,
         target,
         properties,
     })
+}
+
+/// Splits `path/?k=v&k2=v2` into the path and the URL-decoded properties, in order.
+fn split_property_bag(topic: &str) -> (&str, Vec<(String, String)>) {
+    let Some(i) = topic.find("/?") else {
+        return (topic, Vec::new());
+    };
+    let properties = topic[i + 2..]
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    (&topic[..i], properties)
 }
 
 fn decode(s: &str) -> String {
@@ -129,10 +131,7 @@ pub struct ResponseAddress {
 
 /// `None` when `topic` is not a command topic at all.
 pub fn parse_response(topic: &str) -> Option<Result<ResponseAddress, TopicError>> {
-    let (path, bag) = match topic.find("/?") {
-        Some(i) => (&topic[..i], Some(&topic[i + 2..])),
-        None => (topic, None),
-    };
+    let (path, properties) = split_property_bag(topic);
     let parts: Vec<&str> = path.split('/').collect();
     if !matches!(parts.first(), Some(&"command") | Some(&"c")) {
         return None;
@@ -144,17 +143,6 @@ pub fn parse_response(topic: &str) -> Option<Result<ResponseAddress, TopicError>
     let Ok(status) = status.parse::<u16>() else {
         return Some(Err(bad()));
     };
-    let properties = bag
-        .map(|b| {
-            b.split('&')
-                .filter(|kv| !kv.is_empty())
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (decode(k), decode(v))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     Some(Ok(ResponseAddress {
         tenant: (*tenant).to_owned(),
         device: (*device).to_owned(),
