@@ -132,7 +132,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         true => Some(bind("registry", cfg.registry.bind).await?),
         false => None,
     };
-    let tls = cfg.gateway.tls.cert_file.is_some();
+    let tls = cfg.gateway.tls.enabled();
     let gateway_listeners = match services.gateway {
         true => Some(ferrule_gateways::Listeners {
             http: Some(bind("HTTP adapter", cfg.gateway.http.bind).await?),

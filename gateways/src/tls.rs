@@ -25,18 +25,24 @@ use tokio_rustls::server::TlsStream;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM file with the server certificate chain.
-    pub cert_file: Option<PathBuf>,
+    /// PEM file with the server certificate chain; empty: no TLS ports.
+    pub cert_file: PathBuf,
     /// PEM file with the server's private key.
-    pub key_file: Option<PathBuf>,
+    pub key_file: PathBuf,
 }
 
 impl TlsConfig {
+    /// Whether a certificate is configured, and so the TLS ports are served.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
+
     /// The acceptor, or `None` when TLS is not configured.
     pub fn acceptor(&self, alpn: &[&[u8]]) -> anyhow::Result<Option<TlsAcceptor>> {
-        let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else {
+        if !self.enabled() {
             return Ok(None);
-        };
+        }
+        let (cert, key) = (&self.cert_file, &self.key_file);
         let chain = CertificateDer::pem_file_iter(cert)
             .with_context(|| format!("reading {}", cert.display()))?
             .collect::<Result<Vec<_>, _>>()

@@ -30,8 +30,8 @@ fn certificates() -> (PathBuf, TlsConfig) {
     std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
     let tls = TlsConfig {
-        cert_file: Some(dir.join("server.pem")),
-        key_file: Some(dir.join("server-key.pem")),
+        cert_file: dir.join("server.pem"),
+        key_file: dir.join("server-key.pem"),
     };
     (dir, tls)
 }

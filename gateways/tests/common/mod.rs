@@ -78,7 +78,7 @@ impl Platform {
         let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mqtt_port = mqtt_listener.local_addr().unwrap().port();
         let tls_listener = || async {
-            match gateway.tls.cert_file.is_some() {
+            match gateway.tls.enabled() {
                 true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
                 false => None,
             }
