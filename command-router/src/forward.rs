@@ -142,9 +142,13 @@ async fn handle(
                 reason: "device unknown or disabled".into(),
             }));
         };
-        let via = device.via.clone().unwrap_or_default();
+        let via = device.via.as_deref().unwrap_or_default();
+        let groups = device.via_groups.as_deref().unwrap_or_default();
         Ok(
-            match routing.resolve(tenant, &command.device_id, &via).await? {
+            match routing
+                .resolve(tenant, &command.device_id, via, groups)
+                .await?
+            {
                 Some(t) => Ok(t),
                 None => Err(Failure {
                     status: 503,

@@ -14,6 +14,9 @@ pub enum RoutingError {
     Pool(#[from] deadpool_postgres::PoolError),
 }
 
+/// How long a silent instance's row is kept (its subscriptions go after `instance_timeout`).
+const FORGET_INSTANCES_AFTER: Duration = Duration::from_secs(3600);
+
 /// Where a command for a device goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandTarget {
@@ -115,16 +118,29 @@ impl RoutingState {
         Ok(())
     }
 
-    /// Where a command for `device` goes, given the gateways in its `via` (groups expanded);
+    /// Where a command for `device` goes, given the gateways in its `via` and the groups in
+    /// its `viaGroups` (every gateway whose `memberOf` names one of them counts as in `via`);
     /// `None` when nothing can reach it now.
     pub async fn resolve(
         &self,
         tenant: &str,
         device: &str,
         via: &[String],
+        via_groups: &[String],
     ) -> Result<Option<CommandTarget>, RoutingError> {
         let timeout = secs(self.instance_timeout);
         let db = self.pool.get().await?;
+        let mut via = via.to_vec();
+        if !via_groups.is_empty() {
+            let rows = db
+                .query(
+                    "SELECT device_id FROM devices
+                      WHERE tenant_id = $1 AND data->'memberOf' ?| $2::text[]",
+                    &[&tenant, &via_groups],
+                )
+                .await?;
+            via.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
         // Live subscriptions of the device and of its gateways, in one query.
         let mut ids = vec![device.to_owned()];
         ids.extend(via.iter().filter(|g| *g != device).cloned());
@@ -171,8 +187,8 @@ impl RoutingState {
         }))
     }
 
-    /// Drops expired subscriptions and the subscriptions of dead instances, so the tables never
-    /// grow without bound; returns how many rows went.
+    /// Drops expired subscriptions, the subscriptions of dead instances and instances silent
+    /// for an hour, so the tables never grow without bound; returns how many rows went.
     pub async fn purge(&self) -> Result<u64, RoutingError> {
         let timeout = secs(self.instance_timeout);
         let db = self.pool.get().await?;
@@ -190,6 +206,13 @@ impl RoutingState {
                 &[&timeout],
             )
             .await?;
-        Ok(expired + dead)
+        let gone = db
+            .execute(
+                "DELETE FROM adapter_instances
+                  WHERE last_seen <= now() - make_interval(secs => $1::float8)",
+                &[&FORGET_INSTANCES_AFTER.as_secs_f64().max(timeout)],
+            )
+            .await?;
+        Ok(expired + dead + gone)
     }
 }

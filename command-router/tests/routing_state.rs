@@ -48,7 +48,7 @@ async fn target_selection_follows_hono_rule() {
     }
     let via = vec!["gw1".to_owned(), "gw2".to_owned()];
     assert_eq!(
-        r.resolve(&t, "dev", &via).await.unwrap(),
+        r.resolve(&t, "dev", &via, &[]).await.unwrap(),
         None,
         "nobody subscribed"
     );
@@ -56,13 +56,13 @@ async fn target_selection_follows_hono_rule() {
     // 3. Any subscribed gateway in via.
     r.register(&t, "gw1", &a, None).await.unwrap();
     assert_eq!(
-        r.resolve(&t, "dev", &via).await.unwrap(),
+        r.resolve(&t, "dev", &via, &[]).await.unwrap(),
         target(&a, Some("gw1"))
     );
     // A gateway outside via never counts.
     r.register(&t, "other", &c, None).await.unwrap();
     assert_eq!(
-        r.resolve(&t, "dev", &via).await.unwrap(),
+        r.resolve(&t, "dev", &via, &[]).await.unwrap(),
         target(&a, Some("gw1"))
     );
 
@@ -70,18 +70,21 @@ async fn target_selection_follows_hono_rule() {
     r.register(&t, "gw2", &b, None).await.unwrap();
     r.set_last_gateway(&t, "dev", "gw1").await.unwrap();
     assert_eq!(
-        r.resolve(&t, "dev", &via).await.unwrap(),
+        r.resolve(&t, "dev", &via, &[]).await.unwrap(),
         target(&a, Some("gw1"))
     );
     r.set_last_gateway(&t, "dev", "gw2").await.unwrap();
     assert_eq!(
-        r.resolve(&t, "dev", &via).await.unwrap(),
+        r.resolve(&t, "dev", &via, &[]).await.unwrap(),
         target(&b, Some("gw2"))
     );
 
     // 1. The device's own subscription wins over everything.
     r.register(&t, "dev", &c, None).await.unwrap();
-    assert_eq!(r.resolve(&t, "dev", &via).await.unwrap(), target(&c, None));
+    assert_eq!(
+        r.resolve(&t, "dev", &via, &[]).await.unwrap(),
+        target(&c, None)
+    );
 }
 
 #[tokio::test]
@@ -94,16 +97,19 @@ async fn lifespans_dead_instances_and_unregistering() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), None);
+    assert_eq!(r.resolve(&t, "dev", &[], &[]).await.unwrap(), None);
     // An instance that never sent a heartbeat (or stopped) does not count.
     r.register(&t, "dev", &b, None).await.unwrap();
-    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), None);
+    assert_eq!(r.resolve(&t, "dev", &[], &[]).await.unwrap(), None);
     r.heartbeat(&b).await.unwrap();
-    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), target(&b, None));
+    assert_eq!(
+        r.resolve(&t, "dev", &[], &[]).await.unwrap(),
+        target(&b, None)
+    );
     let short = RoutingState::new(_store.pool().clone(), Duration::from_millis(1));
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
-        short.resolve(&t, "dev", &[]).await.unwrap(),
+        short.resolve(&t, "dev", &[], &[]).await.unwrap(),
         None,
         "b missed its heartbeat"
     );
@@ -112,7 +118,7 @@ async fn lifespans_dead_instances_and_unregistering() {
     assert!(!r.unregister(&t, "dev", &a).await.unwrap());
     assert!(r.unregister(&t, "dev", &b).await.unwrap());
     assert!(!r.unregister(&t, "dev", &b).await.unwrap());
-    assert_eq!(r.resolve(&t, "dev", &[]).await.unwrap(), None);
+    assert_eq!(r.resolve(&t, "dev", &[], &[]).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -143,4 +149,32 @@ async fn routing_rows_go_with_the_device_and_purge_drops_stale_ones() {
             .get(0);
         assert_eq!(n, 0, "{table}");
     }
+}
+
+#[tokio::test]
+async fn via_groups_make_group_members_gateways_of_the_device() {
+    let (r, store, t) = setup().await;
+    for (d, doc) in [
+        ("gw-in", r#"{"memberOf": ["north", "east"]}"#),
+        ("gw-out", r#"{"memberOf": ["south"]}"#),
+        ("grouped", r#"{"viaGroups": ["north"]}"#),
+    ] {
+        let doc = ferrule_registry::model::device::Device::parse(doc.as_bytes()).unwrap();
+        store.create_device(&t, Some(d.into()), doc).await.unwrap();
+    }
+    let (a, b) = (id("inst-a"), id("inst-b"));
+    r.heartbeat(&a).await.unwrap();
+    r.heartbeat(&b).await.unwrap();
+    let groups = vec!["north".to_owned()];
+    r.register(&t, "gw-out", &b, None).await.unwrap();
+    assert_eq!(
+        r.resolve(&t, "grouped", &[], &groups).await.unwrap(),
+        None,
+        "a gateway outside the device's groups never counts"
+    );
+    r.register(&t, "gw-in", &a, None).await.unwrap();
+    assert_eq!(
+        r.resolve(&t, "grouped", &[], &groups).await.unwrap(),
+        target(&a, Some("gw-in"))
+    );
 }

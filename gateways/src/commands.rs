@@ -3,16 +3,19 @@
 //! the responses devices send back.
 
 use crate::kafka::{DownstreamSender, OutboundRecord};
-use crate::pipeline::UploadError;
+use crate::pipeline::{AdapterType, IngestPipeline, Origin, UploadError};
 use ferrule_command_router::RoutingState;
 use ferrule_schemas::HonoTopic;
-use ferrule_schemas::command::{delivery_failure_body, is_valid_response_status, response_headers};
+use ferrule_schemas::command::{
+    RequestId, delivery_failure_body, is_valid_response_status, response_headers,
+};
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -24,6 +27,9 @@ pub struct CommandDelivery {
     pub subject: String,
     /// `Some` for request/response commands.
     pub correlation_id: Option<String>,
+    /// What the device echoes with its response ([`RequestId`]); `Some` for request/response
+    /// commands.
+    pub request_id: Option<String>,
     pub content_type: Option<String>,
     pub payload: Vec<u8>,
 }
@@ -33,6 +39,17 @@ pub type CommandQueue = mpsc::Sender<CommandDelivery>;
 
 /// How often this instance tells the router it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// How often overdue request/response commands are answered with a timeout.
+const SWEEP: Duration = Duration::from_millis(250);
+
+/// Request/response commands one instance tracks at most; more fail at once with 503.
+const MAX_AWAITING: usize = 65_536;
+
+/// Identifies one subscription, so that ending an old one never ends a newer one for the
+/// same device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionToken(u64);
 
 /// The command side of one gateway instance; cheap to clone.
 #[derive(Clone)]
@@ -44,8 +61,13 @@ struct Inner {
     instance_id: String,
     routing: RoutingState,
     sender: Arc<DownstreamSender>,
-    /// (tenant, device or gateway) → the connection holding the subscription.
-    subscribers: Mutex<HashMap<(String, String), CommandQueue>>,
+    /// How long an application waits for a device's response to a request/response command.
+    response_timeout: Duration,
+    /// (tenant, device or gateway) → the connection or request holding the subscription.
+    subscribers: Mutex<HashMap<(String, String), (SubscriptionToken, CommandQueue)>>,
+    next_token: AtomicU64,
+    /// Request/response commands handed to a device and not answered yet.
+    awaiting: Mutex<AwaitingResponses>,
     /// Recently delivered commands by source (tenant, partition, offset): a rebalance or a
     /// second router may forward one twice, the device must see it once.
     seen: Mutex<RecentSet>,
@@ -75,8 +97,121 @@ impl RecentSet {
     }
 }
 
+/// Request/response commands waiting for the device's answer, by (tenant, correlation id),
+/// and ordered by deadline so that overdue ones are found without a scan.
+#[derive(Default)]
+struct AwaitingResponses {
+    by_key: HashMap<(String, String), ((i64, u64), String)>,
+    by_deadline: BTreeMap<(i64, u64), (String, String)>,
+    seq: u64,
+}
+
+impl AwaitingResponses {
+    /// Tracks a command until `deadline` (ms); `false` when the table is full.
+    fn insert(&mut self, tenant: &str, cid: &str, device: &str, deadline: i64) -> bool {
+        let key = (tenant.to_owned(), cid.to_owned());
+        self.remove(tenant, cid);
+        if self.by_key.len() >= MAX_AWAITING {
+            return false;
+        }
+        self.seq += 1;
+        let slot = (deadline, self.seq);
+        self.by_deadline.insert(slot, key.clone());
+        self.by_key.insert(key, (slot, device.to_owned()));
+        true
+    }
+
+    /// Stops tracking; `true` when the command was tracked.
+    fn remove(&mut self, tenant: &str, cid: &str) -> bool {
+        match self.by_key.remove(&(tenant.to_owned(), cid.to_owned())) {
+            Some((slot, _)) => {
+                self.by_deadline.remove(&slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes and returns (tenant, device, correlation id) of every command overdue at `now`.
+    fn take_overdue(&mut self, now: i64) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.by_deadline.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (tenant, cid) = entry.remove();
+            if let Some((_, device)) = self.by_key.remove(&(tenant.clone(), cid.clone())) {
+                out.push((tenant, device, cid));
+            }
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+/// Remembers which gateway each device last used and records it in the routing state when it
+/// changes (Hono's "last known gateway", second step of the target rule). Writes only on a
+/// change; forgets everything when full, which costs at most one more write per device.
+pub struct LastGateways {
+    routing: RoutingState,
+    known: Mutex<HashMap<(String, String), String>>,
+}
+
+const MAX_LAST_GATEWAYS: usize = 100_000;
+
+impl LastGateways {
+    pub fn new(routing: RoutingState) -> Self {
+        LastGateways {
+            routing,
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `gateway` just acted for `device`.
+    pub fn note(&self, tenant: &str, device: &str, gateway: &str) {
+        {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (tenant.to_owned(), device.to_owned());
+            if known.get(&key).is_some_and(|g| g == gateway) {
+                return;
+            }
+            if known.len() >= MAX_LAST_GATEWAYS {
+                known.clear();
+            }
+            known.insert(key, gateway.to_owned());
+        }
+        let routing = self.routing.clone();
+        let (t, d, g) = (tenant.to_owned(), device.to_owned(), gateway.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = routing.set_last_gateway(&t, &d, &g).await {
+                tracing::warn!(error = %e, "recording the last known gateway failed");
+            }
+        });
+    }
+}
+
+/// A device's response to a request/response command, as an adapter received it.
+#[derive(Debug, Clone)]
+pub struct DeviceResponse {
+    pub adapter: AdapterType,
+    pub origin: Origin,
+    /// Tenant and device named in the address (gateway and unauthenticated forms).
+    pub target: Option<(String, String)>,
+    pub request_id: String,
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub payload: Vec<u8>,
+}
+
 impl CommandHub {
-    pub fn new(routing: RoutingState, sender: Arc<DownstreamSender>) -> Self {
+    pub fn new(
+        routing: RoutingState,
+        sender: Arc<DownstreamSender>,
+        response_timeout: Duration,
+    ) -> Self {
         // Must be a legal Kafka topic suffix: `ferrule-gateway-<uuid>`.
         let instance_id = format!("ferrule-gateway-{}", uuid::Uuid::new_v4().simple());
         CommandHub {
@@ -84,7 +219,10 @@ impl CommandHub {
                 instance_id,
                 routing,
                 sender,
+                response_timeout,
                 subscribers: Mutex::new(HashMap::new()),
+                next_token: AtomicU64::new(1),
+                awaiting: Mutex::new(AwaitingResponses::default()),
                 seen: Mutex::new(RecentSet {
                     set: Default::default(),
                     order: Default::default(),
@@ -97,34 +235,72 @@ impl CommandHub {
         &self.inner.instance_id
     }
 
-    fn subscribers(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), CommandQueue>> {
+    fn subscribers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (SubscriptionToken, CommandQueue)>>
+    {
         self.inner
             .subscribers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Routes commands for `device` (a device, or a gateway for all its devices) to `queue`;
-    /// the newest subscription wins.
+    fn awaiting(&self) -> std::sync::MutexGuard<'_, AwaitingResponses> {
+        self.inner
+            .awaiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Request/response commands delivered here and not answered yet.
+    pub fn awaiting_responses(&self) -> usize {
+        self.awaiting().len()
+    }
+
+    /// Routes commands for `device` (a device, or a gateway for all its devices) to `queue`,
+    /// for `lifespan` or until unsubscribed; the newest subscription wins and the queue of a
+    /// replaced one is dropped, which ends a long poll waiting on it.
     pub async fn subscribe(
         &self,
         tenant: &str,
         device: &str,
         queue: CommandQueue,
-    ) -> Result<(), UploadError> {
+        lifespan: Option<Duration>,
+    ) -> Result<SubscriptionToken, UploadError> {
+        let token = SubscriptionToken(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
         self.subscribers()
-            .insert((tenant.to_owned(), device.to_owned()), queue);
-        self.inner
+            .insert((tenant.to_owned(), device.to_owned()), (token, queue));
+        match self
+            .inner
             .routing
-            .register(tenant, device, &self.inner.instance_id, None)
+            .register(tenant, device, &self.inner.instance_id, lifespan)
             .await
-            .map_err(|e| UploadError::Unavailable(format!("routing state: {e}")))
+        {
+            Ok(()) => Ok(token),
+            Err(e) => {
+                self.forget(tenant, device, token);
+                Err(UploadError::Unavailable(format!("routing state: {e}")))
+            }
+        }
     }
 
-    /// Ends a subscription of this instance (a newer one elsewhere is left alone).
-    pub async fn unsubscribe(&self, tenant: &str, device: &str) {
-        self.subscribers()
-            .remove(&(tenant.to_owned(), device.to_owned()));
+    /// Removes the local subscription if `token` still holds it; `true` when it did.
+    fn forget(&self, tenant: &str, device: &str, token: SubscriptionToken) -> bool {
+        let mut subs = self.subscribers();
+        let key = (tenant.to_owned(), device.to_owned());
+        if subs.get(&key).is_some_and(|(t, _)| *t == token) {
+            subs.remove(&key);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Ends a subscription unless a newer one replaced it (here, or on another instance).
+    pub async fn unsubscribe(&self, tenant: &str, device: &str, token: SubscriptionToken) {
+        if !self.forget(tenant, device, token) {
+            return;
+        }
         if let Err(e) = self
             .inner
             .routing
@@ -135,8 +311,72 @@ impl CommandHub {
         }
     }
 
-    /// Writes a device's (or a Hono-generated) command response.
-    pub async fn respond(
+    /// Opens a long poll: the next command for `device` (within `ttd`) goes to the returned
+    /// [`LongPoll`]. Registered before the caller uploads its ttd notification, so an
+    /// application reacting to the notification finds the route.
+    pub async fn long_poll(
+        &self,
+        tenant: &str,
+        device: &str,
+        ttd: Duration,
+    ) -> Result<LongPoll, UploadError> {
+        // One command per request: room for exactly one.
+        let (tx, rx) = mpsc::channel(1);
+        let token = self
+            .subscribe(tenant, device, tx, Some(ttd + Duration::from_secs(1)))
+            .await?;
+        Ok(LongPoll {
+            hub: self.clone(),
+            tenant: tenant.to_owned(),
+            device: device.to_owned(),
+            token,
+            queue: rx,
+            ttd,
+            ended: false,
+        })
+    }
+
+    /// Checks and forwards a device's response: the request id must be one Ferrule issued and
+    /// still awaited, the status valid, the sender allowed to answer for the device.
+    pub async fn accept_response(
+        &self,
+        pipeline: &IngestPipeline,
+        r: DeviceResponse,
+    ) -> Result<(), UploadError> {
+        let request = RequestId::decode(&r.request_id)
+            .ok_or_else(|| UploadError::BadRequest("unknown request id".into()))?;
+        if !is_valid_response_status(r.status) {
+            return Err(UploadError::BadRequest(format!(
+                "invalid response status {}",
+                r.status
+            )));
+        }
+        if r.payload.len() > pipeline.max_payload_size() {
+            return Err(UploadError::PayloadTooLarge(pipeline.max_payload_size()));
+        }
+        let who = pipeline
+            .authorise(r.adapter, &r.origin, r.target.as_ref())
+            .await?;
+        if request.expired_at(h::now_millis()) {
+            return Err(UploadError::Unavailable(
+                "the application no longer waits for this response".into(),
+            ));
+        }
+        self.awaiting()
+            .remove(&who.tenant_id, &request.correlation_id);
+        self.respond(
+            &who.tenant_id,
+            &who.device_id,
+            &request.correlation_id,
+            r.status,
+            r.content_type.as_deref(),
+            &r.payload,
+        )
+        .await
+    }
+
+    /// Writes a command response to the application's topic.
+    async fn respond(
         &self,
         tenant: &str,
         device: &str,
@@ -145,11 +385,6 @@ impl CommandHub {
         content_type: Option<&str>,
         payload: &[u8],
     ) -> Result<(), UploadError> {
-        if !is_valid_response_status(status) {
-            return Err(UploadError::BadRequest(format!(
-                "invalid response status {status}"
-            )));
-        }
         let topic = HonoTopic::command_response(tenant)
             .map_err(|e| UploadError::BadRequest(e.to_string()))?
             .to_string();
@@ -194,6 +429,7 @@ impl CommandHub {
         status: u16,
         reason: &str,
     ) {
+        self.awaiting().remove(tenant, correlation_id);
         let body = delivery_failure_body(reason);
         let sent = self
             .respond(
@@ -242,8 +478,11 @@ impl CommandHub {
         consumer.subscribe(&[&topic])?;
         tracing::info!(instance = %self.instance_id(), "consuming commands");
         let mut beat = tokio::time::interval(HEARTBEAT);
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sweep.tick() => self.answer_overdue().await,
                 _ = beat.tick() => {
                     if let Err(e) = self.inner.routing.heartbeat(self.instance_id()).await {
                         tracing::warn!(error = %e, "heartbeat failed");
@@ -258,6 +497,7 @@ impl CommandHub {
         }
         // Commands for this instance must fail fast from now on.
         let held: Vec<(String, String)> = self.subscribers().keys().cloned().collect();
+        self.subscribers().clear();
         for (t, d) in held {
             let _ = self
                 .inner
@@ -266,6 +506,18 @@ impl CommandHub {
                 .await;
         }
         Ok(())
+    }
+
+    /// Answers request/response commands the device did not answer in time (503).
+    async fn answer_overdue(&self) {
+        let overdue = self.awaiting().take_overdue(h::now_millis());
+        for (tenant, device, cid) in overdue {
+            let reason = format!(
+                "the device did not respond within {} s",
+                self.inner.response_timeout.as_secs_f64()
+            );
+            self.fail(&tenant, &device, &cid, 503, &reason).await;
+        }
     }
 
     /// Hands one forwarded command to the connection that subscribed for it.
@@ -300,9 +552,18 @@ impl CommandHub {
             .and_then(h::decode_bool)
             .unwrap_or(false);
         let correlation_id = text(h::CORRELATION_ID).filter(|_| response_required);
+        let deadline = h::now_millis()
+            + i64::try_from(self.inner.response_timeout.as_millis()).unwrap_or(i64::MAX / 2);
         let delivery = CommandDelivery {
             device_id: device.clone(),
             subject,
+            request_id: correlation_id.as_ref().map(|c| {
+                RequestId {
+                    correlation_id: c.clone(),
+                    deadline_millis: deadline,
+                }
+                .encode()
+            }),
             correlation_id: correlation_id.clone(),
             content_type: text(h::CONTENT_TYPE),
             payload: m.payload().unwrap_or_default().to_vec(),
@@ -311,24 +572,152 @@ impl CommandHub {
         let holder = [Some(device.clone()), text(h::VIA)]
             .into_iter()
             .flatten()
-            .find_map(|d| self.subscribers().get(&(tenant.clone(), d)).cloned());
-        let delivered = match holder {
-            Some(queue) => queue.try_send(delivery).is_ok(),
-            None => false,
+            .find_map(|d| {
+                self.subscribers()
+                    .get(&(tenant.clone(), d))
+                    .map(|(_, q)| q.clone())
+            });
+        let Some(queue) = holder else {
+            if let Some(cid) = correlation_id {
+                let reason = "device is not connected to this gateway";
+                self.fail(&tenant, &device, &cid, 503, reason).await;
+            }
+            return;
         };
-        if !delivered && let Some(cid) = correlation_id {
-            self.fail(
-                &tenant,
-                &device,
-                &cid,
-                503,
-                "device is not connected to this gateway",
-            )
-            .await;
+        // Tracked before the device can possibly answer.
+        if let Some(cid) = &correlation_id
+            && !self.awaiting().insert(&tenant, cid, &device, deadline)
+        {
+            let reason = "too many commands are awaiting responses";
+            self.fail(&tenant, &device, cid, 503, reason).await;
+            return;
+        }
+        if queue.try_send(delivery).is_err()
+            && let Some(cid) = correlation_id
+        {
+            let reason = "the device is busy with another command";
+            self.fail(&tenant, &device, &cid, 503, reason).await;
+        }
+    }
+}
+
+/// One request (HTTP `hono-ttd`) waiting for a single command; dropping it ends the
+/// subscription and fails any command that arrived too late to be answered.
+pub struct LongPoll {
+    hub: CommandHub,
+    tenant: String,
+    device: String,
+    token: SubscriptionToken,
+    queue: mpsc::Receiver<CommandDelivery>,
+    ttd: Duration,
+    ended: bool,
+}
+
+impl LongPoll {
+    /// The command that arrived within the ttd, if any; `None` also when a newer request of
+    /// the same device took over.
+    pub async fn wait(mut self) -> Option<CommandDelivery> {
+        let first = tokio::time::timeout(self.ttd, self.queue.recv())
+            .await
+            .ok()
+            .flatten();
+        let mut left = self.end();
+        // A command that slipped in while the poll ended is still answered here.
+        let got = first.or_else(|| (!left.is_empty()).then(|| left.remove(0)));
+        self.release(left);
+        got
+    }
+
+    /// Ends the subscription (unless a newer one replaced it) and returns what is queued.
+    fn end(&mut self) -> Vec<CommandDelivery> {
+        self.ended = true;
+        let mine = self.hub.forget(&self.tenant, &self.device, self.token);
+        self.queue.close();
+        let mut left = Vec::new();
+        while let Ok(c) = self.queue.try_recv() {
+            left.push(c);
+        }
+        if mine {
+            let (hub, tenant, device) =
+                (self.hub.clone(), self.tenant.clone(), self.device.clone());
+            tokio::spawn(async move {
+                let instance = hub.inner.instance_id.clone();
+                if let Err(e) = hub
+                    .inner
+                    .routing
+                    .unregister(&tenant, &device, &instance)
+                    .await
+                {
+                    tracing::warn!(error = %e, "unregistering a long poll failed");
+                }
+            });
+        }
+        left
+    }
+
+    /// Commands this poll took but cannot hand to the device: 503 to their applications.
+    fn release(&self, left: Vec<CommandDelivery>) {
+        if left.is_empty() {
+            return;
+        }
+        let (hub, tenant) = (self.hub.clone(), self.tenant.clone());
+        tokio::spawn(async move {
+            for c in left {
+                if let Some(cid) = c.correlation_id {
+                    let reason = "the device's request ended before the command was sent";
+                    hub.fail(&tenant, &c.device_id, &cid, 503, reason).await;
+                }
+            }
+        });
+    }
+}
+
+impl Drop for LongPoll {
+    fn drop(&mut self) {
+        // The client went away (or the upload failed) before the poll ended.
+        if !self.ended {
+            let left = self.end();
+            self.release(left);
         }
     }
 }
 
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn awaiting_responses_expire_in_deadline_order_and_stay_bounded() {
+        let mut a = AwaitingResponses::default();
+        assert!(a.insert("t", "c1", "d", 100));
+        assert!(a.insert("t", "c2", "d", 50));
+        assert!(a.insert("u", "c1", "e", 200));
+        assert_eq!(a.take_overdue(49), vec![]);
+        assert_eq!(
+            a.take_overdue(100),
+            vec![
+                ("t".into(), "d".into(), "c2".into()),
+                ("t".into(), "d".into(), "c1".into())
+            ]
+        );
+        // Answered commands never time out; a reused correlation id keeps one entry.
+        assert!(a.remove("u", "c1"));
+        assert!(!a.remove("u", "c1"));
+        assert!(a.insert("t", "c3", "d", 300));
+        assert!(a.insert("t", "c3", "d", 400));
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.take_overdue(350), vec![]);
+        assert_eq!(a.take_overdue(400).len(), 1);
+        assert_eq!(a.len(), 0);
+        assert!(a.by_deadline.is_empty());
+        for i in 0..MAX_AWAITING {
+            assert!(a.insert("t", &i.to_string(), "d", 1));
+        }
+        assert!(!a.insert("t", "one-more", "d", 1), "bounded");
+        assert_eq!(a.take_overdue(1).len(), MAX_AWAITING);
+    }
 }

@@ -1,6 +1,8 @@
 //! The HTTP adapter (`hono-http`): translates Hono's HTTP API into pipeline uploads and the
-//! pipeline's errors into Hono's status codes; CORS pre-flight for browser devices.
+//! pipeline's errors into Hono's status codes; `hono-ttd` long polls that answer with a
+//! command, command responses on `/command/res`, CORS pre-flight for browser devices.
 
+use crate::commands::{CommandDelivery, CommandHub, DeviceResponse};
 use crate::metrics;
 use crate::pipeline::{AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError};
 use axum::Router;
@@ -56,14 +58,17 @@ impl Default for HttpConfig {
 #[derive(Clone)]
 struct Adapter {
     pipeline: IngestPipeline,
+    /// Commands for long polls and command responses; `None` runs uploads only.
+    hub: Option<CommandHub>,
     cfg: std::sync::Arc<HttpConfig>,
 }
 
 /// The adapter's routes.
-pub fn router(pipeline: IngestPipeline, cfg: HttpConfig) -> Router {
+pub fn router(pipeline: IngestPipeline, hub: Option<CommandHub>, cfg: HttpConfig) -> Router {
     let limit = pipeline.max_payload_size();
     let state = Adapter {
         pipeline,
+        hub,
         cfg: std::sync::Arc::new(cfg),
     };
     Router::new()
@@ -91,6 +96,12 @@ pub fn router(pipeline: IngestPipeline, cfg: HttpConfig) -> Router {
             "/event//{device}",
             put(|s, t, p, h, u, b| gateway(s, t, p, h, u, b, Endpoint::Event)),
         )
+        .route("/command/res/{req_id}", post(own_response))
+        .route(
+            "/command/res/{tenant}/{device}/{req_id}",
+            put(addressed_response),
+        )
+        .route("/command/res//{device}/{req_id}", put(gateway_response))
         // A body over the limit is cut off here already; the pipeline checks again.
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(cors))
@@ -179,11 +190,59 @@ async fn handle(
     )
     .await
     {
-        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Ok(None) => StatusCode::ACCEPTED.into_response(),
+        Ok(Some((command, for_gateway))) => command_response(command, for_gateway),
         Err(e) => error_response(&a.cfg, e),
     }
 }
 
+/// 200 carrying a command (§3.3): name, request id, target device (for gateways), payload.
+fn command_response(cmd: CommandDelivery, for_gateway: bool) -> Response {
+    let mut resp = (StatusCode::OK, cmd.payload).into_response();
+    let h = resp.headers_mut();
+    h.remove(header::CONTENT_TYPE);
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    set("hono-command", &cmd.subject);
+    if let Some(id) = &cmd.request_id {
+        set("hono-cmd-req-id", id);
+    }
+    if for_gateway {
+        set("hono-cmd-target-device", &cmd.device_id);
+    }
+    if let Some(ct) = &cmd.content_type {
+        set(header::CONTENT_TYPE.as_str(), ct);
+    }
+    resp
+}
+
+/// Who sent a request: a client certificate first, then Basic credentials (Hono's order).
+async fn origin(
+    a: &Adapter,
+    client_cert: Option<Arc<Vec<u8>>>,
+    headers: &HeaderMap,
+    target: Option<&(String, String)>,
+    auth_required: bool,
+) -> Result<Origin, UploadError> {
+    Ok(match (client_cert, basic_credentials(headers)?) {
+        (Some(der), _) => Origin::Device(a.pipeline.authenticate_certificate(ADAPTER, &der).await?),
+        (None, Some((user, password))) => Origin::Device(
+            a.pipeline
+                .authenticate(ADAPTER, &user, password.as_bytes(), target)
+                .await?,
+        ),
+        (None, None) if auth_required => {
+            return Err(UploadError::Unauthorized("credentials required".into()));
+        }
+        (None, None) => Origin::Anonymous,
+    })
+}
+
+/// Uploads the message; with a `hono-ttd` the request then waits for a command, which is
+/// returned with whether its target device must be named (a gateway is answered).
 #[allow(clippy::too_many_arguments)]
 async fn upload(
     a: &Adapter,
@@ -194,27 +253,9 @@ async fn upload(
     endpoint: Endpoint,
     target: Option<(String, String)>,
     auth_required: bool,
-) -> Result<(), UploadError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            UploadError::PayloadTooLarge(a.pipeline.max_payload_size())
-        } else {
-            UploadError::BadRequest(r.body_text())
-        }
-    })?;
-    // Hono's order: a client certificate first, then Basic credentials.
-    let origin = match (client_cert, basic_credentials(headers)?) {
-        (Some(der), _) => Origin::Device(a.pipeline.authenticate_certificate(ADAPTER, &der).await?),
-        (None, Some((user, password))) => Origin::Device(
-            a.pipeline
-                .authenticate(ADAPTER, &user, password.as_bytes(), target.as_ref())
-                .await?,
-        ),
-        (None, None) if auth_required => {
-            return Err(UploadError::Unauthorized("credentials required".into()));
-        }
-        (None, None) => Origin::Anonymous,
-    };
+) -> Result<Option<(CommandDelivery, bool)>, UploadError> {
+    let body = body_or_error(a, body)?;
+    let origin = origin(a, client_cert, headers, target.as_ref(), auth_required).await?;
     let query = uri.query().unwrap_or("");
     let qos = match header_str(headers, "qos-level")? {
         None | Some("0") => Qos::AtMostOnce,
@@ -231,12 +272,32 @@ async fn upload(
         qos
     };
     let ttl_secs = number_param(headers, query, "hono-ttl")?;
-    let ttd_secs = number_param(headers, query, "hono-ttd")?
+    // §3.5: the request, capped by the tenant's max-ttd (or the default) and 80 % of the
+    // idle timeout; 0 or less means no long poll.
+    let requested = number_param(headers, query, "hono-ttd")?
         .filter(|t| *t > 0)
-        .map(|t| {
-            t.min(a.cfg.max_ttd_secs)
-                .min(a.cfg.idle_timeout_secs * 80 / 100)
-        });
+        .map(|t| t.min(a.cfg.idle_timeout_secs * 80 / 100));
+    let mut poll = None;
+    let ttd_secs = match (requested, &a.hub) {
+        (Some(requested), Some(hub)) => {
+            let who = a
+                .pipeline
+                .authorise(ADAPTER, &origin, target.as_ref())
+                .await?;
+            let max = who.max_ttd_secs(ADAPTER).unwrap_or(a.cfg.max_ttd_secs);
+            let ttd = requested.min(max);
+            if ttd > 0 {
+                let for_gateway = who.gateway_id.is_some();
+                let ttd_time = std::time::Duration::from_secs(ttd.unsigned_abs());
+                let p = hub
+                    .long_poll(&who.tenant_id, &who.device_id, ttd_time)
+                    .await?;
+                poll = Some((p, who.device_id, for_gateway));
+            }
+            Some(ttd).filter(|t| *t > 0)
+        }
+        (requested, _) => requested.map(|t| t.min(a.cfg.max_ttd_secs)),
+    };
     a.pipeline
         .upload(Upload {
             adapter: ADAPTER,
@@ -252,8 +313,108 @@ async fn upload(
             retain: false,
             traceparent: header_str(headers, "traceparent")?.map(str::to_owned),
         })
-        .await
-        .map(|_| ())
+        .await?;
+    // A failed upload returned above; dropping the poll there ended its subscription.
+    let Some((poll, subscriber, for_gateway)) = poll else {
+        return Ok(None);
+    };
+    Ok(poll.wait().await.map(|cmd| {
+        // A gateway-wide poll may get a command for one of its devices.
+        let named = for_gateway || cmd.device_id != subscriber;
+        (cmd, named)
+    }))
+}
+
+fn body_or_error(a: &Adapter, body: Result<Bytes, BytesRejection>) -> Result<Bytes, UploadError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            UploadError::PayloadTooLarge(a.pipeline.max_payload_size())
+        } else {
+            UploadError::BadRequest(r.body_text())
+        }
+    })
+}
+
+/// `POST /command/res/{reqId}`: a device answers a command it received.
+async fn own_response(
+    State(a): State<Adapter>,
+    peer: Peer,
+    Path(req_id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    respond(&a, cert(peer), &headers, &uri, body, None, req_id, true).await
+}
+
+/// `PUT /command/res/{tenant}/{device}/{reqId}`: an unauthenticated device, or a gateway
+/// answering for a device.
+async fn addressed_response(
+    State(a): State<Adapter>,
+    peer: Peer,
+    Path((tenant, device, req_id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let target = Some((tenant, device));
+    respond(&a, cert(peer), &headers, &uri, body, target, req_id, false).await
+}
+
+/// `PUT /command/res//{device}/{reqId}`: a gateway answering for a device of its tenant.
+async fn gateway_response(
+    State(a): State<Adapter>,
+    peer: Peer,
+    Path((device, req_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let target = Some((String::new(), device));
+    respond(&a, cert(peer), &headers, &uri, body, target, req_id, true).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn respond(
+    a: &Adapter,
+    client_cert: Option<Arc<Vec<u8>>>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Result<Bytes, BytesRejection>,
+    target: Option<(String, String)>,
+    request_id: String,
+    auth_required: bool,
+) -> Response {
+    let result = async {
+        let body = body_or_error(a, body)?;
+        let origin = origin(a, client_cert, headers, target.as_ref(), auth_required).await?;
+        let status = number_param(headers, uri.query().unwrap_or(""), "hono-cmd-status")?
+            .ok_or_else(|| UploadError::BadRequest("`hono-cmd-status` is required".into()))?;
+        let status = u16::try_from(status)
+            .map_err(|_| UploadError::BadRequest(format!("invalid status {status}")))?;
+        let hub = a
+            .hub
+            .as_ref()
+            .ok_or_else(|| UploadError::Unavailable("commands are not enabled".into()))?;
+        let response = DeviceResponse {
+            adapter: ADAPTER,
+            origin,
+            target,
+            request_id,
+            status,
+            content_type: header_str(headers, header::CONTENT_TYPE.as_str())?.map(str::to_owned),
+            payload: body.to_vec(),
+        };
+        hub.accept_response(&a.pipeline, response).await
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => {
+            metrics::rejected(ADAPTER.name(), e.reason());
+            error_response(&a.cfg, e)
+        }
+    }
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, UploadError> {

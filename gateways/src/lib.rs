@@ -30,6 +30,9 @@ pub struct GatewayConfig {
     pub max_payload_size: usize,
     /// Must match `router.instance_timeout_secs`: heartbeats are sent at a third of it.
     pub instance_timeout_secs: u64,
+    /// How long an application waits for a device's answer to a request/response command;
+    /// after that the gateway answers 503 itself and refuses a late answer.
+    pub command_response_timeout_secs: u64,
     pub http: http::HttpConfig,
     pub mqtt: mqtt::MqttConfig,
     pub tls: tls::TlsConfig,
@@ -40,6 +43,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             max_payload_size: 2048,
             instance_timeout_secs: 30,
+            command_response_timeout_secs: 60,
             http: http::HttpConfig::default(),
             mqtt: mqtt::MqttConfig::default(),
             tls: tls::TlsConfig::default(),
@@ -72,15 +76,20 @@ pub async fn serve(
         registry.pool().clone(),
         Duration::from_secs(cfg.instance_timeout_secs),
     );
-    let pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size);
-    let hub = commands::CommandHub::new(routing, sender.clone());
+    let pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size)
+        .with_last_gateways(commands::LastGateways::new(routing.clone()));
+    let hub = commands::CommandHub::new(
+        routing,
+        sender.clone(),
+        Duration::from_secs(cfg.command_response_timeout_secs),
+    );
     let mut adapters = tokio::task::JoinSet::new();
     adapters.spawn(
         hub.clone()
             .run(kafka.bootstrap_servers.clone(), shutdown.clone()),
     );
     if let Some(listener) = listeners.http {
-        let app = http::router(pipeline.clone(), cfg.http.clone());
+        let app = http::router(pipeline.clone(), Some(hub.clone()), cfg.http.clone());
         let mut shutdown = shutdown.clone();
         tracing::info!(addr = %listener.local_addr()?, "HTTP adapter listening");
         adapters.spawn(async move {
@@ -104,7 +113,7 @@ pub async fn serve(
     }
     let https = cfg.tls.acceptor(&[b"http/1.1"])?;
     if let (Some(listener), Some(acceptor)) = (listeners.https, https) {
-        let app = http::router(pipeline.clone(), cfg.http.clone());
+        let app = http::router(pipeline.clone(), Some(hub.clone()), cfg.http.clone());
         let mut shutdown = shutdown.clone();
         let listener = tls::TlsListener::new(listener, acceptor)?;
         tracing::info!(addr = %listener.local_addr_or_unknown(), "HTTPS adapter listening");

@@ -157,12 +157,48 @@ pub struct Accepted {
     pub device: String,
 }
 
+/// A sender the pipeline has checked, with the registry documents it was checked against.
+#[derive(Debug, Clone)]
+pub struct Authorised {
+    pub tenant_id: String,
+    /// The device the message is for (the sender itself unless a gateway acts for it).
+    pub device_id: String,
+    /// The gateway acting for the device, if any.
+    pub gateway_id: Option<String>,
+    tenant: Arc<Option<Tenant>>,
+    device: Arc<Option<Device>>,
+}
+
+impl Authorised {
+    fn tenant(&self) -> &Tenant {
+        self.tenant.as_ref().as_ref().expect("authorised tenant")
+    }
+
+    fn device(&self) -> &Device {
+        self.device.as_ref().as_ref().expect("authorised device")
+    }
+
+    /// The tenant's `max-ttd` for `adapter` (`adapters[].ext.max-ttd`), if it sets one.
+    pub fn max_ttd_secs(&self, adapter: AdapterType) -> Option<i64> {
+        self.tenant()
+            .adapters
+            .iter()
+            .flatten()
+            .find(|a| a.adapter_type == adapter.name())
+            .and_then(|a| a.ext.as_ref())
+            .and_then(|ext| ext.get("max-ttd"))
+            .and_then(Value::as_i64)
+    }
+}
+
 /// The shared pipeline; cheap to clone into every connection.
 #[derive(Clone)]
 pub struct IngestPipeline {
     registry: DeviceAuthenticator,
     sender: Arc<DownstreamSender>,
     max_payload_size: usize,
+    /// Where gateways acting for devices are recorded for command routing, if commands run.
+    last_gateways: Option<Arc<crate::commands::LastGateways>>,
 }
 
 struct Resolved {
@@ -182,7 +218,14 @@ impl IngestPipeline {
             registry,
             sender,
             max_payload_size,
+            last_gateways: None,
         }
+    }
+
+    /// Records each gateway acting for a device, so commands find the device's gateway.
+    pub fn with_last_gateways(mut self, last: crate::commands::LastGateways) -> Self {
+        self.last_gateways = Some(Arc::new(last));
+        self
     }
 
     pub fn max_payload_size(&self) -> usize {
@@ -308,6 +351,59 @@ impl IngestPipeline {
             })
     }
 
+    /// Checks that a sender may send for the addressed device (or itself): tenant enabled,
+    /// adapter enabled for it, anonymous senders only where allowed, device enabled, and an
+    /// acting gateway enabled and in the device's `via`/`viaGroups`. Every message, long poll
+    /// and command response passes here.
+    pub async fn authorise(
+        &self,
+        adapter: AdapterType,
+        origin: &Origin,
+        target: Option<&(String, String)>,
+    ) -> Result<Authorised, UploadError> {
+        let who = resolve(origin, target)?;
+        let tenant = self.registry.tenant(&who.tenant).await?;
+        let t = tenant
+            .as_ref()
+            .as_ref()
+            .ok_or_else(|| UploadError::NotFound(format!("tenant `{}` not found", who.tenant)))?;
+        authorise_tenant(t, adapter, who.anonymous)?;
+        let device = self.registry.device(&who.tenant, &who.device).await?;
+        let d = device
+            .as_ref()
+            .as_ref()
+            .filter(|d| d.enabled)
+            .ok_or_else(|| {
+                UploadError::NotFound(format!("device `{}` not found or disabled", who.device))
+            })?;
+        if let Some(gw) = &who.gateway {
+            let gateway = self.registry.device(&who.tenant, gw).await?;
+            let gateway = gateway
+                .as_ref()
+                .as_ref()
+                .filter(|g| g.enabled)
+                .ok_or_else(|| {
+                    UploadError::Forbidden(format!("gateway `{gw}` unknown or disabled"))
+                })?;
+            if !may_act_for(gw, gateway, d) {
+                return Err(UploadError::Forbidden(format!(
+                    "gateway `{gw}` may not act for device `{}`",
+                    who.device
+                )));
+            }
+            if let Some(last) = &self.last_gateways {
+                last.note(&who.tenant, &who.device, gw);
+            }
+        }
+        Ok(Authorised {
+            tenant_id: who.tenant,
+            device_id: who.device,
+            gateway_id: who.gateway,
+            tenant,
+            device,
+        })
+    }
+
     /// Runs one message through the pipeline; returns once the message may be acknowledged
     /// to the device under its QoS.
     pub async fn upload(&self, up: Upload) -> Result<Accepted, UploadError> {
@@ -348,38 +444,10 @@ impl IngestPipeline {
                 "events must be sent with QoS 1".into(),
             ));
         }
-        let who = resolve(&up)?;
-        let tenant = self.registry.tenant(&who.tenant).await?;
-        let tenant = tenant
-            .as_ref()
-            .as_ref()
-            .ok_or_else(|| UploadError::NotFound(format!("tenant `{}` not found", who.tenant)))?;
-        authorise_tenant(tenant, up.adapter, who.anonymous)?;
-        let device = self.registry.device(&who.tenant, &who.device).await?;
-        let device = device
-            .as_ref()
-            .as_ref()
-            .filter(|d| d.enabled)
-            .ok_or_else(|| {
-                UploadError::NotFound(format!("device `{}` not found or disabled", who.device))
-            })?;
-        if let Some(gw) = &who.gateway {
-            let gateway = self.registry.device(&who.tenant, gw).await?;
-            let gateway = gateway
-                .as_ref()
-                .as_ref()
-                .filter(|g| g.enabled)
-                .ok_or_else(|| {
-                    UploadError::Forbidden(format!("gateway `{gw}` unknown or disabled"))
-                })?;
-            if !may_act_for(gw, gateway, device) {
-                return Err(UploadError::Forbidden(format!(
-                    "gateway `{gw}` may not act for device `{}`",
-                    who.device
-                )));
-            }
-        }
-
+        let who = self
+            .authorise(up.adapter, &up.origin, up.target.as_ref())
+            .await?;
+        let (tenant, device) = (who.tenant(), who.device());
         let defaults = merged_defaults(tenant, device);
         let given_ct = up.content_type.clone().or_else(|| {
             defaults
@@ -392,12 +460,12 @@ impl IngestPipeline {
         let ttl = ttl_millis(&up, tenant, device);
 
         let topic = match up.endpoint {
-            Endpoint::Telemetry => HonoTopic::telemetry(&who.tenant),
-            Endpoint::Event => HonoTopic::event(&who.tenant),
+            Endpoint::Telemetry => HonoTopic::telemetry(&who.tenant_id),
+            Endpoint::Event => HonoTopic::event(&who.tenant_id),
         }
         .map_err(|e| UploadError::BadRequest(e.to_string()))?
         .to_string();
-        let headers = build_headers(&up, &who.device, ct.as_str(), ttl, &defaults);
+        let headers = build_headers(&up, &who.device_id, ct.as_str(), ttl, &defaults);
         self.sender
             .ensure_topic(&topic)
             .await
@@ -406,7 +474,7 @@ impl IngestPipeline {
             .sender
             .enqueue(OutboundRecord {
                 topic: &topic,
-                key: &who.device,
+                key: &who.device_id,
                 headers,
                 payload: &up.payload,
             })
@@ -415,8 +483,8 @@ impl IngestPipeline {
         let wait = up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce;
         Ok((
             Accepted {
-                tenant: who.tenant,
-                device: who.device,
+                tenant: who.tenant_id,
+                device: who.device_id,
             },
             wait.then_some(delivery),
         ))
@@ -484,8 +552,8 @@ fn produce_error(e: ProduceError) -> UploadError {
 }
 
 /// Works out tenant, device and acting gateway from the sender and the address.
-fn resolve(up: &Upload) -> Result<Resolved, UploadError> {
-    match (&up.origin, &up.target) {
+fn resolve(origin: &Origin, target: Option<&(String, String)>) -> Result<Resolved, UploadError> {
+    match (origin, target) {
         (Origin::Device(d), None) => Ok(Resolved {
             tenant: d.tenant_id.clone(),
             device: d.device_id.clone(),
@@ -647,6 +715,10 @@ mod tests {
     use super::*;
     use rdkafka::message::Headers;
 
+    fn resolve_up(up: &Upload) -> Result<Resolved, UploadError> {
+        resolve(&up.origin, up.target.as_ref())
+    }
+
     fn upload(origin: Origin, target: Option<(&str, &str)>) -> Upload {
         Upload {
             adapter: AdapterType::Http,
@@ -674,27 +746,27 @@ mod tests {
 
     #[test]
     fn resolves_devices_gateways_and_anonymous_senders() {
-        let r = resolve(&upload(dev("t", "d"), None)).unwrap();
+        let r = resolve_up(&upload(dev("t", "d"), None)).unwrap();
         assert_eq!(
             (r.tenant.as_str(), r.device.as_str(), r.gateway),
             ("t", "d", None)
         );
-        let r = resolve(&upload(dev("t", "gw"), Some(("", "d")))).unwrap();
+        let r = resolve_up(&upload(dev("t", "gw"), Some(("", "d")))).unwrap();
         assert_eq!(r.gateway.as_deref(), Some("gw"));
-        let r = resolve(&upload(dev("t", "gw"), Some(("t", "gw")))).unwrap();
+        let r = resolve_up(&upload(dev("t", "gw"), Some(("t", "gw")))).unwrap();
         assert_eq!(r.gateway, None);
         assert!(matches!(
-            resolve(&upload(dev("t", "gw"), Some(("other", "d")))),
+            resolve_up(&upload(dev("t", "gw"), Some(("other", "d")))),
             Err(UploadError::Forbidden(_))
         ));
-        let r = resolve(&upload(Origin::Anonymous, Some(("t", "d")))).unwrap();
+        let r = resolve_up(&upload(Origin::Anonymous, Some(("t", "d")))).unwrap();
         assert!(r.anonymous);
         assert!(matches!(
-            resolve(&upload(Origin::Anonymous, None)),
+            resolve_up(&upload(Origin::Anonymous, None)),
             Err(UploadError::Unauthorized(_))
         ));
         assert!(matches!(
-            resolve(&upload(Origin::Anonymous, Some(("", "d")))),
+            resolve_up(&upload(Origin::Anonymous, Some(("", "d")))),
             Err(UploadError::Unauthorized(_))
         ));
     }

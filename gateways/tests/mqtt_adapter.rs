@@ -661,54 +661,6 @@ async fn errors_are_published_to_the_error_topic() {
     c.expect_closed().await;
 }
 
-/// Sends a command the way a Kafka application does.
-async fn send_command(tenant: &str, device: &str, headers: &[(&str, &str)], payload: &str) {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka().bootstrap_servers)
-        .set("log_level", "3")
-        .create()
-        .unwrap();
-    let mut hs = OwnedHeaders::new();
-    for (k, v) in headers {
-        hs = hs.insert(Header {
-            key: k,
-            value: Some(*v),
-        });
-    }
-    let topic = format!("hono.command.{tenant}");
-    producer
-        .send(
-            FutureRecord::to(&topic)
-                .key(device)
-                .headers(hs)
-                .payload(payload),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-}
-
-/// A command router of its own for this test (own consumer group).
-async fn start_router() -> tokio::sync::watch::Sender<bool> {
-    let store = ferrule_registry::open_store(&database(), &Default::default())
-        .await
-        .unwrap();
-    let auth =
-        ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &Default::default());
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
-    let routing =
-        ferrule_command_router::RoutingState::new(store.pool().clone(), Duration::from_secs(30));
-    let group = random_id("router");
-    tokio::spawn(async move {
-        ferrule_command_router::forward::run(&kafka().bootstrap_servers, &group, auth, routing, rx)
-            .await
-    });
-    tx
-}
-
 #[tokio::test]
 async fn request_response_command_round_trip_over_mqtt() {
     let p = Platform::start().await;
@@ -891,4 +843,158 @@ async fn unacknowledged_qos1_command_gets_503() {
         responses[0].headers["content-type"],
         "application/vnd.eclipse-hono-delivery-failure-notification+json"
     );
+}
+
+/// Connects `device` and subscribes it for its commands at QoS 0.
+async fn subscribed(port: u16, device: &str, tenant: &str) -> RawClient {
+    let (mut c, _) = RawClient::connect(port, &user(device, tenant), 60).await;
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command///req/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => assert_eq!(
+            s.return_codes,
+            vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+        ),
+        other => panic!("{other:?}"),
+    }
+    c
+}
+
+async fn expect_command(c: &mut RawClient, subject: &str, payload: &[u8]) {
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert!(p.topic.ends_with(&format!("/{subject}")), "{}", p.topic);
+            assert_eq!(&p.payload[..], payload);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn two_gateway_instances_each_get_the_commands_of_their_devices() {
+    let first = Platform::start().await;
+    let second = Platform::start().await;
+    let tenant = first.tenant(json!({})).await;
+    first
+        .device_with_password(&tenant, "on-first", json!({}))
+        .await;
+    first
+        .device_with_password(&tenant, "on-second", json!({}))
+        .await;
+    let _router = start_router().await;
+    let mut a = subscribed(first.mqtt_port, "on-first", &tenant).await;
+    let mut b = subscribed(second.mqtt_port, "on-second", &tenant).await;
+    for (device, subject) in [("on-second", "to-b"), ("on-first", "to-a")] {
+        send_command(
+            &tenant,
+            device,
+            &[("device_id", device), ("subject", subject)],
+            subject,
+        )
+        .await;
+    }
+    expect_command(&mut b, "to-b", b"to-b").await;
+    expect_command(&mut a, "to-a", b"to-a").await;
+    // Neither got the other's command.
+    for c in [&mut a, &mut b] {
+        let quiet =
+            tokio::time::timeout(Duration::from_millis(300), c.stream.read_buf(&mut c.buf)).await;
+        assert!(quiet.is_err() && c.buf.is_empty(), "nothing more arrives");
+    }
+}
+
+#[tokio::test]
+async fn a_router_restart_between_subscribe_and_command_loses_nothing() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let group = random_id("router");
+    let router = start_router_in(&group).await;
+    let mut c = subscribed(p.mqtt_port, "dev", &tenant).await;
+    router.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Sent while no router runs; the restarted one (same group, fresh process state) finds
+    // the subscription in PostgreSQL.
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "after-restart")],
+        "x",
+    )
+    .await;
+    let _restarted = start_router_in(&group).await;
+    expect_command(&mut c, "after-restart", b"x").await;
+}
+
+#[tokio::test]
+async fn gateway_answers_commands_for_its_devices_and_reaches_group_members() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "gw", json!({"memberOf": ["north"]}))
+        .await;
+    p.device(&tenant, "edge", json!({"via": ["gw"]})).await;
+    p.device(&tenant, "grouped", json!({"viaGroups": ["north"]}))
+        .await;
+    let _router = start_router().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("gw", &tenant), 60).await;
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command//+/req/#",
+        QoS::AtMostOnce,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::SubAck(_))));
+    send_command(
+        &tenant,
+        "edge",
+        &[
+            ("device_id", "edge"),
+            ("subject", "ask"),
+            ("response-required", "true"),
+            ("correlation-id", "c-gw"),
+        ],
+        "?",
+    )
+    .await;
+    let topic = match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(p)) => p.topic,
+        other => panic!("{other:?}"),
+    };
+    let parts: Vec<&str> = topic.split('/').collect();
+    assert_eq!(
+        (parts[0], parts[1], parts[2], parts[3], parts[5]),
+        ("command", "", "edge", "req", "ask"),
+        "{topic}"
+    );
+    // The gateway answers for the device (QoS 0).
+    c.publish(
+        &format!("command//edge/res/{}/200", parts[4]),
+        b"42",
+        QoS::AtMostOnce,
+        0,
+    )
+    .await;
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    assert_eq!(responses[0].headers["device_id"], "edge");
+    assert_eq!(responses[0].headers["correlation-id"], "c-gw");
+    assert_eq!(responses[0].headers["status"], "200");
+    assert_eq!(responses[0].payload, b"42");
+
+    // A device that reaches the gateway through `viaGroups`.
+    send_command(
+        &tenant,
+        "grouped",
+        &[("device_id", "grouped"), ("subject", "hello")],
+        "hi",
+    )
+    .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert_eq!(p.topic, "command//grouped/req//hello");
+            assert_eq!(&p.payload[..], b"hi");
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -79,20 +79,25 @@ where
 }
 
 /// The id a device gets for a request/response command and sends back with its response.
-/// It carries the correlation id, base64url-encoded so that it is a single safe segment in
-/// URL paths and MQTT topics (no `/`, `+`, `#`, `?` or `%`).
+/// It carries the correlation id (base64url) and the moment the application stops waiting,
+/// so any gateway instance can rebuild the response, or refuse a late one, without a lookup.
+/// It is a single safe segment in URL paths and MQTT topics (no `/`, `+`, `#`, `?` or `%`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId {
     pub correlation_id: String,
+    /// Unix time in milliseconds after which a response is no longer accepted.
+    pub deadline_millis: i64,
 }
 
-/// Format marker, so that a later format can coexist.
-const REQUEST_ID_V1: char = '1';
+/// Format marker, so that a later format can coexist: `2<deadline ms>.<base64url(cid)>`.
+const REQUEST_ID_V2: char = '2';
 
 impl RequestId {
     pub fn encode(&self) -> String {
-        let mut s = String::with_capacity(1 + self.correlation_id.len() * 4 / 3 + 4);
-        s.push(REQUEST_ID_V1);
+        let mut s = String::with_capacity(16 + self.correlation_id.len() * 4 / 3 + 4);
+        s.push(REQUEST_ID_V2);
+        s.push_str(&self.deadline_millis.to_string());
+        s.push('.');
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode_string(self.correlation_id.as_bytes(), &mut s);
         s
@@ -100,13 +105,23 @@ impl RequestId {
 
     /// Reads a request id a device sent back; `None` for anything Ferrule did not issue.
     pub fn decode(id: &str) -> Option<RequestId> {
-        let rest = id.strip_prefix(REQUEST_ID_V1)?;
+        let rest = id.strip_prefix(REQUEST_ID_V2)?;
+        let (deadline, cid) = rest.split_once('.')?;
+        if deadline.is_empty() || !deadline.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(rest)
+            .decode(cid)
             .ok()?;
         Some(RequestId {
             correlation_id: String::from_utf8(bytes).ok()?,
+            deadline_millis: deadline.parse().ok()?,
         })
+    }
+
+    /// Whether the application has stopped waiting for this response at `now_millis`.
+    pub fn expired_at(&self, now_millis: i64) -> bool {
+        now_millis > self.deadline_millis
     }
 }
 
@@ -226,13 +241,21 @@ mod tests {
         for c in ["c-1", "a/b+c#d?e%f g", "ünï", ""] {
             let id = RequestId {
                 correlation_id: c.to_owned(),
-            }
-            .encode();
-            assert!(!id.contains(['/', '+', '#', '?', '%', ' ']), "{id}");
-            assert_eq!(RequestId::decode(&id).unwrap().correlation_id, c);
+                deadline_millis: 1_764_000_000_123,
+            };
+            let text = id.encode();
+            assert!(!text.contains(['/', '+', '#', '?', '%', ' ']), "{text}");
+            assert_eq!(RequestId::decode(&text).unwrap(), id);
         }
         assert!(RequestId::decode("2abc").is_none());
-        assert!(RequestId::decode("1!!").is_none());
+        assert!(RequestId::decode("2.YQ").is_none());
+        assert!(RequestId::decode("2x1.YQ").is_none());
+        assert!(RequestId::decode("212.!!").is_none());
+        assert!(RequestId::decode("1YQ").is_none());
+        let id = RequestId::decode("2100.YQ").unwrap();
+        assert_eq!(id.correlation_id, "a");
+        assert!(!id.expired_at(100));
+        assert!(id.expired_at(101));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::codec::{self, ConnectOutcome, Inbound, Outbound, PublishRequest, Version};
 use super::topic;
 use super::{ConnectionEvents, MqttConfig};
-use crate::commands::{CommandDelivery, CommandHub};
+use crate::commands::{CommandDelivery, CommandHub, DeviceResponse, SubscriptionToken};
 use crate::metrics;
 use crate::pipeline::{
     Accepted, AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError,
@@ -155,7 +155,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     )
     .await;
     if let (Some(hub), Some(sub)) = (&commands.hub, &commands.sub) {
-        Box::pin(hub.unsubscribe(&device.tenant_id, &sub.registered)).await;
+        Box::pin(hub.unsubscribe(&device.tenant_id, &sub.registered, sub.token)).await;
         Box::pin(reachability(&pipeline, &device, &sub.registered, 0)).await;
     }
     Box::pin(connection_event(
@@ -365,9 +365,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                             .is_some_and(|_| ErrorSubscription::parse(filter, &device).is_some())
                         {
                             errors = None;
-                        } else if let Some(ended) = commands.unsubscribe(filter) {
+                        } else if let Some((ended, token)) = commands.unsubscribe(filter) {
                             if let Some(hub) = &commands.hub {
-                                Box::pin(hub.unsubscribe(&device.tenant_id, &ended)).await;
+                                Box::pin(hub.unsubscribe(&device.tenant_id, &ended, token)).await;
                             }
                             Box::pin(reachability(&pipeline, &device, &ended, 0)).await;
                         }
@@ -471,7 +471,7 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         _ => return Err(ConnectionError::Closed("QoS 2 is not supported".into())),
     };
     if let Some(response) = topic::parse_response(&p.topic) {
-        return command_response(session, device, errors, hub, p, qos1, response).await;
+        return command_response(session, pipeline, device, errors, hub, p, qos1, response).await;
     }
     if p.payload.len() > pipeline.max_payload_size() {
         metrics::rejected(ADAPTER.name(), "payload-too-large");
@@ -667,6 +667,7 @@ struct CommandSubscription {
     qos: u8,
     /// The device (or gateway) id the subscription is registered under.
     registered: String,
+    token: SubscriptionToken,
 }
 
 impl CommandSubscription {
@@ -679,16 +680,7 @@ impl CommandSubscription {
             "+" => cmd.device_id.as_str(),
             d => d,
         };
-        let req_id = cmd
-            .correlation_id
-            .as_ref()
-            .map(|c| {
-                ferrule_schemas::command::RequestId {
-                    correlation_id: c.clone(),
-                }
-                .encode()
-            })
-            .unwrap_or_default();
+        let req_id = cmd.request_id.as_deref().unwrap_or_default();
         format!(
             "{}/{}/{device}/{}/{req_id}/{}",
             f.prefix, f.tenant, f.req, cmd.subject
@@ -734,17 +726,17 @@ impl Commands {
                 tx
             }
         };
-        if hub
-            .subscribe(&device.tenant_id, &registered, tx)
+        let Ok(token) = hub
+            .subscribe(&device.tenant_id, &registered, tx, None)
             .await
-            .is_err()
-        {
+        else {
             return false;
-        }
+        };
         self.sub = Some(CommandSubscription {
             filter: f,
             qos,
             registered,
+            token,
         });
         true
     }
@@ -763,10 +755,10 @@ impl Commands {
 
     /// Ends the command subscription if `filter` is its filter; returns the id it was
     /// registered under.
-    fn unsubscribe(&mut self, filter: &str) -> Option<String> {
+    fn unsubscribe(&mut self, filter: &str) -> Option<(String, SubscriptionToken)> {
         let f = topic::parse_command_filter(filter)?;
         if self.sub.as_ref().is_some_and(|s| s.filter == f) {
-            self.sub.take().map(|s| s.registered)
+            self.sub.take().map(|s| (s.registered, s.token))
         } else {
             None
         }
@@ -804,6 +796,7 @@ async fn next_command(
 #[allow(clippy::too_many_arguments)]
 async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session<S>,
+    pipeline: &IngestPipeline,
     device: &AuthenticatedDevice,
     errors: Option<&ErrorSubscription>,
     hub: Option<&CommandHub>,
@@ -829,16 +822,6 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let result = async {
         let a = address.map_err(|e| UploadError::BadRequest(e.to_string()))?;
-        if !a.tenant.is_empty() && a.tenant != device.tenant_id {
-            return Err(UploadError::Forbidden("response for another tenant".into()));
-        }
-        let request = ferrule_schemas::command::RequestId::decode(&a.request_id)
-            .ok_or_else(|| UploadError::BadRequest("unknown request id".into()))?;
-        let target = if a.device.is_empty() {
-            device.device_id.clone()
-        } else {
-            a.device.clone()
-        };
         let content_type = a
             .properties
             .iter()
@@ -846,15 +829,16 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
             .map(|(_, v)| v.clone())
             .or(p.content_type.clone());
         let hub = hub.ok_or_else(|| UploadError::Unavailable("commands are not enabled".into()))?;
-        Box::pin(hub.respond(
-            &device.tenant_id,
-            &target,
-            &request.correlation_id,
-            a.status,
-            content_type.as_deref(),
-            &p.payload,
-        ))
-        .await
+        let response = DeviceResponse {
+            adapter: ADAPTER,
+            origin: Origin::Device(device.clone()),
+            target: (!a.device.is_empty()).then(|| (a.tenant.clone(), a.device.clone())),
+            request_id: a.request_id,
+            status: a.status,
+            content_type,
+            payload: p.payload.to_vec(),
+        };
+        Box::pin(hub.accept_response(pipeline, response)).await
     }
     .await;
     match result {

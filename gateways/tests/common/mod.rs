@@ -264,3 +264,56 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Sends a command the way a Kafka application does.
+pub async fn send_command(tenant: &str, device: &str, headers: &[(&str, &str)], payload: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka().bootstrap_servers)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let mut hs = OwnedHeaders::new();
+    for (k, v) in headers {
+        hs = hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    let topic = format!("hono.command.{tenant}");
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key(device)
+                .headers(hs)
+                .payload(payload),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+}
+
+/// A command router of its own for this test (own consumer group).
+pub async fn start_router() -> tokio::sync::watch::Sender<bool> {
+    start_router_in(&random_id("router")).await
+}
+
+/// A command router in consumer group `group`; sending `true` stops it.
+pub async fn start_router_in(group: &str) -> tokio::sync::watch::Sender<bool> {
+    let store = ferrule_registry::open_store(&database(), &Default::default())
+        .await
+        .unwrap();
+    let auth =
+        ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &Default::default());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
+    let routing =
+        ferrule_command_router::RoutingState::new(store.pool().clone(), Duration::from_secs(30));
+    let group = group.to_owned();
+    tokio::spawn(async move {
+        ferrule_command_router::forward::run(&kafka().bootstrap_servers, &group, auth, routing, rx)
+            .await
+    });
+    tx
+}
