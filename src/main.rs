@@ -202,14 +202,11 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     if services.router
         && let Some(registry) = registry.clone()
     {
-        let (router, bootstrap, pool) = (
-            cfg.router.clone(),
-            cfg.kafka.bootstrap_servers.clone(),
-            store.pool().clone(),
-        );
+        let (router, kafka, pool) = (cfg.router.clone(), cfg.kafka.clone(), store.pool().clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            ferrule_command_router::run(router, &bootstrap, registry, pool, shutdown).await
+            let (bootstrap, wait) = (&kafka.bootstrap_servers, kafka.consumer_fetch_wait_ms);
+            ferrule_command_router::run(router, bootstrap, wait, registry, pool, shutdown).await
         });
     }
     if let (Some(listeners), Some(registry)) = (gateway_listeners, registry) {

@@ -91,6 +91,25 @@ async fn harness_smoke_run() {
         "{json}"
     );
     drop(held);
+
+    // Command round trips through the router and the gateway, and the Kafka echo floor.
+    let rt = ferrule_loadtest::commands::round_trips(
+        &kafka,
+        &fleet,
+        &format!("127.0.0.1:{mqtt}"),
+        50,
+        1,
+        1,
+        20,
+    )
+    .await
+    .unwrap();
+    assert_eq!((rt.sent, rt.answered), (50, 50), "{:?}", rt.failed);
+    assert!(rt.percentile_ms(0.99) > 0.0);
+    let echo = ferrule_loadtest::commands::kafka_echo_round_trips(&kafka, 50, 1, 20)
+        .await
+        .unwrap();
+    assert_eq!(echo.answered, 50);
     let _ = ferrule.kill();
     let _ = ferrule.wait();
 }

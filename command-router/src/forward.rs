@@ -4,14 +4,16 @@
 //! delivery-failure response. An offset is stored only after the command was forwarded or
 //! answered, so a router restart or rebalance redelivers instead of losing commands.
 
-use crate::routing::RoutingState;
+use crate::routing::{CommandTarget, RoutingState};
 use ferrule_registry::DeviceAuthenticator;
 use ferrule_schemas::command::{
-    InvalidCommand, delivery_failure_body, parse_command, response_headers,
+    Command, InvalidCommand, delivery_failure_body, parse_command, response_headers,
 };
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::{HonoTopic, TopicKind};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -29,10 +31,44 @@ struct Failure {
     reason: String,
 }
 
-/// Runs until `shutdown` turns true.
+/// Commands read and not yet forwarded and acknowledged; reading pauses beyond this.
+const IN_FLIGHT: usize = 1024;
+
+/// The source position of a command, stored as consumed once the command was handled.
+type Handled = (String, i32, i64);
+
+/// A command record copied out of the consumer, so that its routing can run concurrently
+/// with reading the next ones.
+struct Incoming {
+    position: Handled,
+    tenant: String,
+    key: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    payload: Option<Vec<u8>>,
+    /// `delivery-failure-notification-metadata[*]` headers, copied into failure responses.
+    failure_metadata: Vec<(String, Vec<u8>)>,
+}
+
+/// What becomes of one command.
+enum Decision {
+    /// Not a command of a tenant topic, or invalid without a correlation id: dropped.
+    Skip,
+    Forward(Command, CommandTarget),
+    /// Answered with a delivery failure when it has a correlation id.
+    Fail {
+        device: String,
+        correlation_id: Option<String>,
+        failure: Failure,
+    },
+}
+
+/// Runs until `shutdown` turns true. Routing lookups of consecutive commands run concurrently,
+/// but commands are forwarded, and their offsets stored, in the order they were read.
 pub async fn run(
     bootstrap: &str,
     group_id: &str,
+    topic_pattern: &str,
+    fetch_wait_ms: u64,
     registry: DeviceAuthenticator,
     routing: RoutingState,
     mut shutdown: watch::Receiver<bool>,
@@ -45,9 +81,10 @@ pub async fn run(
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("topic.metadata.refresh.interval.ms", "1000")
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         .set("log_level", "3")
         .create()?;
-    consumer.subscribe(&[ferrule_schemas::topic::COMMAND_TOPIC_PATTERN])?;
+    consumer.subscribe(&[topic_pattern])?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -55,87 +92,128 @@ pub async fn run(
         .set("linger.ms", "0")
         .set("log_level", "3")
         .create()?;
+    let mut routed: FuturesOrdered<BoxFuture<'static, (Incoming, Decision)>> =
+        FuturesOrdered::new();
+    let mut forwarded: FuturesOrdered<BoxFuture<'static, Handled>> = FuturesOrdered::new();
     loop {
-        let msg = tokio::select! {
-            m = consumer.recv() => m,
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-        };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "command consumer error");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        tokio::select! {
+            m = consumer.recv(), if routed.len() + forwarded.len() < IN_FLIGHT => {
+                let msg = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "command consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let incoming = copy(&msg);
+                let (registry, routing) = (registry.clone(), routing.clone());
+                routed.push_back(Box::pin(async move {
+                    let decision = decide(&incoming, &registry, &routing).await;
+                    (incoming, decision)
+                }));
             }
-        };
-        if let Err(e) = handle(&msg, &registry, &routing, &producer).await {
-            // Not stored: the command comes again after a restart or rebalance.
-            tracing::warn!(error = %e, topic = msg.topic(), offset = msg.offset(), "command not handled");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+            Some((incoming, decision)) = routed.next(), if !routed.is_empty() => {
+                forwarded.push_back(forward(&producer, incoming, decision));
+            }
+            Some((topic, partition, offset)) = forwarded.next(), if !forwarded.is_empty() => {
+                if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                    tracing::debug!(error = %e, "offset not stored (partition revoked?)");
+                }
+            }
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         }
-        consumer.store_offset_from_message(&msg)?;
+    }
+    // Let what was read finish, so its offsets are committed.
+    let drain = async {
+        while let Some((incoming, decision)) = routed.next().await {
+            forwarded.push_back(forward(&producer, incoming, decision));
+        }
+        while let Some((topic, partition, offset)) = forwarded.next().await {
+            let _ = consumer.store_offset(&topic, partition, offset);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
+
+fn copy(msg: &BorrowedMessage<'_>) -> Incoming {
+    let headers: Vec<(String, Option<Vec<u8>>)> = msg
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|hd| (hd.key.to_owned(), hd.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let failure_metadata = headers
+        .iter()
+        .filter(|(k, _)| k.starts_with(h::DELIVERY_FAILURE_METADATA_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    Incoming {
+        position: (msg.topic().to_owned(), msg.partition(), msg.offset()),
+        tenant: HonoTopic::parse(msg.topic())
+            .ok()
+            .filter(|t| t.kind == TopicKind::Command)
+            .map(|t| t.suffix)
+            .unwrap_or_default(),
+        key: msg.key().map(<[u8]>::to_vec),
+        headers,
+        payload: msg.payload().map(<[u8]>::to_vec),
+        failure_metadata,
     }
 }
 
-async fn handle(
-    msg: &BorrowedMessage<'_>,
+impl Incoming {
+    fn record_headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + Clone {
+        self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()))
+    }
+}
+
+/// Validates a command and finds where it goes (§7.2, §7.3).
+async fn decide(
+    incoming: &Incoming,
     registry: &DeviceAuthenticator,
     routing: &RoutingState,
-    producer: &FutureProducer,
-) -> anyhow::Result<()> {
-    let Ok(topic) = HonoTopic::parse(msg.topic()) else {
-        return Ok(());
-    };
-    if topic.kind != TopicKind::Command {
-        return Ok(());
+) -> Decision {
+    if incoming.tenant.is_empty() {
+        return Decision::Skip;
     }
-    let tenant = topic.suffix.as_str();
-    let headers: Vec<(&str, Option<&[u8]>)> = msg
-        .headers()
-        .map(|hs| hs.iter().map(|hd| (hd.key, hd.value)).collect())
-        .unwrap_or_default();
-    let command = match parse_command(msg.key(), headers.iter().copied()) {
+    let tenant = incoming.tenant.as_str();
+    let command = match parse_command(incoming.key.as_deref(), incoming.record_headers()) {
         Ok(c) => c,
         Err(InvalidCommand {
             reason,
             correlation_id,
         }) => {
-            if let Some(cid) = correlation_id {
-                let device = h::first(headers.iter().copied(), h::DEVICE_ID)
-                    .and_then(h::decode_str)
-                    .unwrap_or("");
-                respond(
-                    producer,
-                    tenant,
+            let device = h::first(incoming.record_headers(), h::DEVICE_ID)
+                .and_then(h::decode_str)
+                .unwrap_or("")
+                .to_owned();
+            return match correlation_id {
+                Some(cid) => Decision::Fail {
                     device,
-                    &cid,
-                    &headers,
-                    Failure {
+                    correlation_id: Some(cid),
+                    failure: Failure {
                         status: 400,
                         reason,
                     },
-                )
-                .await?;
-            }
-            return Ok(());
+                },
+                None => Decision::Skip,
+            };
         }
     };
     let target = async {
-        let t = registry
-            .tenant(tenant)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let t = registry.tenant(tenant).await?;
         if !t.as_ref().as_ref().is_some_and(|t| t.enabled) {
             return anyhow::Ok(Err(Failure {
                 status: 404,
                 reason: "tenant unknown or disabled".into(),
             }));
         }
-        let d = registry
-            .device(tenant, &command.device_id)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let d = registry.device(tenant, &command.device_id).await?;
         let Some(device) = d.as_ref().as_ref().filter(|d| d.enabled) else {
             return Ok(Err(Failure {
                 status: 404,
@@ -157,55 +235,113 @@ async fn handle(
             },
         )
     }
-    .await?;
+    .await;
     let failure = match target {
-        Ok(target) => {
-            let internal = HonoTopic::command_internal(&target.instance_id)?.to_string();
-            let mut out = OwnedHeaders::new_with_capacity(headers.len() + 4);
-            for (k, v) in &headers {
-                out = out.insert(Header { key: k, value: *v });
-            }
-            out = out.insert(Header {
-                key: h::TENANT_ID,
-                value: Some(tenant),
+        Ok(Ok(t)) => return Decision::Forward(command, t),
+        Ok(Err(f)) => f,
+        // Hono releases a command it cannot route: 503.
+        Err(e) => Failure {
+            status: 503,
+            reason: format!("routing unavailable: {e}"),
+        },
+    };
+    Decision::Fail {
+        device: command.device_id,
+        correlation_id: command.correlation_id,
+        failure,
+    }
+}
+
+/// Hands a routed command to the producer (or writes its failure response); resolves with its
+/// position once the broker has it.
+fn forward(
+    producer: &FutureProducer,
+    incoming: Incoming,
+    decision: Decision,
+) -> BoxFuture<'static, Handled> {
+    let Incoming {
+        position,
+        tenant,
+        failure_metadata,
+        ..
+    } = &incoming;
+    let (position, tenant) = (position.clone(), tenant.clone());
+    let (device, correlation_id, failure, delivery) = match decision {
+        Decision::Skip => return Box::pin(std::future::ready(position)),
+        Decision::Fail {
+            device,
+            correlation_id,
+            failure,
+        } => (device, correlation_id, Some(failure), None),
+        Decision::Forward(command, target) => {
+            let topic = HonoTopic::command_internal(&target.instance_id).map(|t| t.to_string());
+            let sent = topic.map_err(anyhow::Error::from).and_then(|topic| {
+                let mut record = FutureRecord::to(&topic)
+                    .key(&command.device_id)
+                    .headers(forward_headers(&incoming, &target));
+                if let Some(p) = &incoming.payload {
+                    record = record.payload(p);
+                }
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| anyhow::anyhow!(e))
             });
-            if let Some(gw) = &target.gateway_id {
-                out = out.insert(Header {
-                    key: h::VIA,
-                    value: Some(gw.as_str()),
-                });
-            }
-            let partition = msg.partition().to_string();
-            let offset = msg.offset().to_string();
-            out = out
-                .insert(Header {
-                    key: h::ORIG_PARTITION,
-                    value: Some(&partition),
-                })
-                .insert(Header {
-                    key: h::ORIG_OFFSET,
-                    value: Some(&offset),
-                });
-            let mut record = FutureRecord::to(&internal)
-                .key(command.device_id.as_bytes())
-                .headers(out);
-            if let Some(p) = msg.payload() {
-                record = record.payload(p);
-            }
-            match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => None,
-                Err((e, _)) => Some(Failure {
+            (command.device_id, command.correlation_id, None, Some(sent))
+        }
+    };
+    let (producer, metadata) = (producer.clone(), failure_metadata.clone());
+    Box::pin(async move {
+        let failure = match delivery {
+            None => failure,
+            Some(sent) => {
+                let error = match sent {
+                    Ok(d) => match d.await {
+                        Ok(Ok(_)) => None,
+                        Ok(Err((e, _))) => Some(e.to_string()),
+                        Err(_) => Some("producer closed".to_owned()),
+                    },
+                    Err(e) => Some(e.to_string()),
+                };
+                error.map(|e| Failure {
                     status: 503,
                     reason: format!("forwarding failed: {e}"),
-                }),
+                })
             }
+        };
+        if let (Some(f), Some(cid)) = (failure, correlation_id)
+            && let Err(e) = respond(&producer, &tenant, &device, &cid, &metadata, f).await
+        {
+            tracing::warn!(error = %e, "delivery-failure response lost");
         }
-        Err(f) => Some(f),
-    };
-    if let (Some(f), Some(cid)) = (failure, &command.correlation_id) {
-        respond(producer, tenant, &command.device_id, cid, &headers, f).await?;
+        position
+    })
+}
+
+/// The command's headers plus `tenant_id`, `via`, `orig-partition` and `orig-offset` (§1.8).
+fn forward_headers(incoming: &Incoming, target: &CommandTarget) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(incoming.headers.len() + 4);
+    for (k, v) in incoming.record_headers() {
+        out = out.insert(Header { key: k, value: v });
     }
-    Ok(())
+    out = out.insert(Header {
+        key: h::TENANT_ID,
+        value: Some(&incoming.tenant),
+    });
+    if let Some(gw) = &target.gateway_id {
+        out = out.insert(Header {
+            key: h::VIA,
+            value: Some(gw.as_str()),
+        });
+    }
+    let (_, partition, offset) = &incoming.position;
+    out.insert(Header {
+        key: h::ORIG_PARTITION,
+        value: Some(&partition.to_string()),
+    })
+    .insert(Header {
+        key: h::ORIG_OFFSET,
+        value: Some(&offset.to_string()),
+    })
 }
 
 /// Writes a delivery-failure response for a request/response command.
@@ -214,7 +350,7 @@ async fn respond(
     tenant: &str,
     device: &str,
     correlation_id: &str,
-    command_headers: &[(&str, Option<&[u8]>)],
+    failure_metadata: &[(String, Vec<u8>)],
     failure: Failure,
 ) -> anyhow::Result<()> {
     let topic = HonoTopic::command_response(tenant)?.to_string();
@@ -225,17 +361,16 @@ async fn respond(
         failure.status,
         Some(DELIVERY_FAILURE_NOTIFICATION),
     );
-    let mut out = OwnedHeaders::new_with_capacity(fixed.len() + 2);
-    for (k, v) in &fixed {
+    let mut out = OwnedHeaders::new_with_capacity(fixed.len() + failure_metadata.len());
+    for (k, v) in fixed
+        .iter()
+        .map(|(k, v)| (*k, v))
+        .chain(failure_metadata.iter().map(|(k, v)| (k.as_str(), v)))
+    {
         out = out.insert(Header {
             key: k,
             value: Some(v),
         });
-    }
-    for (k, v) in command_headers {
-        if k.starts_with(h::DELIVERY_FAILURE_METADATA_PREFIX) {
-            out = out.insert(Header { key: k, value: *v });
-        }
     }
     let payload = delivery_failure_body(&failure.reason);
     producer

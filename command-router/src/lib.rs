@@ -18,6 +18,9 @@ use tokio::sync::watch;
 pub struct RouterConfig {
     /// Kafka consumer group of all router instances.
     pub group_id: String,
+    /// The command topics this router group serves: every tenant by default; a narrower
+    /// pattern (or one topic name) splits tenants across router groups.
+    pub topic_pattern: String,
     /// A gateway instance without a heartbeat for this long is dead (seconds).
     pub instance_timeout_secs: u64,
     /// How often expired and dead subscriptions are purged (seconds).
@@ -28,6 +31,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             group_id: forward::GROUP_ID.into(),
+            topic_pattern: ferrule_schemas::topic::COMMAND_TOPIC_PATTERN.into(),
             instance_timeout_secs: 30,
             purge_interval_secs: 60,
         }
@@ -38,6 +42,7 @@ impl Default for RouterConfig {
 pub async fn run(
     cfg: RouterConfig,
     bootstrap: &str,
+    fetch_wait_ms: u64,
     registry: ferrule_registry::DeviceAuthenticator,
     pool: deadpool_postgres::Pool,
     shutdown: watch::Receiver<bool>,
@@ -59,7 +64,16 @@ pub async fn run(
         })
     };
     tracing::info!(group = %cfg.group_id, "command router consuming hono.command.*");
-    let result = forward::run(bootstrap, &cfg.group_id, registry, routing, shutdown).await;
+    let result = forward::run(
+        bootstrap,
+        &cfg.group_id,
+        &cfg.topic_pattern,
+        fetch_wait_ms,
+        registry,
+        routing,
+        shutdown,
+    )
+    .await;
     purger.abort();
     result
 }

@@ -70,8 +70,10 @@ async fn setup() -> Setup {
 fn start_router(s: &Setup, group: &str) -> watch::Sender<bool> {
     let (tx, rx) = watch::channel(false);
     let (auth, routing, group) = (s.auth.clone(), s.routing.clone(), group.to_owned());
+    // Only this test's tenant: routers of tests running alongside never answer its commands.
+    let topic = format!("hono.command.{}", s.tenant);
     tokio::spawn(async move {
-        if let Err(e) = forward::run(&kafka(), &group, auth, routing, rx).await {
+        if let Err(e) = forward::run(&kafka(), &group, &topic, 20, auth, routing, rx).await {
             eprintln!("ROUTER FAILED: {e:#}");
         }
     });

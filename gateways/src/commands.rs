@@ -449,7 +449,7 @@ impl CommandHub {
     /// Heartbeats and the internal command topic, until `shutdown` turns true.
     pub async fn run(
         self,
-        bootstrap: String,
+        kafka: crate::KafkaConfig,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let topic = HonoTopic::command_internal(self.instance_id())?.to_string();
@@ -470,9 +470,13 @@ impl CommandHub {
             }
         }
         let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
             .set("group.id", self.instance_id())
             .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                kafka.consumer_fetch_wait_ms.to_string(),
+            )
             .set("log_level", "3")
             .create()?;
         consumer.subscribe(&[&topic])?;

@@ -31,6 +31,10 @@ pub struct KafkaConfig {
     pub delivery_timeout_ms: u64,
     /// How long the producer waits to fill a batch (ms).
     pub linger_ms: u64,
+    /// Longest wait of one fetch of Ferrule's command consumers (router and gateways, ms).
+    /// A broker answers as soon as records arrive; one that does not wake waiting fetches
+    /// adds up to this much latency per command hop.
+    pub consumer_fetch_wait_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -43,6 +47,7 @@ impl Default for KafkaConfig {
             producer_queue_messages: 100_000,
             delivery_timeout_ms: 2500,
             linger_ms: 5,
+            consumer_fetch_wait_ms: 100,
         }
     }
 }

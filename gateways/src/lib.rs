@@ -84,10 +84,7 @@ pub async fn serve(
         Duration::from_secs(cfg.command_response_timeout_secs),
     );
     let mut adapters = tokio::task::JoinSet::new();
-    adapters.spawn(
-        hub.clone()
-            .run(kafka.bootstrap_servers.clone(), shutdown.clone()),
-    );
+    adapters.spawn(hub.clone().run(kafka.clone(), shutdown.clone()));
     if let Some(listener) = listeners.http {
         let app = http::router(pipeline.clone(), Some(hub.clone()), cfg.http.clone());
         let mut shutdown = shutdown.clone();

@@ -666,7 +666,7 @@ async fn request_response_command_round_trip_over_mqtt() {
     let p = Platform::start().await;
     let tenant = p.tenant(json!({})).await;
     p.device_with_password(&tenant, "dev", json!({})).await;
-    let _router = start_router().await;
+    let _router = start_router(&tenant).await;
     let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
     c.send(v4::Packet::Subscribe(v4::Subscribe::new(
         "command///req/#",
@@ -763,7 +763,7 @@ async fn gateway_receives_one_way_commands_for_its_devices() {
     p.device_with_password(&tenant, "gw", json!({})).await;
     p.device(&tenant, "edge", json!({"via": ["gw"]})).await;
     p.device(&tenant, "stranger", json!({})).await;
-    let _router = start_router().await;
+    let _router = start_router(&tenant).await;
     let (mut c, _) = RawClient::connect(p.mqtt_port, &user("gw", &tenant), 60).await;
     // A device outside `via` cannot be subscribed for.
     c.send(v4::Packet::Subscribe(v4::Subscribe::new(
@@ -807,7 +807,7 @@ async fn unacknowledged_qos1_command_gets_503() {
     let p = Platform::start().await;
     let tenant = p.tenant(json!({})).await;
     p.device_with_password(&tenant, "dev", json!({})).await;
-    let _router = start_router().await;
+    let _router = start_router(&tenant).await;
     let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
     c.send(v4::Packet::Subscribe(v4::Subscribe::new(
         "c///q/#",
@@ -884,7 +884,7 @@ async fn two_gateway_instances_each_get_the_commands_of_their_devices() {
     first
         .device_with_password(&tenant, "on-second", json!({}))
         .await;
-    let _router = start_router().await;
+    let _router = start_router(&tenant).await;
     let mut a = subscribed(first.mqtt_port, "on-first", &tenant).await;
     let mut b = subscribed(second.mqtt_port, "on-second", &tenant).await;
     for (device, subject) in [("on-second", "to-b"), ("on-first", "to-a")] {
@@ -912,7 +912,7 @@ async fn a_router_restart_between_subscribe_and_command_loses_nothing() {
     let tenant = p.tenant(json!({})).await;
     p.device_with_password(&tenant, "dev", json!({})).await;
     let group = random_id("router");
-    let router = start_router_in(&group).await;
+    let router = start_router_in(&tenant, &group).await;
     let mut c = subscribed(p.mqtt_port, "dev", &tenant).await;
     router.send(true).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -925,7 +925,7 @@ async fn a_router_restart_between_subscribe_and_command_loses_nothing() {
         "x",
     )
     .await;
-    let _restarted = start_router_in(&group).await;
+    let _restarted = start_router_in(&tenant, &group).await;
     expect_command(&mut c, "after-restart", b"x").await;
 }
 
@@ -938,7 +938,7 @@ async fn gateway_answers_commands_for_its_devices_and_reaches_group_members() {
     p.device(&tenant, "edge", json!({"via": ["gw"]})).await;
     p.device(&tenant, "grouped", json!({"viaGroups": ["north"]}))
         .await;
-    let _router = start_router().await;
+    let _router = start_router(&tenant).await;
     let (mut c, _) = RawClient::connect(p.mqtt_port, &user("gw", &tenant), 60).await;
     c.send(v4::Packet::Subscribe(v4::Subscribe::new(
         "command//+/req/#",

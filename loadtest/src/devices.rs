@@ -72,7 +72,7 @@ impl Fleet {
         format!("hono.telemetry.{}", self.tenant)
     }
 
-    fn username(&self, device: &str) -> String {
+    pub fn username(&self, device: &str) -> String {
         format!("{device}@{}", self.tenant)
     }
 
@@ -155,7 +155,8 @@ impl Fleet {
     }
 }
 
-struct MqttDevice {
+/// One raw MQTT 3.1.1 device connection.
+pub struct MqttDevice {
     stream: TcpStream,
     buf: BytesMut,
 }
@@ -163,7 +164,7 @@ struct MqttDevice {
 impl MqttDevice {
     /// Connects from 127.0.0.x (x spread by `index`), so that 100k connections fit the
     /// ephemeral port range.
-    async fn connect(addr: &str, user: &str, index: usize) -> anyhow::Result<MqttDevice> {
+    pub async fn connect(addr: &str, user: &str, index: usize) -> anyhow::Result<MqttDevice> {
         let target: std::net::SocketAddr = addr.parse()?;
         let socket = TcpSocket::new_v4()?;
         if target.ip().is_loopback() {
@@ -186,7 +187,7 @@ impl MqttDevice {
         }
     }
 
-    async fn write(&mut self, packets: &[v4::Packet]) -> anyhow::Result<()> {
+    pub async fn write(&mut self, packets: &[v4::Packet]) -> anyhow::Result<()> {
         let mut out = BytesMut::new();
         for p in packets {
             p.write(&mut out, 1 << 20)?;
@@ -195,7 +196,7 @@ impl MqttDevice {
         Ok(())
     }
 
-    async fn read(&mut self) -> anyhow::Result<v4::Packet> {
+    pub async fn read(&mut self) -> anyhow::Result<v4::Packet> {
         loop {
             match v4::Packet::read(&mut self.buf, 1 << 20) {
                 Ok(p) => return Ok(p),

@@ -2,5 +2,6 @@
 //! `ferrule-loadtest` binary and by the smoke test that keeps the harness from rotting.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod devices;
 pub mod measure;

@@ -61,6 +61,35 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         qos: u8,
     },
+    /// Request/response command round trips at a fixed offered rate: application (rdkafka) →
+    /// router → gateway → MQTT device → response → application; latency percentiles.
+    CommandRtt {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Commands per second offered.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// QoS of the devices' command subscriptions.
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        /// `fetch.wait.max.ms` of the application's response consumer.
+        #[arg(long, default_value_t = 100)]
+        fetch_wait_ms: u64,
+    },
+    /// The Kafka-leg floor of a command round trip: request topic → echo consumer/producer →
+    /// response topic, at the same rate and fetch wait (two broker hops; Ferrule takes three).
+    KafkaEcho {
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        fetch_wait_ms: u64,
+    },
     /// Idle MQTT connections: resident memory per connection.
     IdleMqtt {
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -124,6 +153,45 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             Report::new(&format!("http-qos{qos}"), *requests, secs)
+        }
+        Scenario::CommandRtt {
+            addr,
+            devices: n,
+            rate,
+            seconds,
+            qos,
+            fetch_wait_ms,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let rt = ferrule_loadtest::commands::round_trips(
+                &cli.kafka,
+                &fleet,
+                addr,
+                *rate,
+                *seconds,
+                *qos,
+                *fetch_wait_ms,
+            )
+            .await?;
+            let mut r = Report::new(&format!("command-rtt-qos{qos}"), rt.answered, rt.seconds);
+            r.extra = Some(rt.to_json());
+            r
+        }
+        Scenario::KafkaEcho {
+            rate,
+            seconds,
+            fetch_wait_ms,
+        } => {
+            let rt = ferrule_loadtest::commands::kafka_echo_round_trips(
+                &cli.kafka,
+                *rate,
+                *seconds,
+                *fetch_wait_ms,
+            )
+            .await?;
+            let mut r = Report::new("kafka-echo", rt.answered, rt.seconds);
+            r.extra = Some(rt.to_json());
+            r
         }
         Scenario::IdleMqtt { addr, connections } => {
             let fleet =

@@ -47,6 +47,8 @@ pub struct Report {
     pub cpu_secs: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,
+    /// Scenario-specific fields (e.g. latency percentiles), merged into the JSON.
+    pub extra: Option<serde_json::Value>,
 }
 
 impl Report {
@@ -58,6 +60,7 @@ impl Report {
             cpu_secs: None,
             rss_bytes: None,
             rss_per_connection_bytes: None,
+            extra: None,
         }
     }
 
@@ -71,7 +74,7 @@ impl Report {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "scenario": self.scenario,
             "messages": self.messages,
             "seconds": self.seconds,
@@ -80,8 +83,13 @@ impl Report {
             "process_cpu_seconds_per_100k": self.cpu_secs.map(|c| c * 100_000.0 / self.messages.max(1) as f64),
             "process_rss_bytes": self.rss_bytes,
             "rss_per_connection_bytes": self.rss_per_connection_bytes,
-        })
-        .to_string()
+        });
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (&self.extra, v.as_object_mut())
+        {
+            obj.extend(extra.clone());
+        }
+        v.to_string()
     }
 
     pub fn summary(&self) -> String {
@@ -101,6 +109,16 @@ impl Report {
         }
         if let Some(r) = self.rss_per_connection_bytes {
             s += &format!(", {r:.0} B RSS per connection");
+        }
+        if let Some(l) = self.extra.as_ref().and_then(|e| e.get("latency_ms")) {
+            let ms = |k: &str| l.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+            s += &format!(
+                ", round trip p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms",
+                ms("p50"),
+                ms("p99"),
+                ms("p999"),
+                ms("max")
+            );
         }
         s
     }

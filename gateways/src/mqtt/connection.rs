@@ -820,37 +820,47 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
         },
         device: device.device_id.clone(),
     };
-    let result = async {
-        let a = address.map_err(|e| UploadError::BadRequest(e.to_string()))?;
-        let content_type = a
-            .properties
-            .iter()
-            .find(|(k, _)| k == "content-type")
-            .map(|(_, v)| v.clone())
-            .or(p.content_type.clone());
-        let hub = hub.ok_or_else(|| UploadError::Unavailable("commands are not enabled".into()))?;
-        let response = DeviceResponse {
-            adapter: ADAPTER,
-            origin: Origin::Device(device.clone()),
-            target: (!a.device.is_empty()).then(|| (a.tenant.clone(), a.device.clone())),
-            request_id: a.request_id,
-            status: a.status,
-            content_type,
-            payload: p.payload.to_vec(),
-        };
-        Box::pin(hub.accept_response(pipeline, response)).await
-    }
-    .await;
-    match result {
-        Ok(()) => {
-            if qos1 {
-                session.send(Outbound::PubAck(p.pkid)).await?;
-            }
-            Ok(None)
-        }
+    let a = match address {
+        Ok(a) => a,
         Err(e) => {
+            let e = UploadError::BadRequest(e.to_string());
             publish_failed(session, &ctx, errors, e).await?;
-            Ok(None)
+            return Ok(None);
         }
-    }
+    };
+    let Some(hub) = hub.cloned() else {
+        let e = UploadError::Unavailable("commands are not enabled".into());
+        publish_failed(session, &ctx, errors, e).await?;
+        return Ok(None);
+    };
+    let content_type = a
+        .properties
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.clone())
+        .or(p.content_type.clone());
+    let accepted = Accepted {
+        tenant: device.tenant_id.clone(),
+        device: if a.device.is_empty() {
+            device.device_id.clone()
+        } else {
+            a.device.clone()
+        },
+    };
+    let response = DeviceResponse {
+        adapter: ADAPTER,
+        origin: Origin::Device(device.clone()),
+        target: (!a.device.is_empty()).then(|| (a.tenant.clone(), a.device.clone())),
+        request_id: a.request_id,
+        status: a.status,
+        content_type,
+        payload: p.payload.to_vec(),
+    };
+    // Acknowledged in order with the device's other publishes once the broker has it; the
+    // connection reads on meanwhile.
+    let pipeline = pipeline.clone();
+    Ok(Some(Box::pin(async move {
+        let result = hub.accept_response(&pipeline, response).await;
+        (ctx, result.map(|()| accepted))
+    })))
 }

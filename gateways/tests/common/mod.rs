@@ -294,13 +294,15 @@ pub async fn send_command(tenant: &str, device: &str, headers: &[(&str, &str)], 
         .unwrap();
 }
 
-/// A command router of its own for this test (own consumer group).
-pub async fn start_router() -> tokio::sync::watch::Sender<bool> {
-    start_router_in(&random_id("router")).await
+/// A command router of its own for this test's tenant (own consumer group). Routers of
+/// other tests running at the same time never see this tenant's commands.
+pub async fn start_router(tenant: &str) -> tokio::sync::watch::Sender<bool> {
+    start_router_in(tenant, &random_id("router")).await
 }
 
-/// A command router in consumer group `group`; sending `true` stops it.
-pub async fn start_router_in(group: &str) -> tokio::sync::watch::Sender<bool> {
+/// A command router for `tenant` in consumer group `group`; sending `true` stops it.
+pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::Sender<bool> {
+    let topic = format!("hono.command.{tenant}");
     let store = ferrule_registry::open_store(&database(), &Default::default())
         .await
         .unwrap();
@@ -312,8 +314,16 @@ pub async fn start_router_in(group: &str) -> tokio::sync::watch::Sender<bool> {
         ferrule_command_router::RoutingState::new(store.pool().clone(), Duration::from_secs(30));
     let group = group.to_owned();
     tokio::spawn(async move {
-        ferrule_command_router::forward::run(&kafka().bootstrap_servers, &group, auth, routing, rx)
-            .await
+        ferrule_command_router::forward::run(
+            &kafka().bootstrap_servers,
+            &group,
+            &topic,
+            20,
+            auth,
+            routing,
+            rx,
+        )
+        .await
     });
     tx
 }

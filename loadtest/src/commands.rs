@@ -1,0 +1,346 @@
+//! Command round trips as an application sees them: an rdkafka producer sends request/response
+//! commands at a fixed offered rate to `hono.command.<tenant>`, MQTT devices answer each at
+//! once, and an rdkafka consumer on `hono.command_response.<tenant>` times every answer.
+//! The path measured: application → Kafka → router → gateway → device → gateway → Kafka →
+//! application.
+
+use crate::devices::{Fleet, MqttDevice};
+use hdrhistogram::Histogram;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rumqttc::mqttbytes::{QoS, v4};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a round-trip run measured.
+#[derive(Debug)]
+pub struct RoundTrips {
+    pub sent: usize,
+    pub answered: usize,
+    /// Responses with another status than 200 (delivery failures), by status.
+    pub failed: HashMap<u16, usize>,
+    /// Round-trip times in microseconds.
+    pub latency_us: Histogram<u64>,
+    pub seconds: f64,
+}
+
+impl RoundTrips {
+    pub fn percentile_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "commands_sent": self.sent,
+            "commands_answered": self.answered,
+            "commands_failed": self.failed.values().sum::<usize>(),
+            "latency_ms": {
+                "p50": self.percentile_ms(0.5),
+                "p99": self.percentile_ms(0.99),
+                "p999": self.percentile_ms(0.999),
+                "max": self.latency_us.max() as f64 / 1000.0,
+            },
+        })
+    }
+}
+
+/// Runs `rate` commands per second for `seconds` against `fleet`'s devices, connected over
+/// MQTT at `addr` and subscribed with `qos`; waits up to 10 s for the last answers.
+pub async fn round_trips(
+    bootstrap: &str,
+    fleet: &Fleet,
+    addr: &str,
+    rate: u32,
+    seconds: u64,
+    qos: u8,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<RoundTrips> {
+    let tenant = fleet.tenant.clone();
+    // Devices: subscribe, then answer every command at once with status 200.
+    let mut devices = Vec::new();
+    for (i, d) in fleet.devices.iter().enumerate() {
+        let mut c = MqttDevice::connect(addr, &fleet.username(d), i).await?;
+        let sub_qos = if qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        c.write(&[v4::Packet::Subscribe(v4::Subscribe::new(
+            "command///req/#",
+            sub_qos,
+        ))])
+        .await?;
+        match c.read().await? {
+            v4::Packet::SubAck(_) => {}
+            other => anyhow::bail!("subscribe: {other:?}"),
+        }
+        devices.push(tokio::spawn(answer_commands(c)));
+    }
+
+    let topic = format!("hono.command.{tenant}");
+    let responses = format!("hono.command_response.{tenant}");
+    let devices_ids = fleet.devices.clone();
+    let result = measure(
+        bootstrap,
+        &topic,
+        &responses,
+        move |seq| devices_ids[(seq as usize) % devices_ids.len()].clone(),
+        rate,
+        seconds,
+        fetch_wait_ms,
+    )
+    .await;
+    for d in devices {
+        d.abort();
+    }
+    result
+}
+
+/// The Kafka-leg floor of a round trip: the application's record goes to a topic, an echo
+/// service (an rdkafka consumer and producer with the same fetch wait) answers on a second
+/// topic. Two broker hops, where a Ferrule command takes three (the router's internal topic).
+pub async fn kafka_echo_round_trips(
+    bootstrap: &str,
+    rate: u32,
+    seconds: u64,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<RoundTrips> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (requests, responses) = (
+        format!("loadtest.echo-req.{id}"),
+        format!("loadtest.echo-res.{id}"),
+    );
+    let echo = {
+        let consumer = consumer(bootstrap, &requests, fetch_wait_ms)?;
+        let producer = producer(bootstrap)?;
+        let responses = responses.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(m) = consumer.recv().await else {
+                    continue;
+                };
+                let mut hs = OwnedHeaders::new_with_capacity(2).insert(Header {
+                    key: "status",
+                    value: Some("200"),
+                });
+                if let Some(cid) = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "correlation-id"))
+                {
+                    hs = hs.insert(Header {
+                        key: "correlation-id",
+                        value: cid.value,
+                    });
+                }
+                let mut record = FutureRecord::to(&responses).headers(hs);
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                if let Some(p) = m.payload() {
+                    record = record.payload(p);
+                }
+                let _ = producer.send_result(record);
+            }
+        })
+    };
+    let result = measure(
+        bootstrap,
+        &requests,
+        &responses,
+        |_| "dev".to_owned(),
+        rate,
+        seconds,
+        fetch_wait_ms,
+    )
+    .await;
+    echo.abort();
+    result
+}
+
+fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "0")
+        .set("log_level", "3")
+        .create()?)
+}
+
+/// Offers request records with a `correlation-id` to `requests` at `rate` per second and
+/// times the records with the same `correlation-id` on `responses` (status 200 = answered).
+async fn measure(
+    bootstrap: &str,
+    requests: &str,
+    responses: &str,
+    device_for: impl Fn(u64) -> String,
+    rate: u32,
+    seconds: u64,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<RoundTrips> {
+    let started_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let responses = consumer(bootstrap, responses, fetch_wait_ms)?;
+    let producer = producer(bootstrap)?;
+    let send = |seq: u64| {
+        let device = device_for(seq);
+        let cid = format!("rt-{seq}");
+        started_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cid.clone(), Instant::now());
+        let headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header {
+                key: "device_id",
+                value: Some(device.as_str()),
+            })
+            .insert(Header {
+                key: "subject",
+                value: Some("rtt"),
+            })
+            .insert(Header {
+                key: "response-required",
+                value: Some("true"),
+            })
+            .insert(Header {
+                key: "correlation-id",
+                value: Some(cid.as_str()),
+            });
+        let record = FutureRecord::to(requests)
+            .key(device.as_str())
+            .headers(headers)
+            .payload("ping");
+        producer
+            .send_result(record)
+            .map(drop)
+            .map_err(|(e, _)| anyhow::anyhow!(e))
+    };
+
+    // Warm-up: until one request comes back, the router may not know the new topic yet.
+    let warm_deadline = Instant::now() + Duration::from_secs(60);
+    let mut seq = 0u64;
+    loop {
+        send(seq)?;
+        seq += 1;
+        let got = tokio::time::timeout(Duration::from_millis(500), responses.recv()).await;
+        if let Ok(Ok(m)) = got
+            && status_of(&m) == Some(200)
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < warm_deadline,
+            "no request came back within 60 s"
+        );
+    }
+    // Drain stragglers of the warm-up.
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), responses.recv()).await {
+    }
+    started_at.lock().unwrap_or_else(|p| p.into_inner()).clear();
+
+    let mut result = RoundTrips {
+        sent: 0,
+        answered: 0,
+        failed: HashMap::new(),
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        seconds: 0.0,
+    };
+    let total = u64::from(rate) * seconds;
+    let start = Instant::now();
+    let tick = Duration::from_millis(10);
+    let per_tick = (f64::from(rate) / 100.0).max(1.0);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut due = 0.0f64;
+    let mut sent = 0u64;
+    let mut last_send = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick(), if sent < total => {
+                due += per_tick;
+                while due >= 1.0 && sent < total {
+                    send(seq)?;
+                    seq += 1;
+                    sent += 1;
+                    due -= 1.0;
+                }
+                last_send = Instant::now();
+            }
+            m = responses.recv() => {
+                let m = m?;
+                let now = Instant::now();
+                let cid = m.headers().and_then(|hs| {
+                    hs.iter().find(|h| h.key == "correlation-id").and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                });
+                let Some(sent_at) = cid.and_then(|c| started_at.lock().unwrap_or_else(|p| p.into_inner()).remove(&c)) else {
+                    continue;
+                };
+                match status_of(&m) {
+                    Some(200) => {
+                        result.answered += 1;
+                        let us = now.duration_since(sent_at).as_micros().max(1) as u64;
+                        result.latency_us.saturating_record(us);
+                    }
+                    other => *result.failed.entry(other.unwrap_or(0)).or_default() += 1,
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if sent >= total => {}
+        }
+        let done = result.answered + result.failed.values().sum::<usize>();
+        if sent >= total && (done as u64 >= total || last_send.elapsed() > Duration::from_secs(10))
+        {
+            break;
+        }
+    }
+    result.sent = sent as usize;
+    result.seconds = start.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+fn status_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<u16> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == "status")
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|s| s.parse().ok())
+}
+
+fn consumer(bootstrap: &str, topic: &str, fetch_wait_ms: u64) -> anyhow::Result<StreamConsumer> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("loadtest-app-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        .set("log_level", "3")
+        .create()?;
+    c.subscribe(&[topic])?;
+    Ok(c)
+}
+
+/// A device that answers every command with status 200 and the command's payload.
+async fn answer_commands(mut c: MqttDevice) -> anyhow::Result<()> {
+    loop {
+        let v4::Packet::Publish(p) = c.read().await? else {
+            continue;
+        };
+        let mut out = Vec::with_capacity(2);
+        if p.qos == QoS::AtLeastOnce {
+            out.push(v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+        }
+        // command///req/{reqId}/{subject}
+        let req_id = p.topic.split('/').nth(4).unwrap_or_default();
+        out.push(v4::Packet::Publish(v4::Publish::new(
+            format!("command///res/{req_id}/200"),
+            QoS::AtMostOnce,
+            p.payload.to_vec(),
+        )));
+        c.write(&out).await?;
+    }
+}
