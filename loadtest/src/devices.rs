@@ -68,6 +68,14 @@ impl Fleet {
         Ok(Fleet { tenant, devices })
     }
 
+    /// Devices that exist nowhere, for baselines that authenticate nobody.
+    pub fn unprovisioned(n: usize) -> Fleet {
+        Fleet {
+            tenant: "baseline".into(),
+            devices: (0..n).map(|i| format!("dev-{i}")).collect(),
+        }
+    }
+
     pub fn telemetry_topic(&self) -> String {
         format!("hono.telemetry.{}", self.tenant)
     }

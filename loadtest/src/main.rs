@@ -47,6 +47,20 @@ enum Scenario {
         messages_per_device: usize,
         #[arg(long, default_value_t = 1)]
         qos: u8,
+        /// The MQTT ingest reference: `addr` is a plain MQTT broker (Mosquitto), nothing is
+        /// provisioned, and the run ends when every device's last packet was answered.
+        #[arg(long)]
+        baseline: bool,
+    },
+    /// The HTTP ceiling: the same HTTP load against a bare axum handler in this process
+    /// that answers 202 to `POST /telemetry` after reading the body.
+    HttpBaseline {
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// HTTP devices posting telemetry with a fixed number of requests in flight.
     Http {
@@ -117,6 +131,23 @@ async fn main() -> anyhow::Result<()> {
             devices: n,
             messages_per_device,
             qos,
+            baseline: true,
+        } => {
+            let fleet = devices::Fleet::unprovisioned(*n);
+            let total = n * messages_per_device;
+            let started = Instant::now();
+            fleet
+                .mqtt_publish(addr, *messages_per_device, *qos, cli.size)
+                .await?;
+            let secs = started.elapsed().as_secs_f64();
+            Report::new(&format!("mosquitto-qos{qos}"), total, secs)
+        }
+        Scenario::Mqtt {
+            addr,
+            devices: n,
+            messages_per_device,
+            qos,
+            baseline: false,
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
             let total = n * messages_per_device;
@@ -132,6 +163,29 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             Report::new(&format!("mqtt-qos{qos}"), total, secs)
+        }
+        Scenario::HttpBaseline {
+            devices: n,
+            requests,
+            concurrency,
+        } => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let app = axum::Router::new().route(
+                "/telemetry",
+                axum::routing::post(|_body: axum::body::Bytes| async {
+                    axum::http::StatusCode::ACCEPTED
+                }),
+            );
+            let server = tokio::spawn(async move { axum::serve(listener, app).await });
+            let fleet = devices::Fleet::unprovisioned(*n);
+            let started = Instant::now();
+            fleet
+                .http_post(&url, *requests, *concurrency, 0, cli.size)
+                .await?;
+            let secs = started.elapsed().as_secs_f64();
+            server.abort();
+            Report::new("axum-baseline", *requests, secs)
         }
         Scenario::Http {
             url,

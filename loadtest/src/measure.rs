@@ -102,7 +102,7 @@ impl Report {
         );
         if let Some(c) = self.cpu_secs {
             s += &format!(
-                ", ferrule CPU {:.2} s ({:.2} s per 100k)",
+                ", server CPU {:.2} s ({:.2} s per 100k)",
                 c,
                 c * 100_000.0 / self.messages.max(1) as f64
             );
