@@ -306,7 +306,7 @@ async fn upload(
             origin,
             target,
             content_type: header_str(headers, header::CONTENT_TYPE.as_str())?.map(str::to_owned),
-            payload: body.to_vec(),
+            payload: body,
             ttl_secs,
             ttd_secs,
             orig_address: uri.path().to_owned(),

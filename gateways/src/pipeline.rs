@@ -83,7 +83,8 @@ pub struct Upload {
     /// empty tenant means "the gateway's own".
     pub target: Option<(String, String)>,
     pub content_type: Option<String>,
-    pub payload: Vec<u8>,
+    /// The device's bytes as read from the wire, never copied before the producer.
+    pub payload: bytes::Bytes,
     /// `hono-ttl` in seconds.
     pub ttl_secs: Option<i64>,
     /// Time until disconnect in seconds, already capped by the adapter.
@@ -727,7 +728,7 @@ mod tests {
             origin,
             target: target.map(|(t, d)| (t.to_owned(), d.to_owned())),
             content_type: None,
-            payload: b"{}".to_vec(),
+            payload: bytes::Bytes::from_static(b"{}"),
             ttl_secs: None,
             ttd_secs: None,
             orig_address: "/telemetry".into(),

@@ -54,11 +54,35 @@ struct PublishContext {
     qos1: bool,
     on_error: OnError,
     /// `telemetry`, `t`, `event` or `e`, as the device wrote it.
-    endpoint: String,
+    endpoint: std::borrow::Cow<'static, str>,
     /// The property-bag `correlation-id`, else the packet id (QoS 1), else `-1`.
-    correlation_id: String,
-    /// The device the message was for (a gateway's edge device, or the sender).
-    device: String,
+    /// The property-bag `correlation-id`, if the device gave one.
+    correlation_id: Option<String>,
+    /// The edge device a gateway sent for; `None`: the sender itself.
+    device: Option<String>,
+}
+
+impl PublishContext {
+    /// What the error message calls the publish: the device's correlation id, else the packet
+    /// id (QoS 1), else `-1`. Computed only when an error is reported.
+    fn correlation(&self) -> String {
+        match (&self.correlation_id, self.qos1) {
+            (Some(c), _) => c.clone(),
+            (None, true) => self.pkid.to_string(),
+            (None, false) => "-1".to_owned(),
+        }
+    }
+}
+
+/// The endpoint segment of a topic, without allocating for the usual ones.
+fn endpoint_of(topic: &str) -> std::borrow::Cow<'static, str> {
+    match topic.split('/').next().unwrap_or_default() {
+        "telemetry" => "telemetry".into(),
+        "t" => "t".into(),
+        "event" => "event".into(),
+        "e" => "e".into(),
+        other => other.to_owned().into(),
+    }
 }
 
 type Outcome = (PublishContext, Result<Accepted, UploadError>);
@@ -184,7 +208,7 @@ async fn reachability(
         origin: Origin::Device(device.clone()),
         target: (target != device.device_id).then(|| (String::new(), target.to_owned())),
         content_type: Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.into()),
-        payload: Vec::new(),
+        payload: bytes::Bytes::new(),
         ttl_secs: None,
         ttd_secs: Some(ttd),
         orig_address: String::new(),
@@ -222,7 +246,7 @@ async fn connection_event(
                 origin: Origin::Device(device.clone()),
                 target: None,
                 content_type: Some(ferrule_schemas::content_type::CONNECTION_NOTIFICATION.into()),
-                payload: payload.to_string().into_bytes(),
+                payload: payload.to_string().into_bytes().into(),
                 ttl_secs: None,
                 ttd_secs: None,
                 orig_address: String::new(),
@@ -481,13 +505,9 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         pkid: p.pkid,
         qos1,
         on_error: OnError::Disconnect,
-        endpoint: p.topic.split('/').next().unwrap_or_default().to_owned(),
-        correlation_id: if qos1 {
-            p.pkid.to_string()
-        } else {
-            "-1".to_owned()
-        },
-        device: device.device_id.clone(),
+        endpoint: endpoint_of(&p.topic),
+        correlation_id: None,
+        device: None,
     };
     let address = match topic::parse(&p.topic) {
         Ok(a) => a,
@@ -510,10 +530,10 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         _ => OnError::Default,
     };
     if let Some(c) = address.property("correlation-id") {
-        ctx.correlation_id = c.to_owned();
+        ctx.correlation_id = Some(c.to_owned());
     }
     if let Some((_, d)) = &address.target {
-        ctx.device = d.clone();
+        ctx.device = Some(d.clone());
     }
     let ttl_secs = address.property("hono-ttl").and_then(|v| v.parse().ok());
     let content_type = address
@@ -531,7 +551,7 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         origin: Origin::Device(device.clone()),
         target: address.target,
         content_type,
-        payload: p.payload.to_vec(),
+        payload: p.payload,
         ttl_secs,
         ttd_secs: None,
         orig_address: p.topic,
@@ -566,9 +586,10 @@ async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
             "code": e.status(),
             "message": e.to_string(),
             "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "correlation-id": ctx.correlation_id,
+            "correlation-id": ctx.correlation(),
         });
-        let topic = sub.topic_for(&ctx.device, &ctx.endpoint, &ctx.correlation_id, e.status());
+        let device = ctx.device.as_deref().unwrap_or(&sub.own);
+        let topic = sub.topic_for(device, &ctx.endpoint, &ctx.correlation(), e.status());
         session
             .send(Outbound::Publish {
                 topic,
@@ -607,6 +628,8 @@ struct ErrorSubscription {
     tenant: String,
     /// Empty (the device itself), `+` (any device of a gateway) or one device id.
     device: String,
+    /// The connection's own device id, for errors of its own messages.
+    own: String,
 }
 
 impl ErrorSubscription {
@@ -623,6 +646,7 @@ impl ErrorSubscription {
             prefix: (*prefix).to_owned(),
             tenant: (*tenant).to_owned(),
             device: (*dev).to_owned(),
+            own: device.device_id.clone(),
         })
     }
 
@@ -813,12 +837,8 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             "command-response".into()
         },
-        correlation_id: if qos1 {
-            p.pkid.to_string()
-        } else {
-            "-1".to_owned()
-        },
-        device: device.device_id.clone(),
+        correlation_id: None,
+        device: None,
     };
     let a = match address {
         Ok(a) => a,
