@@ -29,6 +29,7 @@ impl Default for DatabaseConfig {
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_registry.sql")),
     (2, include_str!("../migrations/0002_command_routing.sql")),
+    (3, include_str!("../migrations/0003_applications.sql")),
 ];
 
 /// An arbitrary constant that serialises concurrent migrators (tests, several instances).

@@ -12,7 +12,9 @@ pub mod search;
 pub mod store;
 
 pub use api::ManagementAuth;
-pub use auth::{AuthCacheConfig, AuthError, AuthenticatedDevice, DeviceAuthenticator};
+pub use auth::{
+    AuthCacheConfig, AuthError, AuthenticatedApplication, AuthenticatedDevice, DeviceAuthenticator,
+};
 pub use db::DatabaseConfig;
 pub use store::Store;
 

@@ -2,6 +2,7 @@
 //! transaction, returning the resource version that becomes the ETag.
 
 use crate::error::{RegistryError, Result};
+use crate::model::application::{self, Application};
 use crate::model::credentials::{self, CredentialRules, Credentials};
 use crate::model::device::Device;
 use crate::model::tenant::Tenant;
@@ -498,6 +499,102 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(version)
+    }
+
+    /// Creates or replaces an application of `tenant`; returns the new version.
+    pub async fn set_application(
+        &self,
+        tenant: &str,
+        app_id: &str,
+        requested: Application,
+        if_match: Option<&str>,
+    ) -> Result<String> {
+        let mut db = self.pool.get().await?;
+        let tx = db.transaction().await?;
+        let known = tx
+            .query_opt("SELECT 1 FROM tenants WHERE tenant_id = $1", &[&tenant])
+            .await?;
+        if known.is_none() {
+            return Err(RegistryError::NotFound(format!(
+                "tenant `{tenant}` not found"
+            )));
+        }
+        let row = tx
+            .query_opt(
+                "SELECT version, data FROM applications
+                  WHERE tenant_id = $1 AND app_id = $2 FOR UPDATE",
+                &[&tenant, &app_id],
+            )
+            .await?;
+        let existing = match &row {
+            Some(r) => {
+                check_version(r.get(0), if_match)?;
+                Some(
+                    serde_json::from_value::<Application>(r.get(1))
+                        .map_err(|e| RegistryError::Internal(e.to_string()))?,
+                )
+            }
+            None if if_match.is_some() => return Err(RegistryError::PreconditionFailed),
+            None => None,
+        };
+        let (rules, id) = (self.rules, app_id.to_owned());
+        let prepared = tokio::task::spawn_blocking(move || {
+            application::prepare(&id, requested, existing, rules)
+        })
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))??;
+        let version = new_version();
+        tx.execute(
+            "INSERT INTO applications (tenant_id, app_id, version, data) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id, app_id) DO UPDATE
+               SET version = EXCLUDED.version, data = EXCLUDED.data, updated = now()",
+            &[&tenant, &app_id, &version, &to_json(&prepared)?],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(version)
+    }
+
+    /// An application as stored (secrets hashed) and its version.
+    pub async fn stored_application(
+        &self,
+        tenant: &str,
+        app_id: &str,
+    ) -> Result<(Application, String)> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                "SELECT data, version FROM applications WHERE tenant_id = $1 AND app_id = $2",
+                &[&tenant, &app_id],
+            )
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("application `{app_id}` not found")))?;
+        let app = serde_json::from_value(row.get(0))
+            .map_err(|e| RegistryError::Internal(e.to_string()))?;
+        Ok((app, row.get(1)))
+    }
+
+    /// Removes an application; 404 when there is none.
+    pub async fn delete_application(
+        &self,
+        tenant: &str,
+        app_id: &str,
+        if_match: Option<&str>,
+    ) -> Result<()> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                "DELETE FROM applications WHERE tenant_id = $1 AND app_id = $2
+                  AND ($3::text IS NULL OR version = $3) RETURNING 1",
+                &[&tenant, &app_id, &if_match],
+            )
+            .await?;
+        if row.is_some() {
+            return Ok(());
+        }
+        // Either it does not exist or the version did not match.
+        self.stored_application(tenant, app_id).await?;
+        Err(RegistryError::PreconditionFailed)
     }
 
     /// Whether the database answers; used by readiness.

@@ -1,6 +1,7 @@
 //! Hono's Device Registry Management API v1 over axum: request plumbing (authentication of the
 //! caller, body and content-type rules, ETags) and the mapping of errors to status codes.
 
+mod applications;
 mod credentials;
 mod devices;
 mod tenants;
@@ -84,6 +85,7 @@ pub(crate) fn router(store: Store, auth: ManagementAuth, max_payload: usize) -> 
         .merge(tenants::routes())
         .merge(devices::routes())
         .merge(credentials::routes())
+        .merge(applications::routes())
         .layer(middleware::from_fn_with_state(api.clone(), require_auth))
         .layer(DefaultBodyLimit::max(max_payload))
         .with_state(api)

@@ -51,6 +51,13 @@ pub struct AuthenticatedDevice {
     pub auth_id: String,
 }
 
+/// A business application whose password was verified; it may use its tenant's data only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedApplication {
+    pub tenant_id: String,
+    pub app_id: String,
+}
+
 /// Why a device was not authenticated; gateways map each to their protocol's answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -282,6 +289,64 @@ impl DeviceAuthenticator {
             if ok {
                 *found.verified.lock().unwrap_or_else(|p| p.into_inner()) = Some((digest, idx));
                 return Ok(device(tenant, found, auth_id));
+            }
+        }
+        Err(AuthError::BadCredentials)
+    }
+
+    /// Checks an application's `appId@tenant` and password (the AMQP bridge's SASL PLAIN).
+    /// Applications sign in rarely, so this always asks PostgreSQL.
+    pub async fn verify_application(
+        &self,
+        username: &str,
+        password: &[u8],
+    ) -> Result<AuthenticatedApplication, AuthError> {
+        let (app_id, tenant) = split_username(username)?;
+        let db = self.inner.pool.get().await.map_err(unavailable)?;
+        let row = db
+            .query_opt(
+                "SELECT t.data->'enabled', a.data
+                   FROM tenants t LEFT JOIN applications a
+                     ON a.tenant_id = t.tenant_id AND a.app_id = $2
+                  WHERE t.tenant_id = $1",
+                &[&tenant, &app_id],
+            )
+            .await
+            .map_err(unavailable)?
+            .ok_or(AuthError::UnknownTenant)?;
+        let tenant_enabled: Option<serde_json::Value> = row.get(0);
+        if tenant_enabled.and_then(|v| v.as_bool()) == Some(false) {
+            return Err(AuthError::TenantDisabled);
+        }
+        let data: serde_json::Value = row
+            .get::<_, Option<serde_json::Value>>(1)
+            .ok_or(AuthError::BadCredentials)?;
+        if data.get("enabled").and_then(|e| e.as_bool()) == Some(false) {
+            return Err(AuthError::BadCredentials);
+        }
+        let now = Utc::now();
+        let secrets: Vec<Secret> = data
+            .get("secrets")
+            .and_then(|s| s.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_object().map(Secret::from_json))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for secret in secrets.iter().filter(|s| s.usable(now)) {
+            let Some(hash) = secret.password.clone() else {
+                continue;
+            };
+            let pw = password.to_vec();
+            let ok = tokio::task::spawn_blocking(move || hash.verify(&pw))
+                .await
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+            if ok {
+                return Ok(AuthenticatedApplication {
+                    tenant_id: tenant.to_owned(),
+                    app_id: app_id.to_owned(),
+                });
             }
         }
         Err(AuthError::BadCredentials)

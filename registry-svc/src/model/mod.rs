@@ -2,6 +2,7 @@
 //! rejected (the API's schemas forbid them) and every check a request needs lives here, so the
 //! HTTP handlers only move documents between the wire and the database.
 
+pub mod application;
 pub mod credentials;
 pub mod device;
 pub mod tenant;
