@@ -62,7 +62,8 @@ ensure_rust() {
 }
 
 ensure_base() {
-    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3 mosquitto-clients
+    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3 mosquitto-clients \
+        python3-qpid-proton
     ensure_rust
     [ -n "$PG_BIN" ] || PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 }

@@ -20,6 +20,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub gateway: GatewayConfig,
     pub router: ferrule_command_router::RouterConfig,
+    pub bridge: ferrule_stream_bridge::BridgeConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -38,6 +38,8 @@ enum Command {
     Gateway,
     /// Run the command router (consumes hono.command.*, forwards to gateway instances).
     Router,
+    /// Run the AMQP 1.0 bridge through which applications consume their tenant's data.
+    Bridge,
     /// Send a metadata request to the configured Kafka cluster and print what it answered.
     CheckKafka,
     /// Print the default configuration as TOML.
@@ -66,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             Command::Registry => run_services(cfg, Services::REGISTRY).await,
             Command::Gateway => run_services(cfg, Services::GATEWAY).await,
             Command::Router => run_services(cfg, Services::ROUTER).await,
+            Command::Bridge => run_services(cfg, Services::BRIDGE).await,
             Command::CheckKafka => check_kafka(&cfg).await,
             Command::PrintConfig => Ok(()),
         }
@@ -97,6 +100,7 @@ struct Services {
     registry: bool,
     gateway: bool,
     router: bool,
+    bridge: bool,
 }
 
 impl Services {
@@ -104,21 +108,31 @@ impl Services {
         registry: true,
         gateway: true,
         router: true,
+        bridge: true,
     };
     const REGISTRY: Services = Services {
         registry: true,
         gateway: false,
         router: false,
+        bridge: false,
     };
     const GATEWAY: Services = Services {
         registry: false,
         gateway: true,
         router: false,
+        bridge: false,
     };
     const ROUTER: Services = Services {
         registry: false,
         gateway: false,
         router: true,
+        bridge: false,
+    };
+    const BRIDGE: Services = Services {
+        registry: false,
+        gateway: false,
+        router: false,
+        bridge: true,
     };
 }
 
@@ -130,6 +144,10 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     let health_listener = bind("health", cfg.health.bind).await?;
     let registry_listener = match services.registry {
         true => Some(bind("registry", cfg.registry.bind).await?),
+        false => None,
+    };
+    let bridge_listener = match services.bridge {
+        true => Some(bind("AMQP bridge", cfg.bridge.bind).await?),
         false => None,
     };
     let tls = cfg.gateway.tls.enabled();
@@ -156,7 +174,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     ));
 
     readiness.register("postgresql");
-    if services.gateway || services.router {
+    if services.gateway || services.router || services.bridge {
         readiness.register("kafka");
         let client = kafka::MetadataClient::new(
             &cfg.kafka.bootstrap_servers,
@@ -188,7 +206,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         ));
     }
     // One registry view (cache + change listener) for the gateway and the router.
-    let registry = (services.gateway || services.router).then(|| {
+    let registry = (services.gateway || services.router || services.bridge).then(|| {
         ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &cfg.registry.auth_cache)
     });
     if let Some(registry) = &registry {
@@ -209,6 +227,13 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             ferrule_command_router::run(router, bootstrap, wait, registry, pool, shutdown).await
         });
     }
+    if let (Some(listener), Some(registry)) = (bridge_listener, registry.clone()) {
+        let (bridge, bootstrap) = (cfg.bridge.clone(), cfg.kafka.bootstrap_servers.clone());
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            ferrule_stream_bridge::serve(listener, bridge, bootstrap, registry, shutdown).await
+        });
+    }
     if let (Some(listeners), Some(registry)) = (gateway_listeners, registry) {
         let (gateway, kafka) = (cfg.gateway.clone(), cfg.kafka.clone());
         let shutdown = shutdown.clone();
@@ -220,6 +245,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         registry = services.registry.then(|| cfg.registry.bind.to_string()),
         http = services.gateway.then(|| cfg.gateway.http.bind.to_string()),
         mqtt = services.gateway.then(|| cfg.gateway.mqtt.bind.to_string()),
+        amqp = services.bridge.then(|| cfg.bridge.bind.to_string()),
         health = %cfg.health.bind,
         "ferrule started"
     );

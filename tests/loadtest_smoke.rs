@@ -25,6 +25,7 @@ async fn harness_smoke_run() {
         .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
         .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
         .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
+        .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{}", free_port()))
         .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
         .env("FERRULE_DATABASE__URL", &db)
         .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", &kafka)

@@ -1,0 +1,146 @@
+//! A telemetry or event record of `hono.<kind>.<tenant>` as the AMQP message Hono's
+//! applications expect (§2.3): properties, header, application-properties,
+//! message-annotations and one Data section. Pure: tested with plain header lists.
+
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Data, Header, Message, MessageAnnotations, Properties,
+};
+use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Value};
+use ferrule_schemas::headers as h;
+
+/// Record headers that become AMQP properties, header fields or annotations, not
+/// application-properties.
+const MAPPED: [&str; 7] = [
+    h::CONTENT_TYPE,
+    h::CONTENT_ENCODING,
+    h::CREATION_TIME,
+    h::TTL,
+    h::TENANT_ID,
+    h::RETAIN,
+    h::TRACEPARENT,
+];
+
+/// Application properties carried as integers.
+const NUMERIC: [&str; 2] = [h::QOS, h::TTD];
+
+/// Builds the message for one record of `kind` (`telemetry` or `event`) of `tenant`.
+pub fn downstream<'a>(
+    kind: &str,
+    tenant: &str,
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)> + Clone,
+    payload: &[u8],
+) -> Message<Data> {
+    let text = |name: &str| h::first(headers.clone(), name).and_then(h::decode_str);
+    let num = |name: &str| h::first(headers.clone(), name).and_then(h::decode_i64);
+    let device = text(h::DEVICE_ID).unwrap_or_default().to_owned();
+    let properties = Properties {
+        to: Some(format!("{kind}/{tenant}")),
+        content_type: text(h::CONTENT_TYPE).map(Symbol::from),
+        content_encoding: text(h::CONTENT_ENCODING).map(Symbol::from),
+        creation_time: num(h::CREATION_TIME).map(Timestamp::from_milliseconds),
+        ..Default::default()
+    };
+    let header = Header {
+        durable: kind == "event",
+        ttl: num(h::TTL).and_then(|t| u32::try_from(t).ok()),
+        ..Default::default()
+    };
+    let mut app = ApplicationProperties::builder();
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in headers.clone() {
+        if MAPPED.contains(&k) || !seen.insert(k) {
+            continue;
+        }
+        let Some(v) = v.and_then(h::decode_str) else {
+            continue;
+        };
+        let value = match (NUMERIC.contains(&k), v.parse::<i32>()) {
+            (true, Ok(n)) => SimpleValue::Int(n),
+            _ => SimpleValue::String(v.to_owned()),
+        };
+        app = app.insert(k, value);
+    }
+    let mut annotations = MessageAnnotations::builder()
+        .insert(h::TENANT_ID, Value::String(tenant.to_owned()))
+        .insert(h::DEVICE_ID, Value::String(device.clone()))
+        .insert(
+            "resource",
+            Value::String(format!("{kind}/{tenant}/{device}")),
+        );
+    if h::first(headers.clone(), h::RETAIN).and_then(h::decode_bool) == Some(true) {
+        annotations = annotations.insert(h::RETAIN, Value::Bool(true));
+    }
+    Message::builder()
+        .header(header)
+        .properties(properties)
+        .application_properties(app.build())
+        .message_annotations(annotations.build())
+        .data(Binary::from(payload.to_vec()))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_telemetry_record_becomes_honos_message_layout() {
+        let hs: Vec<(&str, Option<&[u8]>)> = vec![
+            ("content-type", Some(b"text/plain")),
+            ("creation-time", Some(b"1764000000123")),
+            ("device_id", Some(b"dev-1")),
+            ("qos", Some(b"1")),
+            ("ttd", Some(b"30")),
+            ("ttl", Some(b"60000")),
+            ("orig_adapter", Some(b"hono-http")),
+            ("orig_address", Some(b"/telemetry")),
+            ("x-opt-retain", Some(b"true")),
+            ("custom", Some(b"from-defaults")),
+        ];
+        let m = downstream("telemetry", "t1", hs.iter().copied(), b"21.5");
+        let p = m.properties.as_ref().unwrap();
+        assert_eq!(p.to.as_deref(), Some("telemetry/t1"));
+        assert_eq!(
+            p.content_type.as_ref().map(|s| s.as_str()),
+            Some("text/plain")
+        );
+        assert_eq!(
+            p.creation_time.as_ref().map(|t| t.milliseconds()),
+            Some(1_764_000_000_123)
+        );
+        let header = m.header.as_ref().unwrap();
+        assert_eq!(header.ttl, Some(60_000));
+        assert!(!header.durable);
+        let app = &m.application_properties.as_ref().unwrap().0;
+        assert_eq!(
+            app.get("device_id"),
+            Some(&SimpleValue::String("dev-1".into()))
+        );
+        assert_eq!(app.get("qos"), Some(&SimpleValue::Int(1)));
+        assert_eq!(app.get("ttd"), Some(&SimpleValue::Int(30)));
+        assert_eq!(
+            app.get("orig_adapter"),
+            Some(&SimpleValue::String("hono-http".into()))
+        );
+        assert_eq!(
+            app.get("custom"),
+            Some(&SimpleValue::String("from-defaults".into()))
+        );
+        assert!(app.get("content-type").is_none() && app.get("ttl").is_none());
+        let ann = &m.message_annotations.as_ref().unwrap().0;
+        let get = |k: &str| {
+            ann.iter()
+                .find(|(key, _)| format!("{key:?}").contains(k))
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("tenant_id"), Some(Value::String("t1".into())));
+        assert_eq!(
+            get("resource"),
+            Some(Value::String("telemetry/t1/dev-1".into()))
+        );
+        assert_eq!(get("x-opt-retain"), Some(Value::Bool(true)));
+        assert_eq!(&m.body.0[..], b"21.5");
+        let e = downstream("event", "t1", hs.iter().copied(), b"");
+        assert!(e.header.unwrap().durable);
+    }
+}

@@ -1,0 +1,52 @@
+"""An AMQP 1.0 application written with Qpid Proton (python3-qpid-proton): signs in with SASL
+PLAIN, attaches a receiver and prints what it got as JSON lines, or the error that ended it.
+
+usage: receive.py URL USER PASSWORD ADDRESS COUNT TIMEOUT_SECONDS
+"""
+import json
+import sys
+
+from proton import Timeout
+from proton.utils import BlockingConnection
+
+
+def main():
+    url, user, password, address, count, timeout = sys.argv[1:7]
+    try:
+        conn = BlockingConnection(url, user=user, password=password,
+                                  allowed_mechs="PLAIN", timeout=float(timeout))
+    except Exception as e:  # the sign-in was refused
+        print(json.dumps({"error": "connection", "detail": str(e)}))
+        return
+    try:
+        receiver = conn.create_receiver(address, credit=int(count))
+        # A refused link is attached, then closed by the bridge with an error condition.
+        conn.container.timeout = 1.0
+        print(json.dumps({"attached": address}), flush=True)
+        for _ in range(int(count)):
+            msg = receiver.receive(timeout=float(timeout))
+            receiver.accept()
+            print(json.dumps({
+                "body": bytes(msg.body).decode("utf-8", "replace") if msg.body is not None else None,
+                "to": msg.address,
+                "content_type": msg.content_type,
+                "creation_time": msg.creation_time,
+                "durable": msg.durable,
+                "properties": {k: v for k, v in (msg.properties or {}).items()},
+                "annotations": {str(k): v for k, v in (msg.annotations or {}).items()},
+            }), flush=True)
+    except Timeout:
+        print(json.dumps({"error": "timeout"}))
+    except Exception as e:
+        condition = getattr(getattr(e, "link", None), "remote_condition", None)
+        print(json.dumps({"error": "link",
+                          "condition": condition.name if condition else None,
+                          "detail": str(e)}))
+    finally:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+main()

@@ -1,0 +1,168 @@
+//! The AMQP bridge as a Hono application uses it: a Qpid Proton client (python3-qpid-proton,
+//! Debian's interpreter) signs in with application credentials from the registry and receives
+//! the telemetry a device sends through the HTTP adapter of the same `ferrule all`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian's interpreter: the one python3-qpid-proton is installed for.
+const PYTHON: &str = "/usr/bin/python3";
+
+fn receive_script() -> String {
+    format!("{}/tests/amqp/receive.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the Proton receiver to completion and returns its JSON lines.
+fn receive(amqp: &str, user: &str, password: &str, address: &str, count: u32) -> Vec<Value> {
+    let out = Command::new(PYTHON)
+        .args([
+            &receive_script(),
+            amqp,
+            user,
+            password,
+            address,
+            &count.to_string(),
+            "10",
+        ])
+        .output()
+        .expect("python3-qpid-proton is installed (scripts/test installs it)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect()
+}
+
+fn admin(f: &Ferrule, method: &str, path: &str, body: &str) {
+    let (code, text) = curl(&[
+        "-X",
+        method,
+        "-u",
+        &format!("admin:{PASSWORD}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        &format!("{}{path}", f.registry),
+    ]);
+    assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+}
+
+#[test]
+fn applications_receive_their_tenants_telemetry_over_amqp() {
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let other = format!("t-{}", uuid::Uuid::new_v4().simple());
+    for t in [&tenant, &other] {
+        admin(&f, "POST", &format!("/v1/tenants/{t}"), "{}");
+        admin(
+            &f,
+            "PUT",
+            &format!("/v1/applications/{t}/dashboard"),
+            r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
+        );
+    }
+    admin(&f, "POST", &format!("/v1/devices/{tenant}/sensor"), "{}");
+    admin(
+        &f,
+        "PUT",
+        &format!("/v1/credentials/{tenant}/sensor"),
+        r#"[{"type": "hashed-password", "auth-id": "sensor", "secrets": [{"pwd-plain": "dev-secret"}]}]"#,
+    );
+    let user = format!("dashboard@{tenant}");
+
+    // A wrong password never gets a connection.
+    let got = receive(&f.amqp, &user, "wrong", &format!("telemetry/{tenant}"), 1);
+    assert_eq!(got[0]["error"], "connection", "{got:?}");
+    // Another tenant's address is refused with amqp:unauthorized-access.
+    let got = receive(
+        &f.amqp,
+        &user,
+        "app-secret",
+        &format!("telemetry/{other}"),
+        1,
+    );
+    assert_eq!(got.last().unwrap()["error"], "link", "{got:?}");
+    assert_eq!(
+        got.last().unwrap()["condition"],
+        "amqp:unauthorized-access",
+        "{got:?}"
+    );
+
+    // Telemetry sent after the receiver attached arrives in Hono's message layout.
+    let mut app = Command::new(PYTHON)
+        .args([
+            &receive_script(),
+            &f.amqp,
+            &user,
+            "app-secret",
+            &format!("telemetry/{tenant}"),
+            "3",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(app.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["attached"], format!("telemetry/{tenant}"), "{first}");
+    // The receiver's Kafka consumer joins its group right after the attach: keep sending
+    // until three messages came through.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (url, auth, stop) = (
+            format!("{}/telemetry", f.http),
+            format!("sensor@{tenant}:dev-secret"),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(25)
+            {
+                let (code, _) = curl(&[
+                    "-u",
+                    &auth,
+                    "-H",
+                    "content-type: text/plain",
+                    "--data-binary",
+                    "21.5",
+                    &url,
+                ]);
+                assert_eq!(code, 202);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let mut received = Vec::new();
+    for line in lines.by_ref() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        received.push(v);
+        if received.len() == 3 {
+            break;
+        }
+    }
+    let _ = app.wait();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().unwrap();
+    assert_eq!(received.len(), 3, "{received:?}");
+    let m = &received[0];
+    assert!(m.get("error").is_none(), "{m}");
+    assert_eq!(m["body"], "21.5");
+    assert_eq!(m["to"], format!("telemetry/{tenant}"));
+    assert_eq!(m["content_type"], "text/plain");
+    assert_eq!(m["properties"]["device_id"], "sensor");
+    assert_eq!(m["properties"]["orig_adapter"], "hono-http");
+    assert_eq!(m["properties"]["qos"], 0);
+    assert_eq!(m["annotations"]["tenant_id"], tenant);
+    assert_eq!(
+        m["annotations"]["resource"],
+        format!("telemetry/{tenant}/sensor")
+    );
+    assert!(m["creation_time"].as_f64().unwrap() > 1.7e9, "{m}");
+}

@@ -1,0 +1,129 @@
+//! `ferrule all` started the way a user starts it, on free ports, against the real
+//! PostgreSQL and broker; and curl.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PASSWORD: &str = "all-in-one-test-secret";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn database_url() -> String {
+    std::env::var("FERRULE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into())
+}
+
+pub fn kafka() -> String {
+    std::env::var("FERRULE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub struct Ferrule {
+    pub child: Child,
+    pub registry: String,
+    pub health: String,
+    pub http: String,
+    /// `amqp://127.0.0.1:<port>` of the AMQP bridge.
+    pub amqp: String,
+}
+
+impl Ferrule {
+    pub fn start(kafka: &str) -> Ferrule {
+        let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());
+        let amqp = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+            .arg("all")
+            .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
+            .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
+            .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
+            .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
+            .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{amqp}"))
+            .env("FERRULE_DATABASE__URL", database_url())
+            .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", kafka)
+            .env("FERRULE_KAFKA__METADATA_TIMEOUT_MS", "500")
+            .env("FERRULE_REGISTRY__MANAGEMENT__PASSWORD", PASSWORD)
+            // A router group of its own: a killed test process must not hold partitions of another.
+            .env(
+                "FERRULE_ROUTER__GROUP_ID",
+                format!("router-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .env("FERRULE_REGISTRY__PLAIN_PASSWORD_COST", "4")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("ferrule binary starts");
+        Ferrule {
+            child,
+            registry: format!("http://127.0.0.1:{registry}"),
+            health: format!("http://127.0.0.1:{health}"),
+            http: format!("http://127.0.0.1:{http}"),
+            amqp: format!("amqp://127.0.0.1:{amqp}"),
+        }
+    }
+
+    /// Polls `/readiness` until it answers `want` (or panics after 20 s).
+    pub fn wait_readiness(&mut self, want: u16) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("ferrule exited early: {status}");
+            }
+            let (code, body) = curl(&["-s", &format!("{}/readiness", self.health)]);
+            if code == want {
+                return serde_json::from_str(&body).unwrap();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "readiness stayed {code}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no graceful shutdown"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Ferrule {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// Runs curl, returning the HTTP status and the body.
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out: Output = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
