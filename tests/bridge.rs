@@ -19,6 +19,18 @@ fn receive_script() -> String {
 
 /// Runs the Proton receiver to completion and returns its JSON lines.
 fn receive(amqp: &str, user: &str, password: &str, address: &str, count: u32) -> Vec<Value> {
+    receive_with(amqp, user, password, address, count, 10, &[])
+}
+
+fn receive_with(
+    amqp: &str,
+    user: &str,
+    password: &str,
+    address: &str,
+    count: u32,
+    timeout_secs: u32,
+    extra: &[&str],
+) -> Vec<Value> {
     let out = Command::new(PYTHON)
         .args([
             &receive_script(),
@@ -27,8 +39,9 @@ fn receive(amqp: &str, user: &str, password: &str, address: &str, count: u32) ->
             password,
             address,
             &count.to_string(),
-            "10",
+            &timeout_secs.to_string(),
         ])
+        .args(extra)
         .output()
         .expect("python3-qpid-proton is installed (scripts/test installs it)");
     String::from_utf8_lossy(&out.stdout)
@@ -165,4 +178,65 @@ fn applications_receive_their_tenants_telemetry_over_amqp() {
         format!("telemetry/{tenant}/sensor")
     );
     assert!(m["creation_time"].as_f64().unwrap() > 1.7e9, "{m}");
+}
+
+#[test]
+fn events_reach_late_applications_and_are_consumed_once_accepted() {
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    admin(&f, "POST", &format!("/v1/tenants/{tenant}"), "{}");
+    admin(
+        &f,
+        "PUT",
+        &format!("/v1/applications/{tenant}/backend"),
+        r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
+    );
+    admin(&f, "POST", &format!("/v1/devices/{tenant}/door"), "{}");
+    admin(
+        &f,
+        "PUT",
+        &format!("/v1/credentials/{tenant}/door"),
+        r#"[{"type": "hashed-password", "auth-id": "door", "secrets": [{"pwd-plain": "dev-secret"}]}]"#,
+    );
+    let user = format!("backend@{tenant}");
+    let address = format!("event/{tenant}");
+    // Sent while no application is attached.
+    for body in ["opened", "closed"] {
+        let (code, text) = curl(&[
+            "-u",
+            &format!("door@{tenant}:dev-secret"),
+            "-H",
+            "content-type: text/plain",
+            "--data-binary",
+            body,
+            &format!("{}/event", f.http),
+        ]);
+        assert_eq!(code, 202, "{text}");
+    }
+    // Pre-settled (at-most-once) event receivers are refused.
+    let got = receive_with(
+        &f.amqp,
+        &user,
+        "app-secret",
+        &address,
+        1,
+        5,
+        &["at-most-once"],
+    );
+    assert_eq!(
+        got.last().unwrap()["condition"],
+        "amqp:not-allowed",
+        "{got:?}"
+    );
+
+    let got = receive(&f.amqp, &user, "app-secret", &address, 2);
+    let bodies: Vec<&Value> = got.iter().filter_map(|m| m.get("body")).collect();
+    assert_eq!(bodies, ["opened", "closed"], "{got:?}");
+    let first = got.iter().find(|m| m.get("body").is_some()).unwrap();
+    assert_eq!(first["durable"], true);
+    assert_eq!(first["properties"]["qos"], 1);
+    // Both were accepted: a later attach gets nothing more.
+    let got = receive_with(&f.amqp, &user, "app-secret", &address, 1, 3, &[]);
+    assert_eq!(got.last().unwrap()["error"], "timeout", "{got:?}");
 }

@@ -10,9 +10,13 @@ use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
 };
 use fe2o3_amqp::link::Sender;
-use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
+use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, SenderSettleMode};
+use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::types::performatives::Attach;
 use ferrule_registry::{AuthenticatedApplication, DeviceAuthenticator};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -82,6 +86,9 @@ async fn serve_session(
     let links = LinkAcceptor::new();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = attach_address(&attach).and_then(|a| Address::parse(&a));
+        // §2.2: an event receiver must let the bridge send unsettled (at-least-once).
+        let presettled_events = matches!(address, Some(Address::Event { .. }))
+            && attach.snd_settle_mode == SenderSettleMode::Settled;
         let endpoint = match links.accept_incoming_attach(attach, &mut session).await {
             Ok(e) => e,
             Err(e) => {
@@ -98,6 +105,10 @@ async fn serve_session(
                     app.tenant_id,
                     a.tenant()
                 ),
+            )),
+            Some(_) if presettled_events => Some((
+                AmqpError::NotAllowed,
+                "events are delivered unsettled only (at least once)".to_owned(),
             )),
             Some(_) => None,
         };
@@ -146,9 +157,18 @@ fn error(condition: AmqpError, description: String) -> AmqpErrorInfo {
     AmqpErrorInfo::new(condition, Some(description), None)
 }
 
+/// Events sent and not yet settled by the application, per link.
+const UNSETTLED: usize = 256;
+
 /// Feeds one application receiver from `hono.<kind>.<tenant>`. Links of one tenant share a
-/// consumer group, so they compete for the records; the next record is read only once the
-/// previous one could be sent, so the application's credit paces Kafka consumption.
+/// consumer group, so they compete for the records; a record is read only once the previous
+/// one could be sent, so the application's credit paces Kafka consumption.
+///
+/// Telemetry is at most once: sent and forgotten, offsets committed as read, a new group
+/// starts at the end of the log. Events are at least once: a new group starts at the
+/// beginning, and an event's offset is stored only when the application settled it
+/// `accepted` (or `rejected`: it will never take it); at the first `released` or `modified`
+/// the link stops, so that event and the ones after it come again on the next attach.
 async fn stream_to(
     mut sender: Sender,
     kind: &'static str,
@@ -156,11 +176,20 @@ async fn stream_to(
     ctx: Context,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let events = kind == "event";
     let topic = format!("hono.{kind}.{tenant}");
     let consumer: StreamConsumer = match ClientConfig::new()
         .set("bootstrap.servers", &ctx.bootstrap)
         .set("group.id", format!("ferrule-bridge.{kind}.{tenant}"))
-        .set("auto.offset.reset", "latest")
+        .set(
+            "auto.offset.reset",
+            if events { "earliest" } else { "latest" },
+        )
+        .set(
+            "enable.auto.offset.store",
+            if events { "false" } else { "true" },
+        )
+        .set("auto.commit.interval.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "1000")
         .set(
             "queued.max.messages.kbytes",
@@ -183,33 +212,72 @@ async fn stream_to(
             .await;
         return;
     }
+    type Settled = ((i32, i64), Result<Outcome, fe2o3_amqp::link::SendError>);
+    let mut unsettled: FuturesOrdered<BoxFuture<'static, Settled>> = FuturesOrdered::new();
+    let mut detached = false;
     loop {
-        let record = tokio::select! {
-            r = consumer.recv() => r,
-            _ = shutdown.wait_for(|s| *s) => break,
-            _ = sender.on_detach() => return,
-        };
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %e, topic, "bridge consumer error");
-                continue;
+        tokio::select! {
+            r = consumer.recv(), if unsettled.len() < UNSETTLED => {
+                let record = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, topic, "bridge consumer error");
+                        continue;
+                    }
+                };
+                let headers: Vec<(&str, Option<&[u8]>)> = record
+                    .headers()
+                    .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect())
+                    .unwrap_or_default();
+                let message = crate::message::downstream(
+                    kind,
+                    &tenant,
+                    headers.iter().copied(),
+                    record.payload().unwrap_or_default(),
+                );
+                let position = (record.partition(), record.offset());
+                // Waits for the application's credit.
+                match sender.send_batchable(message).await {
+                    Ok(settled) if events => {
+                        unsettled.push_back(Box::pin(async move { (position, settled.await) }));
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        detached = true;
+                        break;
+                    }
+                }
             }
-        };
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers()
-            .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        let message = crate::message::downstream(
-            kind,
-            &tenant,
-            headers.iter().copied(),
-            record.payload().unwrap_or_default(),
-        );
-        // Waits for credit; the outcome is not awaited (at-most-once for telemetry).
-        if sender.send_batchable(message).await.is_err() {
-            return;
+            Some(((partition, offset), outcome)) = unsettled.next(), if !unsettled.is_empty() => {
+                match outcome {
+                    Ok(Outcome::Accepted(_) | Outcome::Rejected(_)) => {
+                        if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                            tracing::debug!(error = %e, "event offset not stored");
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            _ = sender.on_detach() => {
+                detached = true;
+                break;
+            }
         }
     }
-    let _ = sender.close().await;
+    if events {
+        // Settlements that arrived with the detach still count, in order.
+        while let Some(Some(((partition, offset), outcome))) = unsettled.next().now_or_never() {
+            match outcome {
+                Ok(Outcome::Accepted(_) | Outcome::Rejected(_)) => {
+                    let _ = consumer.store_offset(&topic, partition, offset);
+                }
+                _ => break,
+            }
+        }
+        let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    }
+    if !detached {
+        let _ = sender.close().await;
+    }
 }

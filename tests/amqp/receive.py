@@ -1,17 +1,19 @@
 """An AMQP 1.0 application written with Qpid Proton (python3-qpid-proton): signs in with SASL
 PLAIN, attaches a receiver and prints what it got as JSON lines, or the error that ended it.
 
-usage: receive.py URL USER PASSWORD ADDRESS COUNT TIMEOUT_SECONDS
+usage: receive.py URL USER PASSWORD ADDRESS COUNT TIMEOUT_SECONDS [at-most-once]
 """
 import json
 import sys
 
 from proton import Timeout
+from proton.reactor import AtMostOnce
 from proton.utils import BlockingConnection
 
 
 def main():
     url, user, password, address, count, timeout = sys.argv[1:7]
+    presettled = sys.argv[7:8] == ["at-most-once"]
     try:
         conn = BlockingConnection(url, user=user, password=password,
                                   allowed_mechs="PLAIN", timeout=float(timeout))
@@ -19,7 +21,8 @@ def main():
         print(json.dumps({"error": "connection", "detail": str(e)}))
         return
     try:
-        receiver = conn.create_receiver(address, credit=int(count))
+        options = AtMostOnce() if presettled else None
+        receiver = conn.create_receiver(address, credit=int(count), options=options)
         # A refused link is attached, then closed by the bridge with an error condition.
         conn.container.timeout = 1.0
         print(json.dumps({"attached": address}), flush=True)
