@@ -228,10 +228,15 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         });
     }
     if let (Some(listener), Some(registry)) = (bridge_listener, registry.clone()) {
-        let (bridge, bootstrap) = (cfg.bridge.clone(), cfg.kafka.bootstrap_servers.clone());
+        let bridge = cfg.bridge.clone();
+        let kafka = ferrule_stream_bridge::KafkaSettings {
+            bootstrap: cfg.kafka.bootstrap_servers.clone(),
+            topic_partitions: cfg.kafka.topic_partitions,
+            topic_replication: cfg.kafka.topic_replication,
+        };
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            ferrule_stream_bridge::serve(listener, bridge, bootstrap, registry, shutdown).await
+            ferrule_stream_bridge::serve(listener, bridge, kafka, registry, shutdown).await
         });
     }
     if let (Some(listeners), Some(registry)) = (gateway_listeners, registry) {

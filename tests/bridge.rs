@@ -240,3 +240,97 @@ fn events_reach_late_applications_and_are_consumed_once_accepted() {
     let got = receive_with(&f.amqp, &user, "app-secret", &address, 1, 3, &[]);
     assert_eq!(got.last().unwrap()["error"], "timeout", "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_command_an_mqtt_device_over_amqp() {
+    use ferrule_loadtest::devices::MqttDevice;
+    use rumqttc::mqttbytes::{QoS, v4};
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    admin(&f, "POST", &format!("/v1/tenants/{tenant}"), "{}");
+    admin(
+        &f,
+        "PUT",
+        &format!("/v1/applications/{tenant}/backend"),
+        r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
+    );
+    admin(&f, "POST", &format!("/v1/devices/{tenant}/speaker"), "{}");
+    admin(
+        &f,
+        "PUT",
+        &format!("/v1/credentials/{tenant}/speaker"),
+        r#"[{"type": "hashed-password", "auth-id": "speaker", "secrets": [{"pwd-plain": "loadtest-pw"}]}]"#,
+    );
+    // The device subscribes and answers the first command with 200 and its own payload.
+    let mut device = MqttDevice::connect(&f.mqtt, &format!("speaker@{tenant}"), 0)
+        .await
+        .unwrap();
+    device
+        .write(&[v4::Packet::Subscribe(v4::Subscribe::new(
+            "command///req/#",
+            QoS::AtMostOnce,
+        ))])
+        .await
+        .unwrap();
+    assert!(matches!(
+        device.read().await.unwrap(),
+        v4::Packet::SubAck(_)
+    ));
+    let answering = tokio::spawn(async move {
+        let v4::Packet::Publish(p) = device.read().await.unwrap() else {
+            panic!("expected a command");
+        };
+        let req_id = p.topic.split('/').nth(4).unwrap().to_owned();
+        device
+            .write(&[v4::Packet::Publish(v4::Publish::new(
+                format!("command///res/{req_id}/200/?content-type=text%2Fplain"),
+                QoS::AtMostOnce,
+                format!("volume {}", String::from_utf8_lossy(&p.payload)),
+            ))])
+            .await
+            .unwrap();
+        // The device goes away right after answering; its answer must still arrive.
+        p.topic
+    });
+    let script = format!("{}/tests/amqp/command.py", env!("CARGO_MANIFEST_DIR"));
+    let (amqp, user) = (f.amqp.clone(), format!("backend@{tenant}"));
+    let tenant2 = tenant.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(PYTHON)
+            .args([
+                &script,
+                &amqp,
+                &user,
+                "app-secret",
+                &tenant2,
+                "speaker",
+                "20",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{lines:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines[0]["malformed"], "REJECTED", "{lines:?}");
+    assert_eq!(lines[1]["sent"], "accepted");
+    let r = &lines[2];
+    assert_eq!(r["correlation_id"], "corr-1", "{r}");
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["device_id"], "speaker");
+    assert_eq!(r["tenant_id"], tenant);
+    assert_eq!(r["content_type"], "text/plain");
+    assert_eq!(r["body"], "volume 5");
+    let topic = answering.await.unwrap();
+    assert!(topic.ends_with("/setVolume"), "{topic}");
+}

@@ -193,6 +193,18 @@ impl LastGateways {
     }
 }
 
+/// A command response handed to the producer; resolves when the broker has it.
+pub struct PendingResponse(crate::kafka::Delivery);
+
+impl PendingResponse {
+    pub async fn acked(self) -> Result<(), UploadError> {
+        self.0
+            .acked()
+            .await
+            .map_err(|e| UploadError::Unavailable(format!("downstream unavailable: {e}")))
+    }
+}
+
 /// A device's response to a request/response command, as an adapter received it.
 #[derive(Debug, Clone)]
 pub struct DeviceResponse {
@@ -343,6 +355,17 @@ impl CommandHub {
         pipeline: &IngestPipeline,
         r: DeviceResponse,
     ) -> Result<(), UploadError> {
+        self.submit_response(pipeline, r).await?.acked().await
+    }
+
+    /// Like [`Self::accept_response`], but returns once the response is handed to the
+    /// producer: the caller (MQTT, which keeps reading meanwhile) awaits the broker's ack
+    /// later, and a device that disconnects right after answering does not lose its answer.
+    pub async fn submit_response(
+        &self,
+        pipeline: &IngestPipeline,
+        r: DeviceResponse,
+    ) -> Result<PendingResponse, UploadError> {
         let request = RequestId::decode(&r.request_id)
             .ok_or_else(|| UploadError::BadRequest("unknown request id".into()))?;
         if !is_valid_response_status(r.status) {
@@ -364,7 +387,7 @@ impl CommandHub {
         }
         self.awaiting()
             .remove(&who.tenant_id, &request.correlation_id);
-        self.respond(
+        self.enqueue_response(
             &who.tenant_id,
             &who.device_id,
             &request.correlation_id,
@@ -375,7 +398,7 @@ impl CommandHub {
         .await
     }
 
-    /// Writes a command response to the application's topic.
+    /// Writes a command response to the application's topic and waits for the broker.
     async fn respond(
         &self,
         tenant: &str,
@@ -385,6 +408,29 @@ impl CommandHub {
         content_type: Option<&str>,
         payload: &[u8],
     ) -> Result<(), UploadError> {
+        self.enqueue_response(
+            tenant,
+            device,
+            correlation_id,
+            status,
+            content_type,
+            payload,
+        )
+        .await?
+        .acked()
+        .await
+    }
+
+    /// Hands a command response to the producer.
+    async fn enqueue_response(
+        &self,
+        tenant: &str,
+        device: &str,
+        correlation_id: &str,
+        status: u16,
+        content_type: Option<&str>,
+        payload: &[u8],
+    ) -> Result<PendingResponse, UploadError> {
         let topic = HonoTopic::command_response(tenant)
             .map_err(|e| UploadError::BadRequest(e.to_string()))?
             .to_string();
@@ -414,9 +460,7 @@ impl CommandHub {
                 headers,
                 payload,
             })
-            .map_err(unavailable)?
-            .acked()
-            .await
+            .map(PendingResponse)
             .map_err(unavailable)
     }
 

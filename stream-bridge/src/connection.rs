@@ -20,12 +20,16 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
 #[derive(Clone)]
 pub(crate) struct Context {
     pub cfg: BridgeConfig,
     pub bootstrap: String,
+    pub kafka: crate::KafkaSettings,
+    /// Writes the applications' commands to `hono.command.<tenant>`.
+    pub producer: FutureProducer,
     pub registry: DeviceAuthenticator,
 }
 
@@ -137,16 +141,29 @@ async fn serve_session(
                     shutdown.clone(),
                 ));
             }
+            (
+                LinkEndpoint::Sender(sender),
+                Some(Address::CommandResponse { tenant, reply_id }),
+                None,
+            ) => {
+                let stop = shutdown.clone();
+                tokio::spawn(responses_to(sender, tenant, reply_id, ctx.clone(), stop));
+            }
+            (LinkEndpoint::Receiver(receiver), Some(Address::Command { tenant }), None) => {
+                let stop = shutdown.clone();
+                tokio::spawn(commands_from(receiver, tenant, ctx.clone(), stop));
+            }
             (LinkEndpoint::Sender(sender), _, None) => {
-                let why = "not served by this bridge yet".to_owned();
+                let why =
+                    "applications receive from telemetry, event or command_response".to_owned();
                 let _ = sender
-                    .close_with_error(error(AmqpError::NotImplemented, why))
+                    .close_with_error(error(AmqpError::NotAllowed, why))
                     .await;
             }
             (LinkEndpoint::Receiver(receiver), _, None) => {
-                let why = "commands are not served by this bridge yet".to_owned();
+                let why = "applications send to command/<tenant> only".to_owned();
                 let _ = receiver
-                    .close_with_error(error(AmqpError::NotImplemented, why))
+                    .close_with_error(error(AmqpError::NotAllowed, why))
                     .await;
             }
         }
@@ -280,4 +297,210 @@ async fn stream_to(
     if !detached {
         let _ = sender.close().await;
     }
+}
+
+/// Takes an application's commands from its sender on `command/<tenant>` (§2.4): a malformed
+/// one is `rejected`, one written to `hono.command.<tenant>` is `accepted`, one Kafka did not
+/// take is `released`. Responses to request/response commands come back on the application's
+/// `command_response/<tenant>/<replyId>` receiver; one the device cannot get arrives there as
+/// Ferrule's delivery-failure response (status 503 and the like).
+async fn commands_from(
+    mut receiver: fe2o3_amqp::link::Receiver,
+    tenant: String,
+    ctx: Context,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value;
+    use ferrule_schemas::headers as h;
+    let topic = format!("hono.command.{tenant}");
+    loop {
+        let delivery = tokio::select! {
+            d = receiver.recv::<Body<Value>>() => d,
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+        };
+        let Ok(delivery) = delivery else {
+            return;
+        };
+        let command = match crate::command::parse_command(&tenant, delivery.message()) {
+            Ok(c) => c,
+            Err(why) => {
+                let _ = receiver
+                    .reject(&delivery, error(AmqpError::InvalidField, why))
+                    .await;
+                continue;
+            }
+        };
+        let correlation = command
+            .reply
+            .as_ref()
+            .map(|(reply, id)| crate::command::kafka_correlation(reply, id));
+        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(5)
+            .insert(rdkafka::message::Header {
+                key: h::DEVICE_ID,
+                value: Some(command.device_id.as_str()),
+            })
+            .insert(rdkafka::message::Header {
+                key: h::SUBJECT,
+                value: Some(command.subject.as_str()),
+            });
+        if let Some(ct) = &command.content_type {
+            headers = headers.insert(rdkafka::message::Header {
+                key: h::CONTENT_TYPE,
+                value: Some(ct.as_str()),
+            });
+        }
+        if let Some(cid) = &correlation {
+            headers = headers
+                .insert(rdkafka::message::Header {
+                    key: h::RESPONSE_REQUIRED,
+                    value: Some("true"),
+                })
+                .insert(rdkafka::message::Header {
+                    key: h::CORRELATION_ID,
+                    value: Some(cid.as_str()),
+                });
+        }
+        let record = FutureRecord::to(&topic)
+            .key(command.device_id.as_str())
+            .headers(headers)
+            .payload(command.payload.as_slice());
+        let sent = ctx
+            .producer
+            .send(record, std::time::Duration::from_secs(5))
+            .await;
+        let _ = match sent {
+            Ok(_) => receiver.accept(&delivery).await,
+            Err((e, _)) => {
+                tracing::debug!(error = %e, "command not written to Kafka");
+                receiver.release(&delivery).await
+            }
+        };
+    }
+    let _ = receiver.close().await;
+}
+
+/// Feeds an application's `command_response/<tenant>/<replyId>` receiver: every response of the
+/// tenant from now on is read, and the ones made for commands this reply id sent are delivered
+/// with §2.4's properties. Reads from the end of each partition, assigned directly (no group),
+/// so nothing written after the attach is missed.
+async fn responses_to(
+    mut sender: Sender,
+    tenant: String,
+    reply_id: String,
+    ctx: Context,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use ferrule_schemas::headers as h;
+    let topic = format!("hono.command_response.{tenant}");
+    let consumer = match response_consumer(&ctx, &topic).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = sender
+                .close_with_error(error(AmqpError::InternalError, e.to_string()))
+                .await;
+            return;
+        }
+    };
+    loop {
+        let record = tokio::select! {
+            r = consumer.recv() => r,
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            _ = sender.on_detach() => return,
+        };
+        let Ok(record) = record else {
+            continue;
+        };
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers()
+            .map(|hs| hs.iter().map(|hd| (hd.key, hd.value)).collect())
+            .unwrap_or_default();
+        let text = |name: &str| h::first(headers.iter().copied(), name).and_then(h::decode_str);
+        let num = |name: &str| h::first(headers.iter().copied(), name).and_then(h::decode_i64);
+        let Some((reply, correlation)) =
+            text(h::CORRELATION_ID).and_then(crate::command::parse_kafka_correlation)
+        else {
+            continue;
+        };
+        if reply != reply_id {
+            continue;
+        }
+        let message = crate::command::response_message(
+            &tenant,
+            text(h::DEVICE_ID).unwrap_or_default(),
+            num(h::STATUS)
+                .and_then(|s| i32::try_from(s).ok())
+                .unwrap_or(500),
+            correlation,
+            text(h::CONTENT_TYPE),
+            num(h::CREATION_TIME).unwrap_or_else(h::now_millis),
+            record.payload().unwrap_or_default(),
+        );
+        if sender.send_batchable(message).await.is_err() {
+            return;
+        }
+    }
+    let _ = sender.close().await;
+}
+
+/// A consumer assigned to the end of every partition of `topic`, which is created first when
+/// nothing was ever written to it.
+async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamConsumer> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &ctx.bootstrap)
+        .set("log_level", "3")
+        .create()?;
+    let new = NewTopic::new(
+        topic,
+        ctx.kafka.topic_partitions,
+        TopicReplication::Fixed(ctx.kafka.topic_replication),
+    );
+    // "Already exists" is the usual answer and fine.
+    let _ = admin.create_topics([&new], &AdminOptions::new()).await;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &ctx.bootstrap)
+        .set(
+            "group.id",
+            format!("ferrule-bridge.responses.{}", uuid_like()),
+        )
+        .set("enable.auto.commit", "false")
+        .set(
+            "queued.max.messages.kbytes",
+            ctx.cfg.prefetch_kbytes.to_string(),
+        )
+        .set("log_level", "3")
+        .create()?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut partitions = 0;
+    for _ in 0..20 {
+        let md = consumer.fetch_metadata(Some(topic), timeout)?;
+        partitions = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        if partitions > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, rdkafka::Offset::End)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// A process-unique suffix for throwaway consumer groups.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod command;
 mod connection;
 pub mod message;
 mod sasl;
@@ -34,18 +35,35 @@ impl Default for BridgeConfig {
     }
 }
 
+/// How the bridge reaches Kafka and creates the topics it reads before anything was written.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap: String,
+    pub topic_partitions: i32,
+    pub topic_replication: i32,
+}
+
 /// Serves AMQP connections on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cfg: BridgeConfig,
-    bootstrap: String,
+    kafka: KafkaSettings,
     registry: DeviceAuthenticator,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "AMQP bridge listening");
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("log_level", "3")
+        .create()?;
     let ctx = connection::Context {
         cfg,
-        bootstrap,
+        bootstrap: kafka.bootstrap.clone(),
+        kafka,
+        producer,
         registry,
     };
     loop {

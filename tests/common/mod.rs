@@ -32,6 +32,8 @@ pub struct Ferrule {
     pub http: String,
     /// `amqp://127.0.0.1:<port>` of the AMQP bridge.
     pub amqp: String,
+    /// `127.0.0.1:<port>` of the MQTT adapter.
+    pub mqtt: String,
 }
 
 impl Ferrule {
@@ -55,7 +57,10 @@ impl Ferrule {
                 format!("router-{}", uuid::Uuid::new_v4().simple()),
             )
             .env("FERRULE_REGISTRY__PLAIN_PASSWORD_COST", "4")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRULE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("ferrule binary starts");
@@ -65,6 +70,7 @@ impl Ferrule {
             health: format!("http://127.0.0.1:{health}"),
             http: format!("http://127.0.0.1:{http}"),
             amqp: format!("amqp://127.0.0.1:{amqp}"),
+            mqtt: format!("127.0.0.1:{mqtt}"),
         }
     }
 

@@ -876,11 +876,15 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
         content_type,
         payload: p.payload.to_vec(),
     };
-    // Acknowledged in order with the device's other publishes once the broker has it; the
-    // connection reads on meanwhile.
-    let pipeline = pipeline.clone();
-    Ok(Some(Box::pin(async move {
-        let result = hub.accept_response(&pipeline, response).await;
-        (ctx, result.map(|()| accepted))
-    })))
+    // Handed to the producer now; acknowledged in order with the device's other publishes
+    // once the broker has it, while the connection reads on.
+    match Box::pin(hub.submit_response(pipeline, response)).await {
+        Ok(pending) => Ok(Some(Box::pin(async move {
+            (ctx, pending.acked().await.map(|()| accepted))
+        }))),
+        Err(e) => {
+            publish_failed(session, &ctx, errors, e).await?;
+            Ok(None)
+        }
+    }
 }
