@@ -20,12 +20,13 @@ async fn harness_smoke_run() {
     let db = std::env::var("FERRULE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into());
     let (registry, http, mqtt, health) = (free_port(), free_port(), free_port(), free_port());
+    let amqp = free_port();
     let mut ferrule = Command::new(env!("CARGO_BIN_EXE_ferrule"))
         .arg("all")
         .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
         .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
         .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
-        .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{}", free_port()))
+        .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{amqp}"))
         .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
         .env("FERRULE_DATABASE__URL", &db)
         .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", &kafka)
@@ -111,6 +112,34 @@ async fn harness_smoke_run() {
         .await
         .unwrap();
     assert_eq!(echo.answered, 50);
+
+    // Events through the AMQP bridge, after the raw consumer read them.
+    let registry_url = format!("http://127.0.0.1:{registry}");
+    ferrule_loadtest::amqp::provision_application(
+        &registry_url,
+        "admin:smoke",
+        &fleet.tenant,
+        "smoke",
+        "smoke-pw",
+    )
+    .await
+    .unwrap();
+    let topic = format!("hono.event.{}", fleet.tenant);
+    raw_producer(&kafka, &topic, 20, 32).await.unwrap();
+    // Each returns only once all 20 events were read (else it fails).
+    ferrule_loadtest::amqp::raw_consume(&kafka, &topic, 20)
+        .await
+        .unwrap();
+    ferrule_loadtest::amqp::amqp_consume(
+        &format!("amqp://127.0.0.1:{amqp}"),
+        &format!("smoke@{}", fleet.tenant),
+        "smoke-pw",
+        &format!("event/{}", fleet.tenant),
+        20,
+        1,
+    )
+    .await
+    .unwrap();
     let _ = ferrule.kill();
     let _ = ferrule.wait();
 }

@@ -2,6 +2,7 @@
 //! `ferrule-loadtest` binary and by the smoke test that keeps the harness from rotting.
 #![forbid(unsafe_code)]
 
+pub mod amqp;
 pub mod commands;
 pub mod devices;
 pub mod measure;

@@ -104,6 +104,17 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         fetch_wait_ms: u64,
     },
+    /// Events read through the AMQP bridge by 1..n competing applications, after the same
+    /// events were read by a raw rdkafka consumer (the ceiling), from one topic in one run.
+    AmqpConsume {
+        /// `amqp://host:port` of the bridge.
+        #[arg(long, default_value = "amqp://127.0.0.1:5672")]
+        url: String,
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        receivers: usize,
+    },
     /// Idle MQTT connections: resident memory per connection.
     IdleMqtt {
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -246,6 +257,38 @@ async fn main() -> anyhow::Result<()> {
             let mut r = Report::new("kafka-echo", rt.answered, rt.seconds);
             r.extra = Some(rt.to_json());
             r
+        }
+        Scenario::AmqpConsume {
+            url,
+            events,
+            receivers,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, 1).await?;
+            ferrule_loadtest::amqp::provision_application(
+                &cli.registry,
+                &cli.registry_auth,
+                &fleet.tenant,
+                "loadtest",
+                "loadtest-app",
+            )
+            .await?;
+            let topic = format!("hono.event.{}", fleet.tenant);
+            devices::raw_producer(&cli.kafka, &topic, *events, cli.size).await?;
+            measure::wait_for_records(&cli.kafka, &topic, *events as i64, Instant::now()).await?;
+            let raw = ferrule_loadtest::amqp::raw_consume(&cli.kafka, &topic, *events).await?;
+            let raw_report = Report::new("kafka-consumer", *events, raw);
+            println!("{}", raw_report.to_json());
+            eprintln!("{}", raw_report.summary());
+            let secs = ferrule_loadtest::amqp::amqp_consume(
+                url,
+                &format!("loadtest@{}", fleet.tenant),
+                "loadtest-app",
+                &format!("event/{}", fleet.tenant),
+                *events,
+                *receivers,
+            )
+            .await?;
+            Report::new(&format!("amqp-events-{receivers}"), *events, secs)
         }
         Scenario::IdleMqtt { addr, connections } => {
             let fleet =

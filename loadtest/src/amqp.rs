@@ -1,0 +1,125 @@
+//! Applications reading through the AMQP bridge, next to a raw rdkafka consumer reading the
+//! same topic: the bridge's delivery rate against the Kafka-leg ceiling.
+
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::messaging::Body;
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Connection, Receiver, Session};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Creates the application `app` of `tenant` with `password` through the registry API.
+pub async fn provision_application(
+    registry: &str,
+    auth: &str,
+    tenant: &str,
+    app: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    let (user, pw) = auth.split_once(':').unwrap_or((auth, ""));
+    let r = reqwest::Client::new()
+        .put(format!("{registry}/v1/applications/{tenant}/{app}"))
+        .basic_auth(user, Some(pw))
+        .json(&serde_json::json!({"secrets": [{"pwd-plain": password}]}))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "application: {}", r.status());
+    Ok(())
+}
+
+/// Reads `total` records of `topic` from the beginning with a fresh group; returns seconds.
+pub async fn raw_consume(bootstrap: &str, topic: &str, total: usize) -> anyhow::Result<f64> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("loadtest-raw-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut started = None;
+    let mut n = 0;
+    while n < total {
+        consumer.recv().await?;
+        started.get_or_insert_with(Instant::now);
+        n += 1;
+    }
+    Ok(started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0))
+}
+
+/// `receivers` applications attach to `address` and accept deliveries until `total` arrived
+/// between them; returns the seconds from the first delivery to the last.
+pub async fn amqp_consume(
+    url: &str,
+    user: &str,
+    password: &str,
+    address: &str,
+    total: usize,
+    receivers: usize,
+) -> anyhow::Result<f64> {
+    let received = Arc::new(AtomicUsize::new(0));
+    let first: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..receivers {
+        let (url, user, password, address) = (
+            url.to_owned(),
+            user.to_owned(),
+            password.to_owned(),
+            address.to_owned(),
+        );
+        let (received, first) = (received.clone(), first.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::builder()
+                .container_id(format!("loadtest-{i}"))
+                .sasl_profile(SaslProfile::Plain {
+                    username: user,
+                    password,
+                })
+                .open(url.as_str())
+                .await?;
+            let mut session = Session::begin(&mut connection).await?;
+            let mut receiver = Receiver::attach(&mut session, format!("r{i}"), address).await?;
+            while received.load(Ordering::Relaxed) < total {
+                let recv = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    receiver.recv::<Body<Value>>(),
+                )
+                .await;
+                let Ok(delivery) = recv else {
+                    continue;
+                };
+                let delivery = delivery?;
+                first.get_or_init(Instant::now);
+                receiver.accept(&delivery).await?;
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = receiver.close().await;
+            let _ = session.end().await;
+            let _ = connection.close().await;
+            anyhow::Ok(())
+        }));
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    while received.load(Ordering::Relaxed) < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {total} deliveries arrived",
+            received.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let secs = first
+        .get()
+        .map(|f| f.elapsed().as_secs_f64())
+        .unwrap_or(0.0);
+    for t in tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+    }
+    Ok(secs)
+}
