@@ -65,6 +65,29 @@ fn admin(f: &Ferrule, method: &str, path: &str, body: &str) {
     assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
 }
 
+/// A new tenant with the application `app` (password `app-secret`) and a device with the
+/// password credentials `device` / `device_password`.
+fn provision(f: &Ferrule, app: &str, device: &str, device_password: &str) -> String {
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    admin(f, "POST", &format!("/v1/tenants/{tenant}"), "{}");
+    admin(
+        f,
+        "PUT",
+        &format!("/v1/applications/{tenant}/{app}"),
+        r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
+    );
+    admin(f, "POST", &format!("/v1/devices/{tenant}/{device}"), "{}");
+    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": device,
+        "secrets": [{"pwd-plain": device_password}]}]);
+    admin(
+        f,
+        "PUT",
+        &format!("/v1/credentials/{tenant}/{device}"),
+        &creds.to_string(),
+    );
+    tenant
+}
+
 #[test]
 fn applications_receive_their_tenants_telemetry_over_amqp() {
     let mut f = Ferrule::start(&kafka());
@@ -184,21 +207,7 @@ fn applications_receive_their_tenants_telemetry_over_amqp() {
 fn events_reach_late_applications_and_are_consumed_once_accepted() {
     let mut f = Ferrule::start(&kafka());
     f.wait_readiness(200);
-    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    admin(&f, "POST", &format!("/v1/tenants/{tenant}"), "{}");
-    admin(
-        &f,
-        "PUT",
-        &format!("/v1/applications/{tenant}/backend"),
-        r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
-    );
-    admin(&f, "POST", &format!("/v1/devices/{tenant}/door"), "{}");
-    admin(
-        &f,
-        "PUT",
-        &format!("/v1/credentials/{tenant}/door"),
-        r#"[{"type": "hashed-password", "auth-id": "door", "secrets": [{"pwd-plain": "dev-secret"}]}]"#,
-    );
+    let tenant = provision(&f, "backend", "door", "dev-secret");
     let user = format!("backend@{tenant}");
     let address = format!("event/{tenant}");
     // Sent while no application is attached.
@@ -247,21 +256,7 @@ async fn applications_command_an_mqtt_device_over_amqp() {
     use rumqttc::mqttbytes::{QoS, v4};
     let mut f = Ferrule::start(&kafka());
     f.wait_readiness(200);
-    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    admin(&f, "POST", &format!("/v1/tenants/{tenant}"), "{}");
-    admin(
-        &f,
-        "PUT",
-        &format!("/v1/applications/{tenant}/backend"),
-        r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
-    );
-    admin(&f, "POST", &format!("/v1/devices/{tenant}/speaker"), "{}");
-    admin(
-        &f,
-        "PUT",
-        &format!("/v1/credentials/{tenant}/speaker"),
-        r#"[{"type": "hashed-password", "auth-id": "speaker", "secrets": [{"pwd-plain": "loadtest-pw"}]}]"#,
-    );
+    let tenant = provision(&f, "backend", "speaker", "loadtest-pw");
     // The device subscribes and answers the first command with 200 and its own payload.
     let mut device = MqttDevice::connect(&f.mqtt, &format!("speaker@{tenant}"), 0)
         .await

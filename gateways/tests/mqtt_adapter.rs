@@ -998,3 +998,63 @@ async fn gateway_answers_commands_for_its_devices_and_reaches_group_members() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_command_forwarded_twice_reaches_the_device_once() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let mut c = subscribed(p.mqtt_port, "dev", &tenant).await;
+    // The instance holding the subscription, from the routing state.
+    let store = ferrule_registry::open_store(&database(), &Default::default())
+        .await
+        .unwrap();
+    let instance: String = store
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT instance_id FROM command_consumers WHERE tenant_id = $1 AND device_id = 'dev'",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // What a rebalance or a second router can do: the same source record forwarded twice.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka().bootstrap_servers)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    for (offset, subject) in [("7", "once"), ("7", "once"), ("8", "next")] {
+        let headers = [
+            ("device_id", "dev"),
+            ("subject", subject),
+            ("tenant_id", tenant.as_str()),
+            ("orig-partition", "0"),
+            ("orig-offset", offset),
+        ]
+        .iter()
+        .fold(OwnedHeaders::new(), |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            })
+        });
+        producer
+            .send(
+                FutureRecord::to(&format!("hono.command_internal.{instance}"))
+                    .key("dev")
+                    .headers(headers)
+                    .payload(subject),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    expect_command(&mut c, "once", b"once").await;
+    expect_command(&mut c, "next", b"next").await;
+}

@@ -170,6 +170,13 @@ async fn serve_session(
     }
 }
 
+/// Closes a link the bridge cannot serve because Kafka failed it.
+async fn refuse(sender: Sender, e: impl std::fmt::Display) {
+    let _ = sender
+        .close_with_error(error(AmqpError::InternalError, e.to_string()))
+        .await;
+}
+
 fn error(condition: AmqpError, description: String) -> AmqpErrorInfo {
     AmqpErrorInfo::new(condition, Some(description), None)
 }
@@ -216,18 +223,10 @@ async fn stream_to(
         .create()
     {
         Ok(c) => c,
-        Err(e) => {
-            let _ = sender
-                .close_with_error(error(AmqpError::InternalError, e.to_string()))
-                .await;
-            return;
-        }
+        Err(e) => return refuse(sender, e).await,
     };
     if let Err(e) = consumer.subscribe(&[&topic]) {
-        let _ = sender
-            .close_with_error(error(AmqpError::InternalError, e.to_string()))
-            .await;
-        return;
+        return refuse(sender, e).await;
     }
     type Settled = ((i32, i64), Result<Outcome, fe2o3_amqp::link::SendError>);
     let mut unsettled: FuturesOrdered<BoxFuture<'static, Settled>> = FuturesOrdered::new();
@@ -395,12 +394,7 @@ async fn responses_to(
     let topic = format!("hono.command_response.{tenant}");
     let consumer = match response_consumer(&ctx, &topic).await {
         Ok(c) => c,
-        Err(e) => {
-            let _ = sender
-                .close_with_error(error(AmqpError::InternalError, e.to_string()))
-                .await;
-            return;
-        }
+        Err(e) => return refuse(sender, e).await,
     };
     loop {
         let record = tokio::select! {

@@ -325,16 +325,7 @@ impl DeviceAuthenticator {
             return Err(AuthError::BadCredentials);
         }
         let now = Utc::now();
-        let secrets: Vec<Secret> = data
-            .get("secrets")
-            .and_then(|s| s.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_object().map(Secret::from_json))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for secret in secrets.iter().filter(|s| s.usable(now)) {
+        for secret in secrets_of(&data).iter().filter(|s| s.usable(now)) {
             let Some(hash) = secret.password.clone() else {
                 continue;
             };
@@ -487,15 +478,7 @@ impl DeviceAuthenticator {
             return Ok(Lookup::NoCredentials);
         };
         let data: serde_json::Value = row.get(3);
-        let secrets = data
-            .get("secrets")
-            .and_then(|s| s.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_object().map(Secret::from_json))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let secrets = secrets_of(&data);
         Ok(Lookup::Found(Found {
             device_id,
             device_enabled: row.get(2),
@@ -537,6 +520,18 @@ async fn cached_document<T: serde::de::DeserializeOwned>(
     let doc = Arc::new(doc);
     cache.insert(key, doc.clone(), generation);
     Ok(doc)
+}
+
+/// The secrets of a stored credentials (or application) document.
+fn secrets_of(data: &serde_json::Value) -> Vec<Secret> {
+    data.get("secrets")
+        .and_then(|s| s.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_object().map(Secret::from_json))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> AuthError {
