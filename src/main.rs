@@ -146,8 +146,14 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         true => Some(bind("registry", cfg.registry.bind).await?),
         false => None,
     };
-    let bridge_listener = match services.bridge {
-        true => Some(bind("AMQP bridge", cfg.bridge.bind).await?),
+    let bridge_listeners = match services.bridge {
+        true => Some(ferrule_stream_bridge::Listeners {
+            amqp: Some(bind("AMQP bridge", cfg.bridge.bind).await?),
+            amqps: match cfg.gateway.tls.acceptor(&[])? {
+                Some(tls) => Some((bind("AMQPS bridge", cfg.bridge.tls_bind).await?, tls)),
+                None => None,
+            },
+        }),
         false => None,
     };
     let tls = cfg.gateway.tls.enabled();
@@ -227,7 +233,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             ferrule_command_router::run(router, bootstrap, wait, registry, pool, shutdown).await
         });
     }
-    if let (Some(listener), Some(registry)) = (bridge_listener, registry.clone()) {
+    if let (Some(listeners), Some(registry)) = (bridge_listeners, registry.clone()) {
         let bridge = cfg.bridge.clone();
         let kafka = ferrule_stream_bridge::KafkaSettings {
             bootstrap: cfg.kafka.bootstrap_servers.clone(),
@@ -236,7 +242,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         };
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            ferrule_stream_bridge::serve(listener, bridge, kafka, registry, shutdown).await
+            ferrule_stream_bridge::serve(listeners, bridge, kafka, registry, shutdown).await
         });
     }
     if let (Some(listeners), Some(registry)) = (gateway_listeners, registry) {

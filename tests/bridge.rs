@@ -329,3 +329,89 @@ async fn applications_command_an_mqtt_device_over_amqp() {
     let topic = answering.await.unwrap();
     assert!(topic.ends_with("/setVolume"), "{topic}");
 }
+
+/// A CA and a server certificate for 127.0.0.1/localhost, as PEM files in a fresh folder.
+fn certificates() -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("ferrule-amqps-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Ferrule Test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let server =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let cert = server
+        .signed_by(&key, &rcgen::Issuer::new(ca, ca_key))
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    dir
+}
+
+#[test]
+fn applications_connect_over_amqps() {
+    let dir = certificates();
+    let amqps = free_port();
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let mut f = Ferrule::start_with(
+        &kafka(),
+        &[
+            ("FERRULE_GATEWAY__TLS__CERT_FILE", path("server.pem")),
+            ("FERRULE_GATEWAY__TLS__KEY_FILE", path("server-key.pem")),
+            (
+                "FERRULE_GATEWAY__HTTP__TLS_BIND",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "FERRULE_GATEWAY__MQTT__TLS_BIND",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            ("FERRULE_BRIDGE__TLS_BIND", format!("127.0.0.1:{amqps}")),
+        ],
+    );
+    f.wait_readiness(200);
+    let tenant = provision(&f, "backend", "door", "dev-secret");
+    let url = format!("amqps://127.0.0.1:{amqps}");
+    let user = format!("backend@{tenant}");
+    // A plain-text client on the TLS port gets nowhere and harms nobody.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", amqps)).unwrap();
+    std::io::Write::write_all(&mut plain, b"AMQP\x03\x01\x00\x00").unwrap();
+    let (code, text) = curl(&[
+        "-u",
+        &format!("door@{tenant}:dev-secret"),
+        "-H",
+        "content-type: text/plain",
+        "--data-binary",
+        "over tls",
+        &format!("{}/event", f.http),
+    ]);
+    assert_eq!(code, 202, "{text}");
+    let ca = format!("ca={}", path("ca.pem"));
+    let got = receive_with(
+        &url,
+        &user,
+        "app-secret",
+        &format!("event/{tenant}"),
+        1,
+        10,
+        &[&ca],
+    );
+    assert_eq!(got.last().unwrap()["body"], "over tls", "{got:?}");
+    // Without trusting the CA the client refuses the server.
+    let got = receive_with(
+        &url,
+        &user,
+        "app-secret",
+        &format!("event/{tenant}"),
+        1,
+        5,
+        &[&format!("ca={}", path("server.pem"))],
+    );
+    assert!(got.last().unwrap().get("error").is_some(), "{got:?}");
+    drop(plain);
+}

@@ -33,11 +33,14 @@ pub(crate) struct Context {
     pub registry: DeviceAuthenticator,
 }
 
-pub(crate) async fn run(
-    stream: tokio::net::TcpStream,
+pub(crate) async fn run<Io>(
+    stream: Io,
     ctx: Context,
     mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
     let sasl = ApplicationSasl::new(ctx.registry.clone());
     let identity = sasl.identity.clone();
     let acceptor = ConnectionAcceptor::builder()

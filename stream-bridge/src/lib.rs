@@ -21,6 +21,8 @@ use tokio::sync::watch;
 pub struct BridgeConfig {
     /// Where the plain AMQP listener binds.
     pub bind: SocketAddr,
+    /// Where AMQPS (TLS) listens when `gateway.tls` names a certificate.
+    pub tls_bind: SocketAddr,
     /// Link credit is honoured message by message; this bounds how many records the Kafka
     /// consumer of one link prefetches while the application has no credit (KiB).
     pub prefetch_kbytes: u32,
@@ -30,6 +32,7 @@ impl Default for BridgeConfig {
     fn default() -> Self {
         BridgeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 5672)),
+            tls_bind: SocketAddr::from(([127, 0, 0, 1], 5671)),
             prefetch_kbytes: 1024,
         }
     }
@@ -43,15 +46,21 @@ pub struct KafkaSettings {
     pub topic_replication: i32,
 }
 
-/// Serves AMQP connections on `listener` until `shutdown` turns true.
+/// The sockets the bridge serves.
+pub struct Listeners {
+    pub amqp: Option<tokio::net::TcpListener>,
+    /// AMQPS: the listener and the TLS acceptor of the configured certificate.
+    pub amqps: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+}
+
+/// Serves AMQP connections until `shutdown` turns true.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     cfg: BridgeConfig,
     kafka: KafkaSettings,
     registry: DeviceAuthenticator,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "AMQP bridge listening");
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap)
         .set("enable.idempotence", "true")
@@ -66,10 +75,36 @@ pub async fn serve(
         producer,
         registry,
     };
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(listener) = listeners.amqp {
+        tracing::info!(addr = %listener.local_addr()?, "AMQP bridge listening");
+        servers.spawn(accept_loop(listener, None, ctx.clone(), shutdown.clone()));
+    }
+    if let Some((listener, tls)) = listeners.amqps {
+        tracing::info!(addr = %listener.local_addr()?, "AMQPS bridge listening");
+        servers.spawn(accept_loop(
+            listener,
+            Some(tls),
+            ctx.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while servers.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Accepts connections on one listener; with `tls`, each one does its TLS handshake first,
+/// on its own task, so a slow or plain-text client holds up nobody.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: connection::Context,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -79,9 +114,24 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        let (ctx, shutdown, tls) = (ctx.clone(), shutdown.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection::run(stream, ctx, shutdown).await {
+            let result = match tls {
+                None => connection::run(stream, ctx, shutdown).await,
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        tls.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(stream)) => connection::run(stream, ctx, shutdown).await,
+                        Ok(Err(e)) => Err(anyhow::anyhow!("TLS handshake failed: {e}")),
+                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "AMQP connection ended");
             }
         });

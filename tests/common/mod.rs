@@ -38,6 +38,11 @@ pub struct Ferrule {
 
 impl Ferrule {
     pub fn start(kafka: &str) -> Ferrule {
+        Self::start_with(kafka, &[])
+    }
+
+    /// Starts with extra `FERRULE_…` variables, e.g. a TLS certificate.
+    pub fn start_with(kafka: &str, env: &[(&str, String)]) -> Ferrule {
         let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());
         let amqp = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
@@ -61,6 +66,7 @@ impl Ferrule {
                 "RUST_LOG",
                 std::env::var("FERRULE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .spawn()
             .expect("ferrule binary starts");
