@@ -201,6 +201,13 @@ fn applications_receive_their_tenants_telemetry_over_amqp() {
         format!("telemetry/{tenant}/sensor")
     );
     assert!(m["creation_time"].as_f64().unwrap() > 1.7e9, "{m}");
+
+    // The refusals above are counted.
+    let (_, metrics) = curl(&[&format!("{}/metrics", f.health)]);
+    for reason in ["unauthorized", "unauthorized-access"] {
+        let line = format!("ferrule_bridge_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+    }
 }
 
 #[test]

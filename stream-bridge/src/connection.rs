@@ -180,7 +180,15 @@ async fn refuse(sender: Sender, e: impl std::fmt::Display) {
         .await;
 }
 
+/// Every refusal the bridge sends is counted by its condition.
 fn error(condition: AmqpError, description: String) -> AmqpErrorInfo {
+    crate::metrics::refused(match condition {
+        AmqpError::UnauthorizedAccess => "unauthorized-access",
+        AmqpError::NotFound => "not-found",
+        AmqpError::NotAllowed => "not-allowed",
+        AmqpError::InvalidField => "malformed-command",
+        _ => "internal-error",
+    });
     AmqpErrorInfo::new(condition, Some(description), None)
 }
 

@@ -8,6 +8,7 @@ pub mod address;
 pub mod command;
 mod connection;
 pub mod message;
+mod metrics;
 mod sasl;
 
 use ferrule_registry::DeviceAuthenticator;
@@ -126,8 +127,14 @@ async fn accept_loop(
                     .await;
                     match handshake {
                         Ok(Ok(stream)) => connection::run(stream, ctx, shutdown).await,
-                        Ok(Err(e)) => Err(anyhow::anyhow!("TLS handshake failed: {e}")),
-                        Err(_) => Err(anyhow::anyhow!("TLS handshake timed out")),
+                        Ok(Err(e)) => {
+                            metrics::refused("tls");
+                            Err(anyhow::anyhow!("TLS handshake failed: {e}"))
+                        }
+                        Err(_) => {
+                            metrics::refused("tls");
+                            Err(anyhow::anyhow!("TLS handshake timed out"))
+                        }
                     }
                 }
             };

@@ -50,7 +50,10 @@ impl SaslAcceptor for ApplicationSasl {
             })
             .flatten();
         let code = match credentials {
-            None => SaslCode::Auth,
+            None => {
+                crate::metrics::refused("bad-sasl-init");
+                SaslCode::Auth
+            }
             Some((user, password)) => {
                 // The acceptor's callback is synchronous; the check needs PostgreSQL and maybe
                 // bcrypt, so it runs on this worker with the runtime told it may block.
@@ -65,6 +68,7 @@ impl SaslAcceptor for ApplicationSasl {
                         SaslCode::Ok
                     }
                     Err(e) => {
+                        crate::metrics::refused("unauthorized");
                         tracing::debug!(user, error = %e, "application sign-in refused");
                         match e {
                             ferrule_registry::AuthError::Unavailable(_) => SaslCode::SysTemp,

@@ -1,0 +1,23 @@
+//! The bridge's own metrics, in the process-wide registry the health port serves.
+
+use prometheus::{IntCounterVec, Opts};
+use std::sync::LazyLock;
+
+static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let m = IntCounterVec::new(
+        Opts::new(
+            "ferrule_bridge_refused_total",
+            "Application requests the AMQP bridge refused, by reason",
+        ),
+        &["reason"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    // A second registration (several bridges in one test process) keeps the first.
+    let _ = prometheus::register(Box::new(m.clone()));
+    m
+});
+
+/// Counts a refused sign-in, link, command or TLS handshake.
+pub fn refused(reason: &str) {
+    REFUSED.with_label_values(&[reason]).inc();
+}
