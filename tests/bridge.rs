@@ -422,3 +422,55 @@ fn applications_connect_over_amqps() {
     assert!(got.last().unwrap().get("error").is_some(), "{got:?}");
     drop(plain);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_application_keeps_the_bridge_memory_bounded() {
+    use ferrule_loadtest::measure::ProcessSample;
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = provision(&f, "slow", "dev", "dev-secret");
+    // 40 MB of events wait in Kafka.
+    let topic = format!("hono.event.{tenant}");
+    ferrule_loadtest::devices::raw_producer(&kafka(), &topic, 40_000, 1024)
+        .await
+        .unwrap();
+    let pid = f.child.id();
+    let before = ProcessSample::read(pid).unwrap();
+    // The application takes one event, then sits on its link without granting more credit.
+    let mut app = Command::new(PYTHON)
+        .args([
+            &receive_script(),
+            &f.amqp,
+            &format!("slow@{tenant}"),
+            "app-secret",
+            &format!("event/{tenant}"),
+            "1",
+            "20",
+            "hold=6",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(app.stdout.take().unwrap()).lines();
+    let mut peak = before.rss_bytes;
+    let mut held = false;
+    while let Some(Ok(line)) = lines.next() {
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        if v.get("holding").is_some() {
+            held = true;
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                peak = peak.max(ProcessSample::read(pid).unwrap().rss_bytes);
+            }
+        }
+    }
+    let _ = app.wait();
+    assert!(held, "the application never got its event");
+    let growth = peak.saturating_sub(before.rss_bytes);
+    // The link's consumer prefetches at most `bridge.prefetch_kbytes` (1 MiB), not the 40 MB.
+    assert!(
+        growth < 16 * 1024 * 1024,
+        "resident memory grew by {growth} bytes behind a stalled application"
+    );
+}

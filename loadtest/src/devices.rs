@@ -176,7 +176,7 @@ impl MqttDevice {
         let target: std::net::SocketAddr = addr.parse()?;
         let socket = TcpSocket::new_v4()?;
         if target.ip().is_loopback() {
-            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (index / 20_000) as u8);
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (index / 10_000) as u8);
             socket.bind((source, 0).into())?;
         }
         let stream = socket.connect(target).await?;

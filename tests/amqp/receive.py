@@ -2,6 +2,8 @@
 PLAIN, attaches a receiver and prints what it got as JSON lines, or the error that ended it.
 
 usage: receive.py URL USER PASSWORD ADDRESS COUNT TIMEOUT_SECONDS [at-most-once] [ca=FILE]
+                  [hold=SECONDS]
+(hold=SECONDS: stay attached that long after the last message, without granting more credit)
 (with ca=FILE the server certificate chain of an amqps:// URL is checked against that CA;
 Proton's host-name check does not match the IP address SANs of the test certificate)
 """
@@ -18,7 +20,10 @@ def main():
     flags = sys.argv[7:]
     presettled = "at-most-once" in flags
     ssl_domain = None
+    hold = 0.0
     for f in flags:
+        if f.startswith("hold="):
+            hold = float(f[5:])
         if f.startswith("ca="):
             ssl_domain = SSLDomain(SSLDomain.MODE_CLIENT)
             ssl_domain.set_trusted_ca_db(f[3:])
@@ -47,6 +52,10 @@ def main():
                 "properties": {k: v for k, v in (msg.properties or {}).items()},
                 "annotations": {str(k): v for k, v in (msg.annotations or {}).items()},
             }), flush=True)
+        if hold:
+            print(json.dumps({"holding": hold}), flush=True)
+            import time
+            time.sleep(hold)
     except Timeout:
         print(json.dumps({"error": "timeout"}))
     except Exception as e:
