@@ -688,7 +688,7 @@ impl LongPoll {
         if mine {
             let (hub, tenant, device) =
                 (self.hub.clone(), self.tenant.clone(), self.device.clone());
-            tokio::spawn(async move {
+            spawn_cleanup(async move {
                 let instance = hub.inner.instance_id.clone();
                 if let Err(e) = hub
                     .inner
@@ -709,7 +709,7 @@ impl LongPoll {
             return;
         }
         let (hub, tenant) = (self.hub.clone(), self.tenant.clone());
-        tokio::spawn(async move {
+        spawn_cleanup(async move {
             for c in left {
                 if let Some(cid) = c.correlation_id {
                     let reason = "the device's request ended before the command was sent";
@@ -717,6 +717,14 @@ impl LongPoll {
                 }
             }
         });
+    }
+}
+
+/// Runs clean-up work of a poll that may end while the runtime shuts down (then it is skipped:
+/// the instance's subscriptions expire with it).
+fn spawn_cleanup(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(work);
     }
 }
 
