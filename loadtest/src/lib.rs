@@ -6,3 +6,4 @@ pub mod amqp;
 pub mod commands;
 pub mod devices;
 pub mod measure;
+pub mod report;

@@ -115,6 +115,11 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         receivers: usize,
     },
+    /// Renders the JSON lines of a run (a file, or `-` for stdin) as a Markdown table.
+    Report {
+        #[arg(default_value = "-")]
+        input: String,
+    },
     /// Idle MQTT connections: resident memory per connection.
     IdleMqtt {
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -289,6 +294,14 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             Report::new(&format!("amqp-events-{receivers}"), *events, secs)
+        }
+        Scenario::Report { input } => {
+            let text = match input.as_str() {
+                "-" => std::io::read_to_string(std::io::stdin())?,
+                path => std::fs::read_to_string(path)?,
+            };
+            print!("{}", ferrule_loadtest::report::markdown(&text));
+            return Ok(());
         }
         Scenario::IdleMqtt { addr, connections } => {
             let fleet =

@@ -1,0 +1,59 @@
+//! The Markdown summary of a run: one row per scenario from the JSON lines the scenarios print,
+//! so a whole `scripts/loadtest` run reads as one table.
+
+use serde_json::Value;
+
+/// Renders JSON report lines (as printed by `ferrule-loadtest`) as a Markdown table; lines
+/// that are not JSON objects are skipped.
+pub fn markdown(lines: &str) -> String {
+    let mut out = String::from(
+        "| scenario | messages | per second | server CPU s per 100k | latency p50 / p99 / p99.9 ms | RSS per connection |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for line in lines.lines() {
+        let Ok(Value::Object(r)) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let num = |k: &str| r.get(k).and_then(Value::as_f64);
+        let cell = |v: Option<String>| v.unwrap_or_else(|| "—".to_owned());
+        let latency = r.get("latency_ms").map(|l| {
+            let ms = |k: &str| l.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            format!("{:.2} / {:.2} / {:.2}", ms("p50"), ms("p99"), ms("p999"))
+        });
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.get("scenario").and_then(Value::as_str).unwrap_or("?"),
+            cell(num("messages").map(|m| format!("{m:.0}"))),
+            cell(num("per_second").map(|m| format!("{m:.0}"))),
+            cell(num("process_cpu_seconds_per_100k").map(|c| format!("{c:.2}"))),
+            cell(latency),
+            cell(num("rss_per_connection_bytes").map(|b| format!("{b:.0} B"))),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_row_per_scenario_with_dashes_for_what_it_does_not_measure() {
+        let lines = [
+            r#"{"scenario":"mqtt-qos1","messages":200000,"per_second":121910.2,"process_cpu_seconds_per_100k":1.045}"#,
+            "compiling… not JSON",
+            r#"{"scenario":"command-rtt-qos0","messages":20000,"per_second":998.0,"latency_ms":{"p50":40.7,"p99":125.57,"p999":169.73,"max":201.9}}"#,
+            r#"{"scenario":"mqtt-idle","messages":19000,"per_second":3069.1,"rss_per_connection_bytes":6763.8}"#,
+        ]
+        .join("\n");
+        let md = markdown(&lines);
+        let rows: Vec<&str> = md.lines().collect();
+        assert_eq!(rows.len(), 5, "{md}");
+        assert_eq!(rows[2], "| mqtt-qos1 | 200000 | 121910 | 1.04 | — | — |");
+        assert_eq!(
+            rows[3],
+            "| command-rtt-qos0 | 20000 | 998 | — | 40.70 / 125.57 / 169.73 | — |"
+        );
+        assert_eq!(rows[4], "| mqtt-idle | 19000 | 3069 | — | — | 6764 B |");
+    }
+}
