@@ -171,6 +171,7 @@ pub struct Authorised {
 }
 
 impl Authorised {
+    // Only `authorise` builds this, after finding both documents: the `expect`s cannot fire.
     fn tenant(&self) -> &Tenant {
         self.tenant.as_ref().as_ref().expect("authorised tenant")
     }

@@ -252,10 +252,7 @@ async fn stream_to(
                         continue;
                     }
                 };
-                let headers: Vec<(&str, Option<&[u8]>)> = record
-                    .headers()
-                    .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect())
-                    .unwrap_or_default();
+                let headers = header_list(&record);
                 let message = crate::message::downstream(
                     kind,
                     &tenant,
@@ -416,10 +413,7 @@ async fn responses_to(
         let Ok(record) = record else {
             continue;
         };
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers()
-            .map(|hs| hs.iter().map(|hd| (hd.key, hd.value)).collect())
-            .unwrap_or_default();
+        let headers = header_list(&record);
         let text = |name: &str| h::first(headers.iter().copied(), name).and_then(h::decode_str);
         let num = |name: &str| h::first(headers.iter().copied(), name).and_then(h::decode_i64);
         let Some((reply, correlation)) =
@@ -467,7 +461,7 @@ async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamC
         .set("bootstrap.servers", &ctx.bootstrap)
         .set(
             "group.id",
-            format!("ferrule-bridge.responses.{}", uuid_like()),
+            format!("ferrule-bridge.responses.{}", uuid::Uuid::new_v4().simple()),
         )
         .set("enable.auto.commit", "false")
         .set(
@@ -499,13 +493,12 @@ async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamC
     Ok(consumer)
 }
 
-/// A process-unique suffix for throwaway consumer groups.
-fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+/// A record's headers in order, as the schemas' header functions take them.
+fn header_list<'a>(
+    record: &'a rdkafka::message::BorrowedMessage<'_>,
+) -> Vec<(&'a str, Option<&'a [u8]>)> {
+    record
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default()
 }
