@@ -104,7 +104,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 }
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
-    mut stream: S,
+    stream: S,
     client_cert: Option<std::sync::Arc<Vec<u8>>>,
     pipeline: IngestPipeline,
     hub: Option<CommandHub>,
@@ -112,6 +112,41 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
     instance_full: bool,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
+    // Boxed: CONNECT and authentication need far more space than an open connection, and
+    // only briefly; the task itself keeps only what serving needs.
+    let mut open = Box::pin(open(
+        stream,
+        client_cert,
+        pipeline,
+        hub,
+        cfg,
+        instance_full,
+        shutdown,
+    ))
+    .await?;
+    let result = serve(&mut open.served, &mut open.commands).await;
+    Box::pin(close(open, cfg)).await;
+    result
+}
+
+/// An accepted connection: what serving needs, and what closing reports.
+struct Open<S> {
+    served: Served<S>,
+    commands: Commands,
+    client_id: String,
+    _gauge: metrics::ConnectionGuard,
+}
+
+/// CONNECT, authentication and CONNACK; the connection's state once accepted.
+async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut stream: S,
+    client_cert: Option<std::sync::Arc<Vec<u8>>>,
+    pipeline: IngestPipeline,
+    hub: Option<CommandHub>,
+    cfg: &MqttConfig,
+    instance_full: bool,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Open<S>, ConnectionError> {
     let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
     let mut buf = BytesMut::with_capacity(256);
     let (version, connect) = tokio::time::timeout(
@@ -144,21 +179,19 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
             return Err(ConnectionError::Refused(outcome));
         }
     };
+    // Only these outlive the CONNECT; the rest (password, will) is dropped here.
+    let (client_id, keep_alive_secs) = {
+        let c = connect;
+        (c.client_id, c.keep_alive_secs)
+    };
     metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded");
-    let _gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
+    let gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
     let changes = pipeline.registry_changes();
     session
         .send(Outbound::ConnAck(ConnectOutcome::Accepted))
         .await?;
-    Box::pin(connection_event(
-        &pipeline,
-        cfg,
-        &device,
-        &connect.client_id,
-        "connected",
-    ))
-    .await;
-    let mut commands = Commands {
+    connection_event(&pipeline, cfg, &device, &client_id, "connected").await;
+    let commands = Commands {
         hub,
         sub: None,
         queue: None,
@@ -166,31 +199,49 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         unacked: Default::default(),
         last_pkid: 0,
     };
-    let result = serve(
+    let idle =
+        (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
+    let served = Served {
         session,
         buf,
-        pipeline.clone(),
-        cfg,
-        device.clone(),
-        connect.keep_alive_secs,
+        pipeline,
+        device,
         changes,
-        &mut commands,
         shutdown,
-    )
-    .await;
+        errors: None,
+        in_flight: FuturesOrdered::new(),
+        idle,
+        deadline: idle.map(|d| Instant::now() + d),
+        max_packet,
+        max_in_flight: cfg.max_in_flight,
+    };
+    Ok(Open {
+        served,
+        commands,
+        client_id,
+        _gauge: gauge,
+    })
+}
+
+/// After the socket closed: ends the command subscription and reports the disconnect.
+async fn close<S>(open: Open<S>, cfg: &MqttConfig) {
+    let Open {
+        served,
+        commands,
+        client_id,
+        _gauge,
+    } = open;
+    // The socket and buffers go first.
+    let (pipeline, device) = {
+        let s = served;
+        (s.pipeline, s.device)
+    };
     if let (Some(hub), Some(sub)) = (&commands.hub, &commands.sub) {
-        Box::pin(hub.unsubscribe(&device.tenant_id, &sub.registered, sub.token)).await;
-        Box::pin(reachability(&pipeline, &device, &sub.registered, 0)).await;
+        hub.unsubscribe(&device.tenant_id, &sub.registered, sub.token)
+            .await;
+        reachability(&pipeline, &device, &sub.registered, 0).await;
     }
-    Box::pin(connection_event(
-        &pipeline,
-        cfg,
-        &device,
-        &connect.client_id,
-        "disconnected",
-    ))
-    .await;
-    result
+    connection_event(&pipeline, cfg, &device, &client_id, "disconnected").await;
 }
 
 /// Tells applications whether commands reach `target` (Hono's empty notification with `ttd`:
@@ -325,141 +376,99 @@ async fn authenticate(
     Ok(device)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
-    mut session: Session<S>,
-    mut buf: BytesMut,
+/// What an authenticated connection works with while it serves; kept in `run`'s frame and
+/// lent to `serve`, so the connection's future holds each of these once.
+struct Served<S> {
+    session: Session<S>,
+    buf: BytesMut,
     pipeline: IngestPipeline,
-    cfg: &MqttConfig,
     device: AuthenticatedDevice,
-    keep_alive_secs: u16,
-    mut changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
+    changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
+    shutdown: watch::Receiver<bool>,
+    /// The device's subscription to its error topic, if any (§4.6).
+    /// Boxed: most devices never subscribe to errors.
+    errors: Option<Box<ErrorSubscription>>,
+    in_flight: FuturesOrdered<InFlight>,
+    /// A client that says nothing for this long is gone (1.5 keep-alive periods, §3.1.2.10).
+    idle: Option<Duration>,
+    deadline: Option<Instant>,
+    max_packet: usize,
+    max_in_flight: usize,
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    c: &mut Served<S>,
     commands: &mut Commands,
-    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
-    // A client that says nothing for 1.5 keep-alive periods is gone (MQTT §3.1.2.10).
-    let idle =
-        (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
-    let mut deadline = idle.map(|d| Instant::now() + d);
-    let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
-    // The device's subscription to its error topic, if any (§4.6).
-    let mut errors: Option<ErrorSubscription> = None;
     loop {
         // Everything already buffered is handled before reading more.
-        while in_flight.len() < cfg.max_in_flight {
-            let Some(packet) = codec::decode(session.version, &mut buf, max_packet)? else {
+        while c.in_flight.len() < c.max_in_flight {
+            let Some(packet) = codec::decode(c.session.version, &mut c.buf, c.max_packet)? else {
                 break;
             };
-            match packet {
-                Inbound::Publish(p) => {
-                    if let Some(f) = publish(
-                        &mut session,
-                        &pipeline,
-                        &device,
-                        errors.as_ref(),
-                        commands.hub.as_ref(),
-                        p,
-                    )
-                    .await?
-                    {
-                        in_flight.push_back(f);
-                    }
-                }
-                Inbound::PingReq => session.send(Outbound::PingResp).await?,
-                Inbound::Subscribe { pkid, filters } => {
-                    let mut granted = Vec::with_capacity(filters.len());
-                    for (filter, qos) in &filters {
-                        if let Some(sub) = ErrorSubscription::parse(filter, &device) {
-                            errors = Some(sub);
-                            granted.push(Some(0));
-                        } else {
-                            let qos = (*qos).min(1);
-                            let ok =
-                                Box::pin(commands.subscribe(&pipeline, &device, filter, qos)).await;
-                            granted.push(ok.then_some(qos));
-                        }
-                    }
-                    session.send(Outbound::SubAck { pkid, granted }).await?
-                }
-                Inbound::Unsubscribe { pkid, filters } => {
-                    for filter in &filters {
-                        if errors
-                            .as_ref()
-                            .is_some_and(|_| ErrorSubscription::parse(filter, &device).is_some())
-                        {
-                            errors = None;
-                        } else if let Some((ended, token)) = commands.unsubscribe(filter) {
-                            if let Some(hub) = &commands.hub {
-                                Box::pin(hub.unsubscribe(&device.tenant_id, &ended, token)).await;
-                            }
-                            Box::pin(reachability(&pipeline, &device, &ended, 0)).await;
-                        }
-                    }
-                    let filters = filters.len();
-                    session.send(Outbound::UnsubAck { pkid, filters }).await?
-                }
-                Inbound::PubAck(pkid) => {
-                    commands.unacked.remove(&pkid);
-                }
-                Inbound::Disconnect => return Ok(()),
-                Inbound::Connect(_) => {
-                    return Err(ConnectionError::Closed("second CONNECT".into()));
-                }
-                Inbound::Unsupported(what) => {
-                    metrics::rejected(ADAPTER.name(), "unsupported");
-                    return Err(ConnectionError::Closed(format!("{what} is not supported")));
-                }
+            // Boxed: handling a packet (registry lookups, the produce) needs far more space
+            // than waiting, and an idle connection should not carry it.
+            if !Box::pin(handle(c, commands, packet)).await? {
+                return Ok(());
             }
         }
-        let can_read = in_flight.len() < cfg.max_in_flight;
-        let ack_deadline = commands.earliest_deadline();
+        if c.buf.is_empty() && c.buf.capacity() > 4096 {
+            // A burst is over: an idle connection should not keep its largest buffer.
+            c.buf = BytesMut::new();
+        }
+        let can_read = c.in_flight.len() < c.max_in_flight;
+        let wake = match (commands.earliest_deadline(), c.deadline) {
+            (Some(a), Some(d)) => Some(a.min(d)),
+            (a, d) => a.or(d),
+        };
         tokio::select! {
-            read = session.stream.read_buf(&mut buf), if can_read => {
+            read = c.session.stream.read_buf(&mut c.buf), if can_read => {
                 if read? == 0 {
                     return Ok(());
                 }
-                deadline = idle.map(|d| Instant::now() + d);
+                c.deadline = c.idle.map(|d| Instant::now() + d);
             }
-            Some((failure, result)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((failure, result)) = c.in_flight.next(), if !c.in_flight.is_empty() => {
                 match result {
-                    Ok(_) if failure.qos1 => session.send(Outbound::PubAck(failure.pkid)).await?,
+                    Ok(_) if failure.qos1 => c.session.send(Outbound::PubAck(failure.pkid)).await?,
                     Ok(_) => {}
-                    Err(e) => publish_failed(&mut session, &failure, errors.as_ref(), e).await?,
+                    Err(e) => Box::pin(publish_failed(&mut c.session, &failure, c.errors.as_deref(), e)).await?,
                 }
             }
             Some(cmd) = next_command(&mut commands.queue) => {
                 if let Some(sub) = &commands.sub {
-                    let topic = sub.topic_for(&cmd, &device.device_id);
+                    let topic = sub.topic_for(&cmd, &c.device.device_id);
                     let qos1 = sub.qos == 1;
                     let pkid = commands.next_pkid();
                     if qos1 {
                         let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;
                         commands.unacked.insert(pkid, (deadline, cmd.device_id.clone(), cmd.correlation_id.clone()));
                     }
-                    session.send(Outbound::Publish { topic, payload: cmd.payload, qos1, pkid }).await?;
+                    c.session.send(Outbound::Publish { topic, payload: cmd.payload, qos1, pkid }).await?;
                 }
             }
-            _ = sleep_until(ack_deadline) => {
+            // One timer for both deadlines keeps an idle connection small.
+            _ = sleep_until(wake) => {
+                let now = Instant::now();
+                if c.deadline.is_some_and(|d| d <= now) {
+                    return Err(ConnectionError::Closed("keep-alive expired".into()));
+                }
                 // Commands the device did not acknowledge in time are released: 503.
-                for (device_id, correlation_id) in commands.expire(Instant::now()) {
+                for (device_id, correlation_id) in commands.expire(now) {
                     if let (Some(hub), Some(cid)) = (&commands.hub, correlation_id) {
                         let reason = "the device did not acknowledge the command";
-                        Box::pin(hub.fail(&device.tenant_id, &device_id, &cid, 503, reason)).await;
+                        Box::pin(hub.fail(&c.device.tenant_id, &device_id, &cid, 503, reason)).await;
                     }
                 }
             }
-            _ = sleep_until(deadline) => {
-                return Err(ConnectionError::Closed("keep-alive expired".into()));
-            }
-            change = changes.recv() => {
+            change = c.changes.recv() => {
                 let revoked = match change {
-                    Ok(c) => c.revokes_access()
-                        && c.tenant == device.tenant_id
-                        && c.device.as_ref().is_none_or(|d| *d == device.device_id),
+                    Ok(change) => change.revokes_access()
+                        && change.tenant == c.device.tenant_id
+                        && change.device.as_ref().is_none_or(|d| *d == c.device.device_id),
                     // Missed changes: ask the registry again.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        Box::pin(pipeline.authorise_connection(ADAPTER, &device)).await.is_err()
+                        Box::pin(c.pipeline.authorise_connection(ADAPTER, &c.device)).await.is_err()
                     }
                     Err(broadcast::error::RecvError::Closed) => false,
                 };
@@ -467,9 +476,73 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     return Err(ConnectionError::Closed("device or tenant revoked".into()));
                 }
             }
-            _ = stopped(&mut shutdown) => return Ok(()),
+            _ = stopped(&mut c.shutdown) => return Ok(()),
         }
     }
+}
+
+/// Handles one packet from the device; `false` when the device disconnected.
+async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    c: &mut Served<S>,
+    commands: &mut Commands,
+    packet: Inbound,
+) -> Result<bool, ConnectionError> {
+    match packet {
+        Inbound::Publish(p) => {
+            let prepared = prepare_publish(&c.pipeline, &c.device, commands.hub.as_ref(), p)?;
+            match submit(&c.pipeline, prepared).await {
+                Ok(f) => c.in_flight.push_back(f),
+                Err((ctx, e)) => {
+                    Box::pin(publish_failed(&mut c.session, &ctx, c.errors.as_deref(), e)).await?
+                }
+            }
+        }
+        Inbound::PingReq => c.session.send(Outbound::PingResp).await?,
+        Inbound::Subscribe { pkid, filters } => {
+            let mut granted = Vec::with_capacity(filters.len());
+            for (filter, qos) in &filters {
+                if let Some(sub) = ErrorSubscription::parse(filter, &c.device) {
+                    c.errors = Some(Box::new(sub));
+                    granted.push(Some(0));
+                } else {
+                    let qos = (*qos).min(1);
+                    let ok =
+                        Box::pin(commands.subscribe(&c.pipeline, &c.device, filter, qos)).await;
+                    granted.push(ok.then_some(qos));
+                }
+            }
+            c.session.send(Outbound::SubAck { pkid, granted }).await?
+        }
+        Inbound::Unsubscribe { pkid, filters } => {
+            for filter in &filters {
+                if c.errors
+                    .as_ref()
+                    .is_some_and(|_| ErrorSubscription::parse(filter, &c.device).is_some())
+                {
+                    c.errors = None;
+                } else if let Some((ended, token)) = commands.unsubscribe(filter) {
+                    if let Some(hub) = &commands.hub {
+                        Box::pin(hub.unsubscribe(&c.device.tenant_id, &ended, token)).await;
+                    }
+                    Box::pin(reachability(&c.pipeline, &c.device, &ended, 0)).await;
+                }
+            }
+            let filters = filters.len();
+            c.session.send(Outbound::UnsubAck { pkid, filters }).await?
+        }
+        Inbound::PubAck(pkid) => {
+            commands.unacked.remove(&pkid);
+        }
+        Inbound::Disconnect => return Ok(false),
+        Inbound::Connect(_) => {
+            return Err(ConnectionError::Closed("second CONNECT".into()));
+        }
+        Inbound::Unsupported(what) => {
+            metrics::rejected(ADAPTER.name(), "unsupported");
+            return Err(ConnectionError::Closed(format!("{what} is not supported")));
+        }
+    }
+    Ok(true)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -479,23 +552,28 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Hands one PUBLISH to the pipeline; returns the future of its ack, or `None` when it failed
-/// already (and the failure was handled).
-async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
-    session: &mut Session<S>,
+/// A PUBLISH translated for the pipeline, or the failure to report for it.
+enum Prepared {
+    Upload(PublishContext, Upload),
+    Response(PublishContext, CommandHub, DeviceResponse, Accepted),
+    Failed(PublishContext, UploadError),
+}
+
+/// Translates one PUBLISH (no I/O): a telemetry/event upload, a command response, or the
+/// error to report. Only QoS 2 and oversized payloads end the connection here.
+fn prepare_publish(
     pipeline: &IngestPipeline,
     device: &AuthenticatedDevice,
-    errors: Option<&ErrorSubscription>,
     hub: Option<&CommandHub>,
     p: PublishRequest,
-) -> Result<Option<InFlight>, ConnectionError> {
+) -> Result<Prepared, ConnectionError> {
     let qos1 = match p.qos {
         0 => false,
         1 => true,
         _ => return Err(ConnectionError::Closed("QoS 2 is not supported".into())),
     };
     if let Some(response) = topic::parse_response(&p.topic) {
-        return command_response(session, pipeline, device, errors, hub, p, qos1, response).await;
+        return Ok(prepare_response(device, hub, p, qos1, response));
     }
     if p.payload.len() > pipeline.max_payload_size() {
         metrics::rejected(ADAPTER.name(), "payload-too-large");
@@ -513,14 +591,10 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(a) => a,
         Err(e) => {
             metrics::rejected(ADAPTER.name(), "bad-topic");
-            publish_failed(
-                session,
-                &ctx,
-                errors,
+            return Ok(Prepared::Failed(
+                ctx,
                 UploadError::BadRequest(e.to_string()),
-            )
-            .await?;
-            return Ok(None);
+            ));
         }
     };
     ctx.on_error = match address.property("on-error") {
@@ -558,16 +632,31 @@ async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
         retain: p.retain,
         traceparent: p.traceparent,
     };
-    // Boxed: the registry lookups inside are large futures, and an idle connection should not
-    // carry their space.
-    match Box::pin(pipeline.submit(up)).await {
-        Ok(pending) => Ok(Some(Box::pin(
-            async move { (ctx, pending.outcome().await) },
-        ))),
-        Err(e) => {
-            publish_failed(session, &ctx, errors, e).await?;
-            Ok(None)
+    Ok(Prepared::Upload(ctx, up))
+}
+
+/// Hands a prepared PUBLISH to the producer; returns the future of its ack, or the failure
+/// to report.
+async fn submit(
+    pipeline: &IngestPipeline,
+    prepared: Prepared,
+) -> Result<InFlight, (PublishContext, UploadError)> {
+    match prepared {
+        Prepared::Upload(ctx, up) => match pipeline.submit(up).await {
+            Ok(pending) => Ok(Box::pin(async move { (ctx, pending.outcome().await) })),
+            Err(e) => Err((ctx, e)),
+        },
+        // Handed to the producer now; acknowledged in order with the device's other
+        // publishes once the broker has it, while the connection reads on.
+        Prepared::Response(ctx, hub, response, accepted) => {
+            match hub.submit_response(pipeline, response).await {
+                Ok(pending) => Ok(Box::pin(async move {
+                    (ctx, pending.acked().await.map(|()| accepted))
+                })),
+                Err(e) => Err((ctx, e)),
+            }
         }
+        Prepared::Failed(ctx, e) => Err((ctx, e)),
     }
 }
 
@@ -670,7 +759,8 @@ pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// The command side of one connection: its subscription and the queue commands arrive on.
 pub(super) struct Commands {
     hub: Option<CommandHub>,
-    sub: Option<CommandSubscription>,
+    /// Boxed: many devices never subscribe to commands.
+    sub: Option<Box<CommandSubscription>>,
     queue: Option<mpsc::Receiver<CommandDelivery>>,
     sender: Option<mpsc::Sender<CommandDelivery>>,
     /// QoS 1 commands sent and not yet PUBACKed: packet id → (deadline, device, correlation).
@@ -756,12 +846,12 @@ impl Commands {
         else {
             return false;
         };
-        self.sub = Some(CommandSubscription {
+        self.sub = Some(Box::new(CommandSubscription {
             filter: f,
             qos,
             registered,
             token,
-        });
+        }));
         true
     }
 }
@@ -816,18 +906,14 @@ async fn next_command(
     }
 }
 
-/// A device's response to a request/response command, written to the application's topic.
-#[allow(clippy::too_many_arguments)]
-async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
-    session: &mut Session<S>,
-    pipeline: &IngestPipeline,
+/// Translates a PUBLISH to a command response topic (`command///res/...`).
+fn prepare_response(
     device: &AuthenticatedDevice,
-    errors: Option<&ErrorSubscription>,
     hub: Option<&CommandHub>,
     p: PublishRequest,
     qos1: bool,
     address: Result<topic::ResponseAddress, topic::TopicError>,
-) -> Result<Option<InFlight>, ConnectionError> {
+) -> Prepared {
     let ctx = PublishContext {
         pkid: p.pkid,
         qos1,
@@ -842,16 +928,11 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let a = match address {
         Ok(a) => a,
-        Err(e) => {
-            let e = UploadError::BadRequest(e.to_string());
-            publish_failed(session, &ctx, errors, e).await?;
-            return Ok(None);
-        }
+        Err(e) => return Prepared::Failed(ctx, UploadError::BadRequest(e.to_string())),
     };
     let Some(hub) = hub.cloned() else {
         let e = UploadError::Unavailable("commands are not enabled".into());
-        publish_failed(session, &ctx, errors, e).await?;
-        return Ok(None);
+        return Prepared::Failed(ctx, e);
     };
     let content_type = a
         .properties
@@ -876,15 +957,5 @@ async fn command_response<S: AsyncRead + AsyncWrite + Unpin>(
         content_type,
         payload: p.payload.to_vec(),
     };
-    // Handed to the producer now; acknowledged in order with the device's other publishes
-    // once the broker has it, while the connection reads on.
-    match Box::pin(hub.submit_response(pipeline, response)).await {
-        Ok(pending) => Ok(Some(Box::pin(async move {
-            (ctx, pending.acked().await.map(|()| accepted))
-        }))),
-        Err(e) => {
-            publish_failed(session, &ctx, errors, e).await?;
-            Ok(None)
-        }
-    }
+    Prepared::Response(ctx, hub, response, accepted)
 }
