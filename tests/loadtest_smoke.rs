@@ -140,6 +140,84 @@ async fn harness_smoke_run() {
     )
     .await
     .unwrap();
+
+    // End to end: every stamped message is read back from Kafka and timed.
+    let mqtt_addr = format!("127.0.0.1:{mqtt}");
+    let e2e =
+        ferrule_loadtest::latency::mqtt_to_kafka(&kafka, &fleet, &mqtt_addr, 50, 1, 1, 32, 20)
+            .await
+            .unwrap();
+    assert_eq!((e2e.sent, e2e.received), (50, 50));
+    assert!(e2e.percentile_ms(0.99) > 0.0 && !e2e.series.is_empty());
+
+    // Events at a fixed rate (no broker stall here: the broker is shared with other tests):
+    // every acknowledged event is found in the topic.
+    let stall = ferrule_loadtest::resilience::Stall {
+        broker_pid: None,
+        after_secs: 0,
+        secs: 0,
+    };
+    let run = ferrule_loadtest::resilience::events_through_stall(
+        &kafka,
+        &fleet,
+        &mqtt_addr,
+        100,
+        1,
+        32,
+        stall,
+        Some(pid),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (run.sent, run.acked, run.stored, run.lost),
+        (100, 100, 100, 0),
+        "{run:?}"
+    );
+    assert!(run.peak_rss_bytes.unwrap() > 1_000_000);
+
+    // Command round trips to HTTP devices that long-poll with hono-ttd.
+    let http_fleet = Fleet::provision(&registry_url, "admin:smoke", 3)
+        .await
+        .unwrap();
+    let rt = ferrule_loadtest::commands::http_round_trips(
+        &kafka,
+        &http_fleet,
+        &format!("http://127.0.0.1:{http}"),
+        20,
+        1,
+        5,
+        20,
+    )
+    .await
+    .unwrap();
+    // A command that reaches a device between two polls is answered 503: counted, not lost.
+    assert_eq!(
+        rt.answered + rt.failed.values().sum::<usize>(),
+        rt.sent,
+        "{rt:?}"
+    );
+    assert!(rt.answered > 0, "{rt:?}");
+
+    // bcrypt-stored credentials: the device still connects.
+    let bcrypt_fleet = Fleet::provision_with(
+        &registry_url,
+        "admin:smoke",
+        1,
+        ferrule_loadtest::devices::PasswordHash::Bcrypt,
+    )
+    .await
+    .unwrap();
+    assert_eq!(bcrypt_fleet.mqtt_hold(&mqtt_addr).await.unwrap().len(), 1);
+
+    // The run's report lines become plots.
+    let mut report = Report::new("e2e-latency-qos1", e2e.received, e2e.seconds);
+    report.series = e2e.series.clone();
+    let dir = std::env::temp_dir().join(format!("smoke-plots-{}", uuid::Uuid::new_v4().simple()));
+    let plots = ferrule_loadtest::plot::render_run(&report.to_json(), &dir).unwrap();
+    assert_eq!(plots.len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+
     let _ = ferrule.kill();
     let _ = ferrule.wait();
 }

@@ -25,6 +25,8 @@ pub struct RoundTrips {
     /// Round-trip times in microseconds.
     pub latency_us: Histogram<u64>,
     pub seconds: f64,
+    /// Answers and their p99 per second, for the plots.
+    pub series: Vec<crate::timeline::Point>,
 }
 
 impl RoundTrips {
@@ -97,6 +99,91 @@ pub async fn round_trips(
         d.abort();
     }
     result
+}
+
+/// The same round trips to HTTP devices that only long-poll: each device posts an empty
+/// notification with `hono-ttd` and waits; a command in the answer is answered at once with
+/// `POST /command/res/{reqId}` (status 200), then the device polls again.
+pub async fn http_round_trips(
+    bootstrap: &str,
+    fleet: &Fleet,
+    url: &str,
+    rate: u32,
+    seconds: u64,
+    ttd_secs: u32,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<RoundTrips> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(fleet.devices.len() * 2)
+        .build()?;
+    let devices: Vec<_> = fleet
+        .devices
+        .iter()
+        .map(|d| {
+            let (http, url, user) = (http.clone(), url.to_owned(), fleet.username(d));
+            tokio::spawn(long_poll_device(http, url, user, ttd_secs))
+        })
+        .collect();
+    let topic = format!("hono.command.{}", fleet.tenant);
+    let responses = format!("hono.command_response.{}", fleet.tenant);
+    let devices_ids = fleet.devices.clone();
+    let result = measure(
+        bootstrap,
+        &topic,
+        &responses,
+        move |seq| devices_ids[(seq as usize) % devices_ids.len()].clone(),
+        rate,
+        seconds,
+        fetch_wait_ms,
+    )
+    .await;
+    for d in devices {
+        d.abort();
+    }
+    result
+}
+
+/// An HTTP device that polls for commands with `hono-ttd` and answers each with 200.
+async fn long_poll_device(
+    http: reqwest::Client,
+    url: String,
+    user: String,
+    ttd_secs: u32,
+) -> anyhow::Result<()> {
+    let password = crate::devices::PASSWORD;
+    loop {
+        let r = http
+            .post(format!("{url}/telemetry"))
+            .basic_auth(&user, Some(password))
+            .header(
+                "content-type",
+                "application/vnd.eclipse-hono-empty-notification",
+            )
+            .header("hono-ttd", ttd_secs.to_string())
+            .send()
+            .await?;
+        let req_id = r
+            .headers()
+            .get("hono-cmd-req-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let status = r.status();
+        let body = r.bytes().await?;
+        match (status.as_u16(), req_id) {
+            (200, Some(id)) => {
+                http.post(format!("{url}/command/res/{id}"))
+                    .basic_auth(&user, Some(password))
+                    .header("hono-cmd-status", "200")
+                    .header("content-type", "application/octet-stream")
+                    .body(body)
+                    .send()
+                    .await?;
+            }
+            (200 | 202, _) => {}
+            // Overloaded or refused: back off a little instead of spinning.
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// The Kafka-leg floor of a round trip: the application's record goes to a topic, an echo
@@ -244,6 +331,7 @@ async fn measure(
         failed: HashMap::new(),
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         seconds: 0.0,
+        series: Vec::new(),
     };
     let total = u64::from(rate) * seconds;
     let start = Instant::now();
@@ -254,6 +342,8 @@ async fn measure(
     let mut due = 0.0f64;
     let mut sent = 0u64;
     let mut last_send = Instant::now();
+    let mut timeline = crate::timeline::Timeline::new(start, Duration::from_secs(1));
+    let progress = crate::progress::bar(requests, total, "commands");
     loop {
         tokio::select! {
             _ = ticker.tick(), if sent < total => {
@@ -281,6 +371,8 @@ async fn measure(
                         result.answered += 1;
                         let us = now.duration_since(sent_at).as_micros().max(1) as u64;
                         result.latency_us.saturating_record(us);
+                        timeline.latency(now, us);
+                        progress.inc(1);
                     }
                     other => *result.failed.entry(other.unwrap_or(0)).or_default() += 1,
                 }
@@ -293,8 +385,10 @@ async fn measure(
             break;
         }
     }
+    progress.finish_and_clear();
     result.sent = sent as usize;
     result.seconds = start.elapsed().as_secs_f64();
+    result.series = timeline.points();
     Ok(result)
 }
 
@@ -307,7 +401,11 @@ fn status_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<u16> {
         .and_then(|s| s.parse().ok())
 }
 
-fn consumer(bootstrap: &str, topic: &str, fetch_wait_ms: u64) -> anyhow::Result<StreamConsumer> {
+pub(crate) fn consumer(
+    bootstrap: &str,
+    topic: &str,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<StreamConsumer> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set(

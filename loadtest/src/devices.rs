@@ -14,7 +14,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const PASSWORD: &str = "loadtest-pw";
+/// Every simulated device's password.
+pub const PASSWORD: &str = "loadtest-pw";
+
+/// How the registry stores the devices' passwords: sha-256 is cheap to check, bcrypt (cost 10,
+/// Hono's default) is what a connect costs when credentials are stored the safe way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PasswordHash {
+    Sha256,
+    Bcrypt,
+}
 
 /// A provisioned tenant and its devices (device id = auth-id).
 pub struct Fleet {
@@ -24,10 +33,29 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn provision(registry: &str, auth: &str, n: usize) -> anyhow::Result<Fleet> {
+        Self::provision_with(registry, auth, n, PasswordHash::Sha256).await
+    }
+
+    pub async fn provision_with(
+        registry: &str,
+        auth: &str,
+        n: usize,
+        hashing: PasswordHash,
+    ) -> anyhow::Result<Fleet> {
         let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
         let http = reqwest::Client::new();
         let tenant = format!("load-{}", uuid::Uuid::new_v4().simple());
-        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(PASSWORD));
+        let (hash, function) = match hashing {
+            PasswordHash::Sha256 => (
+                base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(PASSWORD)),
+                "sha-256",
+            ),
+            // Hono stores and accepts the `$2a$` form only.
+            PasswordHash::Bcrypt => (
+                bcrypt::hash_with_result(PASSWORD, 10)?.format_for_version(bcrypt::Version::TwoA),
+                "bcrypt",
+            ),
+        };
         let r = http
             .post(format!("{registry}/v1/tenants/{tenant}"))
             .basic_auth(user, Some(password))
@@ -50,7 +78,7 @@ impl Fleet {
                         .await?;
                     anyhow::ensure!(r.status().is_success(), "device {d}: {}", r.status());
                     let creds = serde_json::json!([{"type": "hashed-password", "auth-id": d,
-                        "secrets": [{"pwd-hash": hash, "hash-function": "sha-256"}]}]);
+                        "secrets": [{"pwd-hash": hash, "hash-function": function}]}]);
                     let r = http
                         .put(format!("{registry}/v1/credentials/{tenant}/{d}"))
                         .basic_auth(user, Some(password))
@@ -202,6 +230,26 @@ impl MqttDevice {
         }
         self.stream.write_all(&out).await?;
         Ok(())
+    }
+
+    /// One PUBLISH (QoS 0 or 1; `pkid` is used for QoS 1).
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        pkid: u16,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let qos = if qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        let mut p = v4::Publish::new(topic, qos, payload);
+        if qos == QoS::AtLeastOnce {
+            p.pkid = pkid;
+        }
+        self.write(&[v4::Packet::Publish(p)]).await
     }
 
     pub async fn read(&mut self) -> anyhow::Result<v4::Packet> {

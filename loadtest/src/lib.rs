@@ -5,5 +5,10 @@
 pub mod amqp;
 pub mod commands;
 pub mod devices;
+pub mod latency;
 pub mod measure;
+pub mod plot;
+pub mod progress;
 pub mod report;
+pub mod resilience;
+pub mod timeline;

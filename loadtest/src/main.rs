@@ -6,6 +6,7 @@
 use clap::{Parser, Subcommand};
 use ferrule_loadtest::devices;
 use ferrule_loadtest::measure::{self, ProcessSample, Report};
+use ferrule_loadtest::timeline::Timeline;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -26,6 +27,9 @@ struct Cli {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 64, global = true)]
     size: usize,
+    /// A scenario that has not finished after this many seconds fails (runs never hang).
+    #[arg(long, default_value_t = 1200, global = true)]
+    max_seconds: u64,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -115,32 +119,127 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         receivers: usize,
     },
+    /// The same round trips to HTTP devices that only long-poll (`hono-ttd`).
+    CommandRttHttp {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value_t = 500)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The `hono-ttd` every poll asks for.
+        #[arg(long, default_value_t = 20)]
+        ttd: u32,
+        #[arg(long, default_value_t = 100)]
+        fetch_wait_ms: u64,
+    },
+    /// End-to-end latency: MQTT devices stamp each telemetry payload with its send time, a
+    /// Kafka consumer on the tenant's topic times it on arrival.
+    E2eLatency {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        #[arg(long, default_value_t = 100)]
+        fetch_wait_ms: u64,
+    },
+    /// Kafka stopped mid-run: events at a fixed rate while the broker is frozen (SIGSTOP)
+    /// and resumed; counts acknowledged events missing afterwards and the gateway's peak RSS.
+    BrokerStall {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 2000)]
+        rate: u32,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// The broker's process id; without it the run has no stall.
+        #[arg(long)]
+        broker_pid: Option<u32>,
+        #[arg(long, default_value_t = 5)]
+        stall_after: u64,
+        #[arg(long, default_value_t = 5)]
+        stall_secs: u64,
+    },
+    /// Draws every scenario of a run that has a time series as `<out>/<scenario>.svg`.
+    Plot {
+        input: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Renders the JSON lines of a run (a file, or `-` for stdin) as a Markdown table.
     Report {
         #[arg(default_value = "-")]
         input: String,
     },
-    /// Idle MQTT connections: resident memory per connection.
+    /// Idle MQTT connections: connect rate and resident memory per connection.
     IdleMqtt {
         #[arg(long, default_value = "127.0.0.1:1883")]
         addr: String,
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+        /// How the registry stores the passwords (bcrypt makes every connect pay for it).
+        #[arg(long, value_enum, default_value = "sha256")]
+        hash: devices::PasswordHash,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let limit = Duration::from_secs(cli.max_seconds);
+    match tokio::time::timeout(limit, run(&cli)).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!("the scenario did not finish within {} s", cli.max_seconds),
+    }
+}
+
+/// Runs `load` while watching `topic` fill up to `expected` records; the seconds until the
+/// last one arrived and the run's timeline (100 ms intervals).
+async fn timed_ingest(
+    kafka: &str,
+    topic: &str,
+    expected: usize,
+    load: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<(f64, Vec<ferrule_loadtest::timeline::Point>)> {
+    let started = Instant::now();
+    let progress = ferrule_loadtest::progress::bar(topic, expected as u64, "records");
+    let watch = tokio::spawn(measure::watch_records(
+        kafka.to_owned(),
+        topic.to_owned(),
+        expected as i64,
+        started,
+    ));
+    if let Err(e) = load.await {
+        watch.abort();
+        return Err(e);
+    }
+    let (secs, samples) = watch.await??;
+    progress.finish_and_clear();
+    let mut timeline = Timeline::new(started, Duration::from_millis(100));
+    timeline.count_totals(&samples);
+    Ok((secs, timeline.points()))
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
     let before = cli.pid.map(ProcessSample::read).transpose()?;
     let report = match &cli.scenario {
         Scenario::KafkaProducer { messages } => {
             let topic = format!("loadtest.baseline.{}", uuid::Uuid::new_v4().simple());
-            let started = Instant::now();
-            devices::raw_producer(&cli.kafka, &topic, *messages, cli.size).await?;
-            let secs =
-                measure::wait_for_records(&cli.kafka, &topic, *messages as i64, started).await?;
-            Report::new("kafka-producer", *messages, secs)
+            let load = devices::raw_producer(&cli.kafka, &topic, *messages, cli.size);
+            let (secs, series) = timed_ingest(&cli.kafka, &topic, *messages, load).await?;
+            let mut r = Report::new("kafka-producer", *messages, secs);
+            r.series = series;
+            r
         }
         Scenario::Mqtt {
             addr,
@@ -167,18 +266,12 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
             let total = n * messages_per_device;
-            let started = Instant::now();
-            fleet
-                .mqtt_publish(addr, *messages_per_device, *qos, cli.size)
-                .await?;
-            let secs = measure::wait_for_records(
-                &cli.kafka,
-                &fleet.telemetry_topic(),
-                total as i64,
-                started,
-            )
-            .await?;
-            Report::new(&format!("mqtt-qos{qos}"), total, secs)
+            let load = fleet.mqtt_publish(addr, *messages_per_device, *qos, cli.size);
+            let (secs, series) =
+                timed_ingest(&cli.kafka, &fleet.telemetry_topic(), total, load).await?;
+            let mut r = Report::new(&format!("mqtt-qos{qos}"), total, secs);
+            r.series = series;
+            r
         }
         Scenario::HttpBaseline {
             devices: n,
@@ -211,18 +304,12 @@ async fn main() -> anyhow::Result<()> {
             qos,
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
-            let started = Instant::now();
-            fleet
-                .http_post(url, *requests, *concurrency, *qos, cli.size)
-                .await?;
-            let secs = measure::wait_for_records(
-                &cli.kafka,
-                &fleet.telemetry_topic(),
-                *requests as i64,
-                started,
-            )
-            .await?;
-            Report::new(&format!("http-qos{qos}"), *requests, secs)
+            let load = fleet.http_post(url, *requests, *concurrency, *qos, cli.size);
+            let (secs, series) =
+                timed_ingest(&cli.kafka, &fleet.telemetry_topic(), *requests, load).await?;
+            let mut r = Report::new(&format!("http-qos{qos}"), *requests, secs);
+            r.series = series;
+            r
         }
         Scenario::CommandRtt {
             addr,
@@ -245,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             let mut r = Report::new(&format!("command-rtt-qos{qos}"), rt.answered, rt.seconds);
             r.extra = Some(rt.to_json());
+            r.series = rt.series.clone();
             r
         }
         Scenario::KafkaEcho {
@@ -261,7 +349,88 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             let mut r = Report::new("kafka-echo", rt.answered, rt.seconds);
             r.extra = Some(rt.to_json());
+            r.series = rt.series.clone();
             r
+        }
+        Scenario::CommandRttHttp {
+            url,
+            devices: n,
+            rate,
+            seconds,
+            ttd,
+            fetch_wait_ms,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let rt = ferrule_loadtest::commands::http_round_trips(
+                &cli.kafka,
+                &fleet,
+                url,
+                *rate,
+                *seconds,
+                *ttd,
+                *fetch_wait_ms,
+            )
+            .await?;
+            let mut r = Report::new("command-rtt-http", rt.answered, rt.seconds);
+            r.extra = Some(rt.to_json());
+            r.series = rt.series.clone();
+            r
+        }
+        Scenario::E2eLatency {
+            addr,
+            devices: n,
+            rate,
+            seconds,
+            qos,
+            fetch_wait_ms,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let run = ferrule_loadtest::latency::mqtt_to_kafka(
+                &cli.kafka,
+                &fleet,
+                addr,
+                *rate,
+                *seconds,
+                *qos,
+                cli.size,
+                *fetch_wait_ms,
+            )
+            .await?;
+            let mut r = Report::new(&format!("e2e-latency-qos{qos}"), run.received, run.seconds);
+            r.extra = Some(run.to_json());
+            r.series = run.series.clone();
+            r
+        }
+        Scenario::BrokerStall {
+            addr,
+            devices: n,
+            rate,
+            seconds,
+            broker_pid,
+            stall_after,
+            stall_secs,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let stall = ferrule_loadtest::resilience::Stall {
+                broker_pid: *broker_pid,
+                after_secs: *stall_after,
+                secs: *stall_secs,
+            };
+            let run = ferrule_loadtest::resilience::events_through_stall(
+                &cli.kafka, &fleet, addr, *rate, *seconds, cli.size, stall, cli.pid,
+            )
+            .await?;
+            let mut r = Report::new("broker-stall", run.acked, run.seconds);
+            r.extra = Some(run.to_json());
+            r.series = run.series.clone();
+            r
+        }
+        Scenario::Plot { input, out } => {
+            let text = std::fs::read_to_string(input)?;
+            for path in ferrule_loadtest::plot::render_run(&text, out)? {
+                eprintln!("plot: {}", path.display());
+            }
+            return Ok(());
         }
         Scenario::AmqpConsume {
             url,
@@ -303,15 +472,28 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", ferrule_loadtest::report::markdown(&text));
             return Ok(());
         }
-        Scenario::IdleMqtt { addr, connections } => {
-            let fleet =
-                devices::Fleet::provision(&cli.registry, &cli.registry_auth, *connections).await?;
+        Scenario::IdleMqtt {
+            addr,
+            connections,
+            hash,
+        } => {
+            let fleet = devices::Fleet::provision_with(
+                &cli.registry,
+                &cli.registry_auth,
+                *connections,
+                *hash,
+            )
+            .await?;
             let baseline = cli.pid.map(ProcessSample::read).transpose()?;
             let started = Instant::now();
             let held = fleet.mqtt_hold(addr).await?;
             let secs = started.elapsed().as_secs_f64();
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let mut r = Report::new("mqtt-idle", held.len(), secs);
+            let name = match hash {
+                devices::PasswordHash::Sha256 => "mqtt-idle",
+                devices::PasswordHash::Bcrypt => "mqtt-idle-bcrypt",
+            };
+            let mut r = Report::new(name, held.len(), secs);
             if let (Some(b), Some(pid)) = (baseline, cli.pid) {
                 let now = ProcessSample::read(pid)?;
                 r.rss_per_connection_bytes = Some(

@@ -49,6 +49,8 @@ pub struct Report {
     pub rss_per_connection_bytes: Option<f64>,
     /// Scenario-specific fields (e.g. latency percentiles), merged into the JSON.
     pub extra: Option<serde_json::Value>,
+    /// The run over time, for the plots.
+    pub series: Vec<crate::timeline::Point>,
 }
 
 impl Report {
@@ -61,6 +63,7 @@ impl Report {
             rss_bytes: None,
             rss_per_connection_bytes: None,
             extra: None,
+            series: Vec::new(),
         }
     }
 
@@ -88,6 +91,9 @@ impl Report {
             (&self.extra, v.as_object_mut())
         {
             obj.extend(extra.clone());
+        }
+        if !self.series.is_empty() {
+            v["series"] = self.series.iter().map(|p| p.to_json()).collect();
         }
         v.to_string()
     }
@@ -131,8 +137,21 @@ pub async fn wait_for_records(
     expected: i64,
     started: Instant,
 ) -> anyhow::Result<f64> {
-    let bootstrap = bootstrap.to_owned();
-    let topic = topic.to_owned();
+    Ok(
+        watch_records(bootstrap.to_owned(), topic.to_owned(), expected, started)
+            .await?
+            .0,
+    )
+}
+
+/// Like `wait_for_records`, and also returns the record count at every poll (every 20 ms),
+/// for the run's timeline. Runs beside the load when spawned before it.
+pub async fn watch_records(
+    bootstrap: String,
+    topic: String,
+    expected: i64,
+    started: Instant,
+) -> anyhow::Result<(f64, Vec<(Instant, u64)>)> {
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
@@ -140,6 +159,7 @@ pub async fn wait_for_records(
             .set("log_level", "3")
             .create()?;
         let deadline = Instant::now() + Duration::from_secs(600);
+        let mut samples = Vec::new();
         loop {
             let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
             let partitions = md
@@ -149,12 +169,16 @@ pub async fn wait_for_records(
                 .unwrap_or(0);
             let mut total = 0;
             for p in 0..partitions {
-                let (low, high) =
-                    consumer.fetch_watermarks(&topic, p as i32, Duration::from_secs(5))?;
-                total += high - low;
+                // A topic still being created has no leader yet: count it as empty.
+                if let Ok((low, high)) =
+                    consumer.fetch_watermarks(&topic, p as i32, Duration::from_secs(5))
+                {
+                    total += high - low;
+                }
             }
+            samples.push((Instant::now(), total.max(0) as u64));
             if total >= expected {
-                return Ok(started.elapsed().as_secs_f64());
+                return Ok((started.elapsed().as_secs_f64(), samples));
             }
             anyhow::ensure!(
                 Instant::now() < deadline,

@@ -7,8 +7,8 @@ use serde_json::Value;
 /// that are not JSON objects are skipped.
 pub fn markdown(lines: &str) -> String {
     let mut out = String::from(
-        "| scenario | messages | per second | server CPU s per 100k | latency p50 / p99 / p99.9 ms | RSS per connection |\n\
-         |---|---|---|---|---|---|\n",
+        "| scenario | messages | per second | server CPU s per 100k | latency p50 / p99 / p99.9 ms | RSS per connection | notes |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for line in lines.lines() {
         let Ok(Value::Object(r)) = serde_json::from_str::<Value>(line) else {
@@ -20,14 +20,33 @@ pub fn markdown(lines: &str) -> String {
             let ms = |k: &str| l.get(k).and_then(Value::as_f64).unwrap_or(0.0);
             format!("{:.2} / {:.2} / {:.2}", ms("p50"), ms("p99"), ms("p999"))
         });
+        let count = |k: &str| r.get(k).and_then(Value::as_u64);
+        let mut notes = Vec::new();
+        if let Some(f) = count("commands_failed").filter(|f| *f > 0) {
+            notes.push(format!("{f} failed"));
+        }
+        if let (Some(acked), Some(lost)) = (count("events_acked"), count("events_lost")) {
+            notes.push(format!("{acked} acked, {lost} lost"));
+        }
+        if let Some(stall) = count("stall_secs").filter(|s| *s > 0) {
+            notes.push(format!("broker stopped {stall} s"));
+        }
+        if let (Some(peak), Some(before)) = (count("peak_rss_bytes"), count("rss_before_bytes")) {
+            notes.push(format!(
+                "RSS {:.0} → peak {:.0} MB",
+                before as f64 / 1e6,
+                peak as f64 / 1e6
+            ));
+        }
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             r.get("scenario").and_then(Value::as_str).unwrap_or("?"),
             cell(num("messages").map(|m| format!("{m:.0}"))),
             cell(num("per_second").map(|m| format!("{m:.0}"))),
             cell(num("process_cpu_seconds_per_100k").map(|c| format!("{c:.2}"))),
             cell(latency),
             cell(num("rss_per_connection_bytes").map(|b| format!("{b:.0} B"))),
+            cell((!notes.is_empty()).then(|| notes.join("; "))),
         );
     }
     out
@@ -44,16 +63,24 @@ mod tests {
             "compiling… not JSON",
             r#"{"scenario":"command-rtt-qos0","messages":20000,"per_second":998.0,"latency_ms":{"p50":40.7,"p99":125.57,"p999":169.73,"max":201.9}}"#,
             r#"{"scenario":"mqtt-idle","messages":19000,"per_second":3069.1,"rss_per_connection_bytes":6763.8}"#,
+            r#"{"scenario":"broker-stall","messages":39000,"per_second":1500.0,"events_acked":39000,"events_lost":0,"stall_secs":6,"peak_rss_bytes":52000000,"rss_before_bytes":40000000}"#,
         ]
         .join("\n");
         let md = markdown(&lines);
         let rows: Vec<&str> = md.lines().collect();
-        assert_eq!(rows.len(), 5, "{md}");
-        assert_eq!(rows[2], "| mqtt-qos1 | 200000 | 121910 | 1.04 | — | — |");
+        assert_eq!(rows.len(), 6, "{md}");
+        assert_eq!(
+            rows[2],
+            "| mqtt-qos1 | 200000 | 121910 | 1.04 | — | — | — |"
+        );
         assert_eq!(
             rows[3],
-            "| command-rtt-qos0 | 20000 | 998 | — | 40.70 / 125.57 / 169.73 | — |"
+            "| command-rtt-qos0 | 20000 | 998 | — | 40.70 / 125.57 / 169.73 | — | — |"
         );
-        assert_eq!(rows[4], "| mqtt-idle | 19000 | 3069 | — | — | 6764 B |");
+        assert_eq!(rows[4], "| mqtt-idle | 19000 | 3069 | — | — | 6764 B | — |");
+        assert_eq!(
+            rows[5],
+            "| broker-stall | 39000 | 1500 | — | — | — | 39000 acked, 0 lost; broker stopped 6 s; RSS 40 → peak 52 MB |"
+        );
     }
 }
