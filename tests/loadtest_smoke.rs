@@ -75,15 +75,29 @@ async fn harness_smoke_run() {
         .http_post(&format!("http://127.0.0.1:{http}"), 50, 4, 1, 32)
         .await
         .unwrap();
-    let secs = wait_for_records(&kafka, &fleet.telemetry_topic(), 250, t)
+    // The same devices speaking MQTT 5.
+    fleet
+        .mqtt_publish_with(
+            &format!("127.0.0.1:{mqtt}"),
+            20,
+            1,
+            32,
+            ferrule_loadtest::devices::MqttVersion::V5,
+        )
         .await
         .unwrap();
-    let held = fleet.mqtt_hold(&format!("127.0.0.1:{mqtt}")).await.unwrap();
+    let secs = wait_for_records(&kafka, &fleet.telemetry_topic(), 350, t)
+        .await
+        .unwrap();
+    let held = fleet
+        .mqtt_hold_at(&format!("127.0.0.1:{mqtt}"), Some(50))
+        .await
+        .unwrap();
     assert_eq!(held.len(), 5);
-    let mut report = Report::new("smoke", 250, secs);
+    let mut report = Report::new("smoke", 350, secs);
     report.add_process(&before, &ProcessSample::read(pid).unwrap());
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
-    assert_eq!(json["messages"], 250);
+    assert_eq!(json["messages"], 350);
     assert!(
         json["process_cpu_seconds"].as_f64().unwrap() > 0.0,
         "{json}"

@@ -121,11 +121,24 @@ impl Fleet {
         qos: u8,
         size: usize,
     ) -> anyhow::Result<()> {
+        self.mqtt_publish_with(addr, per_device, qos, size, MqttVersion::V311)
+            .await
+    }
+
+    /// Like `mqtt_publish`, speaking `version`.
+    pub async fn mqtt_publish_with(
+        &self,
+        addr: &str,
+        per_device: usize,
+        qos: u8,
+        size: usize,
+        version: MqttVersion,
+    ) -> anyhow::Result<()> {
         let payload = vec![b'x'; size];
         let tasks = self.devices.iter().enumerate().map(|(i, d)| {
             let (addr, user, payload) = (addr.to_owned(), self.username(d), payload.clone());
             tokio::spawn(async move {
-                let mut c = MqttDevice::connect(&addr, &user, i).await?;
+                let mut c = MqttDevice::connect_with(&addr, &user, i, version).await?;
                 c.publish_all(per_device, qos, &payload).await
             })
         });
@@ -137,14 +150,37 @@ impl Fleet {
 
     /// Connects every device and keeps the connections open.
     pub async fn mqtt_hold(&self, addr: &str) -> anyhow::Result<Vec<TcpStream>> {
+        self.mqtt_hold_at(addr, None).await
+    }
+
+    /// Connects every device and keeps the connections open: at most `rate` new connections
+    /// per second when given, else as fast as 64 concurrent connects go.
+    pub async fn mqtt_hold_at(
+        &self,
+        addr: &str,
+        rate: Option<u32>,
+    ) -> anyhow::Result<Vec<TcpStream>> {
+        let start = tokio::time::Instant::now();
+        let progress = crate::progress::bar("connecting", self.devices.len() as u64, "devices");
         let results: Vec<anyhow::Result<TcpStream>> = stream::iter(self.devices.iter().enumerate())
             .map(|(i, d)| {
-                let (addr, user) = (addr.to_owned(), self.username(d));
-                async move { Ok(MqttDevice::connect(&addr, &user, i).await?.stream) }
+                let (addr, user, progress) = (addr.to_owned(), self.username(d), progress.clone());
+                let at = rate.map(|r| {
+                    start + std::time::Duration::from_secs_f64(i as f64 / f64::from(r.max(1)))
+                });
+                async move {
+                    if let Some(at) = at {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    let stream = MqttDevice::connect(&addr, &user, i).await?.stream;
+                    progress.inc(1);
+                    Ok(stream)
+                }
             })
-            .buffer_unordered(64)
+            .buffer_unordered(if rate.is_some() { 4096 } else { 64 })
             .collect()
             .await;
+        progress.finish_and_clear();
         results.into_iter().collect()
     }
 
@@ -191,16 +227,36 @@ impl Fleet {
     }
 }
 
-/// One raw MQTT 3.1.1 device connection.
+/// The MQTT version a simulated device speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum MqttVersion {
+    #[default]
+    #[value(name = "3.1.1")]
+    V311,
+    #[value(name = "5")]
+    V5,
+}
+
+/// One raw MQTT device connection (3.1.1, or 5 through [`crate::mqtt5`]).
 pub struct MqttDevice {
     stream: TcpStream,
     buf: BytesMut,
+    version: MqttVersion,
 }
 
 impl MqttDevice {
     /// Connects from 127.0.0.x (x spread by `index`), so that 100k connections fit the
     /// ephemeral port range.
     pub async fn connect(addr: &str, user: &str, index: usize) -> anyhow::Result<MqttDevice> {
+        Self::connect_with(addr, user, index, MqttVersion::V311).await
+    }
+
+    pub async fn connect_with(
+        addr: &str,
+        user: &str,
+        index: usize,
+        version: MqttVersion,
+    ) -> anyhow::Result<MqttDevice> {
         let target: std::net::SocketAddr = addr.parse()?;
         let socket = TcpSocket::new_v4()?;
         if target.ip().is_loopback() {
@@ -212,6 +268,7 @@ impl MqttDevice {
         let mut d = MqttDevice {
             stream,
             buf: BytesMut::with_capacity(4096),
+            version,
         };
         let mut connect = v4::Connect::new(user);
         connect.keep_alive = 600;
@@ -226,7 +283,16 @@ impl MqttDevice {
     pub async fn write(&mut self, packets: &[v4::Packet]) -> anyhow::Result<()> {
         let mut out = BytesMut::new();
         for p in packets {
-            p.write(&mut out, 1 << 20)?;
+            match self.version {
+                MqttVersion::V311 => {
+                    p.write(&mut out, 1 << 20)?;
+                }
+                MqttVersion::V5 => {
+                    if let Some(p5) = crate::mqtt5::outgoing(p) {
+                        p5.write(&mut out, None)?;
+                    }
+                }
+            }
         }
         self.stream.write_all(&out).await?;
         Ok(())
@@ -254,10 +320,24 @@ impl MqttDevice {
 
     pub async fn read(&mut self) -> anyhow::Result<v4::Packet> {
         loop {
-            match v4::Packet::read(&mut self.buf, 1 << 20) {
-                Ok(p) => return Ok(p),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(e) => anyhow::bail!(e),
+            match self.version {
+                MqttVersion::V311 => match v4::Packet::read(&mut self.buf, 1 << 20) {
+                    Ok(p) => return Ok(p),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => anyhow::bail!(e),
+                },
+                MqttVersion::V5 => {
+                    match rumqttc::v5::mqttbytes::v5::Packet::read(&mut self.buf, None) {
+                        Ok(p) => {
+                            if let Some(p) = crate::mqtt5::incoming(p) {
+                                return Ok(p);
+                            }
+                            continue;
+                        }
+                        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                        Err(e) => anyhow::bail!(e),
+                    }
+                }
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 anyhow::bail!("connection closed by the gateway");

@@ -92,10 +92,10 @@ pub async fn mqtt_to_kafka(
             !left.is_zero(),
             "warm-up records did not come back within 60 s"
         );
-        if let Ok(m) = tokio::time::timeout(left, consumer.recv()).await
-            && m?.payload().and_then(stamp_of) == Some(0)
-        {
-            warmed += 1;
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) if m.payload().and_then(stamp_of) == Some(0) => warmed += 1,
+            Ok(Err(e)) if !topic_not_there_yet(&e) => return Err(e.into()),
+            _ => {}
         }
     }
 
@@ -121,7 +121,11 @@ pub async fn mqtt_to_kafka(
         let deadline = senders_done_at.map(|t: Instant| t + Duration::from_secs(10));
         tokio::select! {
             m = consumer.recv() => {
-                let m = m?;
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) if topic_not_there_yet(&e) => continue,
+                    Err(e) => return Err(e.into()),
+                };
                 let now = Instant::now();
                 let Some(stamp) = m.payload().and_then(stamp_of).filter(|s| *s >= run_started_us) else {
                     continue;
@@ -152,6 +156,11 @@ pub async fn mqtt_to_kafka(
         seconds: start.elapsed().as_secs_f64(),
         series: timeline.points(),
     })
+}
+
+/// The consumer subscribed before the gateway created the topic: it appears shortly.
+fn topic_not_there_yet(e: &rdkafka::error::KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod devices;
 pub mod latency;
 pub mod measure;
+pub mod mqtt5;
 pub mod plot;
 pub mod progress;
 pub mod report;

@@ -55,6 +55,9 @@ enum Scenario {
         /// provisioned, and the run ends when every device's last packet was answered.
         #[arg(long)]
         baseline: bool,
+        /// The protocol version the devices speak.
+        #[arg(long, value_enum, default_value = "3.1.1")]
+        mqtt_version: devices::MqttVersion,
     },
     /// The HTTP ceiling: the same HTTP load against a bare axum handler in this process
     /// that answers 202 to `POST /telemetry` after reading the body.
@@ -190,6 +193,9 @@ enum Scenario {
         /// How the registry stores the passwords (bcrypt makes every connect pay for it).
         #[arg(long, value_enum, default_value = "sha256")]
         hash: devices::PasswordHash,
+        /// New connections per second (default: as fast as 64 concurrent connects go).
+        #[arg(long)]
+        connect_rate: Option<u32>,
     },
 }
 
@@ -230,8 +236,17 @@ async fn timed_ingest(
     Ok((secs, timeline.points()))
 }
 
+/// `""` for MQTT 3.1.1, `"5"` for MQTT 5: `mqtt5-qos1` next to `mqtt-qos1`.
+fn version_tag(v: devices::MqttVersion) -> &'static str {
+    match v {
+        devices::MqttVersion::V311 => "",
+        devices::MqttVersion::V5 => "5",
+    }
+}
+
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     let before = cli.pid.map(ProcessSample::read).transpose()?;
+    let peak = cli.pid.map(measure::PeakRss::start);
     let report = match &cli.scenario {
         Scenario::KafkaProducer { messages } => {
             let topic = format!("loadtest.baseline.{}", uuid::Uuid::new_v4().simple());
@@ -247,15 +262,20 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             messages_per_device,
             qos,
             baseline: true,
+            mqtt_version,
         } => {
             let fleet = devices::Fleet::unprovisioned(*n);
             let total = n * messages_per_device;
             let started = Instant::now();
             fleet
-                .mqtt_publish(addr, *messages_per_device, *qos, cli.size)
+                .mqtt_publish_with(addr, *messages_per_device, *qos, cli.size, *mqtt_version)
                 .await?;
             let secs = started.elapsed().as_secs_f64();
-            Report::new(&format!("mosquitto-qos{qos}"), total, secs)
+            Report::new(
+                &format!("mosquitto{}-qos{qos}", version_tag(*mqtt_version)),
+                total,
+                secs,
+            )
         }
         Scenario::Mqtt {
             addr,
@@ -263,13 +283,16 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             messages_per_device,
             qos,
             baseline: false,
+            mqtt_version,
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
             let total = n * messages_per_device;
-            let load = fleet.mqtt_publish(addr, *messages_per_device, *qos, cli.size);
+            let load =
+                fleet.mqtt_publish_with(addr, *messages_per_device, *qos, cli.size, *mqtt_version);
             let (secs, series) =
                 timed_ingest(&cli.kafka, &fleet.telemetry_topic(), total, load).await?;
-            let mut r = Report::new(&format!("mqtt-qos{qos}"), total, secs);
+            let name = format!("mqtt{}-qos{qos}", version_tag(*mqtt_version));
+            let mut r = Report::new(&name, total, secs);
             r.series = series;
             r
         }
@@ -476,6 +499,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             addr,
             connections,
             hash,
+            connect_rate,
         } => {
             let fleet = devices::Fleet::provision_with(
                 &cli.registry,
@@ -486,7 +510,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             .await?;
             let baseline = cli.pid.map(ProcessSample::read).transpose()?;
             let started = Instant::now();
-            let held = fleet.mqtt_hold(addr).await?;
+            let held = fleet.mqtt_hold_at(addr, *connect_rate).await?;
             let secs = started.elapsed().as_secs_f64();
             tokio::time::sleep(Duration::from_secs(2)).await;
             let name = match hash {
@@ -506,7 +530,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     let mut report = report;
     if let (Some(b), Some(pid)) = (before, cli.pid) {
-        report.add_process(&b, &ProcessSample::read(pid)?);
+        let now = ProcessSample::read(pid)?;
+        report.add_process(&b, &now);
+        report.peak_rss_bytes = peak.map(|p| p.peak().max(now.rss_bytes));
     }
     println!("{}", report.to_json());
     eprintln!("{}", report.summary());

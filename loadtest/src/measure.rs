@@ -47,6 +47,8 @@ pub struct Report {
     pub cpu_secs: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,
+    /// The highest resident memory seen during the run (sampled every 100 ms).
+    pub peak_rss_bytes: Option<u64>,
     /// Scenario-specific fields (e.g. latency percentiles), merged into the JSON.
     pub extra: Option<serde_json::Value>,
     /// The run over time, for the plots.
@@ -62,6 +64,7 @@ impl Report {
             cpu_secs: None,
             rss_bytes: None,
             rss_per_connection_bytes: None,
+            peak_rss_bytes: None,
             extra: None,
             series: Vec::new(),
         }
@@ -85,6 +88,7 @@ impl Report {
             "process_cpu_seconds": self.cpu_secs,
             "process_cpu_seconds_per_100k": self.cpu_secs.map(|c| c * 100_000.0 / self.messages.max(1) as f64),
             "process_rss_bytes": self.rss_bytes,
+            "process_peak_rss_bytes": self.peak_rss_bytes,
             "rss_per_connection_bytes": self.rss_per_connection_bytes,
         });
         if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
@@ -118,8 +122,17 @@ impl Report {
         }
         if let Some(l) = self.extra.as_ref().and_then(|e| e.get("latency_ms")) {
             let ms = |k: &str| l.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+            let what = if self
+                .extra
+                .as_ref()
+                .is_some_and(|e| e.get("commands_sent").is_some())
+            {
+                "round trip"
+            } else {
+                "latency"
+            };
             s += &format!(
-                ", round trip p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms",
+                ", {what} p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms",
                 ms("p50"),
                 ms("p99"),
                 ms("p999"),
@@ -127,6 +140,40 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// Samples a process's resident memory every 100 ms while a run goes on; `peak` reads the
+/// highest value so far.
+pub struct PeakRss {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    pub fn start(pid: u32) -> Self {
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = peak.clone();
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if let Ok(s) = ProcessSample::read(pid) {
+                    seen.fetch_max(s.rss_bytes, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        PeakRss { peak, sampler }
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.sampler.abort();
     }
 }
 

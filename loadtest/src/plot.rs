@@ -130,13 +130,14 @@ fn panel(svg: &mut String, y0: f64, title: &str, data: &[(f64, f64)], t_max: f64
     );
 }
 
-/// The smallest 1, 2 or 5 × 10ⁿ at or above `v` (1 for nothing to show).
+/// The smallest round number (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 × 10ⁿ) at or above `v`, so the
+/// line fills most of the panel (1 for nothing to show).
 fn nice_ceiling(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
         return 1.0;
     }
     let magnitude = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .into_iter()
         .map(|m| m * magnitude)
         .find(|c| *c >= v * 0.999_999)
@@ -174,9 +175,11 @@ mod tests {
     #[test]
     fn axes_end_on_round_numbers() {
         assert_eq!(nice_ceiling(0.0), 1.0);
-        assert_eq!(nice_ceiling(7.0), 10.0);
-        assert_eq!(nice_ceiling(120_000.0), 200_000.0);
-        assert_eq!(nice_ceiling(0.3), 0.5);
+        assert_eq!(nice_ceiling(7.0), 8.0);
+        assert_eq!(nice_ceiling(21.0), 25.0);
+        assert_eq!(nice_ceiling(120_000.0), 150_000.0);
+        assert!((nice_ceiling(0.3) - 0.3).abs() < 1e-9);
+        assert_eq!(nice_ceiling(0.45), 0.5);
         assert_eq!(nice_ceiling(2.0), 2.0);
         assert_eq!(label(200_000.0), "200k");
         assert_eq!(label(2_500_000.0), "2.5M");

@@ -22,6 +22,9 @@ pub fn markdown(lines: &str) -> String {
         });
         let count = |k: &str| r.get(k).and_then(Value::as_u64);
         let mut notes = Vec::new();
+        if r.get("failed").and_then(Value::as_bool) == Some(true) {
+            notes.push("FAILED (see the run's output)".to_owned());
+        }
         if let Some(f) = count("commands_failed").filter(|f| *f > 0) {
             notes.push(format!("{f} failed"));
         }
@@ -63,12 +66,13 @@ mod tests {
             "compiling… not JSON",
             r#"{"scenario":"command-rtt-qos0","messages":20000,"per_second":998.0,"latency_ms":{"p50":40.7,"p99":125.57,"p999":169.73,"max":201.9}}"#,
             r#"{"scenario":"mqtt-idle","messages":19000,"per_second":3069.1,"rss_per_connection_bytes":6763.8}"#,
+            r#"{"scenario":"command-rtt-http","failed":true}"#,
             r#"{"scenario":"broker-stall","messages":39000,"per_second":1500.0,"events_acked":39000,"events_lost":0,"stall_secs":6,"peak_rss_bytes":52000000,"rss_before_bytes":40000000}"#,
         ]
         .join("\n");
         let md = markdown(&lines);
         let rows: Vec<&str> = md.lines().collect();
-        assert_eq!(rows.len(), 6, "{md}");
+        assert_eq!(rows.len(), 7, "{md}");
         assert_eq!(
             rows[2],
             "| mqtt-qos1 | 200000 | 121910 | 1.04 | — | — | — |"
@@ -80,6 +84,10 @@ mod tests {
         assert_eq!(rows[4], "| mqtt-idle | 19000 | 3069 | — | — | 6764 B | — |");
         assert_eq!(
             rows[5],
+            "| command-rtt-http | — | — | — | — | — | FAILED (see the run's output) |"
+        );
+        assert_eq!(
+            rows[6],
             "| broker-stall | 39000 | 1500 | — | — | — | 39000 acked, 0 lost; broker stopped 6 s; RSS 40 → peak 52 MB |"
         );
     }
