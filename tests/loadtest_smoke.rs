@@ -164,6 +164,22 @@ async fn harness_smoke_run() {
     assert_eq!((e2e.sent, e2e.received), (50, 50));
     assert!(e2e.percentile_ms(0.99) > 0.0 && !e2e.series.is_empty());
 
+    // The same through the AMQP bridge (the application was provisioned above).
+    let amqp_e2e = ferrule_loadtest::latency::mqtt_to_amqp(
+        &format!("amqp://127.0.0.1:{amqp}"),
+        &format!("smoke@{}", fleet.tenant),
+        "smoke-pw",
+        &fleet,
+        &mqtt_addr,
+        50,
+        1,
+        1,
+        32,
+    )
+    .await
+    .unwrap();
+    assert_eq!((amqp_e2e.sent, amqp_e2e.received), (50, 50));
+
     // Events at a fixed rate (no broker stall here: the broker is shared with other tests):
     // every acknowledged event is found in the topic.
     let stall = ferrule_loadtest::resilience::Stall {

@@ -47,16 +47,27 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// A payload of `size` bytes (at least 8) that starts with its send time.
+/// Marks this scenario's payloads among other records of the topic.
+const MAGIC: &[u8; 4] = b"E2E1";
+
+/// A payload of `size` bytes (at least 12): the marker, then its send time.
 pub fn stamped(size: usize) -> Vec<u8> {
-    let mut p = now_us().to_be_bytes().to_vec();
-    p.resize(size.max(8), b'x');
+    stamped_at(now_us(), size)
+}
+
+fn stamped_at(us: u64, size: usize) -> Vec<u8> {
+    let mut p = MAGIC.to_vec();
+    p.extend_from_slice(&us.to_be_bytes());
+    p.resize(size.max(12), b'x');
     p
 }
 
-/// The send time in a stamped payload.
+/// The send time in a stamped payload (0 for the warm-up); `None` for anything else.
 pub fn stamp_of(payload: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
+    if payload.get(..4)? != MAGIC {
+        return None;
+    }
+    Some(u64::from_be_bytes(payload.get(4..12)?.try_into().ok()?))
 }
 
 /// `rate` telemetry messages per second for `seconds`, spread over `fleet`'s devices on MQTT at
@@ -74,28 +85,139 @@ pub async fn mqtt_to_kafka(
     fetch_wait_ms: u64,
 ) -> anyhow::Result<LatencyRun> {
     let consumer = crate::commands::consumer(bootstrap, &fleet.telemetry_topic(), fetch_wait_ms)?;
+    let (tx, arrivals) = tokio::sync::mpsc::channel(65_536);
+    let reader = tokio::spawn(async move {
+        loop {
+            match consumer.recv().await {
+                Ok(m) => {
+                    let arrival = (now_us(), m.payload().unwrap_or_default().to_vec());
+                    if tx.send(arrival).await.is_err() {
+                        return anyhow::Ok(());
+                    }
+                }
+                Err(e) if topic_not_there_yet(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    });
+    let run = measure(
+        fleet,
+        addr,
+        rate,
+        seconds,
+        qos,
+        size,
+        arrivals,
+        "e2e-latency",
+    )
+    .await;
+    reader.abort();
+    run
+}
+
+/// The same through the AMQP bridge: an application (`user`/`password`) attached to
+/// `telemetry/<tenant>` at `url` times each message.
+#[allow(clippy::too_many_arguments)]
+pub async fn mqtt_to_amqp(
+    url: &str,
+    user: &str,
+    password: &str,
+    fleet: &Fleet,
+    addr: &str,
+    rate: u32,
+    seconds: u64,
+    qos: u8,
+    size: usize,
+) -> anyhow::Result<LatencyRun> {
+    use fe2o3_amqp::types::messaging::Body;
+    use fe2o3_amqp::types::primitives::Value;
+    let mut connection = fe2o3_amqp::Connection::builder()
+        .container_id(format!(
+            "loadtest-latency-{}",
+            uuid::Uuid::new_v4().simple()
+        ))
+        .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain {
+            username: user.to_owned(),
+            password: password.to_owned(),
+        })
+        .open(url)
+        .await?;
+    let mut session = fe2o3_amqp::Session::begin(&mut connection).await?;
+    let address = format!("telemetry/{}", fleet.tenant);
+    let mut receiver = fe2o3_amqp::Receiver::attach(&mut session, "latency", address).await?;
+    let (tx, arrivals) = tokio::sync::mpsc::channel(65_536);
+    let reader = tokio::spawn(async move {
+        loop {
+            let delivery = receiver.recv::<Body<Value>>().await?;
+            let at = now_us();
+            receiver.accept(&delivery).await?;
+            let payload = match delivery.body() {
+                Body::Data(batch) => batch.iter().next().map(|d| d.0.to_vec()),
+                _ => None,
+            };
+            if tx.send((at, payload.unwrap_or_default())).await.is_err() {
+                return anyhow::Ok(());
+            }
+        }
+    });
+    let run = measure(
+        fleet,
+        addr,
+        rate,
+        seconds,
+        qos,
+        size,
+        arrivals,
+        "e2e-latency-amqp",
+    )
+    .await;
+    reader.abort();
+    let _ = session.end().await;
+    let _ = connection.close().await;
+    run
+}
+
+/// The devices' side and the timing, whatever the consumer: `arrivals` carries each received
+/// payload with its receive time (µs since the epoch).
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    fleet: &Fleet,
+    addr: &str,
+    rate: u32,
+    seconds: u64,
+    qos: u8,
+    size: usize,
+    mut arrivals: tokio::sync::mpsc::Receiver<(u64, Vec<u8>)>,
+    name: &str,
+) -> anyhow::Result<LatencyRun> {
     let mut devices = Vec::new();
     for (i, d) in fleet.devices.iter().enumerate() {
         devices.push(MqttDevice::connect(addr, &fleet.username(d), i).await?);
     }
-    // Warm-up: one message per device, read back, so that the topic exists and the consumer
-    // holds its partitions before the clock starts.
-    for d in &mut devices {
-        d.publish("telemetry", 1, 1, vec![0; size.max(8)]).await?;
-        while !matches!(d.read().await?, v4::Packet::PubAck(_)) {}
-    }
+    // Warm-up: a zero-stamped message from every device until one comes through, so that the
+    // topic exists and the consumer is reading before the clock starts (telemetry sent before
+    // a consumer reads may be gone).
     let warm_deadline = Instant::now() + Duration::from_secs(60);
-    let mut warmed = 0;
-    while warmed < devices.len() {
-        let left = warm_deadline.saturating_duration_since(Instant::now());
+    'warm: loop {
         anyhow::ensure!(
-            !left.is_zero(),
-            "warm-up records did not come back within 60 s"
+            Instant::now() < warm_deadline,
+            "no warm-up message came through within 60 s"
         );
-        match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) if m.payload().and_then(stamp_of) == Some(0) => warmed += 1,
-            Ok(Err(e)) if !topic_not_there_yet(&e) => return Err(e.into()),
-            _ => {}
+        for d in &mut devices {
+            d.publish("telemetry", 1, 1, stamped_at(0, size)).await?;
+            while !matches!(d.read().await?, v4::Packet::PubAck(_)) {}
+        }
+        let wait = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                a = arrivals.recv() => match a {
+                    Some((_, p)) if stamp_of(&p) == Some(0) => break 'warm,
+                    Some(_) => {}
+                    None => anyhow::bail!("the consumer stopped"),
+                },
+                _ = &mut wait => break,
+            }
         }
     }
 
@@ -103,7 +225,7 @@ pub async fn mqtt_to_kafka(
     let per_device = (u64::from(rate) * seconds).div_ceil(n as u64) as usize;
     let period = Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
     let total = per_device * n;
-    let progress = crate::progress::bar("e2e-latency", total as u64, "messages");
+    let progress = crate::progress::bar(name, total as u64, "messages");
     let start = Instant::now();
     // Records stamped before this (earlier runs on the same topic, the warm-up) are skipped.
     let run_started_us = now_us();
@@ -120,19 +242,16 @@ pub async fn mqtt_to_kafka(
     loop {
         let deadline = senders_done_at.map(|t: Instant| t + Duration::from_secs(10));
         tokio::select! {
-            m = consumer.recv() => {
-                let m = match m {
-                    Ok(m) => m,
-                    Err(e) if topic_not_there_yet(&e) => continue,
-                    Err(e) => return Err(e.into()),
+            a = arrivals.recv() => {
+                let Some((at_us, payload)) = a else {
+                    anyhow::bail!("the consumer stopped");
                 };
-                let now = Instant::now();
-                let Some(stamp) = m.payload().and_then(stamp_of).filter(|s| *s >= run_started_us) else {
+                let Some(stamp) = stamp_of(&payload).filter(|s| *s >= run_started_us) else {
                     continue;
                 };
-                let us = now_us().saturating_sub(stamp).max(1);
+                let us = at_us.saturating_sub(stamp).max(1);
                 latency_us.saturating_record(us);
-                timeline.latency(now, us);
+                timeline.latency(Instant::now(), us);
                 received += 1;
                 progress.inc(1);
             }
@@ -210,7 +329,13 @@ mod tests {
         assert_eq!(p.len(), 64);
         let stamp = stamp_of(&p).unwrap();
         assert!(stamp >= before && stamp <= now_us());
-        assert_eq!(stamped(2).len(), 8, "the stamp always fits");
+        assert_eq!(stamped(2).len(), 12, "the stamp always fits");
+        assert_eq!(stamp_of(&stamped_at(0, 64)), Some(0));
         assert_eq!(stamp_of(b"short"), None);
+        assert_eq!(
+            stamp_of(&[b'x'; 64]),
+            None,
+            "other records of the topic are no stamps"
+        );
     }
 }

@@ -154,6 +154,23 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         fetch_wait_ms: u64,
     },
+    /// End-to-end latency through the AMQP bridge: the same devices, an application attached
+    /// to `telemetry/<tenant>` times each message.
+    E2eLatencyAmqp {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        addr: String,
+        /// `amqp://host:port` of the bridge.
+        #[arg(long, default_value = "amqp://127.0.0.1:5672")]
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
     /// Kafka stopped mid-run: events at a fixed rate while the broker is frozen (SIGSTOP)
     /// and resumed; counts acknowledged events missing afterwards and the gateway's peak RSS.
     BrokerStall {
@@ -420,6 +437,44 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             )
             .await?;
             let mut r = Report::new(&format!("e2e-latency-qos{qos}"), run.received, run.seconds);
+            r.extra = Some(run.to_json());
+            r.series = run.series.clone();
+            r
+        }
+        Scenario::E2eLatencyAmqp {
+            addr,
+            url,
+            devices: n,
+            rate,
+            seconds,
+            qos,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            ferrule_loadtest::amqp::provision_application(
+                &cli.registry,
+                &cli.registry_auth,
+                &fleet.tenant,
+                "loadtest",
+                "loadtest-app",
+            )
+            .await?;
+            let run = ferrule_loadtest::latency::mqtt_to_amqp(
+                url,
+                &format!("loadtest@{}", fleet.tenant),
+                "loadtest-app",
+                &fleet,
+                addr,
+                *rate,
+                *seconds,
+                *qos,
+                cli.size,
+            )
+            .await?;
+            let mut r = Report::new(
+                &format!("e2e-latency-amqp-qos{qos}"),
+                run.received,
+                run.seconds,
+            );
             r.extra = Some(run.to_json());
             r.series = run.series.clone();
             r
