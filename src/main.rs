@@ -239,6 +239,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             bootstrap: cfg.kafka.bootstrap_servers.clone(),
             topic_partitions: cfg.kafka.topic_partitions,
             topic_replication: cfg.kafka.topic_replication,
+            fetch_wait_ms: cfg.kafka.consumer_fetch_wait_ms,
         };
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

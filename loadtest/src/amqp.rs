@@ -84,20 +84,36 @@ pub async fn amqp_consume(
                 .open(url.as_str())
                 .await?;
             let mut session = Session::begin(&mut connection).await?;
-            let mut receiver = Receiver::attach(&mut session, format!("r{i}"), address).await?;
+            // An application that keeps up: a window of 1 000 and one disposition per batch
+            // of up to 100 deliveries, as a Proton or Vert.x client would.
+            let mut receiver = Receiver::builder()
+                .name(format!("r{i}"))
+                .source(address)
+                .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(1000))
+                .attach(&mut session)
+                .await?;
+            let mut pending = Vec::with_capacity(100);
             while received.load(Ordering::Relaxed) < total {
+                let wait = if pending.is_empty() { 5000 } else { 2 };
                 let recv = tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
+                    std::time::Duration::from_millis(wait),
                     receiver.recv::<Body<Value>>(),
                 )
                 .await;
-                let Ok(delivery) = recv else {
-                    continue;
-                };
-                let delivery = delivery?;
-                first.get_or_init(Instant::now);
-                receiver.accept(&delivery).await?;
-                received.fetch_add(1, Ordering::Relaxed);
+                match recv {
+                    Ok(delivery) => {
+                        first.get_or_init(Instant::now);
+                        pending.push(fe2o3_amqp::link::delivery::DeliveryInfo::from(delivery?));
+                        if pending.len() < 100 {
+                            continue;
+                        }
+                    }
+                    Err(_) if pending.is_empty() => continue,
+                    Err(_) => {}
+                }
+                let n = pending.len();
+                receiver.accept_all(pending.drain(..)).await?;
+                received.fetch_add(n, Ordering::Relaxed);
             }
             let _ = receiver.close().await;
             let _ = session.end().await;

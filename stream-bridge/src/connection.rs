@@ -230,6 +230,7 @@ async fn stream_to(
             "queued.max.messages.kbytes",
             ctx.cfg.prefetch_kbytes.to_string(),
         )
+        .set("fetch.wait.max.ms", ctx.kafka.fetch_wait_ms.to_string())
         .set("log_level", "3")
         .create()
     {
@@ -468,6 +469,7 @@ async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamC
             "queued.max.messages.kbytes",
             ctx.cfg.prefetch_kbytes.to_string(),
         )
+        .set("fetch.wait.max.ms", ctx.kafka.fetch_wait_ms.to_string())
         .set("log_level", "3")
         .create()?;
     let timeout = std::time::Duration::from_secs(5);

@@ -45,6 +45,9 @@ pub struct KafkaSettings {
     pub bootstrap: String,
     pub topic_partitions: i32,
     pub topic_replication: i32,
+    /// `fetch.wait.max.ms` of the bridge's consumers (`kafka.consumer_fetch_wait_ms`): on a
+    /// broker that does not wake waiting fetches, every delivery can wait this long.
+    pub fetch_wait_ms: u64,
 }
 
 /// The sockets the bridge serves.
