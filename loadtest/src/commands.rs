@@ -39,6 +39,11 @@ impl RoundTrips {
             "commands_sent": self.sent,
             "commands_answered": self.answered,
             "commands_failed": self.failed.values().sum::<usize>(),
+            "commands_failed_by_status": self
+                .failed
+                .iter()
+                .map(|(status, n)| (status.to_string(), serde_json::json!(n)))
+                .collect::<serde_json::Map<_, _>>(),
             "latency_ms": {
                 "p50": self.percentile_ms(0.5),
                 "p99": self.percentile_ms(0.99),

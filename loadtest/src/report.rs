@@ -52,12 +52,118 @@ pub fn markdown(lines: &str) -> String {
             cell((!notes.is_empty()).then(|| notes.join("; "))),
         );
     }
+    let ratios = ratios(lines);
+    if !ratios.is_empty() {
+        out += "\nAgainst the baselines of the same run:\n\n";
+        for r in ratios {
+            out += &format!("- {r}\n");
+        }
+    }
+    out
+}
+
+/// Which baseline each Ferrule scenario is measured against: (scenario prefix, baseline,
+/// compare rates (`true`) or p99 latencies (`false`)).
+const BASELINES: &[(&str, &str, bool)] = &[
+    ("mqtt-qos", "kafka-producer", true),
+    ("mqtt5-qos", "kafka-producer", true),
+    ("mqtt-qos0", "mosquitto-qos0", true),
+    ("mqtt-qos1", "mosquitto-qos1", true),
+    ("http-qos", "kafka-producer", true),
+    ("http-qos", "axum-baseline", true),
+    ("amqp-events-", "kafka-consumer", true),
+    ("command-rtt-", "kafka-echo", false),
+];
+
+/// Ferrule's figures as ratios to the baselines measured in the same run: throughput as a
+/// share (or multiple) of the baseline's, command p99 as a multiple of the Kafka echo's.
+pub fn ratios(lines: &str) -> Vec<String> {
+    let reports: Vec<serde_json::Map<String, Value>> = lines
+        .lines()
+        .filter_map(|l| match serde_json::from_str::<Value>(l) {
+            Ok(Value::Object(r)) => Some(r),
+            _ => None,
+        })
+        .collect();
+    // The latest line of a scenario counts (kafka-consumer runs before each AMQP scenario).
+    let latest = |name: &str, before: usize| {
+        reports[..before]
+            .iter()
+            .rev()
+            .find(|r| r.get("scenario").and_then(Value::as_str) == Some(name))
+    };
+    let p99 = |r: &serde_json::Map<String, Value>| {
+        r.get("latency_ms")
+            .and_then(|l| l.get("p99"))
+            .and_then(Value::as_f64)
+    };
+    let rate = |r: &serde_json::Map<String, Value>| r.get("per_second").and_then(Value::as_f64);
+    let mut out = Vec::new();
+    for (i, r) in reports.iter().enumerate() {
+        let Some(name) = r.get("scenario").and_then(Value::as_str) else {
+            continue;
+        };
+        for (prefix, baseline, by_rate) in BASELINES {
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            // A baseline from the same run, measured before or after the scenario.
+            let Some(b) = latest(baseline, i).or_else(|| latest(baseline, reports.len())) else {
+                continue;
+            };
+            let line = if *by_rate {
+                let (Some(x), Some(y)) = (rate(r), rate(b)) else {
+                    continue;
+                };
+                let share = x / y.max(1e-9);
+                if share < 1.0 {
+                    format!("{name}: {:.0} % of {baseline}", share * 100.0)
+                } else {
+                    format!("{name}: {share:.2} × {baseline}")
+                }
+            } else {
+                let (Some(x), Some(y)) = (p99(r), p99(b)) else {
+                    continue;
+                };
+                format!(
+                    "{name}: p99 {x:.1} ms = {:.1} × {baseline} (p99 {y:.1} ms)",
+                    x / y.max(1e-9)
+                )
+            };
+            out.push(line);
+        }
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ferrule_figures_become_ratios_to_the_baselines_of_the_same_run() {
+        let lines = [
+            r#"{"scenario":"kafka-producer","per_second":200000.0}"#,
+            r#"{"scenario":"mosquitto-qos1","per_second":100000.0}"#,
+            r#"{"scenario":"mqtt-qos1","per_second":150000.0}"#,
+            r#"{"scenario":"kafka-echo","latency_ms":{"p99":10.0}}"#,
+            r#"{"scenario":"command-rtt-qos0","latency_ms":{"p99":25.0}}"#,
+            r#"{"scenario":"kafka-consumer","per_second":1000000.0}"#,
+            r#"{"scenario":"amqp-events-1","per_second":20000.0}"#,
+            r#"{"scenario":"http-qos1","failed":true}"#,
+        ]
+        .join("\n");
+        assert_eq!(
+            ratios(&lines),
+            vec![
+                "mqtt-qos1: 75 % of kafka-producer",
+                "mqtt-qos1: 1.50 × mosquitto-qos1",
+                "command-rtt-qos0: p99 25.0 ms = 2.5 × kafka-echo (p99 10.0 ms)",
+                "amqp-events-1: 2 % of kafka-consumer",
+            ]
+        );
+        assert!(markdown(&lines).contains("- mqtt-qos1: 75 % of kafka-producer\n"));
+    }
 
     #[test]
     fn one_row_per_scenario_with_dashes_for_what_it_does_not_measure() {
