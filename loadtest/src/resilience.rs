@@ -128,7 +128,8 @@ pub async fn events_through_stall(
     let rss_before = gateway_pid.and_then(|p| ProcessSample::read(p).ok().map(|s| s.rss_bytes));
     let progress = crate::progress::bar("broker-stall", seconds, "s");
 
-    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    // Bounded like every queue: a full one makes the devices wait, it never grows.
+    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::channel::<Instant>(65_536);
     let devices: Vec<_> = fleet
         .devices
         .iter()
@@ -233,7 +234,7 @@ async fn device_events(
     size: usize,
     start: Instant,
     seconds: u64,
-    acks: tokio::sync::mpsc::UnboundedSender<Instant>,
+    acks: tokio::sync::mpsc::Sender<Instant>,
 ) -> anyhow::Result<DeviceOutcome> {
     let mut out = DeviceOutcome {
         sent: 0,
@@ -282,7 +283,7 @@ async fn device_events(
                     Ok(v4::Packet::PubAck(a)) => {
                         if let Some(s) = in_flight.remove(&a.pkid) {
                             out.acked.push(s);
-                            let _ = acks.send(Instant::now());
+                            let _ = acks.send(Instant::now()).await;
                         }
                     }
                     Ok(_) => {}
