@@ -65,7 +65,6 @@ pub async fn round_trips(
     qos: u8,
     fetch_wait_ms: u64,
 ) -> anyhow::Result<RoundTrips> {
-    let tenant = fleet.tenant.clone();
     // Devices: subscribe, then answer every command at once with status 200.
     let mut devices = Vec::new();
     for (i, d) in fleet.devices.iter().enumerate() {
@@ -87,19 +86,7 @@ pub async fn round_trips(
         devices.push(tokio::spawn(answer_commands(c)));
     }
 
-    let topic = format!("hono.command.{tenant}");
-    let responses = format!("hono.command_response.{tenant}");
-    let devices_ids = fleet.devices.clone();
-    let result = measure(
-        bootstrap,
-        &topic,
-        &responses,
-        move |seq| devices_ids[(seq as usize) % devices_ids.len()].clone(),
-        rate,
-        seconds,
-        fetch_wait_ms,
-    )
-    .await;
+    let result = measure_fleet(bootstrap, fleet, rate, seconds, fetch_wait_ms).await;
     for d in devices {
         d.abort();
     }
@@ -129,19 +116,7 @@ pub async fn http_round_trips(
             tokio::spawn(long_poll_device(http, url, user, ttd_secs))
         })
         .collect();
-    let topic = format!("hono.command.{}", fleet.tenant);
-    let responses = format!("hono.command_response.{}", fleet.tenant);
-    let devices_ids = fleet.devices.clone();
-    let result = measure(
-        bootstrap,
-        &topic,
-        &responses,
-        move |seq| devices_ids[(seq as usize) % devices_ids.len()].clone(),
-        rate,
-        seconds,
-        fetch_wait_ms,
-    )
-    .await;
+    let result = measure_fleet(bootstrap, fleet, rate, seconds, fetch_wait_ms).await;
     for d in devices {
         d.abort();
     }
@@ -189,6 +164,29 @@ async fn long_poll_device(
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Round trips to `fleet`'s devices, round robin, through its tenant's command topics.
+async fn measure_fleet(
+    bootstrap: &str,
+    fleet: &Fleet,
+    rate: u32,
+    seconds: u64,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<RoundTrips> {
+    let topic = format!("hono.command.{}", fleet.tenant);
+    let responses = format!("hono.command_response.{}", fleet.tenant);
+    let ids = fleet.devices.clone();
+    measure(
+        bootstrap,
+        &topic,
+        &responses,
+        move |seq| ids[(seq as usize) % ids.len()].clone(),
+        rate,
+        seconds,
+        fetch_wait_ms,
+    )
+    .await
 }
 
 /// The Kafka-leg floor of a round trip: the application's record goes to a topic, an echo
