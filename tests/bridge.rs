@@ -210,6 +210,52 @@ fn applications_receive_their_tenants_telemetry_over_amqp() {
     }
 }
 
+/// Telemetry is at most once from the moment the link attached (§2.1): a message sent right
+/// after the attach arrives although the link's consumer group is new and still forming; one
+/// sent (and acknowledged) before the attach does not.
+#[test]
+fn telemetry_sent_right_after_the_attach_arrives_and_earlier_telemetry_does_not() {
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = provision(&f, "dashboard", "sensor", "dev-secret");
+    let send = |body: &str| {
+        let (code, text) = curl(&[
+            "-u",
+            &format!("sensor@{tenant}:dev-secret"),
+            "-H",
+            "content-type: text/plain",
+            // QoS 1: answered once the broker has it.
+            "-H",
+            "qos-level: 1",
+            "--data-binary",
+            body,
+            &format!("{}/telemetry", f.http),
+        ]);
+        assert_eq!(code, 202, "{text}");
+    };
+    send("before");
+    let mut app = Command::new(PYTHON)
+        .args([
+            &receive_script(),
+            &f.amqp,
+            &format!("dashboard@{tenant}"),
+            "app-secret",
+            &format!("telemetry/{tenant}"),
+            "1",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(app.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["attached"], format!("telemetry/{tenant}"), "{first}");
+    send("after");
+    let got: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let _ = app.wait();
+    assert_eq!(got["body"], "after", "{got}");
+}
+
 #[test]
 fn events_reach_late_applications_and_are_consumed_once_accepted() {
     let mut f = Ferrule::start(&kafka());

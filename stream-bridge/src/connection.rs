@@ -96,6 +96,14 @@ async fn serve_session(
         // §2.2: an event receiver must let the bridge send unsettled (at-least-once).
         let presettled_events = matches!(address, Some(Address::Event { .. }))
             && attach.snd_settle_mode == SenderSettleMode::Settled;
+        // Telemetry starts where the log ends now, before the application learns that it is
+        // attached and may expect what is sent from then on.
+        let start = match &address {
+            Some(Address::Telemetry { tenant }) if *tenant == app.tenant_id => {
+                StartAtAttach::record(&ctx.bootstrap, &format!("hono.telemetry.{tenant}")).await
+            }
+            _ => StartAtAttach::default(),
+        };
         let endpoint = match links.accept_incoming_attach(attach, &mut session).await {
             Ok(e) => e,
             Err(e) => {
@@ -131,6 +139,7 @@ async fn serve_session(
                     sender,
                     "telemetry",
                     tenant,
+                    start,
                     ctx.clone(),
                     shutdown.clone(),
                 ));
@@ -140,6 +149,7 @@ async fn serve_session(
                     sender,
                     "event",
                     tenant,
+                    start,
                     ctx.clone(),
                     shutdown.clone(),
                 ));
@@ -195,25 +205,115 @@ fn error(condition: AmqpError, description: String) -> AmqpErrorInfo {
 /// Events sent and not yet settled by the application, per link.
 const UNSETTLED: usize = 256;
 
+/// Where a new consumer group of a telemetry link starts: the end of each partition as it was
+/// when the link attached. With `auto.offset.reset=latest` alone, a group starts at the end as
+/// it is once its partitions are assigned, and telemetry sent while the group forms is missed.
+#[derive(Default)]
+struct StartAtAttach {
+    /// Partition → end offset at attach; `None` keeps the group's committed offsets or reset.
+    ends: Option<std::collections::HashMap<i32, i64>>,
+}
+
+impl StartAtAttach {
+    /// Reads the end of every partition of `topic`; a topic that does not exist yet is created
+    /// later, so all its records come after the attach.
+    async fn record(bootstrap: &str, topic: &str) -> Self {
+        let (bootstrap, owned) = (bootstrap.to_owned(), topic.to_owned());
+        let ends = tokio::task::spawn_blocking(move || {
+            let timeout = std::time::Duration::from_secs(5);
+            let probe: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("log_level", "3")
+                .create()
+                .ok()?;
+            let topic = owned;
+            let md = probe.fetch_metadata(Some(&topic), timeout).ok()?;
+            let t = md.topics().first()?;
+            let mut ends = std::collections::HashMap::new();
+            if t.error()
+                == Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+            {
+                return Some(ends);
+            }
+            for p in 0..t.partitions().len() as i32 {
+                ends.insert(p, probe.fetch_watermarks(&topic, p, timeout).ok()?.1);
+            }
+            Some(ends)
+        })
+        .await
+        .ok()
+        .flatten();
+        // Unknown (the broker did not answer): the group's own reset rule applies.
+        tracing::debug!(?ends, topic, "telemetry starts at the attach-time end");
+        StartAtAttach { ends }
+    }
+}
+
+impl rdkafka::client::ClientContext for StartAtAttach {}
+
+impl rdkafka::consumer::ConsumerContext for StartAtAttach {
+    fn rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(ends) = &self.ends {
+                    let timeout = std::time::Duration::from_secs(5);
+                    // Partitions the group never committed start at the attach-time end.
+                    if let Ok(committed) = consumer.committed_offsets(tpl.clone(), timeout) {
+                        for e in committed.elements() {
+                            if e.offset() != rdkafka::Offset::Invalid {
+                                continue;
+                            }
+                            let start = ends
+                                .get(&e.partition())
+                                .map_or(rdkafka::Offset::Beginning, |o| {
+                                    rdkafka::Offset::Offset(*o)
+                                });
+                            let _ = tpl.set_partition_offset(e.topic(), e.partition(), start);
+                        }
+                    }
+                }
+                tracing::debug!(?tpl, "assigning partitions");
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::warn!(error = %e, "assigning partitions failed");
+                }
+            }
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "revoking partitions failed");
+                }
+            }
+            other => tracing::warn!(error = ?other, "rebalance failed"),
+        }
+    }
+}
+
 /// Feeds one application receiver from `hono.<kind>.<tenant>`. Links of one tenant share a
 /// consumer group, so they compete for the records; a record is read only once the previous
 /// one could be sent, so the application's credit paces Kafka consumption.
 ///
 /// Telemetry is at most once: sent and forgotten, offsets committed as read, a new group
-/// starts at the end of the log. Events are at least once: a new group starts at the
-/// beginning, and an event's offset is stored only when the application settled it
+/// starts at the end the log had when the link attached (`start`). Events are at least
+/// once: a new group starts at the beginning, and an event's offset is stored only when the
+/// application settled it
 /// `accepted` (or `rejected`: it will never take it); at the first `released` or `modified`
 /// the link stops, so that event and the ones after it come again on the next attach.
 async fn stream_to(
     mut sender: Sender,
     kind: &'static str,
     tenant: String,
+    start: StartAtAttach,
     ctx: Context,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let events = kind == "event";
     let topic = format!("hono.{kind}.{tenant}");
-    let consumer: StreamConsumer = match ClientConfig::new()
+    let consumer: StreamConsumer<StartAtAttach> = match ClientConfig::new()
         .set("bootstrap.servers", &ctx.bootstrap)
         .set("group.id", format!("ferrule-bridge.{kind}.{tenant}"))
         .set(
@@ -232,7 +332,7 @@ async fn stream_to(
         )
         .set("fetch.wait.max.ms", ctx.kafka.fetch_wait_ms.to_string())
         .set("log_level", "3")
-        .create()
+        .create_with_context(start)
     {
         Ok(c) => c,
         Err(e) => return refuse(sender, e).await,

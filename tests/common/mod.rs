@@ -67,7 +67,12 @@ impl Ferrule {
                 std::env::var("FERRULE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
+            // The logs (on stdout) show only when asked for with FERRULE_TEST_LOG.
+            .stdout(if std::env::var_os("FERRULE_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("ferrule binary starts");
         Ferrule {
