@@ -300,9 +300,9 @@ impl rdkafka::consumer::ConsumerContext for StartAtAttach {
 /// Telemetry is at most once: sent and forgotten, offsets committed as read, a new group
 /// starts at the end the log had when the link attached (`start`). Events are at least
 /// once: a new group starts at the beginning, and an event's offset is stored only when the
-/// application settled it
-/// `accepted` (or `rejected`: it will never take it); at the first `released` or `modified`
-/// the link stops, so that event and the ones after it come again on the next attach.
+/// application settled it `accepted` (or `rejected`: it will never take it); at the first
+/// `released` or `modified` the link stops, so that event and the ones after it come again
+/// on the next attach.
 async fn stream_to(
     mut sender: Sender,
     kind: &'static str,
