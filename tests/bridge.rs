@@ -50,6 +50,41 @@ fn receive_with(
         .collect()
 }
 
+/// Starts the Proton receiver in the background; its JSON lines can be read as it prints them.
+fn spawn_receiver(
+    amqp: &str,
+    user: &str,
+    address: &str,
+    count: u32,
+    timeout_secs: u32,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut app = Command::new(PYTHON)
+        .args([
+            &receive_script(),
+            amqp,
+            user,
+            "app-secret",
+            address,
+            &count.to_string(),
+            &timeout_secs.to_string(),
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3-qpid-proton is installed (scripts/test installs it)");
+    let lines = BufReader::new(app.stdout.take().unwrap()).lines();
+    (app, lines)
+}
+
+/// The receiver's next JSON line.
+fn next_line(lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) -> Value {
+    serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+}
+
 fn admin(f: &Ferrule, method: &str, path: &str, body: &str) {
     let (code, text) = curl(&[
         "-X",
@@ -131,21 +166,9 @@ fn applications_receive_their_tenants_telemetry_over_amqp() {
     );
 
     // Telemetry sent after the receiver attached arrives in Hono's message layout.
-    let mut app = Command::new(PYTHON)
-        .args([
-            &receive_script(),
-            &f.amqp,
-            &user,
-            "app-secret",
-            &format!("telemetry/{tenant}"),
-            "3",
-            "20",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(app.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let (mut app, mut lines) =
+        spawn_receiver(&f.amqp, &user, &format!("telemetry/{tenant}"), 3, 20, &[]);
+    let first = next_line(&mut lines);
     assert_eq!(first["attached"], format!("telemetry/{tenant}"), "{first}");
     // The receiver's Kafka consumer joins its group right after the attach: keep sending
     // until three messages came through.
@@ -234,24 +257,18 @@ fn telemetry_sent_right_after_the_attach_arrives_and_earlier_telemetry_does_not(
         assert_eq!(code, 202, "{text}");
     };
     send("before");
-    let mut app = Command::new(PYTHON)
-        .args([
-            &receive_script(),
-            &f.amqp,
-            &format!("dashboard@{tenant}"),
-            "app-secret",
-            &format!("telemetry/{tenant}"),
-            "1",
-            "15",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(app.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let (mut app, mut lines) = spawn_receiver(
+        &f.amqp,
+        &format!("dashboard@{tenant}"),
+        &format!("telemetry/{tenant}"),
+        1,
+        15,
+        &[],
+    );
+    let first = next_line(&mut lines);
     assert_eq!(first["attached"], format!("telemetry/{tenant}"), "{first}");
     send("after");
-    let got: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let got = next_line(&mut lines);
     let _ = app.wait();
     assert_eq!(got["body"], "after", "{got}");
 }
@@ -483,21 +500,14 @@ async fn a_slow_application_keeps_the_bridge_memory_bounded() {
     let pid = f.child.id();
     let before = ProcessSample::read(pid).unwrap();
     // The application takes one event, then sits on its link without granting more credit.
-    let mut app = Command::new(PYTHON)
-        .args([
-            &receive_script(),
-            &f.amqp,
-            &format!("slow@{tenant}"),
-            "app-secret",
-            &format!("event/{tenant}"),
-            "1",
-            "20",
-            "hold=6",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(app.stdout.take().unwrap()).lines();
+    let (mut app, mut lines) = spawn_receiver(
+        &f.amqp,
+        &format!("slow@{tenant}"),
+        &format!("event/{tenant}"),
+        1,
+        20,
+        &["hold=6"],
+    );
     let mut peak = before.rss_bytes;
     let mut held = false;
     while let Some(Ok(line)) = lines.next() {
