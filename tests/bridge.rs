@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use ferrule_loadtest::devices::MqttDevice;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -322,7 +323,6 @@ fn events_reach_late_applications_and_are_consumed_once_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applications_command_an_mqtt_device_over_amqp() {
-    use ferrule_loadtest::devices::MqttDevice;
     use rumqttc::mqttbytes::{QoS, v4};
     let mut f = Ferrule::start(&kafka());
     f.wait_readiness(200);
@@ -398,6 +398,188 @@ async fn applications_command_an_mqtt_device_over_amqp() {
     assert_eq!(r["body"], "volume 5");
     let topic = answering.await.unwrap();
     assert!(topic.ends_with("/setVolume"), "{topic}");
+}
+
+/// Another device of `tenant` with the password credentials `device` / `password`.
+fn add_device(f: &Ferrule, tenant: &str, device: &str, password: &str) {
+    admin(f, "POST", &format!("/v1/devices/{tenant}/{device}"), "{}");
+    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": device,
+        "secrets": [{"pwd-plain": password}]}]);
+    admin(
+        f,
+        "PUT",
+        &format!("/v1/credentials/{tenant}/{device}"),
+        &creds.to_string(),
+    );
+}
+
+/// An MQTT device subscribed to its commands with QoS 1.
+async fn qos1_subscriber(f: &Ferrule, device: &str, tenant: &str) -> MqttDevice {
+    use rumqttc::mqttbytes::{QoS, v4};
+    let mut d = MqttDevice::connect(&f.mqtt, &format!("{device}@{tenant}"), 0)
+        .await
+        .unwrap();
+    d.write(&[v4::Packet::Subscribe(v4::Subscribe::new(
+        "command///req/#",
+        QoS::AtLeastOnce,
+    ))])
+    .await
+    .unwrap();
+    assert!(matches!(d.read().await.unwrap(), v4::Packet::SubAck(_)));
+    d
+}
+
+/// §2.4: the application learns a command's fate from the disposition of its transfer.
+/// Accepted once the device got it (a QoS 1 device: once it sent PUBACK); released when the
+/// device is not connected or does not acknowledge in time; rejected for an unknown device.
+/// No delivery-failure response is sent on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_settled_by_whether_they_reached_the_device() {
+    use rumqttc::mqttbytes::v4;
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = provision(
+        &f,
+        "backend",
+        "listener",
+        ferrule_loadtest::devices::PASSWORD,
+    );
+    for d in ["mute", "offline"] {
+        add_device(&f, &tenant, d, ferrule_loadtest::devices::PASSWORD);
+    }
+    let mut listener = qos1_subscriber(&f, "listener", &tenant).await;
+    let mut mute = qos1_subscriber(&f, "mute", &tenant).await;
+    // The listener acknowledges what it gets; the mute device reads and never acknowledges.
+    let listening = tokio::spawn(async move {
+        let v4::Packet::Publish(p) = listener.read().await.unwrap() else {
+            panic!("expected a command");
+        };
+        listener
+            .write(&[v4::Packet::PubAck(v4::PubAck::new(p.pkid))])
+            .await
+            .unwrap();
+        (p.topic, listener)
+    });
+    let ignoring = tokio::spawn(async move {
+        let v4::Packet::Publish(p) = mute.read().await.unwrap() else {
+            panic!("expected a command");
+        };
+        (p.topic, mute)
+    });
+    let script = format!("{}/tests/amqp/dispositions.py", env!("CARGO_MANIFEST_DIR"));
+    let (amqp, user, tenant2) = (f.amqp.clone(), format!("backend@{tenant}"), tenant.clone());
+    let steps = [
+        "rr:offline",
+        "ow:offline",
+        "rr:nobody",
+        "rr:mute",
+        "ow:listener",
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(PYTHON)
+            .args([&script, &amqp, &user, "app-secret", &tenant2, "20"])
+            .args(steps)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcomes: Vec<(&str, &str)> = lines
+        .iter()
+        .filter_map(|l| Some((l["step"].as_str()?, l["outcome"].as_str()?)))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("rr:offline", "RELEASED"),
+            ("ow:offline", "RELEASED"),
+            ("rr:nobody", "REJECTED"),
+            ("rr:mute", "RELEASED"),
+            ("ow:listener", "ACCEPTED"),
+        ],
+        "{lines:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines.last().unwrap()["responses"], 0, "{lines:?}");
+    // The released command did reach the mute device; only its PUBACK was missing.
+    let (topic, _mute) = ignoring.await.unwrap();
+    assert!(
+        topic.contains("/req/") && topic.ends_with("/setVolume"),
+        "{topic}"
+    );
+    let (topic, _listener) = listening.await.unwrap();
+    assert!(topic.ends_with("/setVolume"), "{topic}");
+
+    // An HTTP device long-polling with `hono-ttd`: accepted once handed to its response.
+    add_device(&f, &tenant, "poller", ferrule_loadtest::devices::PASSWORD);
+    let (http, who) = (f.http.clone(), format!("poller@{tenant}"));
+    let polling = std::thread::spawn(move || {
+        curl(&[
+            "-i",
+            "-u",
+            &format!("{who}:{}", ferrule_loadtest::devices::PASSWORD),
+            "-H",
+            "hono-ttd: 15",
+            "-H",
+            "content-type: text/plain",
+            "-d",
+            "waiting",
+            &format!("{http}/telemetry"),
+        ])
+    });
+    // The poll is registered before its telemetry is written.
+    wait_for_record(&format!("hono.telemetry.{tenant}"));
+    let out = Command::new(PYTHON)
+        .args([
+            &format!("{}/tests/amqp/dispositions.py", env!("CARGO_MANIFEST_DIR")),
+            &f.amqp,
+            &format!("backend@{tenant}"),
+            "app-secret",
+            &tenant,
+            "20",
+            "ow:poller",
+        ])
+        .output()
+        .unwrap();
+    let first: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["outcome"], "ACCEPTED", "{first}");
+    let (code, response) = polling.join().unwrap();
+    assert_eq!(code, 200, "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("hono-command: setvolume"),
+        "{response}"
+    );
+}
+
+/// Waits until `topic` holds a record.
+fn wait_for_record(topic: &str) {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set(
+            "group.id",
+            format!("test-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(200)) {
+            return;
+        }
+    }
+    panic!("nothing arrived on {topic}");
 }
 
 /// A CA and a server certificate for 127.0.0.1/localhost, as PEM files in a fresh folder.

@@ -11,6 +11,7 @@ use ferrule_schemas::command::{
 };
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
+use ferrule_schemas::outcome::OutcomeRoute;
 use ferrule_schemas::{HonoTopic, TopicKind};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
@@ -54,7 +55,8 @@ enum Decision {
     /// Not a command of a tenant topic, or invalid without a correlation id: dropped.
     Skip,
     Forward(Command, CommandTarget),
-    /// Answered with a delivery failure when it has a correlation id.
+    /// Answered with an outcome when the bridge asked for one, else with a delivery failure
+    /// when it has a correlation id.
     Fail {
         device: String,
         correlation_id: Option<String>,
@@ -192,16 +194,19 @@ async fn decide(
                 .and_then(h::decode_str)
                 .unwrap_or("")
                 .to_owned();
-            return match correlation_id {
-                Some(cid) => Decision::Fail {
+            let answerable = correlation_id.is_some()
+                || OutcomeRoute::from_headers(incoming.record_headers()).is_some();
+            return if answerable {
+                Decision::Fail {
                     device,
-                    correlation_id: Some(cid),
+                    correlation_id,
                     failure: Failure {
                         status: 400,
                         reason,
                     },
-                },
-                None => Decision::Skip,
+                }
+            } else {
+                Decision::Skip
             };
         }
     };
@@ -290,6 +295,7 @@ fn forward(
         }
     };
     let (producer, metadata) = (producer.clone(), failure_metadata.clone());
+    let outcome = OutcomeRoute::from_headers(incoming.record_headers());
     Box::pin(async move {
         let failure = match delivery {
             None => failure,
@@ -308,10 +314,16 @@ fn forward(
                 })
             }
         };
-        if let (Some(f), Some(cid)) = (failure, correlation_id)
-            && let Err(e) = respond(&producer, &tenant, &device, &cid, &metadata, f).await
-        {
-            tracing::warn!(error = %e, "delivery-failure response lost");
+        let answered = match (failure, outcome, correlation_id) {
+            (None, _, _) | (Some(_), None, None) => Ok(()),
+            // The bridge settles the application's transfer by it (§2.4).
+            (Some(f), Some(route), _) => report_outcome(&producer, &device, &route, f).await,
+            (Some(f), None, Some(cid)) => {
+                respond(&producer, &tenant, &device, &cid, &metadata, f).await
+            }
+        };
+        if let Err(e) = answered {
+            tracing::warn!(error = %e, "delivery failure not reported");
         }
         position
     })
@@ -342,6 +354,39 @@ fn forward_headers(incoming: &Incoming, target: &CommandTarget) -> OwnedHeaders 
         key: h::ORIG_OFFSET,
         value: Some(&offset.to_string()),
     })
+}
+
+/// Tells the bridge that sent a command why it was not forwarded.
+async fn report_outcome(
+    producer: &FutureProducer,
+    device: &str,
+    route: &OutcomeRoute,
+    failure: Failure,
+) -> anyhow::Result<()> {
+    let headers = route
+        .outcome_headers(failure.status)
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(3), |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(v),
+            })
+        })
+        .insert(Header {
+            key: h::DEVICE_ID,
+            value: Some(device),
+        });
+    producer
+        .send(
+            FutureRecord::to(&route.topic)
+                .key(&route.id)
+                .headers(headers)
+                .payload(failure.reason.as_bytes()),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!(e))?;
+    Ok(())
 }
 
 /// Writes a delivery-failure response for a request/response command.

@@ -11,6 +11,7 @@ use ferrule_schemas::command::{
 };
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
+use ferrule_schemas::outcome::{DELIVERED, OutcomeRoute};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -32,6 +33,9 @@ pub struct CommandDelivery {
     pub request_id: Option<String>,
     pub content_type: Option<String>,
     pub payload: Vec<u8>,
+    /// Set on commands of the AMQP bridge, which settles the application's transfer by the
+    /// outcome reported there.
+    pub outcome: Option<OutcomeRoute>,
 }
 
 /// Commands waiting for one connection; bounded, a full queue fails the command (503).
@@ -490,6 +494,68 @@ impl CommandHub {
         }
     }
 
+    /// A command that cannot reach its device. Its sender learns it from the outcome when it
+    /// asked for one (the bridge releases the application's transfer), otherwise from a
+    /// delivery-failure response (503) when it expects a response.
+    pub async fn undelivered(
+        &self,
+        tenant: &str,
+        device: &str,
+        correlation_id: Option<&str>,
+        outcome: Option<&OutcomeRoute>,
+        reason: &str,
+    ) {
+        match (outcome, correlation_id) {
+            (Some(route), cid) => {
+                if let Some(cid) = cid {
+                    self.awaiting().remove(tenant, cid);
+                }
+                self.report_outcome(device, route, 503, reason);
+            }
+            (None, Some(cid)) => self.fail(tenant, device, cid, 503, reason).await,
+            (None, None) => {}
+        }
+    }
+
+    /// Tells the bridge that sent `cmd` that it reached the device; nothing for other commands.
+    pub fn delivered(&self, cmd: &CommandDelivery) {
+        self.delivered_to(&cmd.device_id, cmd.outcome.as_ref());
+    }
+
+    /// [`Self::delivered`] for a command whose payload was already handed on.
+    pub fn delivered_to(&self, device: &str, outcome: Option<&OutcomeRoute>) {
+        if let Some(route) = outcome {
+            self.report_outcome(device, route, DELIVERED, "");
+        }
+    }
+
+    /// Hands an outcome record to the producer without waiting: the bridge releases a
+    /// command whose outcome never comes.
+    fn report_outcome(&self, device: &str, route: &OutcomeRoute, status: u16, reason: &str) {
+        let headers = route
+            .outcome_headers(status)
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(3), |hs, (k, v)| {
+                hs.insert(Header {
+                    key: k,
+                    value: Some(v),
+                })
+            })
+            .insert(Header {
+                key: h::DEVICE_ID,
+                value: Some(device),
+            });
+        let queued = self.inner.sender.enqueue(OutboundRecord {
+            topic: &route.topic,
+            key: &route.id,
+            headers,
+            payload: reason.as_bytes(),
+        });
+        if let Err(e) = queued {
+            tracing::warn!(error = %e, device, "command outcome lost");
+        }
+    }
+
     /// Heartbeats and the internal command topic, until `shutdown` turns true.
     pub async fn run(
         self,
@@ -600,6 +666,7 @@ impl CommandHub {
             .and_then(h::decode_bool)
             .unwrap_or(false);
         let correlation_id = text(h::CORRELATION_ID).filter(|_| response_required);
+        let outcome = OutcomeRoute::from_headers(headers.iter().copied());
         let deadline = h::now_millis()
             + i64::try_from(self.inner.response_timeout.as_millis()).unwrap_or(i64::MAX / 2);
         let delivery = CommandDelivery {
@@ -615,6 +682,7 @@ impl CommandHub {
             correlation_id: correlation_id.clone(),
             content_type: text(h::CONTENT_TYPE),
             payload: m.payload().unwrap_or_default().to_vec(),
+            outcome: outcome.clone(),
         };
         // The device's own subscription first, then its gateway's.
         let holder = [Some(device.clone()), text(h::VIA)]
@@ -625,26 +693,26 @@ impl CommandHub {
                     .get(&(tenant.clone(), d))
                     .map(|(_, q)| q.clone())
             });
+        let cid = correlation_id.as_deref();
         let Some(queue) = holder else {
-            if let Some(cid) = correlation_id {
-                let reason = "device is not connected to this gateway";
-                self.fail(&tenant, &device, &cid, 503, reason).await;
-            }
+            let reason = "device is not connected to this gateway";
+            self.undelivered(&tenant, &device, cid, outcome.as_ref(), reason)
+                .await;
             return;
         };
         // Tracked before the device can possibly answer.
-        if let Some(cid) = &correlation_id
+        if let Some(cid) = cid
             && !self.awaiting().insert(&tenant, cid, &device, deadline)
         {
             let reason = "too many commands are awaiting responses";
-            self.fail(&tenant, &device, cid, 503, reason).await;
+            self.undelivered(&tenant, &device, Some(cid), outcome.as_ref(), reason)
+                .await;
             return;
         }
-        if queue.try_send(delivery).is_err()
-            && let Some(cid) = correlation_id
-        {
+        if queue.try_send(delivery).is_err() {
             let reason = "the device is busy with another command";
-            self.fail(&tenant, &device, &cid, 503, reason).await;
+            self.undelivered(&tenant, &device, cid, outcome.as_ref(), reason)
+                .await;
         }
     }
 }
@@ -673,6 +741,10 @@ impl LongPoll {
         // A command that slipped in while the poll ended is still answered here.
         let got = first.or_else(|| (!left.is_empty()).then(|| left.remove(0)));
         self.release(left);
+        // Handed to the response: as far as HTTP tells, delivered.
+        if let Some(cmd) = &got {
+            self.hub.delivered(cmd);
+        }
         got
     }
 
@@ -711,10 +783,10 @@ impl LongPoll {
         let (hub, tenant) = (self.hub.clone(), self.tenant.clone());
         spawn_cleanup(async move {
             for c in left {
-                if let Some(cid) = c.correlation_id {
-                    let reason = "the device's request ended before the command was sent";
-                    hub.fail(&tenant, &c.device_id, &cid, 503, reason).await;
-                }
+                let reason = "the device's request ended before the command was sent";
+                let (cid, outcome) = (c.correlation_id.as_deref(), c.outcome.as_ref());
+                hub.undelivered(&tenant, &c.device_id, cid, outcome, reason)
+                    .await;
             }
         });
     }

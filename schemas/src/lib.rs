@@ -6,6 +6,7 @@
 pub mod command;
 pub mod content_type;
 pub mod headers;
+pub mod outcome;
 pub mod topic;
 pub mod ttl;
 

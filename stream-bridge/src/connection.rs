@@ -10,13 +10,15 @@ use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
 };
 use fe2o3_amqp::link::Sender;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, SenderSettleMode};
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::types::performatives::Attach;
 use ferrule_registry::{AuthenticatedApplication, DeviceAuthenticator};
+use ferrule_schemas::outcome::Disposition;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -31,6 +33,8 @@ pub(crate) struct Context {
     /// Writes the applications' commands to `hono.command.<tenant>`.
     pub producer: FutureProducer,
     pub registry: DeviceAuthenticator,
+    /// Settles the applications' commands by what became of them.
+    pub outcomes: crate::outcome::Outcomes,
 }
 
 pub(crate) async fn run<Io>(
@@ -407,11 +411,20 @@ async fn stream_to(
     }
 }
 
-/// Takes an application's commands from its sender on `command/<tenant>` (§2.4): a malformed
-/// one is `rejected`, one written to `hono.command.<tenant>` is `accepted`, one Kafka did not
-/// take is `released`. Responses to request/response commands come back on the application's
-/// `command_response/<tenant>/<replyId>` receiver; one the device cannot get arrives there as
-/// Ferrule's delivery-failure response (status 503 and the like).
+/// Commands of one link written to Kafka and not yet settled; beyond this the bridge reads no
+/// more of the link, and the application's credit runs out.
+const UNSETTLED_COMMANDS: usize = 256;
+
+/// How one command ends for the application: the disposition and why.
+type Settlement = (Disposition, String);
+
+/// Takes an application's commands from its sender on `command/<tenant>` (§2.4) and settles
+/// each by its fate: a malformed one is `rejected` at once; one written to
+/// `hono.command.<tenant>` stays unsettled until the router or gateway reports it — `accepted`
+/// once it reached the device, `released` when the device is not connected, did not
+/// acknowledge it in time or Kafka did not take it, `rejected` for an unknown device.
+/// Responses of request/response commands come back on the application's
+/// `command_response/<tenant>/<replyId>` receiver.
 async fn commands_from(
     mut receiver: fe2o3_amqp::link::Receiver,
     tenant: String,
@@ -420,72 +433,108 @@ async fn commands_from(
 ) {
     use fe2o3_amqp::types::messaging::Body;
     use fe2o3_amqp::types::primitives::Value;
-    use ferrule_schemas::headers as h;
-    let topic = format!("hono.command.{tenant}");
+    let mut settling: FuturesUnordered<BoxFuture<'static, (DeliveryInfo, Settlement)>> =
+        FuturesUnordered::new();
     loop {
-        let delivery = tokio::select! {
-            d = receiver.recv::<Body<Value>>() => d,
+        tokio::select! {
+            d = receiver.recv::<Body<Value>>(), if settling.len() < UNSETTLED_COMMANDS => {
+                let Ok(delivery) = d else {
+                    return;
+                };
+                let info = DeliveryInfo::from(&delivery);
+                match write_command(&ctx, &tenant, delivery.message()) {
+                    Ok(fate) => settling.push(Box::pin(async move { (info, fate.await) })),
+                    Err(settlement) => settle(&receiver, info, settlement).await,
+                }
+            }
+            Some((info, settlement)) = settling.next(), if !settling.is_empty() => {
+                settle(&receiver, info, settlement).await;
+            }
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
-        };
-        let Ok(delivery) = delivery else {
-            return;
-        };
-        let command = match crate::command::parse_command(&tenant, delivery.message()) {
-            Ok(c) => c,
-            Err(why) => {
-                let _ = receiver
-                    .reject(&delivery, error(AmqpError::InvalidField, why))
-                    .await;
-                continue;
-            }
-        };
-        let correlation = command
-            .reply
-            .as_ref()
-            .map(|(reply, id)| crate::command::kafka_correlation(reply, id));
-        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(5)
-            .insert(rdkafka::message::Header {
-                key: h::DEVICE_ID,
-                value: Some(command.device_id.as_str()),
-            })
-            .insert(rdkafka::message::Header {
-                key: h::SUBJECT,
-                value: Some(command.subject.as_str()),
-            });
-        if let Some(ct) = &command.content_type {
-            headers = headers.insert(rdkafka::message::Header {
-                key: h::CONTENT_TYPE,
-                value: Some(ct.as_str()),
-            });
         }
-        if let Some(cid) = &correlation {
-            headers = headers
-                .insert(rdkafka::message::Header {
-                    key: h::RESPONSE_REQUIRED,
-                    value: Some("true"),
-                })
-                .insert(rdkafka::message::Header {
-                    key: h::CORRELATION_ID,
-                    value: Some(cid.as_str()),
-                });
-        }
-        let record = FutureRecord::to(&topic)
-            .key(command.device_id.as_str())
-            .headers(headers)
-            .payload(command.payload.as_slice());
-        let sent = ctx
-            .producer
-            .send(record, std::time::Duration::from_secs(5))
-            .await;
-        let _ = match sent {
-            Ok(_) => receiver.accept(&delivery).await,
-            Err((e, _)) => {
-                tracing::debug!(error = %e, "command not written to Kafka");
-                receiver.release(&delivery).await
-            }
-        };
     }
     let _ = receiver.close().await;
+}
+
+/// Checks an application's command and hands it to the producer, asking for its outcome; the
+/// future tells how to settle it. A malformed command or a full producer settles at once.
+fn write_command(
+    ctx: &Context,
+    tenant: &str,
+    message: &fe2o3_amqp::types::messaging::Message<
+        fe2o3_amqp::types::messaging::Body<fe2o3_amqp::types::primitives::Value>,
+    >,
+) -> Result<BoxFuture<'static, Settlement>, Settlement> {
+    use ferrule_schemas::headers as h;
+    use rdkafka::message::{Header, OwnedHeaders};
+    let command = crate::command::parse_command(tenant, message)
+        .map_err(|why| (Disposition::Rejected, why))?;
+    let correlation = command
+        .reply
+        .as_ref()
+        .map(|(reply, id)| crate::command::kafka_correlation(reply, id));
+    let expected = ctx.outcomes.expect();
+    let mut fields = vec![
+        (h::DEVICE_ID, command.device_id.as_str()),
+        (h::SUBJECT, command.subject.as_str()),
+    ];
+    fields.extend(
+        command
+            .content_type
+            .as_deref()
+            .map(|ct| (h::CONTENT_TYPE, ct)),
+    );
+    if let Some(cid) = &correlation {
+        fields.extend([(h::RESPONSE_REQUIRED, "true"), (h::CORRELATION_ID, cid)]);
+    }
+    fields.extend(expected.route.command_headers());
+    let headers = fields.iter().fold(
+        OwnedHeaders::new_with_capacity(fields.len()),
+        |hs, (k, v)| {
+            hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            })
+        },
+    );
+    let topic = format!("hono.command.{tenant}");
+    let record = FutureRecord::to(&topic)
+        .key(command.device_id.as_str())
+        .headers(headers)
+        .payload(command.payload.as_slice());
+    // Enqueued here, in the order the application sent its commands.
+    let written = ctx.producer.send_result(record).map_err(|(e, _)| {
+        tracing::debug!(error = %e, "command not written to Kafka");
+        (Disposition::Released, format!("not written to Kafka: {e}"))
+    })?;
+    Ok(Box::pin(async move {
+        match written.await {
+            Ok(Ok(_)) => expected.settled().await,
+            Ok(Err((e, _))) => (Disposition::Released, format!("not written to Kafka: {e}")),
+            Err(_) => (Disposition::Released, "the producer stopped".into()),
+        }
+    }))
+}
+
+/// Settles one command transfer; each disposition is counted.
+async fn settle(
+    receiver: &fe2o3_amqp::link::Receiver,
+    info: DeliveryInfo,
+    (disposition, why): Settlement,
+) {
+    crate::metrics::command_settled(disposition);
+    let _ = match disposition {
+        Disposition::Accepted => receiver.accept(info).await,
+        Disposition::Released => {
+            tracing::debug!(why, "command released");
+            receiver.release(info).await
+        }
+        Disposition::Rejected => {
+            receiver
+                .reject(info, error(AmqpError::InvalidField, why))
+                .await
+        }
+    };
 }
 
 /// Feeds an application's `command_response/<tenant>/<replyId>` receiver: every response of the

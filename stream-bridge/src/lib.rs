@@ -9,6 +9,7 @@ pub mod command;
 mod connection;
 pub mod message;
 mod metrics;
+mod outcome;
 mod sasl;
 
 use ferrule_registry::DeviceAuthenticator;
@@ -27,6 +28,9 @@ pub struct BridgeConfig {
     /// Link credit is honoured message by message; this bounds how many records the Kafka
     /// consumer of one link prefetches while the application has no credit (KiB).
     pub prefetch_kbytes: u32,
+    /// How long an application's command stays unsettled waiting for the router or gateway
+    /// to report whether it reached the device; then it is released (ms).
+    pub command_outcome_timeout_ms: u64,
 }
 
 impl Default for BridgeConfig {
@@ -35,6 +39,7 @@ impl Default for BridgeConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 5672)),
             tls_bind: SocketAddr::from(([127, 0, 0, 1], 5671)),
             prefetch_kbytes: 1024,
+            command_outcome_timeout_ms: 10_000,
         }
     }
 }
@@ -72,8 +77,16 @@ pub async fn serve(
         .set("linger.ms", "0")
         .set("log_level", "3")
         .create()?;
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let outcomes = outcome::Outcomes::start(
+        kafka.clone(),
+        &instance,
+        std::time::Duration::from_millis(cfg.command_outcome_timeout_ms),
+        shutdown.clone(),
+    );
     let ctx = connection::Context {
         cfg,
+        outcomes,
         bootstrap: kafka.bootstrap.clone(),
         kafka,
         producer,

@@ -21,3 +21,27 @@ static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub fn refused(reason: &str) {
     REFUSED.with_label_values(&[reason]).inc();
 }
+
+static COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let m = IntCounterVec::new(
+        Opts::new(
+            "ferrule_bridge_commands_total",
+            "Application commands the AMQP bridge settled, by disposition",
+        ),
+        &["outcome"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(m.clone()));
+    m
+});
+
+/// Counts a settled command: accepted, released or rejected.
+pub fn command_settled(disposition: ferrule_schemas::outcome::Disposition) {
+    use ferrule_schemas::outcome::Disposition as D;
+    let label = match disposition {
+        D::Accepted => "accepted",
+        D::Released => "released",
+        D::Rejected => "rejected",
+    };
+    COMMANDS.with_label_values(&[label]).inc();
+}

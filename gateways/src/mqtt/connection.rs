@@ -227,7 +227,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
 async fn close<S>(open: Open<S>, cfg: &MqttConfig) {
     let Open {
         served,
-        commands,
+        mut commands,
         client_id,
         _gauge,
     } = open;
@@ -241,6 +241,7 @@ async fn close<S>(open: Open<S>, cfg: &MqttConfig) {
             .await;
         reachability(&pipeline, &device, &sub.registered, 0).await;
     }
+    commands.release_all(&device.tenant_id).await;
     connection_event(&pipeline, cfg, &device, &client_id, "disconnected").await;
 }
 
@@ -440,11 +441,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     let topic = sub.topic_for(&cmd, &c.device.device_id);
                     let qos1 = sub.qos == 1;
                     let pkid = commands.next_pkid();
-                    if qos1 {
-                        let deadline = Instant::now() + COMMAND_ACK_TIMEOUT;
-                        commands.unacked.insert(pkid, (deadline, cmd.device_id.clone(), cmd.correlation_id.clone()));
+                    let CommandDelivery { device_id, correlation_id, outcome, payload, .. } = cmd;
+                    let sent = Unacked {
+                        deadline: Instant::now() + COMMAND_ACK_TIMEOUT,
+                        device_id,
+                        correlation_id,
+                        outcome,
+                    };
+                    c.session.send(Outbound::Publish { topic, payload, qos1, pkid }).await?;
+                    match &commands.hub {
+                        Some(_) if qos1 => {
+                            commands.unacked.insert(pkid, sent);
+                        }
+                        // QoS 0: sent is all the device will ever confirm.
+                        Some(hub) => hub.delivered_to(&sent.device_id, sent.outcome.as_ref()),
+                        None => {}
                     }
-                    c.session.send(Outbound::Publish { topic, payload: cmd.payload, qos1, pkid }).await?;
                 }
             }
             // One timer for both deadlines keeps an idle connection small.
@@ -454,10 +466,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     return Err(ConnectionError::Closed("keep-alive expired".into()));
                 }
                 // Commands the device did not acknowledge in time are released: 503.
-                for (device_id, correlation_id) in commands.expire(now) {
-                    if let (Some(hub), Some(cid)) = (&commands.hub, correlation_id) {
+                for u in commands.expire(now) {
+                    if let Some(hub) = &commands.hub {
                         let reason = "the device did not acknowledge the command";
-                        Box::pin(hub.fail(&c.device.tenant_id, &device_id, &cid, 503, reason)).await;
+                        Box::pin(u.undelivered(hub, &c.device.tenant_id, reason)).await;
                     }
                 }
             }
@@ -531,7 +543,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
             c.session.send(Outbound::UnsubAck { pkid, filters }).await?
         }
         Inbound::PubAck(pkid) => {
-            commands.unacked.remove(&pkid);
+            if let (Some(u), Some(hub)) = (commands.unacked.remove(&pkid), &commands.hub) {
+                hub.delivered_to(&u.device_id, u.outcome.as_ref());
+            }
         }
         Inbound::Disconnect => return Ok(false),
         Inbound::Connect(_) => {
@@ -763,9 +777,25 @@ pub(super) struct Commands {
     sub: Option<Box<CommandSubscription>>,
     queue: Option<mpsc::Receiver<CommandDelivery>>,
     sender: Option<mpsc::Sender<CommandDelivery>>,
-    /// QoS 1 commands sent and not yet PUBACKed: packet id → (deadline, device, correlation).
-    unacked: std::collections::HashMap<u16, (Instant, String, Option<String>)>,
+    /// QoS 1 commands sent and not yet PUBACKed, by packet id.
+    unacked: std::collections::HashMap<u16, Unacked>,
     last_pkid: u16,
+}
+
+/// A command sent with QoS 1, waiting for its PUBACK.
+struct Unacked {
+    deadline: Instant,
+    device_id: String,
+    correlation_id: Option<String>,
+    outcome: Option<ferrule_schemas::outcome::OutcomeRoute>,
+}
+
+impl Unacked {
+    async fn undelivered(self, hub: &CommandHub, tenant: &str, reason: &str) {
+        let (cid, outcome) = (self.correlation_id.as_deref(), self.outcome.as_ref());
+        hub.undelivered(tenant, &self.device_id, cid, outcome, reason)
+            .await;
+    }
 }
 
 /// How long a device has to acknowledge a QoS 1 command (Hono's `sendMessageToDeviceTimeout`).
@@ -879,21 +909,40 @@ impl Commands {
     }
 
     fn earliest_deadline(&self) -> Option<Instant> {
-        self.unacked.values().map(|(d, _, _)| *d).min()
+        self.unacked.values().map(|u| u.deadline).min()
     }
 
     /// Removes and returns the commands whose acknowledgement is overdue.
-    fn expire(&mut self, now: Instant) -> Vec<(String, Option<String>)> {
+    fn expire(&mut self, now: Instant) -> Vec<Unacked> {
         let overdue: Vec<u16> = self
             .unacked
             .iter()
-            .filter(|(_, (d, _, _))| *d <= now)
+            .filter(|(_, u)| u.deadline <= now)
             .map(|(k, _)| *k)
             .collect();
         overdue
             .into_iter()
-            .filter_map(|k| self.unacked.remove(&k).map(|(_, d, c)| (d, c)))
+            .filter_map(|k| self.unacked.remove(&k))
             .collect()
+    }
+
+    /// Commands the connection took and the device will never confirm, once it is gone.
+    async fn release_all(&mut self, tenant: &str) {
+        let Some(hub) = self.hub.clone() else {
+            return;
+        };
+        let reason = "the device disconnected";
+        for (_, u) in self.unacked.drain() {
+            u.undelivered(&hub, tenant, reason).await;
+        }
+        if let Some(mut queue) = self.queue.take() {
+            queue.close();
+            while let Ok(c) = queue.try_recv() {
+                let (cid, outcome) = (c.correlation_id.as_deref(), c.outcome.as_ref());
+                hub.undelivered(tenant, &c.device_id, cid, outcome, reason)
+                    .await;
+            }
+        }
     }
 }
 

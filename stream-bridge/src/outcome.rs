@@ -1,0 +1,190 @@
+//! The outcomes of the commands this bridge wrote (§2.4). Each command names this bridge
+//! instance's outcome topic and an id; the router or gateway that learns the command's fate
+//! writes one record there, and the application's transfer is settled by it. A command whose
+//! outcome does not come in time is released: the application may try again.
+
+use crate::KafkaSettings;
+use ferrule_schemas::outcome::{Disposition, OutcomeRoute, parse_outcome};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// What the router or gateway reported: the status and why.
+type Reported = (u16, String);
+
+/// Commands of this instance waiting for their outcome; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Outcomes {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topic: String,
+    timeout: Duration,
+    next_id: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Reported>>>,
+}
+
+impl Outcomes {
+    /// Creates this instance's outcome topic and reads it from the beginning (it is new, so
+    /// nothing is missed) until `shutdown`; then deletes it. Kafka may be down at start: the
+    /// reader keeps trying, and commands meanwhile end as released.
+    pub fn start(
+        kafka: KafkaSettings,
+        instance: &str,
+        timeout: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let outcomes = Outcomes {
+            inner: Arc::new(Inner {
+                topic: OutcomeRoute::topic_for(instance),
+                timeout,
+                next_id: AtomicU64::new(1),
+                waiting: Mutex::new(HashMap::new()),
+            }),
+        };
+        tokio::spawn(outcomes.clone().read(kafka, shutdown));
+        outcomes
+    }
+
+    /// Registers a command about to be written; its route goes into the command's headers.
+    pub fn expect(&self) -> Expected {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting().insert(id, tx);
+        Expected {
+            outcomes: self.clone(),
+            id,
+            rx,
+            route: OutcomeRoute {
+                topic: self.inner.topic.clone(),
+                id: id.to_string(),
+            },
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reported>>> {
+        self.inner.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn read(self, kafka: KafkaSettings, mut shutdown: watch::Receiver<bool>) {
+        let topic = self.inner.topic.clone();
+        let consumer = loop {
+            match outcome_consumer(&kafka, &topic).await {
+                Ok(c) => break c,
+                Err(e) => tracing::warn!(error = %e, topic, "outcome topic not ready; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        };
+        tracing::debug!(topic, "reading command outcomes");
+        loop {
+            let record = tokio::select! {
+                r = consumer.recv() => r,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, topic, "outcome consumer error");
+                    continue;
+                }
+            };
+            let headers: Vec<(&str, Option<&[u8]>)> = record
+                .headers()
+                .map(|hs| hs.iter().map(|h| (h.key, h.value)).collect())
+                .unwrap_or_default();
+            let Some((id, status)) = parse_outcome(headers.iter().copied()) else {
+                continue;
+            };
+            let waiting = id.parse().ok().and_then(|id| self.waiting().remove(&id));
+            if let Some(tx) = waiting {
+                let reason = String::from_utf8_lossy(record.payload().unwrap_or_default());
+                let _ = tx.send((status, reason.into_owned()));
+            }
+        }
+        delete_topic(&kafka, &topic).await;
+    }
+}
+
+/// One command's outcome to come; dropping it forgets the command.
+pub(crate) struct Expected {
+    outcomes: Outcomes,
+    id: u64,
+    rx: oneshot::Receiver<Reported>,
+    pub route: OutcomeRoute,
+}
+
+impl Expected {
+    /// How to settle the command, and why when it is not accepted.
+    pub async fn settled(mut self) -> (Disposition, String) {
+        let timeout = self.outcomes.inner.timeout;
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok((status, reason))) => (Disposition::for_status(status), reason),
+            Ok(Err(_)) => (Disposition::Released, "the bridge is stopping".into()),
+            Err(_) => (
+                Disposition::Released,
+                format!(
+                    "no outcome within {} s: the command may not have reached the device",
+                    timeout.as_secs_f64()
+                ),
+            ),
+        }
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.outcomes.waiting().remove(&self.id);
+    }
+}
+
+/// A consumer of the (new) outcome topic from its beginning, without a group.
+async fn outcome_consumer(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<StreamConsumer> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("log_level", "3")
+        .create()?;
+    // Outcomes matter for seconds; an instance that died leaves little behind.
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(kafka.topic_replication))
+        .set("retention.ms", "3600000");
+    let created = admin.create_topics([&new], &AdminOptions::new()).await?;
+    for r in created {
+        if let Err((t, code)) = r
+            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+        {
+            anyhow::bail!("creating {t}: {code}");
+        }
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", topic)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", kafka.fetch_wait_ms.to_string())
+        .set("log_level", "3")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+async fn delete_topic(kafka: &KafkaSettings, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("log_level", "3")
+        .create();
+    if let Ok(admin) = admin {
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(2)));
+        let _ = admin.delete_topics(&[topic], &opts).await;
+    }
+}
