@@ -321,6 +321,57 @@ fn events_reach_late_applications_and_are_consumed_once_accepted() {
     assert_eq!(got.last().unwrap()["error"], "timeout", "{got:?}");
 }
 
+/// Applications of one tenant attached to its event address compete for the events (one
+/// consumer group per tenant): each event reaches one of them, none is lost, and both get a
+/// share. Events of 20 devices spread over the topic's partitions.
+#[test]
+fn applications_of_one_tenant_share_its_events() {
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = provision(&f, "backend", "d0", "dev-secret");
+    for i in 1..20 {
+        add_device(&f, &tenant, &format!("d{i}"), "dev-secret");
+    }
+    let (user, address) = (format!("backend@{tenant}"), format!("event/{tenant}"));
+    let (mut a, mut a_lines) = spawn_receiver(&f.amqp, &user, &address, 20, 8, &[]);
+    let (mut b, mut b_lines) = spawn_receiver(&f.amqp, &user, &address, 20, 8, &[]);
+    assert_eq!(next_line(&mut a_lines)["attached"], address.as_str());
+    assert_eq!(next_line(&mut b_lines)["attached"], address.as_str());
+    for i in 0..20 {
+        let (code, text) = curl(&[
+            "-u",
+            &format!("d{i}@{tenant}:dev-secret"),
+            "-H",
+            "content-type: text/plain",
+            "--data-binary",
+            &format!("event {i}"),
+            &format!("{}/event", f.http),
+        ]);
+        assert_eq!(code, 202, "{text}");
+        // Spread over four seconds: the group re-forms around the second link meanwhile.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bodies = |lines: std::io::Lines<BufReader<std::process::ChildStdout>>| -> Vec<String> {
+        lines
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .filter_map(|m| m.get("body").and_then(Value::as_str).map(str::to_owned))
+            .collect()
+    };
+    let (got_a, got_b) = (bodies(a_lines), bodies(b_lines));
+    let _ = (a.wait(), b.wait());
+    let mut all: Vec<&String> = got_a.iter().chain(&got_b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 20, "a: {got_a:?} b: {got_b:?}");
+    // Shared, not copied to both: only redeliveries around the second link's join repeat.
+    assert!(got_a.len() + got_b.len() < 30, "a: {got_a:?} b: {got_b:?}");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "a: {got_a:?} b: {got_b:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applications_command_an_mqtt_device_over_amqp() {
     use rumqttc::mqttbytes::{QoS, v4};

@@ -100,11 +100,26 @@ async fn serve_session(
         // §2.2: an event receiver must let the bridge send unsettled (at-least-once).
         let presettled_events = matches!(address, Some(Address::Event { .. }))
             && attach.snd_settle_mode == SenderSettleMode::Settled;
-        // Telemetry starts where the log ends now, before the application learns that it is
-        // attached and may expect what is sent from then on.
         let start = match &address {
-            Some(Address::Telemetry { tenant }) if *tenant == app.tenant_id => {
-                StartAtAttach::record(&ctx.bootstrap, &format!("hono.telemetry.{tenant}")).await
+            Some(a @ (Address::Telemetry { tenant } | Address::Event { tenant }))
+                if *tenant == app.tenant_id && !presettled_events =>
+            {
+                let telemetry = matches!(a, Address::Telemetry { .. });
+                let kind = if telemetry { "telemetry" } else { "event" };
+                let topic = format!("hono.{kind}.{tenant}");
+                // Applications usually attach before their devices send: with the topic made
+                // now, the link's consumer group forms around its partitions rather than
+                // re-forming when the first record creates the topic.
+                if let Err(e) = ensure_topic(&ctx.kafka, &topic).await {
+                    tracing::debug!(error = %e, topic, "topic not created at attach");
+                }
+                // Telemetry starts where the log ends now, before the application learns that
+                // it is attached and may expect what is sent from then on.
+                if telemetry {
+                    StartAtAttach::record(&ctx.bootstrap, &topic).await
+                } else {
+                    StartAtAttach::default()
+                }
             }
             _ => StartAtAttach::default(),
         };
@@ -288,6 +303,7 @@ impl rdkafka::consumer::ConsumerContext for StartAtAttach {
                 }
             }
             E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::debug!("revoking partitions");
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "revoking partitions failed");
                 }
@@ -329,6 +345,9 @@ async fn stream_to(
             if events { "false" } else { "true" },
         )
         .set("auto.commit.interval.ms", "1000")
+        // Members learn of a rebalance at their next heartbeat: a newly attached link gets its
+        // share of the partitions within about a second rather than three.
+        .set("heartbeat.interval.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "1000")
         .set(
             "queued.max.messages.kbytes",
@@ -592,21 +611,34 @@ async fn responses_to(
     let _ = sender.close().await;
 }
 
-/// A consumer assigned to the end of every partition of `topic`, which is created first when
-/// nothing was ever written to it.
-async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamConsumer> {
+/// Creates a tenant topic the way the gateways do, unless it exists.
+async fn ensure_topic(kafka: &crate::KafkaSettings, topic: &str) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &ctx.bootstrap)
+        .set("bootstrap.servers", &kafka.bootstrap)
         .set("log_level", "3")
         .create()?;
     let new = NewTopic::new(
         topic,
-        ctx.kafka.topic_partitions,
-        TopicReplication::Fixed(ctx.kafka.topic_replication),
+        kafka.topic_partitions,
+        TopicReplication::Fixed(kafka.topic_replication),
     );
-    // "Already exists" is the usual answer and fine.
-    let _ = admin.create_topics([&new], &AdminOptions::new()).await;
+    let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(5)));
+    for r in admin.create_topics([&new], &opts).await? {
+        if let Err((t, code)) = r
+            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+        {
+            anyhow::bail!("creating {t}: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// A consumer assigned to the end of every partition of `topic`, which is created first when
+/// nothing was ever written to it.
+async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamConsumer> {
+    // A failure shows below as a topic without partitions.
+    let _ = ensure_topic(&ctx.kafka, topic).await;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &ctx.bootstrap)
         .set(
