@@ -201,10 +201,17 @@ impl LastGateways {
 pub struct PendingResponse(crate::kafka::Delivery);
 
 impl PendingResponse {
-    pub async fn acked(self) -> Result<(), UploadError> {
+    pub async fn acked(mut self) -> Result<(), UploadError> {
+        std::future::poll_fn(|cx| self.poll_acked(cx)).await
+    }
+
+    /// The broker's answer once it is there.
+    pub fn poll_acked(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), UploadError>> {
         self.0
-            .acked()
-            .await
+            .poll_acked(cx)
             .map_err(|e| UploadError::Unavailable(format!("downstream unavailable: {e}")))
     }
 }

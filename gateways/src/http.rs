@@ -228,12 +228,14 @@ async fn origin(
     auth_required: bool,
 ) -> Result<Origin, UploadError> {
     Ok(match (client_cert, basic_credentials(headers)?) {
-        (Some(der), _) => Origin::Device(a.pipeline.authenticate_certificate(ADAPTER, &der).await?),
-        (None, Some((user, password))) => Origin::Device(
+        (Some(der), _) => Origin::Device(Arc::new(
+            a.pipeline.authenticate_certificate(ADAPTER, &der).await?,
+        )),
+        (None, Some((user, password))) => Origin::Device(Arc::new(
             a.pipeline
                 .authenticate(ADAPTER, &user, password.as_bytes(), target)
                 .await?,
-        ),
+        )),
         (None, None) if auth_required => {
             return Err(UploadError::Unauthorized("credentials required".into()));
         }

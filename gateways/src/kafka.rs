@@ -10,7 +10,10 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The `[kafka]` section: the cluster and how Ferrule produces to it.
@@ -169,11 +172,17 @@ impl DownstreamSender {
 pub struct Delivery(DeliveryFuture);
 
 impl Delivery {
-    pub async fn acked(self) -> Result<(), ProduceError> {
-        match self.0.await {
+    pub async fn acked(mut self) -> Result<(), ProduceError> {
+        std::future::poll_fn(|cx| self.poll_acked(cx)).await
+    }
+
+    /// The broker's answer once it is there; lets a connection keep many deliveries in a
+    /// plain queue and poll only the oldest.
+    pub fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProduceError>> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((e, _))) => Err(e.into()),
             Err(_) => Err(ProduceError::Cancelled),
-        }
+        })
     }
 }

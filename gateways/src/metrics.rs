@@ -102,12 +102,36 @@ pub fn message(
     secs: f64,
     bytes: usize,
 ) {
-    PROCESSING
-        .with_label_values(&[adapter, tenant, kind, status, qos])
-        .observe(secs);
-    PAYLOAD
-        .with_label_values(&[adapter, tenant, kind, status])
-        .observe(bytes as f64);
+    // Looking a series up hashes every label; consecutive messages on a thread mostly share
+    // them, so the last series pair is kept per thread and reused while the labels match.
+    LAST_SERIES.with_borrow_mut(|last| {
+        let labels = [adapter, tenant, kind, status, qos];
+        let hit = last
+            .as_ref()
+            .is_some_and(|l| l.labels.iter().map(String::as_str).eq(labels));
+        if !hit {
+            *last = Some(Series {
+                labels: labels.map(str::to_owned),
+                processing: PROCESSING.with_label_values(&labels),
+                payload: PAYLOAD.with_label_values(&labels[..4]),
+            });
+        }
+        if let Some(series) = last {
+            series.processing.observe(secs);
+            series.payload.observe(bytes as f64);
+        }
+    });
+}
+
+/// The series one message's labels select.
+struct Series {
+    labels: [String; 5],
+    processing: prometheus::Histogram,
+    payload: prometheus::Histogram,
+}
+
+thread_local! {
+    static LAST_SERIES: std::cell::RefCell<Option<Series>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Counts a refused request.

@@ -9,7 +9,7 @@ use ferrule_registry::model::tenant::Tenant;
 use ferrule_registry::{AuthError, AuthenticatedDevice, DeviceAuthenticator};
 use ferrule_schemas::headers as h;
 use ferrule_schemas::ttl::{TtlKind, effective_ttl_millis};
-use ferrule_schemas::{ContentType, HonoTopic};
+use ferrule_schemas::{ContentType, HonoTopic, TopicKind};
 use rdkafka::message::{Header, OwnedHeaders};
 use serde_json::Value;
 use std::sync::Arc;
@@ -68,7 +68,8 @@ impl Qos {
 /// Who sent a message: an authenticated device (maybe a gateway) or nobody known.
 #[derive(Debug, Clone)]
 pub enum Origin {
-    Device(AuthenticatedDevice),
+    /// Shared: a connection sends many messages as the same device.
+    Device(Arc<AuthenticatedDevice>),
     Anonymous,
 }
 
@@ -152,7 +153,7 @@ impl From<AuthError> for UploadError {
 }
 
 /// Where an accepted message went.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Accepted {
     pub tenant: String,
     pub device: String,
@@ -461,12 +462,12 @@ impl IngestPipeline {
             .map_err(|e| UploadError::BadRequest(e.to_string()))?;
         let ttl = ttl_millis(&up, tenant, device);
 
-        let topic = match up.endpoint {
-            Endpoint::Telemetry => HonoTopic::telemetry(&who.tenant_id),
-            Endpoint::Event => HonoTopic::event(&who.tenant_id),
-        }
-        .map_err(|e| UploadError::BadRequest(e.to_string()))?
-        .to_string();
+        let kind = match up.endpoint {
+            Endpoint::Telemetry => TopicKind::Telemetry,
+            Endpoint::Event => TopicKind::Event,
+        };
+        let topic = HonoTopic::name(kind, &who.tenant_id)
+            .map_err(|e| UploadError::BadRequest(e.to_string()))?;
         let headers = build_headers(&up, &who.device_id, ct.as_str(), ttl, &defaults);
         self.sender
             .ensure_topic(&topic)
@@ -538,14 +539,32 @@ pub struct Pending {
 
 impl Pending {
     /// Waits for the broker's ack where the QoS needs one.
-    pub async fn outcome(self) -> Result<Accepted, UploadError> {
-        if let Some(d) = self.delivery
-            && let Err(e) = d.acked().await
-        {
-            return Err(self.meta.finish_err(produce_error(e)));
-        }
-        self.meta.finish(&self.accepted.tenant, "forwarded");
-        Ok(self.accepted)
+    pub async fn outcome(mut self) -> Result<Accepted, UploadError> {
+        std::future::poll_fn(|cx| self.poll_outcome(cx)).await
+    }
+
+    /// Whether the device may be answered without waiting (QoS 0 telemetry).
+    pub fn is_answerable_now(&self) -> bool {
+        self.delivery.is_none()
+    }
+
+    /// What to answer, once the broker answered where the QoS needs it; counts the message.
+    /// Lets a connection keep many messages in a plain queue; not polled again once ready.
+    pub fn poll_outcome(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Accepted, UploadError>> {
+        let acked = match &mut self.delivery {
+            Some(d) => std::task::ready!(d.poll_acked(cx)),
+            None => Ok(()),
+        };
+        std::task::Poll::Ready(match acked {
+            Err(e) => Err(self.meta.finish_err(produce_error(e))),
+            Ok(()) => {
+                self.meta.finish(&self.accepted.tenant, "forwarded");
+                Ok(std::mem::take(&mut self.accepted))
+            }
+        })
     }
 }
 
@@ -666,7 +685,8 @@ fn ttl_millis(up: &Upload, tenant: &Tenant, device: &Device) -> Option<i64> {
     )
 }
 
-/// Every §1.3 header of a telemetry/event record, then the defaults the message lacks.
+/// Every §1.3 header of a telemetry/event record, then the defaults the message lacks. Written
+/// straight into the record's headers: this runs for every message.
 fn build_headers(
     up: &Upload,
     device: &str,
@@ -674,42 +694,85 @@ fn build_headers(
     ttl: Option<i64>,
     defaults: &serde_json::Map<String, Value>,
 ) -> OwnedHeaders {
-    let mut set: Vec<(&str, Vec<u8>)> = vec![
-        (h::CONTENT_TYPE, content_type.as_bytes().to_vec()),
-        (h::CREATION_TIME, h::encode_i64(h::now_millis())),
-        (h::DEVICE_ID, device.as_bytes().to_vec()),
-        (h::QOS, h::encode_i64(up.qos.as_i64())),
-        (h::ORIG_ADAPTER, up.adapter.name().as_bytes().to_vec()),
-        (h::ORIG_ADDRESS, up.orig_address.as_bytes().to_vec()),
-    ];
+    let mut out = RecordHeaders::new();
+    out.put(h::CONTENT_TYPE, content_type.as_bytes());
+    out.put_i64(h::CREATION_TIME, h::now_millis());
+    out.put(h::DEVICE_ID, device.as_bytes());
+    out.put_i64(h::QOS, up.qos.as_i64());
+    out.put(h::ORIG_ADAPTER, up.adapter.name().as_bytes());
+    out.put(h::ORIG_ADDRESS, up.orig_address.as_bytes());
     let ttd = up
         .ttd_secs
         .or_else(|| defaults.get(h::TTD).and_then(Value::as_i64));
     if let Some(ttd) = ttd {
-        set.push((h::TTD, h::encode_i64(ttd)));
+        out.put_i64(h::TTD, ttd);
     }
     if let Some(ttl) = ttl {
-        set.push((h::TTL, h::encode_i64(ttl)));
+        out.put_i64(h::TTL, ttl);
     }
     if up.retain {
-        set.push((h::RETAIN, h::encode_bool(true).to_vec()));
+        out.put(h::RETAIN, h::encode_bool(true));
     }
     if let Some(tp) = &up.traceparent {
-        set.push((h::TRACEPARENT, tp.as_bytes().to_vec()));
+        out.put(h::TRACEPARENT, tp.as_bytes());
     }
     for (k, v) in defaults {
         let consumed = k == h::TTL || h::TTL_DEFAULT_KEYS.contains(&k.as_str());
-        if !consumed && !set.iter().any(|(name, _)| name == k) {
-            set.push((k.as_str(), h::encode(v)));
+        if !consumed && !out.has(k) {
+            out.insert(k, &h::encode(v));
         }
     }
-    set.into_iter()
-        .fold(OwnedHeaders::new_with_capacity(12), |hs, (k, v)| {
+    out.into_headers()
+}
+
+/// The headers of one record and the names of the fixed ones, so a default never repeats one.
+struct RecordHeaders {
+    headers: Option<OwnedHeaders>,
+    names: [&'static str; 10],
+    len: usize,
+}
+
+impl RecordHeaders {
+    fn new() -> Self {
+        RecordHeaders {
+            headers: Some(OwnedHeaders::new_with_capacity(12)),
+            names: [""; 10],
+            len: 0,
+        }
+    }
+
+    /// A header whose name defaults may not repeat.
+    fn put(&mut self, name: &'static str, value: &[u8]) {
+        self.insert(name, value);
+        if let Some(slot) = self.names.get_mut(self.len) {
+            *slot = name;
+            self.len += 1;
+        }
+    }
+
+    /// An integer header as Hono writes it (decimal text), formatted without allocating.
+    fn put_i64(&mut self, name: &'static str, value: i64) {
+        let mut buf = itoa::Buffer::new();
+        self.put(name, buf.format(value).as_bytes());
+    }
+
+    fn insert(&mut self, name: &str, value: &[u8]) {
+        // `OwnedHeaders::insert` takes the list by value.
+        self.headers = self.headers.take().map(|hs| {
             hs.insert(Header {
-                key: k,
-                value: Some(&v),
+                key: name,
+                value: Some(value),
             })
-        })
+        });
+    }
+
+    fn into_headers(self) -> OwnedHeaders {
+        self.headers.unwrap_or_default()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.names[..self.len].contains(&name)
+    }
 }
 
 #[cfg(test)]
@@ -739,11 +802,11 @@ mod tests {
     }
 
     fn dev(tenant: &str, device: &str) -> Origin {
-        Origin::Device(AuthenticatedDevice {
+        Origin::Device(Arc::new(AuthenticatedDevice {
             tenant_id: tenant.into(),
             device_id: device.into(),
             auth_id: device.into(),
-        })
+        }))
     }
 
     #[test]

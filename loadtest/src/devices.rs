@@ -320,27 +320,37 @@ impl MqttDevice {
 
     pub async fn read(&mut self) -> anyhow::Result<v4::Packet> {
         loop {
+            if let Some(p) = self.buffered()? {
+                return Ok(p);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                anyhow::bail!("connection closed by the gateway");
+            }
+        }
+    }
+
+    /// The next packet already received, without reading the socket.
+    fn buffered(&mut self) -> anyhow::Result<Option<v4::Packet>> {
+        loop {
             match self.version {
                 MqttVersion::V311 => match v4::Packet::read(&mut self.buf, 1 << 20) {
-                    Ok(p) => return Ok(p),
-                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Ok(p) => return Ok(Some(p)),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
                     Err(e) => anyhow::bail!(e),
                 },
                 MqttVersion::V5 => {
                     match rumqttc::v5::mqttbytes::v5::Packet::read(&mut self.buf, None) {
                         Ok(p) => {
                             if let Some(p) = crate::mqtt5::incoming(p) {
-                                return Ok(p);
+                                return Ok(Some(p));
                             }
-                            continue;
                         }
-                        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {
+                            return Ok(None);
+                        }
                         Err(e) => anyhow::bail!(e),
                     }
                 }
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                anyhow::bail!("connection closed by the gateway");
             }
         }
     }
@@ -352,6 +362,7 @@ impl MqttDevice {
             QoS::AtLeastOnce
         };
         const WINDOW: usize = 100;
+        let payload = bytes::Bytes::copy_from_slice(payload);
         let (mut sent, mut acked) = (0usize, 0usize);
         while sent < n {
             let batch = (n - sent).min(if qos == QoS::AtMostOnce {
@@ -361,7 +372,7 @@ impl MqttDevice {
             });
             let packets: Vec<v4::Packet> = (0..batch)
                 .map(|k| {
-                    let mut p = v4::Publish::new("telemetry", qos, payload.to_vec());
+                    let mut p = v4::Publish::from_bytes("telemetry", qos, payload.clone());
                     if qos == QoS::AtLeastOnce {
                         p.pkid = ((sent + k) % 65_535 + 1) as u16;
                     }
@@ -371,10 +382,16 @@ impl MqttDevice {
             self.write(&packets).await?;
             sent += batch;
             if qos == QoS::AtLeastOnce {
-                // Wait for at least one ack before refilling the window.
+                // Wait for at least one ack, then count every ack already received, and
+                // refill the window in one write as a client library with a send queue does.
                 while sent - acked >= WINDOW || (sent == n && acked < n) {
                     if let v4::Packet::PubAck(_) = self.read().await? {
                         acked += 1;
+                    }
+                    while let Some(p) = self.buffered()? {
+                        if let v4::Packet::PubAck(_) = p {
+                            acked += 1;
+                        }
                     }
                 }
             }

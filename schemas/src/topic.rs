@@ -69,13 +69,21 @@ impl HonoTopic {
             kind,
             suffix: suffix.into(),
         };
-        if topic.suffix.is_empty() {
-            return Err(TopicError::EmptySuffix(topic.to_string()));
-        }
-        if !is_legal_kafka_name(&topic.to_string()) {
-            return Err(TopicError::IllegalName(topic.to_string()));
-        }
+        check(kind, &topic.suffix)?;
         Ok(topic)
+    }
+
+    /// Just the name of the topic of `kind` for `suffix`, built in one allocation: the
+    /// ingest path needs it for every message.
+    pub fn name(kind: TopicKind, suffix: &str) -> Result<String, TopicError> {
+        check(kind, suffix)?;
+        let kind = kind.as_str();
+        let mut name = String::with_capacity(PREFIX.len() + kind.len() + 1 + suffix.len());
+        name.push_str(PREFIX);
+        name.push_str(kind);
+        name.push('.');
+        name.push_str(suffix);
+        Ok(name)
     }
 
     /// `hono.telemetry.<tenant>`.
@@ -143,15 +151,30 @@ impl fmt::Display for HonoTopic {
     }
 }
 
+/// Whether `hono.<kind>.<suffix>` is a legal topic name, checked without building it.
+fn check(kind: TopicKind, suffix: &str) -> Result<(), TopicError> {
+    let full = || format!("{PREFIX}{}.{suffix}", kind.as_str());
+    if suffix.is_empty() {
+        return Err(TopicError::EmptySuffix(full()));
+    }
+    let len = PREFIX.len() + kind.as_str().len() + 1 + suffix.len();
+    if len > 249 || !suffix.bytes().all(legal_byte) {
+        return Err(TopicError::IllegalName(full()));
+    }
+    Ok(())
+}
+
 /// Kafka accepts topic names of up to 249 characters from `[a-zA-Z0-9._-]`.
 pub fn is_legal_kafka_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.bytes().all(legal_byte)
+}
+
+fn legal_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
 }
 
 /// The regex the command router subscribes with, matching every tenant's command topic.

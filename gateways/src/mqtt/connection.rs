@@ -2,6 +2,7 @@
 //! arrival order with PUBACKs sent as the broker acks them, keep-alive, and closing when the
 //! registry revokes the device.
 
+use super::acks::{AckQueue, Waiting};
 use super::codec::{self, ConnectOutcome, Inbound, Outbound, PublishRequest, Version};
 use super::topic;
 use super::{ConnectionEvents, MqttConfig};
@@ -12,9 +13,7 @@ use crate::pipeline::{
 };
 use bytes::BytesMut;
 use ferrule_registry::AuthenticatedDevice;
-use futures_util::stream::{FuturesOrdered, StreamExt};
-use std::future::Future;
-use std::pin::Pin;
+use futures_util::FutureExt;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -85,9 +84,6 @@ fn endpoint_of(topic: &str) -> std::borrow::Cow<'static, str> {
     }
 }
 
-type Outcome = (PublishContext, Result<Accepted, UploadError>);
-type InFlight = Pin<Box<dyn Future<Output = Outcome> + Send>>;
-
 struct Session<S> {
     stream: S,
     version: Version,
@@ -95,10 +91,25 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Sends `packet`, after anything queued.
     async fn send(&mut self, packet: Outbound) -> Result<(), ConnectionError> {
-        self.out.clear();
+        self.queue(packet)?;
+        self.flush().await
+    }
+
+    /// Encodes `packet` to leave with the next send or flush: acknowledgements that become
+    /// due together leave in one write.
+    fn queue(&mut self, packet: Outbound) -> Result<(), ConnectionError> {
         codec::encode(self.version, &packet, &mut self.out)?;
-        self.stream.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnectionError> {
+        if !self.out.is_empty() {
+            let written = self.stream.write_all(&self.out).await;
+            self.out.clear();
+            written?;
+        }
         Ok(())
     }
 }
@@ -172,7 +183,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
     }
     let device = match Box::pin(authenticate(&pipeline, &connect, client_cert.as_deref())).await {
-        Ok(d) => d,
+        Ok(d) => std::sync::Arc::new(d),
         Err((outcome, tenant, label)) => {
             metrics::connection_attempt(ADAPTER.name(), &tenant, label);
             session.send(Outbound::ConnAck(outcome)).await?;
@@ -209,7 +220,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         changes,
         shutdown,
         errors: None,
-        in_flight: FuturesOrdered::new(),
+        in_flight: AckQueue::new(),
         idle,
         deadline: idle.map(|d| Instant::now() + d),
         max_packet,
@@ -249,7 +260,7 @@ async fn close<S>(open: Open<S>, cfg: &MqttConfig) {
 /// -1 while subscribed, 0 once gone), sent as the device that subscribed.
 async fn reachability(
     pipeline: &IngestPipeline,
-    device: &AuthenticatedDevice,
+    device: &std::sync::Arc<AuthenticatedDevice>,
     target: &str,
     ttd: i64,
 ) {
@@ -276,7 +287,7 @@ async fn reachability(
 async fn connection_event(
     pipeline: &IngestPipeline,
     cfg: &MqttConfig,
-    device: &AuthenticatedDevice,
+    device: &std::sync::Arc<AuthenticatedDevice>,
     client_id: &str,
     cause: &str,
 ) {
@@ -383,13 +394,14 @@ struct Served<S> {
     session: Session<S>,
     buf: BytesMut,
     pipeline: IngestPipeline,
-    device: AuthenticatedDevice,
+    device: std::sync::Arc<AuthenticatedDevice>,
     changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
     shutdown: watch::Receiver<bool>,
     /// The device's subscription to its error topic, if any (§4.6).
     /// Boxed: most devices never subscribe to errors.
     errors: Option<Box<ErrorSubscription>>,
-    in_flight: FuturesOrdered<InFlight>,
+    /// Publishes waiting for the broker, in arrival order.
+    in_flight: AckQueue<PublishContext>,
     /// A client that says nothing for this long is gone (1.5 keep-alive periods, §3.1.2.10).
     idle: Option<Duration>,
     deadline: Option<Instant>,
@@ -401,6 +413,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     c: &mut Served<S>,
     commands: &mut Commands,
 ) -> Result<(), ConnectionError> {
+    // Bytes the last read brought: a busy device fills its buffer, an idle one sends little.
+    let mut last_read = 0;
     loop {
         // Everything already buffered is handled before reading more.
         while c.in_flight.len() < c.max_in_flight {
@@ -413,8 +427,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 return Ok(());
             }
         }
-        if c.buf.is_empty() && c.buf.capacity() > 4096 {
-            // A burst is over: an idle connection should not keep its largest buffer.
+        if c.buf.is_empty() && c.buf.capacity() > 4096 && last_read < 1024 {
+            // A burst is over: an idle connection should not keep its largest buffer. While
+            // reads come in full, the buffer stays: freeing and regrowing it per read costs
+            // more than the whole rest of a message.
             c.buf = BytesMut::new();
         }
         let can_read = c.in_flight.len() < c.max_in_flight;
@@ -424,17 +440,24 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         };
         tokio::select! {
             read = c.session.stream.read_buf(&mut c.buf), if can_read => {
-                if read? == 0 {
+                last_read = read?;
+                if last_read == 0 {
                     return Ok(());
                 }
                 c.deadline = c.idle.map(|d| Instant::now() + d);
             }
-            Some((failure, result)) = c.in_flight.next(), if !c.in_flight.is_empty() => {
-                match result {
-                    Ok(_) if failure.qos1 => c.session.send(Outbound::PubAck(failure.pkid)).await?,
-                    Ok(_) => {}
-                    Err(e) => Box::pin(publish_failed(&mut c.session, &failure, c.errors.as_deref(), e)).await?,
+            done = c.in_flight.next(), if !c.in_flight.is_empty() => {
+                // Every publish the broker has acknowledged by now is answered in one write.
+                let mut next = Some(done);
+                while let Some((publish, result)) = next.take() {
+                    match result {
+                        Ok(_) if publish.qos1 => c.session.queue(Outbound::PubAck(publish.pkid))?,
+                        Ok(_) => {}
+                        Err(e) => Box::pin(publish_failed(&mut c.session, &publish, c.errors.as_deref(), e)).await?,
+                    }
+                    next = c.in_flight.next_now();
                 }
+                c.session.flush().await?;
             }
             Some(cmd) = next_command(&mut commands.queue) => {
                 if let Some(sub) = &commands.sub {
@@ -503,7 +526,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Inbound::Publish(p) => {
             let prepared = prepare_publish(&c.pipeline, &c.device, commands.hub.as_ref(), p)?;
             match submit(&c.pipeline, prepared).await {
-                Ok(f) => c.in_flight.push_back(f),
+                // QoS 0 telemetry: nothing to answer and nothing to wait for.
+                Ok((_, Waiting::Upload(p))) if p.is_answerable_now() => {
+                    let _ = p.outcome().now_or_never();
+                }
+                Ok((ctx, waiting)) => c.in_flight.push(ctx, waiting),
                 Err((ctx, e)) => {
                     Box::pin(publish_failed(&mut c.session, &ctx, c.errors.as_deref(), e)).await?
                 }
@@ -577,7 +604,7 @@ enum Prepared {
 /// error to report. Only QoS 2 and oversized payloads end the connection here.
 fn prepare_publish(
     pipeline: &IngestPipeline,
-    device: &AuthenticatedDevice,
+    device: &std::sync::Arc<AuthenticatedDevice>,
     hub: Option<&CommandHub>,
     p: PublishRequest,
 ) -> Result<Prepared, ConnectionError> {
@@ -649,24 +676,22 @@ fn prepare_publish(
     Ok(Prepared::Upload(ctx, up))
 }
 
-/// Hands a prepared PUBLISH to the producer; returns the future of its ack, or the failure
-/// to report.
+/// Hands a prepared PUBLISH to the producer; returns what its answer waits for, or the
+/// failure to report.
 async fn submit(
     pipeline: &IngestPipeline,
     prepared: Prepared,
-) -> Result<InFlight, (PublishContext, UploadError)> {
+) -> Result<(PublishContext, Waiting), (PublishContext, UploadError)> {
     match prepared {
         Prepared::Upload(ctx, up) => match pipeline.submit(up).await {
-            Ok(pending) => Ok(Box::pin(async move { (ctx, pending.outcome().await) })),
+            Ok(pending) => Ok((ctx, Waiting::Upload(pending))),
             Err(e) => Err((ctx, e)),
         },
         // Handed to the producer now; acknowledged in order with the device's other
         // publishes once the broker has it, while the connection reads on.
         Prepared::Response(ctx, hub, response, accepted) => {
             match hub.submit_response(pipeline, response).await {
-                Ok(pending) => Ok(Box::pin(async move {
-                    (ctx, pending.acked().await.map(|()| accepted))
-                })),
+                Ok(pending) => Ok((ctx, Waiting::Response(pending, accepted))),
                 Err(e) => Err((ctx, e)),
             }
         }
@@ -957,7 +982,7 @@ async fn next_command(
 
 /// Translates a PUBLISH to a command response topic (`command///res/...`).
 fn prepare_response(
-    device: &AuthenticatedDevice,
+    device: &std::sync::Arc<AuthenticatedDevice>,
     hub: Option<&CommandHub>,
     p: PublishRequest,
     qos1: bool,

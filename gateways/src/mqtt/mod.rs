@@ -2,6 +2,7 @@
 //! connection. The wire format lives in `codec`, the topic grammar in `topic`, the rules in
 //! the shared ingest pipeline.
 
+mod acks;
 mod codec;
 mod connection;
 mod topic;

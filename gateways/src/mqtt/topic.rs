@@ -131,11 +131,12 @@ pub struct ResponseAddress {
 
 /// `None` when `topic` is not a command topic at all.
 pub fn parse_response(topic: &str) -> Option<Result<ResponseAddress, TopicError>> {
-    let (path, properties) = split_property_bag(topic);
-    let parts: Vec<&str> = path.split('/').collect();
-    if !matches!(parts.first(), Some(&"command") | Some(&"c")) {
+    // Every PUBLISH passes here first: telemetry and events leave before any allocation.
+    if !matches!(topic.split('/').next(), Some("command" | "c")) {
         return None;
     }
+    let (path, properties) = split_property_bag(topic);
+    let parts: Vec<&str> = path.split('/').collect();
     let bad = || TopicError(topic.to_owned());
     let [_, tenant, device, "res" | "s", req, status] = parts.as_slice() else {
         return Some(Err(bad()));

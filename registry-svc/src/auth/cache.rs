@@ -6,21 +6,45 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// A cached lookup's key: tenant, kind and auth id in one string — the tenant length-prefixed,
+/// the kind (a fixed word) ended by NUL — so that a lookup can build it in a reused buffer
+/// and find the entry without allocating. Every message a gateway forwards looks up its tenant
+/// and device here.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(super) struct CacheKey {
-    tenant: String,
-    kind: String,
-    auth_id: String,
-}
+pub(super) struct CacheKey(String);
 
 impl CacheKey {
     pub(super) fn new(tenant: &str, kind: &str, auth_id: &str) -> Self {
-        CacheKey {
-            tenant: tenant.to_owned(),
-            kind: kind.to_owned(),
-            auth_id: auth_id.to_owned(),
-        }
+        let mut key = String::new();
+        write_key(&mut key, tenant, kind, auth_id);
+        CacheKey(key)
     }
+
+    fn tenant(&self) -> &str {
+        let (len, rest) = self.0.split_once(':').unwrap_or_default();
+        rest.get(..len.parse().unwrap_or(0)).unwrap_or_default()
+    }
+}
+
+impl std::borrow::Borrow<str> for CacheKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+fn write_key(buf: &mut String, tenant: &str, kind: &str, auth_id: &str) {
+    use std::fmt::Write;
+    buf.clear();
+    let _ = write!(buf, "{}:", tenant.len());
+    buf.push_str(tenant);
+    buf.push_str(kind);
+    buf.push('\0');
+    buf.push_str(auth_id);
+}
+
+thread_local! {
+    /// The buffer lookups build their key in.
+    static LOOKUP_KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 pub(super) struct Cache<V> {
@@ -55,13 +79,16 @@ impl<V> Cache<V> {
         self.active.load(Ordering::Acquire)
     }
 
-    pub(super) fn get(&self, key: &CacheKey) -> Option<Arc<V>> {
+    pub(super) fn get(&self, tenant: &str, kind: &str, auth_id: &str) -> Option<Arc<V>> {
         if !self.is_active() {
             return None;
         }
-        let map = self.map();
-        let (at, v) = map.get(key)?;
-        (at.elapsed() < self.ttl).then(|| v.clone())
+        LOOKUP_KEY.with_borrow_mut(|key| {
+            write_key(key, tenant, kind, auth_id);
+            let map = self.map();
+            let (at, v) = map.get(key.as_str())?;
+            (at.elapsed() < self.ttl).then(|| v.clone())
+        })
     }
 
     /// Stores `value` unless the registry changed since `generation` was read.
@@ -98,7 +125,7 @@ impl<V> CacheControl for Cache<V> {
     fn invalidate_tenant(&self, tenant: &str) {
         let mut map = self.map();
         self.generation.fetch_add(1, Ordering::AcqRel);
-        map.retain(|k, _| k.tenant != tenant);
+        map.retain(|k, _| k.tenant() != tenant);
     }
 
     fn clear(&self) {
@@ -131,16 +158,16 @@ mod tests {
         let c = Cache::new(Duration::from_secs(60), 10);
         c.insert(k("t", "a"), Arc::new(1), c.generation());
         assert!(
-            c.get(&k("t", "a")).is_none(),
+            c.get("t", "psk", "a").is_none(),
             "inactive cache stores nothing"
         );
         c.activate();
         c.insert(k("t", "a"), Arc::new(1), c.generation());
-        assert_eq!(c.get(&k("t", "a")).as_deref(), Some(&1));
+        assert_eq!(c.get("t", "psk", "a").as_deref(), Some(&1));
         let expired = Cache::new(Duration::ZERO, 10);
         expired.activate();
         expired.insert(k("t", "a"), Arc::new(1), expired.generation());
-        assert!(expired.get(&k("t", "a")).is_none());
+        assert!(expired.get("t", "psk", "a").is_none());
     }
 
     #[test]
@@ -151,12 +178,22 @@ mod tests {
         c.insert(k("t2", "a"), Arc::new(2), c.generation());
         let before = c.generation();
         c.invalidate_tenant("t1");
-        assert!(c.get(&k("t1", "a")).is_none());
-        assert_eq!(c.get(&k("t2", "a")).as_deref(), Some(&2));
+        assert!(c.get("t1", "psk", "a").is_none());
+        assert_eq!(c.get("t2", "psk", "a").as_deref(), Some(&2));
         c.insert(k("t1", "b"), Arc::new(3), before);
         assert!(
-            c.get(&k("t1", "b")).is_none(),
+            c.get("t1", "psk", "b").is_none(),
             "a lookup older than the change is dropped"
+        );
+    }
+
+    #[test]
+    fn keys_keep_their_tenant_apart_from_the_rest() {
+        assert_eq!(CacheKey::new("t1", "device", "d").tenant(), "t1");
+        assert_eq!(CacheKey::new("t:1", "psk", "a:b").tenant(), "t:1");
+        assert_ne!(
+            CacheKey::new("ab", "device", "c"),
+            CacheKey::new("a", "device", "bc")
         );
     }
 

@@ -400,7 +400,7 @@ impl DeviceAuthenticator {
         cached_document(
             &self.inner.pool,
             &self.inner.tenants,
-            CacheKey::new(tenant, "tenant", ""),
+            (tenant, "tenant", ""),
             "SELECT data FROM tenants WHERE tenant_id = $1",
             &[&tenant],
         )
@@ -416,7 +416,7 @@ impl DeviceAuthenticator {
         cached_document(
             &self.inner.pool,
             &self.inner.devices,
-            CacheKey::new(tenant, "device", device),
+            (tenant, "device", device),
             "SELECT data FROM devices WHERE tenant_id = $1 AND device_id = $2",
             &[&tenant, &device],
         )
@@ -440,14 +440,14 @@ impl DeviceAuthenticator {
         kind: &str,
         auth_id: &str,
     ) -> Result<Arc<Lookup>, AuthError> {
-        let key = CacheKey::new(tenant, kind, auth_id);
-        if let Some(hit) = self.inner.cache.get(&key) {
+        if let Some(hit) = self.inner.cache.get(tenant, kind, auth_id) {
             metrics::auth_cache(true);
             return Ok(hit);
         }
         metrics::auth_cache(false);
         let generation = self.inner.cache.generation();
         let lookup = Arc::new(self.query(tenant, kind, auth_id).await?);
+        let key = CacheKey::new(tenant, kind, auth_id);
         self.inner.cache.insert(key, lookup.clone(), generation);
         Ok(lookup)
     }
@@ -503,11 +503,11 @@ impl Inner {
 async fn cached_document<T: serde::de::DeserializeOwned>(
     pool: &Pool,
     cache: &Cache<Option<T>>,
-    key: CacheKey,
+    (tenant, kind, id): (&str, &str, &str),
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Arc<Option<T>>, AuthError> {
-    if let Some(hit) = cache.get(&key) {
+    if let Some(hit) = cache.get(tenant, kind, id) {
         return Ok(hit);
     }
     let generation = cache.generation();
@@ -518,7 +518,7 @@ async fn cached_document<T: serde::de::DeserializeOwned>(
         None => None,
     };
     let doc = Arc::new(doc);
-    cache.insert(key, doc.clone(), generation);
+    cache.insert(CacheKey::new(tenant, kind, id), doc.clone(), generation);
     Ok(doc)
 }
 
