@@ -118,6 +118,11 @@ impl DownstreamSender {
         if self.known().contains(topic) {
             return Ok(());
         }
+        // Boxed: creating is rare, and its future would otherwise sit inside every message's.
+        Box::pin(self.create_topic(topic)).await
+    }
+
+    async fn create_topic(&self, topic: &str) -> Result<(), ProduceError> {
         let new = NewTopic::new(
             topic,
             self.cfg.topic_partitions,
@@ -138,6 +143,11 @@ impl DownstreamSender {
         }
         self.known().insert(topic.to_owned());
         Ok(())
+    }
+
+    /// Whether `topic` is known to exist, so producing needs no admin request first.
+    pub fn is_known(&self, topic: &str) -> bool {
+        self.known().contains(topic)
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {

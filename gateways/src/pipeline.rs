@@ -366,12 +366,49 @@ impl IngestPipeline {
     ) -> Result<Authorised, UploadError> {
         let who = resolve(origin, target)?;
         let tenant = self.registry.tenant(&who.tenant).await?;
+        let device = self.registry.device(&who.tenant, &who.device).await?;
+        let gateway = match &who.gateway {
+            Some(gw) => Some(self.registry.device(&who.tenant, gw).await?),
+            None => None,
+        };
+        self.decide(adapter, who, tenant, device, gateway)
+    }
+
+    /// [`Self::authorise`] from the registry cache alone; `None` when a document is not
+    /// cached, and the caller has to ask the registry.
+    fn authorise_cached(
+        &self,
+        adapter: AdapterType,
+        origin: &Origin,
+        target: Option<&(String, String)>,
+    ) -> Option<Result<Authorised, UploadError>> {
+        let who = match resolve(origin, target) {
+            Ok(who) => who,
+            Err(e) => return Some(Err(e)),
+        };
+        let tenant = self.registry.cached_tenant(&who.tenant)?;
+        let device = self.registry.cached_device(&who.tenant, &who.device)?;
+        let gateway = match &who.gateway {
+            Some(gw) => Some(self.registry.cached_device(&who.tenant, gw)?),
+            None => None,
+        };
+        Some(self.decide(adapter, who, tenant, device, gateway))
+    }
+
+    /// The authorisation rules, given the registry documents of tenant, device and gateway.
+    fn decide(
+        &self,
+        adapter: AdapterType,
+        who: Resolved,
+        tenant: Arc<Option<Tenant>>,
+        device: Arc<Option<Device>>,
+        gateway: Option<Arc<Option<Device>>>,
+    ) -> Result<Authorised, UploadError> {
         let t = tenant
             .as_ref()
             .as_ref()
             .ok_or_else(|| UploadError::NotFound(format!("tenant `{}` not found", who.tenant)))?;
         authorise_tenant(t, adapter, who.anonymous)?;
-        let device = self.registry.device(&who.tenant, &who.device).await?;
         let d = device
             .as_ref()
             .as_ref()
@@ -379,8 +416,7 @@ impl IngestPipeline {
             .ok_or_else(|| {
                 UploadError::NotFound(format!("device `{}` not found or disabled", who.device))
             })?;
-        if let Some(gw) = &who.gateway {
-            let gateway = self.registry.device(&who.tenant, gw).await?;
+        if let (Some(gw), Some(gateway)) = (&who.gateway, &gateway) {
             let gateway = gateway
                 .as_ref()
                 .as_ref()
@@ -417,28 +453,61 @@ impl IngestPipeline {
     /// [`Pending`] resolves when the device may be answered. Adapters that keep several
     /// messages in flight (MQTT) call this in arrival order to keep each device's order.
     pub async fn submit(&self, up: Upload) -> Result<Pending, UploadError> {
-        let started = Instant::now();
-        let meta = Meta {
-            adapter: up.adapter.name(),
-            kind: up.endpoint.name(),
-            qos: up.qos.as_i64(),
-            size: up.payload.len(),
-            started,
+        match self.submit_now(up) {
+            SubmitNow::Done(done) => done,
+            // Boxed: asking the registry or creating the topic is rare, and the future of
+            // every message would otherwise carry room for it.
+            SubmitNow::Deferred(up) => Box::pin(self.submit_asking(up)).await,
+        }
+    }
+
+    /// [`Self::submit`] without waiting, for the usual message whose registry documents are
+    /// cached and whose topic exists; the message comes back when something has to be asked
+    /// first — hand it to [`Self::submit`] then.
+    pub fn submit_now(&self, up: Upload) -> SubmitNow {
+        let meta = Meta::of(&up);
+        if let Err(e) = self.check(&up) {
+            return SubmitNow::Done(Err(meta.finish_err(e)));
+        }
+        let who = match self.authorise_cached(up.adapter, &up.origin, up.target.as_ref()) {
+            None => return SubmitNow::Deferred(up),
+            Some(Err(e)) => return SubmitNow::Done(Err(meta.finish_err(e))),
+            Some(Ok(who)) => who,
         };
-        match self.prepare_and_enqueue(up).await {
-            Ok((accepted, delivery)) => Ok(Pending {
-                accepted,
-                delivery,
-                meta,
-            }),
+        let record = match record_for(&up, &who) {
+            Ok(r) => r,
+            Err(e) => return SubmitNow::Done(Err(meta.finish_err(e))),
+        };
+        if !self.sender.is_known(&record.topic) {
+            return SubmitNow::Deferred(up);
+        }
+        SubmitNow::Done(self.enqueue(&up, who, record, meta))
+    }
+
+    /// [`Self::submit`] asking the registry and creating the topic where needed.
+    async fn submit_asking(&self, up: Upload) -> Result<Pending, UploadError> {
+        let meta = Meta::of(&up);
+        let result = async {
+            self.check(&up)?;
+            let who = self
+                .authorise(up.adapter, &up.origin, up.target.as_ref())
+                .await?;
+            let record = record_for(&up, &who)?;
+            self.sender
+                .ensure_topic(&record.topic)
+                .await
+                .map_err(produce_error)?;
+            Ok((who, record))
+        }
+        .await;
+        match result {
+            Ok((who, record)) => self.enqueue(&up, who, record, meta),
             Err(e) => Err(meta.finish_err(e)),
         }
     }
 
-    async fn prepare_and_enqueue(
-        &self,
-        up: Upload,
-    ) -> Result<(Accepted, Option<Delivery>), UploadError> {
+    /// The checks that need no registry: payload size, QoS of events.
+    fn check(&self, up: &Upload) -> Result<(), UploadError> {
         if up.payload.len() > self.max_payload_size {
             return Err(UploadError::PayloadTooLarge(self.max_payload_size));
         }
@@ -447,51 +516,75 @@ impl IngestPipeline {
                 "events must be sent with QoS 1".into(),
             ));
         }
-        let who = self
-            .authorise(up.adapter, &up.origin, up.target.as_ref())
-            .await?;
-        let (tenant, device) = (who.tenant(), who.device());
-        let defaults = merged_defaults(tenant, device);
-        let given_ct = up.content_type.clone().or_else(|| {
-            defaults
-                .get(h::CONTENT_TYPE)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        });
-        let ct = ContentType::for_upload(given_ct.as_deref(), up.payload.len())
-            .map_err(|e| UploadError::BadRequest(e.to_string()))?;
-        let ttl = ttl_millis(&up, tenant, device);
+        Ok(())
+    }
 
-        let kind = match up.endpoint {
-            Endpoint::Telemetry => TopicKind::Telemetry,
-            Endpoint::Event => TopicKind::Event,
+    /// Hands the record to the producer.
+    fn enqueue(
+        &self,
+        up: &Upload,
+        who: Authorised,
+        record: Record,
+        meta: Meta,
+    ) -> Result<Pending, UploadError> {
+        let delivery = self.sender.enqueue(OutboundRecord {
+            topic: &record.topic,
+            key: &who.device_id,
+            headers: record.headers,
+            payload: &up.payload,
+        });
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => return Err(meta.finish_err(produce_error(e))),
         };
-        let topic = HonoTopic::name(kind, &who.tenant_id)
-            .map_err(|e| UploadError::BadRequest(e.to_string()))?;
-        let headers = build_headers(&up, &who.device_id, ct.as_str(), ttl, &defaults);
-        self.sender
-            .ensure_topic(&topic)
-            .await
-            .map_err(produce_error)?;
-        let delivery = self
-            .sender
-            .enqueue(OutboundRecord {
-                topic: &topic,
-                key: &who.device_id,
-                headers,
-                payload: &up.payload,
-            })
-            .map_err(produce_error)?;
         // QoS 0 telemetry is answered without waiting for the broker.
         let wait = up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce;
-        Ok((
-            Accepted {
+        Ok(Pending {
+            accepted: Accepted {
                 tenant: who.tenant_id,
                 device: who.device_id,
             },
-            wait.then_some(delivery),
-        ))
+            delivery: wait.then_some(delivery),
+            meta,
+        })
     }
+}
+
+/// What [`IngestPipeline::submit_now`] did with a message.
+pub enum SubmitNow {
+    /// Handed to the producer, or refused.
+    Done(Result<Pending, UploadError>),
+    /// The registry must be asked or the topic created first: hand it to `submit`.
+    Deferred(Upload),
+}
+
+/// A message's topic and headers.
+struct Record {
+    topic: String,
+    headers: OwnedHeaders,
+}
+
+/// Builds the Kafka record of an authorised message: topic, content type, ttl, every header.
+fn record_for(up: &Upload, who: &Authorised) -> Result<Record, UploadError> {
+    let (tenant, device) = (who.tenant(), who.device());
+    let defaults = merged_defaults(tenant, device);
+    let given_ct = up.content_type.clone().or_else(|| {
+        defaults
+            .get(h::CONTENT_TYPE)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    let ct = ContentType::for_upload(given_ct.as_deref(), up.payload.len())
+        .map_err(|e| UploadError::BadRequest(e.to_string()))?;
+    let ttl = ttl_millis(up, tenant, device);
+    let kind = match up.endpoint {
+        Endpoint::Telemetry => TopicKind::Telemetry,
+        Endpoint::Event => TopicKind::Event,
+    };
+    let topic = HonoTopic::name(kind, &who.tenant_id)
+        .map_err(|e| UploadError::BadRequest(e.to_string()))?;
+    let headers = build_headers(up, &who.device_id, ct.as_str(), ttl, &defaults);
+    Ok(Record { topic, headers })
 }
 
 /// What metrics need to know about a message in flight.
@@ -504,6 +597,16 @@ struct Meta {
 }
 
 impl Meta {
+    fn of(up: &Upload) -> Self {
+        Meta {
+            adapter: up.adapter.name(),
+            kind: up.endpoint.name(),
+            qos: up.qos.as_i64(),
+            size: up.payload.len(),
+            started: Instant::now(),
+        }
+    }
+
     fn finish(&self, tenant: &str, status: &str) {
         let qos = if self.qos == 0 { "0" } else { "1" };
         let secs = self.started.elapsed().as_secs_f64();

@@ -9,7 +9,7 @@ use super::{ConnectionEvents, MqttConfig};
 use crate::commands::{CommandDelivery, CommandHub, DeviceResponse, SubscriptionToken};
 use crate::metrics;
 use crate::pipeline::{
-    Accepted, AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError,
+    Accepted, AdapterType, Endpoint, IngestPipeline, Origin, Qos, SubmitNow, Upload, UploadError,
 };
 use bytes::BytesMut;
 use ferrule_registry::AuthenticatedDevice;
@@ -421,9 +421,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let Some(packet) = codec::decode(c.session.version, &mut c.buf, c.max_packet)? else {
                 break;
             };
-            // Boxed: handling a packet (registry lookups, the produce) needs far more space
-            // than waiting, and an idle connection should not carry it.
-            if !Box::pin(handle(c, commands, packet)).await? {
+            let go_on = match packet {
+                // The usual PUBLISH reaches the producer right here, without a future of its
+                // own; only one that needs the registry asked first takes the boxed path.
+                Inbound::Publish(p) => match publish_now(c, commands.hub.as_ref(), p)? {
+                    None => true,
+                    Some(prepared) => {
+                        Box::pin(publish(c, prepared)).await?;
+                        true
+                    }
+                },
+                // Boxed: handling a packet needs far more space than waiting, and an idle
+                // connection should not carry it.
+                other => Box::pin(handle(c, commands, other)).await?,
+            };
+            if !go_on {
                 return Ok(());
             }
         }
@@ -516,6 +528,50 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
 }
 
+/// Hands a PUBLISH to the producer without waiting where the pipeline can; what is left to
+/// do (ask the registry, report an error) comes back for [`publish`].
+fn publish_now<S>(
+    c: &mut Served<S>,
+    hub: Option<&CommandHub>,
+    p: PublishRequest,
+) -> Result<Option<Prepared>, ConnectionError> {
+    match prepare_publish(&c.pipeline, &c.device, hub, p)? {
+        Prepared::Upload(ctx, up) => match c.pipeline.submit_now(up) {
+            SubmitNow::Done(Ok(pending)) => {
+                answer_when_acked(c, ctx, Waiting::Upload(pending));
+                Ok(None)
+            }
+            SubmitNow::Done(Err(e)) => Ok(Some(Prepared::Failed(ctx, e))),
+            SubmitNow::Deferred(up) => Ok(Some(Prepared::Upload(ctx, up))),
+        },
+        other => Ok(Some(other)),
+    }
+}
+
+/// Submits a prepared PUBLISH, asking the registry where needed, or reports its failure.
+async fn publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    c: &mut Served<S>,
+    prepared: Prepared,
+) -> Result<(), ConnectionError> {
+    match submit(&c.pipeline, prepared).await {
+        Ok((ctx, waiting)) => answer_when_acked(c, ctx, waiting),
+        Err((ctx, e)) => {
+            Box::pin(publish_failed(&mut c.session, &ctx, c.errors.as_deref(), e)).await?
+        }
+    }
+    Ok(())
+}
+
+/// Queues a submitted PUBLISH for its answer; QoS 0 telemetry has nothing to wait for.
+fn answer_when_acked<S>(c: &mut Served<S>, ctx: PublishContext, waiting: Waiting) {
+    match waiting {
+        Waiting::Upload(p) if p.is_answerable_now() => {
+            let _ = p.outcome().now_or_never();
+        }
+        waiting => c.in_flight.push(ctx, waiting),
+    }
+}
+
 /// Handles one packet from the device; `false` when the device disconnected.
 async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
     c: &mut Served<S>,
@@ -524,16 +580,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<bool, ConnectionError> {
     match packet {
         Inbound::Publish(p) => {
-            let prepared = prepare_publish(&c.pipeline, &c.device, commands.hub.as_ref(), p)?;
-            match submit(&c.pipeline, prepared).await {
-                // QoS 0 telemetry: nothing to answer and nothing to wait for.
-                Ok((_, Waiting::Upload(p))) if p.is_answerable_now() => {
-                    let _ = p.outcome().now_or_never();
-                }
-                Ok((ctx, waiting)) => c.in_flight.push(ctx, waiting),
-                Err((ctx, e)) => {
-                    Box::pin(publish_failed(&mut c.session, &ctx, c.errors.as_deref(), e)).await?
-                }
+            if let Some(prepared) = publish_now(c, commands.hub.as_ref(), p)? {
+                publish(c, prepared).await?;
             }
         }
         Inbound::PingReq => c.session.send(Outbound::PingResp).await?,
@@ -690,7 +738,8 @@ async fn submit(
         // Handed to the producer now; acknowledged in order with the device's other
         // publishes once the broker has it, while the connection reads on.
         Prepared::Response(ctx, hub, response, accepted) => {
-            match hub.submit_response(pipeline, response).await {
+            // Boxed: responses are rare next to telemetry, whose future stays small.
+            match Box::pin(hub.submit_response(pipeline, response)).await {
                 Ok(pending) => Ok((ctx, Waiting::Response(pending, accepted))),
                 Err(e) => Err((ctx, e)),
             }

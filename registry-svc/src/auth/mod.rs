@@ -407,6 +407,17 @@ impl DeviceAuthenticator {
         .await
     }
 
+    /// The tenant document if the cache holds it; lets a gateway handle a message without
+    /// waiting when nothing needs asking.
+    pub fn cached_tenant(&self, tenant: &str) -> Option<Arc<Option<Tenant>>> {
+        self.inner.tenants.get(tenant, "tenant", "")
+    }
+
+    /// The device document if the cache holds it.
+    pub fn cached_device(&self, tenant: &str, device: &str) -> Option<Arc<Option<Device>>> {
+        self.inner.devices.get(tenant, "device", device)
+    }
+
     /// The device document (cached like credentials), `None` when the device does not exist.
     pub async fn device(
         &self,
@@ -446,7 +457,8 @@ impl DeviceAuthenticator {
         }
         metrics::auth_cache(false);
         let generation = self.inner.cache.generation();
-        let lookup = Arc::new(self.query(tenant, kind, auth_id).await?);
+        // Boxed: kept out of the future of every cache hit.
+        let lookup = Arc::new(Box::pin(self.query(tenant, kind, auth_id)).await?);
         let key = CacheKey::new(tenant, kind, auth_id);
         self.inner.cache.insert(key, lookup.clone(), generation);
         Ok(lookup)
@@ -510,6 +522,19 @@ async fn cached_document<T: serde::de::DeserializeOwned>(
     if let Some(hit) = cache.get(tenant, kind, id) {
         return Ok(hit);
     }
+    // Boxed: the query's future is large, and every message's future would carry it inline
+    // although nearly every lookup is a cache hit.
+    Box::pin(fetch_document(pool, cache, (tenant, kind, id), sql, params)).await
+}
+
+/// A registry document from PostgreSQL, stored in the cache unless the registry changed.
+async fn fetch_document<T: serde::de::DeserializeOwned>(
+    pool: &Pool,
+    cache: &Cache<Option<T>>,
+    (tenant, kind, id): (&str, &str, &str),
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Arc<Option<T>>, AuthError> {
     let generation = cache.generation();
     let db = pool.get().await.map_err(unavailable)?;
     let row = db.query_opt(sql, params).await.map_err(unavailable)?;
