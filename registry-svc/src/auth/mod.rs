@@ -400,9 +400,11 @@ impl DeviceAuthenticator {
         cached_document(
             &self.inner.pool,
             &self.inner.tenants,
-            (tenant, "tenant", ""),
-            "SELECT data FROM tenants WHERE tenant_id = $1",
-            &[&tenant],
+            DocumentQuery {
+                key: (tenant, "tenant", ""),
+                sql: "SELECT data FROM tenants WHERE tenant_id = $1",
+                params: &[&tenant],
+            },
         )
         .await
     }
@@ -427,9 +429,11 @@ impl DeviceAuthenticator {
         cached_document(
             &self.inner.pool,
             &self.inner.devices,
-            (tenant, "device", device),
-            "SELECT data FROM devices WHERE tenant_id = $1 AND device_id = $2",
-            &[&tenant, &device],
+            DocumentQuery {
+                key: (tenant, "device", device),
+                sql: "SELECT data FROM devices WHERE tenant_id = $1 AND device_id = $2",
+                params: &[&tenant, &device],
+            },
         )
         .await
     }
@@ -511,30 +515,36 @@ impl Inner {
     }
 }
 
+/// Where a registry document is cached and how PostgreSQL finds it.
+struct DocumentQuery<'a> {
+    /// Tenant, kind and id: the cache key.
+    key: (&'a str, &'a str, &'a str),
+    sql: &'a str,
+    params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+}
+
 /// A registry document by key, from the cache or else from PostgreSQL.
 async fn cached_document<T: serde::de::DeserializeOwned>(
     pool: &Pool,
     cache: &Cache<Option<T>>,
-    (tenant, kind, id): (&str, &str, &str),
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    q: DocumentQuery<'_>,
 ) -> Result<Arc<Option<T>>, AuthError> {
+    let (tenant, kind, id) = q.key;
     if let Some(hit) = cache.get(tenant, kind, id) {
         return Ok(hit);
     }
     // Boxed: the query's future is large, and every message's future would carry it inline
     // although nearly every lookup is a cache hit.
-    Box::pin(fetch_document(pool, cache, (tenant, kind, id), sql, params)).await
+    Box::pin(fetch_document(pool, cache, q)).await
 }
 
 /// A registry document from PostgreSQL, stored in the cache unless the registry changed.
 async fn fetch_document<T: serde::de::DeserializeOwned>(
     pool: &Pool,
     cache: &Cache<Option<T>>,
-    (tenant, kind, id): (&str, &str, &str),
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    DocumentQuery { key, sql, params }: DocumentQuery<'_>,
 ) -> Result<Arc<Option<T>>, AuthError> {
+    let (tenant, kind, id) = key;
     let generation = cache.generation();
     let db = pool.get().await.map_err(unavailable)?;
     let row = db.query_opt(sql, params).await.map_err(unavailable)?;
