@@ -5,14 +5,14 @@
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -79,7 +79,9 @@ pub struct OutboundRecord<'a> {
 
 /// The process's one producer, plus the set of topics known to exist.
 pub struct DownstreamSender {
-    producer: FutureProducer,
+    /// Replaced when librdkafka declares it fatally failed (an idempotent producer whose
+    /// sequence the broker lost, say): from then on it refuses every record.
+    producer: RwLock<Arc<FutureProducer>>,
     admin: AdminClient<DefaultClientContext>,
     known_topics: Mutex<HashSet<String>>,
     cfg: KafkaConfig,
@@ -87,30 +89,54 @@ pub struct DownstreamSender {
 
 impl DownstreamSender {
     pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &cfg.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("max.in.flight.requests.per.connection", "5")
-            .set("linger.ms", cfg.linger_ms.to_string())
-            .set(
-                "queue.buffering.max.messages",
-                cfg.producer_queue_messages.to_string(),
-            )
-            .set("message.timeout.ms", cfg.delivery_timeout_ms.to_string())
-            .set("log_level", "3");
-        let producer: FutureProducer = client.create()?;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &cfg.bootstrap_servers)
             .set("log_level", "3")
             .create()?;
         Ok(DownstreamSender {
-            producer,
+            producer: RwLock::new(Arc::new(producer(cfg)?)),
             admin,
             known_topics: Mutex::new(HashSet::new()),
             cfg: cfg.clone(),
         })
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The current producer's librdkafka handle: lets a test put it into a state no broker
+    /// produces on demand (a fatal error). Dereferencing it is the caller's risk.
+    #[doc(hidden)]
+    pub fn native_producer(&self) -> *mut rdkafka::types::RDKafka {
+        self.producer().client().native_ptr()
+    }
+
+    /// Builds a new producer if the current one failed fatally; `true` when it did. Records
+    /// the failed one still held are failed to their senders, never re-sent.
+    fn replace_if_fatal(&self) -> bool {
+        let failed = {
+            let mut current = self.producer.write().unwrap_or_else(|p| p.into_inner());
+            let Some((code, reason)) = current.client().fatal_error() else {
+                return false;
+            };
+            let fresh = match producer(&self.cfg) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build a new Kafka producer");
+                    return false;
+                }
+            };
+            tracing::warn!(?code, %reason, "the Kafka producer failed fatally; a new one takes over");
+            crate::metrics::producer_replaced();
+            std::mem::replace(&mut *current, fresh)
+        };
+        // Dropped outside the lock: it waits for its threads.
+        drop(failed);
+        true
     }
 
     /// Creates `topic` unless it is known to exist; an existing topic is fine.
@@ -161,7 +187,25 @@ impl DownstreamSender {
             .key(record.key)
             .payload(record.payload)
             .headers(record.headers);
-        match self.producer.send_result(fr) {
+        // The read guard lives for this statement only.
+        let sent = self
+            .producer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .send_result(fr);
+        let fr = match sent {
+            Ok(f) => return Ok(Delivery(f)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                return Err(ProduceError::QueueFull);
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), fr)) => fr,
+            Err((e, _)) => return Err(e.into()),
+        };
+        // The failed producer refused the record, so it never left: the new one takes it.
+        if !self.replace_if_fatal() {
+            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::Fatal).into());
+        }
+        match self.producer().send_result(fr) {
             Ok(f) => Ok(Delivery(f)),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(ProduceError::QueueFull)
@@ -172,10 +216,27 @@ impl DownstreamSender {
 
     /// Waits until queued records were delivered or `timeout` passed (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
+        if let Err(e) = self.producer().flush(timeout) {
             tracing::warn!(error = %e, "records still unsent at shutdown");
         }
     }
+}
+
+/// The idempotent, acks=all producer every record of a gateway goes through.
+fn producer(cfg: &KafkaConfig) -> KafkaResult<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "5")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            cfg.producer_queue_messages.to_string(),
+        )
+        .set("message.timeout.ms", cfg.delivery_timeout_ms.to_string())
+        .set("log_level", "3")
+        .create()
 }
 
 /// The broker's answer to one record.
