@@ -492,10 +492,26 @@ async fn qos1_subscriber(f: &Ferrule, device: &str, tenant: &str) -> MqttDevice 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_settled_by_whether_they_reached_the_device() {
     use rumqttc::mqttbytes::v4;
-    let mut f = Ferrule::start(&kafka());
+    // Room for a loaded machine: the router serves only this tenant (a new router group reads
+    // every command topic from the beginning), and the bridge waits up to 30 s for an outcome.
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let mut f = Ferrule::start_with(
+        &kafka(),
+        &[
+            (
+                "FERRULE_ROUTER__TOPIC_PATTERN",
+                format!("hono.command.{tenant}"),
+            ),
+            (
+                "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
+                "30000".to_owned(),
+            ),
+        ],
+    );
     f.wait_readiness(200);
-    let tenant = provision(
+    provision_in(
         &f,
+        &tenant,
         "backend",
         "listener",
         ferrule_loadtest::devices::PASSWORD,
@@ -533,7 +549,7 @@ async fn commands_are_settled_by_whether_they_reached_the_device() {
     ];
     let out = tokio::task::spawn_blocking(move || {
         Command::new(PYTHON)
-            .args([&script, &amqp, &user, "app-secret", &tenant2, "20"])
+            .args([&script, &amqp, &user, "app-secret", &tenant2, "40"])
             .args(steps)
             .output()
             .unwrap()
@@ -579,7 +595,7 @@ async fn commands_are_settled_by_whether_they_reached_the_device() {
             "-u",
             &format!("{who}:{}", ferrule_loadtest::devices::PASSWORD),
             "-H",
-            "hono-ttd: 15",
+            "hono-ttd: 40",
             "-H",
             "content-type: text/plain",
             "-d",
@@ -596,7 +612,7 @@ async fn commands_are_settled_by_whether_they_reached_the_device() {
             &format!("backend@{tenant}"),
             "app-secret",
             &tenant,
-            "20",
+            "40",
             "ow:poller",
         ])
         .output()
