@@ -262,8 +262,13 @@ fn version_tag(v: devices::MqttVersion) -> &'static str {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let before = cli.pid.map(ProcessSample::read).transpose()?;
-    let peak = cli.pid.map(measure::PeakRss::start);
+    // The raw producer is its own server: without another process named, its CPU is this
+    // process's, so Ferrule's CPU per message can be set against it.
+    let pid = cli
+        .pid
+        .or_else(|| matches!(cli.scenario, Scenario::KafkaProducer { .. }).then(std::process::id));
+    let before = pid.map(ProcessSample::read).transpose()?;
+    let peak = pid.map(measure::PeakRss::start);
     let report = match &cli.scenario {
         Scenario::KafkaProducer { messages } => {
             let topic = format!("loadtest.baseline.{}", uuid::Uuid::new_v4().simple());
@@ -584,7 +589,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
     };
     let mut report = report;
-    if let (Some(b), Some(pid)) = (before, cli.pid) {
+    if let (Some(b), Some(pid)) = (before, pid) {
         let now = ProcessSample::read(pid)?;
         report.add_process(&b, &now);
         report.peak_rss_bytes = peak.map(|p| p.peak().max(now.rss_bytes));
