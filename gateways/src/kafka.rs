@@ -141,7 +141,7 @@ impl DownstreamSender {
 
     /// Creates `topic` unless it is known to exist; an existing topic is fine.
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), ProduceError> {
-        if self.known().contains(topic) {
+        if self.is_known(topic) {
             return Ok(());
         }
         // Boxed: creating is rare, and its future would otherwise sit inside every message's.
@@ -183,34 +183,33 @@ impl DownstreamSender {
     /// Hands the record to the producer without waiting; the returned future resolves when
     /// the broker acked. A full queue is returned at once as back-pressure.
     pub fn enqueue(&self, record: OutboundRecord<'_>) -> Result<Delivery, ProduceError> {
-        let fr = FutureRecord::to(record.topic)
+        let mut fr = FutureRecord::to(record.topic)
             .key(record.key)
             .payload(record.payload)
             .headers(record.headers);
-        // The read guard lives for this statement only.
-        let sent = self
-            .producer
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .send_result(fr);
-        let fr = match sent {
-            Ok(f) => return Ok(Delivery(f)),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                return Err(ProduceError::QueueFull);
-            }
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), fr)) => fr,
-            Err((e, _)) => return Err(e.into()),
-        };
-        // The failed producer refused the record, so it never left: the new one takes it.
-        if !self.replace_if_fatal() {
-            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::Fatal).into());
-        }
-        match self.producer().send_result(fr) {
-            Ok(f) => Ok(Delivery(f)),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(ProduceError::QueueFull)
-            }
-            Err((e, _)) => Err(e.into()),
+        let mut retried = false;
+        loop {
+            // The read guard lives for this statement only.
+            let sent = self
+                .producer
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .send_result(fr);
+            fr = match sent {
+                Ok(f) => return Ok(Delivery(f)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    return Err(ProduceError::QueueFull);
+                }
+                // The failed producer refused the record, so it never left: a new one takes
+                // it, once.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::Fatal), fr))
+                    if !retried && self.replace_if_fatal() =>
+                {
+                    fr
+                }
+                Err((e, _)) => return Err(e.into()),
+            };
+            retried = true;
         }
     }
 

@@ -528,13 +528,3 @@ async fn two_tenants_never_see_each_others_data() {
     assert_eq!(ra[0].payload, b"from-a");
     assert_eq!(rb[0].payload, b"from-b");
 }
-
-/// The process's Prometheus metrics, as the health port serves them.
-fn prometheus_text() -> String {
-    use prometheus::Encoder;
-    let mut buf = Vec::new();
-    prometheus::TextEncoder::new()
-        .encode(&prometheus::gather(), &mut buf)
-        .unwrap();
-    String::from_utf8(buf).unwrap()
-}

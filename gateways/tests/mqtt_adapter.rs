@@ -197,14 +197,7 @@ async fn telemetry_and_events_with_mosquitto_311_and_5() {
 
     let records = read(&format!("hono.telemetry.{tenant}"), 4).await;
     assert_eq!(records.len(), 4);
-    let metrics = {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&prometheus::gather(), &mut buf)
-            .unwrap();
-        String::from_utf8(buf).unwrap()
-    };
+    let metrics = prometheus_text();
     assert!(
         metrics.contains(&format!(
             "hono_connections_attempts_total{{component_name=\"hono-mqtt\",outcome=\"succeeded\",tenant=\"{tenant}\"}} 6"

@@ -57,14 +57,7 @@ async fn a_producer_that_failed_fatally_is_replaced() {
         .collect();
     assert_eq!(payloads, [&b"before"[..], b"after", b"and on"]);
 
-    let metrics = {
-        use prometheus::Encoder;
-        let mut buf = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&prometheus::gather(), &mut buf)
-            .unwrap();
-        String::from_utf8(buf).unwrap()
-    };
+    let metrics = prometheus_text();
     assert!(
         metrics.contains("ferrule_gateway_producer_replaced_total 1"),
         "{metrics}"

@@ -327,3 +327,13 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
     });
     tx
 }
+
+/// The process's Prometheus metrics, as the health port serves them.
+pub fn prometheus_text() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&prometheus::gather(), &mut buf)
+        .unwrap();
+    String::from_utf8(buf).unwrap()
+}
