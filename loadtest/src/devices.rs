@@ -29,6 +29,9 @@ pub enum PasswordHash {
 pub struct Fleet {
     pub tenant: String,
     pub devices: Vec<String>,
+    /// Added to a device's index when it picks its loopback source address (10 000 devices
+    /// per address), so simulators running side by side do not share ephemeral ports.
+    pub source_offset: usize,
 }
 
 impl Fleet {
@@ -93,7 +96,11 @@ impl Fleet {
             .collect()
             .await;
         results.into_iter().collect::<anyhow::Result<()>>()?;
-        Ok(Fleet { tenant, devices })
+        Ok(Fleet {
+            tenant,
+            devices,
+            source_offset: 0,
+        })
     }
 
     /// Devices that exist nowhere, for baselines that authenticate nobody.
@@ -101,6 +108,7 @@ impl Fleet {
         Fleet {
             tenant: "baseline".into(),
             devices: (0..n).map(|i| format!("dev-{i}")).collect(),
+            source_offset: 0,
         }
     }
 
@@ -161,6 +169,7 @@ impl Fleet {
         rate: Option<u32>,
     ) -> anyhow::Result<Vec<TcpStream>> {
         let start = tokio::time::Instant::now();
+        let offset = self.source_offset;
         let progress = crate::progress::bar("connecting", self.devices.len() as u64, "devices");
         let results: Vec<anyhow::Result<TcpStream>> = stream::iter(self.devices.iter().enumerate())
             .map(|(i, d)| {
@@ -172,7 +181,7 @@ impl Fleet {
                     if let Some(at) = at {
                         tokio::time::sleep_until(at).await;
                     }
-                    let stream = MqttDevice::connect(&addr, &user, i).await?.stream;
+                    let stream = MqttDevice::connect(&addr, &user, offset + i).await?.stream;
                     progress.inc(1);
                     Ok(stream)
                 }
@@ -403,7 +412,9 @@ impl MqttDevice {
     }
 }
 
-/// Produces `n` records like the gateway's (key, 3 headers, payload) and waits for every ack.
+/// Produces `n` records like the gateway's for an MQTT QoS 1 upload (device id as key, the six
+/// headers the gateway writes, the same payload) and waits for every ack: the ceiling of the
+/// Kafka leg for exactly the records Ferrule has to write.
 pub async fn raw_producer(
     bootstrap: &str,
     topic: &str,
@@ -424,19 +435,26 @@ pub async fn raw_producer(
             let payload = &payload;
             async move {
                 let key = format!("dev-{}", i % 100);
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "content-type",
-                        value: Some("application/octet-stream"),
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis()
+                    .to_string();
+                let headers = [
+                    ("content-type", "application/octet-stream"),
+                    ("creation-time", now.as_str()),
+                    ("device_id", key.as_str()),
+                    ("qos", "1"),
+                    ("orig_adapter", "hono-mqtt"),
+                    ("orig_address", "telemetry"),
+                ]
+                .into_iter()
+                .fold(OwnedHeaders::new_with_capacity(6), |hs, (k, v)| {
+                    hs.insert(Header {
+                        key: k,
+                        value: Some(v),
                     })
-                    .insert(Header {
-                        key: "device_id",
-                        value: Some(key.as_str()),
-                    })
-                    .insert(Header {
-                        key: "qos",
-                        value: Some("1"),
-                    });
+                });
                 let record = FutureRecord::to(topic)
                     .key(&key)
                     .payload(payload)

@@ -36,7 +36,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Raw rdkafka producer (idempotent, acks=all, 3 headers): the Kafka-leg ceiling.
+    /// Raw rdkafka producer (idempotent, acks=all, the gateway's six headers): the Kafka-leg
+    /// ceiling.
     KafkaProducer {
         #[arg(long, default_value_t = 100_000)]
         messages: usize,
@@ -213,6 +214,14 @@ enum Scenario {
         /// New connections per second (default: as fast as 64 concurrent connects go).
         #[arg(long)]
         connect_rate: Option<u32>,
+        /// Keep the connections open this long after reporting, so a script running several
+        /// of these against several gateways can check they are all open at once.
+        #[arg(long, default_value_t = 0)]
+        hold_secs: u64,
+        /// Where the devices' loopback source addresses start (in devices, 10 000 per
+        /// address): simulators side by side each need their own.
+        #[arg(long, default_value_t = 0)]
+        source_offset: usize,
     },
 }
 
@@ -560,14 +569,17 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             connections,
             hash,
             connect_rate,
+            hold_secs,
+            source_offset,
         } => {
-            let fleet = devices::Fleet::provision_with(
+            let mut fleet = devices::Fleet::provision_with(
                 &cli.registry,
                 &cli.registry_auth,
                 *connections,
                 *hash,
             )
             .await?;
+            fleet.source_offset = *source_offset;
             let baseline = cli.pid.map(ProcessSample::read).transpose()?;
             let started = Instant::now();
             let held = fleet.mqtt_hold_at(addr, *connect_rate).await?;
@@ -584,14 +596,30 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                     (now.rss_bytes.saturating_sub(b.rss_bytes)) as f64 / held.len().max(1) as f64,
                 );
             }
+            if *hold_secs > 0 {
+                emit(r, before.as_ref(), pid, peak.as_ref())?;
+                tokio::time::sleep(Duration::from_secs(*hold_secs)).await;
+                drop(held);
+                return Ok(());
+            }
             drop(held);
             r
         }
     };
-    let mut report = report;
+    emit(report, before.as_ref(), pid, peak.as_ref())
+}
+
+/// Completes a scenario's report with the server process's CPU and memory and prints it: the
+/// JSON line on stdout, the summary on stderr.
+fn emit(
+    mut report: Report,
+    before: Option<&ProcessSample>,
+    pid: Option<u32>,
+    peak: Option<&measure::PeakRss>,
+) -> anyhow::Result<()> {
     if let (Some(b), Some(pid)) = (before, pid) {
         let now = ProcessSample::read(pid)?;
-        report.add_process(&b, &now);
+        report.add_process(b, &now);
         report.peak_rss_bytes = peak.map(|p| p.peak().max(now.rss_bytes));
     }
     println!("{}", report.to_json());

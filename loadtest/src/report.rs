@@ -31,6 +31,11 @@ pub fn markdown(lines: &str) -> String {
         if let (Some(acked), Some(lost)) = (count("events_acked"), count("events_lost")) {
             notes.push(format!("{acked} acked, {lost} lost"));
         }
+        if let (Some(open), Some(gateways)) = (count("open_at_once"), count("gateways")) {
+            notes.push(format!(
+                "{open} open at once over {gateways} gateway processes"
+            ));
+        }
         if let Some(stall) = count("stall_secs").filter(|s| *s > 0) {
             notes.push(format!("broker stopped {stall} s"));
         }
@@ -189,11 +194,12 @@ mod tests {
             r#"{"scenario":"mqtt-idle","messages":19000,"per_second":3069.1,"rss_per_connection_bytes":6763.8}"#,
             r#"{"scenario":"command-rtt-http","failed":true}"#,
             r#"{"scenario":"broker-stall","messages":39000,"per_second":1500.0,"events_acked":39000,"events_lost":0,"stall_secs":6,"peak_rss_bytes":52000000,"rss_before_bytes":40000000}"#,
+            r#"{"scenario":"mqtt-idle-spread","messages":100002,"per_second":2500.4,"rss_per_connection_bytes":3012.6,"gateways":6,"open_at_once":100002}"#,
         ]
         .join("\n");
         let md = markdown(&lines);
         let rows: Vec<&str> = md.lines().collect();
-        assert_eq!(rows.len(), 7, "{md}");
+        assert_eq!(rows.len(), 8, "{md}");
         assert_eq!(
             rows[2],
             "| mqtt-qos1 | 200000 | 121910 | 1.04 | — | — | — |"
@@ -210,6 +216,10 @@ mod tests {
         assert_eq!(
             rows[6],
             "| broker-stall | 39000 | 1500 | — | — | — | 39000 acked, 0 lost; broker stopped 6 s; RSS 40 → peak 52 MB |"
+        );
+        assert_eq!(
+            rows[7],
+            "| mqtt-idle-spread | 100002 | 2500 | — | — | 3013 B | 100002 open at once over 6 gateway processes |"
         );
     }
 }
