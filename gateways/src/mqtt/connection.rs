@@ -114,18 +114,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+/// Serves one MQTT connection from CONNECT to its end. Not an `async fn`: the arguments go
+/// straight into the boxed CONNECT handling, so the connection's task does not keep a
+/// second, moved-from copy of each for as long as it lives.
+pub fn run<'a, S: AsyncRead + AsyncWrite + Unpin + Send + 'a>(
     stream: S,
     client_cert: Option<std::sync::Arc<Vec<u8>>>,
     pipeline: IngestPipeline,
     hub: Option<CommandHub>,
-    cfg: &MqttConfig,
+    cfg: &'a MqttConfig,
     instance_full: bool,
     shutdown: watch::Receiver<bool>,
-) -> Result<(), ConnectionError> {
+) -> impl std::future::Future<Output = Result<(), ConnectionError>> + Send + 'a {
     // Boxed: CONNECT and authentication need far more space than an open connection, and
     // only briefly; the task itself keeps only what serving needs.
-    let mut open = Box::pin(open(
+    let opening = Box::pin(open(
         stream,
         client_cert,
         pipeline,
@@ -133,11 +136,13 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
         cfg,
         instance_full,
         shutdown,
-    ))
-    .await?;
-    let result = serve(&mut open.served, &mut open.commands).await;
-    Box::pin(close(open, cfg)).await;
-    result
+    ));
+    async move {
+        let mut open = opening.await?;
+        let result = serve(&mut open.served, &mut open.commands).await;
+        Box::pin(close(open, cfg)).await;
+        result
+    }
 }
 
 /// An accepted connection: what serving needs, and what closing reports.
@@ -409,6 +414,10 @@ struct Served<S> {
     max_in_flight: usize,
 }
 
+/// The boxed rest of handling one packet: `false` when the device disconnected.
+type PacketHandling<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, ConnectionError>> + Send + 'a>>;
+
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     c: &mut Served<S>,
     commands: &mut Commands,
@@ -418,22 +427,33 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
     loop {
         // Everything already buffered is handled before reading more.
         while c.in_flight.len() < c.max_in_flight {
-            let Some(packet) = codec::decode(c.session.version, &mut c.buf, c.max_packet)? else {
-                break;
+            // The packet is turned into what is left to await in a block of its own, so neither
+            // the packet nor a temporary of its handling is kept in the connection's state
+            // while that runs: an idle connection carries only its waiting.
+            let rest: Option<PacketHandling<'_>> = {
+                let Some(packet) = codec::decode(c.session.version, &mut c.buf, c.max_packet)?
+                else {
+                    break;
+                };
+                match packet {
+                    // The usual PUBLISH reaches the producer right here, without a future of
+                    // its own; only one that needs the registry asked first takes the boxed path.
+                    Inbound::Publish(p) => match publish_now(c, commands.hub.as_ref(), p)? {
+                        None => None,
+                        Some(prepared) => {
+                            let c = &mut *c;
+                            Some(Box::pin(async move {
+                                publish(c, prepared).await.map(|()| true)
+                            }))
+                        }
+                    },
+                    // Boxed: handling a packet needs far more space than waiting.
+                    other => Some(Box::pin(handle(c, commands, other))),
+                }
             };
-            let go_on = match packet {
-                // The usual PUBLISH reaches the producer right here, without a future of its
-                // own; only one that needs the registry asked first takes the boxed path.
-                Inbound::Publish(p) => match publish_now(c, commands.hub.as_ref(), p)? {
-                    None => true,
-                    Some(prepared) => {
-                        Box::pin(publish(c, prepared)).await?;
-                        true
-                    }
-                },
-                // Boxed: handling a packet needs far more space than waiting, and an idle
-                // connection should not carry it.
-                other => Box::pin(handle(c, commands, other)).await?,
+            let go_on = match rest {
+                None => true,
+                Some(handling) => handling.await?,
             };
             if !go_on {
                 return Ok(());
@@ -450,82 +470,147 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             (Some(a), Some(d)) => Some(a.min(d)),
             (a, d) => a.or(d),
         };
-        tokio::select! {
-            read = c.session.stream.read_buf(&mut c.buf), if can_read => {
+        let event = tokio::select! {
+            read = c.session.stream.read_buf(&mut c.buf), if can_read => Event::Read(read),
+            done = c.in_flight.next(), if !c.in_flight.is_empty() => Event::Acked(done),
+            Some(cmd) = next_command(&mut commands.queue) => Event::Command(cmd),
+            // One timer for both deadlines keeps an idle connection small.
+            _ = sleep_until(wake) => Event::Timer,
+            change = c.changes.recv() => Event::Change(change),
+            _ = stopped(&mut c.shutdown) => return Ok(()),
+        };
+        match event {
+            // Reads, the most frequent event, need no waiting.
+            Event::Read(read) => {
                 last_read = read?;
                 if last_read == 0 {
                     return Ok(());
                 }
                 c.deadline = c.idle.map(|d| Instant::now() + d);
             }
-            done = c.in_flight.next(), if !c.in_flight.is_empty() => {
-                // Every publish the broker has acknowledged by now is answered in one write.
-                let mut next = Some(done);
-                while let Some((publish, result)) = next.take() {
-                    match result {
-                        Ok(_) if publish.qos1 => c.session.queue(Outbound::PubAck(publish.pkid))?,
-                        Ok(_) => {}
-                        Err(e) => Box::pin(publish_failed(&mut c.session, &publish, c.errors.as_deref(), e)).await?,
-                    }
-                    next = c.in_flight.next_now();
-                }
-                c.session.flush().await?;
-            }
-            Some(cmd) = next_command(&mut commands.queue) => {
-                if let Some(sub) = &commands.sub {
-                    let topic = sub.topic_for(&cmd, &c.device.device_id);
-                    let qos1 = sub.qos == 1;
-                    let pkid = commands.next_pkid();
-                    let CommandDelivery { device_id, correlation_id, outcome, payload, .. } = cmd;
-                    let sent = Unacked {
-                        deadline: Instant::now() + COMMAND_ACK_TIMEOUT,
-                        device_id,
-                        correlation_id,
-                        outcome,
-                    };
-                    c.session.send(Outbound::Publish { topic, payload, qos1, pkid }).await?;
-                    match &commands.hub {
-                        Some(_) if qos1 => {
-                            commands.unacked.insert(pkid, sent);
-                        }
-                        // QoS 0: sent is all the device will ever confirm.
-                        Some(hub) => hub.delivered_to(&sent.device_id, sent.outcome.as_ref()),
-                        None => {}
-                    }
-                }
-            }
-            // One timer for both deadlines keeps an idle connection small.
-            _ = sleep_until(wake) => {
-                let now = Instant::now();
-                if c.deadline.is_some_and(|d| d <= now) {
-                    return Err(ConnectionError::Closed("keep-alive expired".into()));
-                }
-                // Commands the device did not acknowledge in time are released: 503.
-                for u in commands.expire(now) {
-                    if let Some(hub) = &commands.hub {
-                        let reason = "the device did not acknowledge the command";
-                        Box::pin(u.undelivered(hub, &c.device.tenant_id, reason)).await;
-                    }
-                }
-            }
-            change = c.changes.recv() => {
-                let revoked = match change {
-                    Ok(change) => change.revokes_access()
-                        && change.tenant == c.device.tenant_id
-                        && change.device.as_ref().is_none_or(|d| *d == c.device.device_id),
-                    // Missed changes: ask the registry again.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        Box::pin(c.pipeline.authorise_connection(ADAPTER, &c.device)).await.is_err()
-                    }
-                    Err(broadcast::error::RecvError::Closed) => false,
-                };
-                if revoked {
-                    return Err(ConnectionError::Closed("device or tenant revoked".into()));
-                }
-            }
-            _ = stopped(&mut c.shutdown) => return Ok(()),
+            // Boxed, and the event moved in whole: what handling an event keeps while it
+            // waits is then no part of the idle connection's state.
+            event => Box::pin(on_event(c, commands, event)).await?,
         }
     }
+}
+
+/// What woke a serving connection.
+enum Event {
+    Read(std::io::Result<usize>),
+    Acked(
+        (
+            PublishContext,
+            Result<crate::pipeline::Accepted, UploadError>,
+        ),
+    ),
+    Command(CommandDelivery),
+    Timer,
+    Change(Result<ferrule_registry::auth::RegistryChange, broadcast::error::RecvError>),
+}
+
+/// Handles every event but a read.
+async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    c: &mut Served<S>,
+    commands: &mut Commands,
+    event: Event,
+) -> Result<(), ConnectionError> {
+    match event {
+        Event::Read(_) => {}
+        Event::Acked(done) => {
+            // Every publish the broker has acknowledged by now is answered in one write.
+            let mut next = Some(done);
+            while let Some((publish, result)) = next.take() {
+                match result {
+                    Ok(_) if publish.qos1 => c.session.queue(Outbound::PubAck(publish.pkid))?,
+                    Ok(_) => {}
+                    Err(e) => {
+                        Box::pin(publish_failed(
+                            &mut c.session,
+                            &publish,
+                            c.errors.as_deref(),
+                            e,
+                        ))
+                        .await?
+                    }
+                }
+                next = c.in_flight.next_now();
+            }
+            c.session.flush().await?;
+        }
+        Event::Command(cmd) => {
+            if let Some(sub) = &commands.sub {
+                let topic = sub.topic_for(&cmd, &c.device.device_id);
+                let qos1 = sub.qos == 1;
+                let pkid = commands.next_pkid();
+                let CommandDelivery {
+                    device_id,
+                    correlation_id,
+                    outcome,
+                    payload,
+                    ..
+                } = cmd;
+                let sent = Unacked {
+                    deadline: Instant::now() + COMMAND_ACK_TIMEOUT,
+                    device_id,
+                    correlation_id,
+                    outcome,
+                };
+                c.session
+                    .send(Outbound::Publish {
+                        topic,
+                        payload,
+                        qos1,
+                        pkid,
+                    })
+                    .await?;
+                match &commands.hub {
+                    Some(_) if qos1 => {
+                        commands.unacked.insert(pkid, sent);
+                    }
+                    // QoS 0: sent is all the device will ever confirm.
+                    Some(hub) => hub.delivered_to(&sent.device_id, sent.outcome.as_ref()),
+                    None => {}
+                }
+            }
+        }
+        Event::Timer => {
+            let now = Instant::now();
+            if c.deadline.is_some_and(|d| d <= now) {
+                return Err(ConnectionError::Closed("keep-alive expired".into()));
+            }
+            // Commands the device did not acknowledge in time are released: 503.
+            for u in commands.expire(now) {
+                if let Some(hub) = &commands.hub {
+                    let reason = "the device did not acknowledge the command";
+                    Box::pin(u.undelivered(hub, &c.device.tenant_id, reason)).await;
+                }
+            }
+        }
+        Event::Change(change) => {
+            let revoked = match change {
+                Ok(change) => {
+                    change.revokes_access()
+                        && change.tenant == c.device.tenant_id
+                        && change
+                            .device
+                            .as_ref()
+                            .is_none_or(|d| *d == c.device.device_id)
+                }
+                // Missed changes: ask the registry again.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Box::pin(c.pipeline.authorise_connection(ADAPTER, &c.device))
+                        .await
+                        .is_err()
+                }
+                Err(broadcast::error::RecvError::Closed) => false,
+            };
+            if revoked {
+                return Err(ConnectionError::Closed("device or tenant revoked".into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hands a PUBLISH to the producer without waiting where the pipeline can; what is left to

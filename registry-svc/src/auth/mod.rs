@@ -162,7 +162,9 @@ struct Found {
     device_id: String,
     device_enabled: bool,
     credentials_enabled: bool,
-    secrets: Vec<Secret>,
+    /// Boxed to its length: a device usually has one secret, and a cached lookup per
+    /// connected device should not carry room for four.
+    secrets: Box<[Secret]>,
     /// Digest of the last password that verified, and the secret it matched, so that a
     /// reconnecting device does not pay for bcrypt again.
     verified: Mutex<Option<([u8; 32], usize)>>,
@@ -558,13 +560,14 @@ async fn fetch_document<T: serde::de::DeserializeOwned>(
 }
 
 /// The secrets of a stored credentials (or application) document.
-fn secrets_of(data: &serde_json::Value) -> Vec<Secret> {
+fn secrets_of(data: &serde_json::Value) -> Box<[Secret]> {
     data.get("secrets")
         .and_then(|s| s.as_array())
         .map(|a| {
             a.iter()
                 .filter_map(|s| s.as_object().map(Secret::from_json))
-                .collect()
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
         })
         .unwrap_or_default()
 }
