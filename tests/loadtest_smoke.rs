@@ -1,7 +1,7 @@
 //! A seconds-long run of the load-testing harness against a real `ferrule all`, so the harness
 //! keeps working; full runs are `scripts/loadtest`, never part of the test suite.
 
-use ferrule_loadtest::devices::{Fleet, raw_producer};
+use ferrule_loadtest::devices::{Fleet, raw_produce, raw_producer, raw_producer_ready};
 use ferrule_loadtest::measure::{ProcessSample, Report, wait_for_records};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,11 +50,13 @@ async fn harness_smoke_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // The Kafka baseline.
+    // The Kafka baseline, on a topic it creates with a tenant topic's partitions.
     let topic = format!("loadtest.smoke.{}", uuid::Uuid::new_v4().simple());
+    let producer = raw_producer_ready(&kafka, &topic, Some(3)).await.unwrap();
     let t = Instant::now();
-    raw_producer(&kafka, &topic, 500, 32).await.unwrap();
-    let secs = wait_for_records(&kafka, &topic, 500, t).await.unwrap();
+    raw_produce(&producer, &topic, 500, 32).await.unwrap();
+    // 500 and the record that readied the producer.
+    let secs = wait_for_records(&kafka, &topic, 501, t).await.unwrap();
     assert!(Report::new("kafka-producer", 500, secs).rate() > 0.0);
 
     // MQTT QoS 0 and 1, HTTP QoS 1, idle connections, all on one provisioned fleet.

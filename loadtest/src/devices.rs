@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use futures_util::stream::{self, StreamExt};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rumqttc::mqttbytes::{QoS, v4};
 use sha2::Digest;
 use std::sync::Arc;
@@ -421,6 +421,36 @@ pub async fn raw_producer(
     n: usize,
     size: usize,
 ) -> anyhow::Result<()> {
+    raw_produce(
+        &raw_producer_ready(bootstrap, topic, None).await?,
+        topic,
+        n,
+        size,
+    )
+    .await
+}
+
+/// A producer configured like the gateway's, connected and holding `topic`'s metadata. With
+/// `partitions` it is ready the way a running gateway's producer is, so a timed run starts with
+/// its first record: the topic is created with as many partitions as the gateway gives a
+/// tenant's topics, and one record is sent and acknowledged first (its producer id acquired),
+/// so the topic holds one record more than the run sends.
+pub async fn raw_producer_ready(
+    bootstrap: &str,
+    topic: &str,
+    partitions: Option<i32>,
+) -> anyhow::Result<FutureProducer> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    if let Some(partitions) = partitions {
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("log_level", "3")
+            .create()?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+            result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+        }
+    }
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -428,6 +458,53 @@ pub async fn raw_producer(
         .set("linger.ms", "5")
         .set("log_level", "3")
         .create()?;
+    let client = producer.clone();
+    let topic_name = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        client
+            .client()
+            .fetch_metadata(Some(&topic_name), std::time::Duration::from_secs(10))
+            .map(|_| ())
+    })
+    .await??;
+    if partitions.is_some() {
+        raw_produce(&producer, topic, 1, 1).await?;
+    }
+    Ok(producer)
+}
+
+/// Sends `n` records like the gateway's on `producer` and waits for every ack: 10 000 in flight,
+/// sent from one task per core as the gateway's connections are served on every core, so the
+/// application side is never what limits the ceiling.
+pub async fn raw_produce(
+    producer: &FutureProducer,
+    topic: &str,
+    n: usize,
+    size: usize,
+) -> anyhow::Result<()> {
+    let tasks = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (producer, topic) = (producer.clone(), topic.to_owned());
+            let share = n / tasks + usize::from(t < n % tasks);
+            tokio::spawn(async move {
+                produce_share(&producer, &topic, share, size, 10_000 / tasks).await
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await??;
+    }
+    Ok(())
+}
+
+async fn produce_share(
+    producer: &FutureProducer,
+    topic: &str,
+    n: usize,
+    size: usize,
+    window: usize,
+) -> anyhow::Result<()> {
     let payload = vec![b'x'; size];
     let results: Vec<anyhow::Result<()>> = stream::iter(0..n)
         .map(|i| {
@@ -466,7 +543,7 @@ pub async fn raw_producer(
                     .map_err(|(e, _)| anyhow::anyhow!(e))
             }
         })
-        .buffer_unordered(10_000)
+        .buffer_unordered(window.max(1))
         .collect()
         .await;
     results.into_iter().collect()
