@@ -516,6 +516,7 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
     event: Event,
 ) -> Result<(), ConnectionError> {
     match event {
+        // Reads are handled where they happen, in the serving loop.
         Event::Read(_) => {}
         Event::Acked(done) => {
             // Every publish the broker has acknowledged by now is answered in one write.
