@@ -319,18 +319,26 @@ impl CommandHub {
         }
     }
 
-    /// Ends a subscription unless a newer one replaced it (here, or on another instance).
-    pub async fn unsubscribe(&self, tenant: &str, device: &str, token: SubscriptionToken) {
+    /// Ends a subscription unless a newer one replaced it, here or on another instance (the
+    /// routing state then names that instance). `true` when this ended the device's
+    /// reachability, so that its end may be announced (`ttd=0`); `false` when a newer
+    /// subscription lives on. Without an answer from the routing state, this instance's own
+    /// view decides.
+    pub async fn unsubscribe(&self, tenant: &str, device: &str, token: SubscriptionToken) -> bool {
         if !self.forget(tenant, device, token) {
-            return;
+            return false;
         }
-        if let Err(e) = self
+        match self
             .inner
             .routing
             .unregister(tenant, device, &self.inner.instance_id)
             .await
         {
-            tracing::warn!(error = %e, "unregistering a command consumer failed");
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "unregistering a command consumer failed");
+                true
+            }
         }
     }
 
@@ -512,14 +520,30 @@ impl CommandHub {
         outcome: Option<&OutcomeRoute>,
         reason: &str,
     ) {
+        self.not_delivered(tenant, device, correlation_id, outcome, 503, reason)
+            .await
+    }
+
+    /// [`Self::undelivered`] with the status that says why: 503 for a device that could not
+    /// be reached now, a 4xx for a command the device can never take (the bridge rejects the
+    /// application's transfer then instead of releasing it).
+    pub async fn not_delivered(
+        &self,
+        tenant: &str,
+        device: &str,
+        correlation_id: Option<&str>,
+        outcome: Option<&OutcomeRoute>,
+        status: u16,
+        reason: &str,
+    ) {
         match (outcome, correlation_id) {
             (Some(route), cid) => {
                 if let Some(cid) = cid {
                     self.awaiting().remove(tenant, cid);
                 }
-                self.report_outcome(device, route, 503, reason);
+                self.report_outcome(device, route, status, reason);
             }
-            (None, Some(cid)) => self.fail(tenant, device, cid, 503, reason).await,
+            (None, Some(cid)) => self.fail(tenant, device, cid, status, reason).await,
             (None, None) => {}
         }
     }

@@ -41,6 +41,9 @@ pub struct HttpConfig {
     pub max_ttd_secs: i64,
     /// Idle timeout of long polls (seconds); a ttd is capped at 80 % of it.
     pub idle_timeout_secs: i64,
+    /// `false` refuses unauthenticated devices (401) whatever a tenant allows; `true` leaves
+    /// it to the tenant's `hono-http` entry (`device-authentication-required`).
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for HttpConfig {
@@ -51,6 +54,7 @@ impl Default for HttpConfig {
             realm: "Hono".into(),
             max_ttd_secs: 60,
             idle_timeout_secs: 75,
+            allow_unauthenticated: true,
         }
     }
 }

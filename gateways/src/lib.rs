@@ -76,8 +76,16 @@ pub async fn serve(
         registry.pool().clone(),
         Duration::from_secs(cfg.instance_timeout_secs),
     );
-    let pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size)
+    let mut pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size)
         .with_last_gateways(commands::LastGateways::new(routing.clone()));
+    for (allowed, adapter) in [
+        (cfg.http.allow_unauthenticated, pipeline::AdapterType::Http),
+        (cfg.mqtt.allow_unauthenticated, pipeline::AdapterType::Mqtt),
+    ] {
+        if !allowed {
+            pipeline = pipeline.forbid_anonymous(adapter);
+        }
+    }
     let hub = commands::CommandHub::new(
         routing,
         sender.clone(),

@@ -58,6 +58,16 @@ static CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
     ))
 });
 
+static UNAUTHENTICATED: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    registered(prometheus::IntGaugeVec::new(
+        Opts::new(
+            "hono_connections_unauthenticated",
+            "Open connections of devices that did not authenticate",
+        ),
+        &["component_name"],
+    ))
+});
+
 static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(IntCounterVec::new(
         Opts::new(
@@ -81,6 +91,13 @@ pub struct ConnectionGuard(prometheus::IntGauge);
 impl ConnectionGuard {
     pub fn new(adapter: &str, tenant: &str) -> Self {
         let g = CONNECTIONS.with_label_values(&[adapter, tenant]);
+        g.inc();
+        ConnectionGuard(g)
+    }
+
+    /// Tracks an open connection of a device that did not authenticate.
+    pub fn unauthenticated(adapter: &str) -> Self {
+        let g = UNAUTHENTICATED.with_label_values(&[adapter]);
         g.inc();
         ConnectionGuard(g)
     }
@@ -156,6 +173,7 @@ pub fn init() {
     LazyLock::force(&PAYLOAD);
     LazyLock::force(&REJECTED);
     LazyLock::force(&CONNECTIONS);
+    LazyLock::force(&UNAUTHENTICATED);
     LazyLock::force(&ATTEMPTS);
     LazyLock::force(&PRODUCER_REPLACED);
 }

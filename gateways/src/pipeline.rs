@@ -73,6 +73,16 @@ pub enum Origin {
     Anonymous,
 }
 
+impl Origin {
+    /// The authenticated device, if the sender is one.
+    pub fn device(&self) -> Option<&Arc<AuthenticatedDevice>> {
+        match self {
+            Origin::Device(d) => Some(d),
+            Origin::Anonymous => None,
+        }
+    }
+}
+
 /// One device message as an adapter hands it over.
 #[derive(Debug, Clone)]
 pub struct Upload {
@@ -202,6 +212,8 @@ pub struct IngestPipeline {
     max_payload_size: usize,
     /// Where gateways acting for devices are recorded for command routing, if commands run.
     last_gateways: Option<Arc<crate::commands::LastGateways>>,
+    /// Adapters whose configuration refuses unauthenticated devices whatever a tenant allows.
+    anonymous_forbidden: Vec<AdapterType>,
 }
 
 struct Resolved {
@@ -222,7 +234,22 @@ impl IngestPipeline {
             sender,
             max_payload_size,
             last_gateways: None,
+            anonymous_forbidden: Vec::new(),
         }
+    }
+
+    /// Refuses unauthenticated devices on `adapter` (`gateway.<adapter>.allow_unauthenticated
+    /// = false`), even for tenants whose adapter entry sets `device-authentication-required:
+    /// false`.
+    pub fn forbid_anonymous(mut self, adapter: AdapterType) -> Self {
+        self.anonymous_forbidden.push(adapter);
+        self
+    }
+
+    /// Whether unauthenticated devices may use `adapter` at all; the tenant's adapter entry
+    /// then decides per message.
+    pub fn allows_anonymous(&self, adapter: AdapterType) -> bool {
+        !self.anonymous_forbidden.contains(&adapter)
     }
 
     /// Records each gateway acting for a device, so commands find the device's gateway.
@@ -404,6 +431,12 @@ impl IngestPipeline {
         device: Arc<Option<Device>>,
         gateway: Option<Arc<Option<Device>>>,
     ) -> Result<Authorised, UploadError> {
+        if who.anonymous && !self.allows_anonymous(adapter) {
+            return Err(UploadError::Unauthorized(format!(
+                "the {} adapter requires device authentication",
+                adapter.name()
+            )));
+        }
         let t = tenant
             .as_ref()
             .as_ref()

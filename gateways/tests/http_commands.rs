@@ -353,9 +353,11 @@ async fn unanswered_and_undeliverable_commands_get_503_responses() {
     let r = poll.await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let req_id = header(&r, "hono-cmd-req-id").unwrap();
-    let responses = read(&format!("hono.command_response.{tenant}"), 2).await;
-    let timeout = &responses[1];
-    assert_eq!(timeout.headers["correlation-id"], "c-timeout");
+    // The router answers at least once: the first 503 may have come twice.
+    let timeout = read_matching(&format!("hono.command_response.{tenant}"), |r| {
+        r.headers["correlation-id"] == "c-timeout"
+    })
+    .await;
     assert_eq!(timeout.headers["status"], "503");
     assert_eq!(
         timeout.headers["content-type"],
@@ -369,11 +371,9 @@ async fn unanswered_and_undeliverable_commands_get_503_responses() {
         .await
         .unwrap();
     assert_eq!(late.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        read(&format!("hono.command_response.{tenant}"), 2)
-            .await
-            .len(),
-        2,
-        "the late answer was not written"
+    let all = read(&format!("hono.command_response.{tenant}"), 2).await;
+    assert!(
+        all.iter().all(|r| r.headers["status"] == "503"),
+        "the late answer was not written: {all:?}"
     );
 }

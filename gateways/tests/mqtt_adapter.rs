@@ -5,6 +5,7 @@
 mod common;
 
 use bytes::BytesMut;
+use common::mqtt::*;
 use common::*;
 use ferrule_gateways::GatewayConfig;
 use rumqttc::mqttbytes::QoS;
@@ -12,7 +13,7 @@ use rumqttc::mqttbytes::v4;
 use serde_json::json;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// Runs `mosquitto_pub`; returns whether it succeeded and what it printed on stderr.
@@ -57,84 +58,6 @@ async fn mosquitto_pub(
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).to_lowercase(),
     )
-}
-
-fn user(device: &str, tenant: &str) -> String {
-    format!("{device}@{tenant}")
-}
-
-/// A raw MQTT 3.1.1 client, for watching what the gateway does to the connection.
-struct RawClient {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl RawClient {
-    async fn connect(
-        port: u16,
-        username: &str,
-        keep_alive: u16,
-    ) -> (RawClient, v4::ConnectReturnCode) {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut c = RawClient {
-            stream,
-            buf: BytesMut::new(),
-        };
-        let mut connect = v4::Connect::new(random_id("raw"));
-        connect.keep_alive = keep_alive;
-        connect.set_login(username, "pw");
-        c.send(v4::Packet::Connect(connect)).await;
-        let code = match c.next().await {
-            Some(v4::Packet::ConnAck(a)) => a.code,
-            other => panic!("expected CONNACK, got {other:?}"),
-        };
-        (c, code)
-    }
-
-    async fn send(&mut self, p: v4::Packet) {
-        let mut out = BytesMut::new();
-        p.write(&mut out, 1 << 20).unwrap();
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, pkid: u16) {
-        let mut p = v4::Publish::new(topic, qos, payload.to_vec());
-        p.pkid = pkid;
-        self.send(v4::Packet::Publish(p)).await;
-    }
-
-    /// The next packet, or `None` once the gateway closed the connection (within 5 s).
-    async fn next(&mut self) -> Option<v4::Packet> {
-        self.next_within(Duration::from_secs(5)).await
-    }
-
-    async fn next_within(&mut self, limit: Duration) -> Option<v4::Packet> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match v4::Packet::read(&mut self.buf, 1 << 20) {
-                Ok(p) => return Some(p),
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-                Err(e) => panic!("bad packet from the gateway: {e}"),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(_)) => {}
-                Err(_) => panic!("the gateway neither answered nor closed within {limit:?}"),
-            }
-        }
-    }
-
-    /// Asserts that the gateway closes the connection (sending nothing but PUBACKs first).
-    async fn expect_closed(&mut self) {
-        loop {
-            match self.next().await {
-                None => return,
-                Some(v4::Packet::PubAck(_)) => {}
-                Some(other) => panic!("expected the connection to close, got {other:?}"),
-            }
-        }
-    }
 }
 
 #[tokio::test]

@@ -42,6 +42,8 @@ pub struct ConnectRequest {
     pub keep_alive_secs: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// MQTT 5's Maximum Packet Size: the largest packet the client accepts.
+    pub max_packet_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,10 +69,61 @@ pub enum ConnectOutcome {
     UseAnotherServer,
 }
 
+/// What the server announces in an MQTT 5 CONNACK that accepts a connection (§3.2.2.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    /// The client id the server chose for a client that sent an empty one [MQTT-3.2.2-16].
+    pub assigned_client_id: Option<String>,
+    /// Receive Maximum: QoS 1 publishes the server takes before it stops reading.
+    pub receive_maximum: u16,
+    /// Maximum Packet Size the server accepts.
+    pub maximum_packet_size: u32,
+}
+
+/// Why the server ends a connection. MQTT 5 clients are told in a DISCONNECT first
+/// (§3.14.2.1); MQTT 3.1.1 has no server DISCONNECT, the connection is just closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Unspecified,
+    MalformedPacket,
+    ProtocolError,
+    ImplementationSpecific,
+    NotAuthorized,
+    ServerBusy,
+    ServerShuttingDown,
+    KeepAliveTimeout,
+    TopicAliasInvalid,
+    PacketTooLarge,
+    QosNotSupported,
+}
+
+impl CloseReason {
+    fn v5(self) -> v5::DisconnectReasonCode {
+        use v5::DisconnectReasonCode as D;
+        match self {
+            CloseReason::Unspecified => D::UnspecifiedError,
+            CloseReason::MalformedPacket => D::MalformedPacket,
+            CloseReason::ProtocolError => D::ProtocolError,
+            CloseReason::ImplementationSpecific => D::ImplementationSpecificError,
+            CloseReason::NotAuthorized => D::NotAuthorized,
+            CloseReason::ServerBusy => D::ServerBusy,
+            CloseReason::ServerShuttingDown => D::ServerShuttingDown,
+            CloseReason::KeepAliveTimeout => D::KeepAliveTimeout,
+            CloseReason::TopicAliasInvalid => D::TopicAliasInvalid,
+            CloseReason::PacketTooLarge => D::PacketTooLarge,
+            CloseReason::QosNotSupported => D::QoSNotSupported,
+        }
+    }
+}
+
 /// A packet to a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    ConnAck(ConnectOutcome),
+    /// `announce` is sent (MQTT 5 only) with an accepting CONNACK.
+    ConnAck {
+        outcome: ConnectOutcome,
+        announce: Option<Box<Announce>>,
+    },
     PubAck(u16),
     /// Per filter the granted QoS, or `None` for a refused one (0x80).
     SubAck {
@@ -78,28 +131,133 @@ pub enum Outbound {
         granted: Vec<Option<u8>>,
     },
     /// A message to the device: error messages at QoS 0, commands at the granted QoS
-    /// (`pkid` is used for QoS 1 only).
+    /// (`pkid` is used for QoS 1 only). MQTT 5 devices get the content type as the Content
+    /// Type property.
     Publish {
         topic: String,
         payload: Vec<u8>,
         qos1: bool,
         pkid: u16,
+        content_type: Option<String>,
     },
+    /// Per filter whether it ended a subscription (MQTT 5: 0x00, else 0x11).
     UnsubAck {
         pkid: u16,
-        filters: usize,
+        ended: Vec<bool>,
     },
     PingResp,
+    /// MQTT 5 only: encodes to nothing for 3.1.1.
+    Disconnect(CloseReason),
+}
+
+impl Outbound {
+    /// A CONNACK without properties: refusals, and acceptances of 3.1.1 clients.
+    pub fn connack(outcome: ConnectOutcome) -> Self {
+        Outbound::ConnAck {
+            outcome,
+            announce: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error("packet larger than {0} bytes")]
     TooLarge(usize),
+    /// Not a well-formed packet: bad lengths, ill-formed UTF-8, U+0000 in a string.
     #[error("malformed packet: {0}")]
     Malformed(String),
+    /// A well-formed packet the protocol forbids here: a wildcard in a topic name, an empty
+    /// SUBSCRIBE, a filter with a misplaced wildcard.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("QoS 2 is not supported")]
+    QosNotSupported,
+    /// The server announces Topic Alias Maximum 0: any Topic Alias is invalid.
+    #[error("topic aliases are not supported")]
+    TopicAlias,
     #[error("the first packet must be CONNECT")]
     NotConnect,
+}
+
+impl CodecError {
+    /// What an MQTT 5 client is told before the connection closes.
+    pub fn close_reason(&self) -> CloseReason {
+        match self {
+            CodecError::TooLarge(_) => CloseReason::PacketTooLarge,
+            CodecError::Malformed(_) => CloseReason::MalformedPacket,
+            CodecError::Protocol(_) | CodecError::NotConnect => CloseReason::ProtocolError,
+            CodecError::QosNotSupported => CloseReason::QosNotSupported,
+            CodecError::TopicAlias => CloseReason::TopicAliasInvalid,
+        }
+    }
+}
+
+/// The specifications' rule for every UTF-8 encoded string of a packet (3.1.1 §1.5.3,
+/// 5.0 §1.5.4): well-formed UTF-8 (the decoder turns bytes into `str` only if they are) and
+/// no U+0000 [MQTT-1.5.3-2], [MQTT-1.5.4-2]; either breach makes the packet malformed.
+/// Code points the specifications only advise against (other control characters,
+/// non-characters) are accepted.
+pub fn check_string(what: &str, s: &str) -> Result<(), CodecError> {
+    if s.contains('\0') {
+        return Err(CodecError::Malformed(format!("{what} contains U+0000")));
+    }
+    Ok(())
+}
+
+/// [`check_string`] for raw bytes.
+fn string_from_bytes(what: &str, b: &[u8]) -> Result<String, CodecError> {
+    let s = std::str::from_utf8(b)
+        .map_err(|_| CodecError::Malformed(format!("{what} is not well-formed UTF-8")))?;
+    check_string(what, s)?;
+    Ok(s.to_owned())
+}
+
+/// A topic name of a PUBLISH or a will: a valid string, at least one character, and no
+/// wildcard [MQTT-4.7.3-1], [MQTT-3.3.2-2].
+pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
+    check_string("topic name", topic)?;
+    if topic.is_empty() {
+        return Err(CodecError::Protocol("empty topic name".into()));
+    }
+    if topic.contains(['+', '#']) {
+        return Err(CodecError::Protocol(format!(
+            "topic name `{topic}` contains a wildcard"
+        )));
+    }
+    Ok(())
+}
+
+/// A topic filter of a SUBSCRIBE or UNSUBSCRIBE: a valid string, at least one character,
+/// `#` only as the whole last level and `+` only as a whole level [MQTT-4.7.1-2],
+/// [MQTT-4.7.1-3], [MQTT-4.7.3-1].
+pub fn check_topic_filter(filter: &str) -> Result<(), CodecError> {
+    check_string("topic filter", filter)?;
+    if filter.is_empty() {
+        return Err(CodecError::Protocol("empty topic filter".into()));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let misplaced = match *level {
+            "#" => i + 1 != levels.len(),
+            "+" => false,
+            other => other.contains(['+', '#']),
+        };
+        if misplaced {
+            return Err(CodecError::Protocol(format!(
+                "topic filter `{filter}` has a misplaced wildcard"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every string of a list of user properties.
+fn check_user_properties(props: &[(String, String)]) -> Result<(), CodecError> {
+    props.iter().try_for_each(|(k, v)| {
+        check_string("user property", k)?;
+        check_string("user property", v)
+    })
 }
 
 /// Reads the protocol level of a CONNECT at the start of `buf`; `None` until enough bytes
@@ -139,7 +297,8 @@ pub fn detect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     }
 }
 
-/// Takes one packet off `buf`; `None` until a whole packet arrived.
+/// Takes one packet off `buf`; `None` until a whole packet arrived. Every string of the
+/// packet has been checked by the rules above.
 pub fn decode(
     version: Version,
     buf: &mut BytesMut,
@@ -150,7 +309,7 @@ pub fn decode(
     }
     match version {
         Version::V311 => match v4::Packet::read(buf, max_packet) {
-            Ok(p) => Ok(Some(from_v4(p))),
+            Ok(p) => from_v4(p).map(Some),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
             Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
                 Err(CodecError::TooLarge(max_packet))
@@ -158,7 +317,7 @@ pub fn decode(
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         },
         Version::V5 => match v5::Packet::read(buf, Some(max_packet as u32)) {
-            Ok(p) => Ok(Some(from_v5(p))),
+            Ok(p) => from_v5(p).map(Some),
             Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
             Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. }) => {
                 Err(CodecError::TooLarge(max_packet))
@@ -168,86 +327,180 @@ pub fn decode(
     }
 }
 
-fn qos_u8_v4(q: rumqttc::mqttbytes::QoS) -> u8 {
-    q as u8
+/// The QoS of a PUBLISH; QoS 2 is refused here, before anything else of the packet counts.
+fn publish_qos(qos: u8) -> Result<u8, CodecError> {
+    match qos {
+        0 | 1 => Ok(qos),
+        _ => Err(CodecError::QosNotSupported),
+    }
 }
 
-fn from_v4(p: v4::Packet) -> Inbound {
-    match p {
-        v4::Packet::Connect(c) => Inbound::Connect(ConnectRequest {
-            version: Version::V311,
-            client_id: c.client_id,
-            keep_alive_secs: c.keep_alive,
-            username: c.login.as_ref().map(|l| l.username.clone()),
-            password: c.login.map(|l| l.password),
-        }),
-        v4::Packet::Publish(p) => Inbound::Publish(PublishRequest {
-            topic: p.topic,
-            qos: qos_u8_v4(p.qos),
-            retain: p.retain,
-            pkid: p.pkid,
-            payload: p.payload,
-            content_type: None,
-            traceparent: None,
-        }),
+fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
+    Ok(match p {
+        v4::Packet::Connect(c) => {
+            check_string("client id", &c.client_id)?;
+            if let Some(will) = &c.last_will {
+                check_topic_name(&will.topic)?;
+            }
+            if let Some(login) = &c.login {
+                check_string("user name", &login.username)?;
+            }
+            Inbound::Connect(ConnectRequest {
+                version: Version::V311,
+                client_id: c.client_id,
+                keep_alive_secs: c.keep_alive,
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| l.password),
+                max_packet_size: None,
+            })
+        }
+        v4::Packet::Publish(p) => {
+            let qos = publish_qos(p.qos as u8)?;
+            check_topic_name(&p.topic)?;
+            Inbound::Publish(PublishRequest {
+                topic: p.topic,
+                qos,
+                retain: p.retain,
+                pkid: p.pkid,
+                payload: p.payload,
+                content_type: None,
+                traceparent: None,
+            })
+        }
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
-        v4::Packet::Subscribe(s) => Inbound::Subscribe {
-            pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| (f.path, f.qos as u8))
-                .collect(),
-        },
-        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
-            pkid: u.pkid,
-            filters: u.topics,
-        },
+        v4::Packet::Subscribe(s) => {
+            if s.filters.is_empty() {
+                return Err(CodecError::Protocol("SUBSCRIBE without a filter".into()));
+            }
+            s.filters
+                .iter()
+                .try_for_each(|f| check_topic_filter(&f.path))?;
+            Inbound::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, f.qos as u8))
+                    .collect(),
+            }
+        }
+        v4::Packet::Unsubscribe(u) => {
+            if u.topics.is_empty() {
+                return Err(CodecError::Protocol("UNSUBSCRIBE without a filter".into()));
+            }
+            u.topics.iter().try_for_each(|f| check_topic_filter(f))?;
+            Inbound::Unsubscribe {
+                pkid: u.pkid,
+                filters: u.topics,
+            }
+        }
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect,
         v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
             Inbound::Unsupported("QoS 2")
         }
         _ => Inbound::Unsupported("server-side packet"),
-    }
+    })
 }
 
-fn from_v5(p: v5::Packet) -> Inbound {
-    match p {
-        v5::Packet::Connect(c, _will, login) => Inbound::Connect(ConnectRequest {
-            version: Version::V5,
-            client_id: c.client_id,
-            keep_alive_secs: c.keep_alive,
-            username: login.as_ref().map(|l| l.username.clone()),
-            password: login.map(|l| l.password),
-        }),
-        v5::Packet::Publish(p) => Inbound::Publish(PublishRequest {
-            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-            qos: p.qos as u8,
-            retain: p.retain,
-            pkid: p.pkid,
-            payload: p.payload,
-            traceparent: p.properties.as_ref().and_then(|pr| {
-                pr.user_properties
-                    .iter()
-                    .find(|(k, _)| k == "traceparent")
-                    .map(|(_, v)| v.clone())
-            }),
-            content_type: p.properties.and_then(|pr| pr.content_type),
-        }),
+fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
+    Ok(match p {
+        v5::Packet::Connect(c, will, login) => {
+            check_string("client id", &c.client_id)?;
+            if let Some(will) = &will {
+                check_topic_name(&string_from_bytes("will topic", &will.topic)?)?;
+                if let Some(props) = &will.properties {
+                    check_user_properties(&props.user_properties)?;
+                    for s in [&props.content_type, &props.response_topic]
+                        .into_iter()
+                        .flatten()
+                    {
+                        check_string("will property", s)?;
+                    }
+                }
+            }
+            if let Some(login) = &login {
+                check_string("user name", &login.username)?;
+            }
+            if let Some(props) = &c.properties {
+                check_user_properties(&props.user_properties)?;
+                if let Some(m) = &props.authentication_method {
+                    check_string("authentication method", m)?;
+                }
+            }
+            Inbound::Connect(ConnectRequest {
+                version: Version::V5,
+                max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+                client_id: c.client_id,
+                keep_alive_secs: c.keep_alive,
+                username: login.as_ref().map(|l| l.username.clone()),
+                password: login.map(|l| l.password),
+            })
+        }
+        v5::Packet::Publish(p) => {
+            let qos = publish_qos(p.qos as u8)?;
+            if let Some(props) = &p.properties {
+                if props.topic_alias.is_some() {
+                    return Err(CodecError::TopicAlias);
+                }
+                check_user_properties(&props.user_properties)?;
+                if let Some(ct) = &props.content_type {
+                    check_string("content type", ct)?;
+                }
+                if let Some(rt) = &props.response_topic {
+                    check_topic_name(rt)?;
+                }
+            }
+            let topic = string_from_bytes("topic name", &p.topic)?;
+            check_topic_name(&topic)?;
+            Inbound::Publish(PublishRequest {
+                topic,
+                qos,
+                retain: p.retain,
+                pkid: p.pkid,
+                payload: p.payload,
+                traceparent: p.properties.as_ref().and_then(|pr| {
+                    pr.user_properties
+                        .iter()
+                        .find(|(k, _)| k == "traceparent")
+                        .map(|(_, v)| v.clone())
+                }),
+                content_type: p.properties.and_then(|pr| pr.content_type),
+            })
+        }
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
-        v5::Packet::Subscribe(s) => Inbound::Subscribe {
-            pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| (f.path, f.qos as u8))
-                .collect(),
-        },
-        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
-            pkid: u.pkid,
-            filters: u.filters,
-        },
+        v5::Packet::Subscribe(s) => {
+            if s.filters.is_empty() {
+                return Err(CodecError::Protocol("SUBSCRIBE without a filter".into()));
+            }
+            s.filters
+                .iter()
+                .try_for_each(|f| check_topic_filter(&f.path))?;
+            if let Some(props) = &s.properties {
+                check_user_properties(&props.user_properties)?;
+            }
+            Inbound::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, f.qos as u8))
+                    .collect(),
+            }
+        }
+        v5::Packet::Unsubscribe(u) => {
+            if u.filters.is_empty() {
+                return Err(CodecError::Protocol("UNSUBSCRIBE without a filter".into()));
+            }
+            u.filters.iter().try_for_each(|f| check_topic_filter(f))?;
+            if let Some(props) = &u.properties {
+                check_user_properties(&props.user_properties)?;
+            }
+            Inbound::Unsubscribe {
+                pkid: u.pkid,
+                filters: u.filters,
+            }
+        }
         v5::Packet::PingReq(_) => Inbound::PingReq,
         v5::Packet::Disconnect(_) => Inbound::Disconnect,
         v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
@@ -255,7 +508,7 @@ fn from_v5(p: v5::Packet) -> Inbound {
         }
         v5::Packet::Auth(_) => Inbound::Unsupported("AUTH"),
         _ => Inbound::Unsupported("server-side packet"),
-    }
+    })
 }
 
 /// Appends `packet` to `buf` in the connection's protocol version.
@@ -264,9 +517,9 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
     match version {
         Version::V311 => {
             let p = match packet {
-                Outbound::ConnAck(o) => {
+                Outbound::ConnAck { outcome, .. } => {
                     use v4::ConnectReturnCode as C;
-                    let code = match o {
+                    let code = match outcome {
                         ConnectOutcome::Accepted => C::Success,
                         ConnectOutcome::BadCredentials => C::BadUserNamePassword,
                         ConnectOutcome::NotAuthorized => C::NotAuthorized,
@@ -293,6 +546,7 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     payload,
                     qos1,
                     pkid,
+                    ..
                 } => {
                     let qos = if *qos1 {
                         QoS::AtLeastOnce
@@ -307,14 +561,16 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                 }
                 Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
                 Outbound::PingResp => v4::Packet::PingResp,
+                // 3.1.1 servers close without a word.
+                Outbound::Disconnect(_) => return Ok(()),
             };
             p.write(buf, usize::MAX).map_err(|e| err(e.to_string()))?;
         }
         Version::V5 => {
             let p = match packet {
-                Outbound::ConnAck(o) => {
+                Outbound::ConnAck { outcome, announce } => {
                     use v5::ConnectReturnCode as C;
-                    let code = match o {
+                    let code = match outcome {
                         ConnectOutcome::Accepted => C::Success,
                         ConnectOutcome::BadCredentials => C::BadUserNamePassword,
                         ConnectOutcome::NotAuthorized => C::NotAuthorized,
@@ -324,7 +580,7 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     v5::Packet::ConnAck(v5::ConnAck {
                         session_present: false,
                         code,
-                        properties: None,
+                        properties: announce.as_deref().map(connack_properties),
                     })
                 }
                 Outbound::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck {
@@ -349,29 +605,72 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     payload,
                     qos1,
                     pkid,
+                    content_type,
                 } => {
                     let qos = if *qos1 {
                         QoS5::AtLeastOnce
                     } else {
                         QoS5::AtMostOnce
                     };
-                    let mut p = v5::Publish::new(topic.as_str(), qos, payload.clone(), None);
+                    let properties = content_type.as_ref().map(|ct| v5::PublishProperties {
+                        content_type: Some(ct.clone()),
+                        ..Default::default()
+                    });
+                    let mut p = v5::Publish::new(topic.as_str(), qos, payload.clone(), properties);
                     if *qos1 {
                         p.pkid = *pkid;
                     }
                     v5::Packet::Publish(p)
                 }
-                Outbound::UnsubAck { pkid, filters } => v5::Packet::UnsubAck(v5::UnsubAck {
+                Outbound::UnsubAck { pkid, ended } => v5::Packet::UnsubAck(v5::UnsubAck {
                     pkid: *pkid,
-                    reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; *filters],
+                    reasons: ended
+                        .iter()
+                        .map(|e| match e {
+                            true => v5::UnsubAckReason::Success,
+                            false => v5::UnsubAckReason::NoSubscriptionExisted,
+                        })
+                        .collect(),
                     properties: None,
                 }),
                 Outbound::PingResp => v5::Packet::PingResp(v5::PingResp),
+                Outbound::Disconnect(reason) => {
+                    // Written here: rumqttc 0.25 announces one byte and writes two. The
+                    // reason code and an empty property length.
+                    buf.extend_from_slice(&[0xe0, 2, reason.v5() as u8, 0]);
+                    return Ok(());
+                }
             };
             p.write(buf, None).map_err(|e| err(e.to_string()))?;
         }
     }
     Ok(())
+}
+
+/// The CONNACK properties of an accepted MQTT 5 connection, as implemented: QoS 0 and 1,
+/// retained publishes accepted (forwarded with `x-opt-retain`, never stored), wildcard
+/// filters (a gateway's `command//+/req/#`), no shared subscriptions, no subscription
+/// identifiers, no topic aliases.
+fn connack_properties(a: &Announce) -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: Some(a.receive_maximum),
+        max_qos: Some(1),
+        retain_available: Some(1),
+        max_packet_size: Some(a.maximum_packet_size),
+        assigned_client_identifier: a.assigned_client_id.clone(),
+        topic_alias_max: Some(0),
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(0),
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +734,7 @@ mod tests {
                 keep_alive_secs: 30,
                 username: Some("u@t".into()),
                 password: Some("pw".into()),
+                max_packet_size: None,
             })
         );
         assert!(buf.is_empty());
@@ -479,10 +779,10 @@ mod tests {
         ];
         for (outcome, v311, v5) in cases {
             let mut buf = BytesMut::new();
-            encode(Version::V311, &Outbound::ConnAck(outcome), &mut buf).unwrap();
+            encode(Version::V311, &Outbound::connack(outcome), &mut buf).unwrap();
             assert_eq!(&buf[..], &[0x20, 2, 0, v311], "{outcome:?}");
             let mut buf = BytesMut::new();
-            encode(Version::V5, &Outbound::ConnAck(outcome), &mut buf).unwrap();
+            encode(Version::V5, &Outbound::connack(outcome), &mut buf).unwrap();
             assert_eq!(&buf[..4], &[0x20, 3, 0, v5], "{outcome:?}");
         }
     }
@@ -507,11 +807,148 @@ mod tests {
             payload: b"x".to_vec(),
             qos1: false,
             pkid: 0,
+            content_type: None,
         };
         encode(Version::V311, &p, &mut buf).unwrap();
         assert_eq!(&buf[..], &[0x30, 4, 0, 1, b'e', b'x']);
         let mut buf = BytesMut::new();
         encode(Version::V311, &Outbound::PingResp, &mut buf).unwrap();
         assert_eq!(&buf[..], &[0xd0, 0]);
+    }
+
+    fn decode_all(version: Version, bytes: &[u8]) -> Result<Option<Inbound>, CodecError> {
+        decode(version, &mut BytesMut::from(bytes), 1024)
+    }
+
+    #[test]
+    fn ill_formed_utf8_and_nul_make_a_packet_malformed() {
+        // MQTT 5 PUBLISH QoS 1, topic 0xff (not UTF-8), packet id 1, no properties, "x".
+        let v5 = [0x32, 7, 0, 1, 0xff, 0, 1, 0, b'x'];
+        let e = decode_all(Version::V5, &v5).unwrap_err();
+        assert!(matches!(e, CodecError::Malformed(_)), "{e:?}");
+        assert_eq!(e.close_reason(), CloseReason::MalformedPacket);
+        // MQTT 3.1.1: the same topic, and a topic with U+0000.
+        let v311 = [0x30, 3, 0, 1, 0xff];
+        assert!(matches!(
+            decode_all(Version::V311, &v311),
+            Err(CodecError::Malformed(_))
+        ));
+        let nul = [0x30, 4, 0, 2, b'a', 0];
+        assert!(matches!(
+            decode_all(Version::V311, &nul),
+            Err(CodecError::Malformed(_))
+        ));
+        // A client id with U+0000 in a CONNECT.
+        let mut connect = CONNECT_311.to_vec();
+        connect[14] = 0;
+        assert!(matches!(
+            decode_all(Version::V311, &connect),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn wildcards_in_topic_names_are_protocol_errors() {
+        for topic in [&b"t/+"[..], b"t/#", b"telemetry/?on-error=#"] {
+            let mut v311 = vec![0x30, 2 + topic.len() as u8, 0, topic.len() as u8];
+            v311.extend_from_slice(topic);
+            let e = decode_all(Version::V311, &v311).unwrap_err();
+            assert!(matches!(e, CodecError::Protocol(_)), "{e:?}");
+            let mut v5 = vec![0x30, 3 + topic.len() as u8, 0, topic.len() as u8];
+            v5.extend_from_slice(topic);
+            v5.push(0);
+            let e = decode_all(Version::V5, &v5).unwrap_err();
+            assert_eq!(e.close_reason(), CloseReason::ProtocolError, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn topic_filters_follow_the_wildcard_rules() {
+        for good in ["command//+/req/#", "#", "+", "a/+/b", "error///#"] {
+            assert_eq!(check_topic_filter(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "+a/b", "a/\0"] {
+            assert!(check_topic_filter(bad).is_err(), "{bad:?}");
+        }
+        // SUBSCRIBE, 3.1.1, packet id 1, filter "a/#/b" QoS 0.
+        let sub = [0x82, 10, 0, 1, 0, 5, b'a', b'/', b'#', b'/', b'b', 0];
+        assert!(matches!(
+            decode_all(Version::V311, &sub),
+            Err(CodecError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn qos2_and_topic_aliases_are_refused_with_their_codes() {
+        let qos2 = [0x34, 6, 0, 1, b't', 0, 1, b'x'];
+        let e = decode_all(Version::V311, &qos2).unwrap_err();
+        assert_eq!(e, CodecError::QosNotSupported);
+        // MQTT 5 PUBLISH QoS 0, topic "t", properties: Topic Alias (0x23) = 1.
+        let alias = [0x30, 7, 0, 1, b't', 3, 0x23, 0, 1];
+        let e = decode_all(Version::V5, &alias).unwrap_err();
+        assert_eq!(e.close_reason(), CloseReason::TopicAliasInvalid);
+    }
+
+    #[test]
+    fn mqtt5_connack_announces_what_the_server_implements() {
+        let mut buf = BytesMut::new();
+        let announce = Announce {
+            assigned_client_id: Some("ferrule-1".into()),
+            receive_maximum: 100,
+            maximum_packet_size: 3072,
+        };
+        let packet = Outbound::ConnAck {
+            outcome: ConnectOutcome::Accepted,
+            announce: Some(Box::new(announce)),
+        };
+        encode(Version::V5, &packet, &mut buf).unwrap();
+        let Ok(v5::Packet::ConnAck(ack)) = v5::Packet::read(&mut buf, None) else {
+            panic!("not a CONNACK")
+        };
+        let p = ack.properties.expect("properties");
+        assert_eq!(p.assigned_client_identifier.as_deref(), Some("ferrule-1"));
+        assert_eq!(p.max_qos, Some(1));
+        assert_eq!(p.receive_max, Some(100));
+        assert_eq!(p.max_packet_size, Some(3072));
+        assert_eq!(p.topic_alias_max, Some(0));
+        assert_eq!(p.shared_subscription_available, Some(0));
+        assert_eq!(p.wildcard_subscription_available, Some(1));
+    }
+
+    #[test]
+    fn disconnect_unsuback_and_content_type_per_version() {
+        let mut buf = BytesMut::new();
+        let bye = Outbound::Disconnect(CloseReason::PacketTooLarge);
+        encode(Version::V311, &bye, &mut buf).unwrap();
+        assert!(buf.is_empty(), "3.1.1 servers send no DISCONNECT");
+        encode(Version::V5, &bye, &mut buf).unwrap();
+        assert_eq!(&buf[..], &[0xe0, 2, 0x95, 0]);
+        let Ok(v5::Packet::Disconnect(d)) = v5::Packet::read(&mut buf, None) else {
+            panic!("not a DISCONNECT")
+        };
+        assert_eq!(d.reason_code, v5::DisconnectReasonCode::PacketTooLarge);
+        let mut buf = BytesMut::new();
+        let unsuback = Outbound::UnsubAck {
+            pkid: 3,
+            ended: vec![true, false],
+        };
+        encode(Version::V5, &unsuback, &mut buf).unwrap();
+        assert_eq!(&buf[..], &[0xb0, 5, 0, 3, 0, 0x00, 0x11]);
+        let mut buf = BytesMut::new();
+        let publish = Outbound::Publish {
+            topic: "command///req//x".into(),
+            payload: b"1".to_vec(),
+            qos1: false,
+            pkid: 0,
+            content_type: Some("text/plain".into()),
+        };
+        encode(Version::V5, &publish, &mut buf).unwrap();
+        let Ok(v5::Packet::Publish(p)) = v5::Packet::read(&mut buf, None) else {
+            panic!("not a PUBLISH")
+        };
+        assert_eq!(
+            p.properties.and_then(|p| p.content_type).as_deref(),
+            Some("text/plain")
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! registry revokes the device.
 
 use super::acks::{AckQueue, Waiting};
-use super::codec::{self, ConnectOutcome, Inbound, Outbound, PublishRequest, Version};
+use super::codec::{
+    self, Announce, CloseReason, ConnectOutcome, Inbound, Outbound, PublishRequest, Version,
+};
 use super::topic;
 use super::{ConnectionEvents, MqttConfig};
 use crate::commands::{CommandDelivery, CommandHub, DeviceResponse, SubscriptionToken};
@@ -34,8 +36,34 @@ pub enum ConnectionError {
     ConnectTimeout,
     #[error("refused: {0:?}")]
     Refused(ConnectOutcome),
-    #[error("closed: {0}")]
-    Closed(String),
+    #[error("closed: {1}")]
+    Closed(CloseReason, String),
+}
+
+impl ConnectionError {
+    /// What an MQTT 5 client is told in a DISCONNECT before the close; `None` when the
+    /// connection is gone already or never got as far as a CONNACK.
+    fn close_reason(&self) -> Option<CloseReason> {
+        match self {
+            ConnectionError::Codec(e) => Some(e.close_reason()),
+            ConnectionError::Closed(reason, _) => Some(*reason),
+            ConnectionError::Io(_)
+            | ConnectionError::ConnectTimeout
+            | ConnectionError::Refused(_) => None,
+        }
+    }
+}
+
+/// How a failed publish closes an MQTT 5 connection, by the pipeline's reason: one table.
+fn close_reason_for(e: &UploadError) -> CloseReason {
+    match e {
+        UploadError::BadRequest(_) => CloseReason::ImplementationSpecific,
+        UploadError::Unauthorized(_) | UploadError::Forbidden(_) | UploadError::NotFound(_) => {
+            CloseReason::NotAuthorized
+        }
+        UploadError::PayloadTooLarge(_) => CloseReason::PacketTooLarge,
+        UploadError::Unavailable(_) => CloseReason::ServerBusy,
+    }
 }
 
 /// What to do when a publish fails (the `on-error` property of the topic's property bag).
@@ -88,20 +116,33 @@ struct Session<S> {
     stream: S,
     version: Version,
     out: BytesMut,
+    /// The largest packet the client accepts (MQTT 5's Maximum Packet Size).
+    client_max: Option<usize>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// Sends `packet`, after anything queued.
-    async fn send(&mut self, packet: Outbound) -> Result<(), ConnectionError> {
-        self.queue(packet)?;
-        self.flush().await
+    /// Sends `packet`, after anything queued; `false` when it was discarded as larger than
+    /// the client accepts.
+    async fn send(&mut self, packet: Outbound) -> Result<bool, ConnectionError> {
+        let queued = self.queue(packet)?;
+        self.flush().await?;
+        Ok(queued)
     }
 
     /// Encodes `packet` to leave with the next send or flush: acknowledgements that become
-    /// due together leave in one write.
-    fn queue(&mut self, packet: Outbound) -> Result<(), ConnectionError> {
+    /// due together leave in one write. A packet larger than the client's Maximum Packet
+    /// Size is discarded instead [MQTT-3.1.2-24], [MQTT-3.1.2-25]: `false`.
+    fn queue(&mut self, packet: Outbound) -> Result<bool, ConnectionError> {
+        let before = self.out.len();
         codec::encode(self.version, &packet, &mut self.out)?;
-        Ok(())
+        if self
+            .client_max
+            .is_some_and(|max| self.out.len() - before > max)
+        {
+            self.out.truncate(before);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     async fn flush(&mut self) -> Result<(), ConnectionError> {
@@ -140,7 +181,11 @@ pub fn run<'a, S: AsyncRead + AsyncWrite + Unpin + Send + 'a>(
     async move {
         let mut open = opening.await?;
         let result = serve(&mut open.served, &mut open.commands).await;
-        Box::pin(close(open, cfg)).await;
+        let reason = result
+            .as_ref()
+            .err()
+            .and_then(ConnectionError::close_reason);
+        Box::pin(close(open, cfg, reason)).await;
         result
     }
 }
@@ -175,6 +220,9 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         stream,
         version,
         out: BytesMut::new(),
+        client_max: connect
+            .max_packet_size
+            .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
     };
     if buf.is_empty() {
         // Most connections idle between messages: give the CONNECT buffer back.
@@ -183,15 +231,15 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if instance_full {
         metrics::connection_attempt(ADAPTER.name(), "", "adapter-connections-exceeded");
         session
-            .send(Outbound::ConnAck(ConnectOutcome::UseAnotherServer))
+            .send(Outbound::connack(ConnectOutcome::UseAnotherServer))
             .await?;
         return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
     }
-    let device = match Box::pin(authenticate(&pipeline, &connect, client_cert.as_deref())).await {
-        Ok(d) => std::sync::Arc::new(d),
+    let origin = match Box::pin(authenticate(&pipeline, &connect, client_cert.as_deref())).await {
+        Ok(o) => o,
         Err((outcome, tenant, label)) => {
             metrics::connection_attempt(ADAPTER.name(), &tenant, label);
-            session.send(Outbound::ConnAck(outcome)).await?;
+            session.send(Outbound::connack(outcome)).await?;
             return Err(ConnectionError::Refused(outcome));
         }
     };
@@ -200,16 +248,38 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let c = connect;
         (c.client_id, c.keep_alive_secs)
     };
-    metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded");
-    let gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
+    // An MQTT 5 client that left its id to the server is told the one it got
+    // [MQTT-3.2.2-16]; it names the connection in connection events.
+    let assigned = (client_id.is_empty() && version == Version::V5)
+        .then(|| format!("ferrule-{}", uuid::Uuid::new_v4().simple()));
+    let client_id = assigned.clone().unwrap_or(client_id);
+    let tenant = origin.device().map(|d| d.tenant_id.as_str()).unwrap_or("");
+    metrics::connection_attempt(ADAPTER.name(), tenant, "succeeded");
+    let gauge = match origin.device() {
+        Some(d) => metrics::ConnectionGuard::new(ADAPTER.name(), &d.tenant_id),
+        None => metrics::ConnectionGuard::unauthenticated(ADAPTER.name()),
+    };
     let changes = pipeline.registry_changes();
+    let announce = (version == Version::V5).then(|| {
+        Box::new(Announce {
+            assigned_client_id: assigned,
+            receive_maximum: u16::try_from(cfg.max_in_flight.max(1)).unwrap_or(u16::MAX),
+            maximum_packet_size: u32::try_from(max_packet).unwrap_or(u32::MAX),
+        })
+    });
     session
-        .send(Outbound::ConnAck(ConnectOutcome::Accepted))
+        .send(Outbound::ConnAck {
+            outcome: ConnectOutcome::Accepted,
+            announce,
+        })
         .await?;
-    connection_event(&pipeline, cfg, &device, &client_id, "connected").await;
+    if let Some(device) = origin.device() {
+        connection_event(&pipeline, cfg, device, &client_id, "connected").await;
+    }
     let commands = Commands {
         hub,
         sub: None,
+        tenant: None,
         queue: None,
         sender: None,
         unacked: Default::default(),
@@ -221,7 +291,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         session,
         buf,
         pipeline,
-        device,
+        origin,
         changes,
         shutdown,
         errors: None,
@@ -239,42 +309,76 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     })
 }
 
-/// After the socket closed: ends the command subscription and reports the disconnect.
-async fn close<S>(open: Open<S>, cfg: &MqttConfig) {
+/// Ends a connection: tells an MQTT 5 client why (`reason`) while the socket is still there,
+/// then ends the command subscription and reports the disconnect.
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(
+    open: Open<S>,
+    cfg: &MqttConfig,
+    reason: Option<CloseReason>,
+) {
     let Open {
-        served,
+        mut served,
         mut commands,
         client_id,
         _gauge,
     } = open;
-    // The socket and buffers go first.
-    let (pipeline, device) = {
-        let s = served;
-        (s.pipeline, s.device)
-    };
-    if let (Some(hub), Some(sub)) = (&commands.hub, &commands.sub) {
-        hub.unsubscribe(&device.tenant_id, &sub.registered, sub.token)
-            .await;
-        reachability(&pipeline, &device, &sub.registered, 0).await;
+    if let Some(reason) = reason {
+        // Bounded: a client that does not read must not hold up the clean-up.
+        let goodbye = served.session.send(Outbound::Disconnect(reason));
+        let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
     }
-    commands.release_all(&device.tenant_id).await;
-    connection_event(&pipeline, cfg, &device, &client_id, "disconnected").await;
+    // The socket and buffers go first.
+    let (pipeline, origin) = {
+        let s = served;
+        (s.pipeline, s.origin)
+    };
+    if let Some(sub) = commands.sub.take() {
+        end_subscription(&pipeline, &origin, commands.hub.as_ref(), *sub).await;
+    }
+    if let Some(tenant) = commands.tenant.clone() {
+        commands.release_all(&tenant).await;
+    }
+    if let Some(device) = origin.device() {
+        connection_event(&pipeline, cfg, device, &client_id, "disconnected").await;
+    }
 }
 
-/// Tells applications whether commands reach `target` (Hono's empty notification with `ttd`:
-/// -1 while subscribed, 0 once gone), sent as the device that subscribed.
+/// Ends a command subscription; its end is announced (`ttd=0`) only when no newer
+/// subscription of the same device replaced it, on this instance or another.
+async fn end_subscription(
+    pipeline: &IngestPipeline,
+    origin: &Origin,
+    hub: Option<&CommandHub>,
+    sub: CommandSubscription,
+) -> bool {
+    let Some(hub) = hub else {
+        return false;
+    };
+    let ended = hub
+        .unsubscribe(&sub.tenant, &sub.registered, sub.token)
+        .await;
+    if ended {
+        reachability(pipeline, origin, sub.target, 0).await;
+    }
+    ended
+}
+
+/// Tells applications whether commands reach a device (Hono's empty notification with
+/// `ttd`: -1 while subscribed, 0 once gone), sent as the subscriber for the device it
+/// subscribed for (`target`: `None` for itself).
 async fn reachability(
     pipeline: &IngestPipeline,
-    device: &std::sync::Arc<AuthenticatedDevice>,
-    target: &str,
+    origin: &Origin,
+    target: Option<(String, String)>,
     ttd: i64,
 ) {
+    let device = target.as_ref().map(|(_, d)| d.clone());
     let up = Upload {
         adapter: ADAPTER,
         endpoint: Endpoint::Event,
         qos: Qos::AtLeastOnce,
-        origin: Origin::Device(device.clone()),
-        target: (target != device.device_id).then(|| (String::new(), target.to_owned())),
+        origin: origin.clone(),
+        target,
         content_type: Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.into()),
         payload: bytes::Bytes::new(),
         ttl_secs: None,
@@ -284,7 +388,7 @@ async fn reachability(
         traceparent: None,
     };
     if let Err(e) = pipeline.upload(up).await {
-        tracing::warn!(error = %e, device = target, ttd, "ttd notification lost");
+        tracing::warn!(error = %e, ?device, ttd, "ttd notification lost");
     }
 }
 
@@ -343,18 +447,23 @@ async fn read_connect<S: AsyncRead + Unpin>(
             };
         }
         if stream.read_buf(buf).await? == 0 {
-            return Err(ConnectionError::Closed("closed before CONNECT".into()));
+            return Err(ConnectionError::Closed(
+                CloseReason::Unspecified,
+                "closed before CONNECT".into(),
+            ));
         }
     }
 }
 
 /// Authenticates and authorises a CONNECT; on refusal the CONNACK outcome, the tenant (if
-/// known) and Hono's metric outcome label.
+/// known) and Hono's metric outcome label. A CONNECT without any credentials is an
+/// unauthenticated device where the adapter allows them; what it may do is decided per
+/// message by the pipeline.
 async fn authenticate(
     pipeline: &IngestPipeline,
     c: &codec::ConnectRequest,
     client_cert: Option<&Vec<u8>>,
-) -> Result<AuthenticatedDevice, (ConnectOutcome, String, &'static str)> {
+) -> Result<Origin, (ConnectOutcome, String, &'static str)> {
     let user = c.username.as_deref().unwrap_or_default();
     let tenant_of = || {
         ferrule_registry::auth::split_username(user)
@@ -371,6 +480,7 @@ async fn authenticate(
     };
     // Hono's order: a client certificate first, then user name and password.
     let device = match (client_cert, &c.username, &c.password) {
+        (None, None, None) if pipeline.allows_anonymous(ADAPTER) => return Ok(Origin::Anonymous),
         (Some(der), _, _) => pipeline.authenticate_certificate(ADAPTER, der).await,
         (None, Some(user), Some(password)) => {
             pipeline
@@ -390,7 +500,7 @@ async fn authenticate(
             let (o, l) = refused(&e);
             (o, tenant_of(), l)
         })?;
-    Ok(device)
+    Ok(Origin::Device(std::sync::Arc::new(device)))
 }
 
 /// What an authenticated connection works with while it serves; kept in `run`'s frame and
@@ -399,7 +509,9 @@ struct Served<S> {
     session: Session<S>,
     buf: BytesMut,
     pipeline: IngestPipeline,
-    device: std::sync::Arc<AuthenticatedDevice>,
+    /// The authenticated device, or an unauthenticated one that names tenant and device in
+    /// every topic.
+    origin: Origin,
     changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
     shutdown: watch::Receiver<bool>,
     /// The device's subscription to its error topic, if any (§4.6).
@@ -477,7 +589,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             // One timer for both deadlines keeps an idle connection small.
             _ = sleep_until(wake) => Event::Timer,
             change = c.changes.recv() => Event::Change(change),
-            _ = stopped(&mut c.shutdown) => return Ok(()),
+            _ = stopped(&mut c.shutdown) => {
+                return Err(ConnectionError::Closed(
+                    CloseReason::ServerShuttingDown,
+                    "the gateway is shutting down".into(),
+                ));
+            }
         };
         match event {
             // Reads, the most frequent event, need no waiting.
@@ -523,7 +640,9 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
             let mut next = Some(done);
             while let Some((publish, result)) = next.take() {
                 match result {
-                    Ok(_) if publish.qos1 => c.session.queue(Outbound::PubAck(publish.pkid))?,
+                    Ok(_) if publish.qos1 => {
+                        c.session.queue(Outbound::PubAck(publish.pkid))?;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         Box::pin(publish_failed(
@@ -541,14 +660,16 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         Event::Command(cmd) => {
             if let Some(sub) = &commands.sub {
-                let topic = sub.topic_for(&cmd, &c.device.device_id);
+                let topic = sub.topic_for(&cmd);
                 let qos1 = sub.qos == 1;
+                let tenant = sub.tenant.clone();
                 let pkid = commands.next_pkid();
                 let CommandDelivery {
                     device_id,
                     correlation_id,
                     outcome,
                     payload,
+                    content_type,
                     ..
                 } = cmd;
                 let sent = Unacked {
@@ -557,14 +678,38 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     correlation_id,
                     outcome,
                 };
-                c.session
+                let fits = c
+                    .session
                     .send(Outbound::Publish {
                         topic,
                         payload,
                         qos1,
                         pkid,
+                        content_type,
                     })
                     .await?;
+                if !fits {
+                    // The device said it takes nothing this large: the command cannot reach
+                    // it, now or later, and its sender learns why.
+                    if let (Some(hub), Some(max)) = (&commands.hub, c.session.client_max) {
+                        let reason = format!(
+                            "the command is larger than the device's Maximum Packet Size \
+                             ({max} bytes)"
+                        );
+                        let (cid, outcome) =
+                            (sent.correlation_id.as_deref(), sent.outcome.as_ref());
+                        Box::pin(hub.not_delivered(
+                            &tenant,
+                            &sent.device_id,
+                            cid,
+                            outcome,
+                            413,
+                            &reason,
+                        ))
+                        .await;
+                    }
+                    return Ok(());
+                }
                 match &commands.hub {
                     Some(_) if qos1 => {
                         commands.unacked.insert(pkid, sent);
@@ -578,36 +723,47 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Event::Timer => {
             let now = Instant::now();
             if c.deadline.is_some_and(|d| d <= now) {
-                return Err(ConnectionError::Closed("keep-alive expired".into()));
+                return Err(ConnectionError::Closed(
+                    CloseReason::KeepAliveTimeout,
+                    "keep-alive expired".into(),
+                ));
             }
             // Commands the device did not acknowledge in time are released: 503.
             for u in commands.expire(now) {
-                if let Some(hub) = &commands.hub {
+                if let (Some(hub), Some(tenant)) = (&commands.hub, &commands.tenant) {
                     let reason = "the device did not acknowledge the command";
-                    Box::pin(u.undelivered(hub, &c.device.tenant_id, reason)).await;
+                    Box::pin(u.undelivered(hub, tenant, reason)).await;
                 }
             }
         }
         Event::Change(change) => {
+            // An unauthenticated connection belongs to no device: each of its messages is
+            // authorised afresh.
+            let Some(device) = c.origin.device() else {
+                return Ok(());
+            };
             let revoked = match change {
                 Ok(change) => {
                     change.revokes_access()
-                        && change.tenant == c.device.tenant_id
+                        && change.tenant == device.tenant_id
                         && change
                             .device
                             .as_ref()
-                            .is_none_or(|d| *d == c.device.device_id)
+                            .is_none_or(|d| *d == device.device_id)
                 }
                 // Missed changes: ask the registry again.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    Box::pin(c.pipeline.authorise_connection(ADAPTER, &c.device))
+                    Box::pin(c.pipeline.authorise_connection(ADAPTER, device))
                         .await
                         .is_err()
                 }
                 Err(broadcast::error::RecvError::Closed) => false,
             };
             if revoked {
-                return Err(ConnectionError::Closed("device or tenant revoked".into()));
+                return Err(ConnectionError::Closed(
+                    CloseReason::NotAuthorized,
+                    "device or tenant revoked".into(),
+                ));
             }
         }
     }
@@ -621,7 +777,7 @@ fn publish_now<S>(
     hub: Option<&CommandHub>,
     p: PublishRequest,
 ) -> Result<Option<Prepared>, ConnectionError> {
-    match prepare_publish(&c.pipeline, &c.device, hub, p)? {
+    match prepare_publish(&c.origin, hub, p) {
         Prepared::Upload(ctx, up) => match c.pipeline.submit_now(up) {
             SubmitNow::Done(Ok(pending)) => {
                 answer_when_acked(c, ctx, Waiting::Upload(pending));
@@ -670,38 +826,68 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 publish(c, prepared).await?;
             }
         }
-        Inbound::PingReq => c.session.send(Outbound::PingResp).await?,
+        Inbound::PingReq => {
+            c.session.send(Outbound::PingResp).await?;
+        }
         Inbound::Subscribe { pkid, filters } => {
             let mut granted = Vec::with_capacity(filters.len());
+            // Subscriptions this packet replaced, and the one it started.
+            let mut replaced = Vec::new();
+            let mut started = None;
             for (filter, qos) in &filters {
-                if let Some(sub) = ErrorSubscription::parse(filter, &c.device) {
+                if let Some(sub) = ErrorSubscription::parse(filter, &c.origin) {
                     c.errors = Some(Box::new(sub));
                     granted.push(Some(0));
                 } else {
                     let qos = (*qos).min(1);
-                    let ok =
-                        Box::pin(commands.subscribe(&c.pipeline, &c.device, filter, qos)).await;
-                    granted.push(ok.then_some(qos));
+                    let subscribed =
+                        Box::pin(commands.subscribe(&c.pipeline, &c.origin, filter, qos)).await;
+                    granted.push(subscribed.as_ref().map(|_| qos));
+                    if let Some(old) = subscribed {
+                        replaced.extend(old);
+                        started = commands.sub.as_ref().map(|sub| sub.target.clone());
+                    }
                 }
             }
-            c.session.send(Outbound::SubAck { pkid, granted }).await?
+            c.session.send(Outbound::SubAck { pkid, granted }).await?;
+            // Applications learn of the change once the route is in place (Hono's
+            // `ttd=-1` notification), after the device knows it is subscribed.
+            for old in replaced {
+                Box::pin(end_subscription(
+                    &c.pipeline,
+                    &c.origin,
+                    commands.hub.as_ref(),
+                    old,
+                ))
+                .await;
+            }
+            if let Some(target) = started {
+                Box::pin(reachability(&c.pipeline, &c.origin, target, -1)).await;
+            }
         }
         Inbound::Unsubscribe { pkid, filters } => {
+            let mut ended = Vec::with_capacity(filters.len());
             for filter in &filters {
                 if c.errors
                     .as_ref()
-                    .is_some_and(|_| ErrorSubscription::parse(filter, &c.device).is_some())
+                    .is_some_and(|_| ErrorSubscription::parse(filter, &c.origin).is_some())
                 {
                     c.errors = None;
-                } else if let Some((ended, token)) = commands.unsubscribe(filter) {
-                    if let Some(hub) = &commands.hub {
-                        Box::pin(hub.unsubscribe(&c.device.tenant_id, &ended, token)).await;
-                    }
-                    Box::pin(reachability(&c.pipeline, &c.device, &ended, 0)).await;
+                    ended.push(true);
+                } else if let Some(sub) = commands.unsubscribe(filter) {
+                    Box::pin(end_subscription(
+                        &c.pipeline,
+                        &c.origin,
+                        commands.hub.as_ref(),
+                        sub,
+                    ))
+                    .await;
+                    ended.push(true);
+                } else {
+                    ended.push(false);
                 }
             }
-            let filters = filters.len();
-            c.session.send(Outbound::UnsubAck { pkid, filters }).await?
+            c.session.send(Outbound::UnsubAck { pkid, ended }).await?;
         }
         Inbound::PubAck(pkid) => {
             if let (Some(u), Some(hub)) = (commands.unacked.remove(&pkid), &commands.hub) {
@@ -710,11 +896,18 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         Inbound::Disconnect => return Ok(false),
         Inbound::Connect(_) => {
-            return Err(ConnectionError::Closed("second CONNECT".into()));
+            metrics::rejected(ADAPTER.name(), "protocol-error");
+            return Err(ConnectionError::Closed(
+                CloseReason::ProtocolError,
+                "second CONNECT".into(),
+            ));
         }
         Inbound::Unsupported(what) => {
             metrics::rejected(ADAPTER.name(), "unsupported");
-            return Err(ConnectionError::Closed(format!("{what} is not supported")));
+            return Err(ConnectionError::Closed(
+                CloseReason::ProtocolError,
+                format!("{what} is not supported"),
+            ));
         }
     }
     Ok(true)
@@ -735,24 +928,12 @@ enum Prepared {
 }
 
 /// Translates one PUBLISH (no I/O): a telemetry/event upload, a command response, or the
-/// error to report. Only QoS 2 and oversized payloads end the connection here.
-fn prepare_publish(
-    pipeline: &IngestPipeline,
-    device: &std::sync::Arc<AuthenticatedDevice>,
-    hub: Option<&CommandHub>,
-    p: PublishRequest,
-) -> Result<Prepared, ConnectionError> {
-    let qos1 = match p.qos {
-        0 => false,
-        1 => true,
-        _ => return Err(ConnectionError::Closed("QoS 2 is not supported".into())),
-    };
+/// error to report. Whether it may be forwarded (size included) is the pipeline's decision.
+fn prepare_publish(origin: &Origin, hub: Option<&CommandHub>, p: PublishRequest) -> Prepared {
+    // The codec lets only QoS 0 and 1 through.
+    let qos1 = p.qos == 1;
     if let Some(response) = topic::parse_response(&p.topic) {
-        return Ok(prepare_response(device, hub, p, qos1, response));
-    }
-    if p.payload.len() > pipeline.max_payload_size() {
-        metrics::rejected(ADAPTER.name(), "payload-too-large");
-        return Err(ConnectionError::Closed("payload too large".into()));
+        return prepare_response(origin, hub, p, qos1, response);
     }
     let mut ctx = PublishContext {
         pkid: p.pkid,
@@ -766,10 +947,7 @@ fn prepare_publish(
         Ok(a) => a,
         Err(e) => {
             metrics::rejected(ADAPTER.name(), "bad-topic");
-            return Ok(Prepared::Failed(
-                ctx,
-                UploadError::BadRequest(e.to_string()),
-            ));
+            return Prepared::Failed(ctx, UploadError::BadRequest(e.to_string()));
         }
     };
     ctx.on_error = match address.property("on-error") {
@@ -797,7 +975,7 @@ fn prepare_publish(
         } else {
             Qos::AtMostOnce
         },
-        origin: Origin::Device(device.clone()),
+        origin: origin.clone(),
         target: address.target,
         content_type,
         payload: p.payload,
@@ -807,7 +985,7 @@ fn prepare_publish(
         retain: p.retain,
         traceparent: p.traceparent,
     };
-    Ok(Prepared::Upload(ctx, up))
+    Prepared::Upload(ctx, up)
 }
 
 /// Hands a prepared PUBLISH to the producer; returns what its answer waits for, or the
@@ -853,12 +1031,14 @@ async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
         });
         let device = ctx.device.as_deref().unwrap_or(&sub.own);
         let topic = sub.topic_for(device, &ctx.endpoint, &ctx.correlation(), e.status());
+        // Discarded if larger than the device takes, as the specification asks.
         session
             .send(Outbound::Publish {
                 topic,
                 payload: payload.to_string().into_bytes(),
                 qos1: false,
                 pkid: 0,
+                content_type: Some("application/json".into()),
             })
             .await?;
     }
@@ -869,11 +1049,10 @@ async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
             | UploadError::Unauthorized(_)
             | UploadError::PayloadTooLarge(_)
     );
+    let closed = |e: UploadError| Err(ConnectionError::Closed(close_reason_for(&e), e.to_string()));
     let ack = match (terminal, ctx.on_error) {
-        (true, _) | (_, OnError::Disconnect) => return Err(ConnectionError::Closed(e.to_string())),
-        (false, OnError::Default) if errors.is_none() => {
-            return Err(ConnectionError::Closed(e.to_string()));
-        }
+        (true, _) | (_, OnError::Disconnect) => return closed(e),
+        (false, OnError::Default) if errors.is_none() => return closed(e),
         (false, OnError::Default | OnError::Ignore) => true,
         (false, OnError::SkipAck) => false,
     };
@@ -896,20 +1075,24 @@ struct ErrorSubscription {
 }
 
 impl ErrorSubscription {
-    /// The subscription if `filter` is a valid error-topic filter for this device.
-    fn parse(filter: &str, device: &AuthenticatedDevice) -> Option<Self> {
+    /// The subscription if `filter` is a valid error-topic filter for this device; an
+    /// unauthenticated device names its tenant and device (`error/{tenant}/{device}/#`).
+    fn parse(filter: &str, origin: &Origin) -> Option<Self> {
         let parts: Vec<&str> = filter.split('/').collect();
         let [prefix @ ("error" | "e"), tenant, dev, "#"] = parts.as_slice() else {
             return None;
         };
-        if !tenant.is_empty() && *tenant != device.tenant_id {
-            return None;
-        }
+        let own = match origin.device() {
+            Some(d) if tenant.is_empty() || *tenant == d.tenant_id => d.device_id.clone(),
+            Some(_) => return None,
+            None if tenant.is_empty() || dev.is_empty() || *dev == "+" => return None,
+            None => (*dev).to_owned(),
+        };
         Some(ErrorSubscription {
             prefix: (*prefix).to_owned(),
             tenant: (*tenant).to_owned(),
             device: (*dev).to_owned(),
-            own: device.device_id.clone(),
+            own,
         })
     }
 
@@ -935,6 +1118,8 @@ pub(super) struct Commands {
     hub: Option<CommandHub>,
     /// Boxed: many devices never subscribe to commands.
     sub: Option<Box<CommandSubscription>>,
+    /// The tenant of the commands this connection took (set by its first subscription).
+    tenant: Option<String>,
     queue: Option<mpsc::Receiver<CommandDelivery>>,
     sender: Option<mpsc::Sender<CommandDelivery>>,
     /// QoS 1 commands sent and not yet PUBACKed, by packet id.
@@ -969,18 +1154,23 @@ struct CommandSubscription {
     filter: topic::CommandFilter,
     /// The QoS granted to the subscription, used for every command.
     qos: u8,
+    tenant: String,
     /// The device (or gateway) id the subscription is registered under.
     registered: String,
+    /// The device the subscriber subscribed for as the pipeline takes it: `None` for itself
+    /// (a device, or a gateway for all its devices), else tenant (maybe empty: the
+    /// subscriber's own) and device.
+    target: Option<(String, String)>,
     token: SubscriptionToken,
 }
 
 impl CommandSubscription {
     /// `{prefix}/{tenant}/{device}/{req}/{reqId}/{subject}`, mirroring the filter; a gateway-wide
     /// subscription names the target device (empty when the command is for the gateway itself).
-    fn topic_for(&self, cmd: &CommandDelivery, own: &str) -> String {
+    fn topic_for(&self, cmd: &CommandDelivery) -> String {
         let f = &self.filter;
         let device = match f.device.as_str() {
-            "+" if cmd.device_id == own => "",
+            "+" if cmd.device_id == self.registered => "",
             "+" => cmd.device_id.as_str(),
             d => d,
         };
@@ -993,34 +1183,41 @@ impl CommandSubscription {
 }
 
 impl Commands {
-    /// Subscribes for commands; `false` (SUBACK failure) for a filter that is not a command
-    /// filter, names another tenant, or a device this gateway may not act for.
+    /// Subscribes for commands. `None` (SUBACK failure) for a filter that is not a command
+    /// filter or that the pipeline does not authorise (another tenant, a device the gateway
+    /// may not act for, an unknown or disabled device, an unauthenticated device where the
+    /// tenant requires authentication); otherwise the subscription this one replaced, if the
+    /// device had one for another target (Hono uses only the last).
     async fn subscribe(
         &mut self,
         pipeline: &IngestPipeline,
-        device: &AuthenticatedDevice,
+        origin: &Origin,
         filter: &str,
         qos: u8,
-    ) -> bool {
+    ) -> Option<Option<CommandSubscription>> {
         let (Some(hub), Some(f)) = (self.hub.clone(), topic::parse_command_filter(filter)) else {
-            return false;
+            return None;
         };
-        if !f.tenant.is_empty() && f.tenant != device.tenant_id {
-            return false;
+        // The device the subscription is for, as the pipeline takes an address.
+        let target = match f.device.as_str() {
+            "" | "+" if f.tenant.is_empty() => None,
+            "" | "+" => origin
+                .device()
+                .map(|d| (f.tenant.clone(), d.device_id.clone())),
+            d => Some((f.tenant.clone(), d.to_owned())),
+        };
+        if f.device == "+" && origin.device().is_none() {
+            return None;
         }
-        let registered = match f.device.as_str() {
-            "" | "+" => device.device_id.clone(),
-            d if d == device.device_id => d.to_owned(),
-            d => {
-                if !pipeline
-                    .may_act_for(&device.tenant_id, &device.device_id, d)
-                    .await
-                {
-                    return false;
-                }
-                d.to_owned()
-            }
-        };
+        let who = pipeline
+            .authorise(ADAPTER, origin, target.as_ref())
+            .await
+            .ok()?;
+        if self.tenant.as_ref().is_some_and(|t| *t != who.tenant_id) {
+            return None;
+        }
+        let registered = who.device_id;
+        let tenant = who.tenant_id;
         let tx = match &self.sender {
             Some(tx) => tx.clone(),
             None => {
@@ -1030,19 +1227,25 @@ impl Commands {
                 tx
             }
         };
-        let Ok(token) = hub
-            .subscribe(&device.tenant_id, &registered, tx, None)
-            .await
-        else {
-            return false;
-        };
-        self.sub = Some(Box::new(CommandSubscription {
+        let token = hub.subscribe(&tenant, &registered, tx, None).await.ok()?;
+        self.tenant = Some(tenant.clone());
+        let old = self.sub.replace(Box::new(CommandSubscription {
             filter: f,
             qos,
+            tenant,
             registered,
+            target,
             token,
         }));
-        true
+        // A subscription for the same device was just taken over by the new one.
+        Some(
+            old.filter(|o| {
+                self.sub
+                    .as_ref()
+                    .is_none_or(|n| n.registered != o.registered)
+            })
+            .map(|o| *o),
+        )
     }
 }
 
@@ -1057,12 +1260,11 @@ impl Commands {
         }
     }
 
-    /// Ends the command subscription if `filter` is its filter; returns the id it was
-    /// registered under.
-    fn unsubscribe(&mut self, filter: &str) -> Option<(String, SubscriptionToken)> {
+    /// Ends the command subscription if `filter` is its filter and returns it.
+    fn unsubscribe(&mut self, filter: &str) -> Option<CommandSubscription> {
         let f = topic::parse_command_filter(filter)?;
         if self.sub.as_ref().is_some_and(|s| s.filter == f) {
-            self.sub.take().map(|s| (s.registered, s.token))
+            self.sub.take().map(|s| *s)
         } else {
             None
         }
@@ -1117,7 +1319,7 @@ async fn next_command(
 
 /// Translates a PUBLISH to a command response topic (`command///res/...`).
 fn prepare_response(
-    device: &std::sync::Arc<AuthenticatedDevice>,
+    origin: &Origin,
     hub: Option<&CommandHub>,
     p: PublishRequest,
     qos1: bool,
@@ -1149,17 +1351,25 @@ fn prepare_response(
         .find(|(k, _)| k == "content-type")
         .map(|(_, v)| v.clone())
         .or(p.content_type.clone());
+    let (own_tenant, own_device) = match origin.device() {
+        Some(d) => (d.tenant_id.as_str(), d.device_id.as_str()),
+        None => ("", ""),
+    };
     let accepted = Accepted {
-        tenant: device.tenant_id.clone(),
+        tenant: if a.tenant.is_empty() {
+            own_tenant.to_owned()
+        } else {
+            a.tenant.clone()
+        },
         device: if a.device.is_empty() {
-            device.device_id.clone()
+            own_device.to_owned()
         } else {
             a.device.clone()
         },
     };
     let response = DeviceResponse {
         adapter: ADAPTER,
-        origin: Origin::Device(device.clone()),
+        origin: origin.clone(),
         target: (!a.device.is_empty()).then(|| (a.tenant.clone(), a.device.clone())),
         request_id: a.request_id,
         status: a.status,

@@ -34,6 +34,11 @@ pub struct MqttConfig {
     /// Connection events: `none`, `logging` (at INFO) or `events` (a dc-notification event
     /// to `hono.event.<tenant>` on connect and disconnect).
     pub connection_events: ConnectionEvents,
+    /// `false` refuses a CONNECT without credentials (CONNACK 0x04 / 0x86) whatever a tenant
+    /// allows; `true` accepts it, and each publish and subscription of the connection is
+    /// then allowed only if the tenant's `hono-mqtt` entry sets
+    /// `device-authentication-required: false` and the addressed device exists and is enabled.
+    pub allow_unauthenticated: bool,
 }
 
 /// How connects and disconnects of devices are reported.
@@ -54,6 +59,7 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             max_in_flight: 100,
             connection_events: ConnectionEvents::Logging,
+            allow_unauthenticated: true,
         }
     }
 }

@@ -2,6 +2,8 @@
 //! and the real Kafka-protocol broker; records are read back with an rdkafka consumer.
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use ferrule_gateways::{GatewayConfig, KafkaConfig};
 use ferrule_registry::{DatabaseConfig, DeviceAuthenticator, RegistryConfig};
 use rdkafka::ClientConfig;
@@ -242,6 +244,18 @@ pub async fn read(topic: &str, n: usize) -> Vec<Record> {
     })
     .await
     .unwrap()
+}
+
+/// The first record of `topic` that `wanted` picks, waiting for it as [`read`] does.
+pub async fn read_matching(topic: &str, wanted: impl Fn(&Record) -> bool) -> Record {
+    let mut n = 1;
+    loop {
+        let records = read(topic, n).await;
+        if let Some(r) = records.iter().find(|r| wanted(r)) {
+            return r.clone();
+        }
+        n = records.len() + 1;
+    }
 }
 
 /// Registry changes reach the gateway through PostgreSQL notifications, within a second:

@@ -1,0 +1,697 @@
+//! What Hono devices and applications rely on beyond uploads: reachability notifications for
+//! command subscriptions (Hono's `ttd=-1` / `ttd=0`), unauthenticated devices, and the MQTT
+//! 3.1.1 and 5 rules for malformed input, CONNACK properties and DISCONNECT reason codes —
+//! raw packets over a socket, records read back from the real broker.
+
+mod common;
+
+use common::mqtt::*;
+use common::*;
+use ferrule_gateways::GatewayConfig;
+use ferrule_gateways::mqtt::{ConnectionEvents, MqttConfig};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5;
+use serde_json::json;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
+
+/// A gateway that reports connects and disconnects as events, so a test can tell when the
+/// gateway finished closing a connection.
+async fn platform_with_connection_events() -> Platform {
+    Platform::start_with(GatewayConfig {
+        mqtt: MqttConfig {
+            connection_events: ConnectionEvents::Events,
+            ..MqttConfig::default()
+        },
+        ..GatewayConfig::default()
+    })
+    .await
+}
+
+/// The ttd notifications among `records`, as (device id, ttd).
+fn notifications(records: &[Record]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .filter(|r| r.headers.get("content-type").map(String::as_str) == Some(EMPTY_NOTIFICATION))
+        .map(|r| (r.headers["device_id"].clone(), r.headers["ttd"].clone()))
+        .collect()
+}
+
+async fn subscribe_v4(c: &mut RawClient, filter: &str, qos: QoS) -> v4::SubscribeReasonCode {
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(filter, qos)))
+        .await;
+    match c.next().await {
+        Some(v4::Packet::SubAck(s)) => s.return_codes[0],
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn command_subscriptions_announce_ttd_minus_one_once_commands_reach_the_device() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    let granted = subscribe_v4(&mut c, "command///req/#", QoS::AtLeastOnce).await;
+    assert_eq!(granted, v4::SubscribeReasonCode::Success(QoS::AtLeastOnce));
+    let events = read(&format!("hono.event.{tenant}"), 1).await;
+    assert_eq!(events.len(), 1, "one notification");
+    let n = &events[0];
+    assert_eq!(n.key, "dev");
+    assert!(n.payload.is_empty());
+    assert_eq!(n.headers["content-type"], EMPTY_NOTIFICATION);
+    assert_eq!(n.headers["ttd"], "-1");
+    assert_eq!(n.headers["qos"], "1");
+    assert_eq!(n.headers["orig_adapter"], "hono-mqtt");
+    assert_eq!(n.headers["device_id"], "dev");
+    // An application that commands the device as soon as it sees the notification is served.
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "right-away")],
+        "now",
+    )
+    .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(cmd)) => {
+            assert_eq!(cmd.topic, "command///req//right-away");
+            c.send(v4::Packet::PubAck(v4::PubAck::new(cmd.pkid))).await;
+        }
+        other => panic!("{other:?}"),
+    }
+    // Unsubscribing ends it: ttd 0.
+    c.send(v4::Packet::Unsubscribe(v4::Unsubscribe::new(
+        "command///req/#",
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v4::Packet::UnsubAck(_))));
+    let events = read(&format!("hono.event.{tenant}"), 2).await;
+    assert_eq!(
+        notifications(&events),
+        vec![("dev".into(), "-1".into()), ("dev".into(), "0".into())]
+    );
+}
+
+#[tokio::test]
+async fn gateway_subscriptions_announce_the_gateway_or_the_device_they_are_for() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "gw", json!({})).await;
+    p.device(&tenant, "edge", json!({"via": ["gw"]})).await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("gw", &tenant), 60).await;
+    // For all its devices: the gateway's own id.
+    let all = subscribe_v4(&mut c, "command//+/req/#", QoS::AtMostOnce).await;
+    assert_eq!(all, v4::SubscribeReasonCode::Success(QoS::AtMostOnce));
+    let events = read(&format!("hono.event.{tenant}"), 1).await;
+    assert_eq!(notifications(&events), vec![("gw".into(), "-1".into())]);
+    assert_eq!(events[0].headers["orig_adapter"], "hono-mqtt");
+    // For one device, replacing the gateway-wide one (Hono uses only the last): the wide
+    // subscription ends (ttd 0 for the gateway), the device's starts.
+    let one = subscribe_v4(&mut c, "command//edge/req/#", QoS::AtMostOnce).await;
+    assert_eq!(one, v4::SubscribeReasonCode::Success(QoS::AtMostOnce));
+    // Records are keyed by device: the order holds per device.
+    let events = read(&format!("hono.event.{tenant}"), 3).await;
+    let mut seen = notifications(&events);
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen,
+        vec![
+            ("edge".into(), "-1".into()),
+            ("gw".into(), "-1".into()),
+            ("gw".into(), "0".into())
+        ]
+    );
+    // The connection closes: the device's subscription ends.
+    drop(c);
+    let events = read(&format!("hono.event.{tenant}"), 4).await;
+    let edge: Vec<_> = notifications(&events)
+        .into_iter()
+        .filter(|(d, _)| d == "edge")
+        .collect();
+    assert_eq!(
+        edge,
+        vec![("edge".into(), "-1".into()), ("edge".into(), "0".into())]
+    );
+}
+
+#[tokio::test]
+async fn a_reconnect_keeps_the_newer_subscription_and_announces_no_end() {
+    let p = platform_with_connection_events().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let (mut old, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    subscribe_v4(&mut old, "command///req/#", QoS::AtMostOnce).await;
+    // The device reconnects before the old connection is gone, and subscribes again.
+    let (mut new, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    subscribe_v4(&mut new, "command///req/#", QoS::AtMostOnce).await;
+    drop(old);
+    // connected, -1, connected, -1, disconnected: the gateway has closed the old connection.
+    let events = read(&format!("hono.event.{tenant}"), 5).await;
+    let disconnects = events
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.payload).contains("disconnected"))
+        .count();
+    assert_eq!(disconnects, 1, "the old connection was closed: {events:?}");
+    assert_eq!(
+        notifications(&events),
+        vec![("dev".into(), "-1".into()), ("dev".into(), "-1".into())],
+        "no ttd 0 while the newer subscription lives"
+    );
+    // Commands still reach the device on its new connection.
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "still-there")],
+        "x",
+    )
+    .await;
+    match new.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(cmd)) => assert_eq!(cmd.topic, "command///req//still-there"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_reconnect_to_another_gateway_instance_keeps_its_subscription() {
+    let first = platform_with_connection_events().await;
+    let second = Platform::start().await;
+    let tenant = first.tenant(json!({})).await;
+    first.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let (mut old, _) = RawClient::connect(first.mqtt_port, &user("dev", &tenant), 60).await;
+    subscribe_v4(&mut old, "command///req/#", QoS::AtMostOnce).await;
+    // Through the load balancer to the second instance, then the first connection drops.
+    let (mut new, _) = RawClient::connect(second.mqtt_port, &user("dev", &tenant), 60).await;
+    subscribe_v4(&mut new, "command///req/#", QoS::AtMostOnce).await;
+    drop(old);
+    // connected (first), -1, -1, disconnected (first).
+    let events = read(&format!("hono.event.{tenant}"), 4).await;
+    assert!(
+        events
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.payload).contains("disconnected")),
+        "the first instance closed the old connection: {events:?}"
+    );
+    assert_eq!(
+        notifications(&events),
+        vec![("dev".into(), "-1".into()), ("dev".into(), "-1".into())],
+        "the first instance announces no end of a subscription the second holds"
+    );
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "moved")],
+        "x",
+    )
+    .await;
+    match new.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(cmd)) => assert_eq!(cmd.topic, "command///req//moved"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A tenant whose MQTT adapter lets devices connect without credentials.
+fn anonymous_tenant() -> serde_json::Value {
+    json!({"adapters": [
+        {"type": "hono-mqtt", "enabled": true, "device-authentication-required": false},
+        {"type": "hono-http", "enabled": true, "device-authentication-required": false}
+    ]})
+}
+
+#[tokio::test]
+async fn unauthenticated_devices_publish_subscribe_and_respond_where_the_tenant_allows() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(anonymous_tenant()).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let strict = p.tenant(json!({})).await;
+    p.device(&strict, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+
+    // mosquitto_pub without user name and password.
+    let mut pub_cmd = std::process::Command::new("mosquitto_pub");
+    pub_cmd
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &p.mqtt_port.to_string(),
+            "-V",
+            "mqttv311",
+        ])
+        .args([
+            "-t",
+            &format!("telemetry/{tenant}/dev"),
+            "-m",
+            "anon",
+            "-q",
+            "1",
+        ]);
+    let out = tokio::task::spawn_blocking(move || pub_cmd.output())
+        .await
+        .unwrap()
+        .expect("mosquitto_pub is installed");
+    assert!(out.status.success(), "{out:?}");
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records[0].key, "dev");
+    assert_eq!(records[0].payload, b"anon");
+    assert_eq!(
+        records[0].headers["orig_address"],
+        format!("telemetry/{tenant}/dev")
+    );
+
+    let (mut c, code) = RawClient::connect_anonymous(p.mqtt_port).await;
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    // Only the `{tenant}/{device}` forms, for devices that exist.
+    assert_eq!(
+        subscribe_v4(&mut c, "command///req/#", QoS::AtMostOnce).await,
+        v4::SubscribeReasonCode::Failure
+    );
+    assert_eq!(
+        subscribe_v4(
+            &mut c,
+            &format!("command/{tenant}/nobody/req/#"),
+            QoS::AtMostOnce
+        )
+        .await,
+        v4::SubscribeReasonCode::Failure
+    );
+    assert_eq!(
+        subscribe_v4(
+            &mut c,
+            &format!("command/{strict}/dev/req/#"),
+            QoS::AtMostOnce
+        )
+        .await,
+        v4::SubscribeReasonCode::Failure,
+        "the other tenant requires authentication"
+    );
+    assert_eq!(
+        subscribe_v4(
+            &mut c,
+            &format!("command/{tenant}/dev/req/#"),
+            QoS::AtLeastOnce
+        )
+        .await,
+        v4::SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let events = read(&format!("hono.event.{tenant}"), 1).await;
+    assert_eq!(notifications(&events), vec![("dev".into(), "-1".into())]);
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "ask"),
+            ("response-required", "true"),
+            ("correlation-id", "anon-1"),
+        ],
+        "?",
+    )
+    .await;
+    let cmd = match c.next_within(Duration::from_secs(30)).await {
+        Some(v4::Packet::Publish(cmd)) => cmd,
+        other => panic!("{other:?}"),
+    };
+    c.send(v4::Packet::PubAck(v4::PubAck::new(cmd.pkid))).await;
+    let parts: Vec<&str> = cmd.topic.split('/').collect();
+    assert_eq!(
+        (parts[0], parts[1], parts[2], parts[3], parts[5]),
+        ("command", tenant.as_str(), "dev", "req", "ask"),
+        "{}",
+        cmd.topic
+    );
+    c.publish(
+        &format!("command/{tenant}/dev/res/{}/200", parts[4]),
+        b"answer",
+        QoS::AtLeastOnce,
+        7,
+    )
+    .await;
+    assert_eq!(c.next().await, Some(v4::Packet::PubAck(v4::PubAck::new(7))));
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    assert_eq!(responses[0].headers["correlation-id"], "anon-1");
+    assert_eq!(responses[0].payload, b"answer");
+
+    // Uploads for a tenant that requires authentication close the connection, unwritten.
+    c.publish(
+        &format!("telemetry/{strict}/dev"),
+        b"no",
+        QoS::AtLeastOnce,
+        8,
+    )
+    .await;
+    c.expect_closed().await;
+    let (mut c, _) = RawClient::connect_anonymous(p.mqtt_port).await;
+    // An upload without tenant and device cannot be attributed: closed too.
+    c.publish("telemetry", b"who", QoS::AtLeastOnce, 9).await;
+    c.expect_closed().await;
+    let (mut c, _) = RawClient::connect_anonymous(p.mqtt_port).await;
+    c.publish(
+        &format!("telemetry/{tenant}/dev"),
+        b"second",
+        QoS::AtLeastOnce,
+        10,
+    )
+    .await;
+    assert_eq!(
+        c.next().await,
+        Some(v4::Packet::PubAck(v4::PubAck::new(10)))
+    );
+    let written = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let payloads: Vec<&[u8]> = written.iter().map(|r| &r.payload[..]).collect();
+    assert_eq!(
+        payloads,
+        vec![&b"anon"[..], b"second"],
+        "nothing else was written"
+    );
+    assert!(
+        prometheus_text().lines().any(
+            |l| l.starts_with("hono_connections_unauthenticated{component_name=\"hono-mqtt\"}")
+        ),
+        "the unauthenticated connections are counted"
+    );
+}
+
+#[tokio::test]
+async fn an_adapter_switch_refuses_unauthenticated_devices_whatever_the_tenant_allows() {
+    let mut cfg = GatewayConfig::default();
+    cfg.mqtt.allow_unauthenticated = false;
+    cfg.http.allow_unauthenticated = false;
+    let p = Platform::start_with(cfg).await;
+    let tenant = p.tenant(anonymous_tenant()).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let (_, code) = RawClient::connect_anonymous(p.mqtt_port).await;
+    assert_eq!(code, v4::ConnectReturnCode::BadUserNamePassword);
+    let r = p
+        .put(&format!("/telemetry/{tenant}/dev"))
+        .header("content-type", "text/plain")
+        .body("anon")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    // With the switch on (the default), the same HTTP upload is accepted.
+    let open = Platform::start().await;
+    let r = open
+        .put(&format!("/telemetry/{tenant}/dev"))
+        .header("content-type", "text/plain")
+        .body("anon")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+fn v5_login(device: &str, tenant: &str) -> (String, String) {
+    (user(device, tenant), "pw".into())
+}
+
+async fn connect_v5(
+    port: u16,
+    device: &str,
+    tenant: &str,
+    properties: Option<v5::ConnectProperties>,
+) -> V5Client {
+    let (u, pw) = v5_login(device, tenant);
+    let (c, ack) = V5Client::connect(port, &random_id("v5"), Some((&u, &pw)), properties).await;
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    c
+}
+
+#[tokio::test]
+async fn mqtt5_connack_announces_limits_and_assigns_client_ids() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let (u, pw) = v5_login("dev", &tenant);
+    let (_c, ack) = V5Client::connect(p.mqtt_port, "", Some((&u, &pw)), None).await;
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    let props = ack
+        .properties
+        .expect("an MQTT 5 CONNACK carries properties");
+    let assigned = props
+        .assigned_client_identifier
+        .expect("Assigned Client Identifier for an empty client id");
+    assert!(!assigned.is_empty());
+    assert_eq!(props.max_qos, Some(1), "QoS 2 is not supported");
+    assert_eq!(props.receive_max, Some(100), "gateway.mqtt.max_in_flight");
+    assert_eq!(
+        props.max_packet_size,
+        Some(2048 + 1024),
+        "max_payload_size and room for topic and properties"
+    );
+    assert_eq!(props.retain_available, Some(1));
+    assert_eq!(props.wildcard_subscription_available, Some(1));
+    assert_eq!(props.shared_subscription_available, Some(0));
+    assert_eq!(props.topic_alias_max, Some(0));
+    // A client id of its own gets none assigned.
+    let (_c, ack) = V5Client::connect(p.mqtt_port, "mine", Some((&u, &pw)), None).await;
+    assert_eq!(
+        ack.properties.and_then(|p| p.assigned_client_identifier),
+        None
+    );
+}
+
+/// Raw bytes of an MQTT 5 PUBLISH without properties.
+fn v5_publish_bytes(topic: &[u8], qos1: bool, payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![0, topic.len() as u8];
+    body.extend_from_slice(topic);
+    if qos1 {
+        body.extend_from_slice(&[0, 1]);
+    }
+    body.push(0);
+    body.extend_from_slice(payload);
+    let mut packet = vec![if qos1 { 0x32 } else { 0x30 }, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+#[tokio::test]
+async fn mqtt5_devices_get_a_disconnect_with_the_reason_before_the_close() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let cases: [(Vec<u8>, v5::DisconnectReasonCode); 4] = [
+        // A topic that is not well-formed UTF-8: malformed packet.
+        (
+            v5_publish_bytes(b"telemetry/\xff", true, b"x"),
+            v5::DisconnectReasonCode::MalformedPacket,
+        ),
+        // A wildcard in a topic name: protocol error.
+        (
+            v5_publish_bytes(b"telemetry/?correlation-id=a+b", true, b"x"),
+            v5::DisconnectReasonCode::ProtocolError,
+        ),
+        // QoS 2 (the CONNACK said Maximum QoS 1).
+        (
+            vec![
+                0x34, 14, 0, 9, b't', b'e', b'l', b'e', b'm', b'e', b't', b'r', b'y', 0, 1, 0,
+            ],
+            v5::DisconnectReasonCode::QoSNotSupported,
+        ),
+        // A payload over the limit.
+        (
+            {
+                // Remaining length 3 100 (0x9c 0x18): topic (11), properties (1), payload.
+                let mut big = vec![0x30, 0x9c, 0x18, 0, 9];
+                big.extend_from_slice(b"telemetry");
+                big.push(0);
+                big.extend(std::iter::repeat_n(b'x', 3100 - 12));
+                big
+            },
+            v5::DisconnectReasonCode::PacketTooLarge,
+        ),
+    ];
+    for (bytes, want) in cases {
+        let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+        c.send_raw(&bytes).await;
+        assert_eq!(c.expect_disconnect().await, want, "{bytes:x?}");
+    }
+    // A second CONNECT is a protocol error.
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    c.send(v5::Packet::Connect(
+        v5::Connect {
+            keep_alive: 60,
+            client_id: "again".into(),
+            clean_start: true,
+            properties: None,
+        },
+        None,
+        None,
+    ))
+    .await;
+    assert_eq!(
+        c.expect_disconnect().await,
+        v5::DisconnectReasonCode::ProtocolError
+    );
+    // Disabling the device revokes the connection: not authorised.
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    p.update_device(&tenant, "dev", json!({"enabled": false}))
+        .await;
+    assert_eq!(
+        c.expect_disconnect().await,
+        v5::DisconnectReasonCode::NotAuthorized
+    );
+    // Nothing of the refused publishes was written.
+    p.update_device(&tenant, "dev", json!({"enabled": true}))
+        .await;
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    let mut ok = v5::Publish::new("telemetry", QoS5::AtLeastOnce, "fine", None);
+    ok.pkid = 3;
+    c.send(v5::Packet::Publish(ok)).await;
+    assert!(matches!(c.next().await, Some(v5::Packet::PubAck(a)) if a.pkid == 3));
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].payload, b"fine");
+}
+
+#[tokio::test]
+async fn malformed_topics_close_mqtt311_connections_and_write_nothing() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let bad: [&[u8]; 3] = [
+        b"telemetry/?correlation-id=a+b",
+        b"event/#",
+        b"telemetry/\xc3\x28",
+    ];
+    for topic in bad {
+        let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+        let mut raw = vec![0x32, (topic.len() + 5) as u8, 0, topic.len() as u8];
+        raw.extend_from_slice(topic);
+        raw.extend_from_slice(&[0, 1, b'x']);
+        c.stream.write_all(&raw).await.unwrap();
+        c.expect_closed().await;
+    }
+    // A filter with a misplaced wildcard, and U+0000 in a filter.
+    for filter in ["command/#/req", "command///req/\0"] {
+        let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+        c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+            filter,
+            QoS::AtMostOnce,
+        )))
+        .await;
+        c.expect_closed().await;
+    }
+    // What is written afterwards is the first and only record of each topic.
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    c.publish("telemetry", b"fine", QoS::AtLeastOnce, 1).await;
+    assert_eq!(c.next().await, Some(v4::Packet::PubAck(v4::PubAck::new(1))));
+    c.publish("event", b"fine", QoS::AtLeastOnce, 2).await;
+    assert_eq!(c.next().await, Some(v4::Packet::PubAck(v4::PubAck::new(2))));
+    for topic in ["telemetry", "event"] {
+        let records = read(&format!("hono.{topic}.{tenant}"), 1).await;
+        let written: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+        assert_eq!(written, vec![&b"fine"[..]], "{topic}");
+    }
+}
+
+#[tokio::test]
+async fn mqtt5_unsuback_reasons_and_command_content_type() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("command///req/#", QoS5::AtMostOnce),
+        None,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "typed"),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    )
+    .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v5::Packet::Publish(cmd)) => {
+            assert_eq!(&cmd.topic[..], b"command///req//typed");
+            assert_eq!(
+                cmd.properties.and_then(|p| p.content_type).as_deref(),
+                Some("application/json")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut unsubscribe = v5::Unsubscribe::new("command///req/#", None);
+    unsubscribe.filters.push("never/subscribed".into());
+    unsubscribe.pkid = 4;
+    c.send(v5::Packet::Unsubscribe(unsubscribe)).await;
+    match c.next().await {
+        Some(v5::Packet::UnsubAck(a)) => assert_eq!(
+            a.reasons,
+            vec![
+                v5::UnsubAckReason::Success,
+                v5::UnsubAckReason::NoSubscriptionExisted
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn commands_larger_than_the_device_takes_are_not_sent_and_fail_with_a_reason() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let props = v5::ConnectProperties {
+        max_packet_size: Some(128),
+        ..v5::ConnectProperties::new()
+    };
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, Some(props)).await;
+    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("command///req/#", QoS5::AtLeastOnce),
+        None,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    let big = "x".repeat(600);
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "big"),
+            ("response-required", "true"),
+            ("correlation-id", "big-1"),
+        ],
+        &big,
+    )
+    .await;
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    let r = &responses[0];
+    assert_eq!(r.headers["correlation-id"], "big-1");
+    assert_eq!(r.headers["status"], "413");
+    assert_eq!(
+        r.headers["content-type"],
+        "application/vnd.eclipse-hono-delivery-failure-notification+json"
+    );
+    let body = String::from_utf8_lossy(&r.payload);
+    assert!(body.contains("Maximum Packet Size (128 bytes)"), "{body}");
+    // The connection lives on; the next packet it gets is the small command.
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "small")],
+        "s",
+    )
+    .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v5::Packet::Publish(cmd)) => assert_eq!(&cmd.topic[..], b"command///req//small"),
+        other => panic!("{other:?}"),
+    }
+}
