@@ -74,8 +74,11 @@ async fn create_database(pg: &tokio_postgres::Config) -> anyhow::Result<()> {
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match client.batch_execute(&sql).await {
         Ok(()) => tracing::info!(database = %name, "created database"),
-        // Another instance created it in the meantime.
-        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
+        // Another instance created it in the meantime; when both were at it at once,
+        // PostgreSQL reports the catalog's unique index instead.
+        Err(e)
+            if e.code() == Some(&SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
         Err(e) => return Err(e).context("creating the database"),
     }
     drop(client);
