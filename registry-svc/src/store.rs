@@ -3,6 +3,7 @@
 
 use crate::error::{RegistryError, Result};
 use crate::model::application::{self, Application};
+use crate::model::check_new_tenant_id;
 use crate::model::credentials::{self, CredentialRules, Credentials};
 use crate::model::device::Device;
 use crate::model::tenant::Tenant;
@@ -96,6 +97,9 @@ impl Store {
 
     pub async fn create_tenant(&self, id: Option<String>, t: Tenant) -> Result<(String, String)> {
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Generated ids pass as well; checked here so that no way of creating a tenant makes
+        // one whose topics Kafka would refuse.
+        check_new_tenant_id(&id)?;
         let version = new_version();
         let data = to_json(&t)?;
         let mut db = self.pool.get().await?;

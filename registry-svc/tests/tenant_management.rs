@@ -307,3 +307,69 @@ async fn management_api_refuses_anonymous_and_wrong_callers() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 }
+
+/// `random_id("t")` padded with `x` to `len` characters.
+fn id_of_len(len: usize) -> String {
+    let mut id = random_id("t");
+    id.push_str(&"x".repeat(len - id.len()));
+    id
+}
+
+#[tokio::test]
+async fn tenant_ids_must_fit_kafkas_topic_name_limit() {
+    let reg = TestRegistry::start().await;
+    // `hono.command_response.<id>` is the longest per-tenant topic: 22 + 227 = 249 characters.
+    let longest = id_of_len(227);
+    let r = reg
+        .post_json(&format!("/v1/tenants/{longest}"), json!({}))
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    assert_eq!(
+        reg.get(&format!("/v1/tenants/{longest}")).await.status(),
+        StatusCode::OK
+    );
+
+    for len in [228, 230, 240, 300] {
+        let id = id_of_len(len);
+        let r = reg.post_json(&format!("/v1/tenants/{id}"), json!({})).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{len} characters");
+        let msg = body(r).await["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains("hono.command_response.<tenant>"), "{msg}");
+        assert!(msg.contains("249"), "{msg}");
+        assert!(msg.contains("at most 227"), "{msg}");
+        if len <= 256 {
+            // (Longer ones are no tenant id at all, even to read.)
+            assert_eq!(
+                reg.get(&format!("/v1/tenants/{id}")).await.status(),
+                StatusCode::NOT_FOUND
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn tenant_ids_kafka_would_take_for_another_topic_kind_are_refused() {
+    let reg = TestRegistry::start().await;
+    let base = random_id("t");
+    // `hono.command.response.<base>` is `hono.command_response.<base>` for Kafka.
+    for (id, clash) in [
+        (
+            format!("response.{base}"),
+            format!("hono.command_response.{base}"),
+        ),
+        (
+            format!("internal_{base}"),
+            format!("hono.command_internal.{base}"),
+        ),
+    ] {
+        let r = reg.post_json(&format!("/v1/tenants/{id}"), json!({})).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{id}");
+        let msg = body(r).await["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains(&clash), "{msg}");
+    }
+}
