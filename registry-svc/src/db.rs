@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_registry.sql")),
     (2, include_str!("../migrations/0002_command_routing.sql")),
     (3, include_str!("../migrations/0003_applications.sql")),
+    (4, include_str!("../migrations/0004_tenant_topic_key.sql")),
 ];
 
 /// An arbitrary constant that serialises concurrent migrators (tests, several instances).
@@ -59,7 +60,47 @@ pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
         .build()
         .context("building the PostgreSQL pool")?;
     migrate(&pool).await?;
+    warn_about_clashing_tenants(&pool).await?;
     Ok(pool)
+}
+
+/// Tenants whose ids differ only in `.` versus `_` predate the rule against them and were left
+/// out of its index by migration 4 (see there); they are named at every start-up until the
+/// operator has resolved them. Costs one catalog lookup when there are none.
+async fn warn_about_clashing_tenants(pool: &Pool) -> anyhow::Result<()> {
+    let client = pool.get().await.context("getting a connection")?;
+    let partial = client
+        .query_one(
+            "SELECT indpred IS NOT NULL FROM pg_index
+              WHERE indexrelid = 'tenants_topic_key_idx'::regclass",
+            &[],
+        )
+        .await?
+        .get::<_, bool>(0);
+    if partial {
+        let clashing: Vec<String> = client
+            .query(
+                "SELECT tenant_id FROM tenants
+                  WHERE replace(tenant_id, '.', '_') IN (
+                        SELECT replace(tenant_id, '.', '_') FROM tenants
+                         GROUP BY 1 HAVING count(*) > 1)
+                  ORDER BY 1",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !clashing.is_empty() {
+            tracing::warn!(
+                ?clashing,
+                "tenants whose ids differ only in `.` versus `_` share their Kafka topics' \
+                 names for Kafka, which creates only one of each; rename or delete all but \
+                 one of each group"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn create_database(pg: &tokio_postgres::Config) -> anyhow::Result<()> {
@@ -74,8 +115,11 @@ async fn create_database(pg: &tokio_postgres::Config) -> anyhow::Result<()> {
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
     match client.batch_execute(&sql).await {
         Ok(()) => tracing::info!(database = %name, "created database"),
-        // Another instance created it in the meantime.
-        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
+        // Another instance created it in the meantime; when both were at it at once,
+        // PostgreSQL reports the catalog's unique index instead.
+        Err(e)
+            if e.code() == Some(&SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
         Err(e) => return Err(e).context("creating the database"),
     }
     drop(client);

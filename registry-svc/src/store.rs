@@ -3,11 +3,13 @@
 
 use crate::error::{RegistryError, Result};
 use crate::model::application::{self, Application};
+use crate::model::check_new_tenant_id;
 use crate::model::credentials::{self, CredentialRules, Credentials};
 use crate::model::device::Device;
 use crate::model::tenant::Tenant;
 use crate::search::{self, SearchQuery};
 use deadpool_postgres::{GenericClient, Pool};
+use ferrule_schemas::topic::tenant_collision_key;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -94,13 +96,45 @@ impl Store {
         }
     }
 
+    /// The tenant, other than `id`, whose topics Kafka would take for those of `id` (same
+    /// [`tenant_collision_key`]). `replace(tenant_id, '.', '_')` is the expression of the
+    /// unique index `tenants_topic_key_idx` (migration 4) and must stay what
+    /// `tenant_collision_key` computes.
+    async fn topic_clash(db: &impl GenericClient, id: &str) -> Result<Option<String>> {
+        let key = tenant_collision_key(id);
+        let row = db
+            .query_opt(
+                "SELECT tenant_id FROM tenants
+                  WHERE replace(tenant_id, '.', '_') = $1 AND tenant_id <> $2
+                  LIMIT 1",
+                &[&key, &id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    fn topic_conflict(id: &str, other: &str) -> RegistryError {
+        RegistryError::Conflict(format!(
+            "tenant id `{id}` clashes with existing tenant `{other}`: Kafka treats `.` and `_` \
+             in topic names alike, so both would use the same topics"
+        ))
+    }
+
     pub async fn create_tenant(&self, id: Option<String>, t: Tenant) -> Result<(String, String)> {
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Generated ids pass as well; checked here so that no way of creating a tenant makes
+        // one whose topics Kafka would refuse.
+        check_new_tenant_id(&id)?;
         let version = new_version();
         let data = to_json(&t)?;
         let mut db = self.pool.get().await?;
         let tx = db.transaction().await?;
         Self::check_trust_anchors(&tx, &id, &t).await?;
+        // Answers with the other tenant's id; the unique index below is what makes the rule
+        // hold under concurrent creates.
+        if let Some(other) = Self::topic_clash(&tx, &id).await? {
+            return Err(Self::topic_conflict(&id, &other));
+        }
         let inserted = tx
             .execute(
                 "INSERT INTO tenants (tenant_id, version, data) VALUES ($1, $2, $3)",
@@ -110,12 +144,21 @@ impl Store {
         match inserted {
             Ok(_) => {}
             Err(e) if is(&e, &SqlState::UNIQUE_VIOLATION) => {
-                let what = if constraint(&e) == Some("tenants_alias_idx") {
-                    "a tenant with this alias exists"
-                } else {
-                    "a tenant with this id exists"
-                };
-                return Err(RegistryError::Conflict(what.into()));
+                return Err(match constraint(&e) {
+                    Some("tenants_alias_idx") => {
+                        RegistryError::Conflict("a tenant with this alias exists".into())
+                    }
+                    Some("tenants_topic_key_idx") => {
+                        // A concurrent create of a clashing id committed first; it is visible
+                        // once this transaction is gone.
+                        drop(tx);
+                        match Self::topic_clash(&db, &id).await? {
+                            Some(other) => Self::topic_conflict(&id, &other),
+                            None => RegistryError::Conflict("a tenant with this id exists".into()),
+                        }
+                    }
+                    _ => RegistryError::Conflict("a tenant with this id exists".into()),
+                });
             }
             Err(e) => return Err(e.into()),
         }

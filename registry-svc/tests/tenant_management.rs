@@ -307,3 +307,221 @@ async fn management_api_refuses_anonymous_and_wrong_callers() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 }
+
+/// `random_id("t")` padded with `x` to `len` characters.
+fn id_of_len(len: usize) -> String {
+    let mut id = random_id("t");
+    id.push_str(&"x".repeat(len - id.len()));
+    id
+}
+
+#[tokio::test]
+async fn tenant_ids_must_fit_kafkas_topic_name_limit() {
+    let reg = TestRegistry::start().await;
+    // `hono.command_response.<id>` is the longest per-tenant topic: 22 + 227 = 249 characters.
+    let longest = id_of_len(227);
+    let r = reg
+        .post_json(&format!("/v1/tenants/{longest}"), json!({}))
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    assert_eq!(
+        reg.get(&format!("/v1/tenants/{longest}")).await.status(),
+        StatusCode::OK
+    );
+
+    for len in [228, 230, 240, 300] {
+        let id = id_of_len(len);
+        let r = reg.post_json(&format!("/v1/tenants/{id}"), json!({})).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{len} characters");
+        let msg = body(r).await["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains("hono.command_response.<tenant>"), "{msg}");
+        assert!(msg.contains("249"), "{msg}");
+        assert!(msg.contains("at most 227"), "{msg}");
+        if len <= 256 {
+            // (Longer ones are no tenant id at all, even to read.)
+            assert_eq!(
+                reg.get(&format!("/v1/tenants/{id}")).await.status(),
+                StatusCode::NOT_FOUND
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn tenant_ids_kafka_would_take_for_another_topic_kind_are_refused() {
+    let reg = TestRegistry::start().await;
+    let base = random_id("t");
+    // `hono.command.response.<base>` is `hono.command_response.<base>` for Kafka.
+    for (id, clash) in [
+        (
+            format!("response.{base}"),
+            format!("hono.command_response.{base}"),
+        ),
+        (
+            format!("internal_{base}"),
+            format!("hono.command_internal.{base}"),
+        ),
+    ] {
+        let r = reg.post_json(&format!("/v1/tenants/{id}"), json!({})).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{id}");
+        let msg = body(r).await["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains(&clash), "{msg}");
+    }
+}
+
+#[tokio::test]
+async fn ids_equal_but_for_dot_and_underscore_are_a_conflict() {
+    let reg = TestRegistry::start().await;
+    for (first, second) in [(".", "_"), ("_", ".")] {
+        let base = random_id("t");
+        let existing = format!("{base}{first}x");
+        let clashing = format!("{base}{second}x");
+        let r = reg
+            .post_json(&format!("/v1/tenants/{existing}"), json!({}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let r = reg
+            .post_json(&format!("/v1/tenants/{clashing}"), json!({}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CONFLICT, "{clashing}");
+        let msg = body(r).await["error"].as_str().unwrap().to_owned();
+        assert!(msg.contains(&format!("`{existing}`")), "{msg}");
+        assert_eq!(
+            reg.get(&format!("/v1/tenants/{clashing}")).await.status(),
+            StatusCode::NOT_FOUND
+        );
+        // The same id again is still the plain duplicate.
+        let r = reg
+            .post_json(&format!("/v1/tenants/{existing}"), json!({}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert_eq!(body(r).await["error"], "a tenant with this id exists");
+        // Once the first is gone, the other spelling may be created.
+        assert_eq!(
+            reg.delete(&format!("/v1/tenants/{existing}"))
+                .await
+                .status(),
+            StatusCode::NO_CONTENT
+        );
+        let r = reg
+            .post_json(&format!("/v1/tenants/{clashing}"), json!({}))
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_clashing_ids_leave_one_tenant() {
+    let reg = TestRegistry::start().await;
+    let bases: Vec<String> = (0..8).map(|_| random_id("t")).collect();
+    let creates = bases.iter().flat_map(|base| {
+        [format!("{base}.a.b"), format!("{base}_a_b")].map(|id| {
+            let reg = &reg;
+            async move {
+                let r = reg.post_json(&format!("/v1/tenants/{id}"), json!({})).await;
+                let status = r.status();
+                (id, status, body(r).await)
+            }
+        })
+    });
+    let results = futures_util::future::join_all(creates).await;
+    for pair in results.chunks(2) {
+        let statuses: Vec<StatusCode> = pair.iter().map(|(_, s, _)| *s).collect();
+        assert!(
+            statuses.contains(&StatusCode::CREATED) && statuses.contains(&StatusCode::CONFLICT),
+            "{pair:?}"
+        );
+        let (winner, _, _) = pair
+            .iter()
+            .find(|(_, s, _)| *s == StatusCode::CREATED)
+            .unwrap();
+        let (_, _, refusal) = pair
+            .iter()
+            .find(|(_, s, _)| *s == StatusCode::CONFLICT)
+            .unwrap();
+        let msg = refusal["error"].as_str().unwrap();
+        assert!(msg.contains(&format!("`{winner}`")), "{msg}");
+    }
+}
+
+/// A database of its own (created here, dropped at the end) that holds tenants from before
+/// the rule: `<base>.a.b` and `<base>_a_b`.
+#[tokio::test]
+async fn start_up_survives_tenants_that_clash_from_before_the_rule() {
+    let shared = database();
+    let (url, query) = match shared.url.split_once('?') {
+        Some((u, q)) => (u.to_owned(), format!("?{q}")),
+        None => (shared.url.clone(), String::new()),
+    };
+    let name = format!("ferrule_legacy_{}", uuid::Uuid::new_v4().simple());
+    let db = ferrule_registry::DatabaseConfig {
+        url: format!("{}/{name}{query}", url.rsplit_once('/').unwrap().0),
+        pool_size: 2,
+    };
+    // All migrations, then back to before migration 4 with two clashing tenants.
+    let reg = TestRegistry::start_on(&db, config()).await;
+    let sql = reg.store.pool().get().await.unwrap();
+    let base = random_id("t");
+    let (old_dot, old_underscore) = (format!("{base}.a.b"), format!("{base}_a_b"));
+    sql.batch_execute(&format!(
+        "DROP INDEX tenants_topic_key_idx;
+         DELETE FROM ferrule_migrations WHERE version = 4;
+         INSERT INTO tenants (tenant_id, version, data)
+              VALUES ('{old_dot}', 'v', '{{}}'), ('{old_underscore}', 'v', '{{}}');"
+    ))
+    .await
+    .unwrap();
+    drop(sql);
+    drop(reg);
+
+    // Migration 4 runs on them and the start-up succeeds.
+    let reg = TestRegistry::start_on(&db, config()).await;
+    let sql = reg.store.pool().get().await.unwrap();
+    let partial: bool = sql
+        .query_one(
+            "SELECT indpred IS NOT NULL FROM pg_index
+              WHERE indexrelid = 'tenants_topic_key_idx'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(partial, "the clashing rows are left out of the index");
+    drop(sql);
+    // Both old tenants still work.
+    for id in [&old_dot, &old_underscore] {
+        assert_eq!(
+            reg.get(&format!("/v1/tenants/{id}")).await.status(),
+            StatusCode::OK
+        );
+    }
+    // A third spelling of their key is refused, and so is a new clashing pair.
+    let r = reg
+        .post_json(&format!("/v1/tenants/{base}.a_b"), json!({}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let new = random_id("t");
+    let r = reg
+        .post_json(&format!("/v1/tenants/{new}.c"), json!({}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = reg
+        .post_json(&format!("/v1/tenants/{new}_c"), json!({}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    drop(reg);
+
+    let mut admin = db.url.parse::<tokio_postgres::Config>().unwrap();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

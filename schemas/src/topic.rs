@@ -6,6 +6,9 @@ use std::fmt;
 /// The prefix every Hono topic starts with.
 pub const PREFIX: &str = "hono.";
 
+/// The longest topic name Kafka accepts.
+pub const MAX_NAME_LEN: usize = 249;
+
 /// What a Hono topic carries; the suffix after it is a tenant id or an adapter instance id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopicKind {
@@ -29,6 +32,18 @@ impl TopicKind {
             TopicKind::CommandResponse => "command_response",
             TopicKind::CommandInternal => "command_internal",
             TopicKind::Notification => "notification",
+        }
+    }
+
+    /// Whether the suffix of this kind's topics is a tenant id (rather than an adapter
+    /// instance id or a fixed name).
+    pub const fn is_per_tenant(self) -> bool {
+        match self {
+            TopicKind::Telemetry
+            | TopicKind::Event
+            | TopicKind::Command
+            | TopicKind::CommandResponse => true,
+            TopicKind::CommandInternal | TopicKind::Notification => false,
         }
     }
 
@@ -135,13 +150,7 @@ impl HonoTopic {
 
     /// The tenant this topic belongs to, for the per-tenant kinds.
     pub fn tenant(&self) -> Option<&str> {
-        match self.kind {
-            TopicKind::Telemetry
-            | TopicKind::Event
-            | TopicKind::Command
-            | TopicKind::CommandResponse => Some(&self.suffix),
-            TopicKind::CommandInternal | TopicKind::Notification => None,
-        }
+        self.kind.is_per_tenant().then_some(self.suffix.as_str())
     }
 }
 
@@ -158,7 +167,7 @@ fn check(kind: TopicKind, suffix: &str) -> Result<(), TopicError> {
         return Err(TopicError::EmptySuffix(full()));
     }
     let len = PREFIX.len() + kind.as_str().len() + 1 + suffix.len();
-    if len > 249 || !suffix.bytes().all(legal_byte) {
+    if len > MAX_NAME_LEN || !suffix.bytes().all(legal_byte) {
         return Err(TopicError::IllegalName(full()));
     }
     Ok(())
@@ -167,7 +176,7 @@ fn check(kind: TopicKind, suffix: &str) -> Result<(), TopicError> {
 /// Kafka accepts topic names of up to 249 characters from `[a-zA-Z0-9._-]`.
 pub fn is_legal_kafka_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 249
+        && name.len() <= MAX_NAME_LEN
         && name != "."
         && name != ".."
         && name.bytes().all(legal_byte)
@@ -175,6 +184,151 @@ pub fn is_legal_kafka_name(name: &str) -> bool {
 
 fn legal_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// Why a tenant id cannot name the per-tenant topics Ferrule derives from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenantIdError {
+    #[error("a tenant id must not be empty")]
+    Empty,
+    #[error(
+        "tenant id `{id}` contains `{ch}`, but Kafka topic names (`{pattern}`) allow only \
+         [a-zA-Z0-9._-]"
+    )]
+    IllegalChar {
+        id: String,
+        ch: char,
+        pattern: String,
+    },
+    #[error(
+        "tenant id is too long: its {len} characters make topic `{pattern}` {topic_len} \
+         characters long, more than Kafka's limit of {limit}; a tenant id may have at most \
+         {max} characters",
+        limit = MAX_NAME_LEN
+    )]
+    TooLong {
+        len: usize,
+        pattern: String,
+        topic_len: usize,
+        max: usize,
+    },
+    #[error(
+        "tenant id `{id}` is reserved: its topic `{topic}` is the same topic for Kafka as \
+         `{clashes_with}` (Kafka treats `.` and `_` in topic names alike)"
+    )]
+    Reserved {
+        id: String,
+        topic: String,
+        clashes_with: String,
+    },
+    #[error("tenant id makes topic `{0}`, which is not a legal Kafka topic name")]
+    IllegalTopic(String),
+}
+
+/// The per-tenant topic kinds, every one of which Ferrule may create for a tenant.
+fn per_tenant_kinds() -> impl Iterator<Item = TopicKind> {
+    TopicKind::ALL.into_iter().filter(|k| k.is_per_tenant())
+}
+
+/// The longest tenant id whose per-tenant topics all fit Kafka's limit when topic names start
+/// with `prefix`; `hono.command_response.<tenant>` is the longest of them, so with [`PREFIX`]
+/// it is 249 − 22 = 227.
+pub fn max_tenant_id_len(prefix: &str) -> usize {
+    let longest = per_tenant_kinds()
+        .map(|k| k.as_str().len())
+        .max()
+        .unwrap_or(0);
+    MAX_NAME_LEN.saturating_sub(prefix.len() + longest + 1)
+}
+
+/// Whether `tenant` is usable for every per-tenant topic Ferrule derives from it
+/// (`<prefix><kind>.<tenant>` for telemetry, event, command and command_response):
+///
+/// - only `[a-zA-Z0-9._-]`, as Kafka requires;
+/// - short enough that the longest of them, `<prefix>command_response.<tenant>`, stays within
+///   Kafka's 249 characters (see [`max_tenant_id_len`]);
+/// - none of them is, for Kafka, a topic of another kind: Kafka treats `.` and `_` alike, so
+///   the command topic of tenant `response.x` (`hono.command.response.x`) would be the
+///   command-response topic of tenant `x` (`hono.command_response.x`), and that of
+///   `internal.gw` the internal command topic of adapter instance `gw`. Ids that start with
+///   `response` or `internal` followed by `.` or `_` and more characters are therefore
+///   refused.
+///
+/// Collisions between two tenants (`a.b` and `a_b`) depend on which tenants exist; see
+/// [`tenant_collision_key`].
+///
+/// `prefix` is what every topic name starts with; today that is always [`PREFIX`]. It is a
+/// parameter rather than read here so that a configurable prefix (`kafka.topic_prefix`) is a
+/// change of the argument at the call site and nothing else.
+pub fn check_tenant_topics(prefix: &str, tenant: &str) -> Result<(), TenantIdError> {
+    if tenant.is_empty() {
+        return Err(TenantIdError::Empty);
+    }
+    if let Some(ch) = tenant
+        .chars()
+        .find(|c| !c.is_ascii() || !legal_byte(*c as u8))
+    {
+        return Err(TenantIdError::IllegalChar {
+            id: tenant.to_owned(),
+            ch,
+            pattern: format!("{prefix}<kind>.<tenant>"),
+        });
+    }
+    let max = max_tenant_id_len(prefix);
+    if tenant.len() > max {
+        let longest = per_tenant_kinds()
+            .max_by_key(|k| k.as_str().len())
+            .unwrap_or(TopicKind::CommandResponse);
+        return Err(TenantIdError::TooLong {
+            len: tenant.len(),
+            pattern: format!("{prefix}{}.<tenant>", longest.as_str()),
+            topic_len: prefix.len() + longest.as_str().len() + 1 + tenant.len(),
+            max,
+        });
+    }
+    let key = tenant_collision_key(tenant);
+    for own in per_tenant_kinds() {
+        for other in TopicKind::ALL {
+            // `<own>_<rest>` is another kind's name: `<own>.<rest>.<s>` and `<own>_<rest>.<s>`
+            // are one topic for Kafka.
+            let Some(rest) = other
+                .as_str()
+                .strip_prefix(own.as_str())
+                .and_then(|r| r.strip_prefix('_'))
+            else {
+                continue;
+            };
+            let rest_key = tenant_collision_key(rest);
+            let clash = key
+                .strip_prefix(rest_key.as_str())
+                .and_then(|r| r.strip_prefix('_'))
+                .is_some_and(|s| !s.is_empty());
+            if clash {
+                // The key has the same length as the id, so the id splits where the key does.
+                let suffix = &tenant[rest.len() + 1..];
+                return Err(TenantIdError::Reserved {
+                    id: tenant.to_owned(),
+                    topic: format!("{prefix}{}.{tenant}", own.as_str()),
+                    clashes_with: format!("{prefix}{}.{suffix}", other.as_str()),
+                });
+            }
+        }
+    }
+    for kind in per_tenant_kinds() {
+        let topic = format!("{prefix}{}.{tenant}", kind.as_str());
+        if !is_legal_kafka_name(&topic) {
+            return Err(TenantIdError::IllegalTopic(topic));
+        }
+    }
+    Ok(())
+}
+
+/// The name under which Kafka tells a tenant's topics apart from other tenants': the id with
+/// every `.` replaced by `_`. Kafka refuses to create a topic whose name differs from an
+/// existing one's only in `.` versus `_` (the two are one name in its metrics), so two tenants
+/// with the same key (`a.b`, `a_b`) cannot both have topics; the registry keeps keys unique.
+pub fn tenant_collision_key(tenant: &str) -> String {
+    tenant.replace('.', "_")
 }
 
 /// The regex the command router subscribes with, matching every tenant's command topic.
@@ -252,5 +406,120 @@ mod tests {
         assert!(!is_legal_kafka_name(".."));
         assert!(!is_legal_kafka_name(&"a".repeat(250)));
         assert!(!is_legal_kafka_name("a b"));
+    }
+
+    #[test]
+    fn longest_tenant_id_fits_every_per_tenant_topic() {
+        // `hono.command_response.` is 22 characters.
+        assert_eq!(max_tenant_id_len(PREFIX), 227);
+        let longest = "t".repeat(227);
+        assert_eq!(check_tenant_topics(PREFIX, &longest), Ok(()));
+        for kind in TopicKind::ALL.into_iter().filter(|k| k.is_per_tenant()) {
+            let name = HonoTopic::name(kind, &longest).unwrap();
+            assert!(is_legal_kafka_name(&name), "{name}");
+        }
+        assert_eq!(
+            HonoTopic::command_response(&longest)
+                .unwrap()
+                .to_string()
+                .len(),
+            249
+        );
+
+        let err = check_tenant_topics(PREFIX, &"t".repeat(228)).unwrap_err();
+        assert_eq!(
+            err,
+            TenantIdError::TooLong {
+                len: 228,
+                pattern: "hono.command_response.<tenant>".into(),
+                topic_len: 250,
+                max: 227,
+            }
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("hono.command_response.<tenant>"), "{msg}");
+        assert!(msg.contains("249"), "{msg}");
+        assert!(msg.contains("at most 227"), "{msg}");
+        // 230 characters: telemetry would still fit, the response topic would not.
+        assert!(HonoTopic::telemetry(&"t".repeat(230)).is_ok());
+        assert!(HonoTopic::command_response(&"t".repeat(230)).is_err());
+        assert!(check_tenant_topics(PREFIX, &"t".repeat(230)).is_err());
+    }
+
+    #[test]
+    fn a_longer_prefix_shortens_the_limit() {
+        let prefix = "staging.hono.";
+        assert_eq!(max_tenant_id_len(prefix), 227 - 8);
+        assert!(check_tenant_topics(prefix, &"t".repeat(219)).is_ok());
+        assert!(matches!(
+            check_tenant_topics(prefix, &"t".repeat(220)),
+            Err(TenantIdError::TooLong { pattern, .. })
+                if pattern == "staging.hono.command_response.<tenant>"
+        ));
+        assert!(matches!(
+            check_tenant_topics("bad prefix.", "t"),
+            Err(TenantIdError::IllegalTopic(_))
+        ));
+    }
+
+    #[test]
+    fn tenant_id_characters() {
+        for ok in [
+            "DEFAULT_TENANT",
+            "a.b-c_9",
+            "x",
+            "response",
+            "internal",
+            "response.",
+        ] {
+            assert_eq!(check_tenant_topics(PREFIX, ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check_tenant_topics(PREFIX, ""), Err(TenantIdError::Empty));
+        for (bad, ch) in [("a/b", '/'), ("a b", ' '), ("a:b", ':'), ("tü", 'ü')] {
+            assert!(
+                matches!(
+                    check_tenant_topics(PREFIX, bad),
+                    Err(TenantIdError::IllegalChar { ch: c, .. }) if c == ch
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_whose_command_topic_is_another_kind_for_kafka_are_reserved() {
+        let err = check_tenant_topics(PREFIX, "response.x").unwrap_err();
+        assert_eq!(
+            err,
+            TenantIdError::Reserved {
+                id: "response.x".into(),
+                topic: "hono.command.response.x".into(),
+                clashes_with: "hono.command_response.x".into(),
+            }
+        );
+        assert!(err.to_string().contains("`.` and `_`"));
+        assert!(matches!(
+            check_tenant_topics(PREFIX, "response_x.y"),
+            Err(TenantIdError::Reserved { clashes_with, .. })
+                if clashes_with == "hono.command_response.x.y"
+        ));
+        assert!(matches!(
+            check_tenant_topics(PREFIX, "internal_gw-1"),
+            Err(TenantIdError::Reserved { clashes_with, .. })
+                if clashes_with == "hono.command_internal.gw-1"
+        ));
+        // Only the exact words followed by a separator: these are different topics for Kafka.
+        for ok in ["responses.x", "my.response.x", "internal-x", "Response.x"] {
+            assert_eq!(check_tenant_topics(PREFIX, ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn collision_key_treats_dot_and_underscore_alike() {
+        assert_eq!(tenant_collision_key("a.b"), "a_b");
+        assert_eq!(tenant_collision_key("a_b"), "a_b");
+        assert_eq!(tenant_collision_key("a.b_c.d"), "a_b_c_d");
+        assert_ne!(tenant_collision_key("a-b"), tenant_collision_key("a_b"));
+        assert_ne!(tenant_collision_key("A.b"), tenant_collision_key("a.b"));
     }
 }

@@ -39,6 +39,19 @@ pub fn check_tenant_id(id: &str) -> Result<(), Invalid> {
     }
 }
 
+/// The id of a tenant about to be created: a tenant id, and one that every per-tenant Kafka
+/// topic Ferrule derives from it can be named after (at most 227 characters, since
+/// `hono.command_response.<id>` must stay within Kafka's 249; no id whose command topic Kafka
+/// would take for another kind's). Existing tenants are only held to [`check_tenant_id`], so
+/// ones created before this rule can still be read, updated and deleted.
+pub fn check_new_tenant_id(id: &str) -> Result<(), Invalid> {
+    // The one place the registry names the topic prefix: a configurable one
+    // (`kafka.topic_prefix`) is passed here instead of the constant.
+    ferrule_schemas::topic::check_tenant_topics(ferrule_schemas::topic::PREFIX, id)
+        .map_err(|e| Invalid::new(e.to_string()))?;
+    check_tenant_id(id)
+}
+
 /// Device ids: `[a-zA-Z0-9-_.:=]+`.
 pub fn check_device_id(id: &str) -> Result<(), Invalid> {
     if matches_chars(id, b"-_.:=") {
@@ -106,6 +119,14 @@ mod tests {
         assert!(check_tenant_id("a:b").is_err());
         assert!(check_tenant_id("").is_err());
         assert!(check_tenant_id("a/b").is_err());
+        assert!(check_new_tenant_id(&"t".repeat(227)).is_ok());
+        assert!(check_new_tenant_id(&"t".repeat(228)).is_err());
+        assert!(
+            check_tenant_id(&"t".repeat(228)).is_ok(),
+            "existing ids stay usable"
+        );
+        assert!(check_new_tenant_id("response.t").is_err());
+        assert!(check_new_tenant_id("a:b").is_err());
         assert!(check_device_id("4711:x=y").is_ok());
         assert!(check_device_id("dev 1").is_err());
         assert!(check_auth_id("sensor1=").is_ok());

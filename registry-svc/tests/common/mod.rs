@@ -51,7 +51,12 @@ impl TestRegistry {
     }
 
     pub async fn start_with(cfg: RegistryConfig) -> Self {
-        let store = ferrule_registry::open_store(&database(), &cfg)
+        Self::start_on(&database(), cfg).await
+    }
+
+    /// A registry on another database than the tests' shared one.
+    pub async fn start_on(db: &DatabaseConfig, cfg: RegistryConfig) -> Self {
+        let store = ferrule_registry::open_store(db, &cfg)
             .await
             .expect("PostgreSQL must be running (scripts/test starts it)");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
