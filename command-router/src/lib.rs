@@ -1,6 +1,8 @@
 //! Ferrule's command router: consumes `hono.command.*`, finds the gateway instance that can
 //! reach each device from routing state kept in PostgreSQL, and forwards the command to that
-//! instance (or answers with a delivery failure). Gateway-side delivery comes next.
+//! instance (or answers with a delivery failure); that gateway instance delivers it to the
+//! device. Gateways use [`RoutingState`] too: they register subscriptions, record last
+//! gateways and send heartbeats.
 #![forbid(unsafe_code)]
 
 pub mod forward;

@@ -1,6 +1,6 @@
-//! Ferrule's protocol gateways: stateless adapters that authenticate devices against the
-//! registry and write their telemetry and events into per-tenant Kafka topics through one
-//! shared ingest pipeline.
+//! Ferrule's protocol gateways (HTTP and MQTT): stateless adapters that authenticate devices
+//! against the registry, write their telemetry and events into per-tenant Kafka topics through
+//! one shared ingest pipeline, and deliver the commands the router forwards to this instance.
 #![forbid(unsafe_code)]
 
 pub mod commands;
@@ -28,7 +28,10 @@ use tokio::sync::watch;
 pub struct GatewayConfig {
     /// Largest device payload accepted (bytes); Hono's default is 2048.
     pub max_payload_size: usize,
-    /// Must match `router.instance_timeout_secs`: heartbeats are sent at a third of it.
+    /// Not used by the gateway yet: it sends a heartbeat every 10 s whatever this says
+    /// (`HEARTBEAT` in `commands.rs`), and only the router judges liveness, by its own
+    /// `router.instance_timeout_secs` (30 s, three heartbeat intervals), which must stay
+    /// above 10 s.
     pub instance_timeout_secs: u64,
     /// How long an application waits for a device's answer to a request/response command;
     /// after that the gateway answers 503 itself and refuses a late answer.

@@ -1,6 +1,9 @@
-//! The one ingest pipeline every protocol adapter calls: authenticate → authorise (tenant,
-//! adapter, device, gateway) → validate → build the Kafka record → produce → answer by QoS.
-//! Adapters only translate their wire format into an [`Upload`] and the [`UploadError`] back.
+//! The ingest pipeline every protocol adapter calls for telemetry and events: authenticate →
+//! authorise (tenant, adapter, device, gateway) → validate → build the Kafka record → produce →
+//! answer by QoS. Adapters translate their wire format into an [`Upload`] and the
+//! [`UploadError`] back. Not every decision is made here: the MQTT module checks a PUBLISH's
+//! payload size and which subscriptions it allows, and `CommandHub::submit_response` checks
+//! command responses (docs/gateways.md lists these).
 
 use crate::kafka::{Delivery, DownstreamSender, OutboundRecord, ProduceError};
 use crate::metrics;
@@ -106,7 +109,8 @@ pub struct Upload {
     pub traceparent: Option<String>,
 }
 
-/// Why a message was not forwarded; each adapter maps these to its protocol in one place.
+/// Why a message was not forwarded. HTTP maps these to status codes in `http::error_response`;
+/// MQTT in `publish_failed` (PUBLISH) and `authenticate` (CONNACK).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UploadError {
     #[error("{0}")]
