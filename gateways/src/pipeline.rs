@@ -1,9 +1,9 @@
 //! The ingest pipeline every protocol adapter calls for telemetry and events: authenticate →
 //! authorise (tenant, adapter, device, gateway) → validate → build the Kafka record → produce →
 //! answer by QoS. Adapters translate their wire format into an [`Upload`] and the
-//! [`UploadError`] back. Not every decision is made here: the MQTT module checks a PUBLISH's
-//! payload size and which subscriptions it allows, and `CommandHub::submit_response` checks
-//! command responses (docs/gateways.md lists these).
+//! [`UploadError`] back. Command subscriptions are authorised here too. Not every decision is
+//! made here: the MQTT module decides which error subscriptions it allows, and
+//! `CommandHub::submit_response` checks command responses (docs/gateways.md lists these).
 
 use crate::kafka::{Delivery, DownstreamSender, OutboundRecord, ProduceError};
 use crate::metrics;
@@ -304,20 +304,6 @@ impl IngestPipeline {
             return Err(untrusted());
         }
         Ok(self.registry.x509(&tenant_id, &cert.subject_dn).await?)
-    }
-
-    /// Whether `gateway` may act for `device` (same tenant, `via` or `viaGroups`).
-    pub async fn may_act_for(&self, tenant: &str, gateway: &str, device: &str) -> bool {
-        let (Ok(d), Ok(g)) = (
-            self.registry.device(tenant, device).await,
-            self.registry.device(tenant, gateway).await,
-        ) else {
-            return false;
-        };
-        match (d.as_ref(), g.as_ref()) {
-            (Some(d), Some(g)) => d.enabled && g.enabled && may_act_for(gateway, g, d),
-            _ => false,
-        }
     }
 
     /// The registry view, for services that share its pool.

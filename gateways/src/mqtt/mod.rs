@@ -1,7 +1,8 @@
 //! The MQTT adapter (`hono-mqtt`, 3.1.1 and 5): a thin accept loop around one task per
-//! connection. The wire format lives in `codec`, the topic grammar in `topic`, the upload rules
-//! in the shared ingest pipeline; `connection` still decides a PUBLISH's payload size and which
-//! command and error subscriptions a device may make.
+//! connection. The wire format and the specifications' rules for it (UTF-8 strings, topic
+//! names and filters) live in `codec`, the topic grammar in `topic`, the rules for uploads and
+//! command subscriptions in the shared ingest pipeline; `connection` still decides which error
+//! subscriptions a device may make.
 
 mod acks;
 mod codec;
