@@ -335,6 +335,26 @@ fn publish_qos(qos: u8) -> Result<u8, CodecError> {
     }
 }
 
+/// A SUBSCRIBE of either version: at least one filter, each a valid one [MQTT-3.8.3-3].
+fn subscribe(pkid: u16, filters: Vec<(String, u8)>) -> Result<Inbound, CodecError> {
+    if filters.is_empty() {
+        return Err(CodecError::Protocol("SUBSCRIBE without a filter".into()));
+    }
+    filters
+        .iter()
+        .try_for_each(|(f, _)| check_topic_filter(f))?;
+    Ok(Inbound::Subscribe { pkid, filters })
+}
+
+/// An UNSUBSCRIBE of either version: at least one filter, each a valid one [MQTT-3.10.3-2].
+fn unsubscribe(pkid: u16, filters: Vec<String>) -> Result<Inbound, CodecError> {
+    if filters.is_empty() {
+        return Err(CodecError::Protocol("UNSUBSCRIBE without a filter".into()));
+    }
+    filters.iter().try_for_each(|f| check_topic_filter(f))?;
+    Ok(Inbound::Unsubscribe { pkid, filters })
+}
+
 fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
     Ok(match p {
         v4::Packet::Connect(c) => {
@@ -368,32 +388,14 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
             })
         }
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
-        v4::Packet::Subscribe(s) => {
-            if s.filters.is_empty() {
-                return Err(CodecError::Protocol("SUBSCRIBE without a filter".into()));
-            }
+        v4::Packet::Subscribe(s) => subscribe(
+            s.pkid,
             s.filters
-                .iter()
-                .try_for_each(|f| check_topic_filter(&f.path))?;
-            Inbound::Subscribe {
-                pkid: s.pkid,
-                filters: s
-                    .filters
-                    .into_iter()
-                    .map(|f| (f.path, f.qos as u8))
-                    .collect(),
-            }
-        }
-        v4::Packet::Unsubscribe(u) => {
-            if u.topics.is_empty() {
-                return Err(CodecError::Protocol("UNSUBSCRIBE without a filter".into()));
-            }
-            u.topics.iter().try_for_each(|f| check_topic_filter(f))?;
-            Inbound::Unsubscribe {
-                pkid: u.pkid,
-                filters: u.topics,
-            }
-        }
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
+        )?,
+        v4::Packet::Unsubscribe(u) => unsubscribe(u.pkid, u.topics)?,
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect,
         v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
@@ -470,36 +472,22 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
         }
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
         v5::Packet::Subscribe(s) => {
-            if s.filters.is_empty() {
-                return Err(CodecError::Protocol("SUBSCRIBE without a filter".into()));
-            }
-            s.filters
-                .iter()
-                .try_for_each(|f| check_topic_filter(&f.path))?;
             if let Some(props) = &s.properties {
                 check_user_properties(&props.user_properties)?;
             }
-            Inbound::Subscribe {
-                pkid: s.pkid,
-                filters: s
-                    .filters
+            subscribe(
+                s.pkid,
+                s.filters
                     .into_iter()
                     .map(|f| (f.path, f.qos as u8))
                     .collect(),
-            }
+            )?
         }
         v5::Packet::Unsubscribe(u) => {
-            if u.filters.is_empty() {
-                return Err(CodecError::Protocol("UNSUBSCRIBE without a filter".into()));
-            }
-            u.filters.iter().try_for_each(|f| check_topic_filter(f))?;
             if let Some(props) = &u.properties {
                 check_user_properties(&props.user_properties)?;
             }
-            Inbound::Unsubscribe {
-                pkid: u.pkid,
-                filters: u.filters,
-            }
+            unsubscribe(u.pkid, u.filters)?
         }
         v5::Packet::PingReq(_) => Inbound::PingReq,
         v5::Packet::Disconnect(_) => Inbound::Disconnect,
