@@ -13,6 +13,12 @@ FERRULE_KAFKA_PORT="${FERRULE_KAFKA_PORT:-9092}"
 FERRULE_BROKER_STORAGE="${FERRULE_BROKER_STORAGE:-memory}"
 NISSHI_VERSION=0.8.1
 NISSHI_BIN="$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION/bin/nisshi"
+# The tests' Kafka applications use confluent-kafka from PyPI (Debian's python3-confluent-kafka
+# brings librdkafka 2.0.2, which cannot talk to the broker): a virtual environment outside the
+# clone, made from Debian's interpreter and seeing its packages (Qpid Proton, paho-mqtt).
+CONFLUENT_KAFKA_VERSION=2.16.1
+PYTHON_ENV="$FERRULE_HOME/tools/python"
+PYTHON_WITH_KAFKA="$PYTHON_ENV/bin/python3"
 PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
 if [ "$(id -u)" = 0 ]; then
     # The server refuses to run as root and cannot enter root's home: keep its data elsewhere.
@@ -63,9 +69,22 @@ ensure_rust() {
 
 ensure_base() {
     ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3 mosquitto-clients \
-        python3-qpid-proton
+        python3-qpid-proton python3-paho-mqtt python3-venv
     ensure_rust
+    ensure_python_kafka
     [ -n "$PG_BIN" ] || PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+}
+
+ensure_python_kafka() {
+    "$PYTHON_WITH_KAFKA" -c "import sys, confluent_kafka
+sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION')" 2>/dev/null && return 0
+    say "installing confluent-kafka $CONFLUENT_KAFKA_VERSION into $PYTHON_ENV"
+    mkdir -p "$FERRULE_HOME/tools"
+    # --clear: an environment whose interpreter went away (or never got its pip) is made anew.
+    "$PYTHON_WITH_KAFKA" -m pip --version >/dev/null 2>&1 ||
+        /usr/bin/python3 -m venv --clear --system-site-packages "$PYTHON_ENV"
+    "$PYTHON_WITH_KAFKA" -m pip install --quiet --disable-pip-version-check \
+        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2
 }
 
 pg_run() { # run a PostgreSQL server binary as the owner of the data directory

@@ -1,0 +1,465 @@
+//! Hono's example application (HonoExampleApplication) against `ferrule all`, with real clients
+//! on both sides. The application consumes its tenant's events — over AMQP 1.0 with Qpid Proton
+//! (`event/<tenant>`), or over Kafka with confluent-kafka (`hono.event.<tenant>`) — and waits
+//! until the device announces that it takes commands: the empty notification with `ttd` -1 that
+//! an MQTT SUBSCRIBE causes, or the `ttd` > 0 of an HTTP long poll (`hono-ttd`). Only then does
+//! it send a request/response command, and it waits for the device's answer on its reply address
+//! (`command_response/<tenant>/<id>`, or `hono.command_response.<tenant>`). The device is a
+//! paho-mqtt client subscribed at QoS 1, or curl long-polling and posting its answer.
+//!
+//! The applications and the MQTT device are Python scripts in `tests/apps/`; each prints JSON
+//! lines, which are checked here as they come.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Debian's interpreter: the one python3-qpid-proton and python3-paho-mqtt are installed for.
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+/// How long an application or device script may take for its whole part, on a loaded machine.
+const SCRIPT_SECS: u64 = 60;
+/// How long the test waits for the next line of a script (its own limit, and some room).
+const LINE_WAIT: Duration = Duration::from_secs(SCRIPT_SECS + 15);
+const DEVICE: &str = "lamp";
+const DEVICE_PASSWORD: &str = "lamp-secret";
+const APP: &str = "example-app";
+const APP_PASSWORD: &str = "app-secret";
+/// The long poll of the HTTP device (below the default cap of 60 s, so the notification says 30).
+const HTTP_TTD: i64 = 30;
+
+/// An interpreter with confluent-kafka (from PyPI): `FERRULE_TEST_PYTHON` (scripts/test sets
+/// it), else the virtual environment that scripts/lib.sh makes.
+fn kafka_python() -> String {
+    let python = std::env::var("FERRULE_TEST_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("FERRULE_HOME").unwrap_or_else(|_| {
+            format!(
+                "{}/.local/share/ferrule",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        format!("{home}/tools/python/bin/python3")
+    });
+    let usable = Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        usable,
+        "no Python with confluent-kafka at {python}: scripts/test installs it (ensure_base in \
+         scripts/lib.sh), or set FERRULE_TEST_PYTHON to an interpreter that has it"
+    );
+    python
+}
+
+fn script(name: &str) -> String {
+    format!("{}/tests/apps/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A script running in the background whose JSON lines are read as it prints them.
+struct Script {
+    name: &'static str,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<Value>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Script {
+    fn spawn(name: &'static str, python: &str, args: &[&str]) -> Script {
+        let mut child = Command::new(python)
+            .arg(script(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{python} {name}: {e}"));
+        let (tx, lines) = channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (mut pipe, sink) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Script {
+            name,
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// The value of the next line that has `key`; panics, telling what the script said, when
+    /// it reports an error, ends, or says nothing of the kind within `LINE_WAIT`.
+    fn expect(&mut self, key: &str, why: &str) -> Value {
+        let deadline = Instant::now() + LINE_WAIT;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(wait) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => self.fail(key, why, "said nothing more"),
+                Err(RecvTimeoutError::Disconnected) => self.fail(key, why, "ended"),
+            };
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|_| panic!("{}: not JSON: {line}", self.name));
+            self.seen.push(v.clone());
+            if v.get("error").is_some() {
+                self.fail(key, why, "reported an error");
+            }
+            if let Some(found) = v.get(key) {
+                return found.clone();
+            }
+        }
+    }
+
+    fn fail(&mut self, key: &str, why: &str, what: &str) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        panic!(
+            "{why}: {} {what} before a `{key}` line.\nits lines:\n{}\nits stderr:\n{}",
+            self.name,
+            self.said(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// What the script printed so far, one JSON line each.
+    fn said(&self) -> String {
+        let lines: Vec<String> = self.seen.iter().map(Value::to_string).collect();
+        lines.join("\n")
+    }
+
+    /// Waits for the script to exit and checks that it succeeded.
+    fn finish(mut self) {
+        let deadline = Instant::now() + LINE_WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}:\n{}\n{}",
+                    self.name,
+                    self.said(),
+                    self.stderr.lock().unwrap()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} does not exit", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum App {
+    Amqp,
+    Kafka,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Device {
+    /// Subscribed to its commands: the notification has `ttd` -1.
+    Mqtt,
+    /// Long-polling with `hono-ttd`: the notification is its event, with that `ttd`.
+    Http,
+}
+
+fn admin(f: &Ferrule, method: &str, path: &str, body: &str) {
+    let (code, text) = curl(&[
+        "-X",
+        method,
+        "-u",
+        &format!("admin:{PASSWORD}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        &format!("{}{path}", f.registry),
+    ]);
+    assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+}
+
+/// The tenant with the application's credentials and the device with its password.
+fn provision(f: &Ferrule, tenant: &str) {
+    admin(f, "POST", &format!("/v1/tenants/{tenant}"), "{}");
+    admin(
+        f,
+        "PUT",
+        &format!("/v1/applications/{tenant}/{APP}"),
+        &serde_json::json!({"secrets": [{"pwd-plain": APP_PASSWORD}]}).to_string(),
+    );
+    admin(f, "POST", &format!("/v1/devices/{tenant}/{DEVICE}"), "{}");
+    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": DEVICE,
+        "secrets": [{"pwd-plain": DEVICE_PASSWORD}]}]);
+    admin(
+        f,
+        "PUT",
+        &format!("/v1/credentials/{tenant}/{DEVICE}"),
+        &creds.to_string(),
+    );
+}
+
+/// What curl got: the status, the headers (names in lower case) and the body.
+struct HttpResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// curl with `-i`: the response split into status, headers and body.
+fn curl_with_headers(args: &[&str]) -> HttpResponse {
+    let (status, text) = curl(&[&["-i"], args].concat());
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {text}"));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// One run of the example application against one kind of device.
+fn command_after_notification(app: App, device: Device) {
+    // The router serves this tenant only (a new router group reads every command topic from
+    // the beginning), and the bridge waits for a command's fate as long as a loaded machine
+    // may need.
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let mut f = Ferrule::start_with(
+        &kafka(),
+        &[
+            (
+                "FERRULE_ROUTER__TOPIC_PATTERN",
+                format!("hono.command.{tenant}"),
+            ),
+            (
+                "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
+                "30000".to_owned(),
+            ),
+        ],
+    );
+    f.wait_readiness(200);
+    provision(&f, &tenant);
+
+    // The application runs first, as it would in production, and sends nothing on its own.
+    let timeout = SCRIPT_SECS.to_string();
+    let mut application = match app {
+        App::Amqp => Script::spawn(
+            "amqp_application.py",
+            DEBIAN_PYTHON,
+            &[
+                &f.amqp,
+                &format!("{APP}@{tenant}"),
+                APP_PASSWORD,
+                &tenant,
+                DEVICE,
+                &timeout,
+            ],
+        ),
+        App::Kafka => Script::spawn(
+            "kafka_application.py",
+            &kafka_python(),
+            &[&kafka(), &tenant, DEVICE, &timeout],
+        ),
+    };
+    application.expect("ready", "the application did not start");
+
+    // The device announces itself.
+    let auth = format!("{DEVICE}@{tenant}:{DEVICE_PASSWORD}");
+    let mut mqtt_device = None;
+    let mut long_poll = None;
+    match device {
+        Device::Mqtt => {
+            let (host, port) = f.mqtt.split_once(':').unwrap();
+            let mut d = Script::spawn(
+                "mqtt_device.py",
+                DEBIAN_PYTHON,
+                &[
+                    host,
+                    port,
+                    &format!("{DEVICE}@{tenant}"),
+                    DEVICE_PASSWORD,
+                    &timeout,
+                ],
+            );
+            let granted = d.expect("subscribed", "the MQTT device did not subscribe");
+            assert_eq!(granted, serde_json::json!([1]), "SUBACK");
+            mqtt_device = Some(d);
+        }
+        Device::Http => {
+            let (url, auth) = (format!("{}/event", f.http), auth.clone());
+            long_poll = Some(std::thread::spawn(move || {
+                curl_with_headers(&[
+                    "-u",
+                    &auth,
+                    "-H",
+                    &format!("hono-ttd: {HTTP_TTD}"),
+                    "-H",
+                    "content-type: application/json",
+                    "--data-binary",
+                    r#"{"temp": 5}"#,
+                    "--max-time",
+                    "90",
+                    &url,
+                ])
+            }));
+        }
+    }
+
+    let n = application.expect(
+        "notification",
+        "the application never saw the device's notification",
+    );
+    assert_eq!(n["device_id"], DEVICE, "{n}");
+    assert_eq!(n["qos"], 1, "{n}");
+    assert_eq!(n["reachable"], true, "{n}");
+    match device {
+        Device::Mqtt => {
+            assert_eq!(n["ttd"], -1, "{n}");
+            assert_eq!(
+                n["content_type"], "application/vnd.eclipse-hono-empty-notification",
+                "{n}"
+            );
+            assert_eq!(n["body"], "", "{n}");
+            assert_eq!(n["orig_adapter"], "hono-mqtt", "{n}");
+        }
+        Device::Http => {
+            assert_eq!(n["ttd"], HTTP_TTD, "{n}");
+            assert_eq!(n["content_type"], "application/json", "{n}");
+            assert_eq!(n["body"], r#"{"temp": 5}"#, "{n}");
+            assert_eq!(n["orig_adapter"], "hono-http", "{n}");
+        }
+    }
+    if app == App::Kafka {
+        assert_eq!(n["key"], DEVICE, "record key: {n}");
+    }
+
+    let command = application.expect("command", "the application did not send its command");
+    let expected_outcome = match app {
+        // The bridge settles the transfer once the device got the command (§2.4).
+        App::Amqp => "ACCEPTED",
+        App::Kafka => "written",
+    };
+    assert_eq!(command["outcome"], expected_outcome, "{command}");
+    let payload = command["payload"].as_str().unwrap().to_owned();
+    let request: Value = serde_json::from_str(&payload).unwrap();
+    let answer = serde_json::json!({ "applied": request });
+
+    // The device gets the command and answers it.
+    match device {
+        Device::Mqtt => {
+            let mut d = mqtt_device.take().unwrap();
+            let got = d.expect("command", "the MQTT device got no command");
+            let topic = got["topic"].as_str().unwrap();
+            let parts: Vec<&str> = topic.split('/').collect();
+            assert_eq!(parts.len(), 6, "{topic}");
+            assert_eq!(&parts[..4], ["command", "", "", "req"], "{topic}");
+            assert!(!parts[4].is_empty(), "a request id: {topic}");
+            assert_eq!(parts[5], "setBrightness", "{topic}");
+            assert_eq!(got["payload"], payload.as_str(), "{got}");
+            d.expect("responded", "the MQTT device could not answer");
+            d.finish();
+        }
+        Device::Http => {
+            let got = long_poll.take().unwrap().join().unwrap();
+            assert_eq!(
+                got.status, 200,
+                "the long poll carries the command: {}",
+                got.body
+            );
+            assert_eq!(got.header("hono-command"), Some("setBrightness"));
+            assert_eq!(got.header("content-type"), Some("application/json"));
+            assert_eq!(got.body, payload);
+            let req_id = got
+                .header("hono-cmd-req-id")
+                .expect("a request/response command has hono-cmd-req-id")
+                .to_owned();
+            let answered = curl_with_headers(&[
+                "-u",
+                &auth,
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &answer.to_string(),
+                &format!("{}/command/res/{req_id}?hono-cmd-status=200", f.http),
+            ]);
+            assert_eq!(answered.status, 202, "{}", answered.body);
+        }
+    }
+
+    let r = application.expect("response", "the application got no response");
+    assert_eq!(r["correlation_id"], command["correlation_id"], "{r}");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["device_id"], DEVICE, "{r}");
+    assert_eq!(r["tenant_id"], tenant.as_str(), "{r}");
+    assert_eq!(r["content_type"], "application/json", "{r}");
+    let body: Value = serde_json::from_str(r["body"].as_str().unwrap())
+        .unwrap_or_else(|_| panic!("a JSON response: {r}"));
+    assert_eq!(body, answer, "{r}");
+    if app == App::Kafka {
+        assert_eq!(r["key"], DEVICE, "record key: {r}");
+    }
+    application.finish();
+}
+
+#[test]
+fn amqp_application_commands_an_mqtt_device_once_it_subscribed() {
+    command_after_notification(App::Amqp, Device::Mqtt);
+}
+
+#[test]
+fn amqp_application_commands_a_long_polling_http_device() {
+    command_after_notification(App::Amqp, Device::Http);
+}
+
+#[test]
+fn kafka_application_commands_an_mqtt_device_once_it_subscribed() {
+    command_after_notification(App::Kafka, Device::Mqtt);
+}
+
+#[test]
+fn kafka_application_commands_a_long_polling_http_device() {
+    command_after_notification(App::Kafka, Device::Http);
+}
