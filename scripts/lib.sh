@@ -32,6 +32,10 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+connected_to() { # pid port: the process holds an established TCP connection to that port
+    ss -Htnp state established "( dport = :$2 )" | grep -q "pid=$1,"
+}
+
 wait_port() { # port seconds what
     local i
     for ((i = 0; i < $2 * 10; i++)); do
@@ -69,7 +73,7 @@ ensure_rust() {
 
 ensure_base() {
     ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3 mosquitto-clients \
-        python3-qpid-proton python3-paho-mqtt python3-venv
+        python3-qpid-proton python3-paho-mqtt python3-venv iproute2
     ensure_rust
     ensure_python_kafka
     [ -n "$PG_BIN" ] || PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
@@ -157,6 +161,29 @@ ensure_broker() {
         --group-initial-rebalance-delay 0s) </dev/null >"$FERRULE_RUN/broker.log" 2>&1 &
     echo $! >"$FERRULE_RUN/broker.pid"
     wait_port "$FERRULE_KAFKA_PORT" 60 "the broker (log: $FERRULE_RUN/broker.log)"
+}
+
+# Tells `ferrule` (scripts/up, scripts/loadtest) to use the PostgreSQL and the broker that these
+# scripts start on FERRULE_PG_PORT and FERRULE_KAFKA_PORT. FERRULE_DATABASE__URL and
+# FERRULE_KAFKA__BOOTSTRAP_SERVERS set by the user are kept, and so are a FERRULE_CONFIG file's
+# values while the port is the default one (a variable would override the file).
+ferrule_service_env() {
+    local file="${FERRULE_CONFIG:-}"
+    if [ -z "${FERRULE_DATABASE__URL:-}" ] && { [ -z "$file" ] || [ "$FERRULE_PG_PORT" != 5432 ]; }; then
+        export FERRULE_DATABASE__URL="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/ferrule"
+    fi
+    if [ -z "${FERRULE_KAFKA__BOOTSTRAP_SERVERS:-}" ] && { [ -z "$file" ] || [ "$FERRULE_KAFKA_PORT" != 9092 ]; }; then
+        export FERRULE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$FERRULE_KAFKA_PORT"
+    fi
+}
+
+# A URL without its password, for printing.
+redact_url() { printf '%s\n' "$1" | sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#'; }
+
+stop_postgres() { # data directory
+    [ -n "$PG_BIN" ] && [ -s "$1/postmaster.pid" ] || return 0
+    say "stopping PostgreSQL ($1)"
+    pg_run "$PG_BIN/pg_ctl" -D "$1" -m fast stop >/dev/null || true
 }
 
 stop_pidfile() { # file what
