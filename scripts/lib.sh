@@ -132,15 +132,47 @@ ensure_database() { # name
     fi
 }
 
-install_broker() {
-    [ -x "$NISSHI_BIN" ] && return 0
-    say "building the Kafka-protocol broker nisshi $NISSHI_VERSION (once; several minutes)"
-    mkdir -p "$FERRULE_HOME/tools"
+# Building the broker is most of a first set-up (about 12 minutes on 2 cores), and its longest
+# steps keep one core busy: start_broker_build starts it in the background, so the PostgreSQL
+# set-up and Ferrule's own build use the other core meanwhile; install_broker waits for it.
+# The build keeps cargo's release settings, so the broker runs as fast as a foreground build.
+BROKER_BUILD_LOG="$FERRULE_HOME/tools/nisshi-build.log"
+BROKER_BUILD_PID_FILE="$FERRULE_HOME/tools/nisshi-build.pid"
+
+build_broker() {
     CARGO_TARGET_DIR="$FERRULE_HOME/tools/nisshi-build" cargo install nisshi \
         --version "$NISSHI_VERSION" --locked --ignore-rust-version \
         --no-default-features --features dynostore,postgres \
-        --root "$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION" >&2
+        --root "$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION"
     rm -rf "$FERRULE_HOME/tools/nisshi-build"
+}
+
+broker_build_running() {
+    [ -f "$BROKER_BUILD_PID_FILE" ] && kill -0 "$(cat "$BROKER_BUILD_PID_FILE")" 2>/dev/null
+}
+
+start_broker_build() {
+    [ -x "$NISSHI_BIN" ] && return 0
+    broker_build_running && return 0
+    mkdir -p "$FERRULE_HOME/tools"
+    say "building the Kafka-protocol broker nisshi $NISSHI_VERSION in the background (once; log: $BROKER_BUILD_LOG)"
+    build_broker </dev/null >"$BROKER_BUILD_LOG" 2>&1 &
+    echo $! >"$BROKER_BUILD_PID_FILE"
+}
+
+install_broker() {
+    [ -x "$NISSHI_BIN" ] && return 0
+    if broker_build_running; then
+        # Polled rather than `wait`ed: a subshell cannot wait for its parent's job.
+        say "waiting for the broker build to finish (log: $BROKER_BUILD_LOG)"
+        while broker_build_running; do sleep 1; done
+        rm -f "$BROKER_BUILD_PID_FILE"
+        [ -x "$NISSHI_BIN" ] || { tail -n 30 "$BROKER_BUILD_LOG" >&2; die "building the broker failed"; }
+        return 0
+    fi
+    say "building the Kafka-protocol broker nisshi $NISSHI_VERSION (once; several minutes)"
+    mkdir -p "$FERRULE_HOME/tools"
+    build_broker >&2
 }
 
 ensure_broker() {
