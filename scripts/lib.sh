@@ -148,7 +148,9 @@ build_broker() {
 }
 
 broker_build_running() {
-    [ -f "$BROKER_BUILD_PID_FILE" ] && kill -0 "$(cat "$BROKER_BUILD_PID_FILE")" 2>/dev/null
+    # A pid file older than any build could take names a process that reused the pid.
+    [ -n "$(find "$BROKER_BUILD_PID_FILE" -mmin -180 2>/dev/null)" ] &&
+        kill -0 "$(cat "$BROKER_BUILD_PID_FILE")" 2>/dev/null
 }
 
 start_broker_build() {

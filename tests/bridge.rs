@@ -239,7 +239,7 @@ fn applications_receive_their_tenants_telemetry_over_amqp() {
     }
 }
 
-/// Telemetry is at most once from the moment the link attached (§2.1): a message sent right
+/// Telemetry is at most once from the moment the link attached (Hono's AMQP APIs): a message sent right
 /// after the attach arrives although the link's consumer group is new and still forming; one
 /// sent (and acknowledged) before the attach does not.
 #[test]
@@ -485,7 +485,7 @@ async fn qos1_subscriber(f: &Ferrule, device: &str, tenant: &str) -> MqttDevice 
     d
 }
 
-/// §2.4: the application learns a command's fate from the disposition of its transfer.
+/// Hono's AMQP Command & Control API: the application learns a command's fate from the disposition of its transfer.
 /// Accepted once the device got it (a QoS 1 device: once it sent PUBACK); released when the
 /// device is not connected or does not acknowledge in time; rejected for an unknown device.
 /// No delivery-failure response is sent on top.

@@ -378,7 +378,7 @@ fn command_after_notification(app: App, device: Device) {
 
     let command = application.expect("command", "the application did not send its command");
     let expected_outcome = match app {
-        // The bridge settles the transfer once the device got the command (§2.4).
+        // The bridge settles the transfer once the device got the command (Hono's AMQP Command & Control API).
         App::Amqp => "ACCEPTED",
         App::Kafka => "written",
     };

@@ -174,7 +174,7 @@ impl Incoming {
     }
 }
 
-/// Validates a command and finds where it goes (§7.2, §7.3).
+/// Validates a command and finds where it goes (Hono's command routing rules).
 async fn decide(
     incoming: &Incoming,
     registry: &DeviceAuthenticator,
@@ -316,7 +316,7 @@ fn forward(
         };
         let answered = match (failure, outcome, correlation_id) {
             (None, _, _) | (Some(_), None, None) => Ok(()),
-            // The bridge settles the application's transfer by it (§2.4).
+            // The bridge settles the application's transfer by it (Hono's AMQP APIs).
             (Some(f), Some(route), _) => report_outcome(&producer, &device, &route, f).await,
             (Some(f), None, Some(cid)) => {
                 respond(&producer, &tenant, &device, &cid, &metadata, f).await
@@ -329,7 +329,7 @@ fn forward(
     })
 }
 
-/// The command's headers plus `tenant_id`, `via`, `orig-partition` and `orig-offset` (§1.8).
+/// The command's headers plus `tenant_id`, `via`, `orig-partition` and `orig-offset` (Hono's Kafka-based APIs).
 fn forward_headers(incoming: &Incoming, target: &CommandTarget) -> OwnedHeaders {
     let mut out = OwnedHeaders::new_with_capacity(incoming.headers.len() + 4);
     for (k, v) in incoming.record_headers() {

@@ -200,7 +200,7 @@ async fn handle(
     }
 }
 
-/// 200 carrying a command (§3.3): name, request id, target device (for gateways), payload.
+/// 200 carrying a command (Hono's HTTP adapter): name, request id, target device (for gateways), payload.
 fn command_response(cmd: CommandDelivery, for_gateway: bool) -> Response {
     let mut resp = (StatusCode::OK, cmd.payload).into_response();
     let h = resp.headers_mut();
@@ -278,7 +278,7 @@ async fn upload(
         qos
     };
     let ttl_secs = number_param(headers, query, "hono-ttl")?;
-    // §3.5: the request, capped by the tenant's max-ttd (or the default) and 80 % of the
+    // Hono's long-poll rule: the request, capped by the tenant's max-ttd (or the default) and 80 % of the
     // idle timeout; 0 or less means no long poll.
     let requested = number_param(headers, query, "hono-ttd")?
         .filter(|t| *t > 0)
@@ -474,7 +474,7 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, Up
     Ok(Some((user.to_owned(), password.to_owned())))
 }
 
-/// The one place pipeline errors become HTTP status codes (Hono's table, §3.4).
+/// The one place pipeline errors become HTTP status codes (Hono's table).
 fn error_response(cfg: &HttpConfig, e: UploadError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, e.to_string()).into_response();

@@ -811,7 +811,7 @@ fn ttl_millis(up: &Upload, tenant: &Tenant, device: &Device) -> Option<i64> {
     )
 }
 
-/// Every §1.3 header of a telemetry/event record, then the defaults the message lacks. Written
+/// Every header Hono's Kafka-based telemetry and event APIs define of a telemetry/event record, then the defaults the message lacks. Written
 /// straight into the record's headers: this runs for every message.
 fn build_headers(
     up: &Upload,

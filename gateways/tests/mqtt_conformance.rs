@@ -544,7 +544,7 @@ async fn malformed_topics_close_mqtt311_connections_and_write_nothing() {
         raw.extend_from_slice(topic);
         raw.extend_from_slice(&[0, 1, b'x']);
         c.stream.write_all(&raw).await.unwrap();
-        c.expect_closed().await;
+        assert_eq!(c.next().await, None, "closed, not acknowledged");
     }
     // A filter with a misplaced wildcard, and U+0000 in a filter.
     for filter in ["command/#/req", "command///req/\0"] {
@@ -554,7 +554,7 @@ async fn malformed_topics_close_mqtt311_connections_and_write_nothing() {
             QoS::AtMostOnce,
         )))
         .await;
-        c.expect_closed().await;
+        assert_eq!(c.next().await, None, "closed, no SUBACK");
     }
     // What is written afterwards is the first and only record of each topic.
     let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
@@ -669,6 +669,134 @@ async fn commands_larger_than_the_device_takes_are_not_sent_and_fail_with_a_reas
     .await;
     match c.next_within(Duration::from_secs(30)).await {
         Some(v5::Packet::Publish(cmd)) => assert_eq!(&cmd.topic[..], b"command///req//small"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn mqtt5_unsupported_subscription_features_and_tiny_packet_limits() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    // A Subscription Identifier (the CONNACK said none are available): 0xA1.
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    let props = v5::SubscribeProperties {
+        id: Some(7),
+        user_properties: Vec::new(),
+    };
+    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("command///req/#", QoS5::AtMostOnce),
+        Some(props),
+    )))
+    .await;
+    assert_eq!(
+        c.expect_disconnect().await,
+        v5::DisconnectReasonCode::SubscriptionIdentifiersNotSupported
+    );
+    // A shared subscription (Shared Subscription Available 0): 0x9E.
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("$share/g/command///req/#", QoS5::AtMostOnce),
+        None,
+    )))
+    .await;
+    assert_eq!(
+        c.expect_disconnect().await,
+        v5::DisconnectReasonCode::SharedSubscriptionNotSupported
+    );
+    // A client that takes at most 20 bytes still gets its CONNACK, without properties.
+    let props = v5::ConnectProperties {
+        max_packet_size: Some(20),
+        ..v5::ConnectProperties::new()
+    };
+    let (u, pw) = v5_login("dev", &tenant);
+    let (mut c, ack) = V5Client::connect(p.mqtt_port, "", Some((&u, &pw)), Some(props)).await;
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    assert_eq!(ack.properties, None);
+    c.send(v5::Packet::PingReq(v5::PingReq)).await;
+    assert!(matches!(c.next().await, Some(v5::Packet::PingResp(_))));
+    // Maximum Packet Size 0 is a protocol error: no CONNACK, the connection closes.
+    let props = v5::ConnectProperties {
+        max_packet_size: Some(0),
+        ..v5::ConnectProperties::new()
+    };
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
+        .await
+        .unwrap();
+    let mut c = V5Client {
+        stream,
+        buf: bytes::BytesMut::new(),
+    };
+    let connect = v5::Connect {
+        keep_alive: 60,
+        client_id: "zero".into(),
+        clean_start: true,
+        properties: Some(props),
+    };
+    c.send(v5::Packet::Connect(connect, None, None)).await;
+    assert_eq!(c.next().await, None);
+}
+
+#[tokio::test]
+async fn mqtt311_nameless_client_without_clean_session_is_rejected() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let mut c = RawClient {
+        stream: tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
+            .await
+            .unwrap(),
+        buf: bytes::BytesMut::new(),
+    };
+    let mut connect = v4::Connect::new("");
+    connect.clean_session = false;
+    connect.set_login(user("dev", &tenant), "pw");
+    c.send(v4::Packet::Connect(connect)).await;
+    match c.next().await {
+        Some(v4::Packet::ConnAck(a)) => assert_eq!(a.code, v4::ConnectReturnCode::BadClientId),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.next().await, None);
+}
+
+#[tokio::test]
+async fn commands_wait_for_the_clients_receive_maximum() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let props = v5::ConnectProperties {
+        receive_maximum: Some(1),
+        ..v5::ConnectProperties::new()
+    };
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, Some(props)).await;
+    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("command///req/#", QoS5::AtLeastOnce),
+        None,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    for subject in ["first", "second"] {
+        send_command(
+            &tenant,
+            "dev",
+            &[("device_id", "dev"), ("subject", subject)],
+            subject,
+        )
+        .await;
+    }
+    let first = match c.next_within(Duration::from_secs(30)).await {
+        Some(v5::Packet::Publish(cmd)) => cmd,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(&first.topic[..], b"command///req//first");
+    // The second waits while the first is not acknowledged.
+    let early = tokio::time::timeout(Duration::from_millis(700), c.next()).await;
+    assert!(early.is_err(), "a second command in flight: {early:?}");
+    c.send(v5::Packet::PubAck(v5::PubAck::new(first.pkid, None)))
+        .await;
+    match c.next_within(Duration::from_secs(30)).await {
+        Some(v5::Packet::Publish(cmd)) => assert_eq!(&cmd.topic[..], b"command///req//second"),
         other => panic!("{other:?}"),
     }
 }

@@ -1,4 +1,4 @@
-//! Command outcomes (§2.4): an AMQP application learns a command's fate from the disposition
+//! Command outcomes (Hono's AMQP APIs): an AMQP application learns a command's fate from the disposition
 //! of its transfer, but only the router (no route, unknown device) or the gateway (sent,
 //! PUBACKed, not acknowledged in time, device gone) knows it. The bridge names a topic of its
 //! own and an id on each command it writes; whoever learns the fate writes one outcome record

@@ -1,4 +1,4 @@
-//! Commands over AMQP (§2.4) as Kafka commands and back: the checks of an application's
+//! Commands over AMQP (Hono's AMQP APIs) as Kafka commands and back: the checks of an application's
 //! command message, the correlation id that carries the reply address through Kafka, and the
 //! response message. Pure functions, tested without a connection.
 

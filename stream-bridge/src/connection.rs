@@ -97,7 +97,7 @@ async fn serve_session(
     let links = LinkAcceptor::new();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = attach_address(&attach).and_then(|a| Address::parse(&a));
-        // §2.2: an event receiver must let the bridge send unsettled (at-least-once).
+        // Hono's Event API: an event receiver must let the bridge send unsettled (at-least-once).
         let presettled_events = matches!(address, Some(Address::Event { .. }))
             && attach.snd_settle_mode == SenderSettleMode::Settled;
         let start = match &address {
@@ -437,7 +437,7 @@ const UNSETTLED_COMMANDS: usize = 256;
 /// How one command ends for the application: the disposition and why.
 type Settlement = (Disposition, String);
 
-/// Takes an application's commands from its sender on `command/<tenant>` (§2.4) and settles
+/// Takes an application's commands from its sender on `command/<tenant>` (Hono's AMQP APIs) and settles
 /// each by its fate: a malformed one is `rejected` at once; one written to
 /// `hono.command.<tenant>` stays unsettled until the router or gateway reports it — `accepted`
 /// once it reached the device, `released` when the device is not connected, did not
@@ -558,7 +558,7 @@ async fn settle(
 
 /// Feeds an application's `command_response/<tenant>/<replyId>` receiver: every response of the
 /// tenant from now on is read, and the ones made for commands this reply id sent are delivered
-/// with §2.4's properties. Reads from the end of each partition, assigned directly (no group),
+/// with the properties of Hono's AMQP Command & Control API. Reads from the end of each partition, assigned directly (no group),
 /// so nothing written after the attach is missed.
 async fn responses_to(
     mut sender: Sender,

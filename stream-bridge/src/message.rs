@@ -1,5 +1,5 @@
 //! A telemetry or event record of `hono.<kind>.<tenant>` as the AMQP message Hono's
-//! applications expect (§2.3): properties, header, application-properties,
+//! applications expect (Hono's AMQP APIs): properties, header, application-properties,
 //! message-annotations and one Data section. Pure: tested with plain header lists.
 
 use fe2o3_amqp::types::messaging::{

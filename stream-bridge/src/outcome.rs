@@ -1,4 +1,4 @@
-//! The outcomes of the commands this bridge wrote (§2.4). Each command names this bridge
+//! The outcomes of the commands this bridge wrote (Hono's AMQP APIs). Each command names this bridge
 //! instance's outcome topic and an id; the router or gateway that learns the command's fate
 //! writes one record there, and the application's transfer is settled by it. A command whose
 //! outcome does not come in time is released: the application may try again.

@@ -1,5 +1,5 @@
 """A Hono application sending commands over AMQP 1.0 with Qpid Proton and reporting how the
-bridge settled each transfer (§2.4), then how many responses reached its reply link.
+bridge settled each transfer (Hono's AMQP APIs), then how many responses reached its reply link.
 Prints JSON lines.
 
 usage: dispositions.py URL USER PASSWORD TENANT TIMEOUT_SECONDS STEP...

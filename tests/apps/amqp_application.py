@@ -1,6 +1,6 @@
 """Hono's example application on the AMQP 1.0 northbound API, written with Qpid Proton
 (python3-qpid-proton): it consumes its tenant's events and, when a device announces that it can
-take a command now (an event with `ttd`, §8.1), sends that device a request/response command
+take a command now (an event with `ttd`: Hono's device notifications), sends that device a request/response command
 and waits for the response on its own reply address. Nothing is sent before the notification.
 
 Prints JSON lines: `ready` (links attached), `skipped` (events that do not announce the device),

@@ -1,8 +1,8 @@
 """Hono's example application on the Kafka-based northbound API, written with confluent-kafka
 (from PyPI; scripts/lib.sh installs it): it consumes `hono.event.<tenant>` and, when a device
-announces that it can take a command now (a record with a `ttd` header, §1.3 and §8.1), writes
-a request/response command for it to `hono.command.<tenant>` (§1.6) and waits for the response
-with its correlation id on `hono.command_response.<tenant>` (§1.7). Nothing is sent before the
+announces that it can take a command now (a record with a `ttd` header, as Hono's Kafka-based event API has it), writes
+a request/response command for it to `hono.command.<tenant>` (Hono's Kafka-based Command & Control API) and waits for the response
+with its correlation id on `hono.command_response.<tenant>`. Nothing is sent before the
 notification.
 
 Prints JSON lines: `ready` (subscribed), `skipped` (records that do not announce the device),
@@ -29,7 +29,7 @@ def fail(reason):
 
 
 def headers(record):
-    """Header name -> value as text; the first of repeated headers wins (§1.2)."""
+    """Header name -> value as text; the first of repeated headers wins (Hono's Kafka header encoding)."""
     found = {}
     for key, value in record.headers() or []:
         if key not in found:

@@ -1,6 +1,6 @@
 """A device on MQTT 3.1.1 written with paho-mqtt (Debian's python3-paho-mqtt): it signs in with
-its password, subscribes to its commands at QoS 1 (`command///req/#`, §4.4) and answers the first
-request/response command on `command///res/<req-id>/200` (§4.5) with a JSON payload that echoes
+its password, subscribes to its commands at QoS 1 (`command///req/#`, Hono's MQTT adapter) and answers the first
+request/response command on `command///res/<req-id>/200` with a JSON payload that echoes
 the command's, then leaves once the adapter acknowledged the answer.
 
 Prints JSON lines: `connected`, `subscribed` (the granted QoS), `command`, `responded`; or

@@ -44,6 +44,10 @@ pub struct ConnectRequest {
     pub password: Option<String>,
     /// MQTT 5's Maximum Packet Size: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5's Receive Maximum: QoS 1 publishes the client takes before it acknowledged them.
+    pub receive_maximum: Option<u16>,
+    /// MQTT 3.1.1's Clean Session (MQTT 5's Clean Start).
+    pub clean_session: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,9 +71,11 @@ pub enum ConnectOutcome {
     NotAuthorized,
     ServerUnavailable,
     UseAnotherServer,
+    /// MQTT 3.1.1: an empty client id without a clean session [MQTT-3.1.3-8].
+    IdentifierRejected,
 }
 
-/// What the server announces in an MQTT 5 CONNACK that accepts a connection (§3.2.2.3).
+/// What the server announces in an MQTT 5 CONNACK that accepts a connection (MQTT 5 §3.2.2.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announce {
     /// The client id the server chose for a client that sent an empty one [MQTT-3.2.2-16].
@@ -81,7 +87,7 @@ pub struct Announce {
 }
 
 /// Why the server ends a connection. MQTT 5 clients are told in a DISCONNECT first
-/// (§3.14.2.1); MQTT 3.1.1 has no server DISCONNECT, the connection is just closed.
+/// (MQTT 5 §3.14.2.1); MQTT 3.1.1 has no server DISCONNECT, the connection is just closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     Unspecified,
@@ -95,23 +101,27 @@ pub enum CloseReason {
     TopicAliasInvalid,
     PacketTooLarge,
     QosNotSupported,
+    SharedSubscriptionsNotSupported,
+    SubscriptionIdentifiersNotSupported,
 }
 
 impl CloseReason {
-    fn v5(self) -> v5::DisconnectReasonCode {
-        use v5::DisconnectReasonCode as D;
+    /// The MQTT 5 reason code.
+    pub const fn code(self) -> u8 {
         match self {
-            CloseReason::Unspecified => D::UnspecifiedError,
-            CloseReason::MalformedPacket => D::MalformedPacket,
-            CloseReason::ProtocolError => D::ProtocolError,
-            CloseReason::ImplementationSpecific => D::ImplementationSpecificError,
-            CloseReason::NotAuthorized => D::NotAuthorized,
-            CloseReason::ServerBusy => D::ServerBusy,
-            CloseReason::ServerShuttingDown => D::ServerShuttingDown,
-            CloseReason::KeepAliveTimeout => D::KeepAliveTimeout,
-            CloseReason::TopicAliasInvalid => D::TopicAliasInvalid,
-            CloseReason::PacketTooLarge => D::PacketTooLarge,
-            CloseReason::QosNotSupported => D::QoSNotSupported,
+            CloseReason::Unspecified => 0x80,
+            CloseReason::MalformedPacket => 0x81,
+            CloseReason::ProtocolError => 0x82,
+            CloseReason::ImplementationSpecific => 0x83,
+            CloseReason::NotAuthorized => 0x87,
+            CloseReason::ServerBusy => 0x89,
+            CloseReason::ServerShuttingDown => 0x8B,
+            CloseReason::KeepAliveTimeout => 0x8D,
+            CloseReason::TopicAliasInvalid => 0x94,
+            CloseReason::PacketTooLarge => 0x95,
+            CloseReason::QosNotSupported => 0x9B,
+            CloseReason::SharedSubscriptionsNotSupported => 0x9E,
+            CloseReason::SubscriptionIdentifiersNotSupported => 0xA1,
         }
     }
 }
@@ -178,6 +188,12 @@ pub enum CodecError {
     TopicAlias,
     #[error("the first packet must be CONNECT")]
     NotConnect,
+    /// The server announces Shared Subscription Available 0.
+    #[error("shared subscriptions are not supported")]
+    SharedSubscriptions,
+    /// The server announces Subscription Identifiers Available 0.
+    #[error("subscription identifiers are not supported")]
+    SubscriptionIdentifiers,
 }
 
 impl CodecError {
@@ -189,6 +205,8 @@ impl CodecError {
             CodecError::Protocol(_) | CodecError::NotConnect => CloseReason::ProtocolError,
             CodecError::QosNotSupported => CloseReason::QosNotSupported,
             CodecError::TopicAlias => CloseReason::TopicAliasInvalid,
+            CodecError::SharedSubscriptions => CloseReason::SharedSubscriptionsNotSupported,
+            CodecError::SubscriptionIdentifiers => CloseReason::SubscriptionIdentifiersNotSupported,
         }
     }
 }
@@ -290,10 +308,18 @@ pub fn detect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
     let Some(&level) = buf.get(i + 2 + name_len) else {
         return Ok(None);
     };
-    match level {
-        4 => Ok(Some(Version::V311)),
-        5 => Ok(Some(Version::V5)),
-        other => Err(CodecError::Malformed(format!("protocol level {other}"))),
+    let version = match level {
+        4 => Version::V311,
+        5 => Version::V5,
+        other => return Err(CodecError::Malformed(format!("protocol level {other}"))),
+    };
+    // The reserved bit of the Connect Flags must be 0 [MQTT-3.1.2-3].
+    match buf.get(i + 3 + name_len) {
+        None => Ok(None),
+        Some(flags) if flags & 1 != 0 => {
+            Err(CodecError::Malformed("reserved CONNECT flag set".into()))
+        }
+        Some(_) => Ok(Some(version)),
     }
 }
 
@@ -304,9 +330,10 @@ pub fn decode(
     buf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Option<Inbound>, CodecError> {
-    if buf.is_empty() {
+    let Some(&first) = buf.first() else {
         return Ok(None);
-    }
+    };
+    check_fixed_header(first)?;
     match version {
         Version::V311 => match v4::Packet::read(buf, max_packet) {
             Ok(p) => from_v4(p).map(Some),
@@ -324,6 +351,28 @@ pub fn decode(
             }
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         },
+    }
+}
+
+/// The flags of a fixed header: SUBSCRIBE, UNSUBSCRIBE and PUBREL must have 0b0010, every
+/// other packet but PUBLISH 0 [MQTT-2.2.2-1], [MQTT-2.2.2-2]; a PUBLISH at QoS 0 must not
+/// have DUP set [MQTT-3.3.1-2] and QoS 3 is malformed [MQTT-3.3.1-4].
+fn check_fixed_header(first: u8) -> Result<(), CodecError> {
+    let (kind, flags) = (first >> 4, first & 0x0f);
+    let well_formed = match kind {
+        3 => {
+            let qos = (flags >> 1) & 0b11;
+            qos != 3 && !(qos == 0 && flags & 0b1000 != 0)
+        }
+        6 | 8 | 10 => flags == 0b0010,
+        _ => flags == 0,
+    };
+    if well_formed {
+        Ok(())
+    } else {
+        Err(CodecError::Malformed(format!(
+            "fixed header {first:#04x} has reserved flags set"
+        )))
     }
 }
 
@@ -372,6 +421,8 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
                 username: c.login.as_ref().map(|l| l.username.clone()),
                 password: c.login.map(|l| l.password),
                 max_packet_size: None,
+                receive_maximum: None,
+                clean_session: c.clean_session,
             })
         }
         v4::Packet::Publish(p) => {
@@ -429,10 +480,18 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
                 if let Some(m) = &props.authentication_method {
                     check_string("authentication method", m)?;
                 }
+                // Both must be positive (MQTT 5 §3.1.2.11.3, §3.1.2.11.4).
+                if props.max_packet_size == Some(0) || props.receive_maximum == Some(0) {
+                    return Err(CodecError::Protocol(
+                        "Maximum Packet Size or Receive Maximum of 0".into(),
+                    ));
+                }
             }
             Inbound::Connect(ConnectRequest {
                 version: Version::V5,
                 max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+                receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
+                clean_session: c.clean_start,
                 client_id: c.client_id,
                 keep_alive_secs: c.keep_alive,
                 username: login.as_ref().map(|l| l.username.clone()),
@@ -444,6 +503,11 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
             if let Some(props) = &p.properties {
                 if props.topic_alias.is_some() {
                     return Err(CodecError::TopicAlias);
+                }
+                if !props.subscription_identifiers.is_empty() {
+                    return Err(CodecError::Protocol(
+                        "a client's PUBLISH carries a Subscription Identifier".into(),
+                    ));
                 }
                 check_user_properties(&props.user_properties)?;
                 if let Some(ct) = &props.content_type {
@@ -474,6 +538,12 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::Subscribe(s) => {
             if let Some(props) = &s.properties {
                 check_user_properties(&props.user_properties)?;
+                if props.id.is_some() {
+                    return Err(CodecError::SubscriptionIdentifiers);
+                }
+            }
+            if s.filters.iter().any(|f| f.path.starts_with("$share/")) {
+                return Err(CodecError::SharedSubscriptions);
             }
             subscribe(
                 s.pkid,
@@ -499,6 +569,23 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
     })
 }
 
+/// [`encode`] for a client that takes packets of at most `limit` bytes: a larger one is not
+/// appended (`false`) [MQTT-3.1.2-24].
+pub fn encode_within(
+    version: Version,
+    packet: &Outbound,
+    buf: &mut BytesMut,
+    limit: Option<usize>,
+) -> Result<bool, CodecError> {
+    let before = buf.len();
+    encode(version, packet, buf)?;
+    if limit.is_some_and(|max| buf.len() - before > max) {
+        buf.truncate(before);
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Appends `packet` to `buf` in the connection's protocol version.
 pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result<(), CodecError> {
     let err = |e: String| CodecError::Malformed(e);
@@ -514,6 +601,7 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                         ConnectOutcome::ServerUnavailable | ConnectOutcome::UseAnotherServer => {
                             C::ServiceUnavailable
                         }
+                        ConnectOutcome::IdentifierRejected => C::BadClientId,
                     };
                     v4::Packet::ConnAck(v4::ConnAck::new(code, false))
                 }
@@ -564,6 +652,7 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                         ConnectOutcome::NotAuthorized => C::NotAuthorized,
                         ConnectOutcome::ServerUnavailable => C::ServerUnavailable,
                         ConnectOutcome::UseAnotherServer => C::UseAnotherServer,
+                        ConnectOutcome::IdentifierRejected => C::ClientIdentifierNotValid,
                     };
                     v5::Packet::ConnAck(v5::ConnAck {
                         session_present: false,
@@ -625,7 +714,7 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                 Outbound::Disconnect(reason) => {
                     // Written here: rumqttc 0.25 announces one byte and writes two. The
                     // reason code and an empty property length.
-                    buf.extend_from_slice(&[0xe0, 2, reason.v5() as u8, 0]);
+                    buf.extend_from_slice(&[0xe0, 2, reason.code(), 0]);
                     return Ok(());
                 }
             };
@@ -641,7 +730,8 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
 /// identifiers, no topic aliases.
 fn connack_properties(a: &Announce) -> v5::ConnAckProperties {
     v5::ConnAckProperties {
-        session_expiry_interval: None,
+        // No session outlives its connection, whatever the client asked for.
+        session_expiry_interval: Some(0),
         receive_max: Some(a.receive_maximum),
         max_qos: Some(1),
         retain_available: Some(1),
@@ -723,6 +813,8 @@ mod tests {
                 username: Some("u@t".into()),
                 password: Some("pw".into()),
                 max_packet_size: None,
+                receive_maximum: None,
+                clean_session: true,
             })
         );
         assert!(buf.is_empty());
@@ -938,5 +1030,50 @@ mod tests {
             p.properties.and_then(|p| p.content_type).as_deref(),
             Some("text/plain")
         );
+    }
+
+    #[test]
+    fn reserved_header_flags_and_unsupported_features_are_refused() {
+        // SUBSCRIBE with flags 0b0000 instead of 0b0010, filter "a".
+        let sub = [0x80, 6, 0, 1, 0, 1, b'a', 0];
+        assert!(matches!(
+            decode_all(Version::V311, &sub),
+            Err(CodecError::Malformed(_))
+        ));
+        // PINGREQ with a flag; PUBLISH QoS 0 with DUP.
+        for bytes in [&[0xc1u8, 0][..], &[0x38, 3, 0, 1, b't'][..]] {
+            assert!(matches!(
+                decode_all(Version::V311, bytes),
+                Err(CodecError::Malformed(_))
+            ));
+        }
+        // CONNECT with the reserved flag set.
+        let mut connect = CONNECT_311.to_vec();
+        connect[9] |= 1;
+        assert!(matches!(
+            detect_version(&connect),
+            Err(CodecError::Malformed(_))
+        ));
+        // MQTT 5 SUBSCRIBE, packet id 1, properties: Subscription Identifier (0x0b) 5, filter
+        // "a" QoS 0.
+        let sub_id = [0x82, 9, 0, 1, 2, 0x0b, 5, 0, 1, b'a', 0];
+        let e = decode_all(Version::V5, &sub_id).unwrap_err();
+        assert_eq!(
+            e.close_reason(),
+            CloseReason::SubscriptionIdentifiersNotSupported
+        );
+        // MQTT 5 SUBSCRIBE, packet id 1, no properties, filter "$share/g/a" QoS 0.
+        let mut shared = vec![0x82, 16, 0, 1, 0, 0, 10];
+        shared.extend_from_slice(b"$share/g/a");
+        shared.push(0);
+        let e = decode_all(Version::V5, &shared).unwrap_err();
+        assert_eq!(
+            e.close_reason(),
+            CloseReason::SharedSubscriptionsNotSupported
+        );
+        // A client's PUBLISH with a Subscription Identifier (0x0b) 1.
+        let publish = [0x30, 6, 0, 1, b't', 2, 0x0b, 1];
+        let e = decode_all(Version::V5, &publish).unwrap_err();
+        assert_eq!(e.close_reason(), CloseReason::ProtocolError);
     }
 }

@@ -133,16 +133,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// due together leave in one write. A packet larger than the client's Maximum Packet
     /// Size is discarded instead [MQTT-3.1.2-24], [MQTT-3.1.2-25]: `false`.
     fn queue(&mut self, packet: Outbound) -> Result<bool, ConnectionError> {
-        let before = self.out.len();
-        codec::encode(self.version, &packet, &mut self.out)?;
-        if self
-            .client_max
-            .is_some_and(|max| self.out.len() - before > max)
-        {
-            self.out.truncate(before);
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(codec::encode_within(
+            self.version,
+            &packet,
+            &mut self.out,
+            self.client_max,
+        )?)
     }
 
     async fn flush(&mut self) -> Result<(), ConnectionError> {
@@ -228,6 +224,13 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         // Most connections idle between messages: give the CONNECT buffer back.
         buf = BytesMut::new();
     }
+    if version == Version::V311 && connect.client_id.is_empty() && !connect.clean_session {
+        // Without a session to resume nothing can tell a nameless client apart [MQTT-3.1.3-8].
+        metrics::connection_attempt(ADAPTER.name(), "", "identifier-rejected");
+        let rejected = ConnectOutcome::IdentifierRejected;
+        session.send(Outbound::connack(rejected)).await?;
+        return Err(ConnectionError::Refused(rejected));
+    }
     if instance_full {
         metrics::connection_attempt(ADAPTER.name(), "", "adapter-connections-exceeded");
         session
@@ -244,9 +247,13 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     };
     // Only these outlive the CONNECT; the rest (password, will) is dropped here.
-    let (client_id, keep_alive_secs) = {
+    let (client_id, keep_alive_secs, connect_receive_maximum) = {
         let c = connect;
-        (c.client_id, c.keep_alive_secs)
+        (
+            c.client_id,
+            c.keep_alive_secs,
+            c.receive_maximum.unwrap_or(u16::MAX),
+        )
     };
     // An MQTT 5 client that left its id to the server is told the one it got
     // [MQTT-3.2.2-16]; it names the connection in connection events.
@@ -267,12 +274,19 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
             maximum_packet_size: u32::try_from(max_packet).unwrap_or(u32::MAX),
         })
     });
-    session
-        .send(Outbound::ConnAck {
-            outcome: ConnectOutcome::Accepted,
-            announce,
-        })
-        .await?;
+    let full = Outbound::ConnAck {
+        outcome: ConnectOutcome::Accepted,
+        announce,
+    };
+    // A client that takes only tiny packets gets the CONNACK without properties (they are
+    // optional), or, if not even that fits, nothing but the close.
+    if !session.queue(full)? && !session.queue(Outbound::connack(ConnectOutcome::Accepted))? {
+        return Err(ConnectionError::Closed(
+            CloseReason::PacketTooLarge,
+            "the client's Maximum Packet Size leaves no room for a CONNACK".into(),
+        ));
+    }
+    session.flush().await?;
     if let Some(device) = origin.device() {
         connection_event(&pipeline, cfg, device, &client_id, "connected").await;
     }
@@ -284,6 +298,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         sender: None,
         unacked: Default::default(),
         last_pkid: 0,
+        receive_maximum: connect_receive_maximum,
     };
     let idle =
         (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
@@ -514,12 +529,12 @@ struct Served<S> {
     origin: Origin,
     changes: broadcast::Receiver<ferrule_registry::auth::RegistryChange>,
     shutdown: watch::Receiver<bool>,
-    /// The device's subscription to its error topic, if any (§4.6).
+    /// The device's subscription to its error topic, if any (Hono's MQTT adapter).
     /// Boxed: most devices never subscribe to errors.
     errors: Option<Box<ErrorSubscription>>,
     /// Publishes waiting for the broker, in arrival order.
     in_flight: AckQueue<PublishContext>,
-    /// A client that says nothing for this long is gone (1.5 keep-alive periods, §3.1.2.10).
+    /// A client that says nothing for this long is gone (1.5 keep-alive periods, MQTT 3.1.1 §3.1.2.10).
     idle: Option<Duration>,
     deadline: Option<Instant>,
     max_packet: usize,
@@ -585,7 +600,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let event = tokio::select! {
             read = c.session.stream.read_buf(&mut c.buf), if can_read => Event::Read(read),
             done = c.in_flight.next(), if !c.in_flight.is_empty() => Event::Acked(done),
-            Some(cmd) = next_command(&mut commands.queue) => Event::Command(cmd),
+            // No more QoS 1 commands in flight than the client's Receive Maximum allows.
+            Some(cmd) = next_command(&mut commands.queue), if commands.may_send() => {
+                Event::Command(cmd)
+            }
             // One timer for both deadlines keeps an idle connection small.
             _ = sleep_until(wake) => Event::Timer,
             change = c.changes.recv() => Event::Change(change),
@@ -1012,7 +1030,7 @@ async fn submit(
     }
 }
 
-/// Hono's error policy (§4.6). Terminal errors (the device, gateway, tenant or adapter is not
+/// Hono's error policy (Hono's MQTT adapter). Terminal errors (the device, gateway, tenant or adapter is not
 /// allowed, or the payload too large) always disconnect. Otherwise, without an error
 /// subscription `default`/`disconnect` disconnect; with one, the error is published to it
 /// first and `default` acknowledges. `ignore` acknowledges, `skip-ack` does not.
@@ -1122,6 +1140,8 @@ pub(super) struct Commands {
     tenant: Option<String>,
     queue: Option<mpsc::Receiver<CommandDelivery>>,
     sender: Option<mpsc::Sender<CommandDelivery>>,
+    /// The client's Receive Maximum: QoS 1 commands it takes before it acknowledged them.
+    receive_maximum: u16,
     /// QoS 1 commands sent and not yet PUBACKed, by packet id.
     unacked: std::collections::HashMap<u16, Unacked>,
     last_pkid: u16,
@@ -1268,6 +1288,11 @@ impl Commands {
         } else {
             None
         }
+    }
+
+    /// Whether another command may go out now (the client's Receive Maximum, MQTT 5 §3.3.4).
+    fn may_send(&self) -> bool {
+        self.unacked.len() < usize::from(self.receive_maximum)
     }
 
     fn earliest_deadline(&self) -> Option<Instant> {

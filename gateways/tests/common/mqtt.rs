@@ -174,18 +174,15 @@ impl V5Client {
         }
     }
 
-    /// Asserts that the gateway sends a DISCONNECT (after nothing but PUBACKs) and then
-    /// closes the connection; returns the DISCONNECT's reason code.
+    /// Asserts that the next packet is a DISCONNECT (nothing, not even a PUBACK, before it)
+    /// and that the connection closes then; returns the DISCONNECT's reason code.
     pub async fn expect_disconnect(&mut self) -> v5::DisconnectReasonCode {
-        loop {
-            match self.next().await {
-                Some(v5::Packet::PubAck(_)) => {}
-                Some(v5::Packet::Disconnect(d)) => {
-                    assert_eq!(self.next().await, None, "closed after the DISCONNECT");
-                    return d.reason_code;
-                }
-                other => panic!("expected a DISCONNECT, got {other:?}"),
+        match self.next().await {
+            Some(v5::Packet::Disconnect(d)) => {
+                assert_eq!(self.next().await, None, "closed after the DISCONNECT");
+                d.reason_code
             }
+            other => panic!("expected a DISCONNECT, got {other:?}"),
         }
     }
 }
