@@ -534,7 +534,15 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
                 content_type: p.properties.and_then(|pr| pr.content_type),
             })
         }
-        v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
+        v5::Packet::PubAck(a) => {
+            if let Some(props) = &a.properties {
+                check_user_properties(&props.user_properties)?;
+                if let Some(r) = &props.reason_string {
+                    check_string("reason string", r)?;
+                }
+            }
+            Inbound::PubAck(a.pkid)
+        }
         v5::Packet::Subscribe(s) => {
             if let Some(props) = &s.properties {
                 check_user_properties(&props.user_properties)?;
@@ -560,7 +568,18 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
             unsubscribe(u.pkid, u.filters)?
         }
         v5::Packet::PingReq(_) => Inbound::PingReq,
-        v5::Packet::Disconnect(_) => Inbound::Disconnect,
+        v5::Packet::Disconnect(d) => {
+            if let Some(props) = &d.properties {
+                check_user_properties(&props.user_properties)?;
+                for r in [&props.reason_string, &props.server_reference]
+                    .into_iter()
+                    .flatten()
+                {
+                    check_string("reason string", r)?;
+                }
+            }
+            Inbound::Disconnect
+        }
         v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
             Inbound::Unsupported("QoS 2")
         }
@@ -1075,5 +1094,15 @@ mod tests {
         let publish = [0x30, 6, 0, 1, b't', 2, 0x0b, 1];
         let e = decode_all(Version::V5, &publish).unwrap_err();
         assert_eq!(e.close_reason(), CloseReason::ProtocolError);
+    }
+
+    #[test]
+    fn strings_of_acknowledgements_are_checked_too() {
+        // MQTT 5 PUBACK, packet id 1, reason 0, properties: Reason String (0x1f) "a\0".
+        let puback = [0x40, 8, 0, 1, 0, 5, 0x1f, 0, 2, b'a', 0];
+        assert!(matches!(
+            decode_all(Version::V5, &puback),
+            Err(CodecError::Malformed(_))
+        ));
     }
 }
