@@ -138,6 +138,7 @@ ensure_database() { # name
 # The build keeps cargo's release settings, so the broker runs as fast as a foreground build.
 BROKER_BUILD_LOG="$FERRULE_HOME/tools/nisshi-build.log"
 BROKER_BUILD_PID_FILE="$FERRULE_HOME/tools/nisshi-build.pid"
+BROKER_BUILD_STATUS="$FERRULE_HOME/tools/nisshi-build.status"
 
 build_broker() {
     CARGO_TARGET_DIR="$FERRULE_HOME/tools/nisshi-build" cargo install nisshi \
@@ -158,7 +159,12 @@ start_broker_build() {
     broker_build_running && return 0
     mkdir -p "$FERRULE_HOME/tools"
     say "building the Kafka-protocol broker nisshi $NISSHI_VERSION in the background (once; log: $BROKER_BUILD_LOG)"
-    build_broker </dev/null >"$BROKER_BUILD_LOG" 2>&1 &
+    rm -f "$BROKER_BUILD_STATUS"
+    # The status is written however the build ends (errexit would skip a plain `echo $?`).
+    {
+        if build_broker; then status=0; else status=$?; fi
+        echo "$status" >"$BROKER_BUILD_STATUS"
+    } </dev/null >"$BROKER_BUILD_LOG" 2>&1 &
     echo $! >"$BROKER_BUILD_PID_FILE"
 }
 
@@ -168,10 +174,17 @@ install_broker() {
         # Polled rather than `wait`ed: a subshell cannot wait for its parent's job.
         say "waiting for the broker build to finish (log: $BROKER_BUILD_LOG)"
         while broker_build_running; do sleep 1; done
-        rm -f "$BROKER_BUILD_PID_FILE"
-        [ -x "$NISSHI_BIN" ] || { tail -n 30 "$BROKER_BUILD_LOG" >&2; die "building the broker failed"; }
-        return 0
     fi
+    rm -f "$BROKER_BUILD_PID_FILE"
+    if [ -f "$BROKER_BUILD_STATUS" ] && [ ! -x "$NISSHI_BIN" ]; then
+        # A background build ended without a broker: say why rather than build again unasked.
+        local status
+        status="$(cat "$BROKER_BUILD_STATUS")"
+        rm -f "$BROKER_BUILD_STATUS"
+        tail -n 30 "$BROKER_BUILD_LOG" >&2
+        die "building the broker failed (exit $status; log: $BROKER_BUILD_LOG); run again to retry"
+    fi
+    [ -x "$NISSHI_BIN" ] && return 0
     say "building the Kafka-protocol broker nisshi $NISSHI_VERSION (once; several minutes)"
     mkdir -p "$FERRULE_HOME/tools"
     build_broker >&2

@@ -388,10 +388,10 @@ async fn applications_command_an_mqtt_device_over_amqp() {
         .await
         .unwrap();
     device
-        .write(&[v4::Packet::Subscribe(v4::Subscribe::new(
+        .write(&[MqttDevice::subscribe_packet(
             "command///req/#",
             QoS::AtMostOnce,
-        ))])
+        )])
         .await
         .unwrap();
     assert!(matches!(
@@ -475,10 +475,10 @@ async fn qos1_subscriber(f: &Ferrule, device: &str, tenant: &str) -> MqttDevice 
     let mut d = MqttDevice::connect(&f.mqtt, &format!("{device}@{tenant}"), 0)
         .await
         .unwrap();
-    d.write(&[v4::Packet::Subscribe(v4::Subscribe::new(
+    d.write(&[MqttDevice::subscribe_packet(
         "command///req/#",
         QoS::AtLeastOnce,
-    ))])
+    )])
     .await
     .unwrap();
     assert!(matches!(d.read().await.unwrap(), v4::Packet::SubAck(_)));

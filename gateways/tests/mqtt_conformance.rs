@@ -472,14 +472,17 @@ async fn mqtt5_devices_get_a_disconnect_with_the_reason_before_the_close() {
             ],
             v5::DisconnectReasonCode::QoSNotSupported,
         ),
-        // A payload over the limit.
+        // One byte over the announced Maximum Packet Size (3 072), with a payload within
+        // the 2 048-byte limit: 3 073 bytes in all, remaining length 3 070 (0xfe 0x17).
         (
             {
-                // Remaining length 3 100 (0x9c 0x18): topic (11), properties (1), payload.
-                let mut big = vec![0x30, 0x9c, 0x18, 0, 9];
-                big.extend_from_slice(b"telemetry");
+                let topic_len = 3073 - 1 - 2 - 2 - 1 - 2000;
+                let mut big = vec![0x30, 0xfe, 0x17, (topic_len >> 8) as u8, topic_len as u8];
+                big.extend_from_slice(b"telemetry/?k=");
+                big.extend(std::iter::repeat_n(b'a', topic_len - 13));
                 big.push(0);
-                big.extend(std::iter::repeat_n(b'x', 3100 - 12));
+                big.extend(std::iter::repeat_n(b'x', 2000));
+                assert_eq!(big.len(), 3073);
                 big
             },
             v5::DisconnectReasonCode::PacketTooLarge,
@@ -671,6 +674,26 @@ async fn commands_larger_than_the_device_takes_are_not_sent_and_fail_with_a_reas
         Some(v5::Packet::Publish(cmd)) => assert_eq!(&cmd.topic[..], b"command///req//small"),
         other => panic!("{other:?}"),
     }
+    // A subject no MQTT topic may hold is not sent either; its sender learns why.
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "a#b"),
+            ("response-required", "true"),
+            ("correlation-id", "wild-1"),
+        ],
+        "w",
+    )
+    .await;
+    let r = read_matching(&format!("hono.command_response.{tenant}"), |r| {
+        r.headers["correlation-id"] == "wild-1"
+    })
+    .await;
+    assert_eq!(r.headers["status"], "400");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), c.next()).await;
+    assert!(quiet.is_err(), "nothing sent: {quiet:?}");
 }
 
 #[tokio::test]
@@ -712,9 +735,22 @@ async fn mqtt5_unsupported_subscription_features_and_tiny_packet_limits() {
     let (u, pw) = v5_login("dev", &tenant);
     let (mut c, ack) = V5Client::connect(p.mqtt_port, "", Some((&u, &pw)), Some(props)).await;
     assert_eq!(ack.code, v5::ConnectReturnCode::Success);
-    assert_eq!(ack.properties, None);
+    assert_eq!(
+        ack.properties, None,
+        "not even the assigned id fits in 20 bytes"
+    );
     c.send(v5::Packet::PingReq(v5::PingReq)).await;
     assert!(matches!(c.next().await, Some(v5::Packet::PingResp(_))));
+    // With 60 bytes the client still learns its id and the Maximum QoS.
+    let props = v5::ConnectProperties {
+        max_packet_size: Some(60),
+        ..v5::ConnectProperties::new()
+    };
+    let (_c, ack) = V5Client::connect(p.mqtt_port, "", Some((&u, &pw)), Some(props)).await;
+    let props = ack.properties.expect("the essential properties");
+    assert!(props.assigned_client_identifier.is_some());
+    assert_eq!(props.max_qos, Some(1));
+    assert_eq!(props.receive_max, None, "optional ones left out");
     // Maximum Packet Size 0 is a protocol error: no CONNACK, the connection closes.
     let props = v5::ConnectProperties {
         max_packet_size: Some(0),
@@ -790,8 +826,9 @@ async fn commands_wait_for_the_clients_receive_maximum() {
         other => panic!("{other:?}"),
     };
     assert_eq!(&first.topic[..], b"command///req//first");
-    // The second waits while the first is not acknowledged.
-    let early = tokio::time::timeout(Duration::from_millis(700), c.next()).await;
+    // The second waits while the first is not acknowledged, also past the 1 s after which
+    // the first one's sender is told it was not acknowledged.
+    let early = tokio::time::timeout(Duration::from_millis(1800), c.next()).await;
     assert!(early.is_err(), "a second command in flight: {early:?}");
     c.send(v5::Packet::PubAck(v5::PubAck::new(first.pkid, None)))
         .await;

@@ -74,11 +74,8 @@ pub async fn round_trips(
         } else {
             QoS::AtLeastOnce
         };
-        c.write(&[v4::Packet::Subscribe(v4::Subscribe::new(
-            "command///req/#",
-            sub_qos,
-        ))])
-        .await?;
+        c.write(&[MqttDevice::subscribe_packet("command///req/#", sub_qos)])
+            .await?;
         match c.read().await? {
             v4::Packet::SubAck(_) => {}
             other => anyhow::bail!("subscribe: {other:?}"),

@@ -289,6 +289,13 @@ impl MqttDevice {
         }
     }
 
+    /// A SUBSCRIBE to `filter` with packet id 1 (a client's packet ids are never 0).
+    pub fn subscribe_packet(filter: &str, qos: QoS) -> v4::Packet {
+        let mut s = v4::Subscribe::new(filter, qos);
+        s.pkid = 1;
+        v4::Packet::Subscribe(s)
+    }
+
     pub async fn write(&mut self, packets: &[v4::Packet]) -> anyhow::Result<()> {
         let mut out = BytesMut::new();
         for p in packets {

@@ -84,6 +84,9 @@ pub struct Announce {
     pub receive_maximum: u16,
     /// Maximum Packet Size the server accepts.
     pub maximum_packet_size: u32,
+    /// Only what the client must be told (Assigned Client Identifier, Maximum QoS), for a
+    /// client whose Maximum Packet Size leaves no room for the rest.
+    pub essential_only: bool,
 }
 
 /// Why the server ends a connection. MQTT 5 clients are told in a DISCONNECT first
@@ -334,24 +337,48 @@ pub fn decode(
         return Ok(None);
     };
     check_fixed_header(first)?;
+    let Some(total) = frame_len(buf)? else {
+        return Ok(None);
+    };
+    // The whole packet counts against the limit, fixed header included (MQTT 5 §3.1.2.11.4).
+    if total > max_packet {
+        return Err(CodecError::TooLarge(max_packet));
+    }
+    if buf.len() < total {
+        return Ok(None);
+    }
+    // The packet is all here: a field that runs past its end makes it malformed, not
+    // something to wait for.
+    let mut frame = buf.split_to(total);
+    let short = || CodecError::Malformed("a field runs past the end of the packet".into());
     match version {
-        Version::V311 => match v4::Packet::read(buf, max_packet) {
+        Version::V311 => match v4::Packet::read(&mut frame, usize::MAX) {
             Ok(p) => from_v4(p).map(Some),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) => {
-                Err(CodecError::TooLarge(max_packet))
-            }
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Err(short()),
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         },
-        Version::V5 => match v5::Packet::read(buf, Some(max_packet as u32)) {
+        Version::V5 => match v5::Packet::read(&mut frame, None) {
             Ok(p) => from_v5(p).map(Some),
-            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-            Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { .. }) => {
-                Err(CodecError::TooLarge(max_packet))
-            }
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Err(short()),
             Err(e) => Err(CodecError::Malformed(e.to_string())),
         },
     }
+}
+
+/// The length of the packet at the start of `buf` (fixed header and remaining length), once
+/// its fixed header is there; a remaining length of more than four bytes is malformed.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, CodecError> {
+    let mut remaining = 0usize;
+    for i in 1..=4 {
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Ok(Some(1 + i + remaining));
+        }
+    }
+    Err(CodecError::Malformed("remaining length".into()))
 }
 
 /// The flags of a fixed header: SUBSCRIBE, UNSUBSCRIBE and PUBREL must have 0b0010, every
@@ -386,6 +413,9 @@ fn publish_qos(qos: u8) -> Result<u8, CodecError> {
 
 /// A SUBSCRIBE of either version: at least one filter, each a valid one [MQTT-3.8.3-3].
 fn subscribe(pkid: u16, filters: Vec<(String, u8)>) -> Result<Inbound, CodecError> {
+    if pkid == 0 {
+        return Err(CodecError::Malformed("packet id 0".into()));
+    }
     if filters.is_empty() {
         return Err(CodecError::Protocol("SUBSCRIBE without a filter".into()));
     }
@@ -397,6 +427,9 @@ fn subscribe(pkid: u16, filters: Vec<(String, u8)>) -> Result<Inbound, CodecErro
 
 /// An UNSUBSCRIBE of either version: at least one filter, each a valid one [MQTT-3.10.3-2].
 fn unsubscribe(pkid: u16, filters: Vec<String>) -> Result<Inbound, CodecError> {
+    if pkid == 0 {
+        return Err(CodecError::Malformed("packet id 0".into()));
+    }
     if filters.is_empty() {
         return Err(CodecError::Protocol("UNSUBSCRIBE without a filter".into()));
     }
@@ -409,6 +442,7 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
         v4::Packet::Connect(c) => {
             check_string("client id", &c.client_id)?;
             if let Some(will) = &c.last_will {
+                publish_qos(will.qos as u8)?;
                 check_topic_name(&will.topic)?;
             }
             if let Some(login) = &c.login {
@@ -461,14 +495,15 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::Connect(c, will, login) => {
             check_string("client id", &c.client_id)?;
             if let Some(will) = &will {
+                publish_qos(will.qos as u8)?;
                 check_topic_name(&string_from_bytes("will topic", &will.topic)?)?;
                 if let Some(props) = &will.properties {
                     check_user_properties(&props.user_properties)?;
-                    for s in [&props.content_type, &props.response_topic]
-                        .into_iter()
-                        .flatten()
-                    {
-                        check_string("will property", s)?;
+                    if let Some(ct) = &props.content_type {
+                        check_string("will property", ct)?;
+                    }
+                    if let Some(rt) = &props.response_topic {
+                        check_topic_name(rt)?;
                     }
                 }
             }
@@ -477,8 +512,11 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
             }
             if let Some(props) = &c.properties {
                 check_user_properties(&props.user_properties)?;
-                if let Some(m) = &props.authentication_method {
-                    check_string("authentication method", m)?;
+                // No enhanced authentication is offered (MQTT 5 §4.12).
+                if props.authentication_method.is_some() || props.authentication_data.is_some() {
+                    return Err(CodecError::Protocol(
+                        "enhanced authentication is not supported".into(),
+                    ));
                 }
                 // Both must be positive (MQTT 5 §3.1.2.11.3, §3.1.2.11.4).
                 if props.max_packet_size == Some(0) || props.receive_maximum == Some(0) {
@@ -586,6 +624,24 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::Auth(_) => Inbound::Unsupported("AUTH"),
         _ => Inbound::Unsupported("server-side packet"),
     })
+}
+
+/// Whether a PUBLISH to a device keeps the rules the codec holds devices to: a topic name
+/// without wildcards and strings without U+0000 (a command's subject or content type may
+/// break them).
+pub fn check_outbound(packet: &Outbound) -> Result<(), CodecError> {
+    if let Outbound::Publish {
+        topic,
+        content_type,
+        ..
+    } = packet
+    {
+        check_topic_name(topic)?;
+        if let Some(ct) = content_type {
+            check_string("content type", ct)?;
+        }
+    }
+    Ok(())
 }
 
 /// [`encode`] for a client that takes packets of at most `limit` bytes: a larger one is not
@@ -748,7 +804,7 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
 /// filters (a gateway's `command//+/req/#`), no shared subscriptions, no subscription
 /// identifiers, no topic aliases.
 fn connack_properties(a: &Announce) -> v5::ConnAckProperties {
-    v5::ConnAckProperties {
+    let all = v5::ConnAckProperties {
         // No session outlives its connection, whatever the client asked for.
         session_expiry_interval: Some(0),
         receive_max: Some(a.receive_maximum),
@@ -767,6 +823,20 @@ fn connack_properties(a: &Announce) -> v5::ConnAckProperties {
         server_reference: None,
         authentication_method: None,
         authentication_data: None,
+    };
+    if !a.essential_only {
+        return all;
+    }
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        retain_available: None,
+        max_packet_size: None,
+        topic_alias_max: None,
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        ..all
     }
 }
 
@@ -995,6 +1065,7 @@ mod tests {
             assigned_client_id: Some("ferrule-1".into()),
             receive_maximum: 100,
             maximum_packet_size: 3072,
+            essential_only: false,
         };
         let packet = Outbound::ConnAck {
             outcome: ConnectOutcome::Accepted,
@@ -1104,5 +1175,46 @@ mod tests {
             decode_all(Version::V5, &puback),
             Err(CodecError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn whole_packets_count_and_truncated_fields_are_malformed() {
+        // 10 bytes in all: PUBLISH QoS 0, topic "t", payload "abcde".
+        let publish = [0x30, 8, 0, 1, b't', b'a', b'b', b'c', b'd', b'e'];
+        assert!(decode_all_within(Version::V311, &publish, 10).is_ok());
+        assert_eq!(
+            decode_all_within(Version::V311, &publish, 9),
+            Err(CodecError::TooLarge(9))
+        );
+        // A SUBSCRIBE that holds nothing but its packet id is not waited for.
+        for version in [Version::V311, Version::V5] {
+            assert!(matches!(
+                decode_all(version, &[0x82, 2, 0, 1]),
+                Err(CodecError::Malformed(_))
+            ));
+        }
+        // Packet id 0.
+        let sub = [0x82, 6, 0, 0, 0, 1, b'a', 0];
+        assert!(matches!(
+            decode_all(Version::V311, &sub),
+            Err(CodecError::Malformed(_))
+        ));
+        // A command subject MQTT cannot carry.
+        let publish = Outbound::Publish {
+            topic: "command///req//a#b".into(),
+            payload: Vec::new(),
+            qos1: false,
+            pkid: 0,
+            content_type: None,
+        };
+        assert!(check_outbound(&publish).is_err());
+    }
+
+    fn decode_all_within(
+        version: Version,
+        bytes: &[u8],
+        max: usize,
+    ) -> Result<Option<Inbound>, CodecError> {
+        decode(version, &mut BytesMut::from(bytes), max)
     }
 }

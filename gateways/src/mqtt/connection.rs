@@ -272,15 +272,28 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
             assigned_client_id: assigned,
             receive_maximum: u16::try_from(cfg.max_in_flight.max(1)).unwrap_or(u16::MAX),
             maximum_packet_size: u32::try_from(max_packet).unwrap_or(u32::MAX),
+            essential_only: false,
         })
+    });
+    let essential = announce.clone().map(|mut a| {
+        a.essential_only = true;
+        a
     });
     let full = Outbound::ConnAck {
         outcome: ConnectOutcome::Accepted,
         announce,
     };
-    // A client that takes only tiny packets gets the CONNACK without properties (they are
-    // optional), or, if not even that fits, nothing but the close.
-    if !session.queue(full)? && !session.queue(Outbound::connack(ConnectOutcome::Accepted))? {
+    // A client that takes only small packets gets the CONNACK with what it must be told
+    // (its assigned id, Maximum QoS), or without properties; if not even that fits, nothing
+    // but the close.
+    let essential = Outbound::ConnAck {
+        outcome: ConnectOutcome::Accepted,
+        announce: essential,
+    };
+    if !session.queue(full)?
+        && !session.queue(essential)?
+        && !session.queue(Outbound::connack(ConnectOutcome::Accepted))?
+    {
         return Err(ConnectionError::Closed(
             CloseReason::PacketTooLarge,
             "the client's Maximum Packet Size leaves no room for a CONNACK".into(),
@@ -299,6 +312,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         unacked: Default::default(),
         last_pkid: 0,
         receive_maximum: connect_receive_maximum,
+        overdue: Default::default(),
     };
     let idle =
         (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
@@ -696,16 +710,32 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     correlation_id,
                     outcome,
                 };
-                let fits = c
-                    .session
-                    .send(Outbound::Publish {
-                        topic,
-                        payload,
-                        qos1,
-                        pkid,
-                        content_type,
-                    })
-                    .await?;
+                let publish = Outbound::Publish {
+                    topic,
+                    payload,
+                    qos1,
+                    pkid,
+                    content_type,
+                };
+                if let Err(e) = codec::check_outbound(&publish) {
+                    // A subject or content type MQTT cannot carry: the device never gets it.
+                    if let Some(hub) = &commands.hub {
+                        let reason = format!("the command cannot be sent over MQTT: {e}");
+                        let (cid, outcome) =
+                            (sent.correlation_id.as_deref(), sent.outcome.as_ref());
+                        Box::pin(hub.not_delivered(
+                            &tenant,
+                            &sent.device_id,
+                            cid,
+                            outcome,
+                            400,
+                            &reason,
+                        ))
+                        .await;
+                    }
+                    return Ok(());
+                }
+                let fits = c.session.send(publish).await?;
                 if !fits {
                     // The device said it takes nothing this large: the command cannot reach
                     // it, now or later, and its sender learns why.
@@ -908,6 +938,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
             c.session.send(Outbound::UnsubAck { pkid, ended }).await?;
         }
         Inbound::PubAck(pkid) => {
+            commands.overdue.remove(&pkid);
             if let (Some(u), Some(hub)) = (commands.unacked.remove(&pkid), &commands.hub) {
                 hub.delivered_to(&u.device_id, u.outcome.as_ref());
             }
@@ -1142,6 +1173,9 @@ pub(super) struct Commands {
     sender: Option<mpsc::Sender<CommandDelivery>>,
     /// The client's Receive Maximum: QoS 1 commands it takes before it acknowledged them.
     receive_maximum: u16,
+    /// QoS 1 commands whose acknowledgement timed out (their senders were answered) but that
+    /// the device still holds unacknowledged: they count against its Receive Maximum.
+    overdue: std::collections::HashSet<u16>,
     /// QoS 1 commands sent and not yet PUBACKed, by packet id.
     unacked: std::collections::HashMap<u16, Unacked>,
     last_pkid: u16,
@@ -1274,7 +1308,9 @@ impl Commands {
     fn next_pkid(&mut self) -> u16 {
         loop {
             self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
-            if !self.unacked.contains_key(&self.last_pkid) {
+            if !self.unacked.contains_key(&self.last_pkid)
+                && !self.overdue.contains(&self.last_pkid)
+            {
                 return self.last_pkid;
             }
         }
@@ -1292,7 +1328,7 @@ impl Commands {
 
     /// Whether another command may go out now (the client's Receive Maximum, MQTT 5 §3.3.4).
     fn may_send(&self) -> bool {
-        self.unacked.len() < usize::from(self.receive_maximum)
+        self.unacked.len() + self.overdue.len() < usize::from(self.receive_maximum)
     }
 
     fn earliest_deadline(&self) -> Option<Instant> {
@@ -1307,6 +1343,7 @@ impl Commands {
             .filter(|(_, u)| u.deadline <= now)
             .map(|(k, _)| *k)
             .collect();
+        self.overdue.extend(overdue.iter().copied());
         overdue
             .into_iter()
             .filter_map(|k| self.unacked.remove(&k))

@@ -59,7 +59,14 @@ impl RawClient {
         (c, code)
     }
 
-    pub async fn send(&mut self, p: v4::Packet) {
+    /// Sends `p`; a SUBSCRIBE or UNSUBSCRIBE built without a packet id gets 1, as a client's
+    /// must be non-zero.
+    pub async fn send(&mut self, mut p: v4::Packet) {
+        match &mut p {
+            v4::Packet::Subscribe(s) if s.pkid == 0 => s.pkid = 1,
+            v4::Packet::Unsubscribe(u) if u.pkid == 0 => u.pkid = 1,
+            _ => {}
+        }
         let mut out = BytesMut::new();
         p.write(&mut out, 1 << 20).unwrap();
         self.stream.write_all(&out).await.unwrap();
@@ -141,7 +148,13 @@ impl V5Client {
         }
     }
 
-    pub async fn send(&mut self, p: v5::Packet) {
+    /// Sends `p`; a SUBSCRIBE or UNSUBSCRIBE without a packet id gets 1.
+    pub async fn send(&mut self, mut p: v5::Packet) {
+        match &mut p {
+            v5::Packet::Subscribe(s) if s.pkid == 0 => s.pkid = 1,
+            v5::Packet::Unsubscribe(u) if u.pkid == 0 => u.pkid = 1,
+            _ => {}
+        }
         let mut out = BytesMut::new();
         p.write(&mut out, None).unwrap();
         self.send_raw(&out).await;
