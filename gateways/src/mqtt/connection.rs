@@ -717,33 +717,23 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     pkid,
                     content_type,
                 };
-                if let Err(e) = codec::check_outbound(&publish) {
-                    // A subject or content type MQTT cannot carry: the device never gets it.
-                    if let Some(hub) = &commands.hub {
-                        let reason = format!("the command cannot be sent over MQTT: {e}");
-                        let (cid, outcome) =
-                            (sent.correlation_id.as_deref(), sent.outcome.as_ref());
-                        Box::pin(hub.not_delivered(
-                            &tenant,
-                            &sent.device_id,
-                            cid,
-                            outcome,
-                            400,
-                            &reason,
-                        ))
-                        .await;
-                    }
-                    return Ok(());
-                }
-                let fits = c.session.send(publish).await?;
-                if !fits {
-                    // The device said it takes nothing this large: the command cannot reach
-                    // it, now or later, and its sender learns why.
-                    if let (Some(hub), Some(max)) = (&commands.hub, c.session.client_max) {
-                        let reason = format!(
+                // A subject or content type MQTT cannot carry (400), or a packet larger than
+                // the device takes (413): the command cannot reach it, now or later, and its
+                // sender learns why.
+                let refused = match codec::check_outbound(&publish) {
+                    Err(e) => Some((400, format!("the command cannot be sent over MQTT: {e}"))),
+                    Ok(()) if !c.session.send(publish).await? => Some((
+                        413,
+                        format!(
                             "the command is larger than the device's Maximum Packet Size \
-                             ({max} bytes)"
-                        );
+                             ({} bytes)",
+                            c.session.client_max.unwrap_or_default()
+                        ),
+                    )),
+                    Ok(()) => None,
+                };
+                if let Some((status, reason)) = refused {
+                    if let Some(hub) = &commands.hub {
                         let (cid, outcome) =
                             (sent.correlation_id.as_deref(), sent.outcome.as_ref());
                         Box::pin(hub.not_delivered(
@@ -751,7 +741,7 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
                             &sent.device_id,
                             cid,
                             outcome,
-                            413,
+                            status,
                             &reason,
                         ))
                         .await;
