@@ -329,7 +329,8 @@ fn forward(
     })
 }
 
-/// The command's headers plus `tenant_id`, `via`, `orig-partition` and `orig-offset` (Hono's Kafka-based APIs).
+/// The command's headers plus `tenant_id`, `via`, `orig-partition` and `orig-offset` (Hono's
+/// internal command records).
 fn forward_headers(incoming: &Incoming, target: &CommandTarget) -> OwnedHeaders {
     let mut out = OwnedHeaders::new_with_capacity(incoming.headers.len() + 4);
     for (k, v) in incoming.record_headers() {

@@ -200,7 +200,8 @@ async fn handle(
     }
 }
 
-/// 200 carrying a command (Hono's HTTP adapter): name, request id, target device (for gateways), payload.
+/// 200 carrying a command (Hono's HTTP adapter): name, request id, target device (for
+/// gateways), payload.
 fn command_response(cmd: CommandDelivery, for_gateway: bool) -> Response {
     let mut resp = (StatusCode::OK, cmd.payload).into_response();
     let h = resp.headers_mut();
@@ -278,8 +279,8 @@ async fn upload(
         qos
     };
     let ttl_secs = number_param(headers, query, "hono-ttl")?;
-    // Hono's long-poll rule: the request, capped by the tenant's max-ttd (or the default) and 80 % of the
-    // idle timeout; 0 or less means no long poll.
+    // Hono's long-poll rule: the request, capped by the tenant's max-ttd (or the default) and
+    // 80 % of the idle timeout; 0 or less means no long poll.
     let requested = number_param(headers, query, "hono-ttd")?
         .filter(|t| *t > 0)
         .map(|t| t.min(a.cfg.idle_timeout_secs * 80 / 100));

@@ -811,8 +811,8 @@ fn ttl_millis(up: &Upload, tenant: &Tenant, device: &Device) -> Option<i64> {
     )
 }
 
-/// Every header Hono's Kafka-based telemetry and event APIs define of a telemetry/event record, then the defaults the message lacks. Written
-/// straight into the record's headers: this runs for every message.
+/// Every header Hono's Kafka-based Telemetry and Event APIs give a record, then the defaults
+/// the message lacks. Written straight into the record's headers: this runs for every message.
 fn build_headers(
     up: &Upload,
     device: &str,

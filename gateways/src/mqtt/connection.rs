@@ -279,21 +279,21 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         a.essential_only = true;
         a
     });
-    let full = Outbound::ConnAck {
-        outcome: ConnectOutcome::Accepted,
-        announce,
-    };
     // A client that takes only small packets gets the CONNACK with what it must be told
     // (its assigned id, Maximum QoS), or without properties; if not even that fits, nothing
     // but the close.
-    let essential = Outbound::ConnAck {
-        outcome: ConnectOutcome::Accepted,
-        announce: essential,
-    };
-    if !session.queue(full)?
-        && !session.queue(essential)?
-        && !session.queue(Outbound::connack(ConnectOutcome::Accepted))?
-    {
+    let mut queued = false;
+    for announce in [announce, essential, None] {
+        let connack = Outbound::ConnAck {
+            outcome: ConnectOutcome::Accepted,
+            announce,
+        };
+        if session.queue(connack)? {
+            queued = true;
+            break;
+        }
+    }
+    if !queued {
         return Err(ConnectionError::Closed(
             CloseReason::PacketTooLarge,
             "the client's Maximum Packet Size leaves no room for a CONNACK".into(),
@@ -362,7 +362,7 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin>(
         (s.pipeline, s.origin)
     };
     if let Some(sub) = commands.sub.take() {
-        end_subscription(&pipeline, &origin, commands.hub.as_ref(), *sub).await;
+        commands.end(&pipeline, &origin, *sub).await;
     }
     if let Some(tenant) = commands.tenant.clone() {
         commands.release_all(&tenant).await;
@@ -370,26 +370,6 @@ async fn close<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(device) = origin.device() {
         connection_event(&pipeline, cfg, device, &client_id, "disconnected").await;
     }
-}
-
-/// Ends a command subscription; its end is announced (`ttd=0`) only when no newer
-/// subscription of the same device replaced it, on this instance or another.
-async fn end_subscription(
-    pipeline: &IngestPipeline,
-    origin: &Origin,
-    hub: Option<&CommandHub>,
-    sub: CommandSubscription,
-) -> bool {
-    let Some(hub) = hub else {
-        return false;
-    };
-    let ended = hub
-        .unsubscribe(&sub.tenant, &sub.registered, sub.token)
-        .await;
-    if ended {
-        reachability(pipeline, origin, sub.target, 0).await;
-    }
-    ended
 }
 
 /// Tells applications whether commands reach a device (Hono's empty notification with
@@ -548,7 +528,8 @@ struct Served<S> {
     errors: Option<Box<ErrorSubscription>>,
     /// Publishes waiting for the broker, in arrival order.
     in_flight: AckQueue<PublishContext>,
-    /// A client that says nothing for this long is gone (1.5 keep-alive periods, MQTT 3.1.1 §3.1.2.10).
+    /// A client that says nothing for this long is gone (1.5 keep-alive periods, MQTT 3.1.1
+    /// §3.1.2.10).
     idle: Option<Duration>,
     deadline: Option<Instant>,
     max_packet: usize,
@@ -694,7 +675,8 @@ async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
             if let Some(sub) = &commands.sub {
                 let topic = sub.topic_for(&cmd);
                 let qos1 = sub.qos == 1;
-                let tenant = sub.tenant.clone();
+                // Set with the subscription.
+                let tenant = commands.tenant.clone().unwrap_or_default();
                 let pkid = commands.next_pkid();
                 let CommandDelivery {
                     device_id,
@@ -891,13 +873,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
             // Applications learn of the change once the route is in place (Hono's
             // `ttd=-1` notification), after the device knows it is subscribed.
             for old in replaced {
-                Box::pin(end_subscription(
-                    &c.pipeline,
-                    &c.origin,
-                    commands.hub.as_ref(),
-                    old,
-                ))
-                .await;
+                Box::pin(commands.end(&c.pipeline, &c.origin, old)).await;
             }
             if let Some(target) = started {
                 Box::pin(reachability(&c.pipeline, &c.origin, target, -1)).await;
@@ -913,13 +889,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     c.errors = None;
                     ended.push(true);
                 } else if let Some(sub) = commands.unsubscribe(filter) {
-                    Box::pin(end_subscription(
-                        &c.pipeline,
-                        &c.origin,
-                        commands.hub.as_ref(),
-                        sub,
-                    ))
-                    .await;
+                    Box::pin(commands.end(&c.pipeline, &c.origin, sub)).await;
                     ended.push(true);
                 } else {
                     ended.push(false);
@@ -1051,10 +1021,10 @@ async fn submit(
     }
 }
 
-/// Hono's error policy (Hono's MQTT adapter). Terminal errors (the device, gateway, tenant or adapter is not
-/// allowed, or the payload too large) always disconnect. Otherwise, without an error
-/// subscription `default`/`disconnect` disconnect; with one, the error is published to it
-/// first and `default` acknowledges. `ignore` acknowledges, `skip-ack` does not.
+/// Hono's error policy (its MQTT adapter guide). Terminal errors (the device, gateway, tenant
+/// or adapter is not allowed, or the payload too large) always disconnect. Otherwise, without
+/// an error subscription `default`/`disconnect` disconnect; with one, the error is published
+/// to it first and `default` acknowledges. `ignore` acknowledges, `skip-ack` does not.
 async fn publish_failed<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session<S>,
     ctx: &PublishContext,
@@ -1198,7 +1168,6 @@ struct CommandSubscription {
     filter: topic::CommandFilter,
     /// The QoS granted to the subscription, used for every command.
     qos: u8,
-    tenant: String,
     /// The device (or gateway) id the subscription is registered under.
     registered: String,
     /// The device the subscriber subscribed for as the pipeline takes it: `None` for itself
@@ -1272,11 +1241,10 @@ impl Commands {
             }
         };
         let token = hub.subscribe(&tenant, &registered, tx, None).await.ok()?;
-        self.tenant = Some(tenant.clone());
+        self.tenant = Some(tenant);
         let old = self.sub.replace(Box::new(CommandSubscription {
             filter: f,
             qos,
-            tenant,
             registered,
             target,
             token,
@@ -1303,6 +1271,17 @@ impl Commands {
             {
                 return self.last_pkid;
             }
+        }
+    }
+
+    /// Ends `sub`; its end is announced (`ttd=0`) only when no newer subscription of the same
+    /// device replaced it, on this instance or another.
+    async fn end(&self, pipeline: &IngestPipeline, origin: &Origin, sub: CommandSubscription) {
+        let (Some(hub), Some(tenant)) = (&self.hub, &self.tenant) else {
+            return;
+        };
+        if hub.unsubscribe(tenant, &sub.registered, sub.token).await {
+            reachability(pipeline, origin, sub.target, 0).await;
         }
     }
 
