@@ -492,23 +492,8 @@ async fn qos1_subscriber(f: &Ferrule, device: &str, tenant: &str) -> MqttDevice 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_settled_by_whether_they_reached_the_device() {
     use rumqttc::mqttbytes::v4;
-    // Room for a loaded machine: the router serves only this tenant (a new router group reads
-    // every command topic from the beginning), and the bridge waits up to 30 s for an outcome.
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    let mut f = Ferrule::start_with(
-        &kafka(),
-        &[
-            (
-                "FERRULE_ROUTER__TOPIC_PATTERN",
-                format!("hono.command.{tenant}"),
-            ),
-            (
-                "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
-                "30000".to_owned(),
-            ),
-        ],
-    );
-    f.wait_readiness(200);
+    let f = Ferrule::start_for_commands(&tenant);
     provision_in(
         &f,
         &tenant,

@@ -263,24 +263,8 @@ fn curl_with_headers(args: &[&str]) -> HttpResponse {
 
 /// One run of the example application against one kind of device.
 fn command_after_notification(app: App, device: Device) {
-    // The router serves this tenant only (a new router group reads every command topic from
-    // the beginning), and the bridge waits for a command's fate as long as a loaded machine
-    // may need.
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    let mut f = Ferrule::start_with(
-        &kafka(),
-        &[
-            (
-                "FERRULE_ROUTER__TOPIC_PATTERN",
-                format!("hono.command.{tenant}"),
-            ),
-            (
-                "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
-                "30000".to_owned(),
-            ),
-        ],
-    );
-    f.wait_readiness(200);
+    let f = Ferrule::start_for_commands(&tenant);
     provision(&f, &tenant);
 
     // The application runs first, as it would in production, and sends nothing on its own.

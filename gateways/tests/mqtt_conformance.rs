@@ -401,6 +401,23 @@ async fn connect_v5(
     c
 }
 
+/// Device `dev` of `tenant` over MQTT 5, subscribed to its commands at `qos`.
+async fn subscribed_v5(
+    port: u16,
+    tenant: &str,
+    properties: Option<v5::ConnectProperties>,
+    qos: QoS5,
+) -> V5Client {
+    let mut c = connect_v5(port, "dev", tenant, properties).await;
+    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
+        v5::Filter::new("command///req/#", qos),
+        None,
+    )))
+    .await;
+    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    c
+}
+
 #[tokio::test]
 async fn mqtt5_connack_announces_limits_and_assigns_client_ids() {
     let p = Platform::start().await;
@@ -578,13 +595,7 @@ async fn mqtt5_unsuback_reasons_and_command_content_type() {
     let tenant = p.tenant(json!({})).await;
     p.device_with_password(&tenant, "dev", json!({})).await;
     let _router = start_router(&tenant).await;
-    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
-    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
-        v5::Filter::new("command///req/#", QoS5::AtMostOnce),
-        None,
-    )))
-    .await;
-    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    let mut c = subscribed_v5(p.mqtt_port, &tenant, None, QoS5::AtMostOnce).await;
     send_command(
         &tenant,
         "dev",
@@ -632,13 +643,7 @@ async fn commands_larger_than_the_device_takes_are_not_sent_and_fail_with_a_reas
         max_packet_size: Some(128),
         ..v5::ConnectProperties::new()
     };
-    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, Some(props)).await;
-    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
-        v5::Filter::new("command///req/#", QoS5::AtLeastOnce),
-        None,
-    )))
-    .await;
-    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    let mut c = subscribed_v5(p.mqtt_port, &tenant, Some(props), QoS5::AtLeastOnce).await;
     let big = "x".repeat(600);
     send_command(
         &tenant,
@@ -805,13 +810,7 @@ async fn commands_wait_for_the_clients_receive_maximum() {
         receive_maximum: Some(1),
         ..v5::ConnectProperties::new()
     };
-    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, Some(props)).await;
-    c.send(v5::Packet::Subscribe(v5::Subscribe::new(
-        v5::Filter::new("command///req/#", QoS5::AtLeastOnce),
-        None,
-    )))
-    .await;
-    assert!(matches!(c.next().await, Some(v5::Packet::SubAck(_))));
+    let mut c = subscribed_v5(p.mqtt_port, &tenant, Some(props), QoS5::AtLeastOnce).await;
     for subject in ["first", "second"] {
         send_command(
             &tenant,

@@ -41,6 +41,27 @@ impl Ferrule {
         Self::start_with(kafka, &[])
     }
 
+    /// Started and ready for command tests of `tenant`: its router serves only that tenant
+    /// (a new router group reads every command topic from the beginning), and the bridge
+    /// waits up to 30 s for a command's fate, room for a loaded machine.
+    pub fn start_for_commands(tenant: &str) -> Ferrule {
+        let mut f = Self::start_with(
+            &kafka(),
+            &[
+                (
+                    "FERRULE_ROUTER__TOPIC_PATTERN",
+                    format!("hono.command.{tenant}"),
+                ),
+                (
+                    "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
+                    "30000".to_owned(),
+                ),
+            ],
+        );
+        f.wait_readiness(200);
+        f
+    }
+
     /// Starts with extra `FERRULE_…` variables, e.g. a TLS certificate.
     pub fn start_with(kafka: &str, env: &[(&str, String)]) -> Ferrule {
         let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());

@@ -21,9 +21,23 @@ pub struct RawClient {
 }
 
 impl RawClient {
+    /// Connects as `username` (password `pw`) with `keep_alive`; returns the CONNACK's code.
     pub async fn connect(
         port: u16,
         username: &str,
+        keep_alive: u16,
+    ) -> (RawClient, v4::ConnectReturnCode) {
+        Self::connect_as(port, Some(username), keep_alive).await
+    }
+
+    /// Connects without user name and password (an unauthenticated device).
+    pub async fn connect_anonymous(port: u16) -> (RawClient, v4::ConnectReturnCode) {
+        Self::connect_as(port, None, 60).await
+    }
+
+    async fn connect_as(
+        port: u16,
+        username: Option<&str>,
         keep_alive: u16,
     ) -> (RawClient, v4::ConnectReturnCode) {
         let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -33,24 +47,9 @@ impl RawClient {
         };
         let mut connect = v4::Connect::new(random_id("raw"));
         connect.keep_alive = keep_alive;
-        connect.set_login(username, "pw");
-        c.send(v4::Packet::Connect(connect)).await;
-        let code = match c.next().await {
-            Some(v4::Packet::ConnAck(a)) => a.code,
-            other => panic!("expected CONNACK, got {other:?}"),
-        };
-        (c, code)
-    }
-
-    /// Connects without user name and password (an unauthenticated device).
-    pub async fn connect_anonymous(port: u16) -> (RawClient, v4::ConnectReturnCode) {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut c = RawClient {
-            stream,
-            buf: BytesMut::new(),
-        };
-        let mut connect = v4::Connect::new(random_id("anon"));
-        connect.keep_alive = 60;
+        if let Some(username) = username {
+            connect.set_login(username, "pw");
+        }
         c.send(v4::Packet::Connect(connect)).await;
         let code = match c.next().await {
             Some(v4::Packet::ConnAck(a)) => a.code,
