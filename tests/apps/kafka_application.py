@@ -73,6 +73,16 @@ def poll(c):
     return record
 
 
+def next_record(c, deadline, why_not):
+    """The next record of consumer `c` and its headers; fails with `why_not` past `deadline`."""
+    while True:
+        if time.monotonic() > deadline:
+            fail(why_not)
+        record = poll(c)
+        if record is not None:
+            return record, headers(record)
+
+
 def main():
     bootstrap, tenant, device, timeout = sys.argv[1:5]
     deadline = time.monotonic() + float(timeout)
@@ -84,12 +94,8 @@ def main():
     # A device is reachable for commands from the creation time of its notification on: until
     # further notice with ttd -1, for ttd seconds with ttd > 0.
     while True:
-        if time.monotonic() > deadline:
-            fail("no event announced %s within %s s" % (device, timeout))
-        record = poll(events)
-        if record is None:
-            continue
-        h = headers(record)
+        record, h = next_record(events, deadline,
+                                "no event announced %s within %s s" % (device, timeout))
         ttd = json_header(h, "ttd")
         created = json_header(h, "creation-time")
         seen = {
@@ -137,12 +143,8 @@ def main():
     out(command=sent)
 
     while True:
-        if time.monotonic() > deadline:
-            fail("no response to %s within %s s" % (correlation_id, timeout))
-        record = poll(responses)
-        if record is None:
-            continue
-        h = headers(record)
+        record, h = next_record(responses, deadline,
+                                "no response to %s within %s s" % (correlation_id, timeout))
         got = {
             "key": record.key().decode() if record.key() is not None else None,
             "correlation_id": h.get("correlation-id"),
