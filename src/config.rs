@@ -2,7 +2,8 @@
 //! overrides, with defaults that work against the local services `scripts/up` starts.
 
 use anyhow::Context;
-use ferrule_gateways::{GatewayConfig, KafkaConfig};
+use ferrule_gateways::GatewayConfig;
+use ferrule_kafka::KafkaConfig;
 use ferrule_registry::{DatabaseConfig, RegistryConfig};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};

@@ -5,7 +5,6 @@
 
 mod config;
 mod health;
-mod kafka;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -182,10 +181,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     readiness.register("postgresql");
     if services.gateway || services.router || services.bridge {
         readiness.register("kafka");
-        let client = kafka::MetadataClient::new(
-            &cfg.kafka.bootstrap_servers,
-            Duration::from_millis(cfg.kafka.metadata_timeout_ms),
-        )?;
+        let client = ferrule_kafka::MetadataClient::new(&cfg.kafka)?;
         tasks.spawn(probe_kafka(client, readiness.clone(), shutdown.clone()));
     }
 
@@ -197,7 +193,9 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
              FERRULE_REGISTRY__MANAGEMENT__PASSWORD (or registry.management.password)"
         );
     }
-    let store = ferrule_registry::open_store(&cfg.database, &cfg.registry).await?;
+    let store = ferrule_registry::open_store(&cfg.database, &cfg.registry)
+        .await?
+        .with_topic_names(cfg.kafka.topic_names()?);
     tasks.spawn(probe_database(
         store.clone(),
         readiness.clone(),
@@ -229,18 +227,12 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         let (router, kafka, pool) = (cfg.router.clone(), cfg.kafka.clone(), store.pool().clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let (bootstrap, wait) = (&kafka.bootstrap_servers, kafka.consumer_fetch_wait_ms);
-            ferrule_command_router::run(router, bootstrap, wait, registry, pool, shutdown).await
+            ferrule_command_router::run(router, &kafka, registry, pool, shutdown).await
         });
     }
     if let (Some(listeners), Some(registry)) = (bridge_listeners, registry.clone()) {
         let bridge = cfg.bridge.clone();
-        let kafka = ferrule_stream_bridge::KafkaSettings {
-            bootstrap: cfg.kafka.bootstrap_servers.clone(),
-            topic_partitions: cfg.kafka.topic_partitions,
-            topic_replication: cfg.kafka.topic_replication,
-            fetch_wait_ms: cfg.kafka.consumer_fetch_wait_ms,
-        };
+        let kafka = cfg.kafka.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             ferrule_stream_bridge::serve(listeners, bridge, kafka, registry, shutdown).await
@@ -325,7 +317,7 @@ async fn probe_database(
 }
 
 async fn probe_kafka(
-    client: kafka::MetadataClient,
+    client: ferrule_kafka::MetadataClient,
     readiness: Readiness,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -346,10 +338,7 @@ async fn probe_kafka(
 }
 
 async fn check_kafka(cfg: &Config) -> anyhow::Result<()> {
-    let client = kafka::MetadataClient::new(
-        &cfg.kafka.bootstrap_servers,
-        Duration::from_millis(cfg.kafka.metadata_timeout_ms),
-    )?;
+    let client = ferrule_kafka::MetadataClient::new(&cfg.kafka)?;
     let info = tokio::task::spawn_blocking(move || client.fetch())
         .await?
         .with_context(|| {

@@ -262,9 +262,39 @@ fn curl_with_headers(args: &[&str]) -> HttpResponse {
 }
 
 /// One run of the example application against one kind of device.
+/// How the deployment under test names and creates its topics.
+#[derive(Default)]
+struct Topics {
+    /// `kafka.topic_prefix`.
+    prefix: String,
+    /// `kafka.create_topics = false`, with every topic the test needs created beforehand.
+    created_beforehand: bool,
+}
+
 fn command_after_notification(app: App, device: Device) {
+    command_after_notification_on(app, device, Topics::default());
+}
+
+fn command_after_notification_on(app: App, device: Device, topics: Topics) {
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
-    let f = Ferrule::start_for_commands(&tenant);
+    let prefix = topics.prefix.clone();
+    let mut env = vec![("FERRULE_KAFKA__TOPIC_PREFIX", prefix.clone())];
+    if topics.created_beforehand {
+        let (gateway, bridge) = (format!("gw-{tenant}"), format!("br-{tenant}"));
+        let mut names: Vec<String> = ["telemetry", "event", "command", "command_response"]
+            .iter()
+            .map(|kind| format!("{prefix}hono.{kind}.{tenant}"))
+            .collect();
+        names.push(format!("{prefix}hono.command_internal.{gateway}"));
+        names.push(format!("{prefix}ferrule.command_outcome.{bridge}"));
+        create_topics(&names);
+        env.extend([
+            ("FERRULE_KAFKA__CREATE_TOPICS", "false".to_owned()),
+            ("FERRULE_GATEWAY__INSTANCE_ID", gateway),
+            ("FERRULE_BRIDGE__INSTANCE_ID", bridge),
+        ]);
+    }
+    let f = Ferrule::start_for_commands_with(&tenant, &prefix, &env);
     provision(&f, &tenant);
 
     // The application runs first, as it would in production, and sends nothing on its own.
@@ -285,7 +315,7 @@ fn command_after_notification(app: App, device: Device) {
         App::Kafka => Script::spawn(
             "kafka_application.py",
             &kafka_python(),
-            &[&kafka(), &tenant, DEVICE, &timeout],
+            &[&kafka(), &tenant, DEVICE, &timeout, &prefix],
         ),
     };
     application.expect("ready", "the application did not start");
@@ -446,4 +476,54 @@ fn kafka_application_commands_an_mqtt_device_once_it_subscribed() {
 #[test]
 fn kafka_application_commands_a_long_polling_http_device() {
     command_after_notification(App::Kafka, Device::Http);
+}
+
+#[test]
+fn kafka_application_commands_an_http_device_on_prefixed_topics() {
+    let prefix = format!("p{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    command_after_notification_on(
+        App::Kafka,
+        Device::Http,
+        Topics {
+            prefix,
+            created_beforehand: false,
+        },
+    );
+}
+
+#[test]
+fn amqp_application_commands_an_mqtt_device_on_topics_created_beforehand() {
+    command_after_notification_on(
+        App::Amqp,
+        Device::Mqtt,
+        Topics {
+            prefix: String::new(),
+            created_beforehand: true,
+        },
+    );
+}
+
+/// Creates topics as an operator would before starting Ferrule with `create_topics = false`.
+fn create_topics(names: &[String]) {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for r in rt
+        .block_on(admin.create_topics(&topics, &AdminOptions::new()))
+        .unwrap()
+    {
+        r.unwrap();
+    }
 }

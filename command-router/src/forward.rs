@@ -5,6 +5,7 @@
 //! answered, so a router restart or rebalance redelivers instead of losing commands.
 
 use crate::routing::{CommandTarget, RoutingState};
+use ferrule_kafka::{KafkaConfig, RecoveringProducer};
 use ferrule_registry::DeviceAuthenticator;
 use ferrule_schemas::command::{
     Command, InvalidCommand, delivery_failure_body, parse_command, response_headers,
@@ -12,13 +13,12 @@ use ferrule_schemas::command::{
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::outcome::OutcomeRoute;
-use ferrule_schemas::{HonoTopic, TopicKind};
+use ferrule_schemas::{TopicKind, TopicNames};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -48,6 +48,15 @@ struct Incoming {
     payload: Option<Vec<u8>>,
     /// `delivery-failure-notification-metadata[*]` headers, copied into failure responses.
     failure_metadata: Vec<(String, Vec<u8>)>,
+    /// Where the bridge that wrote the command expects its outcome, if it does.
+    outcome: Option<OutcomeRoute>,
+}
+
+/// Where the router writes: its producer and the deployment's topic names.
+#[derive(Clone)]
+struct Out {
+    producer: RecoveringProducer,
+    names: TopicNames,
 }
 
 /// What becomes of one command.
@@ -67,33 +76,37 @@ enum Decision {
 /// Runs until `shutdown` turns true. Routing lookups of consecutive commands run concurrently,
 /// but commands are forwarded, and their offsets stored, in the order they were read.
 pub async fn run(
-    bootstrap: &str,
+    kafka: &KafkaConfig,
     group_id: &str,
     topic_pattern: &str,
-    fetch_wait_ms: u64,
     registry: DeviceAuthenticator,
     routing: RoutingState,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let names = kafka.topic_names()?;
+    let consumer: StreamConsumer = kafka
+        .consumer()
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("topic.metadata.refresh.interval.ms", "1000")
-        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
-        .set("log_level", "3")
+        .set(
+            "fetch.wait.max.ms",
+            kafka.consumer_fetch_wait_ms.to_string(),
+        )
         .create()?;
     consumer.subscribe(&[topic_pattern])?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "0")
-        .set("log_level", "3")
-        .create()?;
+    let producer = RecoveringProducer::new(
+        "command-router",
+        kafka
+            .producer()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0"),
+    )?;
+    let out = Out { producer, names };
     let mut routed: FuturesOrdered<BoxFuture<'static, (Incoming, Decision)>> =
         FuturesOrdered::new();
     let mut forwarded: FuturesOrdered<BoxFuture<'static, Handled>> = FuturesOrdered::new();
@@ -103,12 +116,13 @@ pub async fn run(
                 let msg = match m {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(error = %e, "command consumer error");
+                        let class = ferrule_kafka::metrics::error("command-router", &e);
+                        tracing::warn!(error = %e, class = class.as_str(), "command consumer error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
-                let incoming = copy(&msg);
+                let incoming = copy(&out.names, &msg);
                 let (registry, routing) = (registry.clone(), routing.clone());
                 routed.push_back(Box::pin(async move {
                     let decision = decide(&incoming, &registry, &routing).await;
@@ -116,7 +130,7 @@ pub async fn run(
                 }));
             }
             Some((incoming, decision)) = routed.next(), if !routed.is_empty() => {
-                forwarded.push_back(forward(&producer, incoming, decision));
+                forwarded.push_back(forward(&out, incoming, decision));
             }
             Some((topic, partition, offset)) = forwarded.next(), if !forwarded.is_empty() => {
                 if let Err(e) = consumer.store_offset(&topic, partition, offset) {
@@ -129,7 +143,7 @@ pub async fn run(
     // Let what was read finish, so its offsets are committed.
     let drain = async {
         while let Some((incoming, decision)) = routed.next().await {
-            forwarded.push_back(forward(&producer, incoming, decision));
+            forwarded.push_back(forward(&out, incoming, decision));
         }
         while let Some((topic, partition, offset)) = forwarded.next().await {
             let _ = consumer.store_offset(&topic, partition, offset);
@@ -140,7 +154,7 @@ pub async fn run(
     Ok(())
 }
 
-fn copy(msg: &BorrowedMessage<'_>) -> Incoming {
+fn copy(names: &TopicNames, msg: &BorrowedMessage<'_>) -> Incoming {
     let headers: Vec<(String, Option<Vec<u8>>)> = msg
         .headers()
         .map(|hs| {
@@ -156,7 +170,12 @@ fn copy(msg: &BorrowedMessage<'_>) -> Incoming {
         .collect();
     Incoming {
         position: (msg.topic().to_owned(), msg.partition(), msg.offset()),
-        tenant: HonoTopic::parse(msg.topic())
+        outcome: OutcomeRoute::from_headers(
+            names,
+            headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+        ),
+        tenant: names
+            .parse(msg.topic())
             .ok()
             .filter(|t| t.kind == TopicKind::Command)
             .map(|t| t.suffix)
@@ -194,8 +213,7 @@ async fn decide(
                 .and_then(h::decode_str)
                 .unwrap_or("")
                 .to_owned();
-            let answerable = correlation_id.is_some()
-                || OutcomeRoute::from_headers(incoming.record_headers()).is_some();
+            let answerable = correlation_id.is_some() || incoming.outcome.is_some();
             return if answerable {
                 Decision::Fail {
                     device,
@@ -259,11 +277,7 @@ async fn decide(
 
 /// Hands a routed command to the producer (or writes its failure response); resolves with its
 /// position once the broker has it.
-fn forward(
-    producer: &FutureProducer,
-    incoming: Incoming,
-    decision: Decision,
-) -> BoxFuture<'static, Handled> {
+fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'static, Handled> {
     let Incoming {
         position,
         tenant,
@@ -279,7 +293,9 @@ fn forward(
             failure,
         } => (device, correlation_id, Some(failure), None),
         Decision::Forward(command, target) => {
-            let topic = HonoTopic::command_internal(&target.instance_id).map(|t| t.to_string());
+            let topic = out
+                .names
+                .name(TopicKind::CommandInternal, &target.instance_id);
             let sent = topic.map_err(anyhow::Error::from).and_then(|topic| {
                 let mut record = FutureRecord::to(&topic)
                     .key(&command.device_id)
@@ -287,15 +303,15 @@ fn forward(
                 if let Some(p) = &incoming.payload {
                     record = record.payload(p);
                 }
-                producer
+                out.producer
                     .send_result(record)
                     .map_err(|(e, _)| anyhow::anyhow!(e))
             });
             (command.device_id, command.correlation_id, None, Some(sent))
         }
     };
-    let (producer, metadata) = (producer.clone(), failure_metadata.clone());
-    let outcome = OutcomeRoute::from_headers(incoming.record_headers());
+    let (out, metadata) = (out.clone(), failure_metadata.clone());
+    let outcome = incoming.outcome.clone();
     Box::pin(async move {
         let failure = match delivery {
             None => failure,
@@ -317,10 +333,8 @@ fn forward(
         let answered = match (failure, outcome, correlation_id) {
             (None, _, _) | (Some(_), None, None) => Ok(()),
             // The bridge settles the application's transfer by it (Hono's AMQP APIs).
-            (Some(f), Some(route), _) => report_outcome(&producer, &device, &route, f).await,
-            (Some(f), None, Some(cid)) => {
-                respond(&producer, &tenant, &device, &cid, &metadata, f).await
-            }
+            (Some(f), Some(route), _) => report_outcome(&out.producer, &device, &route, f).await,
+            (Some(f), None, Some(cid)) => respond(&out, &tenant, &device, &cid, &metadata, f).await,
         };
         if let Err(e) = answered {
             tracing::warn!(error = %e, "delivery failure not reported");
@@ -359,7 +373,7 @@ fn forward_headers(incoming: &Incoming, target: &CommandTarget) -> OwnedHeaders 
 
 /// Tells the bridge that sent a command why it was not forwarded.
 async fn report_outcome(
-    producer: &FutureProducer,
+    producer: &RecoveringProducer,
     device: &str,
     route: &OutcomeRoute,
     failure: Failure,
@@ -392,14 +406,14 @@ async fn report_outcome(
 
 /// Writes a delivery-failure response for a request/response command.
 async fn respond(
-    producer: &FutureProducer,
+    out: &Out,
     tenant: &str,
     device: &str,
     correlation_id: &str,
     failure_metadata: &[(String, Vec<u8>)],
     failure: Failure,
 ) -> anyhow::Result<()> {
-    let topic = HonoTopic::command_response(tenant)?.to_string();
+    let topic = out.names.name(TopicKind::CommandResponse, tenant)?;
     let fixed = response_headers(
         tenant,
         device,
@@ -407,23 +421,23 @@ async fn respond(
         failure.status,
         Some(DELIVERY_FAILURE_NOTIFICATION),
     );
-    let mut out = OwnedHeaders::new_with_capacity(fixed.len() + failure_metadata.len());
+    let mut headers = OwnedHeaders::new_with_capacity(fixed.len() + failure_metadata.len());
     for (k, v) in fixed
         .iter()
         .map(|(k, v)| (*k, v))
         .chain(failure_metadata.iter().map(|(k, v)| (k.as_str(), v)))
     {
-        out = out.insert(Header {
+        headers = headers.insert(Header {
             key: k,
             value: Some(v),
         });
     }
     let payload = delivery_failure_body(&failure.reason);
-    producer
+    out.producer
         .send(
             FutureRecord::to(&topic)
                 .key(device)
-                .headers(out)
+                .headers(headers)
                 .payload(&payload),
             Duration::from_secs(5),
         )

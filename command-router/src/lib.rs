@@ -20,8 +20,9 @@ use tokio::sync::watch;
 pub struct RouterConfig {
     /// Kafka consumer group of all router instances.
     pub group_id: String,
-    /// The command topics this router group serves: every tenant by default; a narrower
-    /// pattern (or one topic name) splits tenants across router groups.
+    /// The command topics this router group serves, as a topic name or a `^`-regex; empty:
+    /// every tenant's (`^<kafka.topic_prefix>hono\.command\..+`). A narrower pattern
+    /// splits tenants across router groups.
     pub topic_pattern: String,
     /// A gateway instance without a heartbeat for this long is dead (seconds).
     pub instance_timeout_secs: u64,
@@ -33,7 +34,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             group_id: forward::GROUP_ID.into(),
-            topic_pattern: ferrule_schemas::topic::COMMAND_TOPIC_PATTERN.into(),
+            topic_pattern: String::new(),
             instance_timeout_secs: 30,
             purge_interval_secs: 60,
         }
@@ -43,8 +44,7 @@ impl Default for RouterConfig {
 /// Runs the router until `shutdown` turns true.
 pub async fn run(
     cfg: RouterConfig,
-    bootstrap: &str,
-    fetch_wait_ms: u64,
+    kafka: &ferrule_kafka::KafkaConfig,
     registry: ferrule_registry::DeviceAuthenticator,
     pool: deadpool_postgres::Pool,
     shutdown: watch::Receiver<bool>,
@@ -65,17 +65,13 @@ pub async fn run(
             }
         })
     };
-    tracing::info!(group = %cfg.group_id, "command router consuming hono.command.*");
-    let result = forward::run(
-        bootstrap,
-        &cfg.group_id,
-        &cfg.topic_pattern,
-        fetch_wait_ms,
-        registry,
-        routing,
-        shutdown,
-    )
-    .await;
+    let names = kafka.topic_names()?;
+    let pattern = match cfg.topic_pattern.as_str() {
+        "" => names.command_pattern(),
+        p => p.to_owned(),
+    };
+    tracing::info!(group = %cfg.group_id, %pattern, "command router consuming commands");
+    let result = forward::run(kafka, &cfg.group_id, &pattern, registry, routing, shutdown).await;
     purger.abort();
     result
 }

@@ -5,14 +5,13 @@
 use crate::kafka::{DownstreamSender, OutboundRecord};
 use crate::pipeline::{AdapterType, IngestPipeline, Origin, UploadError};
 use ferrule_command_router::RoutingState;
-use ferrule_schemas::HonoTopic;
+use ferrule_schemas::TopicKind;
 use ferrule_schemas::command::{
     RequestId, delivery_failure_body, is_valid_response_status, response_headers,
 };
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::outcome::{DELIVERED, OutcomeRoute};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use std::collections::{BTreeMap, HashMap};
@@ -230,13 +229,17 @@ pub struct DeviceResponse {
 }
 
 impl CommandHub {
+    /// A hub for this instance; `instance_id` names its internal command topic and its
+    /// routing entries — a stable one (`gateway.instance_id`) lets the topic be created
+    /// beforehand, `None` picks `ferrule-gateway-<uuid>`.
     pub fn new(
         routing: RoutingState,
         sender: Arc<DownstreamSender>,
         response_timeout: Duration,
+        instance_id: Option<String>,
     ) -> Self {
-        // Must be a legal Kafka topic suffix: `ferrule-gateway-<uuid>`.
-        let instance_id = format!("ferrule-gateway-{}", uuid::Uuid::new_v4().simple());
+        let instance_id = instance_id
+            .unwrap_or_else(|| format!("ferrule-gateway-{}", uuid::Uuid::new_v4().simple()));
         CommandHub {
             inner: Arc::new(Inner {
                 instance_id,
@@ -450,9 +453,12 @@ impl CommandHub {
         content_type: Option<&str>,
         payload: &[u8],
     ) -> Result<PendingResponse, UploadError> {
-        let topic = HonoTopic::command_response(tenant)
-            .map_err(|e| UploadError::BadRequest(e.to_string()))?
-            .to_string();
+        let topic = self
+            .inner
+            .sender
+            .names()
+            .name(TopicKind::CommandResponse, tenant)
+            .map_err(|e| UploadError::BadRequest(e.to_string()))?;
         let ct = content_type
             .or((!payload.is_empty()).then_some(ferrule_schemas::content_type::OCTET_STREAM));
         let headers = response_headers(tenant, device, correlation_id, status, ct)
@@ -468,7 +474,7 @@ impl CommandHub {
         };
         self.inner
             .sender
-            .ensure_topic(&topic)
+            .ensure_topic(&topic, None)
             .await
             .map_err(unavailable)?;
         self.inner
@@ -593,11 +599,15 @@ impl CommandHub {
         kafka: crate::KafkaConfig,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        let topic = HonoTopic::command_internal(self.instance_id())?.to_string();
+        let topic = self
+            .inner
+            .sender
+            .names()
+            .name(TopicKind::CommandInternal, self.instance_id())?;
         // Kafka or PostgreSQL may be down at start: keep trying, the adapters run meanwhile.
         loop {
             let ready = async {
-                self.inner.sender.ensure_topic(&topic).await?;
+                self.inner.sender.ensure_topic(&topic, None).await?;
                 self.inner.routing.heartbeat(self.instance_id()).await?;
                 anyhow::Ok(())
             };
@@ -610,15 +620,14 @@ impl CommandHub {
                 _ = stopped(&mut shutdown) => return Ok(()),
             }
         }
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
+        let consumer: StreamConsumer = kafka
+            .consumer()
             .set("group.id", self.instance_id())
             .set("auto.offset.reset", "earliest")
             .set(
                 "fetch.wait.max.ms",
                 kafka.consumer_fetch_wait_ms.to_string(),
             )
-            .set("log_level", "3")
             .create()?;
         consumer.subscribe(&[&topic])?;
         tracing::info!(instance = %self.instance_id(), "consuming commands");
@@ -697,7 +706,8 @@ impl CommandHub {
             .and_then(h::decode_bool)
             .unwrap_or(false);
         let correlation_id = text(h::CORRELATION_ID).filter(|_| response_required);
-        let outcome = OutcomeRoute::from_headers(headers.iter().copied());
+        let outcome =
+            OutcomeRoute::from_headers(self.inner.sender.names(), headers.iter().copied());
         let deadline = h::now_millis()
             + i64::try_from(self.inner.response_timeout.as_millis()).unwrap_or(i64::MAX / 2);
         let delivery = CommandDelivery {

@@ -33,6 +33,11 @@ pub struct GatewayConfig {
     /// `router.instance_timeout_secs` (30 s, three heartbeat intervals), which must stay
     /// above 10 s.
     pub instance_timeout_secs: u64,
+    /// This instance's id: names its internal command topic
+    /// (`<kafka.topic_prefix>hono.command_internal.<id>`) and its command routing entries.
+    /// Set a stable, unique one per instance when topics are created beforehand
+    /// (`kafka.create_topics = false`); empty: `ferrule-gateway-<random uuid>` at each start.
+    pub instance_id: String,
     /// How long an application waits for a device's answer to a request/response command;
     /// after that the gateway answers 503 itself and refuses a late answer.
     pub command_response_timeout_secs: u64,
@@ -46,6 +51,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             max_payload_size: 2048,
             instance_timeout_secs: 30,
+            instance_id: String::new(),
             command_response_timeout_secs: 60,
             http: http::HttpConfig::default(),
             mqtt: mqtt::MqttConfig::default(),
@@ -93,6 +99,7 @@ pub async fn serve(
         routing,
         sender.clone(),
         Duration::from_secs(cfg.command_response_timeout_secs),
+        (!cfg.instance_id.is_empty()).then(|| cfg.instance_id.clone()),
     );
     let mut adapters = tokio::task::JoinSet::new();
     adapters.spawn(hub.clone().run(kafka.clone(), shutdown.clone()));

@@ -151,18 +151,6 @@ thread_local! {
     static LAST_SERIES: std::cell::RefCell<Option<Series>> = const { std::cell::RefCell::new(None) };
 }
 
-static PRODUCER_REPLACED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
-    registered(prometheus::IntCounter::new(
-        "ferrule_gateway_producer_replaced_total",
-        "Kafka producers replaced after librdkafka declared them fatally failed",
-    ))
-});
-
-/// Counts a producer replaced after a fatal error.
-pub fn producer_replaced() {
-    PRODUCER_REPLACED.inc();
-}
-
 /// Counts a refused request.
 pub fn rejected(adapter: &str, reason: &str) {
     REJECTED.with_label_values(&[adapter, reason]).inc();
@@ -175,5 +163,5 @@ pub fn init() {
     LazyLock::force(&CONNECTIONS);
     LazyLock::force(&UNAUTHENTICATED);
     LazyLock::force(&ATTEMPTS);
-    LazyLock::force(&PRODUCER_REPLACED);
+    ferrule_kafka::metrics::init();
 }

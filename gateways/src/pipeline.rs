@@ -12,7 +12,7 @@ use ferrule_registry::model::tenant::Tenant;
 use ferrule_registry::{AuthError, AuthenticatedDevice, DeviceAuthenticator};
 use ferrule_schemas::headers as h;
 use ferrule_schemas::ttl::{TtlKind, effective_ttl_millis};
-use ferrule_schemas::{ContentType, HonoTopic, TopicKind};
+use ferrule_schemas::{ContentType, TopicKind, TopicNames};
 use rdkafka::message::{Header, OwnedHeaders};
 use serde_json::Value;
 use std::sync::Arc;
@@ -497,7 +497,7 @@ impl IngestPipeline {
             Some(Err(e)) => return SubmitNow::Done(Err(meta.finish_err(e))),
             Some(Ok(who)) => who,
         };
-        let record = match record_for(&up, &who) {
+        let record = match record_for(self.sender.names(), &up, &who) {
             Ok(r) => r,
             Err(e) => return SubmitNow::Done(Err(meta.finish_err(e))),
         };
@@ -515,9 +515,9 @@ impl IngestPipeline {
             let who = self
                 .authorise(up.adapter, &up.origin, up.target.as_ref())
                 .await?;
-            let record = record_for(&up, &who)?;
+            let record = record_for(self.sender.names(), &up, &who)?;
             self.sender
-                .ensure_topic(&record.topic)
+                .ensure_topic(&record.topic, who.tenant().ext.as_ref())
                 .await
                 .map_err(produce_error)?;
             Ok((who, record))
@@ -588,7 +588,7 @@ struct Record {
 }
 
 /// Builds the Kafka record of an authorised message: topic, content type, ttl, every header.
-fn record_for(up: &Upload, who: &Authorised) -> Result<Record, UploadError> {
+fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Record, UploadError> {
     let (tenant, device) = (who.tenant(), who.device());
     let defaults = merged_defaults(tenant, device);
     let given_ct = up.content_type.clone().or_else(|| {
@@ -604,7 +604,8 @@ fn record_for(up: &Upload, who: &Authorised) -> Result<Record, UploadError> {
         Endpoint::Telemetry => TopicKind::Telemetry,
         Endpoint::Event => TopicKind::Event,
     };
-    let topic = HonoTopic::name(kind, &who.tenant_id)
+    let topic = names
+        .name(kind, &who.tenant_id)
         .map_err(|e| UploadError::BadRequest(e.to_string()))?;
     let headers = build_headers(up, &who.device_id, ct.as_str(), ttl, &defaults);
     Ok(Record { topic, headers })

@@ -31,7 +31,7 @@ async fn a_producer_that_failed_fatally_is_replaced() {
     ferrule_gateways::metrics::init();
     let sender = DownstreamSender::new(&kafka()).unwrap();
     let topic = format!("hono.telemetry.{}", random_id("t"));
-    sender.ensure_topic(&topic).await.unwrap();
+    sender.ensure_topic(&topic, None).await.unwrap();
     send(&sender, &topic, b"before").await;
 
     // librdkafka's own test hook puts the producer into the state a broker that lost the
@@ -59,7 +59,7 @@ async fn a_producer_that_failed_fatally_is_replaced() {
 
     let metrics = prometheus_text();
     assert!(
-        metrics.contains("ferrule_gateway_producer_replaced_total 1"),
+        metrics.contains("ferrule_kafka_producer_replaced_total{client=\"gateway\"} 1"),
         "{metrics}"
     );
 }

@@ -19,6 +19,8 @@ use tokio_postgres::types::ToSql;
 pub struct Store {
     pool: Pool,
     rules: CredentialRules,
+    /// How Kafka topics are named: a new tenant's id must make legal ones.
+    topics: ferrule_schemas::TopicNames,
 }
 
 /// One page of a search: the total number of matches and the documents of this page.
@@ -58,7 +60,23 @@ fn timestamp(t: Option<chrono::DateTime<chrono::Utc>>) -> Value {
 
 impl Store {
     pub fn new(pool: Pool, rules: CredentialRules) -> Self {
-        Store { pool, rules }
+        Store {
+            pool,
+            rules,
+            topics: Default::default(),
+        }
+    }
+
+    /// Checks new tenant ids against topic names behind this prefix (`kafka.topic_prefix`)
+    /// rather than Hono's plain names.
+    pub fn with_topic_names(mut self, topics: ferrule_schemas::TopicNames) -> Self {
+        self.topics = topics;
+        self
+    }
+
+    /// Whether `id` may name a new tenant (see [`check_new_tenant_id`]).
+    pub fn check_new_tenant_id(&self, id: &str) -> Result<()> {
+        Ok(check_new_tenant_id(&self.topics, id)?)
     }
 
     pub fn pool(&self) -> &Pool {
@@ -124,7 +142,7 @@ impl Store {
         let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         // Generated ids pass as well; checked here so that no way of creating a tenant makes
         // one whose topics Kafka would refuse.
-        check_new_tenant_id(&id)?;
+        self.check_new_tenant_id(&id)?;
         let version = new_version();
         let data = to_json(&t)?;
         let mut db = self.pool.get().await?;

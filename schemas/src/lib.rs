@@ -11,4 +11,4 @@ pub mod topic;
 pub mod ttl;
 
 pub use content_type::ContentType;
-pub use topic::{HonoTopic, TopicKind};
+pub use topic::{HonoTopic, TopicKind, TopicNames};

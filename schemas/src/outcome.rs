@@ -6,12 +6,14 @@
 //! (delivery-failure responses).
 
 use crate::headers as h;
+use crate::topic::TopicNames;
 
 /// Header naming the topic the outcome goes to.
 pub const OUTCOME_TO: &str = "ferrule-outcome-to";
 /// Header carrying the bridge's id for the command; copied into the outcome record.
 pub const OUTCOME_ID: &str = "ferrule-outcome-id";
-/// Every outcome topic starts with this, so a command cannot make a gateway write elsewhere.
+/// Every outcome topic starts with this (after the operator's `kafka.topic_prefix`), so a
+/// command cannot make a gateway write elsewhere.
 pub const OUTCOME_TOPIC_PREFIX: &str = "ferrule.command_outcome.";
 
 /// Status of an outcome record for a command that reached its device.
@@ -25,21 +27,16 @@ pub struct OutcomeRoute {
 }
 
 impl OutcomeRoute {
-    /// The outcome topic of one bridge instance.
-    pub fn topic_for(instance: &str) -> String {
-        format!("{OUTCOME_TOPIC_PREFIX}{instance}")
-    }
-
     /// The route a command's headers name; `None` without one, or when the topic is not an
-    /// outcome topic.
-    pub fn from_headers<'a, I>(headers: I) -> Option<Self>
+    /// outcome topic of this deployment ([`TopicNames::outcome`]).
+    pub fn from_headers<'a, I>(names: &TopicNames, headers: I) -> Option<Self>
     where
         I: IntoIterator<Item = (&'a str, Option<&'a [u8]>)> + Clone,
     {
         let text = |name| h::first(headers.clone(), name).and_then(h::decode_str);
         let topic = text(OUTCOME_TO)?;
-        let instance = topic.strip_prefix(OUTCOME_TOPIC_PREFIX)?;
-        if instance.is_empty() || !crate::topic::is_legal_kafka_name(topic) {
+        names.outcome_instance(topic)?;
+        if !crate::topic::is_legal_kafka_name(topic) {
             return None;
         }
         let id = text(OUTCOME_ID).filter(|id| !id.is_empty())?;
@@ -109,7 +106,7 @@ mod tests {
     #[test]
     fn a_route_survives_the_command_headers_and_comes_back_in_the_outcome() {
         let route = OutcomeRoute {
-            topic: OutcomeRoute::topic_for("b1"),
+            topic: TopicNames::default().outcome("b1"),
             id: "42".into(),
         };
         let on_command: Vec<(&'static str, Vec<u8>)> = route
@@ -119,7 +116,7 @@ mod tests {
             .chain([(h::DEVICE_ID, b"dev".to_vec())])
             .collect();
         assert_eq!(
-            OutcomeRoute::from_headers(borrowed(&on_command)),
+            OutcomeRoute::from_headers(&TopicNames::default(), borrowed(&on_command)),
             Some(route.clone())
         );
         let outcome = route.outcome_headers(503);
@@ -138,9 +135,23 @@ mod tests {
                 (OUTCOME_TO, to.as_bytes().to_vec()),
                 (OUTCOME_ID, id.into()),
             ];
-            assert_eq!(OutcomeRoute::from_headers(borrowed(&hs)), None, "{to} {id}");
+            assert_eq!(
+                OutcomeRoute::from_headers(&TopicNames::default(), borrowed(&hs)),
+                None,
+                "{to} {id}"
+            );
         }
-        assert_eq!(OutcomeRoute::from_headers(borrowed(&[])), None);
+        assert_eq!(
+            OutcomeRoute::from_headers(&TopicNames::default(), borrowed(&[])),
+            None
+        );
+        // Another deployment's outcome topic is not one of this deployment's.
+        let prod = TopicNames::new("prod.").unwrap();
+        let hs = [
+            (OUTCOME_TO, b"ferrule.command_outcome.b1".to_vec()),
+            (OUTCOME_ID, b"1".to_vec()),
+        ];
+        assert_eq!(OutcomeRoute::from_headers(&prod, borrowed(&hs)), None);
     }
 
     #[test]

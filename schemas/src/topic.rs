@@ -1,7 +1,7 @@
 //! Hono's Kafka topic names (`hono.<kind>.<suffix>`), built and parsed in one place so that a
 //! later "shared topic for small tenants" mode is a change here and nowhere else.
 
-use std::fmt;
+use std::sync::Arc;
 
 /// The prefix every Hono topic starts with.
 pub const PREFIX: &str = "hono.";
@@ -78,59 +78,86 @@ pub enum TopicError {
 }
 
 impl HonoTopic {
-    /// The topic of `kind` for a tenant (or instance) id.
+    /// The topic of `kind` for a tenant (or instance) id, checked as Hono names it.
     pub fn new(kind: TopicKind, suffix: impl Into<String>) -> Result<Self, TopicError> {
         let topic = HonoTopic {
             kind,
             suffix: suffix.into(),
         };
-        check(kind, &topic.suffix)?;
+        check(PREFIX, kind, &topic.suffix)?;
         Ok(topic)
     }
 
-    /// Just the name of the topic of `kind` for `suffix`, built in one allocation: the
-    /// ingest path needs it for every message.
-    pub fn name(kind: TopicKind, suffix: &str) -> Result<String, TopicError> {
-        check(kind, suffix)?;
+    /// The tenant this topic belongs to, for the per-tenant kinds.
+    pub fn tenant(&self) -> Option<&str> {
+        self.kind.is_per_tenant().then_some(self.suffix.as_str())
+    }
+}
+
+/// How one deployment names its topics: Hono's names (`hono.<kind>.<suffix>`) behind an
+/// optional prefix the operator chose (`kafka.topic_prefix`, empty by default), so several
+/// deployments can share a cluster and a cluster's naming rules can be met. Every topic name
+/// and subscription pattern of every component is built here, and nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicNames {
+    /// The operator's prefix followed by `hono.`.
+    hono: Arc<str>,
+    /// The operator's prefix alone.
+    operator: Arc<str>,
+}
+
+impl Default for TopicNames {
+    fn default() -> Self {
+        TopicNames {
+            hono: PREFIX.into(),
+            operator: "".into(),
+        }
+    }
+}
+
+impl TopicNames {
+    /// Names behind `prefix`, which must itself be made of Kafka's topic characters
+    /// (`[a-zA-Z0-9._-]`) and leave room for the names after it.
+    pub fn new(prefix: &str) -> Result<Self, TopicError> {
+        let hono = format!("{prefix}{PREFIX}");
+        // The shortest tenant id must still fit.
+        if !prefix.bytes().all(legal_byte) || max_tenant_id_len(&hono) == 0 {
+            return Err(TopicError::IllegalName(format!("{hono}<kind>.<suffix>")));
+        }
+        Ok(TopicNames {
+            hono: hono.into(),
+            operator: prefix.into(),
+        })
+    }
+
+    /// What every Hono topic name starts with: the operator's prefix and `hono.`.
+    pub fn hono_prefix(&self) -> &str {
+        &self.hono
+    }
+
+    /// The name of the topic of `kind` for `suffix` (a tenant or instance id), built in one
+    /// allocation: the ingest path needs it for every message.
+    pub fn name(&self, kind: TopicKind, suffix: &str) -> Result<String, TopicError> {
+        check(&self.hono, kind, suffix)?;
         let kind = kind.as_str();
-        let mut name = String::with_capacity(PREFIX.len() + kind.len() + 1 + suffix.len());
-        name.push_str(PREFIX);
+        let mut name = String::with_capacity(self.hono.len() + kind.len() + 1 + suffix.len());
+        name.push_str(&self.hono);
         name.push_str(kind);
         name.push('.');
         name.push_str(suffix);
         Ok(name)
     }
 
-    /// `hono.telemetry.<tenant>`.
-    pub fn telemetry(tenant: &str) -> Result<Self, TopicError> {
-        Self::new(TopicKind::Telemetry, tenant)
-    }
-
-    /// `hono.event.<tenant>`.
-    pub fn event(tenant: &str) -> Result<Self, TopicError> {
-        Self::new(TopicKind::Event, tenant)
-    }
-
-    /// `hono.command.<tenant>`.
-    pub fn command(tenant: &str) -> Result<Self, TopicError> {
-        Self::new(TopicKind::Command, tenant)
-    }
-
-    /// `hono.command_response.<tenant>`.
-    pub fn command_response(tenant: &str) -> Result<Self, TopicError> {
-        Self::new(TopicKind::CommandResponse, tenant)
-    }
-
-    /// `hono.command_internal.<adapter instance id>`.
-    pub fn command_internal(instance: &str) -> Result<Self, TopicError> {
-        Self::new(TopicKind::CommandInternal, instance)
+    /// The name of a parsed topic.
+    pub fn of(&self, topic: &HonoTopic) -> Result<String, TopicError> {
+        self.name(topic.kind, &topic.suffix)
     }
 
     /// Parses a topic name; the kind that matches is the longest one, so
     /// `hono.command_response.x` is never read as a command topic.
-    pub fn parse(name: &str) -> Result<Self, TopicError> {
+    pub fn parse(&self, name: &str) -> Result<HonoTopic, TopicError> {
         let rest = name
-            .strip_prefix(PREFIX)
+            .strip_prefix(&*self.hono)
             .ok_or_else(|| TopicError::NotHono(name.to_owned()))?;
         let (kind_str, suffix) = rest
             .split_once('.')
@@ -148,25 +175,52 @@ impl HonoTopic {
         })
     }
 
-    /// The tenant this topic belongs to, for the per-tenant kinds.
-    pub fn tenant(&self) -> Option<&str> {
-        self.kind.is_per_tenant().then_some(self.suffix.as_str())
+    /// The regex (librdkafka's `^` form) matching every tenant's command topic: what the
+    /// command router subscribes to.
+    pub fn command_pattern(&self) -> String {
+        format!(
+            "^{}{}\\..+",
+            regex_escape(&self.hono),
+            TopicKind::Command.as_str()
+        )
+    }
+
+    /// Whether `tenant` can name every per-tenant topic behind this prefix
+    /// (see [`check_tenant_topics`]).
+    pub fn check_tenant(&self, tenant: &str) -> Result<(), TenantIdError> {
+        check_tenant_topics(&self.hono, tenant)
+    }
+
+    /// The outcome topic of one AMQP bridge instance (see [`crate::outcome`]).
+    pub fn outcome(&self, instance: &str) -> String {
+        format!(
+            "{}{}{instance}",
+            self.operator,
+            crate::outcome::OUTCOME_TOPIC_PREFIX
+        )
+    }
+
+    /// The instance id of an outcome topic name of this deployment, if it is one.
+    pub fn outcome_instance<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic
+            .strip_prefix(&*self.operator)?
+            .strip_prefix(crate::outcome::OUTCOME_TOPIC_PREFIX)
+            .filter(|i| !i.is_empty())
     }
 }
 
-impl fmt::Display for HonoTopic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PREFIX}{}.{}", self.kind.as_str(), self.suffix)
-    }
+/// `.` is the only character of a legal topic name that a regex reads specially.
+fn regex_escape(s: &str) -> String {
+    s.replace('.', "\\.")
 }
 
-/// Whether `hono.<kind>.<suffix>` is a legal topic name, checked without building it.
-fn check(kind: TopicKind, suffix: &str) -> Result<(), TopicError> {
-    let full = || format!("{PREFIX}{}.{suffix}", kind.as_str());
+/// Whether `<prefix><kind>.<suffix>` is a legal topic name, checked without building it.
+fn check(prefix: &str, kind: TopicKind, suffix: &str) -> Result<(), TopicError> {
+    let full = || format!("{prefix}{}.{suffix}", kind.as_str());
     if suffix.is_empty() {
         return Err(TopicError::EmptySuffix(full()));
     }
-    let len = PREFIX.len() + kind.as_str().len() + 1 + suffix.len();
+    let len = prefix.len() + kind.as_str().len() + 1 + suffix.len();
     if len > MAX_NAME_LEN || !suffix.bytes().all(legal_byte) {
         return Err(TopicError::IllegalName(full()));
     }
@@ -331,71 +385,101 @@ pub fn tenant_collision_key(tenant: &str) -> String {
     tenant.replace('.', "_")
 }
 
-/// The regex the command router subscribes with, matching every tenant's command topic.
-pub const COMMAND_TOPIC_PATTERN: &str = r"^hono\.command\..+";
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn hono() -> TopicNames {
+        TopicNames::default()
+    }
+
     #[test]
     fn builds_per_tenant_names() {
+        let n = hono();
         assert_eq!(
-            HonoTopic::telemetry("DEFAULT_TENANT").unwrap().to_string(),
+            n.name(TopicKind::Telemetry, "DEFAULT_TENANT").unwrap(),
             "hono.telemetry.DEFAULT_TENANT"
         );
-        assert_eq!(HonoTopic::event("t1").unwrap().to_string(), "hono.event.t1");
+        assert_eq!(n.name(TopicKind::Event, "t1").unwrap(), "hono.event.t1");
         assert_eq!(
-            HonoTopic::command_response("t1").unwrap().to_string(),
+            n.name(TopicKind::CommandResponse, "t1").unwrap(),
             "hono.command_response.t1"
         );
         assert_eq!(
-            HonoTopic::command_internal("gw-1").unwrap().to_string(),
+            n.name(TopicKind::CommandInternal, "gw-1").unwrap(),
             "hono.command_internal.gw-1"
         );
+        assert_eq!(n.outcome("b1"), "ferrule.command_outcome.b1");
+    }
+
+    #[test]
+    fn a_prefix_goes_before_every_name_and_pattern() {
+        let n = TopicNames::new("prod.").unwrap();
+        assert_eq!(
+            n.name(TopicKind::Telemetry, "t1").unwrap(),
+            "prod.hono.telemetry.t1"
+        );
+        assert_eq!(
+            n.parse("prod.hono.command.t1").unwrap(),
+            HonoTopic::new(TopicKind::Command, "t1").unwrap()
+        );
+        assert!(matches!(
+            n.parse("hono.command.t1"),
+            Err(TopicError::NotHono(_))
+        ));
+        assert_eq!(n.command_pattern(), r"^prod\.hono\.command\..+");
+        assert_eq!(hono().command_pattern(), r"^hono\.command\..+");
+        assert_eq!(n.outcome("b1"), "prod.ferrule.command_outcome.b1");
+        assert_eq!(
+            n.outcome_instance("prod.ferrule.command_outcome.b1"),
+            Some("b1")
+        );
+        assert_eq!(n.outcome_instance("ferrule.command_outcome.b1"), None);
+        // 227 characters fit behind `hono.`, 222 behind `prod.hono.`.
+        assert!(n.check_tenant(&"t".repeat(222)).is_ok());
+        assert!(n.check_tenant(&"t".repeat(223)).is_err());
+        assert!(TopicNames::new("a/b").is_err());
+        assert!(TopicNames::new(&"p".repeat(230)).is_err());
     }
 
     #[test]
     fn parses_every_kind_and_round_trips() {
+        let n = hono();
         for kind in TopicKind::ALL {
             let t = HonoTopic::new(kind, "my.tenant-1").unwrap();
-            assert_eq!(HonoTopic::parse(&t.to_string()).unwrap(), t);
+            assert_eq!(n.parse(&n.of(&t).unwrap()).unwrap(), t);
         }
-        let t = HonoTopic::parse("hono.command_response.a.b").unwrap();
+        let t = n.parse("hono.command_response.a.b").unwrap();
         assert_eq!(t.kind, TopicKind::CommandResponse);
         assert_eq!(t.tenant(), Some("a.b"));
-        assert_eq!(
-            HonoTopic::parse("hono.command_internal.x")
-                .unwrap()
-                .tenant(),
-            None
-        );
+        assert_eq!(n.parse("hono.command_internal.x").unwrap().tenant(), None);
     }
 
     #[test]
     fn rejects_non_hono_and_empty_suffix() {
+        let n = hono();
         assert!(matches!(
-            HonoTopic::parse("telemetry.t"),
+            n.parse("telemetry.t"),
             Err(TopicError::NotHono(_))
         ));
         assert!(matches!(
-            HonoTopic::parse("hono.telemetry."),
+            n.parse("hono.telemetry."),
             Err(TopicError::EmptySuffix(_))
         ));
         assert!(matches!(
-            HonoTopic::parse("hono.telemetry"),
+            n.parse("hono.telemetry"),
             Err(TopicError::UnknownKind(_))
         ));
         assert!(matches!(
-            HonoTopic::parse("hono.metrics.t"),
+            n.parse("hono.metrics.t"),
             Err(TopicError::UnknownKind(_))
         ));
         assert!(matches!(
-            HonoTopic::telemetry(""),
+            n.name(TopicKind::Telemetry, ""),
             Err(TopicError::EmptySuffix(_))
         ));
         assert!(matches!(
-            HonoTopic::telemetry("a/b"),
+            n.name(TopicKind::Telemetry, "a/b"),
             Err(TopicError::IllegalName(_))
         ));
     }
@@ -415,13 +499,13 @@ mod tests {
         let longest = "t".repeat(227);
         assert_eq!(check_tenant_topics(PREFIX, &longest), Ok(()));
         for kind in TopicKind::ALL.into_iter().filter(|k| k.is_per_tenant()) {
-            let name = HonoTopic::name(kind, &longest).unwrap();
+            let name = hono().name(kind, &longest).unwrap();
             assert!(is_legal_kafka_name(&name), "{name}");
         }
         assert_eq!(
-            HonoTopic::command_response(&longest)
+            hono()
+                .name(TopicKind::CommandResponse, &longest)
                 .unwrap()
-                .to_string()
                 .len(),
             249
         );
@@ -441,8 +525,12 @@ mod tests {
         assert!(msg.contains("249"), "{msg}");
         assert!(msg.contains("at most 227"), "{msg}");
         // 230 characters: telemetry would still fit, the response topic would not.
-        assert!(HonoTopic::telemetry(&"t".repeat(230)).is_ok());
-        assert!(HonoTopic::command_response(&"t".repeat(230)).is_err());
+        assert!(hono().name(TopicKind::Telemetry, &"t".repeat(230)).is_ok());
+        assert!(
+            hono()
+                .name(TopicKind::CommandResponse, &"t".repeat(230))
+                .is_err()
+        );
         assert!(check_tenant_topics(PREFIX, &"t".repeat(230)).is_err());
     }
 

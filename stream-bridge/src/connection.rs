@@ -14,24 +14,27 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, SenderSettleMode};
 use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::types::performatives::Attach;
+use ferrule_kafka::{KafkaConfig, RecoveringProducer, TopicAdmin};
 use ferrule_registry::{AuthenticatedApplication, DeviceAuthenticator};
 use ferrule_schemas::outcome::Disposition;
+use ferrule_schemas::{TopicKind, TopicNames};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use std::sync::Arc;
 use tokio::sync::watch;
 
 #[derive(Clone)]
 pub(crate) struct Context {
     pub cfg: BridgeConfig,
-    pub bootstrap: String,
-    pub kafka: crate::KafkaSettings,
+    pub kafka: Arc<KafkaConfig>,
+    pub names: TopicNames,
+    pub topics: TopicAdmin,
     /// Writes the applications' commands to `hono.command.<tenant>`.
-    pub producer: FutureProducer,
+    pub producer: RecoveringProducer,
     pub registry: DeviceAuthenticator,
     /// Settles the applications' commands by what became of them.
     pub outcomes: crate::outcome::Outcomes,
@@ -105,18 +108,23 @@ async fn serve_session(
                 if *tenant == app.tenant_id && !presettled_events =>
             {
                 let telemetry = matches!(a, Address::Telemetry { .. });
-                let kind = if telemetry { "telemetry" } else { "event" };
-                let topic = format!("hono.{kind}.{tenant}");
+                let kind = if telemetry {
+                    TopicKind::Telemetry
+                } else {
+                    TopicKind::Event
+                };
+                // The registry allows only tenant ids that make legal topic names.
+                let topic = ctx.names.name(kind, tenant).unwrap_or_default();
                 // Applications usually attach before their devices send: with the topic made
                 // now, the link's consumer group forms around its partitions rather than
                 // re-forming when the first record creates the topic.
-                if let Err(e) = ensure_topic(&ctx.kafka, &topic).await {
+                if let Err(e) = ensure_topic(&ctx, tenant, &topic).await {
                     tracing::debug!(error = %e, topic, "topic not created at attach");
                 }
                 // Telemetry starts where the log ends now, before the application learns that
                 // it is attached and may expect what is sent from then on.
                 if telemetry {
-                    StartAtAttach::record(&ctx.bootstrap, &topic).await
+                    StartAtAttach::record(&ctx.kafka, &topic).await
                 } else {
                     StartAtAttach::default()
                 }
@@ -236,15 +244,12 @@ struct StartAtAttach {
 impl StartAtAttach {
     /// Reads the end of every partition of `topic`; a topic that does not exist yet is created
     /// later, so all its records come after the attach.
-    async fn record(bootstrap: &str, topic: &str) -> Self {
-        let (bootstrap, owned) = (bootstrap.to_owned(), topic.to_owned());
+    async fn record(kafka: &KafkaConfig, topic: &str) -> Self {
+        let owned = topic.to_owned();
+        let probe: Option<rdkafka::consumer::BaseConsumer> = kafka.consumer().create().ok();
         let ends = tokio::task::spawn_blocking(move || {
             let timeout = std::time::Duration::from_secs(5);
-            let probe: rdkafka::consumer::BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("log_level", "3")
-                .create()
-                .ok()?;
+            let probe = probe?;
             let topic = owned;
             let md = probe.fetch_metadata(Some(&topic), timeout).ok()?;
             let t = md.topics().first()?;
@@ -332,9 +337,15 @@ async fn stream_to(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let events = kind == "event";
-    let topic = format!("hono.{kind}.{tenant}");
-    let consumer: StreamConsumer<StartAtAttach> = match ClientConfig::new()
-        .set("bootstrap.servers", &ctx.bootstrap)
+    let topic_kind = if events {
+        TopicKind::Event
+    } else {
+        TopicKind::Telemetry
+    };
+    let topic = ctx.names.name(topic_kind, &tenant).unwrap_or_default();
+    let consumer: StreamConsumer<StartAtAttach> = match ctx
+        .kafka
+        .consumer()
         .set("group.id", format!("ferrule-bridge.{kind}.{tenant}"))
         .set(
             "auto.offset.reset",
@@ -353,8 +364,10 @@ async fn stream_to(
             "queued.max.messages.kbytes",
             ctx.cfg.prefetch_kbytes.to_string(),
         )
-        .set("fetch.wait.max.ms", ctx.kafka.fetch_wait_ms.to_string())
-        .set("log_level", "3")
+        .set(
+            "fetch.wait.max.ms",
+            ctx.kafka.consumer_fetch_wait_ms.to_string(),
+        )
         .create_with_context(start)
     {
         Ok(c) => c,
@@ -454,6 +467,13 @@ async fn commands_from(
     use fe2o3_amqp::types::primitives::Value;
     let mut settling: FuturesUnordered<BoxFuture<'static, (DeliveryInfo, Settlement)>> =
         FuturesUnordered::new();
+    // The command topic exists before the first command is written (or, with
+    // `kafka.create_topics = false`, is known to be missing: then each command is released).
+    if let Ok(topic) = ctx.names.name(TopicKind::Command, &tenant)
+        && let Err(e) = ensure_topic(&ctx, &tenant, &topic).await
+    {
+        tracing::warn!(error = %e, topic, "command topic not ready");
+    }
     loop {
         tokio::select! {
             d = receiver.recv::<Body<Value>>(), if settling.len() < UNSETTLED_COMMANDS => {
@@ -516,7 +536,10 @@ fn write_command(
             })
         },
     );
-    let topic = format!("hono.command.{tenant}");
+    let topic = ctx
+        .names
+        .name(TopicKind::Command, tenant)
+        .map_err(|e| (Disposition::Rejected, e.to_string()))?;
     let record = FutureRecord::to(&topic)
         .key(command.device_id.as_str())
         .headers(headers)
@@ -568,8 +591,11 @@ async fn responses_to(
     mut shutdown: watch::Receiver<bool>,
 ) {
     use ferrule_schemas::headers as h;
-    let topic = format!("hono.command_response.{tenant}");
-    let consumer = match response_consumer(&ctx, &topic).await {
+    let topic = ctx
+        .names
+        .name(TopicKind::CommandResponse, &tenant)
+        .unwrap_or_default();
+    let consumer = match response_consumer(&ctx, &tenant, &topic).await {
         Ok(c) => c,
         Err(e) => return refuse(sender, e).await,
     };
@@ -611,36 +637,32 @@ async fn responses_to(
     let _ = sender.close().await;
 }
 
-/// Creates a tenant topic the way the gateways do, unless it exists.
-async fn ensure_topic(kafka: &crate::KafkaSettings, topic: &str) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("log_level", "3")
-        .create()?;
-    let new = NewTopic::new(
-        topic,
-        kafka.topic_partitions,
-        TopicReplication::Fixed(kafka.topic_replication),
-    );
-    let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(5)));
-    for r in admin.create_topics([&new], &opts).await? {
-        if let Err((t, code)) = r
-            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-        {
-            anyhow::bail!("creating {t}: {code}");
-        }
+/// Creates a tenant topic the way the gateways do (with the tenant's partitions and
+/// replication), unless it exists; with `kafka.create_topics = false`, checks that it does.
+async fn ensure_topic(ctx: &Context, tenant: &str, topic: &str) -> anyhow::Result<()> {
+    if ctx.topics.is_known(topic) {
+        return Ok(());
     }
+    let t = ctx.registry.tenant(tenant).await?;
+    let spec = ctx
+        .topics
+        .tenant_spec(t.as_ref().as_ref().and_then(|t| t.ext.as_ref()));
+    ctx.topics.ensure(topic, spec).await?;
     Ok(())
 }
 
 /// A consumer assigned to the end of every partition of `topic`, which is created first when
 /// nothing was ever written to it.
-async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamConsumer> {
+async fn response_consumer(
+    ctx: &Context,
+    tenant: &str,
+    topic: &str,
+) -> anyhow::Result<StreamConsumer> {
     // A failure shows below as a topic without partitions.
-    let _ = ensure_topic(&ctx.kafka, topic).await;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &ctx.bootstrap)
+    let _ = ensure_topic(ctx, tenant, topic).await;
+    let consumer: StreamConsumer = ctx
+        .kafka
+        .consumer()
         .set(
             "group.id",
             format!("ferrule-bridge.responses.{}", uuid::Uuid::new_v4().simple()),
@@ -650,8 +672,10 @@ async fn response_consumer(ctx: &Context, topic: &str) -> anyhow::Result<StreamC
             "queued.max.messages.kbytes",
             ctx.cfg.prefetch_kbytes.to_string(),
         )
-        .set("fetch.wait.max.ms", ctx.kafka.fetch_wait_ms.to_string())
-        .set("log_level", "3")
+        .set(
+            "fetch.wait.max.ms",
+            ctx.kafka.consumer_fetch_wait_ms.to_string(),
+        )
         .create()?;
     let timeout = std::time::Duration::from_secs(5);
     let mut partitions = 0;

@@ -31,6 +31,11 @@ pub struct BridgeConfig {
     /// How long an application's command stays unsettled waiting for the router or gateway
     /// to report whether it reached the device; then it is released (ms).
     pub command_outcome_timeout_ms: u64,
+    /// This instance's id: names its command outcome topic
+    /// (`<kafka.topic_prefix>ferrule.command_outcome.<id>`). Set a stable, unique one per
+    /// instance when topics are created beforehand (`kafka.create_topics = false`); empty: a
+    /// random id at each start, and the topic is created and deleted with the instance.
+    pub instance_id: String,
 }
 
 impl Default for BridgeConfig {
@@ -40,19 +45,9 @@ impl Default for BridgeConfig {
             tls_bind: SocketAddr::from(([127, 0, 0, 1], 5671)),
             prefetch_kbytes: 1024,
             command_outcome_timeout_ms: 10_000,
+            instance_id: String::new(),
         }
     }
-}
-
-/// How the bridge reaches Kafka and creates the topics it reads before anything was written.
-#[derive(Debug, Clone)]
-pub struct KafkaSettings {
-    pub bootstrap: String,
-    pub topic_partitions: i32,
-    pub topic_replication: i32,
-    /// `fetch.wait.max.ms` of the bridge's consumers (`kafka.consumer_fetch_wait_ms`): on a
-    /// broker that does not wake waiting fetches, every delivery can wait this long.
-    pub fetch_wait_ms: u64,
 }
 
 /// The sockets the bridge serves.
@@ -66,29 +61,42 @@ pub struct Listeners {
 pub async fn serve(
     listeners: Listeners,
     cfg: BridgeConfig,
-    kafka: KafkaSettings,
+    kafka: ferrule_kafka::KafkaConfig,
     registry: DeviceAuthenticator,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "0")
-        .set("log_level", "3")
-        .create()?;
-    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let producer = ferrule_kafka::RecoveringProducer::new(
+        "bridge",
+        kafka
+            .producer()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0"),
+    )?;
+    let names = kafka.topic_names()?;
+    let topics = ferrule_kafka::TopicAdmin::new(&kafka)?;
+    let instance = match cfg.instance_id.as_str() {
+        "" => uuid::Uuid::new_v4().simple().to_string(),
+        id => id.to_owned(),
+    };
+    let outcome_topic = names.outcome(&instance);
+    anyhow::ensure!(
+        ferrule_schemas::topic::is_legal_kafka_name(&outcome_topic),
+        "bridge.instance_id `{instance}` makes `{outcome_topic}`, not a legal Kafka topic name"
+    );
     let outcomes = outcome::Outcomes::start(
         kafka.clone(),
-        &instance,
+        topics.clone(),
+        outcome_topic,
         std::time::Duration::from_millis(cfg.command_outcome_timeout_ms),
         shutdown.clone(),
     );
     let ctx = connection::Context {
         cfg,
         outcomes,
-        bootstrap: kafka.bootstrap.clone(),
-        kafka,
+        kafka: std::sync::Arc::new(kafka),
+        names,
+        topics,
         producer,
         registry,
     };

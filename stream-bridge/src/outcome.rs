@@ -3,9 +3,8 @@
 //! writes one record there, and the application's transfer is settled by it. A command whose
 //! outcome does not come in time is released: the application may try again.
 
-use crate::KafkaSettings;
+use ferrule_kafka::{KafkaConfig, TopicAdmin, TopicSpec};
 use ferrule_schemas::outcome::{Disposition, OutcomeRoute, parse_outcome};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use std::collections::HashMap;
@@ -25,6 +24,9 @@ pub(crate) struct Outcomes {
 
 struct Inner {
     topic: String,
+    /// Starts every id of this run, so outcomes left in a stable (`bridge.instance_id`)
+    /// topic by an earlier run never settle this run's commands.
+    run: String,
     timeout: Duration,
     next_id: AtomicU64,
     waiting: Mutex<HashMap<u64, oneshot::Sender<Reported>>>,
@@ -35,20 +37,22 @@ impl Outcomes {
     /// nothing is missed) until `shutdown`; then deletes it. Kafka may be down at start: the
     /// reader keeps trying, and commands meanwhile end as released.
     pub fn start(
-        kafka: KafkaSettings,
-        instance: &str,
+        kafka: KafkaConfig,
+        topics: TopicAdmin,
+        topic: String,
         timeout: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let outcomes = Outcomes {
             inner: Arc::new(Inner {
-                topic: OutcomeRoute::topic_for(instance),
+                topic,
+                run: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
                 timeout,
                 next_id: AtomicU64::new(1),
                 waiting: Mutex::new(HashMap::new()),
             }),
         };
-        tokio::spawn(outcomes.clone().read(kafka, shutdown));
+        tokio::spawn(outcomes.clone().read(kafka, topics, shutdown));
         outcomes
     }
 
@@ -63,7 +67,7 @@ impl Outcomes {
             rx,
             route: OutcomeRoute {
                 topic: self.inner.topic.clone(),
-                id: id.to_string(),
+                id: format!("{}.{id}", self.inner.run),
             },
         }
     }
@@ -72,10 +76,15 @@ impl Outcomes {
         self.inner.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn read(self, kafka: KafkaSettings, mut shutdown: watch::Receiver<bool>) {
+    async fn read(
+        self,
+        kafka: KafkaConfig,
+        topics: TopicAdmin,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let topic = self.inner.topic.clone();
         let consumer = loop {
-            match outcome_consumer(&kafka, &topic).await {
+            match outcome_consumer(&kafka, &topics, &topic).await {
                 Ok(c) => break c,
                 Err(e) => tracing::warn!(error = %e, topic, "outcome topic not ready; retrying"),
             }
@@ -93,7 +102,8 @@ impl Outcomes {
             let record = match record {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(error = %e, topic, "outcome consumer error");
+                    let class = ferrule_kafka::metrics::error("bridge", &e);
+                    tracing::debug!(error = %e, topic, class = class.as_str(), "outcome consumer error");
                     continue;
                 }
             };
@@ -104,13 +114,20 @@ impl Outcomes {
             let Some((id, status)) = parse_outcome(headers.iter().copied()) else {
                 continue;
             };
-            let waiting = id.parse().ok().and_then(|id| self.waiting().remove(&id));
+            let waiting = id
+                .strip_prefix(self.inner.run.as_str())
+                .and_then(|n| n.strip_prefix('.'))
+                .and_then(|n| n.parse().ok())
+                .and_then(|n| self.waiting().remove(&n));
             if let Some(tx) = waiting {
                 let reason = String::from_utf8_lossy(record.payload().unwrap_or_default());
                 let _ = tx.send((status, reason.into_owned()));
             }
         }
-        delete_topic(&kafka, &topic).await;
+        // A topic Ferrule created for this run goes with it; one created beforehand stays.
+        if topics.creates_topics() {
+            delete_topic(&kafka, &topic).await;
+        }
     }
 }
 
@@ -146,43 +163,49 @@ impl Drop for Expected {
     }
 }
 
-/// A consumer of the (new) outcome topic from its beginning, without a group.
-async fn outcome_consumer(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<StreamConsumer> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("log_level", "3")
-        .create()?;
-    // Outcomes matter for seconds; an instance that died leaves little behind.
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(kafka.topic_replication))
-        .set("retention.ms", "3600000");
-    let created = admin.create_topics([&new], &AdminOptions::new()).await?;
-    for r in created {
-        if let Err((t, code)) = r
-            && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-        {
-            anyhow::bail!("creating {t}: {code}");
-        }
-    }
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
+/// A consumer of the outcome topic from its current end, without a group. The topic is
+/// created first (one partition, an hour's retention: outcomes matter for seconds) unless
+/// `kafka.create_topics` is false; then it must exist.
+async fn outcome_consumer(
+    kafka: &KafkaConfig,
+    topics: &TopicAdmin,
+    topic: &str,
+) -> anyhow::Result<StreamConsumer> {
+    let spec = TopicSpec {
+        partitions: 1,
+        ..topics.default_spec()
+    };
+    topics
+        .ensure_with(topic, spec, &[("retention.ms", "3600000")])
+        .await?;
+    let consumer: StreamConsumer = kafka
+        .consumer()
         .set("group.id", topic)
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", kafka.fetch_wait_ms.to_string())
-        .set("log_level", "3")
+        .set(
+            "fetch.wait.max.ms",
+            kafka.consumer_fetch_wait_ms.to_string(),
+        )
         .create()?;
+    // From the end as it is now, before any command of this run names the topic.
+    let end = {
+        let timeout = Duration::from_millis(kafka.metadata_timeout_ms);
+        let probe: rdkafka::consumer::BaseConsumer = kafka.consumer().create()?;
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || probe.fetch_watermarks(&topic, 0, timeout))
+            .await??
+            .1
+    };
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)?;
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(end))?;
     consumer.assign(&tpl)?;
     Ok(consumer)
 }
 
-async fn delete_topic(kafka: &KafkaSettings, topic: &str) {
+async fn delete_topic(kafka: &KafkaConfig, topic: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions};
-    let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("log_level", "3")
-        .create();
+    let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
+        kafka.admin().create();
     if let Ok(admin) = admin {
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(2)));
         let _ = admin.delete_topics(&[topic], &opts).await;

@@ -8,7 +8,8 @@ notification.
 Prints JSON lines: `ready` (subscribed), `skipped` (records that do not announce the device),
 `notification`, `command` (written), `response`; or `error`, and exits 1.
 
-usage: kafka_application.py BOOTSTRAP TENANT DEVICE TIMEOUT_SECONDS
+usage: kafka_application.py BOOTSTRAP TENANT DEVICE TIMEOUT_SECONDS [TOPIC_PREFIX]
+(TOPIC_PREFIX: what the deployment puts before Hono's topic names, its `kafka.topic_prefix`)
 """
 import json
 import random
@@ -85,11 +86,12 @@ def next_record(c, deadline, why_not):
 
 def main():
     bootstrap, tenant, device, timeout = sys.argv[1:5]
+    prefix = sys.argv[5] if len(sys.argv) > 5 else ""
     deadline = time.monotonic() + float(timeout)
-    events = consumer(bootstrap, "hono.event.%s" % tenant)
-    responses = consumer(bootstrap, "hono.command_response.%s" % tenant)
+    events = consumer(bootstrap, "%shono.event.%s" % (prefix, tenant))
+    responses = consumer(bootstrap, "%shono.command_response.%s" % (prefix, tenant))
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
-    out(ready={"events": "hono.event.%s" % tenant})
+    out(ready={"events": "%shono.event.%s" % (prefix, tenant)})
 
     # A device is reachable for commands from the creation time of its notification on: until
     # further notice with ttd -1, for ttd seconds with ttd > 0.
@@ -121,7 +123,7 @@ def main():
     payload = json.dumps({"brightness": random.randint(0, 100)})
     delivered = []
     producer.produce(
-        "hono.command.%s" % tenant,
+        "%shono.command.%s" % (prefix, tenant),
         key=device,
         value=payload.encode(),
         headers=[

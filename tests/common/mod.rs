@@ -45,19 +45,24 @@ impl Ferrule {
     /// (a new router group reads every command topic from the beginning), and the bridge
     /// waits up to 30 s for a command's fate, room for a loaded machine.
     pub fn start_for_commands(tenant: &str) -> Ferrule {
-        let mut f = Self::start_with(
-            &kafka(),
-            &[
-                (
-                    "FERRULE_ROUTER__TOPIC_PATTERN",
-                    format!("hono.command.{tenant}"),
-                ),
-                (
-                    "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
-                    "30000".to_owned(),
-                ),
-            ],
-        );
+        Self::start_for_commands_with(tenant, "", &[])
+    }
+
+    /// [`Self::start_for_commands`] with topic names behind `prefix` (`kafka.topic_prefix`)
+    /// and extra `FERRULE_…` variables.
+    pub fn start_for_commands_with(tenant: &str, prefix: &str, env: &[(&str, String)]) -> Ferrule {
+        let mut all = vec![
+            (
+                "FERRULE_ROUTER__TOPIC_PATTERN",
+                format!("{prefix}hono.command.{tenant}"),
+            ),
+            (
+                "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS",
+                "30000".to_owned(),
+            ),
+        ];
+        all.extend(env.iter().cloned());
+        let mut f = Self::start_with(&kafka(), &all);
         f.wait_readiness(200);
         f
     }

@@ -328,16 +328,11 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
         ferrule_command_router::RoutingState::new(store.pool().clone(), Duration::from_secs(30));
     let group = group.to_owned();
     tokio::spawn(async move {
-        ferrule_command_router::forward::run(
-            &kafka().bootstrap_servers,
-            &group,
-            &topic,
-            20,
-            auth,
-            routing,
-            rx,
-        )
-        .await
+        let kafka = KafkaConfig {
+            consumer_fetch_wait_ms: 20,
+            ..kafka()
+        };
+        ferrule_command_router::forward::run(&kafka, &group, &topic, auth, routing, rx).await
     });
     tx
 }

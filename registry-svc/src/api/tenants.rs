@@ -3,7 +3,7 @@
 use super::{
     Api, ApiResult, SearchParams, created, etag, if_match, json_body, no_content, repeated,
 };
-use crate::model::{check_new_tenant_id, check_tenant_id, tenant::Tenant};
+use crate::model::{check_tenant_id, tenant::Tenant};
 use crate::search::SearchQuery;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -38,7 +38,7 @@ async fn create_with_id(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    check_new_tenant_id(&id)?;
+    api.store.check_new_tenant_id(&id)?;
     let tenant = Tenant::parse(&json_body(&headers, body)?)?;
     let (id, version) = api.store.create_tenant(Some(id), tenant).await?;
     Ok(created(format!("/v1/tenants/{id}"), &version, &id))

@@ -44,10 +44,9 @@ pub fn check_tenant_id(id: &str) -> Result<(), Invalid> {
 /// `hono.command_response.<id>` must stay within Kafka's 249; no id whose command topic Kafka
 /// would take for another kind's). Existing tenants are only held to [`check_tenant_id`], so
 /// ones created before this rule can still be read, updated and deleted.
-pub fn check_new_tenant_id(id: &str) -> Result<(), Invalid> {
-    // The one place the registry names the topic prefix: a configurable one
-    // (`kafka.topic_prefix`) is passed here instead of the constant.
-    ferrule_schemas::topic::check_tenant_topics(ferrule_schemas::topic::PREFIX, id)
+pub fn check_new_tenant_id(names: &ferrule_schemas::TopicNames, id: &str) -> Result<(), Invalid> {
+    names
+        .check_tenant(id)
         .map_err(|e| Invalid::new(e.to_string()))?;
     check_tenant_id(id)
 }
@@ -119,14 +118,14 @@ mod tests {
         assert!(check_tenant_id("a:b").is_err());
         assert!(check_tenant_id("").is_err());
         assert!(check_tenant_id("a/b").is_err());
-        assert!(check_new_tenant_id(&"t".repeat(227)).is_ok());
-        assert!(check_new_tenant_id(&"t".repeat(228)).is_err());
+        assert!(check_new_tenant_id(&Default::default(), &"t".repeat(227)).is_ok());
+        assert!(check_new_tenant_id(&Default::default(), &"t".repeat(228)).is_err());
         assert!(
             check_tenant_id(&"t".repeat(228)).is_ok(),
             "existing ids stay usable"
         );
-        assert!(check_new_tenant_id("response.t").is_err());
-        assert!(check_new_tenant_id("a:b").is_err());
+        assert!(check_new_tenant_id(&Default::default(), "response.t").is_err());
+        assert!(check_new_tenant_id(&Default::default(), "a:b").is_err());
         assert!(check_device_id("4711:x=y").is_ok());
         assert!(check_device_id("dev 1").is_err());
         assert!(check_auth_id("sensor1=").is_ok());

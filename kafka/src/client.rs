@@ -1,0 +1,162 @@
+//! Client construction: the only place an rdkafka `ClientConfig` is started. Settings are
+//! applied in three layers — connection and security, the component's own defaults, then the
+//! operator's `kafka.properties` and the per-kind properties, which win.
+
+use crate::config::KafkaConfig;
+use rdkafka::ClientConfig;
+use rdkafka::config::{FromClientConfig, FromClientConfigAndContext};
+use rdkafka::error::KafkaResult;
+
+/// Which kind of client is built; selects the per-kind properties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    Producer,
+    Consumer,
+    Admin,
+}
+
+/// A client configuration in the making: [`ClientBuilder::set`] the component's settings,
+/// then [`ClientBuilder::create`].
+#[must_use]
+pub struct ClientBuilder<'a> {
+    cfg: &'a KafkaConfig,
+    kind: ClientKind,
+    config: ClientConfig,
+}
+
+impl KafkaConfig {
+    /// A producer (`FutureProducer`, `BaseProducer`, or a [`crate::RecoveringProducer`]).
+    pub fn producer(&self) -> ClientBuilder<'_> {
+        // A producer asks the broker to create a topic it writes to, where the broker allows
+        // that; with `create_topics = false` it must not.
+        self.builder(ClientKind::Producer)
+            .set("allow.auto.create.topics", self.create_topics.to_string())
+    }
+
+    /// A consumer (`StreamConsumer`, `BaseConsumer`; also the metadata probe).
+    pub fn consumer(&self) -> ClientBuilder<'_> {
+        self.builder(ClientKind::Consumer)
+            .set("allow.auto.create.topics", "false")
+    }
+
+    /// An admin client.
+    pub fn admin(&self) -> ClientBuilder<'_> {
+        self.builder(ClientKind::Admin)
+    }
+
+    fn builder(&self, kind: ClientKind) -> ClientBuilder<'_> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("security.protocol", self.security_protocol.as_str())
+            // Errors only: librdkafka's errors reach the log through `tracing`.
+            .set("log_level", "3");
+        if self.security_protocol.uses_tls() {
+            for (key, value) in [
+                ("ssl.ca.location", &self.ssl_ca_location),
+                ("ssl.certificate.location", &self.ssl_certificate_location),
+                ("ssl.key.location", &self.ssl_key_location),
+                ("ssl.key.password", &self.ssl_key_password.0),
+            ] {
+                if !value.is_empty() {
+                    config.set(key, value);
+                }
+            }
+        }
+        if self.security_protocol.uses_sasl() {
+            config
+                .set("sasl.mechanism", self.sasl_mechanism.as_str())
+                .set("sasl.username", &self.sasl_username)
+                .set("sasl.password", &self.sasl_password.0);
+        }
+        ClientBuilder {
+            cfg: self,
+            kind,
+            config,
+        }
+    }
+}
+
+impl ClientBuilder<'_> {
+    /// A setting of the component; the operator's properties still override it.
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.config.set(key, value);
+        self
+    }
+
+    /// The finished configuration, with the operator's properties applied last.
+    pub fn into_config(self) -> ClientConfig {
+        let kind = match self.kind {
+            ClientKind::Producer => &self.cfg.producer,
+            ClientKind::Consumer => &self.cfg.consumer,
+            ClientKind::Admin => &self.cfg.admin,
+        };
+        let mut config = self.config;
+        for (key, value) in self.cfg.properties.iter().chain(&kind.properties) {
+            config.set(key, value.to_string());
+        }
+        config
+    }
+
+    pub fn create<T: FromClientConfig>(self) -> KafkaResult<T> {
+        self.into_config().create()
+    }
+
+    pub fn create_with_context<C, T>(self, context: C) -> KafkaResult<T>
+    where
+        C: rdkafka::ClientContext,
+        T: FromClientConfigAndContext<C>,
+    {
+        self.into_config().create_with_context(context)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PropertyValue, SaslMechanism, Secret, SecurityProtocol};
+
+    #[test]
+    fn operator_properties_override_defaults_and_kinds_override_common() {
+        let mut cfg = KafkaConfig {
+            bootstrap_servers: "b:9093".into(),
+            security_protocol: SecurityProtocol::SaslSsl,
+            ssl_ca_location: "ca.pem".into(),
+            sasl_mechanism: SaslMechanism::ScramSha256,
+            sasl_username: "alice".into(),
+            sasl_password: Secret("pw".into()),
+            ..KafkaConfig::default()
+        };
+        cfg.properties
+            .insert("linger.ms".into(), PropertyValue::Integer(50));
+        cfg.properties
+            .insert("client.id".into(), PropertyValue::Text("common".into()));
+        cfg.producer
+            .properties
+            .insert("client.id".into(), PropertyValue::Text("producer".into()));
+        cfg.consumer
+            .properties
+            .insert("enable.auto.commit".into(), PropertyValue::Bool(false));
+
+        let p = cfg.producer().set("linger.ms", "5").into_config();
+        assert_eq!(p.get("bootstrap.servers"), Some("b:9093"));
+        assert_eq!(p.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(p.get("ssl.ca.location"), Some("ca.pem"));
+        assert_eq!(p.get("ssl.certificate.location"), None);
+        assert_eq!(p.get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+        assert_eq!(p.get("sasl.username"), Some("alice"));
+        assert_eq!(p.get("sasl.password"), Some("pw"));
+        assert_eq!(p.get("linger.ms"), Some("50"));
+        assert_eq!(p.get("client.id"), Some("producer"));
+        assert_eq!(p.get("enable.auto.commit"), None);
+
+        let c = cfg.consumer().into_config();
+        assert_eq!(c.get("client.id"), Some("common"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+
+        let plain = KafkaConfig::default().admin().into_config();
+        assert_eq!(plain.get("security.protocol"), Some("plaintext"));
+        assert_eq!(plain.get("sasl.username"), None);
+        assert_eq!(plain.get("ssl.ca.location"), None);
+    }
+}
