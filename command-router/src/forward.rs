@@ -4,9 +4,9 @@
 //! delivery-failure response. An offset is stored only after the command was forwarded or
 //! answered, so a router restart or rebalance redelivers instead of losing commands.
 
-use crate::routing::{CommandTarget, RoutingState};
 use ferrule_kafka::{KafkaConfig, RecoveringProducer};
 use ferrule_registry::DeviceAuthenticator;
+use ferrule_registry::device_connection::{CommandTarget, RoutingState};
 use ferrule_schemas::command::{
     Command, InvalidCommand, delivery_failure_body, parse_command, response_headers,
 };

@@ -6,9 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod forward;
-pub mod routing;
 
-pub use routing::{CommandTarget, RoutingError, RoutingState};
+pub use ferrule_registry::device_connection::{CommandTarget, RoutingError, RoutingState};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 
 use crate::kafka::{DownstreamSender, OutboundRecord};
 use crate::pipeline::{AdapterType, IngestPipeline, Origin, UploadError};
-use ferrule_command_router::RoutingState;
+use ferrule_registry::device_connection::RoutingState;
 use ferrule_schemas::TopicKind;
 use ferrule_schemas::command::{
     RequestId, delivery_failure_body, is_valid_response_status, response_headers,
@@ -172,9 +172,11 @@ impl LastGateways {
             known: Mutex::new(HashMap::new()),
         }
     }
+}
 
-    /// `gateway` just acted for `device`.
-    pub fn note(&self, tenant: &str, device: &str, gateway: &str) {
+impl crate::pipeline::GatewayActivity for LastGateways {
+    /// Recorded as the device's last known gateway, unless it already is.
+    fn acted_for(&self, tenant: &str, device: &str, gateway: &str) {
         {
             let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
             let key = (tenant.to_owned(), device.to_owned());

@@ -81,12 +81,12 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     metrics::init();
     let sender = Arc::new(DownstreamSender::new(kafka).context("creating the Kafka producer")?);
-    let routing = ferrule_command_router::RoutingState::new(
+    let routing = ferrule_registry::device_connection::RoutingState::new(
         registry.pool().clone(),
         Duration::from_secs(cfg.instance_timeout_secs),
     );
     let mut pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size)
-        .with_last_gateways(commands::LastGateways::new(routing.clone()));
+        .with_gateway_activity(Arc::new(commands::LastGateways::new(routing.clone())));
     for (allowed, adapter) in [
         (cfg.http.allow_unauthenticated, pipeline::AdapterType::Http),
         (cfg.mqtt.allow_unauthenticated, pipeline::AdapterType::Mqtt),

@@ -208,14 +208,22 @@ impl Authorised {
     }
 }
 
+/// What the pipeline reports about gateways, for whoever routes commands (the command side of
+/// the gateway implements it): the pipeline knows nothing else of commands.
+pub trait GatewayActivity: Send + Sync {
+    /// `gateway` was authorised to act for `device` of `tenant` (an upload or a command
+    /// subscription for it).
+    fn acted_for(&self, tenant: &str, device: &str, gateway: &str);
+}
+
 /// The shared pipeline; cheap to clone into every connection.
 #[derive(Clone)]
 pub struct IngestPipeline {
     registry: DeviceAuthenticator,
     sender: Arc<DownstreamSender>,
     max_payload_size: usize,
-    /// Where gateways acting for devices are recorded for command routing, if commands run.
-    last_gateways: Option<Arc<crate::commands::LastGateways>>,
+    /// Told of each gateway acting for a device, if commands run.
+    gateway_activity: Option<Arc<dyn GatewayActivity>>,
     /// Adapters whose configuration refuses unauthenticated devices whatever a tenant allows.
     anonymous_forbidden: Vec<AdapterType>,
 }
@@ -237,7 +245,7 @@ impl IngestPipeline {
             registry,
             sender,
             max_payload_size,
-            last_gateways: None,
+            gateway_activity: None,
             anonymous_forbidden: Vec::new(),
         }
     }
@@ -256,9 +264,10 @@ impl IngestPipeline {
         !self.anonymous_forbidden.contains(&adapter)
     }
 
-    /// Records each gateway acting for a device, so commands find the device's gateway.
-    pub fn with_last_gateways(mut self, last: crate::commands::LastGateways) -> Self {
-        self.last_gateways = Some(Arc::new(last));
+    /// Reports each gateway acting for a device to `activity`, so that commands find the
+    /// device's gateway.
+    pub fn with_gateway_activity(mut self, activity: Arc<dyn GatewayActivity>) -> Self {
+        self.gateway_activity = Some(activity);
         self
     }
 
@@ -453,8 +462,8 @@ impl IngestPipeline {
                     who.device
                 )));
             }
-            if let Some(last) = &self.last_gateways {
-                last.note(&who.tenant, &who.device, gw);
+            if let Some(activity) = &self.gateway_activity {
+                activity.acted_for(&who.tenant, &who.device, gw);
             }
         }
         Ok(Authorised {

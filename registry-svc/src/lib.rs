@@ -5,6 +5,7 @@
 mod api;
 pub mod auth;
 pub mod db;
+pub mod device_connection;
 pub mod error;
 pub mod metrics;
 pub mod model;

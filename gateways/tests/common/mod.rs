@@ -324,8 +324,10 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
         ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &Default::default());
     let (tx, rx) = tokio::sync::watch::channel(false);
     auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
-    let routing =
-        ferrule_command_router::RoutingState::new(store.pool().clone(), Duration::from_secs(30));
+    let routing = ferrule_registry::device_connection::RoutingState::new(
+        store.pool().clone(),
+        Duration::from_secs(30),
+    );
     let group = group.to_owned();
     tokio::spawn(async move {
         let kafka = KafkaConfig {

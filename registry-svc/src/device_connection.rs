@@ -1,4 +1,8 @@
-//! The routing state in PostgreSQL and Hono's target-selection rule: the device's own
+//! Device connection state — which gateway instance holds a device's command subscription,
+//! which gateway last acted for it, which instances are alive — in PostgreSQL, and Hono's
+//! target-selection rule over it. Hono keeps the same facts behind its Device Connection
+//! API; here both the gateways (which write them) and the command router (which reads them)
+//! use this module, so neither depends on the other. The rule: the device's own
 //! subscription first, else its last known gateway if that gateway is in `via` and subscribed,
 //! else any subscribed gateway in `via`. Expired subscriptions and instances that stopped
 //! sending heartbeats never count, so commands to them fail fast instead of waiting.
