@@ -26,6 +26,11 @@ if [ "$(id -u)" = 0 ]; then
 else
     PG_DATA="${FERRULE_PG_DATA:-$FERRULE_HOME/pgdata}"
 fi
+# The private clusters serve TLS (ssl=on) with a certificate for 127.0.0.1 and localhost in their
+# data directory, signed by a test CA made once here; clients that check the certificate
+# (database.tls = "verify-full", the tests) trust PG_CA.
+PG_TLS="$FERRULE_HOME/pg-tls"
+PG_CA="$PG_TLS/ca.crt"
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -101,9 +106,100 @@ pg_run() { # run a PostgreSQL server binary as the owner of the data directory
 
 pg_usable() { psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atqc 'SELECT 1' postgres >/dev/null 2>&1; }
 
+pg_sql() { psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atq -d postgres -c "$1"; }
+
+run_openssl() { # args: openssl, with its chatter shown only when it fails
+    local log
+    log="$(mktemp)"
+    if openssl "$@" 2>"$log"; then
+        rm -f "$log"
+    else
+        cat "$log" >&2
+        rm -f "$log"
+        die "openssl $1 failed"
+    fi
+}
+
+ensure_pg_ca() {
+    [ -s "$PG_CA" ] && [ -s "$PG_TLS/ca.key" ] && return 0
+    say "creating the test CA of the PostgreSQL clusters' certificates in $PG_TLS"
+    mkdir -p "$PG_TLS"
+    (umask 077 && run_openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$PG_TLS/ca.key" -out "$PG_CA" -days 3650 -subj "/CN=Ferrule test PostgreSQL CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign")
+    chmod 644 "$PG_CA"
+}
+
+# Gives the cluster in $1 a server certificate from the test CA (server.crt and server.key, the
+# names ssl=on looks for in the data directory) unless it has one that the CA signed and that
+# is valid for another 30 days. Sets PG_CERT_RENEWED when it wrote new files.
+PG_CERT_RENEWED=""
+ensure_pg_server_cert() { # data directory
+    local dir="$1"
+    ensure_pg_ca
+    if [ -s "$dir/server.key" ] && [ -s "$dir/server.crt" ] &&
+        openssl verify -CAfile "$PG_CA" "$dir/server.crt" >/dev/null 2>&1 &&
+        openssl x509 -checkend $((30 * 86400)) -noout -in "$dir/server.crt" >/dev/null; then
+        return 0
+    fi
+    say "issuing a TLS certificate for 127.0.0.1 and localhost to the cluster in $dir"
+    local ext
+    ext="$(mktemp)"
+    printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' 'basicConstraints=critical,CA:FALSE' \
+        'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' >"$ext"
+    # Written aside and moved in, so a running server never reads half a file.
+    (umask 077 &&
+        run_openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -keyout "$dir/server.key.new" -out "$dir/server.csr.new" -subj "/CN=localhost" &&
+        run_openssl x509 -req -in "$dir/server.csr.new" -CA "$PG_CA" -CAkey "$PG_TLS/ca.key" \
+            -set_serial "0x$(openssl rand -hex 16)" -days 825 -extfile "$ext" -out "$dir/server.crt.new")
+    rm -f "$ext" "$dir/server.csr.new"
+    chmod 600 "$dir/server.key.new"
+    chmod 644 "$dir/server.crt.new"
+    # The server refuses a key that is not its own (or root's) with mode 0600.
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir/server.key.new" "$dir/server.crt.new"
+    mv "$dir/server.crt.new" "$dir/server.crt"
+    mv "$dir/server.key.new" "$dir/server.key"
+    PG_CERT_RENEWED=1
+}
+
+# A cluster of ours that an earlier version of these scripts started without TLS (or whose
+# certificate was just renewed) gets it by a configuration reload: no restart, so the clients
+# connected meanwhile keep their sessions. ALTER SYSTEM keeps ssl=on for later starts too.
+# Another PostgreSQL on the port is left as it is.
+ensure_pg_ssl() {
+    local dir
+    dir="$(pg_sql 'SHOW data_directory')"
+    if [ "$(realpath -m "$dir")" != "$(realpath -m "$PG_DATA")" ]; then
+        [ "$(pg_sql 'SHOW ssl')" = on ] ||
+            say "warning: the PostgreSQL on port $FERRULE_PG_PORT ($dir) is not the one in $PG_DATA and has ssl off: connections with database.tls = require or verify-full fail"
+        return 0
+    fi
+    PG_CERT_RENEWED=""
+    ensure_pg_server_cert "$PG_DATA"
+    if [ "$(pg_sql 'SHOW ssl')" = on ]; then
+        [ -z "$PG_CERT_RENEWED" ] && return 0
+        say "reloading PostgreSQL on port $FERRULE_PG_PORT for its new certificate"
+    else
+        say "turning TLS on in the running PostgreSQL on port $FERRULE_PG_PORT (reload, no restart)"
+        pg_sql 'ALTER SYSTEM SET ssl = on' >/dev/null
+    fi
+    pg_sql 'SELECT pg_reload_conf()' >/dev/null
+    local i
+    for ((i = 0; i < 50; i++)); do
+        [ "$(pg_sql 'SHOW ssl')" = on ] && return 0
+        sleep 0.1
+    done
+    tail -n 20 "$PG_DATA/server.log" >&2
+    die "PostgreSQL on port $FERRULE_PG_PORT did not turn ssl on"
+}
+
 ensure_postgres() {
     if port_open "$FERRULE_PG_PORT"; then
-        pg_usable && return 0
+        if pg_usable; then
+            ensure_pg_ssl
+            return 0
+        fi
         # Debian's own cluster may have started on install; it wants passwords on TCP.
         if command -v pg_lsclusters >/dev/null && pg_lsclusters -h | awk '{print $3, $4}' | grep -q "^$FERRULE_PG_PORT online"; then
             say "stopping Debian's PostgreSQL cluster on port $FERRULE_PG_PORT (ferrule runs its own)"
@@ -119,9 +215,12 @@ ensure_postgres() {
         chmod 700 "$PG_DATA"
         pg_run "$PG_BIN/initdb" -D "$PG_DATA" -U postgres --auth=trust -E UTF8 >/dev/null
     fi
-    say "starting PostgreSQL on 127.0.0.1:$FERRULE_PG_PORT"
+    # A cluster made before these scripts turned TLS on gets its certificate here as well;
+    # ssl=on is passed at every start.
+    ensure_pg_server_cert "$PG_DATA"
+    say "starting PostgreSQL on 127.0.0.1:$FERRULE_PG_PORT (TLS with the test CA $PG_CA)"
     pg_run "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 \
-        -o "-p $FERRULE_PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DATA -c max_connections=300" \
+        -o "-p $FERRULE_PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_DATA -c max_connections=300 -c ssl=on" \
         start >/dev/null || { tail -n 20 "$PG_DATA/server.log" >&2; die "PostgreSQL did not start"; }
 }
 
@@ -218,6 +317,10 @@ ferrule_service_env() {
     local file="${FERRULE_CONFIG:-}"
     if [ -z "${FERRULE_DATABASE__URL:-}" ] && { [ -z "$file" ] || [ "$FERRULE_PG_PORT" != 5432 ]; }; then
         export FERRULE_DATABASE__URL="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/ferrule"
+        # That cluster's certificate is checked against the test CA, unless TLS is set otherwise.
+        if [ -z "${FERRULE_DATABASE__TLS:-}${FERRULE_DATABASE__CA_FILE:-}" ]; then
+            export FERRULE_DATABASE__TLS=verify-full FERRULE_DATABASE__CA_FILE="$PG_CA"
+        fi
     fi
     if [ -z "${FERRULE_KAFKA__BOOTSTRAP_SERVERS:-}" ] && { [ -z "$file" ] || [ "$FERRULE_KAFKA_PORT" != 9092 ]; }; then
         export FERRULE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:$FERRULE_KAFKA_PORT"

@@ -127,11 +127,15 @@ mod tests {
             )?;
             jail.set_env("FERRULE_REGISTRY__MAX_PAYLOAD_SIZE", "42");
             jail.set_env("FERRULE_DATABASE__URL", "postgres://y@h/db");
+            jail.set_env("FERRULE_DATABASE__TLS", "verify-full");
+            jail.set_env("FERRULE_DATABASE__CA_FILE", "/etc/ferrule/pg-ca.pem");
             jail.set_env("FERRULE_HOME", "ignored: not a config key");
             let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.registry.bind.port(), 1);
             assert_eq!(c.registry.max_payload_size, 42);
             assert_eq!(c.database.url, "postgres://y@h/db");
+            assert_eq!(c.database.tls, ferrule_registry::DatabaseTls::VerifyFull);
+            assert_eq!(c.database.ca_file, Path::new("/etc/ferrule/pg-ca.pem"));
             assert_eq!(c.health.bind.port(), 8088);
             Ok(())
         });
@@ -155,6 +159,11 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("kafka.bootstrap_servers"), "{r}");
+        assert!(
+            r.contains("database.tls = \"prefer\"   [FERRULE_DATABASE__TLS]"),
+            "{r}"
+        );
+        assert!(r.contains("database.ca_file = \"\""), "{r}");
         assert!(Config::defaults_toml().contains("[registry.management]"));
     }
 }

@@ -214,7 +214,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &cfg.registry.auth_cache)
     });
     if let Some(registry) = &registry {
-        let db: tokio_postgres::Config = cfg.database.url.parse()?;
+        let db = ferrule_registry::db::Connector::new(&cfg.database)?;
         let listen = registry.spawn_listener(db, shutdown.clone());
         tasks.spawn(async move {
             let _ = listen.await;

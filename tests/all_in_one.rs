@@ -76,6 +76,7 @@ fn registry_answers_curl_as_in_hono_getting_started() {
         let db = ferrule_registry::DatabaseConfig {
             url: database_url(),
             pool_size: 1,
+            ..Default::default()
         };
         let store = ferrule_registry::open_store(&db, &Default::default())
             .await

@@ -10,6 +10,7 @@ async fn setup() -> (RoutingState, ferrule_registry::Store, String) {
         url: std::env::var("FERRULE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
         pool_size: 2,
+        ..Default::default()
     };
     let store = ferrule_registry::open_store(&db, &RegistryConfig::default())
         .await

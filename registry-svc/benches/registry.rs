@@ -5,6 +5,7 @@
 //! Run: `scripts/bench` (or `cargo bench -p ferrule-registry --bench registry`).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ferrule_registry::db::Connector;
 use ferrule_registry::{DatabaseConfig, DeviceAuthenticator, RegistryConfig, Store};
 use futures_util::future::join_all;
 use serde_json::json;
@@ -19,6 +20,7 @@ fn database() -> DatabaseConfig {
         url: std::env::var("FERRULE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
         pool_size: 16,
+        ..Default::default()
     }
 }
 
@@ -97,7 +99,7 @@ fn password_verification(c: &mut Criterion) {
     let cached = DeviceAuthenticator::new(f.store.pool().clone(), &Default::default());
     let (_stop, rx) = watch::channel(false);
     f.rt.block_on(async {
-        cached.spawn_listener(database().url.parse().unwrap(), rx);
+        cached.spawn_listener(Connector::new(&database()).unwrap(), rx);
         let start = Instant::now();
         while !cached.cache_active() && start.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(10)).await;

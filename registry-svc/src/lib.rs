@@ -16,7 +16,7 @@ pub use api::ManagementAuth;
 pub use auth::{
     AuthCacheConfig, AuthError, AuthenticatedApplication, AuthenticatedDevice, DeviceAuthenticator,
 };
-pub use db::DatabaseConfig;
+pub use db::{DatabaseConfig, DatabaseTls};
 pub use store::Store;
 
 use anyhow::Context;

@@ -6,6 +6,7 @@ mod common;
 use base64::Engine;
 use common::*;
 use ferrule_registry::auth::RegistryChange;
+use ferrule_registry::db::Connector;
 use ferrule_registry::{AuthError, DeviceAuthenticator};
 use serde_json::json;
 use sha2::Digest;
@@ -20,7 +21,7 @@ fn b64(b: impl AsRef<[u8]>) -> String {
 async fn authenticator(reg: &TestRegistry) -> (DeviceAuthenticator, watch::Sender<bool>) {
     let auth = DeviceAuthenticator::new(reg.store.pool().clone(), &Default::default());
     let (tx, rx) = watch::channel(false);
-    auth.spawn_listener(database().url.parse().unwrap(), rx);
+    auth.spawn_listener(Connector::new(&database()).unwrap(), rx);
     let start = Instant::now();
     while !auth.cache_active() {
         assert!(

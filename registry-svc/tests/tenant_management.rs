@@ -462,6 +462,7 @@ async fn start_up_survives_tenants_that_clash_from_before_the_rule() {
     let db = ferrule_registry::DatabaseConfig {
         url: format!("{}/{name}{query}", url.rsplit_once('/').unwrap().0),
         pool_size: 2,
+        ..Default::default()
     };
     // All migrations, then back to before migration 4 with two clashing tenants.
     let reg = TestRegistry::start_on(&db, config()).await;
@@ -516,9 +517,12 @@ async fn start_up_survives_tenants_that_clash_from_before_the_rule() {
     assert_eq!(r.status(), StatusCode::CONFLICT);
     drop(reg);
 
-    let mut admin = db.url.parse::<tokio_postgres::Config>().unwrap();
-    admin.dbname("postgres");
-    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.unwrap();
+    let admin = ferrule_registry::DatabaseConfig {
+        url: format!("{}/postgres{query}", url.rsplit_once('/').unwrap().0),
+        ..db
+    };
+    let admin = ferrule_registry::db::Connector::new(&admin).unwrap();
+    let (client, conn) = admin.connect().await.unwrap();
     tokio::spawn(conn);
     client
         .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))

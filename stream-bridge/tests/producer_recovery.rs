@@ -101,6 +101,7 @@ async fn the_bridges_producer_is_replaced_after_a_fatal_error() {
         url: std::env::var("FERRULE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
         pool_size: 4,
+        ..Default::default()
     };
     let store = ferrule_registry::open_store(&db, &RegistryConfig::default())
         .await
@@ -127,7 +128,10 @@ async fn the_bridges_producer_is_replaced_after_a_fatal_error() {
         .unwrap();
     let registry = DeviceAuthenticator::new(store.pool().clone(), &Default::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    registry.spawn_listener(db.url.parse().unwrap(), shutdown.clone());
+    registry.spawn_listener(
+        ferrule_registry::db::Connector::new(&db).unwrap(),
+        shutdown.clone(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let amqp = format!("amqp://{}", listener.local_addr().unwrap());
     let cfg = ferrule_stream_bridge::BridgeConfig {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use ferrule_command_router::{RoutingState, forward};
+use ferrule_registry::db::Connector;
 use ferrule_registry::{DatabaseConfig, DeviceAuthenticator, RegistryConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -32,6 +33,7 @@ pub async fn setup() -> Setup {
         url: std::env::var("FERRULE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
         pool_size: 4,
+        ..Default::default()
     };
     let store = ferrule_registry::open_store(&db, &RegistryConfig::default())
         .await
@@ -57,7 +59,7 @@ pub async fn setup() -> Setup {
         .unwrap();
     let auth = DeviceAuthenticator::new(store.pool().clone(), &Default::default());
     let (tx, rx) = watch::channel(false);
-    auth.spawn_listener(db.url.parse().unwrap(), rx);
+    auth.spawn_listener(Connector::new(&db).unwrap(), rx);
     Setup {
         tenant,
         routing: RoutingState::new(store.pool().clone(), Duration::from_secs(30)),

@@ -5,6 +5,7 @@
 pub mod mqtt;
 
 use ferrule_gateways::{GatewayConfig, KafkaConfig};
+use ferrule_registry::db::Connector;
 use ferrule_registry::{DatabaseConfig, DeviceAuthenticator, RegistryConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -30,6 +31,7 @@ pub fn database() -> DatabaseConfig {
         url: std::env::var("FERRULE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
         pool_size: 4,
+        ..Default::default()
     }
 }
 
@@ -74,7 +76,7 @@ impl Platform {
         ));
 
         let auth = DeviceAuthenticator::new(store.pool().clone(), &Default::default());
-        auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
+        auth.spawn_listener(Connector::new(&database()).unwrap(), rx.clone());
         let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = format!("http://{}", http_listener.local_addr().unwrap());
         let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -323,7 +325,7 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
     let auth =
         ferrule_registry::DeviceAuthenticator::new(store.pool().clone(), &Default::default());
     let (tx, rx) = tokio::sync::watch::channel(false);
-    auth.spawn_listener(database().url.parse().unwrap(), rx.clone());
+    auth.spawn_listener(Connector::new(&database()).unwrap(), rx.clone());
     let routing = ferrule_registry::device_connection::RoutingState::new(
         store.pool().clone(),
         Duration::from_secs(30),

@@ -6,6 +6,7 @@
 mod cache;
 pub mod password;
 
+use crate::db::Connector;
 use crate::metrics;
 use crate::model::credentials::{HASHED_PASSWORD, PSK, X509_CERT};
 use crate::model::device::Device;
@@ -229,10 +230,11 @@ impl DeviceAuthenticator {
     }
 
     /// Listens for registry changes until `shutdown` turns true, reconnecting on failure.
-    /// Without a live listener the cache is bypassed, so stale data is never served.
+    /// Without a live listener the cache is bypassed, so stale data is never served. `db`
+    /// connects as the pool does (same server, same TLS).
     pub fn spawn_listener(
         &self,
-        db: tokio_postgres::Config,
+        db: Connector,
         shutdown: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
@@ -601,11 +603,7 @@ pub fn split_username(username: &str) -> Result<(&str, &str), AuthError> {
     }
 }
 
-async fn listen(
-    inner: Arc<Inner>,
-    db: tokio_postgres::Config,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn listen(inner: Arc<Inner>, db: Connector, mut shutdown: watch::Receiver<bool>) {
     loop {
         match listen_once(&inner, &db, &mut shutdown).await {
             Ok(()) => break,
@@ -623,10 +621,10 @@ async fn listen(
 /// Returns `Ok` on shutdown and an error when the connection ends.
 async fn listen_once(
     inner: &Inner,
-    db: &tokio_postgres::Config,
+    db: &Connector,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (client, mut conn) = db.connect(tokio_postgres::NoTls).await?;
+    let (client, mut conn) = db.connect().await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let driver = tokio::spawn(async move {
         while let Some(msg) = futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {

@@ -16,6 +16,7 @@ pub fn database() -> DatabaseConfig {
         url: std::env::var("FERRULE_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into()),
         pool_size: 4,
+        ..Default::default()
     }
 }
 
