@@ -95,6 +95,14 @@ pub fn key_reference() -> String {
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
     match v {
+        // A table of free-form keys (`kafka.properties`) is listed as a key of its own.
+        toml::Value::Table(t) if t.is_empty() && !prefix.is_empty() => {
+            let env = format!(
+                "{ENV_PREFIX}{}__<KEY>",
+                prefix.replace('.', "__").to_uppercase()
+            );
+            out.push(format!("  {prefix} = {{}}   [{env}]"));
+        }
         toml::Value::Table(t) => {
             for (k, v) in t {
                 let key = if prefix.is_empty() {
@@ -137,6 +145,38 @@ mod tests {
             assert_eq!(c.database.tls, ferrule_registry::DatabaseTls::VerifyFull);
             assert_eq!(c.database.ca_file, Path::new("/etc/ferrule/pg-ca.pem"));
             assert_eq!(c.health.bind.port(), 8088);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kafka_settings_and_properties_come_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                "[kafka]\nsecurity_protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-256\"\n\
+                 [kafka.producer.properties]\n\"compression.type\" = \"zstd\"\n\"batch.size\" = 65536\n",
+            )?;
+            jail.set_env("FERRULE_KAFKA__SASL_USERNAME", "alice");
+            jail.set_env("FERRULE_KAFKA__PROPERTIES__SOCKET_KEEPALIVE_ENABLE", "true");
+            let c = Config::load(Some(Path::new("f.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.kafka.security_protocol,
+                ferrule_kafka::SecurityProtocol::SaslSsl
+            );
+            assert_eq!(
+                c.kafka.sasl_mechanism,
+                ferrule_kafka::SaslMechanism::ScramSha256
+            );
+            let p = c.kafka.producer().into_config();
+            assert_eq!(p.get("sasl.username"), Some("alice"));
+            assert_eq!(p.get("compression.type"), Some("zstd"));
+            assert_eq!(p.get("batch.size"), Some("65536"));
+            assert_eq!(p.get("socket.keepalive.enable"), Some("true"));
+            assert_eq!(
+                c.kafka.consumer().into_config().get("compression.type"),
+                None
+            );
             Ok(())
         });
     }

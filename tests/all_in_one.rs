@@ -183,6 +183,21 @@ fn help_documents_every_config_key() {
         "health.bind",
         "registry.management.password",
         "FERRULE_REGISTRY__MAX_PAYLOAD_SIZE",
+        "kafka.security_protocol",
+        "kafka.ssl_ca_location",
+        "kafka.sasl_mechanism",
+        "kafka.sasl_username",
+        "kafka.sasl_password",
+        "kafka.topic_prefix",
+        "kafka.create_topics",
+        "kafka.properties = {}",
+        "kafka.producer.properties = {}",
+        "kafka.consumer.properties = {}",
+        "kafka.admin.properties = {}",
+        "FERRULE_KAFKA__PRODUCER__PROPERTIES__<KEY>",
+        "gateway.instance_id",
+        "bridge.instance_id",
+        "database.tls",
     ] {
         assert!(help.contains(key), "--help lacks {key}:\n{help}");
     }

@@ -84,7 +84,10 @@ impl ClientBuilder<'_> {
         self
     }
 
-    /// The finished configuration, with the operator's properties applied last.
+    /// The finished configuration, with the operator's properties applied last. librdkafka's
+    /// property names have no `_`, so one in a key stands for `.`: environment variables,
+    /// which cannot hold a `.`, set `socket.keepalive.enable` as
+    /// `FERRULE_KAFKA__PROPERTIES__SOCKET_KEEPALIVE_ENABLE`.
     pub fn into_config(self) -> ClientConfig {
         let kind = match self.kind {
             ClientKind::Producer => &self.cfg.producer,
@@ -93,7 +96,7 @@ impl ClientBuilder<'_> {
         };
         let mut config = self.config;
         for (key, value) in self.cfg.properties.iter().chain(&kind.properties) {
-            config.set(key, value.to_string());
+            config.set(key.replace('_', "."), value.to_string());
         }
         config
     }
