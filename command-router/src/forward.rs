@@ -4,7 +4,7 @@
 //! delivery-failure response. An offset is stored only after the command was forwarded or
 //! answered, so a router restart or rebalance redelivers instead of losing commands.
 
-use ferrule_kafka::{KafkaConfig, RecoveringProducer};
+use ferrule_kafka::{KafkaConfig, RecoveringProducer, TopicAdmin};
 use ferrule_registry::DeviceAuthenticator;
 use ferrule_registry::device_connection::{CommandTarget, RoutingState};
 use ferrule_schemas::command::{
@@ -52,11 +52,13 @@ struct Incoming {
     outcome: Option<OutcomeRoute>,
 }
 
-/// Where the router writes: its producer and the deployment's topic names.
+/// Where the router writes: its producer, the deployment's topic names, and the admin client
+/// that makes sure a response topic exists before a failure is written to it.
 #[derive(Clone)]
 struct Out {
     producer: RecoveringProducer,
     names: TopicNames,
+    topics: TopicAdmin,
 }
 
 /// What becomes of one command.
@@ -104,9 +106,17 @@ pub async fn run(
             .producer()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "0"),
+            .set("linger.ms", "0")
+            // A record that cannot be written (its topic is missing on a cluster that does not
+            // create topics, say) fails within this, rather than holding up the commands
+            // behind it for librdkafka's default of five minutes.
+            .set("message.timeout.ms", "10000"),
     )?;
-    let out = Out { producer, names };
+    let out = Out {
+        producer,
+        names,
+        topics: TopicAdmin::new(kafka)?,
+    };
     let mut routed: FuturesOrdered<BoxFuture<'static, (Incoming, Decision)>> =
         FuturesOrdered::new();
     let mut forwarded: FuturesOrdered<BoxFuture<'static, Handled>> = FuturesOrdered::new();
@@ -414,6 +424,7 @@ async fn respond(
     failure: Failure,
 ) -> anyhow::Result<()> {
     let topic = out.names.name(TopicKind::CommandResponse, tenant)?;
+    out.topics.ensure(&topic, out.topics.default_spec()).await?;
     let fixed = response_headers(
         tenant,
         device,

@@ -101,6 +101,14 @@ pub async fn serve(
         Duration::from_secs(cfg.command_response_timeout_secs),
         (!cfg.instance_id.is_empty()).then(|| cfg.instance_id.clone()),
     );
+    if !kafka.create_topics && cfg.instance_id.is_empty() {
+        tracing::warn!(
+            instance = hub.instance_id(),
+            "kafka.create_topics is false but gateway.instance_id is not set: commands reach \
+             this instance only once its internal command topic exists; give each instance a \
+             stable id and create its topic beforehand"
+        );
+    }
     let mut adapters = tokio::task::JoinSet::new();
     adapters.spawn(hub.clone().run(kafka.clone(), shutdown.clone()));
     if let Some(listener) = listeners.http {

@@ -71,7 +71,9 @@ pub async fn serve(
             .producer()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "0"),
+            .set("linger.ms", "0")
+            // A command Kafka does not take within this is released to its application.
+            .set("message.timeout.ms", "10000"),
     )?;
     let names = kafka.topic_names()?;
     let topics = ferrule_kafka::TopicAdmin::new(&kafka)?;
@@ -80,6 +82,14 @@ pub async fn serve(
         id => id.to_owned(),
     };
     let outcome_topic = names.outcome(&instance);
+    if !kafka.create_topics && cfg.instance_id.is_empty() {
+        tracing::warn!(
+            topic = outcome_topic,
+            "kafka.create_topics is false but bridge.instance_id is not set: applications' \
+             commands are released until this topic exists; give each instance a stable id and \
+             create its topic beforehand"
+        );
+    }
     anyhow::ensure!(
         ferrule_schemas::topic::is_legal_kafka_name(&outcome_topic),
         "bridge.instance_id `{instance}` makes `{outcome_topic}`, not a legal Kafka topic name"
