@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 fn admin_client() -> AdminClient<DefaultClientContext> {
     ClientConfig::new()
         .set("bootstrap.servers", kafka())
+        // Asking for a topic's metadata must not create it.
+        .set("allow.auto.create.topics", "false")
         .set("log_level", "3")
         .create()
         .unwrap()
