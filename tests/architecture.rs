@@ -1,0 +1,87 @@
+//! Rules of the workspace's structure that a change could silently break: every Kafka client
+//! is built by the Kafka layer (`kafka/`), the gateways do not depend on the command router,
+//! and no product crate spells a topic name (only `schemas` does).
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every `.rs` file under `dir`.
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The product code: each crate's `src/`, without the load generator (whose raw baselines
+/// build their own clients) and without tests.
+fn product_sources() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [
+        "src",
+        "schemas/src",
+        "registry-svc/src",
+        "gateways/src",
+        "command-router/src",
+        "stream-bridge/src",
+    ] {
+        sources(&root().join(dir), &mut out);
+    }
+    out
+}
+
+#[test]
+fn only_the_kafka_layer_builds_kafka_clients() {
+    let offenders: Vec<_> = product_sources()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .contains(concat!("ClientConfig", "::new"))
+        })
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "build clients through ferrule-kafka: {offenders:?}"
+    );
+    let layer = std::fs::read_to_string(root().join("kafka/src/client.rs")).unwrap();
+    assert!(layer.contains(concat!("ClientConfig", "::new")));
+}
+
+#[test]
+fn topic_names_are_spelled_only_in_schemas() {
+    let offenders: Vec<_> = product_sources()
+        .into_iter()
+        .filter(|p| !p.starts_with(root().join("schemas")))
+        .filter(|p| {
+            std::fs::read_to_string(p).unwrap().lines().any(|l| {
+                let code = l.trim_start();
+                !code.starts_with("//")
+                    && (code.contains("\"hono.") || code.contains("\"ferrule.command_outcome"))
+            })
+        })
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "name topics through ferrule_schemas::TopicNames: {offenders:?}"
+    );
+}
+
+#[test]
+fn the_gateways_do_not_depend_on_the_command_router() {
+    let manifest = std::fs::read_to_string(root().join("gateways/Cargo.toml")).unwrap();
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .unwrap();
+    assert!(deps.contains("ferrule-registry"), "{deps}");
+    assert!(!deps.contains("ferrule-command-router"), "{deps}");
+}
