@@ -309,6 +309,154 @@ ensure_broker() {
     wait_port "$FERRULE_KAFKA_PORT" 60 "the broker (log: $FERRULE_RUN/broker.log)"
 }
 
+# A broker with security on, for the tests of Ferrule's Kafka security settings: TLS with a test
+# CA and SASL/SCRAM logins, on PostgreSQL storage (the broker's --authentication needs it).
+#   FERRULE_SECURE_KAFKA_PORT                SASL_SSL listener (default 19096)
+#   FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT SASL_PLAINTEXT listener (default: that port + 1)
+# A third broker without --authentication on the same database and cluster id (port + 2) runs
+# only while the users are created: every `nisshi` CLI command speaks plaintext without a login.
+# The TLS material is made once with openssl in FERRULE_KAFKA_TLS_DIR (or the folder given);
+# the broker's database is made anew whenever the brokers are started. What clients need is
+# written to "$(secure_broker_run)/env" as `export` lines.
+FERRULE_SECURE_KAFKA_PORT="${FERRULE_SECURE_KAFKA_PORT:-19096}"
+FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT="${FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT:-$((FERRULE_SECURE_KAFKA_PORT + 1))}"
+FERRULE_KAFKA_TLS_DIR="${FERRULE_KAFKA_TLS_DIR:-$FERRULE_HOME/kafka-tls}"
+SECURE_BROKER_CLUSTER_ID=ferrule-secure
+
+secure_broker_run() { printf '%s\n' "$FERRULE_RUN/secure-broker-$FERRULE_SECURE_KAFKA_PORT"; }
+
+# In DIR: a CA (ca.pem, ca.key), a broker certificate it signed for 127.0.0.1 and localhost
+# (server.pem; server.key in PKCS#8 PEM) and an unrelated CA (other-ca.pem). Made again when a
+# file is missing or a certificate expires within a week.
+ensure_kafka_tls() { # [dir]
+    local dir="${1:-$FERRULE_KAFKA_TLS_DIR}" f
+    for f in ca.pem ca.key server.pem server.key other-ca.pem; do
+        [ -s "$dir/$f" ] || { make_kafka_tls "$dir"; return; }
+    done
+    for f in ca.pem server.pem other-ca.pem; do
+        openssl x509 -checkend 604800 -noout -in "$dir/$f" >/dev/null || { make_kafka_tls "$dir"; return; }
+    done
+}
+
+make_kafka_tls() { # dir
+    local dir="$1" tmp
+    command -v openssl >/dev/null || ensure_packages openssl
+    say "creating a test CA and a broker certificate in $dir"
+    mkdir -p "$dir"
+    tmp="$(mktemp -d "$dir/.new.XXXXXX")"
+    if ! (
+        set -e
+        cd "$tmp"
+        umask 077
+        for ca in ca other-ca; do
+            openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$ca.key"
+            openssl req -x509 -new -key "$ca.key" -sha256 -days 825 -subj "/CN=Ferrule test $ca" \
+                -addext "basicConstraints=critical,CA:TRUE" \
+                -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$ca.pem"
+        done
+        # genpkey writes PKCS#8 ("BEGIN PRIVATE KEY"), the form the broker reads.
+        openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out server.key
+        openssl req -new -key server.key -subj "/CN=localhost" -out server.csr
+        printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+            "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
+            -days 825 -extfile server.ext -out server.pem 2>/dev/null
+        openssl verify -CAfile ca.pem server.pem >/dev/null
+        # Nothing is ever signed by the unrelated CA.
+        rm -f server.csr server.ext ca.srl other-ca.key
+        chmod 644 ./*.pem
+    ); then
+        rm -rf "$tmp"
+        die "openssl could not make the test certificates"
+    fi
+    mv -f "$tmp"/* "$dir/"
+    rmdir "$tmp"
+}
+
+secure_broker_running() {
+    local run pid
+    run="$(secure_broker_run)"
+    [ -s "$run/env" ] || return 1
+    for pid in "$run/sasl-ssl.pid" "$run/sasl-plaintext.pid"; do
+        [ -s "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null || return 1
+    done
+    port_open "$FERRULE_SECURE_KAFKA_PORT" && port_open "$FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT"
+}
+
+start_secure_nisshi() { # name port storage [broker options...]
+    local name="$1" port="$2" storage="$3" run
+    shift 3
+    run="$(secure_broker_run)"
+    # The broker reads ./.env: each starts in an empty folder of its own.
+    mkdir -p "$run/$name"
+    (cd "$run/$name" && exec nohup "$NISSHI_BIN" broker \
+        --listener-url "tcp://127.0.0.1:$port" \
+        --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --cluster-id "$SECURE_BROKER_CLUSTER_ID" \
+        --storage-engine "$storage" \
+        --group-initial-rebalance-delay 0s "$@") </dev/null >"$run/$name.log" 2>&1 &
+    echo $! >"$run/$name.pid"
+    wait_port "$port" 60 "the $name broker (log: $run/$name.log)"
+}
+
+ensure_secure_broker() { # [tls dir]
+    local tls="${1:-$FERRULE_KAFKA_TLS_DIR}" run db storage port users_port
+    ensure_kafka_tls "$tls"
+    secure_broker_running && return 0
+    install_broker
+    stop_secure_broker
+    run="$(secure_broker_run)"
+    users_port=$((FERRULE_SECURE_KAFKA_PORT + 2))
+    for port in "$FERRULE_SECURE_KAFKA_PORT" "$FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT" "$users_port"; do
+        port_open "$port" && die "port $port is taken; set FERRULE_SECURE_KAFKA_PORT"
+    done
+    # An empty database of its own: the brokers create their schema, the users are made anew.
+    db="nisshi_secure_$FERRULE_SECURE_KAFKA_PORT"
+    psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atq \
+        -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" postgres >/dev/null
+    ensure_database "$db"
+    storage="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/$db"
+    rm -rf "$run"
+    mkdir -p "$run"
+    say "starting the secured test broker: SASL_SSL on 127.0.0.1:$FERRULE_SECURE_KAFKA_PORT, SASL_PLAINTEXT on 127.0.0.1:$FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT"
+    start_secure_nisshi sasl-ssl "$FERRULE_SECURE_KAFKA_PORT" "$storage" \
+        --authentication --cert "$tls/server.pem" --key "$tls/server.key"
+    start_secure_nisshi sasl-plaintext "$FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT" "$storage" --authentication
+    start_secure_nisshi users "$users_port" "$storage"
+    local env="$run/env.new" mechanism user password var
+    (umask 077 && : >"$env")
+    printf 'export %s=%s\n' \
+        FERRULE_TEST_SECURE_KAFKA "127.0.0.1:$FERRULE_SECURE_KAFKA_PORT" \
+        FERRULE_TEST_SECURE_KAFKA_SASL_PLAINTEXT "127.0.0.1:$FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT" \
+        FERRULE_TEST_SECURE_KAFKA_CA "$tls/ca.pem" \
+        FERRULE_TEST_SECURE_KAFKA_OTHER_CA "$tls/other-ca.pem" >>"$env"
+    # One user per SCRAM mechanism (the broker keeps credentials per mechanism), with a new
+    # password for each start.
+    for mechanism in scram512 scram256; do
+        user="ferrule-$mechanism"
+        password="$(openssl rand -hex 16)"
+        if ! "$NISSHI_BIN" user create "$user" "$password" --mechanism "$mechanism" \
+            --broker "tcp://127.0.0.1:$users_port" >>"$run/users-create.log" 2>&1; then
+            cat "$run/users-create.log" >&2
+            stop_secure_broker
+            die "could not create the broker user $user"
+        fi
+        var="FERRULE_TEST_SECURE_KAFKA_${mechanism^^}"
+        printf 'export %s=%s\n' "${var}_USER" "$user" "${var}_PASSWORD" "$password" >>"$env"
+    done
+    stop_pidfile "$run/users.pid" "the user-creating broker"
+    mv "$env" "$run/env"
+}
+
+stop_secure_broker() {
+    local run
+    run="$(secure_broker_run)"
+    rm -f "$run/env"
+    stop_pidfile "$run/sasl-ssl.pid" "the secured test broker (SASL_SSL)"
+    stop_pidfile "$run/sasl-plaintext.pid" "the secured test broker (SASL_PLAINTEXT)"
+    stop_pidfile "$run/users.pid" "the user-creating broker"
+}
+
 # Tells `ferrule` (scripts/up, scripts/loadtest) to use the PostgreSQL and the broker that these
 # scripts start on FERRULE_PG_PORT and FERRULE_KAFKA_PORT. FERRULE_DATABASE__URL and
 # FERRULE_KAFKA__BOOTSTRAP_SERVERS set by the user are kept, and so are a FERRULE_CONFIG file's

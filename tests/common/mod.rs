@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,22 @@ impl Ferrule {
 
     /// Starts with extra `FERRULE_…` variables, e.g. a TLS certificate.
     pub fn start_with(kafka: &str, env: &[(&str, String)]) -> Ferrule {
+        // The logs (on stdout) show only when asked for with FERRULE_TEST_LOG.
+        let stdout = if std::env::var_os("FERRULE_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        Self::spawn(kafka, env, stdout)
+    }
+
+    /// Like [`Ferrule::start_with`], its log (stdout) written to the file `log`.
+    pub fn start_logging_to(kafka: &str, env: &[(&str, String)], log: &Path) -> Ferrule {
+        let file = std::fs::File::create(log).expect("the log file can be created");
+        Self::spawn(kafka, env, Stdio::from(file))
+    }
+
+    fn spawn(kafka: &str, env: &[(&str, String)], stdout: Stdio) -> Ferrule {
         let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());
         let amqp = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
@@ -93,12 +110,7 @@ impl Ferrule {
                 std::env::var("FERRULE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            // The logs (on stdout) show only when asked for with FERRULE_TEST_LOG.
-            .stdout(if std::env::var_os("FERRULE_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stdout(stdout)
             .spawn()
             .expect("ferrule binary starts");
         Ferrule {
