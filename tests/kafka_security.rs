@@ -109,7 +109,10 @@ impl Connection {
         if let Some(ca) = &self.ca {
             props.push(format!("ssl.ca.location={ca}"));
         }
-        props.into_iter().flat_map(|p| ["-X".to_owned(), p]).collect()
+        props
+            .into_iter()
+            .flat_map(|p| ["-X".to_owned(), p])
+            .collect()
     }
 
     /// Runs `tests/apps/kafka_client.py` with this connection; its JSON lines, and whether it
