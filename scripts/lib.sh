@@ -415,7 +415,7 @@ ensure_secure_broker() { # [tls dir]
     psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atq \
         -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" postgres >/dev/null
     ensure_database "$db"
-    storage="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/$db"
+    storage="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/$db?sslmode=disable"
     rm -rf "$run"
     mkdir -p "$run"
     say "starting the secured test broker: SASL_SSL on 127.0.0.1:$FERRULE_SECURE_KAFKA_PORT, SASL_PLAINTEXT on 127.0.0.1:$FERRULE_SECURE_KAFKA_SASL_PLAINTEXT_PORT"
