@@ -248,19 +248,24 @@ impl Run {
         }
     }
 
-    /// The readiness once its Kafka probe has failed while PostgreSQL is fine.
-    fn wait_kafka_down(&mut self) -> Value {
+    /// Waits until readiness reports Kafka down, PostgreSQL up, and the Kafka probe's error
+    /// names `cause` (in any case).
+    fn wait_kafka_down(&mut self, cause: &str) {
         let start = Instant::now();
         loop {
             let ready = self.ferrule.wait_readiness(503);
             let kafka = &ready["checks"]["kafka"];
+            let error = kafka["error"].as_str().unwrap_or_default();
             if ready["checks"]["postgresql"]["status"] == "UP"
                 && kafka["status"] == "DOWN"
-                && kafka["error"] != "not probed yet"
+                && find_line(error, cause).is_some()
             {
-                return ready;
+                return;
             }
-            assert!(start.elapsed() < PATIENCE, "{ready}");
+            assert!(
+                start.elapsed() < PATIENCE,
+                "readiness never named {cause:?}: {ready}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -346,11 +351,11 @@ fn telemetry_lands(conn: &Connection) {
     assert_eq!(r["headers"]["orig_adapter"], "hono-http", "{r}");
 }
 
-/// A refused connection: readiness reports Kafka down, the log says why, and
-/// `ferrule check-kafka` fails saying why. Returns the readiness.
-fn refused(conn: &Connection, cause: &str) -> Value {
+/// A refused connection: readiness reports Kafka down and why, the log says why, and
+/// `ferrule check-kafka` fails saying why.
+fn refused(conn: &Connection, cause: &str) {
     let mut run = Run::start(conn, &new_tenant());
-    let ready = run.wait_kafka_down();
+    run.wait_kafka_down(cause);
     run.wait_log(cause);
     let out = conn.check_kafka();
     let printed = format!(
@@ -363,7 +368,6 @@ fn refused(conn: &Connection, cause: &str) -> Value {
         find_line(&printed, cause).is_some(),
         "check-kafka did not say {cause:?}:\n{printed}"
     );
-    ready
 }
 
 /// curl with `-i`: the status, the headers (names in lower case) and the body.
