@@ -295,7 +295,9 @@ ensure_broker() {
     local storage="memory://nisshi/"
     if [ "$FERRULE_BROKER_STORAGE" = postgres ]; then
         ensure_database nisshi
-        storage="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/nisshi"
+        # The private clusters serve TLS with a test CA the broker does not trust: it would
+        # refuse them (UnknownIssuer). Its storage connection stays on the loopback interface.
+        storage="postgres://postgres@127.0.0.1:$FERRULE_PG_PORT/nisshi?sslmode=disable"
     fi
     mkdir -p "$FERRULE_RUN/broker"
     say "starting the Kafka-protocol broker on 127.0.0.1:$FERRULE_KAFKA_PORT ($FERRULE_BROKER_STORAGE storage)"
@@ -411,6 +413,7 @@ ensure_secure_broker() { # [tls dir]
         port_open "$port" && die "port $port is taken; set FERRULE_SECURE_KAFKA_PORT"
     done
     # An empty database of its own: the brokers create their schema, the users are made anew.
+    # No TLS to PostgreSQL, as in ensure_broker.
     db="nisshi_secure_$FERRULE_SECURE_KAFKA_PORT"
     psql -h 127.0.0.1 -p "$FERRULE_PG_PORT" -U postgres -Atq \
         -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" postgres >/dev/null
