@@ -171,6 +171,13 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         }),
         false => None,
     };
+    // The probes are declared before the health port answers: with none declared, readiness
+    // would say UP.
+    readiness.register("postgresql");
+    let uses_kafka = services.gateway || services.router || services.bridge;
+    if uses_kafka {
+        readiness.register("kafka");
+    }
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(health::serve(
         health_listener,
@@ -178,9 +185,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    readiness.register("postgresql");
-    if services.gateway || services.router || services.bridge {
-        readiness.register("kafka");
+    if uses_kafka {
         let client = ferrule_kafka::MetadataClient::new(&cfg.kafka)?;
         tasks.spawn(probe_kafka(client, readiness.clone(), shutdown.clone()));
     }
