@@ -86,9 +86,14 @@ fn upload(f: &Ferrule, tenant: &str) -> (u16, String) {
 
 #[test]
 fn without_topic_creation_a_missing_topic_is_refused_until_an_operator_creates_it() {
-    let mut f = Ferrule::start_with(
+    let log = std::env::temp_dir().join(format!("ferrule-{}.log", uuid::Uuid::new_v4().simple()));
+    let mut f = Ferrule::start_logging_to(
         &kafka(),
-        &[("FERRULE_KAFKA__CREATE_TOPICS", "false".to_owned())],
+        &[
+            ("FERRULE_KAFKA__CREATE_TOPICS", "false".to_owned()),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+        &log,
     );
     // The gateway's own command topic is missing too; readiness is about the cluster.
     f.wait_readiness(200);
@@ -106,6 +111,13 @@ fn without_topic_creation_a_missing_topic_is_refused_until_an_operator_creates_i
         "{metrics}"
     );
     assert_eq!(partitions(&topic), None, "Ferrule must not create {topic}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains(&topic) && l.contains("does not exist")),
+        "the log names the missing topic: {logged}"
+    );
 
     // The operator creates it; uploads get through without a restart.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -133,6 +145,7 @@ fn without_topic_creation_a_missing_topic_is_refused_until_an_operator_creates_i
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(partitions(&topic), Some(2));
+    let _ = std::fs::remove_file(&log);
 }
 
 #[test]
