@@ -77,7 +77,7 @@ ensure_rust() {
 }
 
 ensure_base() {
-    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config python3 mosquitto-clients \
+    ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config libssl-dev python3 mosquitto-clients \
         python3-qpid-proton python3-paho-mqtt python3-venv iproute2
     ensure_rust
     ensure_python_kafka

@@ -179,3 +179,23 @@ async fn via_groups_make_group_members_gateways_of_the_device() {
         target(&a, Some("gw-in"))
     );
 }
+
+#[tokio::test]
+async fn an_instance_restarted_under_its_id_forgets_its_earlier_subscriptions() {
+    let (r, _store, t) = setup().await;
+    let (a, b) = (id("inst-a"), id("inst-b"));
+    for i in [&a, &b] {
+        r.heartbeat(i).await.unwrap();
+    }
+    r.register(&t, "dev", &a, None).await.unwrap();
+    r.register(&t, "gw1", &a, None).await.unwrap();
+    r.register(&t, "other", &b, None).await.unwrap();
+    assert_eq!(r.forget_instance(&a).await.unwrap(), 2);
+    // Instance a still sends heartbeats, but holds no device any more; b is untouched.
+    r.heartbeat(&a).await.unwrap();
+    assert_eq!(r.resolve(&t, "dev", &[], &[]).await.unwrap(), None);
+    assert_eq!(
+        r.resolve(&t, "other", &[], &[]).await.unwrap(),
+        target(&b, None)
+    );
+}

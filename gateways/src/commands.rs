@@ -198,6 +198,15 @@ impl crate::pipeline::GatewayActivity for LastGateways {
     }
 }
 
+/// Whom a command response is for.
+struct ResponseTo<'a> {
+    tenant: &'a str,
+    /// Sizes the response topic if writing the response creates it; `None`: the defaults.
+    tenant_ext: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    device: &'a str,
+    correlation_id: &'a str,
+}
+
 /// A command response handed to the producer; resolves when the broker has it.
 pub struct PendingResponse(crate::kafka::Delivery);
 
@@ -412,9 +421,12 @@ impl CommandHub {
         self.awaiting()
             .remove(&who.tenant_id, &request.correlation_id);
         self.enqueue_response(
-            &who.tenant_id,
-            &who.device_id,
-            &request.correlation_id,
+            ResponseTo {
+                tenant: &who.tenant_id,
+                tenant_ext: who.tenant_ext(),
+                device: &who.device_id,
+                correlation_id: &request.correlation_id,
+            },
             r.status,
             r.content_type.as_deref(),
             &r.payload,
@@ -433,9 +445,12 @@ impl CommandHub {
         payload: &[u8],
     ) -> Result<(), UploadError> {
         self.enqueue_response(
-            tenant,
-            device,
-            correlation_id,
+            ResponseTo {
+                tenant,
+                tenant_ext: None,
+                device,
+                correlation_id,
+            },
             status,
             content_type,
             payload,
@@ -448,13 +463,17 @@ impl CommandHub {
     /// Hands a command response to the producer.
     async fn enqueue_response(
         &self,
-        tenant: &str,
-        device: &str,
-        correlation_id: &str,
+        to: ResponseTo<'_>,
         status: u16,
         content_type: Option<&str>,
         payload: &[u8],
     ) -> Result<PendingResponse, UploadError> {
+        let ResponseTo {
+            tenant,
+            tenant_ext,
+            device,
+            correlation_id,
+        } = to;
         let topic = self
             .inner
             .sender
@@ -476,7 +495,7 @@ impl CommandHub {
         };
         self.inner
             .sender
-            .ensure_topic(&topic, None)
+            .ensure_topic(&topic, tenant_ext)
             .await
             .map_err(unavailable)?;
         self.inner

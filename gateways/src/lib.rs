@@ -95,6 +95,19 @@ pub async fn serve(
             pipeline = pipeline.forbid_anonymous(adapter);
         }
     }
+    // A stable id outlives a crash: the registrations of the earlier run are stale, and must go
+    // before this run's connections register theirs.
+    if !cfg.instance_id.is_empty() {
+        match routing.forget_instance(&cfg.instance_id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                instance = %cfg.instance_id,
+                subscriptions = n,
+                "removed the command subscriptions of this instance's previous run"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not remove stale command subscriptions"),
+        }
+    }
     let hub = commands::CommandHub::new(
         routing,
         sender.clone(),

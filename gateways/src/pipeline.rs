@@ -195,6 +195,11 @@ impl Authorised {
         self.device.as_ref().as_ref().expect("authorised device")
     }
 
+    /// The tenant's `ext`, which may set its topics' partitions and replication.
+    pub fn tenant_ext(&self) -> Option<&serde_json::Map<String, Value>> {
+        self.tenant().ext.as_ref()
+    }
+
     /// The tenant's `max-ttd` for `adapter` (`adapters[].ext.max-ttd`), if it sets one.
     pub fn max_ttd_secs(&self, adapter: AdapterType) -> Option<i64> {
         self.tenant()

@@ -84,10 +84,10 @@ impl ClientBuilder<'_> {
         self
     }
 
-    /// The finished configuration, with the operator's properties applied last. librdkafka's
-    /// property names have no `_`, so one in a key stands for `.`: environment variables,
-    /// which cannot hold a `.`, set `socket.keepalive.enable` as
-    /// `FERRULE_KAFKA__PROPERTIES__SOCKET_KEEPALIVE_ENABLE`.
+    /// The finished configuration, with the operator's properties applied last. Environment
+    /// variables cannot hold a `.`: in a key without one, `_` stands for `.`, so
+    /// `FERRULE_KAFKA__PROPERTIES__SOCKET_KEEPALIVE_ENABLE` sets `socket.keepalive.enable`
+    /// (librdkafka's one string property with `_` and no `.`, `log_level`, stays as it is).
     pub fn into_config(self) -> ClientConfig {
         let kind = match self.kind {
             ClientKind::Producer => &self.cfg.producer,
@@ -96,7 +96,7 @@ impl ClientBuilder<'_> {
         };
         let mut config = self.config;
         for (key, value) in self.cfg.properties.iter().chain(&kind.properties) {
-            config.set(key.replace('_', "."), value.to_string());
+            config.set(property_name(key), value.to_string());
         }
         config
     }
@@ -111,6 +111,15 @@ impl ClientBuilder<'_> {
         T: FromClientConfigAndContext<C>,
     {
         self.into_config().create_with_context(context)
+    }
+}
+
+/// The librdkafka property a configured key names (see [`ClientBuilder::into_config`]).
+fn property_name(key: &str) -> String {
+    if key.contains('.') || key == "log_level" {
+        key.to_owned()
+    } else {
+        key.replace('_', ".")
     }
 }
 
@@ -156,6 +165,16 @@ mod tests {
         let c = cfg.consumer().into_config();
         assert_eq!(c.get("client.id"), Some("common"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
+
+        assert_eq!(
+            property_name("socket_keepalive_enable"),
+            "socket.keepalive.enable"
+        );
+        assert_eq!(
+            property_name("ssl.endpoint.identification.algorithm"),
+            "ssl.endpoint.identification.algorithm"
+        );
+        assert_eq!(property_name("log_level"), "log_level");
 
         let plain = KafkaConfig::default().admin().into_config();
         assert_eq!(plain.get("security.protocol"), Some("plaintext"));

@@ -9,9 +9,13 @@ use std::fmt;
 #[serde(rename_all = "snake_case")]
 pub enum SecurityProtocol {
     #[default]
+    #[serde(alias = "PLAINTEXT")]
     Plaintext,
+    #[serde(alias = "SSL")]
     Ssl,
+    #[serde(alias = "SASL_PLAINTEXT")]
     SaslPlaintext,
+    #[serde(alias = "SASL_SSL")]
     SaslSsl,
 }
 
@@ -232,6 +236,15 @@ impl KafkaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafkas_upper_case_protocol_names_are_understood() {
+        let parse = |v: &str| serde_json::from_value::<SecurityProtocol>(serde_json::json!(v));
+        assert_eq!(parse("SASL_SSL").unwrap(), SecurityProtocol::SaslSsl);
+        assert_eq!(parse("sasl_ssl").unwrap(), SecurityProtocol::SaslSsl);
+        assert_eq!(parse("SSL").unwrap(), SecurityProtocol::Ssl);
+        assert!(parse("tls").is_err());
+    }
 
     #[test]
     fn secrets_stay_out_of_debug_output() {

@@ -28,8 +28,9 @@ static TOPIC_MISSING: LazyLock<IntCounterVec> = LazyLock::new(|| {
         IntCounterVec::new(
             prometheus::opts!(
                 "ferrule_kafka_topic_missing_total",
-                "Records refused because their topic does not exist and kafka.create_topics \
-                 is false, by topic"
+                "Times a topic was needed but does not exist (or is not visible to Ferrule) \
+                 while kafka.create_topics is false: records refused, internal topics waited \
+                 for; by topic"
             ),
             &["topic"],
         )

@@ -106,8 +106,9 @@ impl RecoveringProducer {
             crate::metrics::producer_replaced(self.inner.name);
             std::mem::replace(&mut *current, Arc::new(fresh))
         };
-        // Dropped outside the lock: it waits for its threads.
-        drop(old);
+        // Dropped outside the lock and off the caller's (perhaps async) thread: it flushes
+        // and waits for its threads.
+        std::thread::spawn(move || drop(old));
         true
     }
 

@@ -193,8 +193,8 @@ impl TopicAdmin {
             }
             tracing::warn!(
                 topic,
-                "topic does not exist and kafka.create_topics is false: records for it are \
-                 refused until it is created"
+                "topic does not exist (or this client may not see it) and kafka.create_topics \
+                 is false: records for it are refused until it is created"
             );
             lock(&self.inner.missing).insert(topic.to_owned(), Instant::now());
         }

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
-    #[error("database error")]
+    #[error("database error: {0}")]
     Database(#[from] tokio_postgres::Error),
-    #[error("no database connection")]
+    #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
 }
 
@@ -102,6 +102,19 @@ impl RoutingState {
             )
             .await?;
         Ok(n == 1)
+    }
+
+    /// Removes every registration `instance` holds: an instance that starts again under the
+    /// same id (`gateway.instance_id`) has none of its earlier connections, and commands must
+    /// not go to it for them. Returns how many were removed.
+    pub async fn forget_instance(&self, instance: &str) -> Result<u64, RoutingError> {
+        let db = self.pool.get().await?;
+        Ok(db
+            .execute(
+                "DELETE FROM command_consumers WHERE instance_id = $1",
+                &[&instance],
+            )
+            .await?)
     }
 
     /// The gateway `device` last used (the device itself for direct connections).

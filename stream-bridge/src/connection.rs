@@ -658,8 +658,9 @@ async fn response_consumer(
     tenant: &str,
     topic: &str,
 ) -> anyhow::Result<StreamConsumer> {
-    // A failure shows below as a topic without partitions.
-    let _ = ensure_topic(ctx, tenant, topic).await;
+    if let Err(e) = ensure_topic(ctx, tenant, topic).await {
+        tracing::warn!(error = %e, topic, "response topic not ready");
+    }
     let consumer: StreamConsumer = ctx
         .kafka
         .consumer()
@@ -677,20 +678,26 @@ async fn response_consumer(
             ctx.kafka.consumer_fetch_wait_ms.to_string(),
         )
         .create()?;
-    let timeout = std::time::Duration::from_secs(5);
-    let mut partitions = 0;
-    for _ in 0..20 {
-        let md = consumer.fetch_metadata(Some(topic), timeout)?;
-        partitions = md
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        if partitions > 0 {
-            break;
+    // Metadata requests block: they run on a blocking thread, with a client of their own.
+    let probe: rdkafka::consumer::BaseConsumer = ctx.kafka.consumer().create()?;
+    let name = topic.to_owned();
+    let partitions = tokio::task::spawn_blocking(move || {
+        let timeout = std::time::Duration::from_secs(5);
+        for _ in 0..20 {
+            let md = probe.fetch_metadata(Some(&name), timeout)?;
+            let n = md
+                .topics()
+                .first()
+                .map(|t| t.partitions().len())
+                .unwrap_or(0);
+            if n > 0 {
+                return Ok(n);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        anyhow::Ok(0)
+    })
+    .await??;
     anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..partitions {
