@@ -129,6 +129,17 @@ async fn serve_session(
                     StartAtAttach::default()
                 }
             }
+            // Responses too: one written after the attach, even right after it, is delivered.
+            Some(Address::CommandResponse { tenant, .. }) if *tenant == app.tenant_id => {
+                let topic = ctx
+                    .names
+                    .name(TopicKind::CommandResponse, tenant)
+                    .unwrap_or_default();
+                if let Err(e) = ensure_topic(&ctx, tenant, &topic).await {
+                    tracing::warn!(error = %e, topic, "response topic not ready at attach");
+                }
+                StartAtAttach::record(&ctx.kafka, &topic).await
+            }
             _ => StartAtAttach::default(),
         };
         let endpoint = match links.accept_incoming_attach(attach, &mut session).await {
@@ -187,7 +198,14 @@ async fn serve_session(
                 None,
             ) => {
                 let stop = shutdown.clone();
-                tokio::spawn(responses_to(sender, tenant, reply_id, ctx.clone(), stop));
+                tokio::spawn(responses_to(
+                    sender,
+                    tenant,
+                    reply_id,
+                    start,
+                    ctx.clone(),
+                    stop,
+                ));
             }
             (LinkEndpoint::Receiver(receiver), Some(Address::Command { tenant }), None) => {
                 let stop = shutdown.clone();
@@ -587,6 +605,7 @@ async fn responses_to(
     mut sender: Sender,
     tenant: String,
     reply_id: String,
+    start: StartAtAttach,
     ctx: Context,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -595,7 +614,7 @@ async fn responses_to(
         .names
         .name(TopicKind::CommandResponse, &tenant)
         .unwrap_or_default();
-    let consumer = match response_consumer(&ctx, &tenant, &topic).await {
+    let consumer = match response_consumer(&ctx, &tenant, &topic, start).await {
         Ok(c) => c,
         Err(e) => return refuse(sender, e).await,
     };
@@ -657,6 +676,7 @@ async fn response_consumer(
     ctx: &Context,
     tenant: &str,
     topic: &str,
+    start: StartAtAttach,
 ) -> anyhow::Result<StreamConsumer> {
     if let Err(e) = ensure_topic(ctx, tenant, topic).await {
         tracing::warn!(error = %e, topic, "response topic not ready");
@@ -699,9 +719,14 @@ async fn response_consumer(
     })
     .await??;
     anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
+    let ends = start.ends.unwrap_or_default();
     let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, rdkafka::Offset::End)?;
+    for p in 0..partitions as i32 {
+        // Where the log ended at the attach; a partition unknown then starts at its end now.
+        let from = ends
+            .get(&p)
+            .map_or(rdkafka::Offset::End, |o| rdkafka::Offset::Offset(*o));
+        tpl.add_partition_offset(topic, p, from)?;
     }
     consumer.assign(&tpl)?;
     Ok(consumer)
