@@ -87,18 +87,7 @@ fn next_line(lines: &mut std::io::Lines<BufReader<std::process::ChildStdout>>) -
 }
 
 fn admin(f: &Ferrule, method: &str, path: &str, body: &str) {
-    let (code, text) = curl(&[
-        "-X",
-        method,
-        "-u",
-        &format!("admin:{PASSWORD}"),
-        "-H",
-        "content-type: application/json",
-        "-d",
-        body,
-        &format!("{}{path}", f.registry),
-    ]);
-    assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+    f.admin_ok(method, path, body);
 }
 
 /// A new tenant with the application `app` (password `app-secret`) and a device with the

@@ -38,18 +38,7 @@ fn partitions(topic: &str) -> Option<usize> {
 }
 
 fn admin(f: &Ferrule, method: &str, path: &str, body: &str) -> u16 {
-    curl(&[
-        "-X",
-        method,
-        "-u",
-        &format!("admin:{PASSWORD}"),
-        "-H",
-        "content-type: application/json",
-        "-d",
-        body,
-        &format!("{}{path}", f.registry),
-    ])
-    .0
+    f.admin(method, path, body).0
 }
 
 /// A tenant with a device `dev` that has password `pw`.

@@ -100,18 +100,7 @@ pub async fn run(
         )
         .create()?;
     consumer.subscribe(&[topic_pattern])?;
-    let producer = RecoveringProducer::new(
-        "command-router",
-        kafka
-            .producer()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            // A record that cannot be written (its topic is missing on a cluster that does not
-            // create topics, say) fails within this, rather than holding up the commands
-            // behind it for librdkafka's default of five minutes.
-            .set("message.timeout.ms", "10000"),
-    )?;
+    let producer = RecoveringProducer::new("command-router", kafka.command_producer())?;
     let out = Out {
         producer,
         names,

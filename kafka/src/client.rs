@@ -33,6 +33,17 @@ impl KafkaConfig {
             .set("allow.auto.create.topics", self.create_topics.to_string())
     }
 
+    /// A producer for commands and their outcomes (router, bridge): idempotent, `acks=all`,
+    /// sent at once (no linger), and a record Kafka does not take within 10 s fails rather than
+    /// holding up the ones behind it for librdkafka's default of five minutes.
+    pub fn command_producer(&self) -> ClientBuilder<'_> {
+        self.producer()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "10000")
+    }
+
     /// A consumer (`StreamConsumer`, `BaseConsumer`; also the metadata probe).
     pub fn consumer(&self) -> ClientBuilder<'_> {
         self.builder(ClientKind::Consumer)

@@ -65,16 +65,7 @@ pub async fn serve(
     registry: DeviceAuthenticator,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let producer = ferrule_kafka::RecoveringProducer::new(
-        "bridge",
-        kafka
-            .producer()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            // A command Kafka does not take within this is released to its application.
-            .set("message.timeout.ms", "10000"),
-    )?;
+    let producer = ferrule_kafka::RecoveringProducer::new("bridge", kafka.command_producer())?;
     let names = kafka.topic_names()?;
     let topics = ferrule_kafka::TopicAdmin::new(&kafka)?;
     let instance = match cfg.instance_id.as_str() {

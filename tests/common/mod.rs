@@ -142,6 +142,28 @@ impl Ferrule {
         }
     }
 
+    /// A request to the registry's management API as its administrator, with a JSON body:
+    /// the status and the answer.
+    pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        curl(&[
+            "-X",
+            method,
+            "-u",
+            &format!("admin:{PASSWORD}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &format!("{}{path}", self.registry),
+        ])
+    }
+
+    /// [`Self::admin`], which must succeed (2xx).
+    pub fn admin_ok(&self, method: &str, path: &str, body: &str) {
+        let (code, text) = self.admin(method, path, body);
+        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+    }
+
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         assert!(
