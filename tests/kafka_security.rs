@@ -159,6 +159,12 @@ impl Connection {
         assert!(ok, "writing to {topic}: {lines:?}");
     }
 
+    /// Creates `topic` as an operator would, logged in with this connection.
+    fn create_topic(&self, topic: &str) {
+        let (ok, lines) = self.client(&["create", topic, "1"]);
+        assert!(ok, "creating {topic}: {lines:?}");
+    }
+
     /// `ferrule check-kafka` with this connection, as an operator runs it.
     fn check_kafka(&self) -> Output {
         Command::new(env!("CARGO_BIN_EXE_ferrule"))
@@ -205,6 +211,11 @@ impl Drop for LogFile {
 
 impl Run {
     fn start(conn: &Connection, tenant: &str) -> Run {
+        Self::start_with(conn, tenant, &[])
+    }
+
+    /// [`Self::start`] with more `FERRULE_…` variables.
+    fn start_with(conn: &Connection, tenant: &str, more: &[(&'static str, String)]) -> Run {
         let log = std::env::temp_dir().join(format!(
             "ferrule-kafka-security-{}.log",
             uuid::Uuid::new_v4().simple()
@@ -220,6 +231,7 @@ impl Run {
         ));
         // librdkafka's reports come through the `log` facade at error and warn level.
         env.push(("RUST_LOG", "warn".to_owned()));
+        env.extend(more.iter().cloned());
         let ferrule = Ferrule::start_logging_to(&conn.bootstrap, &env, &log);
         Run {
             ferrule,
@@ -508,6 +520,41 @@ fn telemetry_lands_over_sasl_plaintext_with_scram_sha_512() {
         "SCRAM-SHA-512",
         Login::of("SCRAM512"),
     ));
+}
+
+/// On a secured cluster that Ferrule may not create topics on, a topic created beforehand is
+/// used and an upload to a tenant whose topic is missing gets 503; nothing is created.
+#[test]
+fn without_topic_creation_pre_created_topics_are_used_over_sasl_ssl() {
+    let conn = Connection::sasl_ssl("SCRAM-SHA-512", Login::of("SCRAM512"));
+    let (tenant, missing) = (new_tenant(), new_tenant());
+    conn.create_topic(&format!("hono.telemetry.{tenant}"));
+    let mut run = Run::start_with(
+        &conn,
+        &tenant,
+        &[("FERRULE_KAFKA__CREATE_TOPICS", "false".to_owned())],
+    );
+    run.ferrule.wait_readiness(200);
+    provision(&run.ferrule, &tenant);
+    provision(&run.ferrule, &missing);
+    upload(&run.ferrule, &tenant, "telemetry", "21.5");
+    assert_eq!(
+        conn.read(&format!("hono.telemetry.{tenant}"), 1)[0]["value"],
+        "21.5"
+    );
+    let (code, body) = curl(&[
+        "-u",
+        &format!("{DEVICE}@{missing}:{DEVICE_PASSWORD}"),
+        "-H",
+        "content-type: text/plain",
+        "-H",
+        "qos-level: 1",
+        "--data-binary",
+        "22",
+        &format!("{}/telemetry", run.ferrule.http),
+    ]);
+    assert_eq!(code, 503, "{body}");
+    run.wait_log(&format!("hono.telemetry.{missing}"));
 }
 
 /// The broker offers SCRAM only: a PLAIN login is refused, and Ferrule says so.

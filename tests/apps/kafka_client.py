@@ -13,6 +13,8 @@ usage: kafka_client.py [-X KEY=VALUE]... consume TOPIC COUNT TIMEOUT_SECONDS
            an `error` line and exit 1
        kafka_client.py [-X KEY=VALUE]... metadata TIMEOUT_SECONDS
            a `brokers` line, or an `error` line and exit 1
+       kafka_client.py [-X KEY=VALUE]... create TOPIC PARTITIONS
+           a `created` line once the broker made the topic, or an `error` line and exit 1
 """
 import json
 import sys
@@ -20,6 +22,7 @@ import time
 import uuid
 
 from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 
 def out(**line):
@@ -108,6 +111,17 @@ def metadata(props, timeout):
     out(brokers=["%s:%d" % (b.host, b.port) for b in md.brokers.values()])
 
 
+def create(props, topic, partitions):
+    admin = AdminClient(with_callbacks(props))
+    futures = admin.create_topics([NewTopic(topic, num_partitions=int(partitions),
+                                            replication_factor=1)])
+    try:
+        futures[topic].result(30)
+    except Exception as e:  # KafkaException: what the broker answered
+        fail(str(e))
+    out(created=topic)
+
+
 def main():
     props, rest = parse(sys.argv[1:])
     command, args = rest[0], rest[1:]
@@ -117,6 +131,8 @@ def main():
         produce(props, args[0], args[1], args[2], args[3:])
     elif command == "metadata":
         metadata(props, *args)
+    elif command == "create":
+        create(props, *args)
     else:
         fail("unknown command %s" % command)
 

@@ -9,12 +9,24 @@ use std::time::{Duration, Instant};
 
 pub const PASSWORD: &str = "all-in-one-test-secret";
 
+/// A port for a server of the test to listen on. Taken below Linux's ephemeral range
+/// (32768–60999): a port the kernel handed out for `:0` is free again once probed, and an
+/// outgoing connection (curl, a Kafka client) may take it as its local port before the
+/// server binds it. Ports are handed out in turn from a random start, so the tests of one
+/// process never get the same one, and each is checked to be free now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (uuid::Uuid::new_v4().as_u128() % u128::from(COUNT)) as u16;
+    let _ = NEXT.compare_exchange(0, start + 1, Ordering::Relaxed, Ordering::Relaxed);
+    loop {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn database_url() -> String {
