@@ -81,11 +81,6 @@ impl DownstreamSender {
         &self.names
     }
 
-    /// Creating or checking topics.
-    pub fn topics(&self) -> &TopicAdmin {
-        &self.topics
-    }
-
     /// The current producer's librdkafka handle: lets a test put it into a state no broker
     /// produces on demand (a fatal error). Dereferencing it is the caller's risk.
     #[doc(hidden)]

@@ -148,11 +148,6 @@ impl TopicNames {
         Ok(name)
     }
 
-    /// The name of a parsed topic.
-    pub fn of(&self, topic: &HonoTopic) -> Result<String, TopicError> {
-        self.name(topic.kind, &topic.suffix)
-    }
-
     /// Parses a topic name; the kind that matches is the longest one, so
     /// `hono.command_response.x` is never read as a command topic.
     pub fn parse(&self, name: &str) -> Result<HonoTopic, TopicError> {
@@ -447,7 +442,7 @@ mod tests {
         let n = hono();
         for kind in TopicKind::ALL {
             let t = HonoTopic::new(kind, "my.tenant-1").unwrap();
-            assert_eq!(n.parse(&n.of(&t).unwrap()).unwrap(), t);
+            assert_eq!(n.parse(&n.name(kind, &t.suffix).unwrap()).unwrap(), t);
         }
         let t = n.parse("hono.command_response.a.b").unwrap();
         assert_eq!(t.kind, TopicKind::CommandResponse);

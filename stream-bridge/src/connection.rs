@@ -286,7 +286,7 @@ impl StartAtAttach {
         .ok()
         .flatten();
         // Unknown (the broker did not answer): the group's own reset rule applies.
-        tracing::debug!(?ends, topic, "telemetry starts at the attach-time end");
+        tracing::debug!(?ends, topic, "the link starts at the attach-time end");
         StartAtAttach { ends }
     }
 }
@@ -678,9 +678,6 @@ async fn response_consumer(
     topic: &str,
     start: StartAtAttach,
 ) -> anyhow::Result<StreamConsumer> {
-    if let Err(e) = ensure_topic(ctx, tenant, topic).await {
-        tracing::warn!(error = %e, topic, "response topic not ready");
-    }
     let consumer: StreamConsumer = ctx
         .kafka
         .consumer()
@@ -698,6 +695,30 @@ async fn response_consumer(
             ctx.kafka.consumer_fetch_wait_ms.to_string(),
         )
         .create()?;
+    let ends = start.ends.unwrap_or_default();
+    // The partitions read at the attach; only when there were none to read (the broker did
+    // not answer, or the topic was not there yet) are they looked up again.
+    let partitions = match ends.len() {
+        0 => partitions_of(ctx, tenant, topic).await?,
+        n => n,
+    };
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        // Where the log ended at the attach; a partition unknown then starts at its end now.
+        let from = ends
+            .get(&p)
+            .map_or(rdkafka::Offset::End, |o| rdkafka::Offset::Offset(*o));
+        tpl.add_partition_offset(topic, p, from)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// The partitions of a tenant's `topic`, once it exists (made first where Ferrule may).
+async fn partitions_of(ctx: &Context, tenant: &str, topic: &str) -> anyhow::Result<usize> {
+    if let Err(e) = ensure_topic(ctx, tenant, topic).await {
+        tracing::warn!(error = %e, topic, "topic not ready");
+    }
     // Metadata requests block: they run on a blocking thread, with a client of their own.
     let probe: rdkafka::consumer::BaseConsumer = ctx.kafka.consumer().create()?;
     let name = topic.to_owned();
@@ -719,17 +740,7 @@ async fn response_consumer(
     })
     .await??;
     anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
-    let ends = start.ends.unwrap_or_default();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        // Where the log ended at the attach; a partition unknown then starts at its end now.
-        let from = ends
-            .get(&p)
-            .map_or(rdkafka::Offset::End, |o| rdkafka::Offset::Offset(*o));
-        tpl.add_partition_offset(topic, p, from)?;
-    }
-    consumer.assign(&tpl)?;
-    Ok(consumer)
+    Ok(partitions)
 }
 
 /// A record's headers in order, as the schemas' header functions take them.
