@@ -17,6 +17,8 @@ NISSHI_BIN="$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION/bin/nisshi"
 # brings librdkafka 2.0.2, which cannot talk to the broker): a virtual environment outside the
 # clone, made from Debian's interpreter and seeing its packages (Qpid Proton, paho-mqtt).
 CONFLUENT_KAFKA_VERSION=2.16.1
+# The CoAP tests' second client (libcoap's coap-client from Debian is the first).
+AIOCOAP_VERSION=0.4.17
 PYTHON_ENV="$FERRULE_HOME/tools/python"
 PYTHON_WITH_KAFKA="$PYTHON_ENV/bin/python3"
 PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
@@ -78,22 +80,23 @@ ensure_rust() {
 
 ensure_base() {
     ensure_packages postgresql curl ca-certificates make gcc g++ pkg-config libssl-dev python3 mosquitto-clients \
-        python3-qpid-proton python3-paho-mqtt python3-venv iproute2
+        python3-qpid-proton python3-paho-mqtt python3-venv iproute2 libcoap3-bin
     ensure_rust
     ensure_python_kafka
     [ -n "$PG_BIN" ] || PG_BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
 }
 
 ensure_python_kafka() {
-    "$PYTHON_WITH_KAFKA" -c "import sys, confluent_kafka
-sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION')" 2>/dev/null && return 0
-    say "installing confluent-kafka $CONFLUENT_KAFKA_VERSION into $PYTHON_ENV"
+    "$PYTHON_WITH_KAFKA" -c "import sys, confluent_kafka, aiocoap.meta
+sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION'
+         or aiocoap.meta.version != '$AIOCOAP_VERSION')" 2>/dev/null && return 0
+    say "installing confluent-kafka $CONFLUENT_KAFKA_VERSION and aiocoap $AIOCOAP_VERSION into $PYTHON_ENV"
     mkdir -p "$FERRULE_HOME/tools"
     # --clear: an environment whose interpreter went away (or never got its pip) is made anew.
     "$PYTHON_WITH_KAFKA" -m pip --version >/dev/null 2>&1 ||
         /usr/bin/python3 -m venv --clear --system-site-packages "$PYTHON_ENV"
     "$PYTHON_WITH_KAFKA" -m pip install --quiet --disable-pip-version-check \
-        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2
+        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" "aiocoap==$AIOCOAP_VERSION" >&2
 }
 
 pg_run() { # run a PostgreSQL server binary as the owner of the data directory
@@ -231,16 +234,25 @@ ensure_database() { # name
     fi
 }
 
-# Building the broker is most of a first set-up (about 12 minutes on 2 cores), and its longest
-# steps keep one core busy: start_broker_build starts it in the background, so the PostgreSQL
-# set-up and Ferrule's own build use the other core meanwhile; install_broker waits for it.
-# The build keeps cargo's release settings, so the broker runs as fast as a foreground build.
+# Building the broker is most of a first set-up, and its longest steps keep one core busy:
+# start_broker_build starts it in the background, so the PostgreSQL set-up and Ferrule's own
+# build use the other core meanwhile; install_broker waits for it.
+# The broker binary also carries nisshi's schema validation and data generator, whose crates
+# are among the slowest to optimise. Ferrule starts the broker without a schema registry, so
+# that code never runs here: those crates are compiled unoptimised (opt-level 0), everything
+# on the produce and fetch path (protocol codec, storage, tokio) with cargo's release settings.
+BROKER_UNOPTIMISED_CRATES=(jsonschema rhai rhai-rand fake protobuf protobuf-parse
+    protobuf-json-mapping apache-avro libsql-ffi)
 BROKER_BUILD_LOG="$FERRULE_HOME/tools/nisshi-build.log"
 BROKER_BUILD_PID_FILE="$FERRULE_HOME/tools/nisshi-build.pid"
 BROKER_BUILD_STATUS="$FERRULE_HOME/tools/nisshi-build.status"
 
 build_broker() {
-    CARGO_TARGET_DIR="$FERRULE_HOME/tools/nisshi-build" cargo install nisshi \
+    local crate config=()
+    for crate in "${BROKER_UNOPTIMISED_CRATES[@]}"; do
+        config+=(--config "profile.release.package.$crate.opt-level=0")
+    done
+    CARGO_TARGET_DIR="$FERRULE_HOME/tools/nisshi-build" cargo "${config[@]}" install nisshi \
         --version "$NISSHI_VERSION" --locked --ignore-rust-version \
         --no-default-features --features dynostore,postgres \
         --root "$FERRULE_HOME/tools/nisshi-$NISSHI_VERSION"

@@ -93,6 +93,12 @@ async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListe
         .with_context(|| format!("{what}: cannot listen on {addr}"))
 }
 
+async fn bind_udp(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::UdpSocket> {
+    tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))
+}
+
 /// Which services one process runs.
 #[derive(Clone, Copy)]
 struct Services {
@@ -166,6 +172,10 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             },
             mqtts: match tls {
                 true => Some(bind("MQTTS adapter", cfg.gateway.mqtt.tls_bind).await?),
+                false => None,
+            },
+            coap: match cfg.gateway.coap.enabled {
+                true => Some(bind_udp("CoAP adapter", cfg.gateway.coap.bind).await?),
                 false => None,
             },
         }),

@@ -6,13 +6,8 @@ use ferrule_loadtest::measure::{ProcessSample, Report, wait_for_records};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::free_port;
 
 #[tokio::test]
 async fn harness_smoke_run() {
@@ -20,13 +15,14 @@ async fn harness_smoke_run() {
     let db = std::env::var("FERRULE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into());
     let (registry, http, mqtt, health) = (free_port(), free_port(), free_port(), free_port());
-    let amqp = free_port();
+    let (amqp, coap) = (free_port(), free_port());
     let mut ferrule = Command::new(env!("CARGO_BIN_EXE_ferrule"))
         .arg("all")
         .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
         .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
         .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
         .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{amqp}"))
+        .env("FERRULE_GATEWAY__COAP__BIND", format!("127.0.0.1:{coap}"))
         .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
         .env("FERRULE_DATABASE__URL", &db)
         .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", &kafka)

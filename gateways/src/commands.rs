@@ -3,12 +3,10 @@
 //! the responses devices send back.
 
 use crate::kafka::{DownstreamSender, OutboundRecord};
-use crate::pipeline::{AdapterType, IngestPipeline, Origin, UploadError};
+use crate::pipeline::{DeviceResponse, IngestPipeline, Reason, Refusal};
 use ferrule_registry::device_connection::RoutingState;
 use ferrule_schemas::TopicKind;
-use ferrule_schemas::command::{
-    RequestId, delivery_failure_body, is_valid_response_status, response_headers,
-};
+use ferrule_schemas::command::{RequestId, delivery_failure_body, response_headers};
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::outcome::{DELIVERED, OutcomeRoute};
@@ -211,7 +209,7 @@ struct ResponseTo<'a> {
 pub struct PendingResponse(crate::kafka::Delivery);
 
 impl PendingResponse {
-    pub async fn acked(mut self) -> Result<(), UploadError> {
+    pub async fn acked(mut self) -> Result<(), Refusal> {
         std::future::poll_fn(|cx| self.poll_acked(cx)).await
     }
 
@@ -219,24 +217,9 @@ impl PendingResponse {
     pub fn poll_acked(
         &mut self,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), UploadError>> {
-        self.0
-            .poll_acked(cx)
-            .map_err(|e| UploadError::Unavailable(format!("downstream unavailable: {e}")))
+    ) -> std::task::Poll<Result<(), Refusal>> {
+        self.0.poll_acked(cx).map_err(Refusal::downstream)
     }
-}
-
-/// A device's response to a request/response command, as an adapter received it.
-#[derive(Debug, Clone)]
-pub struct DeviceResponse {
-    pub adapter: AdapterType,
-    pub origin: Origin,
-    /// Tenant and device named in the address (gateway and unauthenticated forms).
-    pub target: Option<(String, String)>,
-    pub request_id: String,
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub payload: Vec<u8>,
 }
 
 impl CommandHub {
@@ -303,7 +286,7 @@ impl CommandHub {
         device: &str,
         queue: CommandQueue,
         lifespan: Option<Duration>,
-    ) -> Result<SubscriptionToken, UploadError> {
+    ) -> Result<SubscriptionToken, Refusal> {
         let token = SubscriptionToken(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
         self.subscribers()
             .insert((tenant.to_owned(), device.to_owned()), (token, queue));
@@ -316,7 +299,10 @@ impl CommandHub {
             Ok(()) => Ok(token),
             Err(e) => {
                 self.forget(tenant, device, token);
-                Err(UploadError::Unavailable(format!("routing state: {e}")))
+                Err(Refusal::new(
+                    Reason::RegistryUnavailable,
+                    format!("routing state: {e}"),
+                ))
             }
         }
     }
@@ -364,7 +350,7 @@ impl CommandHub {
         tenant: &str,
         device: &str,
         ttd: Duration,
-    ) -> Result<LongPoll, UploadError> {
+    ) -> Result<LongPoll, Refusal> {
         // One command per request: room for exactly one.
         let (tx, rx) = mpsc::channel(1);
         let token = self
@@ -387,7 +373,7 @@ impl CommandHub {
         &self,
         pipeline: &IngestPipeline,
         r: DeviceResponse,
-    ) -> Result<(), UploadError> {
+    ) -> Result<(), Refusal> {
         self.submit_response(pipeline, r).await?.acked().await
     }
 
@@ -398,26 +384,8 @@ impl CommandHub {
         &self,
         pipeline: &IngestPipeline,
         r: DeviceResponse,
-    ) -> Result<PendingResponse, UploadError> {
-        let request = RequestId::decode(&r.request_id)
-            .ok_or_else(|| UploadError::BadRequest("unknown request id".into()))?;
-        if !is_valid_response_status(r.status) {
-            return Err(UploadError::BadRequest(format!(
-                "invalid response status {}",
-                r.status
-            )));
-        }
-        if r.payload.len() > pipeline.max_payload_size() {
-            return Err(UploadError::PayloadTooLarge(pipeline.max_payload_size()));
-        }
-        let who = pipeline
-            .authorise(r.adapter, &r.origin, r.target.as_ref())
-            .await?;
-        if request.expired_at(h::now_millis()) {
-            return Err(UploadError::Unavailable(
-                "the application no longer waits for this response".into(),
-            ));
-        }
+    ) -> Result<PendingResponse, Refusal> {
+        let (who, request) = pipeline.authorise_response(&r).await?;
         self.awaiting()
             .remove(&who.tenant_id, &request.correlation_id);
         self.enqueue_response(
@@ -443,7 +411,7 @@ impl CommandHub {
         status: u16,
         content_type: Option<&str>,
         payload: &[u8],
-    ) -> Result<(), UploadError> {
+    ) -> Result<(), Refusal> {
         self.enqueue_response(
             ResponseTo {
                 tenant,
@@ -467,7 +435,7 @@ impl CommandHub {
         status: u16,
         content_type: Option<&str>,
         payload: &[u8],
-    ) -> Result<PendingResponse, UploadError> {
+    ) -> Result<PendingResponse, Refusal> {
         let ResponseTo {
             tenant,
             tenant_ext,
@@ -479,7 +447,7 @@ impl CommandHub {
             .sender
             .names()
             .name(TopicKind::CommandResponse, tenant)
-            .map_err(|e| UploadError::BadRequest(e.to_string()))?;
+            .map_err(|e| Refusal::malformed(e.to_string()))?;
         let ct = content_type
             .or((!payload.is_empty()).then_some(ferrule_schemas::content_type::OCTET_STREAM));
         let headers = response_headers(tenant, device, correlation_id, status, ct)
@@ -490,9 +458,7 @@ impl CommandHub {
                     value: Some(v),
                 })
             });
-        let unavailable = |e: crate::kafka::ProduceError| {
-            UploadError::Unavailable(format!("downstream unavailable: {e}"))
-        };
+        let unavailable = |e: crate::kafka::ProduceError| Refusal::downstream(e);
         self.inner
             .sender
             .ensure_topic(&topic, tenant_ext)

@@ -2,9 +2,11 @@
 //! pipeline's errors into Hono's status codes; `hono-ttd` long polls that answer with a
 //! command, command responses on `/command/res`, CORS pre-flight for browser devices.
 
-use crate::commands::{CommandDelivery, CommandHub, DeviceResponse};
+use crate::commands::{CommandDelivery, CommandHub};
 use crate::metrics;
-use crate::pipeline::{AdapterType, Endpoint, IngestPipeline, Origin, Qos, Upload, UploadError};
+use crate::pipeline::{
+    AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Reason, Refusal, Upload,
+};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -231,18 +233,18 @@ async fn origin(
     headers: &HeaderMap,
     target: Option<&(String, String)>,
     auth_required: bool,
-) -> Result<Origin, UploadError> {
+) -> Result<Origin, Refusal> {
     Ok(match (client_cert, basic_credentials(headers)?) {
-        (Some(der), _) => Origin::Device(Arc::new(
-            a.pipeline.authenticate_certificate(ADAPTER, &der).await?,
-        )),
+        (Some(der), _) => {
+            Origin::Device(Arc::new(a.pipeline.authenticate_certificate(&der).await?))
+        }
         (None, Some((user, password))) => Origin::Device(Arc::new(
             a.pipeline
-                .authenticate(ADAPTER, &user, password.as_bytes(), target)
+                .authenticate(&user, password.as_bytes(), target)
                 .await?,
         )),
         (None, None) if auth_required => {
-            return Err(UploadError::Unauthorized("credentials required".into()));
+            return Err(Refusal::unauthenticated("credentials required"));
         }
         (None, None) => Origin::Anonymous,
     })
@@ -260,7 +262,7 @@ async fn upload(
     endpoint: Endpoint,
     target: Option<(String, String)>,
     auth_required: bool,
-) -> Result<Option<(CommandDelivery, bool)>, UploadError> {
+) -> Result<Option<(CommandDelivery, bool)>, Refusal> {
     let body = body_or_error(a, body)?;
     let origin = origin(a, client_cert, headers, target.as_ref(), auth_required).await?;
     let query = uri.query().unwrap_or("");
@@ -268,7 +270,7 @@ async fn upload(
         None | Some("0") => Qos::AtMostOnce,
         Some("1") => Qos::AtLeastOnce,
         Some(other) => {
-            return Err(UploadError::BadRequest(format!(
+            return Err(Refusal::malformed(format!(
                 "unsupported QoS-Level `{other}`"
             )));
         }
@@ -291,9 +293,8 @@ async fn upload(
                 .pipeline
                 .authorise(ADAPTER, &origin, target.as_ref())
                 .await?;
-            let max = who.max_ttd_secs(ADAPTER).unwrap_or(a.cfg.max_ttd_secs);
-            let ttd = requested.min(max);
-            if ttd > 0 {
+            let ttd = who.effective_ttd_secs(ADAPTER, requested, a.cfg.max_ttd_secs);
+            if let Some(ttd) = ttd {
                 let for_gateway = who.gateway_id.is_some();
                 let ttd_time = std::time::Duration::from_secs(ttd.unsigned_abs());
                 let p = hub
@@ -301,7 +302,7 @@ async fn upload(
                     .await?;
                 poll = Some((p, who.device_id, for_gateway));
             }
-            Some(ttd).filter(|t| *t > 0)
+            ttd
         }
         (requested, _) => requested.map(|t| t.min(a.cfg.max_ttd_secs)),
     };
@@ -332,12 +333,12 @@ async fn upload(
     }))
 }
 
-fn body_or_error(a: &Adapter, body: Result<Bytes, BytesRejection>) -> Result<Bytes, UploadError> {
+fn body_or_error(a: &Adapter, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            UploadError::PayloadTooLarge(a.pipeline.max_payload_size())
+            Refusal::payload_too_large(a.pipeline.max_payload_size())
         } else {
-            UploadError::BadRequest(r.body_text())
+            Refusal::malformed(r.body_text())
         }
     })
 }
@@ -396,13 +397,13 @@ async fn respond(
         let body = body_or_error(a, body)?;
         let origin = origin(a, client_cert, headers, target.as_ref(), auth_required).await?;
         let status = number_param(headers, uri.query().unwrap_or(""), "hono-cmd-status")?
-            .ok_or_else(|| UploadError::BadRequest("`hono-cmd-status` is required".into()))?;
+            .ok_or_else(|| Refusal::malformed("`hono-cmd-status` is required"))?;
         let status = u16::try_from(status)
-            .map_err(|_| UploadError::BadRequest(format!("invalid status {status}")))?;
+            .map_err(|_| Refusal::malformed(format!("invalid status {status}")))?;
         let hub = a
             .hub
             .as_ref()
-            .ok_or_else(|| UploadError::Unavailable("commands are not enabled".into()))?;
+            .ok_or_else(|| Refusal::new(Reason::NoConsumer, "commands are not enabled"))?;
         let response = DeviceResponse {
             adapter: ADAPTER,
             origin,
@@ -417,26 +418,23 @@ async fn respond(
     .await;
     match result {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
-        Err(e) => {
-            metrics::rejected(ADAPTER.name(), e.reason());
-            error_response(&a.cfg, e)
-        }
+        Err(e) => error_response(&a.cfg, e),
     }
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, UploadError> {
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Refusal> {
     headers
         .get(name)
         .map(|v| {
             v.to_str()
                 .map(str::trim)
-                .map_err(|_| UploadError::BadRequest(format!("header `{name}` is not text")))
+                .map_err(|_| Refusal::malformed(format!("header `{name}` is not text")))
         })
         .transpose()
 }
 
 /// A numeric Hono parameter, from the header or else the query string.
-fn number_param(headers: &HeaderMap, query: &str, name: &str) -> Result<Option<i64>, UploadError> {
+fn number_param(headers: &HeaderMap, query: &str, name: &str) -> Result<Option<i64>, Refusal> {
     let raw = match header_str(headers, name)? {
         Some(v) => Some(v.to_owned()),
         None => query.split('&').find_map(|kv| {
@@ -450,21 +448,21 @@ fn number_param(headers: &HeaderMap, query: &str, name: &str) -> Result<Option<i
     };
     raw.map(|v| {
         v.parse::<i64>()
-            .map_err(|_| UploadError::BadRequest(format!("`{name}` must be an integer")))
+            .map_err(|_| Refusal::malformed(format!("`{name}` must be an integer")))
     })
     .transpose()
 }
 
 /// `Authorization: Basic base64(authId@tenant:password)`, split at the first `:`.
-fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, UploadError> {
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, Refusal> {
     let Some(value) = header_str(headers, header::AUTHORIZATION.as_str())? else {
         return Ok(None);
     };
-    let bad = || UploadError::Unauthorized("malformed Basic credentials".into());
+    let bad = || Refusal::unauthenticated("malformed Basic credentials");
     let (scheme, encoded) = value.split_once(' ').ok_or_else(bad)?;
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(UploadError::Unauthorized(
-            "only Basic authentication is supported".into(),
+        return Err(Refusal::unauthenticated(
+            "only Basic authentication is supported",
         ));
     }
     let decoded = base64::engine::general_purpose::STANDARD
@@ -475,8 +473,10 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, Up
     Ok(Some((user.to_owned(), password.to_owned())))
 }
 
-/// The one place pipeline errors become HTTP status codes (Hono's table).
-fn error_response(cfg: &HttpConfig, e: UploadError) -> Response {
+/// The one place a refusal becomes an HTTP answer: the status from the reason table
+/// (`refusal.rs`), counted in `ferrule_gateway_rejected_total`.
+fn error_response(cfg: &HttpConfig, e: Refusal) -> Response {
+    metrics::rejected(ADAPTER.name(), e.label());
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, e.to_string()).into_response();
     if status == StatusCode::UNAUTHORIZED

@@ -1,14 +1,16 @@
-//! Ferrule's protocol gateways (HTTP and MQTT): stateless adapters that authenticate devices
+//! Ferrule's protocol gateways (HTTP, MQTT and CoAP): stateless adapters that authenticate devices
 //! against the registry, write their telemetry and events into per-tenant Kafka topics through
 //! one shared ingest pipeline, and deliver the commands the router forwards to this instance.
 #![forbid(unsafe_code)]
 
+pub mod coap;
 pub mod commands;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;
+pub mod refusal;
 pub mod tls;
 pub mod x509;
 
@@ -43,6 +45,7 @@ pub struct GatewayConfig {
     pub command_response_timeout_secs: u64,
     pub http: http::HttpConfig,
     pub mqtt: mqtt::MqttConfig,
+    pub coap: coap::CoapConfig,
     pub tls: tls::TlsConfig,
 }
 
@@ -55,6 +58,7 @@ impl Default for GatewayConfig {
             command_response_timeout_secs: 60,
             http: http::HttpConfig::default(),
             mqtt: mqtt::MqttConfig::default(),
+            coap: coap::CoapConfig::default(),
             tls: tls::TlsConfig::default(),
         }
     }
@@ -68,6 +72,8 @@ pub struct Listeners {
     pub https: Option<tokio::net::TcpListener>,
     /// MQTTS; served only when `gateway.tls` names a certificate.
     pub mqtts: Option<tokio::net::TcpListener>,
+    /// Plain CoAP over UDP.
+    pub coap: Option<tokio::net::UdpSocket>,
 }
 
 /// Serves the protocol adapters until `shutdown` turns true, then flushes the producer. All
@@ -90,6 +96,7 @@ pub async fn serve(
     for (allowed, adapter) in [
         (cfg.http.allow_unauthenticated, pipeline::AdapterType::Http),
         (cfg.mqtt.allow_unauthenticated, pipeline::AdapterType::Mqtt),
+        (cfg.coap.allow_unauthenticated, pipeline::AdapterType::Coap),
     ] {
         if !allowed {
             pipeline = pipeline.forbid_anonymous(adapter);
@@ -144,6 +151,15 @@ pub async fn serve(
             pipeline.clone(),
             Some(hub.clone()),
             cfg.mqtt.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(socket) = listeners.coap {
+        adapters.spawn(coap::serve(
+            socket,
+            pipeline.clone(),
+            Some(hub.clone()),
+            cfg.coap.clone(),
             shutdown.clone(),
         ));
     }

@@ -151,6 +151,22 @@ thread_local! {
     static LAST_SERIES: std::cell::RefCell<Option<Series>> = const { std::cell::RefCell::new(None) };
 }
 
+static COAP_DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    registered(IntCounterVec::new(
+        Opts::new(
+            "ferrule_gateway_coap_duplicates_total",
+            "Retransmitted CoAP requests recognised by sender and message id and not handled \
+             again, by state (answered from the cache, or still in progress)",
+        ),
+        &["state"],
+    ))
+});
+
+/// Counts a retransmitted CoAP request that was not handled again.
+pub fn coap_duplicate(state: &str) {
+    COAP_DUPLICATES.with_label_values(&[state]).inc();
+}
+
 /// Counts a refused request.
 pub fn rejected(adapter: &str, reason: &str) {
     REJECTED.with_label_values(&[adapter, reason]).inc();
@@ -160,6 +176,7 @@ pub fn init() {
     LazyLock::force(&PROCESSING);
     LazyLock::force(&PAYLOAD);
     LazyLock::force(&REJECTED);
+    LazyLock::force(&COAP_DUPLICATES);
     LazyLock::force(&CONNECTIONS);
     LazyLock::force(&UNAUTHENTICATED);
     LazyLock::force(&ATTEMPTS);

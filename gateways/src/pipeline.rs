@@ -1,15 +1,17 @@
 //! The ingest pipeline every protocol adapter calls for telemetry and events: authenticate →
 //! authorise (tenant, adapter, device, gateway) → validate → build the Kafka record → produce →
 //! answer by QoS. Adapters translate their wire format into an [`Upload`] and the
-//! [`UploadError`] back. Command subscriptions are authorised here too. Not every decision is
-//! made here: the MQTT module decides which error subscriptions it allows, and
-//! `CommandHub::submit_response` checks command responses (docs/gateways.md lists these).
+//! [`Refusal`] back, whose typed [`Reason`] each protocol looks up in one table
+//! (`refusal.rs`). Every decision whether something may pass is made here: uploads, command
+//! and error subscriptions, long polls and command responses.
 
 use crate::kafka::{Delivery, DownstreamSender, OutboundRecord, ProduceError};
 use crate::metrics;
+pub use crate::refusal::{Reason, Refusal};
 use ferrule_registry::model::device::Device;
 use ferrule_registry::model::tenant::Tenant;
 use ferrule_registry::{AuthError, AuthenticatedDevice, DeviceAuthenticator};
+use ferrule_schemas::command::{RequestId, is_valid_response_status};
 use ferrule_schemas::headers as h;
 use ferrule_schemas::ttl::{TtlKind, effective_ttl_millis};
 use ferrule_schemas::{ContentType, TopicKind, TopicNames};
@@ -109,63 +111,6 @@ pub struct Upload {
     pub traceparent: Option<String>,
 }
 
-/// Why a message was not forwarded. HTTP maps these to status codes in `http::error_response`;
-/// MQTT in `publish_failed` (PUBLISH) and `authenticate` (CONNACK).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum UploadError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("payload larger than {0} bytes")]
-    PayloadTooLarge(usize),
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-impl UploadError {
-    /// The HTTP status code Hono uses for this error (HTTP answers, MQTT error messages).
-    pub fn status(&self) -> u16 {
-        match self {
-            UploadError::BadRequest(_) => 400,
-            UploadError::Unauthorized(_) => 401,
-            UploadError::Forbidden(_) => 403,
-            UploadError::NotFound(_) => 404,
-            UploadError::PayloadTooLarge(_) => 413,
-            UploadError::Unavailable(_) => 503,
-        }
-    }
-
-    /// A stable label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            UploadError::BadRequest(_) => "bad-request",
-            UploadError::Unauthorized(_) => "unauthorized",
-            UploadError::Forbidden(_) => "forbidden",
-            UploadError::NotFound(_) => "not-found",
-            UploadError::PayloadTooLarge(_) => "payload-too-large",
-            UploadError::Unavailable(_) => "unavailable",
-        }
-    }
-}
-
-impl From<AuthError> for UploadError {
-    fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Unavailable(m) => {
-                UploadError::Unavailable(format!("registry unavailable: {m}"))
-            }
-            AuthError::TenantDisabled => UploadError::Forbidden(e.to_string()),
-            AuthError::DeviceDisabled => UploadError::NotFound(e.to_string()),
-            other => UploadError::Unauthorized(other.to_string()),
-        }
-    }
-}
-
 /// Where an accepted message went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Accepted {
@@ -200,6 +145,19 @@ impl Authorised {
         self.tenant().ext.as_ref()
     }
 
+    /// How long a device may wait for a command (Hono's long-poll rule, hono-api §3.5): the
+    /// request capped by the tenant's `max-ttd` for the adapter, else `default_max`; `None`
+    /// when that leaves no time.
+    pub fn effective_ttd_secs(
+        &self,
+        adapter: AdapterType,
+        requested: i64,
+        default_max: i64,
+    ) -> Option<i64> {
+        let max = self.max_ttd_secs(adapter).unwrap_or(default_max);
+        Some(requested.min(max)).filter(|t| *t > 0)
+    }
+
     /// The tenant's `max-ttd` for `adapter` (`adapters[].ext.max-ttd`), if it sets one.
     pub fn max_ttd_secs(&self, adapter: AdapterType) -> Option<i64> {
         self.tenant()
@@ -211,6 +169,41 @@ impl Authorised {
             .and_then(|ext| ext.get("max-ttd"))
             .and_then(Value::as_i64)
     }
+}
+
+/// Whose commands a subscription takes (see [`IngestPipeline::authorise_command_subscription`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandScope<'a> {
+    /// The subscriber's own (a device, or a gateway for itself).
+    Own,
+    /// Any device a gateway may act for (MQTT's `+`).
+    AllOfGateway,
+    /// One device, named.
+    One(&'a str),
+}
+
+/// An allowed command subscription.
+#[derive(Debug, Clone)]
+pub struct Subscribed {
+    /// The checked subscriber: `device_id` is the id the subscription is registered under.
+    pub who: Authorised,
+    /// The device it is for as the pipeline takes an address: `None` for the subscriber
+    /// itself, else tenant (maybe empty: the subscriber's own) and device. Notifications
+    /// about the subscription are sent for it.
+    pub target: Option<(String, String)>,
+}
+
+/// A device's response to a request/response command, as an adapter received it.
+#[derive(Debug, Clone)]
+pub struct DeviceResponse {
+    pub adapter: AdapterType,
+    pub origin: Origin,
+    /// Tenant and device named in the address (gateway and unauthenticated forms).
+    pub target: Option<(String, String)>,
+    pub request_id: String,
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub payload: Vec<u8>,
 }
 
 /// What the pipeline reports about gateways, for whoever routes commands (the command side of
@@ -285,19 +278,10 @@ impl IngestPipeline {
     /// credentials name the certificate's subject DN.
     pub async fn authenticate_certificate(
         &self,
-        adapter: AdapterType,
         der: &[u8],
-    ) -> Result<AuthenticatedDevice, UploadError> {
-        let result = self.certificate_device(der).await;
-        if let Err(e) = &result {
-            metrics::rejected(adapter.name(), e.reason());
-        }
-        result
-    }
-
-    async fn certificate_device(&self, der: &[u8]) -> Result<AuthenticatedDevice, UploadError> {
-        let untrusted = || UploadError::Unauthorized("client certificate is not trusted".into());
-        let cert = crate::x509::parse(der).map_err(UploadError::Unauthorized)?;
+    ) -> Result<AuthenticatedDevice, Refusal> {
+        let untrusted = || Refusal::unauthenticated("client certificate is not trusted");
+        let cert = crate::x509::parse(der).map_err(Refusal::unauthenticated)?;
         let tenant_id = self
             .registry
             .tenant_by_trust_anchor(&cert.issuer_dn)
@@ -338,10 +322,13 @@ impl IngestPipeline {
         &self,
         adapter: AdapterType,
         device: &AuthenticatedDevice,
-    ) -> Result<(), UploadError> {
+    ) -> Result<(), Refusal> {
         let tenant = self.registry.tenant(&device.tenant_id).await?;
         let tenant = tenant.as_ref().as_ref().ok_or_else(|| {
-            UploadError::NotFound(format!("tenant `{}` not found", device.tenant_id))
+            Refusal::new(
+                Reason::TenantNotFound,
+                format!("tenant `{}` not found", device.tenant_id),
+            )
         })?;
         authorise_tenant(tenant, adapter, false)?;
         let doc = self
@@ -350,10 +337,10 @@ impl IngestPipeline {
             .await?;
         match doc.as_ref() {
             Some(d) if d.enabled => Ok(()),
-            _ => Err(UploadError::NotFound(format!(
-                "device `{}` not found or disabled",
-                device.device_id
-            ))),
+            _ => Err(Refusal::new(
+                Reason::DeviceNotFound,
+                format!("device `{}` not found or disabled", device.device_id),
+            )),
         }
     }
 
@@ -362,23 +349,21 @@ impl IngestPipeline {
     /// gateway (403), a disabled device sending its own data is unknown (404), as in Hono.
     pub async fn authenticate(
         &self,
-        adapter: AdapterType,
         username: &str,
         password: &[u8],
         target: Option<&(String, String)>,
-    ) -> Result<AuthenticatedDevice, UploadError> {
+    ) -> Result<AuthenticatedDevice, Refusal> {
         self.registry
             .verify_password(username, password)
             .await
             .map_err(|e| {
-                metrics::rejected(adapter.name(), e.outcome());
                 let for_other = target.is_some_and(|(_, device)| {
                     ferrule_registry::auth::split_username(username)
                         .is_ok_and(|(auth_id, _)| auth_id != device)
                 });
                 match e {
                     AuthError::DeviceDisabled if for_other => {
-                        UploadError::Forbidden("gateway is disabled".into())
+                        Refusal::new(Reason::GatewayNotAuthorised, "gateway is disabled")
                     }
                     other => other.into(),
                 }
@@ -394,7 +379,7 @@ impl IngestPipeline {
         adapter: AdapterType,
         origin: &Origin,
         target: Option<&(String, String)>,
-    ) -> Result<Authorised, UploadError> {
+    ) -> Result<Authorised, Refusal> {
         let who = resolve(origin, target)?;
         let tenant = self.registry.tenant(&who.tenant).await?;
         let device = self.registry.device(&who.tenant, &who.device).await?;
@@ -412,7 +397,7 @@ impl IngestPipeline {
         adapter: AdapterType,
         origin: &Origin,
         target: Option<&(String, String)>,
-    ) -> Option<Result<Authorised, UploadError>> {
+    ) -> Option<Result<Authorised, Refusal>> {
         let who = match resolve(origin, target) {
             Ok(who) => who,
             Err(e) => return Some(Err(e)),
@@ -434,24 +419,29 @@ impl IngestPipeline {
         tenant: Arc<Option<Tenant>>,
         device: Arc<Option<Device>>,
         gateway: Option<Arc<Option<Device>>>,
-    ) -> Result<Authorised, UploadError> {
+    ) -> Result<Authorised, Refusal> {
         if who.anonymous && !self.allows_anonymous(adapter) {
-            return Err(UploadError::Unauthorized(format!(
+            return Err(Refusal::unauthenticated(format!(
                 "the {} adapter requires device authentication",
                 adapter.name()
             )));
         }
-        let t = tenant
-            .as_ref()
-            .as_ref()
-            .ok_or_else(|| UploadError::NotFound(format!("tenant `{}` not found", who.tenant)))?;
+        let t = tenant.as_ref().as_ref().ok_or_else(|| {
+            Refusal::new(
+                Reason::TenantNotFound,
+                format!("tenant `{}` not found", who.tenant),
+            )
+        })?;
         authorise_tenant(t, adapter, who.anonymous)?;
         let d = device
             .as_ref()
             .as_ref()
             .filter(|d| d.enabled)
             .ok_or_else(|| {
-                UploadError::NotFound(format!("device `{}` not found or disabled", who.device))
+                Refusal::new(
+                    Reason::DeviceNotFound,
+                    format!("device `{}` not found or disabled", who.device),
+                )
             })?;
         if let (Some(gw), Some(gateway)) = (&who.gateway, &gateway) {
             let gateway = gateway
@@ -459,13 +449,16 @@ impl IngestPipeline {
                 .as_ref()
                 .filter(|g| g.enabled)
                 .ok_or_else(|| {
-                    UploadError::Forbidden(format!("gateway `{gw}` unknown or disabled"))
+                    Refusal::new(
+                        Reason::GatewayNotAuthorised,
+                        format!("gateway `{gw}` unknown or disabled"),
+                    )
                 })?;
             if !may_act_for(gw, gateway, d) {
-                return Err(UploadError::Forbidden(format!(
-                    "gateway `{gw}` may not act for device `{}`",
-                    who.device
-                )));
+                return Err(Refusal::new(
+                    Reason::GatewayNotAuthorised,
+                    format!("gateway `{gw}` may not act for device `{}`", who.device),
+                ));
             }
             if let Some(activity) = &self.gateway_activity {
                 activity.acted_for(&who.tenant, &who.device, gw);
@@ -482,14 +475,107 @@ impl IngestPipeline {
 
     /// Runs one message through the pipeline; returns once the message may be acknowledged
     /// to the device under its QoS.
-    pub async fn upload(&self, up: Upload) -> Result<Accepted, UploadError> {
+    /// Decides a subscription for commands (an MQTT SUBSCRIBE, a long poll's scope):
+    /// `tenant` may be empty (the subscriber's own); `device` is the subscriber itself, all
+    /// devices of a gateway, or one device. `bound_tenant` is the tenant an earlier
+    /// subscription of the same connection took: a connection serves one tenant.
+    pub async fn authorise_command_subscription(
+        &self,
+        adapter: AdapterType,
+        origin: &Origin,
+        tenant: &str,
+        device: CommandScope<'_>,
+        bound_tenant: Option<&str>,
+    ) -> Result<Subscribed, Refusal> {
+        let target = match device {
+            CommandScope::Own | CommandScope::AllOfGateway if tenant.is_empty() => None,
+            CommandScope::Own | CommandScope::AllOfGateway => origin
+                .device()
+                .map(|d| (tenant.to_owned(), d.device_id.clone())),
+            CommandScope::One(d) => Some((tenant.to_owned(), d.to_owned())),
+        };
+        let who = async {
+            if device == CommandScope::AllOfGateway && origin.device().is_none() {
+                return Err(Refusal::unauthenticated(
+                    "only an authenticated gateway subscribes for all its devices",
+                ));
+            }
+            let who = self.authorise(adapter, origin, target.as_ref()).await?;
+            if bound_tenant.is_some_and(|t| t != who.tenant_id) {
+                return Err(Refusal::new(
+                    Reason::OtherTenant,
+                    "a connection takes commands of one tenant",
+                ));
+            }
+            Ok(who)
+        }
+        .await?;
+        Ok(Subscribed { who, target })
+    }
+
+    /// Decides a subscription to error messages (Hono's MQTT error topic) for `device` of
+    /// `tenant` (either may be empty: the subscriber's own; `device` may be `+`: any device
+    /// of a gateway). Returns the device id errors of the subscriber's own messages name.
+    /// Errors are only ever told to the connection that caused them, so no registry look-up
+    /// is needed: an authenticated device may not name another tenant, an unauthenticated one
+    /// must name both tenant and device.
+    pub fn authorise_error_subscription(
+        &self,
+        origin: &Origin,
+        tenant: &str,
+        device: &str,
+    ) -> Result<String, Refusal> {
+        match origin.device() {
+            Some(d) if tenant.is_empty() || tenant == d.tenant_id => Ok(d.device_id.clone()),
+            Some(_) => Err(Refusal::new(
+                Reason::OtherTenant,
+                "errors of another tenant's devices",
+            )),
+            None if tenant.is_empty() || device.is_empty() || device == "+" => Err(
+                Refusal::unauthenticated("an unauthenticated device names tenant and device"),
+            ),
+            None => Ok(device.to_owned()),
+        }
+    }
+
+    /// Decides a device's response to a request/response command: a request id Ferrule
+    /// issued that is still awaited, a valid status, a payload within `max_payload_size`, and
+    /// a sender that may answer for the device. Returns whom the response is for.
+    pub async fn authorise_response(
+        &self,
+        r: &DeviceResponse,
+    ) -> Result<(Authorised, RequestId), Refusal> {
+        let request = RequestId::decode(&r.request_id)
+            .ok_or_else(|| Refusal::malformed("unknown request id"))?;
+        if !is_valid_response_status(r.status) {
+            return Err(Refusal::malformed(format!(
+                "invalid response status {}",
+                r.status
+            )));
+        }
+        if r.payload.len() > self.max_payload_size {
+            return Err(Refusal::payload_too_large(self.max_payload_size));
+        }
+        let who = self
+            .authorise(r.adapter, &r.origin, r.target.as_ref())
+            .await?;
+        if request.expired_at(h::now_millis()) {
+            return Err(Refusal::new(
+                Reason::NoConsumer,
+                "the application no longer waits for this response",
+            ));
+        }
+        Ok((who, request))
+    }
+
+    pub async fn upload(&self, up: Upload) -> Result<Accepted, Refusal> {
         self.submit(up).await?.outcome().await
     }
 
     /// Checks the message and hands it to the producer, in the order of calls; the returned
     /// [`Pending`] resolves when the device may be answered. Adapters that keep several
     /// messages in flight (MQTT) call this in arrival order to keep each device's order.
-    pub async fn submit(&self, up: Upload) -> Result<Pending, UploadError> {
+    pub async fn submit(&self, up: Upload) -> Result<Pending, Refusal> {
         match self.submit_now(up) {
             SubmitNow::Done(done) => done,
             // Boxed: asking the registry or creating the topic is rare, and the future of
@@ -522,7 +608,7 @@ impl IngestPipeline {
     }
 
     /// [`Self::submit`] asking the registry and creating the topic where needed.
-    async fn submit_asking(&self, up: Upload) -> Result<Pending, UploadError> {
+    async fn submit_asking(&self, up: Upload) -> Result<Pending, Refusal> {
         let meta = Meta::of(&up);
         let result = async {
             self.check(&up)?;
@@ -544,14 +630,12 @@ impl IngestPipeline {
     }
 
     /// The checks that need no registry: payload size, QoS of events.
-    fn check(&self, up: &Upload) -> Result<(), UploadError> {
+    fn check(&self, up: &Upload) -> Result<(), Refusal> {
         if up.payload.len() > self.max_payload_size {
-            return Err(UploadError::PayloadTooLarge(self.max_payload_size));
+            return Err(Refusal::payload_too_large(self.max_payload_size));
         }
         if up.endpoint == Endpoint::Event && up.qos == Qos::AtMostOnce {
-            return Err(UploadError::BadRequest(
-                "events must be sent with QoS 1".into(),
-            ));
+            return Err(Refusal::malformed("events must be sent with QoS 1"));
         }
         Ok(())
     }
@@ -563,7 +647,7 @@ impl IngestPipeline {
         who: Authorised,
         record: Record,
         meta: Meta,
-    ) -> Result<Pending, UploadError> {
+    ) -> Result<Pending, Refusal> {
         let delivery = self.sender.enqueue(OutboundRecord {
             topic: &record.topic,
             key: &who.device_id,
@@ -590,7 +674,7 @@ impl IngestPipeline {
 /// What [`IngestPipeline::submit_now`] did with a message.
 pub enum SubmitNow {
     /// Handed to the producer, or refused.
-    Done(Result<Pending, UploadError>),
+    Done(Result<Pending, Refusal>),
     /// The registry must be asked or the topic created first: hand it to `submit`.
     Deferred(Upload),
 }
@@ -602,7 +686,7 @@ struct Record {
 }
 
 /// Builds the Kafka record of an authorised message: topic, content type, ttl, every header.
-fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Record, UploadError> {
+fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Record, Refusal> {
     let (tenant, device) = (who.tenant(), who.device());
     let defaults = merged_defaults(tenant, device);
     let given_ct = up.content_type.clone().or_else(|| {
@@ -612,7 +696,7 @@ fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Recor
             .map(str::to_owned)
     });
     let ct = ContentType::for_upload(given_ct.as_deref(), up.payload.len())
-        .map_err(|e| UploadError::BadRequest(e.to_string()))?;
+        .map_err(|e| Refusal::malformed(e.to_string()))?;
     let ttl = ttl_millis(up, tenant, device);
     let kind = match up.endpoint {
         Endpoint::Telemetry => TopicKind::Telemetry,
@@ -620,7 +704,7 @@ fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Recor
     };
     let topic = names
         .name(kind, &who.tenant_id)
-        .map_err(|e| UploadError::BadRequest(e.to_string()))?;
+        .map_err(|e| Refusal::malformed(e.to_string()))?;
     let headers = build_headers(up, &who.device_id, ct.as_str(), ttl, &defaults);
     Ok(Record { topic, headers })
 }
@@ -659,9 +743,8 @@ impl Meta {
         );
     }
 
-    fn finish_err(&self, e: UploadError) -> UploadError {
-        metrics::rejected(self.adapter, e.reason());
-        let status = if matches!(e, UploadError::Unavailable(_)) {
+    fn finish_err(&self, e: Refusal) -> Refusal {
+        let status = if e.is_unavailable() {
             "undeliverable"
         } else {
             "unprocessable"
@@ -680,7 +763,7 @@ pub struct Pending {
 
 impl Pending {
     /// Waits for the broker's ack where the QoS needs one.
-    pub async fn outcome(mut self) -> Result<Accepted, UploadError> {
+    pub async fn outcome(mut self) -> Result<Accepted, Refusal> {
         std::future::poll_fn(|cx| self.poll_outcome(cx)).await
     }
 
@@ -694,7 +777,7 @@ impl Pending {
     pub fn poll_outcome(
         &mut self,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<Accepted, UploadError>> {
+    ) -> std::task::Poll<Result<Accepted, Refusal>> {
         let acked = match &mut self.delivery {
             Some(d) => std::task::ready!(d.poll_acked(cx)),
             None => Ok(()),
@@ -709,12 +792,12 @@ impl Pending {
     }
 }
 
-fn produce_error(e: ProduceError) -> UploadError {
-    UploadError::Unavailable(format!("downstream unavailable: {e}"))
+fn produce_error(e: ProduceError) -> Refusal {
+    Refusal::downstream(e)
 }
 
 /// Works out tenant, device and acting gateway from the sender and the address.
-fn resolve(origin: &Origin, target: Option<&(String, String)>) -> Result<Resolved, UploadError> {
+fn resolve(origin: &Origin, target: Option<&(String, String)>) -> Result<Resolved, Refusal> {
     match (origin, target) {
         (Origin::Device(d), None) => Ok(Resolved {
             tenant: d.tenant_id.clone(),
@@ -724,8 +807,9 @@ fn resolve(origin: &Origin, target: Option<&(String, String)>) -> Result<Resolve
         }),
         (Origin::Device(d), Some((tenant, device))) => {
             if !tenant.is_empty() && *tenant != d.tenant_id {
-                return Err(UploadError::Forbidden(
-                    "a gateway may only act for devices of its own tenant".into(),
+                return Err(Refusal::new(
+                    Reason::OtherTenant,
+                    "a gateway may only act for devices of its own tenant",
                 ));
             }
             let gateway = (*device != d.device_id).then(|| d.device_id.clone());
@@ -742,18 +826,14 @@ fn resolve(origin: &Origin, target: Option<&(String, String)>) -> Result<Resolve
             gateway: None,
             anonymous: true,
         }),
-        (Origin::Anonymous, _) => Err(UploadError::Unauthorized("authentication required".into())),
+        (Origin::Anonymous, _) => Err(Refusal::unauthenticated("authentication required")),
     }
 }
 
 /// Tenant enabled, adapter enabled for it, and anonymous uploads only where it allows them.
-fn authorise_tenant(
-    tenant: &Tenant,
-    adapter: AdapterType,
-    anonymous: bool,
-) -> Result<(), UploadError> {
+fn authorise_tenant(tenant: &Tenant, adapter: AdapterType, anonymous: bool) -> Result<(), Refusal> {
     if !tenant.enabled {
-        return Err(UploadError::Forbidden("tenant is disabled".into()));
+        return Err(Refusal::new(Reason::TenantDisabled, "tenant is disabled"));
     }
     let entry = match &tenant.adapters {
         None => None,
@@ -762,16 +842,16 @@ fn authorise_tenant(
                 .find(|a| a.adapter_type == adapter.name())
                 .filter(|a| a.enabled)
                 .ok_or_else(|| {
-                    UploadError::Forbidden(format!(
-                        "adapter {} is disabled for the tenant",
-                        adapter.name()
-                    ))
+                    Refusal::new(
+                        Reason::AdapterDisabled,
+                        format!("adapter {} is disabled for the tenant", adapter.name()),
+                    )
                 })?,
         ),
     };
     if anonymous && entry.is_none_or(|a| a.device_authentication_required) {
-        return Err(UploadError::Unauthorized(
-            "the tenant requires device authentication".into(),
+        return Err(Refusal::unauthenticated(
+            "the tenant requires device authentication",
         ));
     }
     Ok(())
@@ -921,7 +1001,7 @@ mod tests {
     use super::*;
     use rdkafka::message::Headers;
 
-    fn resolve_up(up: &Upload) -> Result<Resolved, UploadError> {
+    fn resolve_up(up: &Upload) -> Result<Resolved, Refusal> {
         resolve(&up.origin, up.target.as_ref())
     }
 
@@ -963,17 +1043,26 @@ mod tests {
         assert_eq!(r.gateway, None);
         assert!(matches!(
             resolve_up(&upload(dev("t", "gw"), Some(("other", "d")))),
-            Err(UploadError::Forbidden(_))
+            Err(Refusal {
+                reason: Reason::OtherTenant,
+                ..
+            })
         ));
         let r = resolve_up(&upload(Origin::Anonymous, Some(("t", "d")))).unwrap();
         assert!(r.anonymous);
         assert!(matches!(
             resolve_up(&upload(Origin::Anonymous, None)),
-            Err(UploadError::Unauthorized(_))
+            Err(Refusal {
+                reason: Reason::Unauthenticated,
+                ..
+            })
         ));
         assert!(matches!(
             resolve_up(&upload(Origin::Anonymous, Some(("", "d")))),
-            Err(UploadError::Unauthorized(_))
+            Err(Refusal {
+                reason: Reason::Unauthenticated,
+                ..
+            })
         ));
     }
 
@@ -986,7 +1075,10 @@ mod tests {
         assert!(authorise_tenant(&tenant(serde_json::json!({})), AdapterType::Http, false).is_ok());
         assert!(matches!(
             authorise_tenant(&tenant(serde_json::json!({})), AdapterType::Http, true),
-            Err(UploadError::Unauthorized(_))
+            Err(Refusal {
+                reason: Reason::Unauthenticated,
+                ..
+            })
         ));
         assert!(matches!(
             authorise_tenant(
@@ -994,13 +1086,19 @@ mod tests {
                 AdapterType::Http,
                 false
             ),
-            Err(UploadError::Forbidden(_))
+            Err(Refusal {
+                reason: Reason::TenantDisabled,
+                ..
+            })
         ));
         let only_mqtt =
             tenant(serde_json::json!({"adapters": [{"type": "hono-mqtt", "enabled": true}]}));
         assert!(matches!(
             authorise_tenant(&only_mqtt, AdapterType::Http, false),
-            Err(UploadError::Forbidden(_))
+            Err(Refusal {
+                reason: Reason::AdapterDisabled,
+                ..
+            })
         ));
         assert!(authorise_tenant(&only_mqtt, AdapterType::Mqtt, false).is_ok());
         let open = tenant(

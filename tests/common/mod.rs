@@ -23,7 +23,10 @@ pub fn free_port() -> u16 {
     let _ = NEXT.compare_exchange(0, start + 1, Ordering::Relaxed, Ordering::Relaxed);
     loop {
         let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // Free for TCP and UDP alike: CoAP listens on UDP.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
@@ -47,6 +50,8 @@ pub struct Ferrule {
     pub amqp: String,
     /// `127.0.0.1:<port>` of the MQTT adapter.
     pub mqtt: String,
+    /// `127.0.0.1:<port>` of the CoAP adapter (UDP).
+    pub coap: String,
 }
 
 impl Ferrule {
@@ -99,13 +104,14 @@ impl Ferrule {
 
     fn spawn(kafka: &str, env: &[(&str, String)], stdout: Stdio) -> Ferrule {
         let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());
-        let amqp = free_port();
+        let (amqp, coap) = (free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
             .arg("all")
             .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
             .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
             .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
             .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
+            .env("FERRULE_GATEWAY__COAP__BIND", format!("127.0.0.1:{coap}"))
             .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{amqp}"))
             .env("FERRULE_DATABASE__URL", database_url())
             .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", kafka)
@@ -132,6 +138,7 @@ impl Ferrule {
             http: format!("http://127.0.0.1:{http}"),
             amqp: format!("amqp://127.0.0.1:{amqp}"),
             mqtt: format!("127.0.0.1:{mqtt}"),
+            coap: format!("127.0.0.1:{coap}"),
         }
     }
 

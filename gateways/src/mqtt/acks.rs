@@ -4,7 +4,7 @@
 //! once per answer it can give, not once per broker ack.
 
 use crate::commands::PendingResponse;
-use crate::pipeline::{Accepted, Pending, UploadError};
+use crate::pipeline::{Accepted, Pending, Refusal};
 use std::collections::VecDeque;
 use std::task::{Context, Poll, Waker};
 
@@ -40,19 +40,19 @@ impl<C> AckQueue<C> {
     }
 
     /// The oldest publish, once the broker answered it.
-    pub(super) async fn next(&mut self) -> (C, Result<Accepted, UploadError>) {
+    pub(super) async fn next(&mut self) -> (C, Result<Accepted, Refusal>) {
         std::future::poll_fn(|cx| self.poll_oldest(cx)).await
     }
 
     /// The oldest publish if the broker has answered it already.
-    pub(super) fn next_now(&mut self) -> Option<(C, Result<Accepted, UploadError>)> {
+    pub(super) fn next_now(&mut self) -> Option<(C, Result<Accepted, Refusal>)> {
         match self.poll_oldest(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(done) => Some(done),
             Poll::Pending => None,
         }
     }
 
-    fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<(C, Result<Accepted, UploadError>)> {
+    fn poll_oldest(&mut self, cx: &mut Context<'_>) -> Poll<(C, Result<Accepted, Refusal>)> {
         let result = match self.queue.front_mut() {
             None => return Poll::Pending,
             Some((_, Waiting::Upload(p))) => std::task::ready!(p.poll_outcome(cx)),

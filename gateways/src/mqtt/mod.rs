@@ -1,15 +1,22 @@
 //! The MQTT adapter (`hono-mqtt`, 3.1.1 and 5): a thin accept loop around one task per
 //! connection. The wire format and the specifications' rules for it (UTF-8 strings, topic
-//! names and filters) live in `codec`, the topic grammar in `topic`, the rules for uploads and
-//! command subscriptions in the shared ingest pipeline; `connection` still decides which error
-//! subscriptions a device may make.
+//! names and filters) live in `codec`, the topic grammar in `topic`. A connection is split by
+//! job: `connect` (CONNECT, authentication, CONNACK, closing), `connection` (the serving
+//! loop), `publish` (PUBLISH into uploads and command responses), `errors` (Hono's error
+//! policy and error topic) and `subscriptions` (commands to the device). Whether anything
+//! may pass is decided by the shared ingest pipeline; its reasons become MQTT codes in the
+//! one table of `crate::refusal`.
 
 mod acks;
-mod codec;
+pub(crate) mod codec;
+mod connect;
 mod connection;
+mod errors;
+mod publish;
+mod subscriptions;
 mod topic;
 
-use crate::pipeline::IngestPipeline;
+use crate::pipeline::{AdapterType, IngestPipeline};
 use crate::tls::TlsListener;
 use connection::stopped;
 use serde::{Deserialize, Serialize};
@@ -17,6 +24,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+
+const ADAPTER: AdapterType = AdapterType::Mqtt;
 
 /// The `[gateway.mqtt]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]

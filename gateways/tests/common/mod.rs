@@ -45,6 +45,7 @@ pub struct Platform {
     pub mqtt_port: u16,
     pub https_port: Option<u16>,
     pub mqtts_port: Option<u16>,
+    pub coap_port: u16,
     pub client: reqwest::Client,
     _shutdown: watch::Sender<bool>,
 }
@@ -92,11 +93,14 @@ impl Platform {
             l.as_ref().map(|l| l.local_addr().unwrap().port())
         };
         let (https_port, mqtts_port) = (port(&https), port(&mqtts));
+        let coap_socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let coap_port = coap_socket.local_addr().unwrap().port();
         let listeners = ferrule_gateways::Listeners {
             http: Some(http_listener),
             mqtt: Some(mqtt_listener),
             https,
             mqtts,
+            coap: Some(coap_socket),
         };
         tokio::spawn(
             async move { ferrule_gateways::serve(listeners, gateway, &kafka, auth, rx).await },
@@ -107,6 +111,7 @@ impl Platform {
             mqtt_port,
             https_port,
             mqtts_port,
+            coap_port,
             client: reqwest::Client::new(),
             _shutdown: tx,
         }

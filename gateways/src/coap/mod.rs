@@ -1,0 +1,385 @@
+//! The CoAP adapter (`hono-coap`, RFC 7252 over UDP): a thin receive loop around the ingest
+//! pipeline. `resource` reads a request's resource and Hono's options; `exchanges` answers a
+//! retransmitted request from its cached response; this module turns a request into an
+//! upload or a command response and the pipeline's answer into a CoAP response, with the
+//! codes of the one reason table (`crate::refusal`).
+//!
+//! Plain UDP carries no credentials: every request on it is from an unauthenticated device,
+//! which names tenant and device in the path (`PUT /telemetry/{tenant}/{device}`).
+
+pub mod blocks;
+pub mod exchanges;
+pub mod resource;
+
+use crate::commands::CommandHub;
+use crate::metrics;
+use crate::pipeline::{
+    AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload,
+};
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+use exchanges::{Exchanges, Seen};
+use resource::{Resource, ResourceError};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::{Semaphore, watch};
+
+const ADAPTER: AdapterType = AdapterType::Coap;
+
+/// The `[gateway.coap]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// Whether plain CoAP over UDP is served (unauthenticated devices only).
+    pub enabled: bool,
+    /// Where plain CoAP listens (Hono's insecure port is 5683).
+    pub bind: SocketAddr,
+    /// `false` refuses unauthenticated devices (4.01) whatever a tenant allows.
+    pub allow_unauthenticated: bool,
+    /// Requests handled at once; more are answered 5.03 at once.
+    pub max_in_flight: usize,
+    /// Recent exchanges remembered for answering retransmissions; the oldest are forgotten
+    /// first.
+    pub max_exchanges: usize,
+    /// How long a request's message id is remembered (RFC 7252 §4.8.2's EXCHANGE_LIFETIME,
+    /// 247 s).
+    pub exchange_lifetime_secs: u64,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig {
+            enabled: true,
+            bind: SocketAddr::from(([127, 0, 0, 1], 5683)),
+            allow_unauthenticated: true,
+            max_in_flight: 10_000,
+            max_exchanges: 100_000,
+            exchange_lifetime_secs: 247,
+        }
+    }
+}
+
+/// What every request handler shares.
+struct Server {
+    socket: UdpSocket,
+    pipeline: IngestPipeline,
+    hub: Option<CommandHub>,
+    exchanges: Exchanges,
+    /// Block-wise uploads being received.
+    assemblies: blocks::Assemblies,
+    in_flight: Arc<Semaphore>,
+    /// Message ids of the NON responses this server sends.
+    next_message_id: std::sync::atomic::AtomicU16,
+}
+
+/// Serves CoAP on `socket` until `shutdown` turns true.
+pub async fn serve(
+    socket: UdpSocket,
+    pipeline: IngestPipeline,
+    hub: Option<CommandHub>,
+    cfg: CoapConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %socket.local_addr()?, "CoAP adapter listening");
+    let server = Arc::new(Server {
+        socket,
+        pipeline: pipeline.clone(),
+        hub,
+        exchanges: Exchanges::new(
+            cfg.max_exchanges,
+            Duration::from_secs(cfg.exchange_lifetime_secs),
+        ),
+        assemblies: blocks::Assemblies::new(
+            cfg.max_exchanges,
+            pipeline.max_payload_size(),
+            Duration::from_secs(cfg.exchange_lifetime_secs),
+        ),
+        in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+        next_message_id: std::sync::atomic::AtomicU16::new(rand_u16()),
+    });
+    // The largest UDP datagram: a longer one cannot arrive, so none is cut short.
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, peer) = tokio::select! {
+            r = server.socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                // An ICMP error of an earlier send to a gone peer surfaces here on some
+                // systems: it concerns that peer only.
+                Err(e) => {
+                    tracing::debug!(error = %e, "CoAP receive failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        };
+        server.clone().datagram(&buf[..n], peer);
+    }
+}
+
+impl Server {
+    /// One datagram: a request is handled in a task of its own (bounded), a retransmitted
+    /// one answered from the cache, anything else dropped and counted.
+    fn datagram(self: Arc<Self>, bytes: &[u8], peer: SocketAddr) {
+        let packet = match Packet::from_bytes(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::rejected(ADAPTER.name(), "malformed-datagram");
+                return;
+            }
+        };
+        let kind = packet.header.get_type();
+        match (kind, packet.header.code) {
+            (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Request(_)) => {}
+            // A CoAP ping (an empty CON) is answered with a Reset (RFC 7252 §4.3).
+            (MessageType::Confirmable, MessageClass::Empty) => {
+                let mut rst = Packet::new();
+                rst.header.set_type(MessageType::Reset);
+                rst.header.message_id = packet.header.message_id;
+                self.send(&rst, peer);
+                return;
+            }
+            // Acknowledgements and resets of the server's own messages, or responses: nothing
+            // here waits for them.
+            _ => return,
+        }
+        let key = (peer, packet.header.message_id);
+        match self.exchanges.begin(key) {
+            Seen::New => {}
+            Seen::Answered(response) => {
+                metrics::coap_duplicate("answered");
+                if kind == MessageType::Confirmable {
+                    let _ = self.socket.try_send_to(&response, peer);
+                }
+                return;
+            }
+            Seen::InProgress => {
+                metrics::coap_duplicate("in-progress");
+                return;
+            }
+        }
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            let busy = Refusal::new(
+                crate::refusal::Reason::DownstreamUnavailable,
+                "too many requests in flight",
+            );
+            let response = self.refusal_response(&packet, &busy);
+            self.finish(key, &response, peer);
+            return;
+        };
+        tokio::spawn(async move {
+            let response = self.handle(packet, peer).await;
+            self.finish(key, &response, peer);
+            drop(permit);
+        });
+    }
+
+    /// Sends `response` and keeps it for retransmissions of its request.
+    fn finish(&self, key: (SocketAddr, u16), response: &Packet, peer: SocketAddr) {
+        match response.to_bytes() {
+            Ok(bytes) => {
+                let _ = self.socket.try_send_to(&bytes, peer);
+                self.exchanges.answered(key, bytes.into());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CoAP response could not be encoded");
+                self.exchanges.forget(key);
+            }
+        }
+    }
+
+    fn send(&self, packet: &Packet, peer: SocketAddr) {
+        if let Ok(bytes) = packet.to_bytes() {
+            let _ = self.socket.try_send_to(&bytes, peer);
+        }
+    }
+
+    /// Handles one request: its response.
+    async fn handle(&self, mut packet: Packet, peer: SocketAddr) -> Packet {
+        let packet = &mut packet;
+        let block1 = match packet.get_first_option(CoapOption::Block1) {
+            None => None,
+            Some(value) => match blocks::Block::decode(value) {
+                Some(b) => Some(b),
+                None => {
+                    metrics::rejected(ADAPTER.name(), "bad-option");
+                    return self.response(packet, ResponseType::BadOption);
+                }
+            },
+        };
+        if let Some(block) = block1 {
+            let uri = uri_of(packet);
+            match self.assemblies.add(peer, &uri, block, &packet.payload) {
+                blocks::Step::Continue(b) => {
+                    let mut r = self.response(packet, ResponseType::Continue);
+                    r.add_option(CoapOption::Block1, b.encode());
+                    return r;
+                }
+                blocks::Step::Complete(body, _) => packet.payload = body,
+                blocks::Step::Incomplete => {
+                    metrics::rejected(ADAPTER.name(), "block-incomplete");
+                    return self.response(packet, ResponseType::RequestEntityIncomplete);
+                }
+                blocks::Step::TooLarge => {
+                    let limit = self.pipeline.max_payload_size();
+                    return self.refusal_response(packet, &Refusal::payload_too_large(limit));
+                }
+            }
+        }
+        let packet = &*packet;
+        let request = match resource::parse(packet) {
+            Ok(r) => r,
+            Err(ResourceError::NotFound) => {
+                metrics::rejected(ADAPTER.name(), "not-found");
+                return self.response(packet, ResponseType::NotFound);
+            }
+            Err(ResourceError::MethodNotAllowed) => {
+                metrics::rejected(ADAPTER.name(), "method-not-allowed");
+                return self.response(packet, ResponseType::MethodNotAllowed);
+            }
+            Err(ResourceError::Refused(e)) => return self.refusal_response(packet, &e),
+        };
+        let confirmable = packet.header.get_type() == MessageType::Confirmable;
+        let result = match request.resource.clone() {
+            Resource::Upload { endpoint, target } => {
+                self.upload(packet, &request, endpoint, target, confirmable)
+                    .await
+            }
+            Resource::CommandResponse { target, request_id } => {
+                self.command_response(packet, &request, target, request_id)
+                    .await
+            }
+        };
+        let mut response = match result {
+            Ok(()) => self.response(packet, ResponseType::Changed),
+            Err(e) => self.refusal_response(packet, &e),
+        };
+        if let Some(b) = block1 {
+            response.add_option(CoapOption::Block1, b.encode());
+        }
+        if request.time {
+            let now = chrono::Utc::now().timestamp_millis();
+            response.add_option(
+                CoapOption::Unknown(resource::HONO_TIME_OPTION),
+                resource::uint_option(u64::try_from(now).unwrap_or_default()),
+            );
+        }
+        response
+    }
+
+    async fn upload(
+        &self,
+        packet: &Packet,
+        request: &resource::Request,
+        endpoint: Endpoint,
+        target: Option<(String, String)>,
+        confirmable: bool,
+    ) -> Result<(), Refusal> {
+        let content_type = match request.empty {
+            true => Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.to_owned()),
+            false => request.content_type.clone(),
+        };
+        let up = Upload {
+            adapter: ADAPTER,
+            endpoint,
+            // CON is at least once; NON at most once (and refused for events by the pipeline).
+            qos: if confirmable {
+                Qos::AtLeastOnce
+            } else {
+                Qos::AtMostOnce
+            },
+            origin: Origin::Anonymous,
+            target,
+            content_type,
+            payload: bytes::Bytes::copy_from_slice(&packet.payload),
+            ttl_secs: request.ttl,
+            ttd_secs: None,
+            orig_address: request.path.clone(),
+            retain: false,
+            traceparent: None,
+        };
+        self.pipeline.upload(up).await.map(|_| ())
+    }
+
+    async fn command_response(
+        &self,
+        packet: &Packet,
+        request: &resource::Request,
+        target: Option<(String, String)>,
+        request_id: String,
+    ) -> Result<(), Refusal> {
+        let hub = self.hub.as_ref().ok_or_else(|| {
+            Refusal::new(
+                crate::refusal::Reason::NoConsumer,
+                "commands are not enabled",
+            )
+        })?;
+        let response = DeviceResponse {
+            adapter: ADAPTER,
+            origin: Origin::Anonymous,
+            target,
+            request_id,
+            // `parse` makes sure it is there.
+            status: request.status.unwrap_or_default(),
+            content_type: request.content_type.clone(),
+            payload: packet.payload.clone(),
+        };
+        hub.accept_response(&self.pipeline, response).await
+    }
+
+    /// A response to `request` with `code`: piggybacked on the ACK of a CON, a NON of its
+    /// own for a NON (RFC 7252 §5.2).
+    fn response(&self, request: &Packet, code: ResponseType) -> Packet {
+        let mut response = Packet::new();
+        match request.header.get_type() {
+            MessageType::Confirmable => {
+                response.header.set_type(MessageType::Acknowledgement);
+                response.header.message_id = request.header.message_id;
+            }
+            _ => {
+                response.header.set_type(MessageType::NonConfirmable);
+                response.header.message_id = self
+                    .next_message_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        response.header.code = MessageClass::Response(code);
+        response.set_token(request.get_token().to_vec());
+        response
+    }
+
+    /// The answer to a refused request: the code of the reason table, with the reason as
+    /// diagnostic payload (RFC 7252 §5.5.2); counted once, here.
+    fn refusal_response(&self, request: &Packet, e: &Refusal) -> Packet {
+        let codes = e.codes();
+        metrics::rejected(ADAPTER.name(), codes.label);
+        let (class, detail) = codes.coap;
+        let mut response = self.response(request, ResponseType::BadRequest);
+        response.header.code = MessageClass::from((class << 5) | detail);
+        response.payload = e.to_string().into_bytes();
+        if e.reason == crate::refusal::Reason::PayloadTooLarge {
+            // The largest body the server takes (RFC 7959 §4).
+            let limit = u64::try_from(self.pipeline.max_payload_size()).unwrap_or(u64::MAX);
+            response.add_option(CoapOption::Size1, resource::uint_option(limit));
+        }
+        response
+    }
+}
+
+/// The path and query of a request, naming a block-wise body.
+fn uri_of(packet: &Packet) -> String {
+    let mut uri = String::new();
+    for (option, sep) in [(CoapOption::UriPath, '/'), (CoapOption::UriQuery, '&')] {
+        for part in packet.get_option(option).into_iter().flatten() {
+            uri.push(sep);
+            uri.push_str(&String::from_utf8_lossy(part));
+        }
+    }
+    uri
+}
+
+fn rand_u16() -> u16 {
+    let b = uuid::Uuid::new_v4().into_bytes();
+    u16::from_be_bytes([b[0], b[1]])
+}
