@@ -18,6 +18,78 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
+/// An upload that waits for a command: the long poll opened for it, and how its command
+/// must name its device.
+pub struct Polling {
+    pub poll: LongPoll,
+    /// The tenant of the device (or gateway) the poll is registered for.
+    pub tenant: String,
+    /// The device (or gateway) the poll is registered for.
+    pub subscriber: String,
+    /// Whether a gateway polls (for one of its devices or all of them).
+    pub by_gateway: bool,
+}
+
+impl Polling {
+    /// The command, counted as delivered ([`LongPoll::wait`]), and whether the answer must
+    /// name its device: a gateway's poll, or a command for another device than the
+    /// subscriber.
+    pub async fn wait(self) -> Option<(CommandDelivery, bool)> {
+        let (by_gateway, subscriber) = (self.by_gateway, self.subscriber);
+        let cmd = self.poll.wait().await?;
+        let named = by_gateway || cmd.device_id != subscriber;
+        Some((cmd, named))
+    }
+
+    /// Like [`Self::wait`], with delivery left to the caller ([`LongPoll::take`]).
+    pub async fn take(self) -> Option<(CommandDelivery, bool)> {
+        let (by_gateway, subscriber) = (self.by_gateway, self.subscriber);
+        let cmd = self.poll.take().await?;
+        let named = by_gateway || cmd.device_id != subscriber;
+        Some((cmd, named))
+    }
+}
+
+/// Uploads `up` for a device that may wait for a command (Hono's `hono-ttd`, HTTP and CoAP).
+/// With a `requested` ttd (seconds, after the adapter's own cap) and commands enabled, the
+/// pipeline authorises the sender and caps the ttd by the tenant's `max-ttd` (else
+/// `default_max`); the long poll is opened before the upload, so an application reacting to
+/// the ttd notification finds the route. A failed upload ends the poll again.
+pub async fn upload_with_ttd(
+    pipeline: &IngestPipeline,
+    hub: Option<&CommandHub>,
+    mut up: crate::pipeline::Upload,
+    requested: Option<i64>,
+    default_max: i64,
+) -> Result<Option<Polling>, Refusal> {
+    let requested = requested.filter(|t| *t > 0);
+    let mut polling = None;
+    up.ttd_secs = match (requested, hub) {
+        (Some(requested), Some(hub)) => {
+            let who = pipeline
+                .authorise(up.adapter, &up.origin, up.target.as_ref())
+                .await?;
+            let ttd = who.effective_ttd_secs(up.adapter, requested, default_max);
+            if let Some(ttd) = ttd {
+                let ttd_time = Duration::from_secs(ttd.unsigned_abs());
+                let poll = hub
+                    .long_poll(&who.tenant_id, &who.device_id, ttd_time)
+                    .await?;
+                polling = Some(Polling {
+                    poll,
+                    tenant: who.tenant_id,
+                    subscriber: who.device_id,
+                    by_gateway: who.gateway_id.is_some(),
+                });
+            }
+            ttd
+        }
+        (requested, _) => requested.map(|t| t.min(default_max)),
+    };
+    pipeline.upload(up).await?;
+    Ok(polling)
+}
+
 /// A command for a device connected to this instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandDelivery {
@@ -758,9 +830,22 @@ pub struct LongPoll {
 }
 
 impl LongPoll {
-    /// The command that arrived within the ttd, if any; `None` also when a newer request of
-    /// the same device took over.
-    pub async fn wait(mut self) -> Option<CommandDelivery> {
+    /// The command that arrived within the ttd, if any, counted as delivered: the caller hands
+    /// it to the device in its answer. `None` also when a newer request of the same device
+    /// took over.
+    pub async fn wait(self) -> Option<CommandDelivery> {
+        let hub = self.hub.clone();
+        let got = self.take().await;
+        if let Some(cmd) = &got {
+            hub.delivered(cmd);
+        }
+        got
+    }
+
+    /// Like [`Self::wait`], but the caller reports whether the command reached the device
+    /// ([`CommandHub::delivered`] or [`CommandHub::undelivered`]): CoAP learns it from the
+    /// device's acknowledgement of a separate response.
+    pub async fn take(mut self) -> Option<CommandDelivery> {
         let first = tokio::time::timeout(self.ttd, self.queue.recv())
             .await
             .ok()
@@ -769,10 +854,6 @@ impl LongPoll {
         // A command that slipped in while the poll ended is still answered here.
         let got = first.or_else(|| (!left.is_empty()).then(|| left.remove(0)));
         self.release(left);
-        // Handed to the response: as far as HTTP tells, delivered.
-        if let Some(cmd) = &got {
-            self.hub.delivered(cmd);
-        }
         got
     }
 

@@ -2,7 +2,7 @@
 //! pipeline's errors into Hono's status codes; `hono-ttd` long polls that answer with a
 //! command, command responses on `/command/res`, CORS pre-flight for browser devices.
 
-use crate::commands::{CommandDelivery, CommandHub};
+use crate::commands::{CommandDelivery, CommandHub, upload_with_ttd};
 use crate::metrics;
 use crate::pipeline::{
     AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Reason, Refusal, Upload,
@@ -281,56 +281,37 @@ async fn upload(
         qos
     };
     let ttl_secs = number_param(headers, query, "hono-ttl")?;
-    // Hono's long-poll rule: the request, capped by the tenant's max-ttd (or the default) and
-    // 80 % of the idle timeout; 0 or less means no long poll.
+    // Hono's long-poll rule: the request, capped by 80 % of the idle timeout here and by the
+    // tenant's max-ttd (or the default) in `upload_with_ttd`; 0 or less means no long poll.
     let requested = number_param(headers, query, "hono-ttd")?
-        .filter(|t| *t > 0)
         .map(|t| t.min(a.cfg.idle_timeout_secs * 80 / 100));
-    let mut poll = None;
-    let ttd_secs = match (requested, &a.hub) {
-        (Some(requested), Some(hub)) => {
-            let who = a
-                .pipeline
-                .authorise(ADAPTER, &origin, target.as_ref())
-                .await?;
-            let ttd = who.effective_ttd_secs(ADAPTER, requested, a.cfg.max_ttd_secs);
-            if let Some(ttd) = ttd {
-                let for_gateway = who.gateway_id.is_some();
-                let ttd_time = std::time::Duration::from_secs(ttd.unsigned_abs());
-                let p = hub
-                    .long_poll(&who.tenant_id, &who.device_id, ttd_time)
-                    .await?;
-                poll = Some((p, who.device_id, for_gateway));
-            }
-            ttd
-        }
-        (requested, _) => requested.map(|t| t.min(a.cfg.max_ttd_secs)),
+    let up = Upload {
+        adapter: ADAPTER,
+        endpoint,
+        qos,
+        origin,
+        target,
+        content_type: header_str(headers, header::CONTENT_TYPE.as_str())?.map(str::to_owned),
+        payload: body,
+        ttl_secs,
+        ttd_secs: None,
+        orig_address: uri.path().to_owned(),
+        retain: false,
+        traceparent: header_str(headers, "traceparent")?.map(str::to_owned),
     };
-    a.pipeline
-        .upload(Upload {
-            adapter: ADAPTER,
-            endpoint,
-            qos,
-            origin,
-            target,
-            content_type: header_str(headers, header::CONTENT_TYPE.as_str())?.map(str::to_owned),
-            payload: body,
-            ttl_secs,
-            ttd_secs,
-            orig_address: uri.path().to_owned(),
-            retain: false,
-            traceparent: header_str(headers, "traceparent")?.map(str::to_owned),
-        })
-        .await?;
-    // A failed upload returned above; dropping the poll there ended its subscription.
-    let Some((poll, subscriber, for_gateway)) = poll else {
-        return Ok(None);
-    };
-    Ok(poll.wait().await.map(|cmd| {
-        // A gateway-wide poll may get a command for one of its devices.
-        let named = for_gateway || cmd.device_id != subscriber;
-        (cmd, named)
-    }))
+    let polling = upload_with_ttd(
+        &a.pipeline,
+        a.hub.as_ref(),
+        up,
+        requested,
+        a.cfg.max_ttd_secs,
+    )
+    .await?;
+    // A failed upload returned above, and ended its poll.
+    match polling {
+        Some(polling) => Ok(polling.wait().await),
+        None => Ok(None),
+    }
 }
 
 fn body_or_error(a: &Adapter, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refusal> {

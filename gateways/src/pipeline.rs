@@ -273,6 +273,28 @@ impl IngestPipeline {
         self.max_payload_size
     }
 
+    /// A setting of the tenant's entry for `adapter` (`adapters[].ext.<key>`), looked up
+    /// through the registry cache; `None` when the tenant or the setting is not there, or the
+    /// registry cannot be asked (the adapter's default then applies).
+    pub async fn adapter_setting(
+        &self,
+        adapter: AdapterType,
+        tenant: &str,
+        key: &str,
+    ) -> Option<Value> {
+        let tenant = self.registry.tenant(tenant).await.ok()?;
+        let tenant = tenant.as_ref().as_ref()?;
+        tenant
+            .adapters
+            .iter()
+            .flatten()
+            .find(|a| a.adapter_type == adapter.name())?
+            .ext
+            .as_ref()?
+            .get(key)
+            .cloned()
+    }
+
     /// Authenticates a TLS client certificate: the tenant is the one whose trust anchor has
     /// the certificate's issuer DN and public key, the device the one whose `x509-cert`
     /// credentials name the certificate's subject DN.

@@ -426,3 +426,223 @@ asyncio.run(main())
     let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
     assert_eq!(records[0].payload.len(), 1800);
 }
+
+/// A device that long-polls with aiocoap: a `PUT` of an empty notification with `hono-ttd`,
+/// printing what came back as JSON; with `answer`, it posts a response to the location the
+/// command named.
+const DEVICE: &str = r#"
+import asyncio, json, sys
+from aiocoap import Context, Message, PUT
+async def main():
+    base, path, answer = sys.argv[1], sys.argv[2], sys.argv[3] == "answer"
+    ctx = await Context.create_client_context()
+    resp = await asyncio.wait_for(ctx.request(Message(code=PUT, uri=base + path)).response, 30)
+    cf = resp.opt.content_format
+    print(json.dumps({"code": str(resp.code), "mtype": str(resp.mtype),
+                      "path": list(resp.opt.location_path),
+                      "query": list(resp.opt.location_query),
+                      "format": None if cf is None else int(cf),
+                      "payload": resp.payload.decode()}), flush=True)
+    if answer:
+        uri = base + "/" + "/".join(resp.opt.location_path) + "?hono-cmd-status=200"
+        msg = Message(code=PUT, uri=uri, payload=b'{"volume":7}', content_format=50)
+        r = await asyncio.wait_for(ctx.request(msg).response, 30)
+        print(json.dumps({"code": str(r.code)}), flush=True)
+asyncio.run(main())
+"#;
+
+fn spawn_device(
+    port: u16,
+    path: String,
+    answer: bool,
+) -> tokio::task::JoinHandle<Vec<serde_json::Value>> {
+    let python = std::env::var("FERRULE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    tokio::task::spawn_blocking(move || {
+        let base = format!("coap://127.0.0.1:{port}");
+        let mode = if answer { "answer" } else { "-" };
+        let out = Command::new(python)
+            .args(["-c", DEVICE, &base, &path, mode])
+            .output()
+            .expect("python runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    })
+}
+
+fn coap_tenant(timeout_to_ack: i64) -> serde_json::Value {
+    json!({"adapters": [{"type": "hono-coap", "enabled": true,
+                         "device-authentication-required": false,
+                         "ext": {"timeoutToAck": timeout_to_ack}}]})
+}
+
+#[tokio::test]
+async fn request_response_command_in_a_separate_response_and_its_answer() {
+    let p = Platform::start().await;
+    // 0: the ACK goes at once, the command later in a CON of its own.
+    let tenant = p.tenant(coap_tenant(0)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let device = spawn_device(
+        p.coap_port,
+        format!("/telemetry/{tenant}/dev?hono-ttd=20&empty"),
+        true,
+    );
+    let notification = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(notification[0].headers["ttd"], "20");
+    assert_eq!(
+        notification[0].headers["content-type"],
+        "application/vnd.eclipse-hono-empty-notification"
+    );
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "setVolume"),
+            ("content-type", "text/plain"),
+            ("response-required", "true"),
+            ("correlation-id", "corr-9"),
+        ],
+        "7",
+    )
+    .await;
+    let out = device.await.unwrap();
+    let command = &out[0];
+    assert_eq!(command["code"], "2.04 Changed");
+    assert_eq!(command["mtype"], "CON", "a separate response");
+    assert_eq!(command["query"], json!(["hono-command=setVolume"]));
+    let path = command["path"].as_array().unwrap();
+    assert_eq!(path.len(), 4, "{path:?}");
+    assert_eq!(path[0], "command_response", "long names mirror the request");
+    assert_eq!(path[1], tenant.as_str());
+    assert_eq!(path[2], "dev");
+    assert_eq!(command["format"], 0, "text/plain");
+    assert_eq!(command["payload"], "7");
+    assert_eq!(out[1]["code"], "2.04 Changed", "the answer was taken");
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    let r = &responses[0];
+    assert_eq!(r.key, "dev");
+    assert_eq!(r.headers["correlation-id"], "corr-9");
+    assert_eq!(r.headers["status"], "200");
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.payload, br#"{"volume":7}"#);
+}
+
+#[tokio::test]
+async fn one_way_command_piggybacked_on_the_ack() {
+    let p = Platform::start().await;
+    // Negative: the answer always rides on the ACK, however long it takes.
+    let tenant = p.tenant(coap_tenant(-1)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let device = spawn_device(
+        p.coap_port,
+        format!("/t/{tenant}/dev?hono-ttd=20&empty"),
+        false,
+    );
+    read(&format!("hono.telemetry.{tenant}"), 1).await;
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "reboot")],
+        "now",
+    )
+    .await;
+    let out = device.await.unwrap();
+    assert_eq!(out[0]["mtype"], "ACK", "piggybacked");
+    assert_eq!(out[0]["code"], "2.04 Changed");
+    assert_eq!(out[0]["query"], json!(["hono-command=reboot"]));
+    assert_eq!(
+        out[0]["path"],
+        json!(["c", tenant, "dev"]),
+        "short names mirror the request"
+    );
+    assert_eq!(out[0]["payload"], "now");
+}
+
+#[tokio::test]
+async fn ttd_without_a_command_answers_2_04_when_it_ends() {
+    let p = Platform::start().await;
+    let tenant = p
+        .tenant(json!({"adapters": [{"type": "hono-coap", "enabled": true,
+                                     "device-authentication-required": false,
+                                     "ext": {"max-ttd": 1}}]}))
+        .await;
+    p.device(&tenant, "dev", json!({})).await;
+    let out = spawn_device(
+        p.coap_port,
+        format!("/telemetry/{tenant}/dev?hono-ttd=30&empty"),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out[0]["code"], "2.04 Changed");
+    assert_eq!(out[0]["query"], json!([]));
+    let n = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(n[0].headers["ttd"], "1", "capped by the tenant's max-ttd");
+}
+
+#[tokio::test]
+async fn a_command_whose_separate_response_is_reset_fails_with_503() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(coap_tenant(0)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut poll = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &format!("/telemetry/{tenant}/dev"),
+        500,
+        b"",
+    );
+    poll.add_option(CoapOption::UriQuery, b"hono-ttd=10".to_vec());
+    poll.add_option(CoapOption::UriQuery, b"empty".to_vec());
+    let ack = exchange(&socket, p.coap_port, &poll).await;
+    assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(code(&ack), MessageClass::Empty, "an empty ACK at once");
+    read(&format!("hono.telemetry.{tenant}"), 1).await;
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "open"),
+            ("response-required", "true"),
+            ("correlation-id", "c-rst"),
+        ],
+        "",
+    )
+    .await;
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let separate = Packet::from_bytes(&buf[..n]).unwrap();
+    assert_eq!(separate.header.get_type(), MessageType::Confirmable);
+    assert_eq!(separate.get_token(), poll.get_token());
+    assert_eq!(
+        code(&separate),
+        MessageClass::Response(ResponseType::Changed)
+    );
+    // The device does not take it.
+    let mut rst = Packet::new();
+    rst.header.set_type(MessageType::Reset);
+    rst.header.code = MessageClass::Empty;
+    rst.header.message_id = separate.header.message_id;
+    socket
+        .send_to(&rst.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    assert_eq!(responses[0].headers["correlation-id"], "c-rst");
+    assert_eq!(responses[0].headers["status"], "503");
+}

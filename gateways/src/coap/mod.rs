@@ -11,7 +11,7 @@ pub mod blocks;
 pub mod exchanges;
 pub mod resource;
 
-use crate::commands::CommandHub;
+use crate::commands::{CommandDelivery, CommandHub, upload_with_ttd};
 use crate::metrics;
 use crate::pipeline::{
     AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload,
@@ -20,11 +20,12 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 use exchanges::{Exchanges, Seen};
 use resource::{Resource, ResourceError};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 const ADAPTER: AdapterType = AdapterType::Coap;
 
@@ -46,6 +47,12 @@ pub struct CoapConfig {
     /// How long a request's message id is remembered (RFC 7252 §4.8.2's EXCHANGE_LIFETIME,
     /// 247 s).
     pub exchange_lifetime_secs: u64,
+    /// The longest `hono-ttd` for tenants without `max-ttd` in their `hono-coap` entry.
+    pub max_ttd_secs: i64,
+    /// Hono's `timeoutToAck` (ms): a response to a CON that takes longer goes separately,
+    /// after an empty ACK; 0 acknowledges at once, a negative value always piggybacks. The
+    /// tenant's `adapters[hono-coap].ext.timeoutToAck` overrides it.
+    pub timeout_to_ack_ms: i64,
 }
 
 impl Default for CoapConfig {
@@ -57,6 +64,8 @@ impl Default for CoapConfig {
             max_in_flight: 10_000,
             max_exchanges: 100_000,
             exchange_lifetime_secs: 247,
+            max_ttd_secs: 60,
+            timeout_to_ack_ms: 500,
         }
     }
 }
@@ -70,9 +79,40 @@ struct Server {
     /// Block-wise uploads being received.
     assemblies: blocks::Assemblies,
     in_flight: Arc<Semaphore>,
-    /// Message ids of the NON responses this server sends.
+    /// Message ids of the messages this server starts (NON and separate responses).
     next_message_id: std::sync::atomic::AtomicU16,
+    /// Separate responses waiting for the device's ACK (`true`) or Reset (`false`), by
+    /// device and message id; at most one per request in flight.
+    awaiting_ack: std::sync::Mutex<HashMap<(SocketAddr, u16), oneshot::Sender<bool>>>,
+    cfg: CoapConfig,
 }
+
+/// A response, and the command it carries, whose delivery is reported once the response is
+/// known to have reached the device.
+struct Reply {
+    packet: Packet,
+    command: Option<(String, CommandDelivery)>,
+}
+
+impl From<Packet> for Reply {
+    fn from(packet: Packet) -> Self {
+        Reply {
+            packet,
+            command: None,
+        }
+    }
+}
+
+/// What a request came to.
+enum Outcome {
+    Changed,
+    /// A command for the device, with its tenant, and whether its device must be named.
+    Command(String, Box<CommandDelivery>, bool),
+}
+
+/// RFC 7252 §4.8: the first retransmission after 2 s, then doubling, at most 4 times.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
 
 /// Serves CoAP on `socket` until `shutdown` turns true.
 pub async fn serve(
@@ -98,6 +138,8 @@ pub async fn serve(
         ),
         in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
         next_message_id: std::sync::atomic::AtomicU16::new(rand_u16()),
+        awaiting_ack: Default::default(),
+        cfg,
     });
     // The largest UDP datagram: a longer one cannot arrive, so none is cut short.
     let mut buf = vec![0u8; 65_535];
@@ -140,8 +182,19 @@ impl Server {
                 self.send(&rst, peer);
                 return;
             }
-            // Acknowledgements and resets of the server's own messages, or responses: nothing
-            // here waits for them.
+            // The device's answer to a separate response.
+            (MessageType::Acknowledgement | MessageType::Reset, _) => {
+                let waiting = self
+                    .awaiting_ack
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(peer, packet.header.message_id));
+                if let Some(tx) = waiting {
+                    let _ = tx.send(kind == MessageType::Acknowledgement);
+                }
+                return;
+            }
+            // Responses the server never asked for.
             _ => return,
         }
         let key = (peer, packet.header.message_id);
@@ -169,10 +222,118 @@ impl Server {
             return;
         };
         tokio::spawn(async move {
-            let response = self.handle(packet, peer).await;
-            self.finish(key, &response, peer);
+            self.exchange(key, packet, peer).await;
             drop(permit);
         });
+    }
+
+    /// Handles a request and answers it: piggybacked on the ACK of a CON when the answer is
+    /// ready within the ACK timeout, else an empty ACK at that time and the answer later in a
+    /// CON of its own (RFC 7252 §5.2.2), which the device acknowledges.
+    async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, peer: SocketAddr) {
+        let ack_after = match packet.header.get_type() {
+            MessageType::Confirmable => self.ack_timeout(&packet).await,
+            _ => None,
+        };
+        let token = packet.get_token().to_vec();
+        let work = self.handle(packet, peer);
+        tokio::pin!(work);
+        let reply = match ack_after {
+            None => work.await,
+            Some(after) => match tokio::time::timeout(after, &mut work).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    let mut ack = Packet::new();
+                    ack.header.set_type(MessageType::Acknowledgement);
+                    ack.header.code = MessageClass::Empty;
+                    ack.header.message_id = key.1;
+                    // Retransmissions of the request get the empty ACK again.
+                    self.finish(key, &ack, peer);
+                    let reply = work.await;
+                    let acked = self.separate(reply.packet, token, peer).await;
+                    self.report(reply.command, acked).await;
+                    return;
+                }
+            },
+        };
+        self.finish(key, &reply.packet, peer);
+        self.report(reply.command, true).await;
+    }
+
+    /// The ACK timeout for a CON request: the tenant's `timeoutToAck`, or with `piggy` and a
+    /// tenant value of 0 its `deviceTriggeredTimeoutToAck`, else the configured one; `None`:
+    /// always piggyback.
+    async fn ack_timeout(&self, packet: &Packet) -> Option<Duration> {
+        let request = resource::parse(packet).ok();
+        let tenant = request.as_ref().and_then(|r| match &r.resource {
+            Resource::Upload { target, .. } | Resource::CommandResponse { target, .. } => {
+                target.as_ref().map(|(t, _)| t.clone())
+            }
+        });
+        let setting = async |key: &str| match tenant.as_deref().filter(|t| !t.is_empty()) {
+            Some(t) => self
+                .pipeline
+                .adapter_setting(ADAPTER, t, key)
+                .await
+                .and_then(|v| v.as_i64()),
+            None => None,
+        };
+        let mut ms = setting("timeoutToAck")
+            .await
+            .unwrap_or(self.cfg.timeout_to_ack_ms);
+        if ms == 0
+            && request.is_some_and(|r| r.piggy)
+            && let Some(device) = setting("deviceTriggeredTimeoutToAck").await
+        {
+            ms = device;
+        }
+        u64::try_from(ms).ok().map(Duration::from_millis)
+    }
+
+    /// Sends a separate response as a CON and waits for the device's ACK, retransmitting as
+    /// RFC 7252 §4.2 says; whether it was acknowledged.
+    async fn separate(&self, mut response: Packet, token: Vec<u8>, peer: SocketAddr) -> bool {
+        let mid = self
+            .next_message_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        response.header.set_type(MessageType::Confirmable);
+        response.header.message_id = mid;
+        response.set_token(token);
+        let Ok(bytes) = response.to_bytes() else {
+            return false;
+        };
+        let (tx, mut rx) = oneshot::channel();
+        let awaiting = || self.awaiting_ack.lock().unwrap_or_else(|p| p.into_inner());
+        awaiting().insert((peer, mid), tx);
+        let mut wait = ACK_TIMEOUT;
+        let mut acked = false;
+        for _ in 0..=MAX_RETRANSMIT {
+            let _ = self.socket.try_send_to(&bytes, peer);
+            match tokio::time::timeout(wait, &mut rx).await {
+                Ok(answer) => {
+                    acked = answer.unwrap_or(false);
+                    break;
+                }
+                Err(_) => wait *= 2,
+            }
+        }
+        awaiting().remove(&(peer, mid));
+        acked
+    }
+
+    /// Tells the command's sender whether the response carrying it reached the device.
+    async fn report(&self, command: Option<(String, CommandDelivery)>, reached: bool) {
+        let (Some((tenant, cmd)), Some(hub)) = (command, &self.hub) else {
+            return;
+        };
+        if reached {
+            hub.delivered(&cmd);
+        } else {
+            let (cid, outcome) = (cmd.correlation_id.as_deref(), cmd.outcome.as_ref());
+            let reason = "the device did not acknowledge the response carrying the command";
+            hub.undelivered(&tenant, &cmd.device_id, cid, outcome, reason)
+                .await;
+        }
     }
 
     /// Sends `response` and keeps it for retransmissions of its request.
@@ -196,7 +357,7 @@ impl Server {
     }
 
     /// Handles one request: its response.
-    async fn handle(&self, mut packet: Packet, peer: SocketAddr) -> Packet {
+    async fn handle(&self, mut packet: Packet, peer: SocketAddr) -> Reply {
         let packet = &mut packet;
         let block1 = match packet.get_first_option(CoapOption::Block1) {
             None => None,
@@ -204,7 +365,7 @@ impl Server {
                 Some(b) => Some(b),
                 None => {
                     metrics::rejected(ADAPTER.name(), "bad-option");
-                    return self.response(packet, ResponseType::BadOption);
+                    return self.response(packet, ResponseType::BadOption).into();
                 }
             },
         };
@@ -214,16 +375,20 @@ impl Server {
                 blocks::Step::Continue(b) => {
                     let mut r = self.response(packet, ResponseType::Continue);
                     r.add_option(CoapOption::Block1, b.encode());
-                    return r;
+                    return r.into();
                 }
                 blocks::Step::Complete(body, _) => packet.payload = body,
                 blocks::Step::Incomplete => {
                     metrics::rejected(ADAPTER.name(), "block-incomplete");
-                    return self.response(packet, ResponseType::RequestEntityIncomplete);
+                    return self
+                        .response(packet, ResponseType::RequestEntityIncomplete)
+                        .into();
                 }
                 blocks::Step::TooLarge => {
                     let limit = self.pipeline.max_payload_size();
-                    return self.refusal_response(packet, &Refusal::payload_too_large(limit));
+                    return self
+                        .refusal_response(packet, &Refusal::payload_too_large(limit))
+                        .into();
                 }
             }
         }
@@ -232,13 +397,13 @@ impl Server {
             Ok(r) => r,
             Err(ResourceError::NotFound) => {
                 metrics::rejected(ADAPTER.name(), "not-found");
-                return self.response(packet, ResponseType::NotFound);
+                return self.response(packet, ResponseType::NotFound).into();
             }
             Err(ResourceError::MethodNotAllowed) => {
                 metrics::rejected(ADAPTER.name(), "method-not-allowed");
-                return self.response(packet, ResponseType::MethodNotAllowed);
+                return self.response(packet, ResponseType::MethodNotAllowed).into();
             }
-            Err(ResourceError::Refused(e)) => return self.refusal_response(packet, &e),
+            Err(ResourceError::Refused(e)) => return self.refusal_response(packet, &e).into(),
         };
         let confirmable = packet.header.get_type() == MessageType::Confirmable;
         let result = match request.resource.clone() {
@@ -246,13 +411,20 @@ impl Server {
                 self.upload(packet, &request, endpoint, target, confirmable)
                     .await
             }
-            Resource::CommandResponse { target, request_id } => {
-                self.command_response(packet, &request, target, request_id)
-                    .await
-            }
+            Resource::CommandResponse { target, request_id } => self
+                .command_response(packet, &request, target, request_id)
+                .await
+                .map(|()| Outcome::Changed),
         };
+        let mut command = None;
         let mut response = match result {
-            Ok(()) => self.response(packet, ResponseType::Changed),
+            Ok(Outcome::Changed) => self.response(packet, ResponseType::Changed),
+            Ok(Outcome::Command(tenant, cmd, named)) => {
+                let mut r = self.response(packet, ResponseType::Changed);
+                command_into(&mut r, &cmd, named, &request, &tenant);
+                command = Some((tenant, *cmd));
+                r
+            }
             Err(e) => self.refusal_response(packet, &e),
         };
         if let Some(b) = block1 {
@@ -265,7 +437,10 @@ impl Server {
                 resource::uint_option(u64::try_from(now).unwrap_or_default()),
             );
         }
-        response
+        Reply {
+            packet: response,
+            command,
+        }
     }
 
     async fn upload(
@@ -275,7 +450,7 @@ impl Server {
         endpoint: Endpoint,
         target: Option<(String, String)>,
         confirmable: bool,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Outcome, Refusal> {
         let content_type = match request.empty {
             true => Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.to_owned()),
             false => request.content_type.clone(),
@@ -299,7 +474,22 @@ impl Server {
             retain: false,
             traceparent: None,
         };
-        self.pipeline.upload(up).await.map(|_| ())
+        let polling = upload_with_ttd(
+            &self.pipeline,
+            self.hub.as_ref(),
+            up,
+            request.ttd,
+            self.cfg.max_ttd_secs,
+        )
+        .await?;
+        let Some(polling) = polling else {
+            return Ok(Outcome::Changed);
+        };
+        let tenant = polling.tenant.clone();
+        Ok(match polling.take().await {
+            Some((cmd, named)) => Outcome::Command(tenant, Box::new(cmd), named),
+            None => Outcome::Changed,
+        })
     }
 
     async fn command_response(
@@ -365,6 +555,51 @@ impl Server {
         }
         response
     }
+}
+
+/// Puts a command into a 2.04 response (hono-api §5.3): its name as `location-query`
+/// `hono-command=…`, where to send the answer as `location-path` (mirroring the request's long
+/// or short names), its content format and payload.
+fn command_into(
+    response: &mut Packet,
+    cmd: &CommandDelivery,
+    named: bool,
+    request: &resource::Request,
+    tenant: &str,
+) {
+    response.add_option(
+        CoapOption::LocationQuery,
+        format!("hono-command={}", cmd.subject).into_bytes(),
+    );
+    let (one_way, answer) = match request.short {
+        true => ("c", "cr"),
+        false => ("command", "command_response"),
+    };
+    // Plain UDP carries no credentials: the device is unauthenticated and named in full.
+    let anonymous = true;
+    let device = cmd.device_id.as_str();
+    let path: Vec<&str> = match (&cmd.request_id, anonymous, named) {
+        (None, true, _) => vec![one_way, tenant, device],
+        (None, false, true) => vec![one_way, "", device],
+        (None, false, false) => vec![one_way],
+        (Some(id), true, _) => vec![answer, tenant, device, id],
+        (Some(id), false, true) => vec![answer, "", device, id],
+        (Some(id), false, false) => vec![answer, id],
+    };
+    for segment in path {
+        response.add_option(CoapOption::LocationPath, segment.as_bytes().to_vec());
+    }
+    if let Some(cf) = cmd
+        .content_type
+        .as_deref()
+        .and_then(resource::content_format)
+    {
+        response.add_option(
+            CoapOption::ContentFormat,
+            resource::uint_option(u64::from(cf)),
+        );
+    }
+    response.payload = cmd.payload.clone();
 }
 
 /// The path and query of a request, naming a block-wise body.
