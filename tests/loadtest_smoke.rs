@@ -238,6 +238,37 @@ async fn harness_smoke_run() {
     .unwrap();
     assert_eq!(bcrypt_fleet.mqtt_hold(&mqtt_addr).await.unwrap().len(), 1);
 
+    // CoAP over plain UDP, CON and NON, unauthenticated devices; and the bare server's ceiling.
+    let coap_fleet = Fleet::provision(&registry_url, "admin:smoke", 3)
+        .await
+        .unwrap();
+    coap_fleet
+        .allow_anonymous_coap(&registry_url, "admin:smoke")
+        .await
+        .unwrap();
+    let coap_addr: std::net::SocketAddr = format!("127.0.0.1:{coap}").parse().unwrap();
+    let t = Instant::now();
+    for confirmable in [true, false] {
+        ferrule_loadtest::coap::put_load(
+            coap_addr,
+            coap_fleet.coap_paths(),
+            30,
+            3,
+            confirmable,
+            32,
+        )
+        .await
+        .unwrap();
+    }
+    wait_for_records(&kafka, &coap_fleet.telemetry_topic(), 60, t)
+        .await
+        .unwrap();
+    let (bare, server) = ferrule_loadtest::coap::bare_server().await.unwrap();
+    ferrule_loadtest::coap::put_load(bare, coap_fleet.coap_paths(), 30, 3, true, 32)
+        .await
+        .unwrap();
+    server.abort();
+
     // The run's report lines become plots.
     let mut report = Report::new("e2e-latency-qos1", e2e.received, e2e.seconds);
     report.series = e2e.series.clone();

@@ -112,6 +112,34 @@ impl Fleet {
         }
     }
 
+    /// Lets the fleet's devices use CoAP without credentials (the tenant's `hono-coap` entry
+    /// with `device-authentication-required: false`; the other adapters are then off).
+    pub async fn allow_anonymous_coap(&self, registry: &str, auth: &str) -> anyhow::Result<()> {
+        let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+        let body = serde_json::json!({"adapters": [{"type": "hono-coap", "enabled": true,
+            "device-authentication-required": false}]});
+        let r = reqwest::Client::new()
+            .put(format!("{registry}/v1/tenants/{}", self.tenant))
+            .basic_auth(user, Some(password))
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "updating the tenant: {}",
+            r.status()
+        );
+        Ok(())
+    }
+
+    /// The unauthenticated CoAP resource of each device: `/telemetry/{tenant}/{device}`.
+    pub fn coap_paths(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|d| format!("/telemetry/{}/{d}", self.tenant))
+            .collect()
+    }
+
     pub fn telemetry_topic(&self) -> String {
         format!("hono.telemetry.{}", self.tenant)
     }

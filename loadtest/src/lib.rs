@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod coap;
 pub mod commands;
 pub mod devices;
 pub mod latency;

@@ -70,6 +70,34 @@ enum Scenario {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
+    /// The CoAP ceiling: the same CoAP load against a bare coap-lite UDP server in this
+    /// process that answers 2.04 without Kafka.
+    CoapBaseline {
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        /// Devices sending at once, each with one request in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// NON requests (at most once) instead of CON (at least once).
+        #[arg(long)]
+        non: bool,
+    },
+    /// Unauthenticated CoAP devices `PUT`ting telemetry over plain UDP, one request in flight
+    /// each.
+    Coap {
+        #[arg(long, default_value = "127.0.0.1:5683")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        non: bool,
+    },
     /// HTTP devices posting telemetry with a fixed number of requests in flight.
     Http {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -354,6 +382,55 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             let secs = started.elapsed().as_secs_f64();
             server.abort();
             Report::new("axum-baseline", *requests, secs)
+        }
+        Scenario::CoapBaseline {
+            devices: n,
+            requests,
+            concurrency,
+            non,
+        } => {
+            let (addr, server) = ferrule_loadtest::coap::bare_server().await?;
+            let fleet = devices::Fleet::unprovisioned(*n);
+            let started = Instant::now();
+            let load = ferrule_loadtest::coap::put_load(
+                addr,
+                fleet.coap_paths(),
+                *requests,
+                *concurrency,
+                !*non,
+                cli.size,
+            );
+            load.await?;
+            let secs = started.elapsed().as_secs_f64();
+            server.abort();
+            let kind = if *non { "non" } else { "con" };
+            Report::new(&format!("coap-baseline-{kind}"), *requests, secs)
+        }
+        Scenario::Coap {
+            addr,
+            devices: n,
+            requests,
+            concurrency,
+            non,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            fleet
+                .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
+                .await?;
+            let load = ferrule_loadtest::coap::put_load(
+                *addr,
+                fleet.coap_paths(),
+                *requests,
+                *concurrency,
+                !*non,
+                cli.size,
+            );
+            let (secs, series) =
+                timed_ingest(&cli.kafka, &fleet.telemetry_topic(), *requests, load).await?;
+            let kind = if *non { "non" } else { "con" };
+            let mut r = Report::new(&format!("coap-{kind}"), *requests, secs);
+            r.series = series;
+            r
         }
         Scenario::Http {
             url,

@@ -76,6 +76,8 @@ const BASELINES: &[(&str, &str, bool)] = &[
     ("mqtt-qos1", "mosquitto-qos1", true),
     ("http-qos", "kafka-producer", true),
     ("http-qos", "axum-baseline", true),
+    ("coap-con", "coap-baseline-con", true),
+    ("coap-non", "coap-baseline-non", true),
     ("amqp-events-", "kafka-consumer", true),
     ("command-rtt-", "kafka-echo", false),
 ];
