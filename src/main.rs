@@ -178,6 +178,10 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
                 true => Some(bind_udp("CoAP adapter", cfg.gateway.coap.bind).await?),
                 false => None,
             },
+            coaps: match cfg.gateway.coap.dtls_enabled {
+                true => Some(bind_udp("CoAP adapter (DTLS)", cfg.gateway.coap.dtls_bind).await?),
+                false => None,
+            },
         }),
         false => None,
     };

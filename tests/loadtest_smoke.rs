@@ -15,7 +15,7 @@ async fn harness_smoke_run() {
     let db = std::env::var("FERRULE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into());
     let (registry, http, mqtt, health) = (free_port(), free_port(), free_port(), free_port());
-    let (amqp, coap) = (free_port(), free_port());
+    let (amqp, coap, coaps) = (free_port(), free_port(), free_port());
     let mut ferrule = Command::new(env!("CARGO_BIN_EXE_ferrule"))
         .arg("all")
         .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
@@ -23,6 +23,10 @@ async fn harness_smoke_run() {
         .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
         .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{amqp}"))
         .env("FERRULE_GATEWAY__COAP__BIND", format!("127.0.0.1:{coap}"))
+        .env(
+            "FERRULE_GATEWAY__COAP__DTLS_BIND",
+            format!("127.0.0.1:{coaps}"),
+        )
         .env("FERRULE_HEALTH__BIND", format!("127.0.0.1:{health}"))
         .env("FERRULE_DATABASE__URL", &db)
         .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", &kafka)

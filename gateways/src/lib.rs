@@ -74,6 +74,8 @@ pub struct Listeners {
     pub mqtts: Option<tokio::net::TcpListener>,
     /// Plain CoAP over UDP.
     pub coap: Option<tokio::net::UdpSocket>,
+    /// CoAP over DTLS.
+    pub coaps: Option<tokio::net::UdpSocket>,
 }
 
 /// Serves the protocol adapters until `shutdown` turns true, then flushes the producer. All
@@ -156,6 +158,15 @@ pub async fn serve(
     }
     if let Some(socket) = listeners.coap {
         adapters.spawn(coap::serve(
+            socket,
+            pipeline.clone(),
+            Some(hub.clone()),
+            cfg.coap.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(socket) = listeners.coaps {
+        adapters.spawn(coap::dtls::serve(
             socket,
             pipeline.clone(),
             Some(hub.clone()),

@@ -162,6 +162,19 @@ static COAP_DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     ))
 });
 
+static DTLS_SESSIONS: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    registered(prometheus::IntGauge::new(
+        "ferrule_gateway_coap_dtls_sessions",
+        "CoAP DTLS sessions held, handshakes in progress included (bounded by \
+         gateway.coap.max_dtls_sessions)",
+    ))
+});
+
+/// The number of DTLS sessions held now.
+pub fn coap_dtls_sessions(n: usize) {
+    DTLS_SESSIONS.set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
 /// Counts a retransmitted CoAP request that was not handled again.
 pub fn coap_duplicate(state: &str) {
     COAP_DUPLICATES.with_label_values(&[state]).inc();
@@ -177,6 +190,7 @@ pub fn init() {
     LazyLock::force(&PAYLOAD);
     LazyLock::force(&REJECTED);
     LazyLock::force(&COAP_DUPLICATES);
+    LazyLock::force(&DTLS_SESSIONS);
     LazyLock::force(&CONNECTIONS);
     LazyLock::force(&UNAUTHENTICATED);
     LazyLock::force(&ATTEMPTS);

@@ -366,6 +366,24 @@ impl IngestPipeline {
         }
     }
 
+    /// The pre-shared key of a DTLS identity `authId@tenant` (credentials of type `psk`), with
+    /// the device it authenticates; asks the registry, and leaves the answer in its cache for
+    /// [`Self::cached_psk`].
+    pub async fn psk(&self, identity: &str) -> Result<(AuthenticatedDevice, Vec<u8>), Refusal> {
+        Ok(self.registry.psk_key(identity).await?)
+    }
+
+    /// [`Self::psk`] from the registry cache alone, for a TLS library's synchronous key
+    /// callback; `None` when the cache does not hold the identity.
+    pub fn cached_psk(
+        &self,
+        identity: &str,
+    ) -> Option<Result<(AuthenticatedDevice, Vec<u8>), Refusal>> {
+        self.registry
+            .cached_psk_key(identity)
+            .map(|r| r.map_err(Refusal::from))
+    }
+
     /// Checks `authId@tenant` + password for any adapter. `target` is the device the message
     /// is addressed to, if any: a disabled device sending for another one is a disabled
     /// gateway (403), a disabled device sending its own data is unknown (404), as in Hono.

@@ -646,3 +646,208 @@ async fn a_command_whose_separate_response_is_reset_fails_with_503() {
     assert_eq!(responses[0].headers["correlation-id"], "c-rst");
     assert_eq!(responses[0].headers["status"], "503");
 }
+
+/// Runs a libcoap client built on `tls` (`openssl` or `gnutls`) with a PSK identity and key.
+async fn coaps_client(
+    tls: &str,
+    identity: &str,
+    key: &str,
+    args: &[&str],
+    uri: String,
+) -> (String, bool) {
+    let mut cmd = Command::new(format!("coap-client-{tls}"));
+    cmd.args(["-B", "5", "-u", identity, "-k", key])
+        .args(args)
+        .arg(uri);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("the libcoap client runs"))
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An error response is printed as its code (`4.01 Unauthorized`); a failed session as a
+    // log line at level ERR (the client still exits 0).
+    let refused = text
+        .lines()
+        .any(|l| l.starts_with("4.") || l.starts_with("5.") || l.contains(" ERR "));
+    let ok = out.status.success() && !refused;
+    (text, ok)
+}
+
+#[tokio::test]
+async fn psk_devices_upload_over_dtls_with_libcoap_openssl_and_gnutls() {
+    let mut cfg = ferrule_gateways::GatewayConfig::default();
+    // A wrong key shows only as a Finished that does not decrypt, which DTLS drops silently:
+    // the handshake then ends by its time limit.
+    cfg.coap.dtls_handshake_timeout_secs = 2;
+    let p = Platform::start_with(cfg).await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"secret-key-1").await;
+    let identity = format!("dev@{tenant}");
+    let uri = format!("coaps://127.0.0.1:{}/telemetry", p.coaps_port);
+    for tls in ["openssl", "gnutls"] {
+        let (out, ok) = coaps_client(
+            tls,
+            &identity,
+            "secret-key-1",
+            &["-m", "post", "-t", "0", "-e", tls],
+            uri.clone(),
+        )
+        .await;
+        assert!(ok, "{tls}: {out}");
+    }
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let mut payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+    payloads.sort();
+    assert_eq!(payloads, [b"gnutls".as_slice(), b"openssl".as_slice()]);
+    for r in &records {
+        assert_eq!(r.key, "dev");
+        assert_eq!(r.headers["orig_adapter"], "hono-coap");
+        assert_eq!(r.headers["qos"], "1");
+    }
+    // A wrong key fails the handshake: nothing is written.
+    let (out, ok) = coaps_client(
+        "openssl",
+        &identity,
+        "wrong-key",
+        &["-m", "post", "-e", "no"],
+        uri.clone(),
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let counted = |m: &str| {
+        ["dtls-handshake-failed", "dtls-handshake-timeout"]
+            .iter()
+            .any(|r| {
+                m.contains(&format!(
+                    "ferrule_gateway_rejected_total{{component_name=\"hono-coap\",reason=\"{r}\"}}"
+                ))
+            })
+    };
+    let start = std::time::Instant::now();
+    while !counted(&prometheus_text()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a failed handshake is counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(read(&format!("hono.telemetry.{tenant}"), 2).await.len(), 2);
+}
+
+#[tokio::test]
+async fn psk_gateway_uploads_for_its_devices_only() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "gw", json!({})).await;
+    p.credentials_psk(&tenant, "gw", b"gateway-key").await;
+    p.device(&tenant, "behind", json!({"via": ["gw"]})).await;
+    p.device(&tenant, "elsewhere", json!({})).await;
+    let identity = format!("gw@{tenant}");
+    let base = format!("coaps://127.0.0.1:{}", p.coaps_port);
+    let (out, ok) = coaps_client(
+        "gnutls",
+        &identity,
+        "gateway-key",
+        &["-m", "put", "-t", "0", "-e", "for-behind"],
+        format!("{base}/t//behind"),
+    )
+    .await;
+    assert!(ok, "{out}");
+    let (out, _) = coaps_client(
+        "openssl",
+        &identity,
+        "gateway-key",
+        &["-m", "put", "-t", "0", "-e", "for-elsewhere"],
+        format!("{base}/t//elsewhere"),
+    )
+    .await;
+    assert!(out.contains("4.03"), "not in via: {out}");
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records[0].key, "behind");
+    assert_eq!(records[0].payload, b"for-behind");
+}
+
+/// ClientHellos without a cookie, as a flood from spoofed addresses sends them, are answered
+/// statelessly: no session is held for them, and a real device still gets one.
+#[tokio::test]
+async fn client_hellos_without_cookie_hold_no_session() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"k").await;
+    let flood = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut hello = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut body = vec![0xfe, 0xfd];
+    body.extend_from_slice(&[7; 32]);
+    body.extend_from_slice(&[0, 0, 0, 2, 0xc0, 0xa8, 1, 0]);
+    let mut hs = vec![
+        1,
+        0,
+        0,
+        body.len() as u8,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        body.len() as u8,
+    ];
+    hs.extend_from_slice(&body);
+    hello.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&hs);
+    // From 300 addresses (ports): state per address would show as 300 sessions.
+    let mut senders = Vec::new();
+    for _ in 0..300 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for _ in 0..10 {
+            s.send_to(&hello, ("127.0.0.1", p.coaps_port))
+                .await
+                .unwrap();
+        }
+        senders.push(s);
+    }
+    flood
+        .send_to(&hello, ("127.0.0.1", p.coaps_port))
+        .await
+        .unwrap();
+    // Each got a HelloVerifyRequest.
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), flood.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (buf[0], buf[13]),
+        (22, 3),
+        "a HelloVerifyRequest: {:?}",
+        &buf[..n]
+    );
+    let sessions = || {
+        prometheus_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("ferrule_gateway_coap_dtls_sessions "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .unwrap_or(0.0)
+    };
+    // Other tests of this process may hold a few sessions at the same time.
+    assert!(sessions() < 20.0, "no session for hellos without a cookie");
+    let (out, ok) = coaps_client(
+        "openssl",
+        &format!("dev@{tenant}"),
+        "k",
+        &["-m", "post", "-t", "0", "-e", "through"],
+        format!("coaps://127.0.0.1:{}/telemetry", p.coaps_port),
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(
+        read(&format!("hono.telemetry.{tenant}"), 1).await[0].payload,
+        b"through"
+    );
+}

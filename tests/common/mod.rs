@@ -104,7 +104,7 @@ impl Ferrule {
 
     fn spawn(kafka: &str, env: &[(&str, String)], stdout: Stdio) -> Ferrule {
         let (registry, health, http, mqtt) = (free_port(), free_port(), free_port(), free_port());
-        let (amqp, coap) = (free_port(), free_port());
+        let (amqp, coap, coaps) = (free_port(), free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
             .arg("all")
             .env("FERRULE_REGISTRY__BIND", format!("127.0.0.1:{registry}"))
@@ -112,6 +112,10 @@ impl Ferrule {
             .env("FERRULE_GATEWAY__HTTP__BIND", format!("127.0.0.1:{http}"))
             .env("FERRULE_GATEWAY__MQTT__BIND", format!("127.0.0.1:{mqtt}"))
             .env("FERRULE_GATEWAY__COAP__BIND", format!("127.0.0.1:{coap}"))
+            .env(
+                "FERRULE_GATEWAY__COAP__DTLS_BIND",
+                format!("127.0.0.1:{coaps}"),
+            )
             .env("FERRULE_BRIDGE__BIND", format!("127.0.0.1:{amqp}"))
             .env("FERRULE_DATABASE__URL", database_url())
             .env("FERRULE_KAFKA__BOOTSTRAP_SERVERS", kafka)

@@ -8,6 +8,8 @@
 //! which names tenant and device in the path (`PUT /telemetry/{tenant}/{device}`).
 
 pub mod blocks;
+pub mod dtls;
+pub mod dtls_wire;
 pub mod exchanges;
 pub mod resource;
 
@@ -49,6 +51,16 @@ pub struct CoapConfig {
     pub exchange_lifetime_secs: u64,
     /// The longest `hono-ttd` for tenants without `max-ttd` in their `hono-coap` entry.
     pub max_ttd_secs: i64,
+    /// Whether CoAP over DTLS with pre-shared keys is served (authenticated devices).
+    pub dtls_enabled: bool,
+    /// Where CoAP over DTLS listens (Hono's secure port is 5684).
+    pub dtls_bind: SocketAddr,
+    /// DTLS sessions at most; further handshakes are dropped.
+    pub max_dtls_sessions: usize,
+    /// A DTLS session without a datagram for this long ends.
+    pub dtls_idle_timeout_secs: u64,
+    /// A DTLS handshake not done within this ends.
+    pub dtls_handshake_timeout_secs: u64,
     /// Hono's `timeoutToAck` (ms): a response to a CON that takes longer goes separately,
     /// after an empty ACK; 0 acknowledges at once, a negative value always piggybacks. The
     /// tenant's `adapters[hono-coap].ext.timeoutToAck` overrides it.
@@ -66,13 +78,17 @@ impl Default for CoapConfig {
             exchange_lifetime_secs: 247,
             max_ttd_secs: 60,
             timeout_to_ack_ms: 500,
+            dtls_enabled: true,
+            dtls_bind: SocketAddr::from(([127, 0, 0, 1], 5684)),
+            max_dtls_sessions: 10_000,
+            dtls_idle_timeout_secs: 300,
+            dtls_handshake_timeout_secs: 30,
         }
     }
 }
 
 /// What every request handler shares.
-struct Server {
-    socket: UdpSocket,
+pub struct Server {
     pipeline: IngestPipeline,
     hub: Option<CommandHub>,
     exchanges: Exchanges,
@@ -114,7 +130,51 @@ enum Outcome {
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RETRANSMIT: u32 = 4;
 
-/// Serves CoAP on `socket` until `shutdown` turns true.
+/// Who sent a request, and how answers reach it.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    link: Link,
+    /// Anonymous over plain UDP; the device a DTLS session authenticated.
+    pub origin: Origin,
+}
+
+#[derive(Clone)]
+enum Link {
+    Plain(Arc<UdpSocket>),
+    /// Plaintext for the peer's DTLS session to encrypt and send.
+    Dtls(tokio::sync::mpsc::Sender<Vec<u8>>),
+}
+
+impl Peer {
+    /// A peer of a DTLS session: what is sent to it goes through `session`.
+    pub fn dtls(
+        addr: SocketAddr,
+        session: tokio::sync::mpsc::Sender<Vec<u8>>,
+        origin: Origin,
+    ) -> Self {
+        Peer {
+            addr,
+            link: Link::Dtls(session),
+            origin,
+        }
+    }
+
+    /// Sends one CoAP message; a full socket or session queue drops it (the device retransmits
+    /// a CON).
+    fn send(&self, bytes: &[u8]) {
+        match &self.link {
+            Link::Plain(socket) => {
+                let _ = socket.try_send_to(bytes, self.addr);
+            }
+            Link::Dtls(session) => {
+                let _ = session.try_send(bytes.to_vec());
+            }
+        }
+    }
+}
+
+/// Serves plain CoAP on `socket` until `shutdown` turns true.
 pub async fn serve(
     socket: UdpSocket,
     pipeline: IngestPipeline,
@@ -123,29 +183,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %socket.local_addr()?, "CoAP adapter listening");
-    let server = Arc::new(Server {
-        socket,
-        pipeline: pipeline.clone(),
-        hub,
-        exchanges: Exchanges::new(
-            cfg.max_exchanges,
-            Duration::from_secs(cfg.exchange_lifetime_secs),
-        ),
-        assemblies: blocks::Assemblies::new(
-            cfg.max_exchanges,
-            pipeline.max_payload_size(),
-            Duration::from_secs(cfg.exchange_lifetime_secs),
-        ),
-        in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
-        next_message_id: std::sync::atomic::AtomicU16::new(rand_u16()),
-        awaiting_ack: Default::default(),
-        cfg,
-    });
+    let server = Server::new(pipeline, hub, cfg);
+    let socket = Arc::new(socket);
     // The largest UDP datagram: a longer one cannot arrive, so none is cut short.
     let mut buf = vec![0u8; 65_535];
     loop {
-        let (n, peer) = tokio::select! {
-            r = server.socket.recv_from(&mut buf) => match r {
+        let (n, addr) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
                 Ok(r) => r,
                 // An ICMP error of an earlier send to a gone peer surfaces here on some
                 // systems: it concerns that peer only.
@@ -156,14 +200,41 @@ pub async fn serve(
             },
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         };
+        let peer = Peer {
+            addr,
+            link: Link::Plain(socket.clone()),
+            origin: Origin::Anonymous,
+        };
         server.clone().datagram(&buf[..n], peer);
+    }
+}
+
+impl Server {
+    pub fn new(pipeline: IngestPipeline, hub: Option<CommandHub>, cfg: CoapConfig) -> Arc<Self> {
+        Arc::new(Server {
+            pipeline: pipeline.clone(),
+            hub,
+            exchanges: Exchanges::new(
+                cfg.max_exchanges,
+                Duration::from_secs(cfg.exchange_lifetime_secs),
+            ),
+            assemblies: blocks::Assemblies::new(
+                cfg.max_exchanges,
+                pipeline.max_payload_size(),
+                Duration::from_secs(cfg.exchange_lifetime_secs),
+            ),
+            in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            next_message_id: std::sync::atomic::AtomicU16::new(rand_u16()),
+            awaiting_ack: Default::default(),
+            cfg,
+        })
     }
 }
 
 impl Server {
     /// One datagram: a request is handled in a task of its own (bounded), a retransmitted
     /// one answered from the cache, anything else dropped and counted.
-    fn datagram(self: Arc<Self>, bytes: &[u8], peer: SocketAddr) {
+    pub fn datagram(self: Arc<Self>, bytes: &[u8], peer: Peer) {
         let packet = match Packet::from_bytes(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -179,7 +250,7 @@ impl Server {
                 let mut rst = Packet::new();
                 rst.header.set_type(MessageType::Reset);
                 rst.header.message_id = packet.header.message_id;
-                self.send(&rst, peer);
+                self.send(&rst, &peer);
                 return;
             }
             // The device's answer to a separate response.
@@ -188,7 +259,7 @@ impl Server {
                     .awaiting_ack
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(peer, packet.header.message_id));
+                    .remove(&(peer.addr, packet.header.message_id));
                 if let Some(tx) = waiting {
                     let _ = tx.send(kind == MessageType::Acknowledgement);
                 }
@@ -197,13 +268,13 @@ impl Server {
             // Responses the server never asked for.
             _ => return,
         }
-        let key = (peer, packet.header.message_id);
+        let key = (peer.addr, packet.header.message_id);
         match self.exchanges.begin(key) {
             Seen::New => {}
             Seen::Answered(response) => {
                 metrics::coap_duplicate("answered");
                 if kind == MessageType::Confirmable {
-                    let _ = self.socket.try_send_to(&response, peer);
+                    peer.send(&response);
                 }
                 return;
             }
@@ -218,11 +289,11 @@ impl Server {
                 "too many requests in flight",
             );
             let response = self.refusal_response(&packet, &busy);
-            self.finish(key, &response, peer);
+            self.finish(key, &response, &peer);
             return;
         };
         tokio::spawn(async move {
-            self.exchange(key, packet, peer).await;
+            self.exchange(key, packet, &peer).await;
             drop(permit);
         });
     }
@@ -230,9 +301,9 @@ impl Server {
     /// Handles a request and answers it: piggybacked on the ACK of a CON when the answer is
     /// ready within the ACK timeout, else an empty ACK at that time and the answer later in a
     /// CON of its own (RFC 7252 §5.2.2), which the device acknowledges.
-    async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, peer: SocketAddr) {
+    async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, peer: &Peer) {
         let ack_after = match packet.header.get_type() {
-            MessageType::Confirmable => self.ack_timeout(&packet).await,
+            MessageType::Confirmable => self.ack_timeout(&packet, peer).await,
             _ => None,
         };
         let token = packet.get_token().to_vec();
@@ -263,13 +334,17 @@ impl Server {
     /// The ACK timeout for a CON request: the tenant's `timeoutToAck`, or with `piggy` and a
     /// tenant value of 0 its `deviceTriggeredTimeoutToAck`, else the configured one; `None`:
     /// always piggyback.
-    async fn ack_timeout(&self, packet: &Packet) -> Option<Duration> {
+    async fn ack_timeout(&self, packet: &Packet, peer: &Peer) -> Option<Duration> {
         let request = resource::parse(packet).ok();
         let tenant = request.as_ref().and_then(|r| match &r.resource {
             Resource::Upload { target, .. } | Resource::CommandResponse { target, .. } => {
                 target.as_ref().map(|(t, _)| t.clone())
             }
         });
+        // The gateway forms name no tenant: the sender's own.
+        let tenant = tenant
+            .filter(|t| !t.is_empty())
+            .or_else(|| peer.origin.device().map(|d| d.tenant_id.clone()));
         let setting = async |key: &str| match tenant.as_deref().filter(|t| !t.is_empty()) {
             Some(t) => self
                 .pipeline
@@ -292,7 +367,7 @@ impl Server {
 
     /// Sends a separate response as a CON and waits for the device's ACK, retransmitting as
     /// RFC 7252 §4.2 says; whether it was acknowledged.
-    async fn separate(&self, mut response: Packet, token: Vec<u8>, peer: SocketAddr) -> bool {
+    async fn separate(&self, mut response: Packet, token: Vec<u8>, peer: &Peer) -> bool {
         let mid = self
             .next_message_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -304,11 +379,11 @@ impl Server {
         };
         let (tx, mut rx) = oneshot::channel();
         let awaiting = || self.awaiting_ack.lock().unwrap_or_else(|p| p.into_inner());
-        awaiting().insert((peer, mid), tx);
+        awaiting().insert((peer.addr, mid), tx);
         let mut wait = ACK_TIMEOUT;
         let mut acked = false;
         for _ in 0..=MAX_RETRANSMIT {
-            let _ = self.socket.try_send_to(&bytes, peer);
+            peer.send(&bytes);
             match tokio::time::timeout(wait, &mut rx).await {
                 Ok(answer) => {
                     acked = answer.unwrap_or(false);
@@ -317,7 +392,7 @@ impl Server {
                 Err(_) => wait *= 2,
             }
         }
-        awaiting().remove(&(peer, mid));
+        awaiting().remove(&(peer.addr, mid));
         acked
     }
 
@@ -337,10 +412,10 @@ impl Server {
     }
 
     /// Sends `response` and keeps it for retransmissions of its request.
-    fn finish(&self, key: (SocketAddr, u16), response: &Packet, peer: SocketAddr) {
+    fn finish(&self, key: (SocketAddr, u16), response: &Packet, peer: &Peer) {
         match response.to_bytes() {
             Ok(bytes) => {
-                let _ = self.socket.try_send_to(&bytes, peer);
+                peer.send(&bytes);
                 self.exchanges.answered(key, bytes.into());
             }
             Err(e) => {
@@ -350,14 +425,14 @@ impl Server {
         }
     }
 
-    fn send(&self, packet: &Packet, peer: SocketAddr) {
+    fn send(&self, packet: &Packet, peer: &Peer) {
         if let Ok(bytes) = packet.to_bytes() {
-            let _ = self.socket.try_send_to(&bytes, peer);
+            peer.send(&bytes);
         }
     }
 
     /// Handles one request: its response.
-    async fn handle(&self, mut packet: Packet, peer: SocketAddr) -> Reply {
+    async fn handle(&self, mut packet: Packet, peer: &Peer) -> Reply {
         let packet = &mut packet;
         let block1 = match packet.get_first_option(CoapOption::Block1) {
             None => None,
@@ -371,7 +446,7 @@ impl Server {
         };
         if let Some(block) = block1 {
             let uri = uri_of(packet);
-            match self.assemblies.add(peer, &uri, block, &packet.payload) {
+            match self.assemblies.add(peer.addr, &uri, block, &packet.payload) {
                 blocks::Step::Continue(b) => {
                     let mut r = self.response(packet, ResponseType::Continue);
                     r.add_option(CoapOption::Block1, b.encode());
@@ -408,11 +483,11 @@ impl Server {
         let confirmable = packet.header.get_type() == MessageType::Confirmable;
         let result = match request.resource.clone() {
             Resource::Upload { endpoint, target } => {
-                self.upload(packet, &request, endpoint, target, confirmable)
+                self.upload(packet, peer, &request, endpoint, target, confirmable)
                     .await
             }
             Resource::CommandResponse { target, request_id } => self
-                .command_response(packet, &request, target, request_id)
+                .command_response(packet, peer, &request, target, request_id)
                 .await
                 .map(|()| Outcome::Changed),
         };
@@ -421,7 +496,8 @@ impl Server {
             Ok(Outcome::Changed) => self.response(packet, ResponseType::Changed),
             Ok(Outcome::Command(tenant, cmd, named)) => {
                 let mut r = self.response(packet, ResponseType::Changed);
-                command_into(&mut r, &cmd, named, &request, &tenant);
+                let anonymous = peer.origin.device().is_none();
+                command_into(&mut r, &cmd, named, anonymous, &request, &tenant);
                 command = Some((tenant, *cmd));
                 r
             }
@@ -446,6 +522,7 @@ impl Server {
     async fn upload(
         &self,
         packet: &Packet,
+        peer: &Peer,
         request: &resource::Request,
         endpoint: Endpoint,
         target: Option<(String, String)>,
@@ -464,7 +541,7 @@ impl Server {
             } else {
                 Qos::AtMostOnce
             },
-            origin: Origin::Anonymous,
+            origin: peer.origin.clone(),
             target,
             content_type,
             payload: bytes::Bytes::copy_from_slice(&packet.payload),
@@ -495,6 +572,7 @@ impl Server {
     async fn command_response(
         &self,
         packet: &Packet,
+        peer: &Peer,
         request: &resource::Request,
         target: Option<(String, String)>,
         request_id: String,
@@ -507,7 +585,7 @@ impl Server {
         })?;
         let response = DeviceResponse {
             adapter: ADAPTER,
-            origin: Origin::Anonymous,
+            origin: peer.origin.clone(),
             target,
             request_id,
             // `parse` makes sure it is there.
@@ -564,6 +642,7 @@ fn command_into(
     response: &mut Packet,
     cmd: &CommandDelivery,
     named: bool,
+    anonymous: bool,
     request: &resource::Request,
     tenant: &str,
 ) {
@@ -575,8 +654,7 @@ fn command_into(
         true => ("c", "cr"),
         false => ("command", "command_response"),
     };
-    // Plain UDP carries no credentials: the device is unauthenticated and named in full.
-    let anonymous = true;
+    // An unauthenticated device names tenant and device in full; a gateway names the device.
     let device = cmd.device_id.as_str();
     let path: Vec<&str> = match (&cmd.request_id, anonymous, named) {
         (None, true, _) => vec![one_way, tenant, device],

@@ -46,6 +46,7 @@ pub struct Platform {
     pub https_port: Option<u16>,
     pub mqtts_port: Option<u16>,
     pub coap_port: u16,
+    pub coaps_port: u16,
     pub client: reqwest::Client,
     _shutdown: watch::Sender<bool>,
 }
@@ -95,12 +96,15 @@ impl Platform {
         let (https_port, mqtts_port) = (port(&https), port(&mqtts));
         let coap_socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let coap_port = coap_socket.local_addr().unwrap().port();
+        let coaps_socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let coaps_port = coaps_socket.local_addr().unwrap().port();
         let listeners = ferrule_gateways::Listeners {
             http: Some(http_listener),
             mqtt: Some(mqtt_listener),
             https,
             mqtts,
             coap: Some(coap_socket),
+            coaps: Some(coaps_socket),
         };
         tokio::spawn(
             async move { ferrule_gateways::serve(listeners, gateway, &kafka, auth, rx).await },
@@ -112,6 +116,7 @@ impl Platform {
             https_port,
             mqtts_port,
             coap_port,
+            coaps_port,
             client: reqwest::Client::new(),
             _shutdown: tx,
         }
@@ -173,6 +178,18 @@ impl Platform {
     }
 
     /// `x509-cert` credentials for a device.
+    /// Gives `device` a pre-shared key (credentials of type `psk`, auth-id = the device id).
+    pub async fn credentials_psk(&self, tenant: &str, device: &str, key: &[u8]) {
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD.encode(key);
+        self.admin(
+            Method::PUT,
+            &format!("/v1/credentials/{tenant}/{device}"),
+            json!([{"type": "psk", "auth-id": device, "secrets": [{"key": key}]}]),
+        )
+        .await;
+    }
+
     pub async fn credentials_x509(&self, tenant: &str, device: &str, subject_dn: &str) {
         self.admin(
             Method::PUT,

@@ -354,15 +354,21 @@ impl DeviceAuthenticator {
     ) -> Result<(AuthenticatedDevice, Vec<u8>), AuthError> {
         let (auth_id, tenant) = split_username(identity)?;
         let lookup = self.lookup(tenant, PSK, auth_id).await?;
-        let found = found(&lookup)?;
-        let now = Utc::now();
-        let key = found
-            .secrets
-            .iter()
-            .filter(|s| s.usable(now))
-            .find_map(|s| s.key.clone())
-            .ok_or(AuthError::BadCredentials)?;
-        Ok((device(tenant, found, auth_id), key))
+        psk_of(&lookup, tenant, auth_id)
+    }
+
+    /// [`Self::psk_key`] from the cache alone, for a TLS library's synchronous key callback:
+    /// `None` when the cache does not hold the identity (ask [`Self::psk_key`] first).
+    pub fn cached_psk_key(
+        &self,
+        identity: &str,
+    ) -> Option<Result<(AuthenticatedDevice, Vec<u8>), AuthError>> {
+        let (auth_id, tenant) = match split_username(identity) {
+            Ok(parts) => parts,
+            Err(e) => return Some(Err(e)),
+        };
+        let lookup = self.inner.cache.get(tenant, PSK, auth_id)?;
+        Some(psk_of(&lookup, tenant, auth_id))
     }
 
     /// The device of a client certificate, by its subject DN (RFC 2253) within a tenant.
@@ -596,6 +602,22 @@ fn device(tenant: &str, found: &Found, auth_id: &str) -> AuthenticatedDevice {
 }
 
 /// Splits `authId@tenant` at the first `@`, as Hono does.
+fn psk_of(
+    lookup: &Lookup,
+    tenant: &str,
+    auth_id: &str,
+) -> Result<(AuthenticatedDevice, Vec<u8>), AuthError> {
+    let found = found(lookup)?;
+    let now = Utc::now();
+    let key = found
+        .secrets
+        .iter()
+        .filter(|s| s.usable(now))
+        .find_map(|s| s.key.clone())
+        .ok_or(AuthError::BadCredentials)?;
+    Ok((device(tenant, found, auth_id), key))
+}
+
 pub fn split_username(username: &str) -> Result<(&str, &str), AuthError> {
     match username.split_once('@') {
         Some((a, t)) if !a.is_empty() && !t.is_empty() => Ok((a, t)),

@@ -1,0 +1,342 @@
+//! CoAP over DTLS 1.2 with pre-shared keys (hono-api §5.5): the PSK identity is `authId@tenant`
+//! and the key the device's `psk` credentials. Why OpenSSL, and how: docs/coap-dtls.md.
+//!
+//! One UDP socket; datagrams go to a session per sender, in a bounded map. No session exists
+//! before the sender proved it receives at its address: a ClientHello without our cookie is
+//! answered with a HelloVerifyRequest built here, statelessly (an HMAC of the address and the
+//! hello, `dtls_wire`). With a valid cookie, a session task drives OpenSSL over in-memory
+//! datagram queues, and the CoAP messages it decrypts go to the same [`Server`] as plain
+//! CoAP, as from the authenticated device. The key callback of OpenSSL is synchronous: the
+//! session asks the registry for the identity's key (cached) before it hands OpenSSL the
+//! ClientKeyExchange that names it.
+
+use super::{ADAPTER, CoapConfig, Peer, Server, dtls_wire};
+use crate::metrics;
+use crate::pipeline::{IngestPipeline, Origin};
+use aws_lc_rs::hmac;
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVersion,
+};
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// PSK cipher suites libcoap's OpenSSL and GnuTLS clients offer (CCM_8 is CoAP's mandatory
+/// one, RFC 7252 §9.1.3.1).
+const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:PSK-AES128-CCM:PSK-AES128-CBC-SHA256";
+/// Datagrams waiting for one session.
+const SESSION_QUEUE: usize = 32;
+/// How often a handshake in progress lets OpenSSL retransmit its last flight.
+const HANDSHAKE_TICK: Duration = Duration::from_millis(500);
+
+type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
+
+/// Serves CoAP over DTLS on `socket` until `shutdown` turns true.
+pub async fn serve(
+    socket: UdpSocket,
+    pipeline: IngestPipeline,
+    hub: Option<crate::commands::CommandHub>,
+    cfg: CoapConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    tracing::info!(addr = %socket.local_addr()?, "CoAP adapter (DTLS) listening");
+    let server = Server::new(pipeline.clone(), hub, cfg.clone());
+    let ctx = Arc::new(context(pipeline.clone())?);
+    let socket = Arc::new(socket);
+    let mut secret = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut secret).map_err(|_| anyhow::anyhow!("no random numbers"))?;
+    let cookies = hmac::Key::new(hmac::HMAC_SHA256, &secret);
+    let sessions: Sessions = Arc::default();
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, addr) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CoAP DTLS receive failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        };
+        let datagram = &buf[..n];
+        let known = sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .cloned();
+        if let Some(session) = known {
+            // A session that cannot keep up loses the datagram; DTLS and CoAP retransmit.
+            if session.try_send(datagram.to_vec()).is_ok() {
+                continue;
+            }
+            if !session.is_closed() {
+                continue;
+            }
+        }
+        let Some(hello) = dtls_wire::client_hello(datagram) else {
+            metrics::rejected(ADAPTER.name(), "dtls-no-session");
+            continue;
+        };
+        let tag = hmac::sign(&cookies, &hello.cookie_input(addr));
+        let cookie = &tag.as_ref()[..dtls_wire::COOKIE_LEN];
+        if aws_lc_rs::constant_time::verify_slices_are_equal(hello.cookie, cookie).is_err() {
+            let _ = socket.try_send_to(&dtls_wire::hello_verify_request(&hello, cookie), addr);
+            continue;
+        }
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        {
+            let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= cfg.max_dtls_sessions {
+                drop(map);
+                metrics::rejected(ADAPTER.name(), "dtls-sessions-exceeded");
+                continue;
+            }
+            map.insert(addr, tx.clone());
+            metrics::coap_dtls_sessions(map.len());
+        }
+        let session = Session {
+            addr,
+            socket: socket.clone(),
+            server: server.clone(),
+            pipeline: pipeline.clone(),
+            idle: Duration::from_secs(cfg.dtls_idle_timeout_secs),
+            handshake_timeout: Duration::from_secs(cfg.dtls_handshake_timeout_secs),
+        };
+        let first = datagram.to_vec();
+        let synthetic = hello.without_cookie();
+        let cookie = cookie.to_vec();
+        let (ctx, sessions) = (ctx.clone(), sessions.clone());
+        tokio::spawn(async move {
+            session.run(&ctx, cookie, synthetic, first, rx).await;
+            let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(&addr).is_some_and(|s| s.same_channel(&tx)) {
+                map.remove(&addr);
+            }
+            metrics::coap_dtls_sessions(map.len());
+        });
+    }
+}
+
+/// The index under which a session's `Ssl` keeps the cookie its peer proved.
+fn cookie_index() -> openssl::ex_data::Index<Ssl, Vec<u8>> {
+    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, Vec<u8>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
+}
+
+fn context(pipeline: IngestPipeline) -> anyhow::Result<SslContext> {
+    let mut b = SslContextBuilder::new(SslMethod::dtls())?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_cipher_list(CIPHERS)?;
+    b.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU);
+    // The cookie was checked before the session existed: OpenSSL hands out and accepts
+    // exactly that one.
+    b.set_cookie_generate_cb(|ssl, out| {
+        let cookie = ssl
+            .ex_data(cookie_index())
+            .ok_or_else(openssl::error::ErrorStack::get)?;
+        let n = cookie.len().min(out.len());
+        out[..n].copy_from_slice(&cookie[..n]);
+        Ok(n)
+    });
+    b.set_cookie_verify_cb(|ssl, cookie| {
+        ssl.ex_data(cookie_index())
+            .is_some_and(|c| c.as_slice() == cookie)
+    });
+    // 0: an unknown identity or no usable key, and OpenSSL refuses the handshake.
+    b.set_psk_server_callback(move |_ssl, identity, out| {
+        let Some(identity) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
+            return Ok(0);
+        };
+        match pipeline.cached_psk(identity) {
+            Some(Ok((_, key))) if key.len() <= out.len() => {
+                out[..key.len()].copy_from_slice(&key);
+                Ok(key.len())
+            }
+            _ => Ok(0),
+        }
+    });
+    Ok(b.build())
+}
+
+/// A session's datagrams as OpenSSL reads and writes them: one `read` is one datagram.
+#[derive(Default)]
+struct Datagrams {
+    inbox: VecDeque<Vec<u8>>,
+    outbox: Vec<Vec<u8>>,
+}
+
+impl Read for Datagrams {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inbox.pop_front() {
+            Some(d) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+            None => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for Datagrams {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.outbox.push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Session {
+    addr: SocketAddr,
+    socket: Arc<UdpSocket>,
+    server: Arc<Server>,
+    pipeline: IngestPipeline,
+    idle: Duration,
+    handshake_timeout: Duration,
+}
+
+impl Session {
+    async fn run(
+        &self,
+        ctx: &SslContext,
+        cookie: Vec<u8>,
+        synthetic: Vec<u8>,
+        first: Vec<u8>,
+        mut inbound: mpsc::Receiver<Vec<u8>>,
+    ) {
+        let Some(mut stream) = self.open(ctx, cookie, synthetic, first) else {
+            return;
+        };
+        if !self.handshake(&mut stream, &mut inbound).await {
+            return;
+        }
+        let identity = stream
+            .ssl()
+            .psk_identity()
+            .and_then(|i| std::str::from_utf8(i).ok())
+            .unwrap_or_default()
+            .to_owned();
+        let Some(Ok((device, _))) = self.pipeline.cached_psk(&identity) else {
+            return;
+        };
+        metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded");
+        let _gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(SESSION_QUEUE);
+        let peer = Peer::dtls(self.addr, out_tx, Origin::Device(Arc::new(device)));
+        let mut buf = vec![0u8; 65_535];
+        let mut deadline = Instant::now() + self.idle;
+        loop {
+            tokio::select! {
+                d = inbound.recv() => {
+                    let Some(d) = d else { break };
+                    deadline = Instant::now() + self.idle;
+                    stream.get_mut().inbox.push_back(d);
+                    let mut closed = false;
+                    loop {
+                        match stream.ssl_read(&mut buf) {
+                            Ok(n) if n > 0 => self.server.clone().datagram(&buf[..n], peer.clone()),
+                            Ok(_) => break,
+                            Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                            Err(_) => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                    }
+                    self.flush(&mut stream);
+                    if closed {
+                        return;
+                    }
+                }
+                Some(plain) = out_rx.recv() => {
+                    let _ = stream.ssl_write(&plain);
+                    self.flush(&mut stream);
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let _ = stream.shutdown();
+        self.flush(&mut stream);
+    }
+
+    /// An OpenSSL session that has seen the peer's first ClientHello (rebuilt without
+    /// cookie) and thrown away its own HelloVerifyRequest: ours went out already, and the
+    /// hello with the cookie comes next, as OpenSSL then expects.
+    fn open(
+        &self,
+        ctx: &SslContext,
+        cookie: Vec<u8>,
+        synthetic: Vec<u8>,
+        first: Vec<u8>,
+    ) -> Option<SslStream<Datagrams>> {
+        let mut ssl = Ssl::new(ctx).ok()?;
+        ssl.set_ex_data(cookie_index(), cookie);
+        ssl.set_mtu(1280).ok()?;
+        ssl.set_accept_state();
+        let mut stream = SslStream::new(ssl, Datagrams::default()).ok()?;
+        stream.get_mut().inbox.push_back(synthetic);
+        let _ = stream.do_handshake();
+        stream.get_mut().outbox.clear();
+        stream.get_mut().inbox.push_back(first);
+        Some(stream)
+    }
+
+    /// Drives the handshake to its end; whether it succeeded.
+    async fn handshake(
+        &self,
+        stream: &mut SslStream<Datagrams>,
+        inbound: &mut mpsc::Receiver<Vec<u8>>,
+    ) -> bool {
+        let deadline = Instant::now() + self.handshake_timeout;
+        loop {
+            match stream.do_handshake() {
+                Ok(()) => {
+                    self.flush(stream);
+                    return true;
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => self.flush(stream),
+                Err(e) => {
+                    self.flush(stream);
+                    tracing::debug!(peer = %self.addr, error = %e, "DTLS handshake failed");
+                    metrics::rejected(ADAPTER.name(), "dtls-handshake-failed");
+                    return false;
+                }
+            }
+            let wake = deadline.min(Instant::now() + HANDSHAKE_TICK);
+            match tokio::time::timeout_at(wake, inbound.recv()).await {
+                Ok(Some(d)) => {
+                    // The key callback only looks in the cache: fill it first.
+                    if let Some(identity) =
+                        dtls_wire::psk_identity(&d).and_then(|i| std::str::from_utf8(i).ok())
+                        && self.pipeline.cached_psk(identity).is_none()
+                    {
+                        let _ = self.pipeline.psk(identity).await;
+                    }
+                    stream.get_mut().inbox.push_back(d);
+                }
+                Ok(None) => return false,
+                Err(_) if Instant::now() >= deadline => {
+                    metrics::rejected(ADAPTER.name(), "dtls-handshake-timeout");
+                    return false;
+                }
+                // Time for OpenSSL to retransmit its last flight.
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn flush(&self, stream: &mut SslStream<Datagrams>) {
+        for d in stream.get_mut().outbox.drain(..) {
+            let _ = self.socket.try_send_to(&d, self.addr);
+        }
+    }
+}
