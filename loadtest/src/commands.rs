@@ -163,6 +163,116 @@ async fn long_poll_device(
     }
 }
 
+/// Request/response round trips to CoAP devices (plain UDP, unauthenticated) that long-poll
+/// with `hono-ttd`, as [`http_round_trips`] does for HTTP. The fleet's tenant must allow
+/// unauthenticated CoAP devices ([`Fleet::allow_anonymous_coap`]).
+pub async fn coap_round_trips(
+    bootstrap: &str,
+    fleet: &Fleet,
+    addr: std::net::SocketAddr,
+    rate: u32,
+    seconds: u64,
+    ttd_secs: u32,
+    fetch_wait_ms: u64,
+) -> anyhow::Result<RoundTrips> {
+    let devices: Vec<_> = fleet
+        .coap_paths()
+        .into_iter()
+        .map(|path| tokio::spawn(coap_long_poll_device(addr, path, ttd_secs)))
+        .collect();
+    let result = measure_fleet(bootstrap, fleet, rate, seconds, fetch_wait_ms).await;
+    for d in devices {
+        d.abort();
+    }
+    result
+}
+
+/// A CoAP device that polls for commands with `hono-ttd` (a CON `PUT` of an empty
+/// notification) and answers each command with 2.00 at the location the command names. It
+/// acknowledges a separate response, and sends a request again when no answer came in 2 s.
+async fn coap_long_poll_device(
+    addr: std::net::SocketAddr,
+    path: String,
+    ttd_secs: u32,
+) -> anyhow::Result<()> {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    socket.connect(addr).await?;
+    let mut mid: u16 = 0;
+    let mut buf = vec![0u8; 4096];
+    let request = |mid: u16, segments: &[&str], queries: &[String]| {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Put);
+        p.header.message_id = mid;
+        p.set_token(mid.to_be_bytes().to_vec());
+        for seg in segments {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        for q in queries {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p
+    };
+    let segments: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    let poll_queries = [format!("hono-ttd={ttd_secs}"), "empty".to_owned()];
+    loop {
+        mid = mid.wrapping_add(1);
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let poll = request(mid, &segs, &poll_queries).to_bytes()?;
+        socket.send(&poll).await?;
+        // The answer: piggybacked, or an empty ACK and a separate CON later.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(ttd_secs) + 5);
+        let answer = loop {
+            let Ok(n) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await else {
+                break None;
+            };
+            let Ok(p) = Packet::from_bytes(&buf[..n?]) else {
+                continue;
+            };
+            if p.get_token() != mid.to_be_bytes() {
+                continue;
+            }
+            if p.header.get_type() == MessageType::Confirmable {
+                let mut ack = Packet::new();
+                ack.header.set_type(MessageType::Acknowledgement);
+                ack.header.code = MessageClass::Empty;
+                ack.header.message_id = p.header.message_id;
+                socket.send(&ack.to_bytes()?).await?;
+            }
+            if p.header.code == MessageClass::Empty {
+                continue;
+            }
+            break Some(p);
+        };
+        let Some(answer) = answer else { continue };
+        if answer.header.code != MessageClass::Response(ResponseType::Changed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let location: Vec<String> = answer
+            .get_option(CoapOption::LocationPath)
+            .into_iter()
+            .flatten()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        if location.first().map(String::as_str) != Some("command_response") {
+            continue;
+        }
+        mid = mid.wrapping_add(1);
+        let segs: Vec<&str> = location.iter().map(String::as_str).collect();
+        let mut response = request(mid, &segs, &["hono-cmd-status=200".to_owned()]);
+        response.payload = answer.payload.clone();
+        socket.send(&response.to_bytes()?).await?;
+        // Its 2.04 (or a lost one: the application then counts a timeout).
+        let _ = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await;
+    }
+}
+
 /// Round trips to `fleet`'s devices, round robin, through its tenant's command topics.
 async fn measure_fleet(
     bootstrap: &str,

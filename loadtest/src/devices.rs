@@ -132,6 +132,44 @@ impl Fleet {
         Ok(())
     }
 
+    /// Replaces each device's credentials with a pre-shared key (type `psk`, auth-id = the
+    /// device id), for CoAP over DTLS; returns each device's identity and key.
+    pub async fn use_psk(
+        &self,
+        registry: &str,
+        auth: &str,
+        key: &[u8],
+    ) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+        let http = reqwest::Client::new();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+        let results: Vec<anyhow::Result<()>> = stream::iter(self.devices.iter().cloned())
+            .map(|d| {
+                let (http, encoded) = (http.clone(), encoded.clone());
+                async move {
+                    let creds = serde_json::json!([{"type": "psk", "auth-id": d,
+                        "secrets": [{"key": encoded}]}]);
+                    let r = http
+                        .put(format!("{registry}/v1/credentials/{}/{d}", self.tenant))
+                        .basic_auth(user, Some(password))
+                        .json(&creds)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status().is_success(), "psk of {d}: {}", r.status());
+                    Ok(())
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<()>>()?;
+        Ok(self
+            .devices
+            .iter()
+            .map(|d| (self.username(d), key.to_vec()))
+            .collect())
+    }
+
     /// The unauthenticated CoAP resource of each device: `/telemetry/{tenant}/{device}`.
     pub fn coap_paths(&self) -> Vec<String> {
         self.devices

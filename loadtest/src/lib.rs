@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod coap;
+pub mod coap_dtls;
 pub mod commands;
 pub mod devices;
 pub mod latency;

@@ -98,6 +98,36 @@ enum Scenario {
         #[arg(long)]
         non: bool,
     },
+    /// CoAP devices opening DTLS sessions with pre-shared keys and keeping them: handshakes
+    /// (with one request each) per second, and the server's memory per session held.
+    CoapDtls {
+        #[arg(long, default_value = "127.0.0.1:5684")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Sessions opened, spread over the devices.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Handshakes in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Request/response command round trips to CoAP devices long-polling with `hono-ttd`
+    /// over plain UDP, at a fixed offered rate; latency percentiles.
+    CommandRttCoap {
+        #[arg(long, default_value = "127.0.0.1:5683")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 30)]
+        ttd: u32,
+        #[arg(long, default_value_t = 100)]
+        fetch_wait_ms: u64,
+    },
     /// HTTP devices posting telemetry with a fixed number of requests in flight.
     Http {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -430,6 +460,59 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             let kind = if *non { "non" } else { "con" };
             let mut r = Report::new(&format!("coap-{kind}"), *requests, secs);
             r.series = series;
+            r
+        }
+        Scenario::CommandRttCoap {
+            addr,
+            devices: n,
+            rate,
+            seconds,
+            ttd,
+            fetch_wait_ms,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            fleet
+                .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
+                .await?;
+            let rt = ferrule_loadtest::commands::coap_round_trips(
+                &cli.kafka,
+                &fleet,
+                *addr,
+                *rate,
+                *seconds,
+                *ttd,
+                *fetch_wait_ms,
+            )
+            .await?;
+            let mut r = Report::new("command-rtt-coap", rt.answered, rt.seconds);
+            r.extra = Some(rt.to_json());
+            r.series = rt.series.clone();
+            r
+        }
+        Scenario::CoapDtls {
+            addr,
+            devices: n,
+            sessions,
+            concurrency,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            let creds = fleet
+                .use_psk(&cli.registry, &cli.registry_auth, b"loadtest-psk")
+                .await?;
+            let baseline = cli.pid.map(ProcessSample::read).transpose()?;
+            let opened =
+                ferrule_loadtest::coap_dtls::open_sessions(*addr, creds, *sessions, *concurrency)
+                    .await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut r = Report::new("coap-dtls-sessions", opened.sessions.len(), opened.seconds);
+            if let (Some(b), Some(pid)) = (baseline, cli.pid) {
+                let now = ProcessSample::read(pid)?;
+                r.rss_per_connection_bytes = Some(
+                    now.rss_bytes.saturating_sub(b.rss_bytes) as f64
+                        / opened.sessions.len().max(1) as f64,
+                );
+            }
+            drop(opened);
             r
         }
         Scenario::Http {

@@ -1,0 +1,198 @@
+//! Simulated CoAP devices over DTLS 1.2 with pre-shared keys: each opens a session from a UDP
+//! socket of its own (OpenSSL as the client, over the socket), sends one CON `POST /telemetry`
+//! and keeps the session, so the server's memory per session can be read.
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use futures_util::StreamExt;
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion,
+};
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::UdpSocket;
+
+/// A session's datagrams as OpenSSL reads and writes them: one `read` is one datagram.
+#[derive(Default)]
+struct Datagrams {
+    inbox: VecDeque<Vec<u8>>,
+    outbox: Vec<Vec<u8>>,
+}
+
+impl Read for Datagrams {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inbox.pop_front() {
+            Some(d) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+            None => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for Datagrams {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.outbox.push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A device's identity and key, kept on its `Ssl` for the PSK callback.
+type Credentials = (String, Vec<u8>);
+
+fn credentials_index() -> openssl::ex_data::Index<Ssl, Credentials> {
+    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, Credentials>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
+}
+
+fn context() -> anyhow::Result<SslContext> {
+    let mut b = SslContextBuilder::new(SslMethod::dtls())?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_cipher_list("PSK-AES128-CCM8")?;
+    b.set_psk_client_callback(|ssl, _hint, identity, psk| {
+        let (id, key) = ssl
+            .ex_data(credentials_index())
+            .ok_or_else(openssl::error::ErrorStack::get)?;
+        // NUL-terminated identity.
+        if id.len() >= identity.len() || key.len() > psk.len() {
+            return Ok(0);
+        }
+        identity[..id.len()].copy_from_slice(id.as_bytes());
+        identity[id.len()] = 0;
+        psk[..key.len()].copy_from_slice(key);
+        Ok(key.len())
+    });
+    Ok(b.build())
+}
+
+/// One open session: its socket and OpenSSL state, held until dropped.
+pub struct Session {
+    _socket: UdpSocket,
+    _stream: SslStream<Datagrams>,
+}
+
+/// What opening sessions took.
+pub struct Opened {
+    pub sessions: Vec<Session>,
+    /// Handshake and first request, for all sessions.
+    pub seconds: f64,
+}
+
+/// Opens `sessions` sessions to `addr` (devices taken in turn), `concurrency` at a time; each
+/// sends one CON `POST /telemetry` and waits for its 2.04.
+pub async fn open_sessions(
+    addr: SocketAddr,
+    devices: Vec<Credentials>,
+    sessions: usize,
+    concurrency: usize,
+) -> anyhow::Result<Opened> {
+    let ctx = Arc::new(context()?);
+    let devices = Arc::new(devices);
+    let started = std::time::Instant::now();
+    let progress = crate::progress::bar("dtls sessions", sessions as u64, "sessions");
+    let results: Vec<anyhow::Result<Session>> = futures_util::stream::iter(0..sessions)
+        .map(|i| {
+            let (ctx, devices, progress) = (ctx.clone(), devices.clone(), progress.clone());
+            async move {
+                let creds = devices[i % devices.len()].clone();
+                let s = open(&ctx, addr, creds, i as u16).await?;
+                progress.inc(1);
+                Ok(s)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Opened {
+        sessions: results.into_iter().collect::<anyhow::Result<_>>()?,
+        seconds,
+    })
+}
+
+async fn open(
+    ctx: &SslContext,
+    addr: SocketAddr,
+    creds: Credentials,
+    mid: u16,
+) -> anyhow::Result<Session> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    socket.connect(addr).await?;
+    let mut ssl = Ssl::new(ctx)?;
+    ssl.set_ex_data(credentials_index(), creds);
+    ssl.set_mtu(1280)?;
+    ssl.set_connect_state();
+    let mut stream = SslStream::new(ssl, Datagrams::default())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match stream.do_handshake() {
+            Ok(()) => break,
+            Err(e) if e.code() == ErrorCode::WANT_READ => {}
+            Err(e) => anyhow::bail!("DTLS handshake failed: {e}"),
+        }
+        flush(&socket, &mut stream).await?;
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "DTLS handshake timed out"
+        );
+        // A tick lets OpenSSL retransmit a lost flight.
+        if let Ok(n) = tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf)).await
+        {
+            stream.get_mut().inbox.push_back(buf[..n?].to_vec());
+        }
+    }
+    flush(&socket, &mut stream).await?;
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = mid;
+    p.set_token(mid.to_be_bytes().to_vec());
+    p.add_option(CoapOption::UriPath, b"telemetry".to_vec());
+    p.add_option(CoapOption::ContentFormat, vec![42]);
+    p.payload = b"dtls".to_vec();
+    let request = p.to_bytes()?;
+    for _ in 0..5 {
+        stream.ssl_write(&request)?;
+        flush(&socket, &mut stream).await?;
+        let Ok(n) = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await
+        else {
+            continue;
+        };
+        stream.get_mut().inbox.push_back(buf[..n?].to_vec());
+        let mut plain = vec![0u8; 2048];
+        match stream.ssl_read(&mut plain) {
+            Ok(n) => {
+                let r = Packet::from_bytes(&plain[..n])?;
+                anyhow::ensure!(
+                    r.header.code == MessageClass::Response(ResponseType::Changed),
+                    "CoAP {}",
+                    r.header.get_code()
+                );
+                return Ok(Session {
+                    _socket: socket,
+                    _stream: stream,
+                });
+            }
+            Err(e) if e.code() == ErrorCode::WANT_READ => continue,
+            Err(e) => anyhow::bail!("DTLS read failed: {e}"),
+        }
+    }
+    anyhow::bail!("no answer over DTLS")
+}
+
+async fn flush(socket: &UdpSocket, stream: &mut SslStream<Datagrams>) -> anyhow::Result<()> {
+    for d in stream.get_mut().outbox.drain(..) {
+        socket.send(&d).await?;
+    }
+    Ok(())
+}
