@@ -15,7 +15,8 @@ use crate::metrics;
 use crate::pipeline::{IngestPipeline, Origin};
 use aws_lc_rs::hmac;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVersion,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslStream,
+    SslVersion,
 };
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -134,6 +135,8 @@ fn context(pipeline: IngestPipeline) -> anyhow::Result<SslContext> {
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_cipher_list(CIPHERS)?;
     b.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU);
+    // An idle session gives its record buffers back.
+    b.set_mode(SslMode::RELEASE_BUFFERS);
     // The cookie was checked before the session existed: OpenSSL hands out and accepts
     // exactly that one.
     b.set_cookie_generate_cb(|ssl, out| {
@@ -232,13 +235,15 @@ impl Session {
         let _gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(SESSION_QUEUE);
         let peer = Peer::dtls(self.addr, out_tx, Origin::Device(Arc::new(device)));
-        let mut buf = vec![0u8; 65_535];
         let mut deadline = Instant::now() + self.idle;
         loop {
             tokio::select! {
                 d = inbound.recv() => {
                     let Some(d) = d else { break };
                     deadline = Instant::now() + self.idle;
+                    // Plaintext is never longer than its record: no buffer is kept between
+                    // datagrams, so an idle session holds none.
+                    let mut buf = vec![0u8; d.len()];
                     stream.get_mut().inbox.push_back(d);
                     let mut closed = false;
                     loop {
