@@ -851,3 +851,80 @@ async fn client_hellos_without_cookie_hold_no_session() {
         b"through"
     );
 }
+
+/// An authenticated device polls over DTLS (short names, `piggy` with a tenant
+/// `timeoutToAck` of 0: its `deviceTriggeredTimeoutToAck` of -1 applies, so the command rides
+/// on the ACK) and answers at the location the command names (`cr/{reqId}`).
+#[tokio::test]
+async fn psk_device_gets_a_command_over_dtls_and_answers_it() {
+    let p = Platform::start().await;
+    let tenant = p
+        .tenant(json!({"adapters": [{"type": "hono-coap", "enabled": true,
+            "ext": {"timeoutToAck": 0, "deviceTriggeredTimeoutToAck": -1}}]}))
+        .await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"dev-key").await;
+    let _router = start_router(&tenant).await;
+    let identity = format!("dev@{tenant}");
+    let base = format!("coaps://127.0.0.1:{}", p.coaps_port);
+    let poll = {
+        let (identity, base) = (identity.clone(), base.clone());
+        tokio::spawn(async move {
+            coaps_client(
+                "openssl",
+                &identity,
+                "dev-key",
+                &["-m", "post", "-B", "20", "-v", "7", "-t", "0", "-e", "21.5"],
+                format!("{base}/t?hono-ttd=15&piggy"),
+            )
+            .await
+        })
+    };
+    let n = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(n[0].headers["ttd"], "15");
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "setLevel"),
+            ("response-required", "true"),
+            ("correlation-id", "dtls-1"),
+        ],
+        "high",
+    )
+    .await;
+    let (out, ok) = poll.await.unwrap();
+    assert!(ok, "{out}");
+    // libcoap prints the response it got: an ACK carrying 2.04 and the command's options.
+    let line = out
+        .lines()
+        .find(|l| l.contains("c:2.04") && l.contains("Location-Path"))
+        .unwrap_or_else(|| panic!("a 2.04 with the command: {out}"));
+    assert!(line.contains("t:ACK"), "piggybacked: {line}");
+    assert!(
+        line.contains("Location-Query:hono-command=setLevel"),
+        "{line}"
+    );
+    assert!(out.contains("high"), "the command's payload: {out}");
+    // Location-Path:cr,Location-Path:<reqId>
+    let req_id = line
+        .split("Location-Path:")
+        .nth(2)
+        .and_then(|rest| rest.split([',', ' ', ']']).next())
+        .unwrap_or_else(|| panic!("a request id: {line}"))
+        .to_owned();
+    let (out, ok) = coaps_client(
+        "openssl",
+        &identity,
+        "dev-key",
+        &["-m", "post", "-t", "0", "-e", "done"],
+        format!("{base}/cr/{req_id}?hono-cmd-status=200"),
+    )
+    .await;
+    assert!(ok, "{out}");
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    assert_eq!(responses[0].headers["correlation-id"], "dtls-1");
+    assert_eq!(responses[0].headers["status"], "200");
+    assert_eq!(responses[0].payload, b"done");
+}

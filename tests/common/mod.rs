@@ -52,6 +52,8 @@ pub struct Ferrule {
     pub mqtt: String,
     /// `127.0.0.1:<port>` of the CoAP adapter (UDP).
     pub coap: String,
+    /// `127.0.0.1:<port>` of the CoAP adapter over DTLS (UDP).
+    pub coaps: String,
 }
 
 impl Ferrule {
@@ -143,6 +145,7 @@ impl Ferrule {
             amqp: format!("amqp://127.0.0.1:{amqp}"),
             mqtt: format!("127.0.0.1:{mqtt}"),
             coap: format!("127.0.0.1:{coap}"),
+            coaps: format!("127.0.0.1:{coaps}"),
         }
     }
 
