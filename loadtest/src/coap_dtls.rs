@@ -3,47 +3,15 @@
 //! and keeps the session, so the server's memory per session can be read.
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use ferrule_gateways::coap::dtls::Datagrams;
 use futures_util::StreamExt;
 use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion,
 };
-use std::collections::VecDeque;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::UdpSocket;
-
-/// A session's datagrams as OpenSSL reads and writes them: one `read` is one datagram.
-#[derive(Default)]
-struct Datagrams {
-    inbox: VecDeque<Vec<u8>>,
-    outbox: Vec<Vec<u8>>,
-}
-
-impl Read for Datagrams {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.inbox.pop_front() {
-            Some(d) => {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                Ok(n)
-            }
-            None => Err(std::io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
-impl Write for Datagrams {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.outbox.push(buf.to_vec());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A device's identity and key, kept on its `Ssl` for the PSK callback.
 type Credentials = (String, Vec<u8>);

@@ -53,18 +53,8 @@ pub async fn serve(
     aws_lc_rs::rand::fill(&mut secret).map_err(|_| anyhow::anyhow!("no random numbers"))?;
     let cookies = hmac::Key::new(hmac::HMAC_SHA256, &secret);
     let sessions: Sessions = Arc::default();
-    let mut buf = vec![0u8; 65_535];
-    loop {
-        let (n, addr) = tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(error = %e, "CoAP DTLS receive failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-        };
+    let mut buf = vec![0u8; super::MAX_DATAGRAM];
+    while let Some((n, addr)) = super::receive(&socket, &mut buf, &mut shutdown).await {
         let datagram = &buf[..n];
         let known = sessions
             .lock()
@@ -122,6 +112,7 @@ pub async fn serve(
             metrics::coap_dtls_sessions(map.len());
         });
     }
+    Ok(())
 }
 
 /// The index under which a session's `Ssl` keeps the cookie its peer proved.
@@ -167,11 +158,13 @@ fn context(pipeline: IngestPipeline) -> anyhow::Result<SslContext> {
     Ok(b.build())
 }
 
-/// A session's datagrams as OpenSSL reads and writes them: one `read` is one datagram.
+/// A DTLS session's datagrams as OpenSSL reads and writes them: one `read` is one datagram
+/// (`WouldBlock` when none is there), one `write` one datagram to send. The load generator's
+/// DTLS devices use it too.
 #[derive(Default)]
-struct Datagrams {
-    inbox: VecDeque<Vec<u8>>,
-    outbox: Vec<Vec<u8>>,
+pub struct Datagrams {
+    pub inbox: VecDeque<Vec<u8>>,
+    pub outbox: Vec<Vec<u8>>,
 }
 
 impl Read for Datagrams {

@@ -185,27 +185,37 @@ pub async fn serve(
     tracing::info!(addr = %socket.local_addr()?, "CoAP adapter listening");
     let server = Server::new(pipeline, hub, cfg);
     let socket = Arc::new(socket);
-    // The largest UDP datagram: a longer one cannot arrive, so none is cut short.
-    let mut buf = vec![0u8; 65_535];
-    loop {
-        let (n, addr) = tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                // An ICMP error of an earlier send to a gone peer surfaces here on some
-                // systems: it concerns that peer only.
-                Err(e) => {
-                    tracing::debug!(error = %e, "CoAP receive failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-        };
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    while let Some((n, addr)) = receive(&socket, &mut buf, &mut shutdown).await {
         let peer = Peer {
             addr,
             link: Link::Plain(socket.clone()),
             origin: Origin::Anonymous,
         };
         server.clone().datagram(&buf[..n], peer);
+    }
+    Ok(())
+}
+
+/// The largest UDP datagram: a longer one cannot arrive, so none is cut short.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// The next datagram and its sender; `None` once `shutdown` turns true.
+async fn receive(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(usize, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = socket.recv_from(buf) => match r {
+                Ok(r) => return Some(r),
+                // An ICMP error of an earlier send to a gone peer surfaces here on some
+                // systems: it concerns that peer only.
+                Err(e) => tracing::debug!(error = %e, "CoAP receive failed"),
+            },
+            _ = shutdown.wait_for(|s| *s) => return None,
+        }
     }
 }
 
