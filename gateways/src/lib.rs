@@ -171,6 +171,7 @@ pub async fn serve(
             pipeline.clone(),
             Some(hub.clone()),
             cfg.coap.clone(),
+            cfg.tls.clone(),
             shutdown.clone(),
         ));
     }

@@ -928,3 +928,73 @@ async fn psk_device_gets_a_command_over_dtls_and_answers_it() {
     assert_eq!(responses[0].headers["status"], "200");
     assert_eq!(responses[0].payload, b"done");
 }
+
+/// DTLS with X.509 (hono-api §5.5): a device certificate from the tenant's trust anchor is
+/// the credential; one from a forged CA of the same name gets no session.
+#[tokio::test]
+async fn devices_authenticate_with_client_certificates_over_dtls() {
+    let (dir, tls) = certificates();
+    let p = Platform::start_with(ferrule_gateways::GatewayConfig {
+        tls,
+        ..Default::default()
+    })
+    .await;
+    let ca_cn = random_id("coap-ca");
+    let spki = device_credentials(&dir, "dev", &ca_cn, "coap-device-1");
+    device_credentials(&dir, "forged", &ca_cn, "coap-device-1");
+    let tenant = p
+        .tenant(json!({"trusted-ca": [{"subject-dn": format!("CN={ca_cn}"), "public-key": spki}]}))
+        .await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_x509(&tenant, "dev", "CN=coap-device-1").await;
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    let uri = format!("coaps://127.0.0.1:{}/telemetry", p.coaps_port);
+    for (tls, cert) in [("openssl", "dev"), ("gnutls", "dev"), ("openssl", "forged")] {
+        let args = vec![
+            "-B".to_owned(),
+            "5".into(),
+            "-c".into(),
+            path(&format!("{cert}.pem")),
+            "-j".into(),
+            path(&format!("{cert}-key.pem")),
+            "-C".into(),
+            path("ca.pem"),
+            "-m".into(),
+            "post".into(),
+            "-t".into(),
+            "0".into(),
+            "-e".into(),
+            format!("{cert} over {tls}"),
+            uri.clone(),
+        ];
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(format!("coap-client-{tls}"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let failed = text
+            .lines()
+            .any(|l| l.contains(" ERR ") || l.starts_with("4."));
+        assert_eq!(failed, cert == "forged", "{tls} {cert}: {text}");
+    }
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let mut payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        [
+            b"dev over gnutls".as_slice(),
+            b"dev over openssl".as_slice()
+        ]
+    );
+    assert!(records.iter().all(|r| r.key == "dev"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -5,36 +5,8 @@ mod common;
 
 use common::*;
 use ferrule_gateways::GatewayConfig;
-use ferrule_gateways::tls::TlsConfig;
 use serde_json::json;
-use std::path::PathBuf;
 use std::process::Command;
-
-/// A CA and a server certificate for 127.0.0.1/localhost, as PEM files in a fresh folder.
-fn certificates() -> (PathBuf, TlsConfig) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let dir = std::env::temp_dir().join(random_id("ferrule-tls"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "Ferrule Test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let server =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let cert = server.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
-    let tls = TlsConfig {
-        cert_file: dir.join("server.pem"),
-        key_file: dir.join("server-key.pem"),
-    };
-    (dir, tls)
-}
 
 #[tokio::test]
 async fn https_and_mqtts_reach_kafka() {
@@ -148,29 +120,6 @@ async fn https_and_mqtts_reach_kafka() {
     );
     drop(plain);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// A CA named `CN=<cn>` and a device certificate `CN=<device>` it signed,
-/// written as PEM files; returns the CA's public key (DER SPKI, base64) for the trust anchor.
-fn device_credentials(dir: &std::path::Path, name: &str, ca_cn: &str, device_cn: &str) -> String {
-    use base64::Engine;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let spki = base64::engine::general_purpose::STANDARD
-        .encode(rcgen::PublicKeyData::subject_public_key_info(&ca_key));
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, ca_cn);
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, device_cn);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-    spki
 }
 
 #[tokio::test]

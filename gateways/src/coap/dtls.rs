@@ -15,8 +15,8 @@ use crate::metrics;
 use crate::pipeline::{IngestPipeline, Origin};
 use aws_lc_rs::hmac;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslStream,
-    SslVersion,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode, SslOptions,
+    SslStream, SslVerifyMode, SslVersion,
 };
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -30,6 +30,10 @@ use tokio::time::Instant;
 /// PSK cipher suites libcoap's OpenSSL and GnuTLS clients offer (CCM_8 is CoAP's mandatory
 /// one, RFC 7252 §9.1.3.1).
 const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:PSK-AES128-CCM:PSK-AES128-CBC-SHA256";
+/// With a server certificate: ECDHE with ECDSA (CoAP's certificate suite is
+/// ECDHE-ECDSA-AES128-CCM8, RFC 7252 §9.1.3.3) or RSA keys.
+const CERTIFICATE_CIPHERS: &str = "ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:\
+                                   ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256";
 /// Datagrams waiting for one session.
 const SESSION_QUEUE: usize = 32;
 /// How often a handshake in progress lets OpenSSL retransmit its last flight.
@@ -43,11 +47,16 @@ pub async fn serve(
     pipeline: IngestPipeline,
     hub: Option<crate::commands::CommandHub>,
     cfg: CoapConfig,
+    tls: crate::tls::TlsConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %socket.local_addr()?, "CoAP adapter (DTLS) listening");
+    tracing::info!(
+        addr = %socket.local_addr()?,
+        certificates = tls.enabled(),
+        "CoAP adapter (DTLS) listening"
+    );
     let server = Server::new(pipeline.clone(), hub, cfg.clone());
-    let ctx = Arc::new(context(pipeline.clone())?);
+    let ctx = Arc::new(context(pipeline.clone(), &tls)?);
     let socket = Arc::new(socket);
     let mut secret = [0u8; 32];
     aws_lc_rs::rand::fill(&mut secret).map_err(|_| anyhow::anyhow!("no random numbers"))?;
@@ -121,10 +130,22 @@ fn cookie_index() -> openssl::ex_data::Index<Ssl, Vec<u8>> {
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
 }
 
-fn context(pipeline: IngestPipeline) -> anyhow::Result<SslContext> {
+/// The DTLS context: PSK always; with `gateway.tls` configured also X.509 (hono-api §5.5:
+/// ECDHE-ECDSA, the server certificate of `gateway.tls`), where a client certificate is asked
+/// for and any is taken by OpenSSL: whether it is trusted is the pipeline's decision once the
+/// handshake is done, as for HTTPS and MQTTS.
+fn context(pipeline: IngestPipeline, tls: &crate::tls::TlsConfig) -> anyhow::Result<SslContext> {
     let mut b = SslContextBuilder::new(SslMethod::dtls())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-    b.set_cipher_list(CIPHERS)?;
+    if tls.enabled() {
+        b.set_certificate_chain_file(&tls.cert_file)?;
+        b.set_private_key_file(&tls.key_file, SslFiletype::PEM)?;
+        b.check_private_key()?;
+        b.set_cipher_list(&format!("{CIPHERS}:{CERTIFICATE_CIPHERS}"))?;
+        b.set_verify_callback(SslVerifyMode::PEER, |_, _| true);
+    } else {
+        b.set_cipher_list(CIPHERS)?;
+    }
     b.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU);
     // An idle session gives its record buffers back.
     b.set_mode(SslMode::RELEASE_BUFFERS);
@@ -215,13 +236,9 @@ impl Session {
         if !self.handshake(&mut stream, &mut inbound).await {
             return;
         }
-        let identity = stream
-            .ssl()
-            .psk_identity()
-            .and_then(|i| std::str::from_utf8(i).ok())
-            .unwrap_or_default()
-            .to_owned();
-        let Some(Ok((device, _))) = self.pipeline.cached_psk(&identity) else {
+        let Some(device) = self.device(&stream).await else {
+            let _ = stream.shutdown();
+            self.flush(&mut stream);
             return;
         };
         metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded");
@@ -264,6 +281,33 @@ impl Session {
         }
         let _ = stream.shutdown();
         self.flush(&mut stream);
+    }
+
+    /// The device a finished handshake authenticated: by its client certificate, checked by
+    /// the pipeline against the tenants' trust anchors, else by its PSK identity.
+    async fn device(
+        &self,
+        stream: &SslStream<Datagrams>,
+    ) -> Option<ferrule_registry::AuthenticatedDevice> {
+        if let Some(cert) = stream.ssl().peer_certificate() {
+            let der = cert.to_der().ok()?;
+            return match self.pipeline.authenticate_certificate(&der).await {
+                Ok(device) => Some(device),
+                Err(e) => {
+                    tracing::debug!(peer = %self.addr, error = %e, "DTLS client certificate refused");
+                    metrics::rejected(ADAPTER.name(), e.label());
+                    None
+                }
+            };
+        }
+        let identity = stream
+            .ssl()
+            .psk_identity()
+            .and_then(|i| std::str::from_utf8(i).ok())?;
+        match self.pipeline.cached_psk(identity)? {
+            Ok((device, _)) => Some(device),
+            Err(_) => None,
+        }
     }
 
     /// An OpenSSL session that has seen the peer's first ClientHello (rebuilt without
