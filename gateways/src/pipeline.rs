@@ -534,22 +534,18 @@ impl IngestPipeline {
                 .map(|d| (tenant.to_owned(), d.device_id.clone())),
             CommandScope::One(d) => Some((tenant.to_owned(), d.to_owned())),
         };
-        let who = async {
-            if device == CommandScope::AllOfGateway && origin.device().is_none() {
-                return Err(Refusal::unauthenticated(
-                    "only an authenticated gateway subscribes for all its devices",
-                ));
-            }
-            let who = self.authorise(adapter, origin, target.as_ref()).await?;
-            if bound_tenant.is_some_and(|t| t != who.tenant_id) {
-                return Err(Refusal::new(
-                    Reason::OtherTenant,
-                    "a connection takes commands of one tenant",
-                ));
-            }
-            Ok(who)
+        if device == CommandScope::AllOfGateway && origin.device().is_none() {
+            return Err(Refusal::unauthenticated(
+                "only an authenticated gateway subscribes for all its devices",
+            ));
         }
-        .await?;
+        let who = self.authorise(adapter, origin, target.as_ref()).await?;
+        if bound_tenant.is_some_and(|t| t != who.tenant_id) {
+            return Err(Refusal::new(
+                Reason::OtherTenant,
+                "a connection takes commands of one tenant",
+            ));
+        }
         Ok(Subscribed { who, target })
     }
 
