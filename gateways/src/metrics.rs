@@ -162,17 +162,20 @@ static COAP_DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     ))
 });
 
-static DTLS_SESSIONS: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    registered(prometheus::IntGauge::new(
-        "ferrule_gateway_coap_dtls_sessions",
-        "CoAP DTLS sessions held, handshakes in progress included (bounded by \
-         gateway.coap.max_dtls_sessions)",
+static DTLS_SESSIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    registered(prometheus::IntGaugeVec::new(
+        Opts::new(
+            "ferrule_gateway_coap_dtls_sessions",
+            "CoAP DTLS sessions held, handshakes in progress included (bounded by \
+             gateway.coap.max_dtls_sessions), by listener address",
+        ),
+        &["listener"],
     ))
 });
 
-/// The number of DTLS sessions held now.
-pub fn coap_dtls_sessions(n: usize) {
-    DTLS_SESSIONS.set(i64::try_from(n).unwrap_or(i64::MAX));
+/// The gauge of the DTLS sessions one listener holds.
+pub fn coap_dtls_sessions(listener: &str) -> prometheus::IntGauge {
+    DTLS_SESSIONS.with_label_values(&[listener])
 }
 
 /// Counts a retransmitted CoAP request that was not handled again.

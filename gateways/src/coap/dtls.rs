@@ -21,6 +21,7 @@ use openssl::ssl::{
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -39,7 +40,9 @@ const SESSION_QUEUE: usize = 32;
 /// How often a handshake in progress lets OpenSSL retransmit its last flight.
 const HANDSHAKE_TICK: Duration = Duration::from_millis(500);
 
-type Sessions = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
+/// The sessions by peer address: an id (so a replaced session does not remove its successor)
+/// and where its datagrams go.
+type Sessions = Arc<Mutex<HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>>>;
 
 /// Serves CoAP over DTLS on `socket` until `shutdown` turns true.
 pub async fn serve(
@@ -62,25 +65,25 @@ pub async fn serve(
     aws_lc_rs::rand::fill(&mut secret).map_err(|_| anyhow::anyhow!("no random numbers"))?;
     let cookies = hmac::Key::new(hmac::HMAC_SHA256, &secret);
     let sessions: Sessions = Arc::default();
+    // Sessions of this listener, by its address (a process may serve several).
+    let sessions_gauge = metrics::coap_dtls_sessions(&socket.local_addr()?.to_string());
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let mut next_id: u64 = 0;
     let mut buf = vec![0u8; super::MAX_DATAGRAM];
     while let Some((n, addr)) = super::receive(&socket, &mut buf, &mut shutdown).await {
         let datagram = &buf[..n];
-        let known = sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&addr)
-            .cloned();
-        if let Some(session) = known {
-            // A session that cannot keep up loses the datagram; DTLS and CoAP retransmit.
-            if session.try_send(datagram.to_vec()).is_ok() {
-                continue;
-            }
-            if !session.is_closed() {
-                continue;
-            }
-        }
         let Some(hello) = dtls_wire::client_hello(datagram) else {
-            metrics::rejected(ADAPTER.name(), "dtls-no-session");
+            // Anything but a ClientHello belongs to a session.
+            let known = sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&addr)
+                .map(|(_, tx)| tx.clone());
+            match known {
+                // A session that cannot keep up loses the datagram; DTLS and CoAP retransmit.
+                Some(session) => drop(session.try_send(datagram.to_vec())),
+                None => metrics::rejected(ADAPTER.name(), "dtls-no-session"),
+            }
             continue;
         };
         let tag = hmac::sign(&cookies, &hello.cookie_input(addr));
@@ -89,16 +92,25 @@ pub async fn serve(
             let _ = socket.try_send_to(&dtls_wire::hello_verify_request(&hello, cookie), addr);
             continue;
         }
+        // A hello with a valid cookie starts a session, replacing any of the same address: a
+        // device that restarted from the same port begins anew (RFC 6347 §4.2.8), and the old
+        // session ends as its queue closes.
+        if handshaking.load(Ordering::Relaxed) >= cfg.max_dtls_handshakes {
+            metrics::rejected(ADAPTER.name(), "dtls-handshakes-exceeded");
+            continue;
+        }
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        next_id += 1;
+        let id = next_id;
         {
             let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() >= cfg.max_dtls_sessions {
+            if !map.contains_key(&addr) && map.len() >= cfg.max_dtls_sessions {
                 drop(map);
                 metrics::rejected(ADAPTER.name(), "dtls-sessions-exceeded");
                 continue;
             }
-            map.insert(addr, tx.clone());
-            metrics::coap_dtls_sessions(map.len());
+            map.insert(addr, (id, tx));
+            sessions_gauge.set(i64::try_from(map.len()).unwrap_or(i64::MAX));
         }
         let session = Session {
             addr,
@@ -107,21 +119,40 @@ pub async fn serve(
             pipeline: pipeline.clone(),
             idle: Duration::from_secs(cfg.dtls_idle_timeout_secs),
             handshake_timeout: Duration::from_secs(cfg.dtls_handshake_timeout_secs),
+            handshaking: handshaking.clone(),
         };
         let first = datagram.to_vec();
         let synthetic = hello.without_cookie();
         let cookie = cookie.to_vec();
-        let (ctx, sessions) = (ctx.clone(), sessions.clone());
+        let (ctx, sessions, gauge) = (ctx.clone(), sessions.clone(), sessions_gauge.clone());
         tokio::spawn(async move {
             session.run(&ctx, cookie, synthetic, first, rx).await;
             let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&addr).is_some_and(|s| s.same_channel(&tx)) {
+            if map.get(&addr).is_some_and(|(current, _)| *current == id) {
                 map.remove(&addr);
             }
-            metrics::coap_dtls_sessions(map.len());
+            gauge.set(i64::try_from(map.len()).unwrap_or(i64::MAX));
         });
     }
     Ok(())
+}
+
+/// What a session fetched for the PSK identity its client named: the identity, the device and
+/// the key. OpenSSL's callback takes the key from here, so a handshake does not depend on the
+/// registry cache holding it. Shared: the session fills it while OpenSSL holds the `Ssl`.
+type Prefetched = Arc<Mutex<Option<(String, ferrule_registry::AuthenticatedDevice, Vec<u8>)>>>;
+
+fn prefetched_index() -> openssl::ex_data::Index<Ssl, Prefetched> {
+    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, Prefetched>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
+}
+
+fn prefetched_key(ssl: &openssl::ssl::SslRef, identity: &str) -> Option<Vec<u8>> {
+    let cell = ssl.ex_data(prefetched_index())?;
+    let held = cell.lock().unwrap_or_else(|p| p.into_inner());
+    held.as_ref()
+        .filter(|(id, _, _)| id == identity)
+        .map(|(_, _, key)| key.clone())
 }
 
 /// The index under which a session's `Ssl` keeps the cookie its peer proved.
@@ -164,12 +195,16 @@ fn context(pipeline: IngestPipeline, tls: &crate::tls::TlsConfig) -> anyhow::Res
             .is_some_and(|c| c.as_slice() == cookie)
     });
     // 0: an unknown identity or no usable key, and OpenSSL refuses the handshake.
-    b.set_psk_server_callback(move |_ssl, identity, out| {
+    b.set_psk_server_callback(move |ssl, identity, out| {
         let Some(identity) = identity.and_then(|i| std::str::from_utf8(i).ok()) else {
             return Ok(0);
         };
-        match pipeline.cached_psk(identity) {
-            Some(Ok((_, key))) if key.len() <= out.len() => {
+        let key = prefetched_key(ssl, identity).or_else(|| match pipeline.cached_psk(identity) {
+            Some(Ok((_, key))) => Some(key),
+            _ => None,
+        });
+        match key {
+            Some(key) if key.len() <= out.len() => {
                 out[..key.len()].copy_from_slice(&key);
                 Ok(key.len())
             }
@@ -219,6 +254,8 @@ struct Session {
     pipeline: IngestPipeline,
     idle: Duration,
     handshake_timeout: Duration,
+    /// Handshakes in progress on this listener (bounded by `max_dtls_handshakes`).
+    handshaking: Arc<AtomicUsize>,
 }
 
 impl Session {
@@ -230,13 +267,17 @@ impl Session {
         first: Vec<u8>,
         mut inbound: mpsc::Receiver<Vec<u8>>,
     ) {
-        let Some(mut stream) = self.open(ctx, cookie, synthetic, first) else {
+        let prefetched = Prefetched::default();
+        let Some(mut stream) = self.open(ctx, cookie, synthetic, first, prefetched.clone()) else {
             return;
         };
-        if !self.handshake(&mut stream, &mut inbound).await {
+        self.handshaking.fetch_add(1, Ordering::Relaxed);
+        let done = self.handshake(&mut stream, &mut inbound, &prefetched).await;
+        self.handshaking.fetch_sub(1, Ordering::Relaxed);
+        if !done {
             return;
         }
-        let Some(device) = self.device(&stream).await else {
+        let Some(device) = self.device(&stream, &prefetched).await else {
             let _ = stream.shutdown();
             self.flush(&mut stream);
             return;
@@ -285,28 +326,44 @@ impl Session {
 
     /// The device a finished handshake authenticated: by its client certificate, checked by
     /// the pipeline against the tenants' trust anchors, else by its PSK identity.
+    /// The device is then authorised to hold a connection (tenant and adapter enabled,
+    /// device enabled), as an MQTT connection is.
     async fn device(
         &self,
         stream: &SslStream<Datagrams>,
+        prefetched: &Prefetched,
     ) -> Option<ferrule_registry::AuthenticatedDevice> {
-        if let Some(cert) = stream.ssl().peer_certificate() {
+        let device = if let Some(cert) = stream.ssl().peer_certificate() {
             let der = cert.to_der().ok()?;
-            return match self.pipeline.authenticate_certificate(&der).await {
-                Ok(device) => Some(device),
-                Err(e) => {
-                    tracing::debug!(peer = %self.addr, error = %e, "DTLS client certificate refused");
-                    metrics::rejected(ADAPTER.name(), e.label());
-                    None
-                }
-            };
-        }
-        let identity = stream
-            .ssl()
-            .psk_identity()
-            .and_then(|i| std::str::from_utf8(i).ok())?;
-        match self.pipeline.cached_psk(identity)? {
-            Ok((device, _)) => Some(device),
-            Err(_) => None,
+            self.pipeline.authenticate_certificate(&der).await
+        } else {
+            let identity = stream
+                .ssl()
+                .psk_identity()
+                .and_then(|i| std::str::from_utf8(i).ok())?;
+            let held = prefetched.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match held {
+                Some((id, device, _)) if id == identity => Ok(device),
+                _ => self.pipeline.psk(identity).await.map(|(d, _)| d),
+            }
+        };
+        let checked = match device {
+            Ok(device) => self
+                .pipeline
+                .authorise_connection(ADAPTER, &device)
+                .await
+                .map(|()| device),
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(device) => Some(device),
+            Err(e) => {
+                tracing::debug!(peer = %self.addr, error = %e, "DTLS session refused");
+                metrics::rejected(ADAPTER.name(), e.label());
+                let tenant = device_tenant(stream);
+                metrics::connection_attempt(ADAPTER.name(), &tenant, e.codes().attempt);
+                None
+            }
         }
     }
 
@@ -319,9 +376,11 @@ impl Session {
         cookie: Vec<u8>,
         synthetic: Vec<u8>,
         first: Vec<u8>,
+        prefetched: Prefetched,
     ) -> Option<SslStream<Datagrams>> {
         let mut ssl = Ssl::new(ctx).ok()?;
         ssl.set_ex_data(cookie_index(), cookie);
+        ssl.set_ex_data(prefetched_index(), prefetched);
         ssl.set_mtu(1280).ok()?;
         ssl.set_accept_state();
         let mut stream = SslStream::new(ssl, Datagrams::default()).ok()?;
@@ -337,6 +396,7 @@ impl Session {
         &self,
         stream: &mut SslStream<Datagrams>,
         inbound: &mut mpsc::Receiver<Vec<u8>>,
+        prefetched: &Prefetched,
     ) -> bool {
         let deadline = Instant::now() + self.handshake_timeout;
         loop {
@@ -356,12 +416,18 @@ impl Session {
             let wake = deadline.min(Instant::now() + HANDSHAKE_TICK);
             match tokio::time::timeout_at(wake, inbound.recv()).await {
                 Ok(Some(d)) => {
-                    // The key callback only looks in the cache: fill it first.
+                    // OpenSSL's key callback cannot wait: the key is fetched now, once per
+                    // handshake, and kept with the session.
                     if let Some(identity) =
                         dtls_wire::psk_identity(&d).and_then(|i| std::str::from_utf8(i).ok())
-                        && self.pipeline.cached_psk(identity).is_none()
+                        && prefetched
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .is_none()
+                        && let Ok((device, key)) = self.pipeline.psk(identity).await
                     {
-                        let _ = self.pipeline.psk(identity).await;
+                        *prefetched.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((identity.to_owned(), device, key));
                     }
                     stream.get_mut().inbox.push_back(d);
                 }
@@ -381,4 +447,15 @@ impl Session {
             let _ = self.socket.try_send_to(&d, self.addr);
         }
     }
+}
+
+/// The tenant a session's PSK identity names (`authId@tenant`), for the metrics of a refusal.
+fn device_tenant(stream: &SslStream<Datagrams>) -> String {
+    stream
+        .ssl()
+        .psk_identity()
+        .and_then(|i| std::str::from_utf8(i).ok())
+        .and_then(|i| ferrule_registry::auth::split_username(i).ok())
+        .map(|(_, t)| t.to_owned())
+        .unwrap_or_default()
 }

@@ -57,6 +57,9 @@ pub struct CoapConfig {
     pub dtls_bind: SocketAddr,
     /// DTLS sessions at most; further handshakes are dropped.
     pub max_dtls_sessions: usize,
+    /// DTLS handshakes in progress at most (each holds a session slot until it ends or times
+    /// out); further ones are dropped.
+    pub max_dtls_handshakes: usize,
     /// A DTLS session without a datagram for this long ends.
     pub dtls_idle_timeout_secs: u64,
     /// A DTLS handshake not done within this ends.
@@ -81,8 +84,9 @@ impl Default for CoapConfig {
             dtls_enabled: true,
             dtls_bind: SocketAddr::from(([127, 0, 0, 1], 5684)),
             max_dtls_sessions: 10_000,
+            max_dtls_handshakes: 500,
             dtls_idle_timeout_secs: 300,
-            dtls_handshake_timeout_secs: 30,
+            dtls_handshake_timeout_secs: 10,
         }
     }
 }
@@ -337,8 +341,8 @@ impl Server {
                 }
             },
         };
-        self.finish(key, &reply.packet, peer);
-        self.report(reply.command, true).await;
+        let sent = self.finish(key, &reply.packet, peer);
+        self.report(reply.command, sent).await;
     }
 
     /// The ACK timeout for a CON request: the tenant's `timeoutToAck`, or with `piggy` and a
@@ -384,7 +388,7 @@ impl Server {
         response.header.set_type(MessageType::Confirmable);
         response.header.message_id = mid;
         response.set_token(token);
-        let Ok(bytes) = response.to_bytes() else {
+        let Ok(bytes) = response.to_bytes_unlimited() else {
             return false;
         };
         let (tx, mut rx) = oneshot::channel();
@@ -422,21 +426,26 @@ impl Server {
     }
 
     /// Sends `response` and keeps it for retransmissions of its request.
-    fn finish(&self, key: (SocketAddr, u16), response: &Packet, peer: &Peer) {
-        match response.to_bytes() {
+    /// Whether it could be encoded and was handed to the socket or session.
+    fn finish(&self, key: (SocketAddr, u16), response: &Packet, peer: &Peer) -> bool {
+        // Not limited to one MTU: a command of up to `max_payload_size` rides in a response
+        // (on a network the datagram is fragmented by IP).
+        match response.to_bytes_unlimited() {
             Ok(bytes) => {
                 peer.send(&bytes);
                 self.exchanges.answered(key, bytes.into());
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "CoAP response could not be encoded");
                 self.exchanges.forget(key);
+                false
             }
         }
     }
 
     fn send(&self, packet: &Packet, peer: &Peer) {
-        if let Ok(bytes) = packet.to_bytes() {
+        if let Ok(bytes) = packet.to_bytes_unlimited() {
             peer.send(&bytes);
         }
     }
