@@ -36,6 +36,8 @@ pub enum Reason {
     DownstreamUnavailable,
     /// No application waits for this command response any more, or commands are not enabled.
     NoConsumer,
+    /// The adapter has as much in hand as it takes (requests in flight).
+    Overloaded,
 }
 
 /// What each protocol answers for a reason.
@@ -172,6 +174,15 @@ impl Reason {
                 "unavailable",
                 "no-consumer",
             ),
+            Reason::Overloaded => (
+                503,
+                (5, 3),
+                C::ServerUnavailable,
+                D::ServerBusy,
+                false,
+                "unavailable",
+                "overloaded",
+            ),
         };
         Codes {
             http,
@@ -185,7 +196,7 @@ impl Reason {
     }
 
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Malformed,
         Reason::Unauthenticated,
         Reason::TenantDisabled,
@@ -198,6 +209,7 @@ impl Reason {
         Reason::RegistryUnavailable,
         Reason::DownstreamUnavailable,
         Reason::NoConsumer,
+        Reason::Overloaded,
     ];
 }
 

@@ -134,6 +134,8 @@ pub async fn serve(
             gauge.set(i64::try_from(map.len()).unwrap_or(i64::MAX));
         });
     }
+    // Shutting down: every session's queue closes, so each ends (with a close_notify).
+    sessions.lock().unwrap_or_else(|p| p.into_inner()).clear();
     Ok(())
 }
 

@@ -299,7 +299,7 @@ impl Server {
         }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             let busy = Refusal::new(
-                crate::refusal::Reason::DownstreamUnavailable,
+                crate::refusal::Reason::Overloaded,
                 "too many requests in flight",
             );
             let response = self.refusal_response(&packet, &busy);
@@ -464,6 +464,19 @@ impl Server {
             },
         };
         if let Some(block) = block1 {
+            // Before a body is kept, its sender must be allowed to send there at all.
+            if block.num == 0
+                && let Ok(resource::Request {
+                    resource: Resource::Upload { target, .. },
+                    ..
+                }) = resource::parse(packet)
+                && let Err(e) = self
+                    .pipeline
+                    .authorise(ADAPTER, &peer.origin, target.as_ref())
+                    .await
+            {
+                return self.refusal_response(packet, &e).into();
+            }
             let uri = uri_of(packet);
             match self.assemblies.add(peer.addr, &uri, block, &packet.payload) {
                 blocks::Step::Continue(b) => {
