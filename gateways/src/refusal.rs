@@ -315,6 +315,53 @@ mod tests {
         assert_eq!(Reason::AdapterDisabled.codes().attempt, "adapter-disabled");
     }
 
+    /// Each reason's row, written out from Hono's tables (hono-api §3.4 HTTP, §4.2 CONNACK,
+    /// §5.4 CoAP): a wrong mapping fails here, not only an inconsistent one.
+    #[test]
+    fn the_table_says_what_hono_says() {
+        use ConnectOutcome as C;
+        let rows = [
+            (Reason::Malformed, 400, (4, 0), C::NotAuthorized),
+            (Reason::Unauthenticated, 401, (4, 1), C::BadCredentials),
+            (Reason::TenantDisabled, 403, (4, 3), C::NotAuthorized),
+            (Reason::AdapterDisabled, 403, (4, 3), C::NotAuthorized),
+            (Reason::OtherTenant, 403, (4, 3), C::NotAuthorized),
+            (Reason::GatewayNotAuthorised, 403, (4, 3), C::NotAuthorized),
+            (Reason::TenantNotFound, 404, (4, 4), C::NotAuthorized),
+            (Reason::DeviceNotFound, 404, (4, 4), C::NotAuthorized),
+            (Reason::PayloadTooLarge, 413, (4, 13), C::NotAuthorized),
+            (
+                Reason::RegistryUnavailable,
+                503,
+                (5, 3),
+                C::ServerUnavailable,
+            ),
+            (
+                Reason::DownstreamUnavailable,
+                503,
+                (5, 3),
+                C::ServerUnavailable,
+            ),
+            (Reason::NoConsumer, 503, (5, 3), C::ServerUnavailable),
+            (Reason::Overloaded, 503, (5, 3), C::ServerUnavailable),
+        ];
+        assert_eq!(rows.len(), Reason::ALL.len());
+        for (reason, http, coap, connack) in rows {
+            let c = reason.codes();
+            assert_eq!(
+                (c.http, c.coap, c.connack),
+                (http, coap, connack),
+                "{reason:?}"
+            );
+        }
+        assert_eq!(
+            Reason::PayloadTooLarge.codes().disconnect,
+            CloseReason::PacketTooLarge
+        );
+        assert_eq!(Reason::Unauthenticated.codes().attempt, "unauthorized");
+        assert_eq!(Reason::RegistryUnavailable.codes().attempt, "unavailable");
+    }
+
     #[test]
     fn registry_failures_keep_their_kind() {
         use ferrule_registry::AuthError as A;
