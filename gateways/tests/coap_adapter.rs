@@ -1068,3 +1068,45 @@ async fn a_device_restarting_from_the_same_port_gets_a_new_session() {
     let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
     assert!(records.iter().any(|r| r.payload == b"second"));
 }
+
+/// RFC 7252's rules for what the server cannot process: another protocol version is ignored
+/// (§3), a CON carrying a response code gets a Reset (§4.2), a critical option the server
+/// does not know gets 4.02 (§5.4.1).
+#[tokio::test]
+async fn messages_the_server_cannot_process_get_the_rfc_answers() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(open_tenant()).await;
+    p.device(&tenant, "sensor", json!({})).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let path = format!("/telemetry/{tenant}/sensor");
+    let mut v2 = request(MessageType::Confirmable, RequestType::Put, &path, 1, b"x");
+    v2.header.set_version(2);
+    socket
+        .send_to(&v2.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+    let mut response_as_con = Packet::new();
+    response_as_con.header.set_type(MessageType::Confirmable);
+    response_as_con.header.code = MessageClass::Response(ResponseType::Content);
+    response_as_con.header.message_id = 2;
+    let rst = exchange(&socket, p.coap_port, &response_as_con).await;
+    assert_eq!(rst.header.get_type(), MessageType::Reset, "a Reset");
+    assert_eq!(
+        rst.header.message_id, 2,
+        "the version-2 message got no answer first"
+    );
+    let mut critical = request(MessageType::Confirmable, RequestType::Put, &path, 3, b"x");
+    critical.add_option(CoapOption::Unknown(2049), b"?".to_vec());
+    let answer = exchange(&socket, p.coap_port, &critical).await;
+    assert_eq!(
+        code(&answer),
+        MessageClass::Response(ResponseType::BadOption)
+    );
+    // An unknown elective option is ignored.
+    let mut elective = request(MessageType::Confirmable, RequestType::Put, &path, 4, b"ok");
+    elective.add_option(CoapOption::Unknown(2050), b"?".to_vec());
+    let answer = exchange(&socket, p.coap_port, &elective).await;
+    assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records[0].payload, b"ok", "nothing else was written");
+}

@@ -256,13 +256,23 @@ impl Server {
                 return;
             }
         };
+        // Another version of CoAP is ignored (RFC 7252 §3).
+        if packet.header.get_version() != 1 {
+            metrics::rejected(ADAPTER.name(), "malformed-datagram");
+            return;
+        }
         let kind = packet.header.get_type();
         match (kind, packet.header.code) {
             (MessageType::Confirmable | MessageType::NonConfirmable, MessageClass::Request(_)) => {}
-            // A CoAP ping (an empty CON) is answered with a Reset (RFC 7252 §4.3).
-            (MessageType::Confirmable, MessageClass::Empty) => {
+            // A CoAP ping (an empty CON), and a CON the server cannot process (a response or a
+            // reserved code), is answered with a Reset (RFC 7252 §4.2, §4.3).
+            (MessageType::Confirmable, code) => {
+                if code != MessageClass::Empty {
+                    metrics::rejected(ADAPTER.name(), "unprocessable-message");
+                }
                 let mut rst = Packet::new();
                 rst.header.set_type(MessageType::Reset);
+                rst.header.code = MessageClass::Empty;
                 rst.header.message_id = packet.header.message_id;
                 self.send(&rst, &peer);
                 return;
@@ -505,6 +515,12 @@ impl Server {
             Err(ResourceError::NotFound) => {
                 metrics::rejected(ADAPTER.name(), "not-found");
                 return self.response(packet, ResponseType::NotFound).into();
+            }
+            Err(ResourceError::BadOption(number)) => {
+                metrics::rejected(ADAPTER.name(), "bad-option");
+                let mut r = self.response(packet, ResponseType::BadOption);
+                r.payload = format!("option {number} is not supported").into_bytes();
+                return r.into();
             }
             Err(ResourceError::MethodNotAllowed) => {
                 metrics::rejected(ADAPTER.name(), "method-not-allowed");

@@ -54,6 +54,8 @@ pub struct Request {
 pub enum ResourceError {
     NotFound,
     MethodNotAllowed,
+    /// A critical option the adapter does not understand (4.02), by number.
+    BadOption(u16),
     Refused(Refusal),
 }
 
@@ -63,6 +65,18 @@ pub fn parse(packet: &Packet) -> Result<Request, ResourceError> {
         MessageClass::Request(m) => m,
         _ => return Err(ResourceError::NotFound),
     };
+    // An option the adapter does not know whose number says it must be understood (odd
+    // numbers are critical, RFC 7252 §5.4.1): 4.02.
+    if let Some(number) = packet
+        .options()
+        .find_map(|(n, _)| match CoapOption::from(*n) {
+            CoapOption::Unknown(n) if n % 2 == 1 => Some(n),
+            CoapOption::ProxyUri | CoapOption::ProxyScheme => Some(*n),
+            _ => None,
+        })
+    {
+        return Err(ResourceError::BadOption(number));
+    }
     let segments: Vec<String> = packet
         .get_option(CoapOption::UriPath)
         .into_iter()
