@@ -1110,3 +1110,75 @@ async fn messages_the_server_cannot_process_get_the_rfc_answers() {
     let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
     assert_eq!(records[0].payload, b"ok", "nothing else was written");
 }
+
+/// Block-wise bodies (RFC 7959): 2.31 per block, a gap 4.08, a body past `max_payload_size`
+/// 4.13 with Size1 — and nothing written for either.
+#[tokio::test]
+async fn block_wise_bodies_with_gaps_or_too_large_are_refused() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(open_tenant()).await;
+    p.device(&tenant, "sensor", json!({})).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let path = format!("/telemetry/{tenant}/sensor");
+    // Block1 value: NUM << 4 | M << 3 | SZX; SZX 6 = 1024-byte blocks, 4 = 256.
+    let sized = |szx: u32, mid: u16, num: u32, more: bool, payload: &[u8]| {
+        let mut p = request(
+            MessageType::Confirmable,
+            RequestType::Put,
+            &path,
+            mid,
+            payload,
+        );
+        let v = (num << 4) | (u32::from(more) << 3) | szx;
+        let bytes: Vec<u8> = v
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        p.add_option(CoapOption::Block1, bytes);
+        p
+    };
+    let block = |mid, num, more, payload: &[u8]| sized(6, mid, num, more, payload);
+    let first = exchange(&socket, p.coap_port, &sized(4, 1, 0, true, &[b'a'; 256])).await;
+    assert_eq!(code(&first), MessageClass::Response(ResponseType::Continue));
+    // Block 2 without block 1: a gap.
+    let gap = exchange(&socket, p.coap_port, &sized(4, 2, 2, false, b"end")).await;
+    assert_eq!(
+        code(&gap),
+        MessageClass::Response(ResponseType::RequestEntityIncomplete)
+    );
+    // 1024 + 1024 + 1 bytes: past the 2048 the gateway takes.
+    exchange(&socket, p.coap_port, &block(3, 0, true, &[b'a'; 1024])).await;
+    exchange(&socket, p.coap_port, &block(4, 1, true, &[b'b'; 1024])).await;
+    let large = exchange(&socket, p.coap_port, &block(5, 2, false, b"c")).await;
+    assert_eq!(
+        code(&large),
+        MessageClass::Response(ResponseType::RequestEntityTooLarge)
+    );
+    let size1 = large.get_first_option(CoapOption::Size1).expect("Size1");
+    assert_eq!(
+        size1.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)),
+        2048
+    );
+    // A whole body afterwards still goes through.
+    exchange(&socket, p.coap_port, &block(6, 0, true, &[b'x'; 1024])).await;
+    let done = exchange(&socket, p.coap_port, &block(7, 1, false, b"y")).await;
+    assert_eq!(code(&done), MessageClass::Response(ResponseType::Changed));
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records[0].payload.len(), 1025);
+}
+
+#[tokio::test]
+async fn an_unknown_psk_identity_gets_no_session() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    let (out, ok) = coaps_client(
+        "gnutls",
+        &format!("nobody@{tenant}"),
+        "k",
+        &["-m", "post", "-t", "0", "-e", "x"],
+        format!("coaps://127.0.0.1:{}/telemetry", p.coaps_port),
+    )
+    .await;
+    assert!(!ok, "{out}");
+}
