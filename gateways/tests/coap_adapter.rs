@@ -17,11 +17,25 @@ fn open_tenant() -> serde_json::Value {
                          "device-authentication-required": false}]})
 }
 
-/// Runs `coap-client-notls` with `args` against `uri`; its output and whether it exited 0.
-async fn coap_client(args: &[&str], uri: String) -> (String, bool) {
-    let mut cmd = Command::new("coap-client-notls");
-    cmd.args(["-B", "5"]).args(args).arg(uri);
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("coap-client-notls runs"))
+/// A gateway, a tenant that lets CoAP devices send without credentials, its device `sensor`,
+/// a UDP socket of the test's own, and the sensor's telemetry resource.
+async fn anonymous_sensor() -> (Platform, String, tokio::net::UdpSocket, String) {
+    let p = Platform::start().await;
+    let tenant = p.tenant(open_tenant()).await;
+    p.device(&tenant, "sensor", json!({})).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let path = format!("/telemetry/{tenant}/sensor");
+    (p, tenant, socket, path)
+}
+
+/// Runs one of libcoap's clients (`coap-client-notls`, `-openssl`, `-gnutls`) with `args`:
+/// its output, and whether it got an answer that is no error. An error response is printed as
+/// its code (`4.01 Unauthorized`); a failed session as a log line at level ERR (the client
+/// still exits 0).
+async fn libcoap(binary: &str, args: Vec<String>) -> (String, bool) {
+    let mut cmd = Command::new(binary);
+    cmd.args(["-B", "5"]).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("the libcoap client runs"))
         .await
         .unwrap();
     let text = format!(
@@ -29,7 +43,22 @@ async fn coap_client(args: &[&str], uri: String) -> (String, bool) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (text, out.status.success())
+    let refused = text
+        .lines()
+        .any(|l| l.starts_with("4.") || l.starts_with("5.") || l.contains(" ERR "));
+    let ok = out.status.success() && !refused;
+    (text, ok)
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+/// `coap-client-notls` with `args` against `uri`.
+async fn coap_client(args: &[&str], uri: String) -> (String, bool) {
+    let mut all = strings(args);
+    all.push(uri);
+    libcoap("coap-client-notls", all).await
 }
 
 /// Sends `packet` from a socket of its own and waits for one answer.
@@ -292,11 +321,7 @@ async fn refusals_get_hono_coap_codes() {
 
 #[tokio::test]
 async fn a_retransmitted_con_is_answered_again_and_written_once() {
-    let p = Platform::start().await;
-    let tenant = p.tenant(open_tenant()).await;
-    p.device(&tenant, "sensor", json!({})).await;
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let path = format!("/telemetry/{tenant}/sensor");
+    let (p, tenant, socket, path) = anonymous_sensor().await;
     let first = request(
         MessageType::Confirmable,
         RequestType::Put,
@@ -385,11 +410,7 @@ async fn garbage_datagrams_are_dropped_counted_and_harm_no_one() {
 
 #[tokio::test]
 async fn server_time_is_returned_when_asked() {
-    let p = Platform::start().await;
-    let tenant = p.tenant(open_tenant()).await;
-    p.device(&tenant, "sensor", json!({})).await;
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let path = format!("/telemetry/{tenant}/sensor");
+    let (p, tenant, socket, path) = anonymous_sensor().await;
     let before = chrono::Utc::now().timestamp_millis();
     let mut by_query = request(MessageType::Confirmable, RequestType::Put, &path, 1, b"x");
     by_query.add_option(CoapOption::UriQuery, b"hono-time".to_vec());
@@ -679,25 +700,10 @@ async fn coaps_client(
     args: &[&str],
     uri: String,
 ) -> (String, bool) {
-    let mut cmd = Command::new(format!("coap-client-{tls}"));
-    cmd.args(["-B", "5", "-u", identity, "-k", key])
-        .args(args)
-        .arg(uri);
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("the libcoap client runs"))
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // An error response is printed as its code (`4.01 Unauthorized`); a failed session as a
-    // log line at level ERR (the client still exits 0).
-    let refused = text
-        .lines()
-        .any(|l| l.starts_with("4.") || l.starts_with("5.") || l.contains(" ERR "));
-    let ok = out.status.success() && !refused;
-    (text, ok)
+    let mut all = strings(&["-u", identity, "-k", key]);
+    all.extend(strings(args));
+    all.push(uri);
+    libcoap(&format!("coap-client-{tls}"), all).await
 }
 
 #[tokio::test]
@@ -982,9 +988,7 @@ async fn devices_authenticate_with_client_certificates_over_dtls() {
     let uri = format!("coaps://127.0.0.1:{}/telemetry", p.coaps_port);
     for (tls, cert) in [("openssl", "dev"), ("gnutls", "dev"), ("openssl", "forged")] {
         let args = vec![
-            "-B".to_owned(),
-            "5".into(),
-            "-c".into(),
+            "-c".to_owned(),
             path(&format!("{cert}.pem")),
             "-j".into(),
             path(&format!("{cert}-key.pem")),
@@ -998,23 +1002,8 @@ async fn devices_authenticate_with_client_certificates_over_dtls() {
             format!("{cert} over {tls}"),
             uri.clone(),
         ];
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(format!("coap-client-{tls}"))
-                .args(args)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let failed = text
-            .lines()
-            .any(|l| l.contains(" ERR ") || l.starts_with("4."));
-        assert_eq!(failed, cert == "forged", "{tls} {cert}: {text}");
+        let (text, ok) = libcoap(&format!("coap-client-{tls}"), args).await;
+        assert_eq!(ok, cert != "forged", "{tls} {cert}: {text}");
     }
     let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
     let mut payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
@@ -1074,11 +1063,7 @@ async fn a_device_restarting_from_the_same_port_gets_a_new_session() {
 /// does not know gets 4.02 (§5.4.1).
 #[tokio::test]
 async fn messages_the_server_cannot_process_get_the_rfc_answers() {
-    let p = Platform::start().await;
-    let tenant = p.tenant(open_tenant()).await;
-    p.device(&tenant, "sensor", json!({})).await;
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let path = format!("/telemetry/{tenant}/sensor");
+    let (p, tenant, socket, path) = anonymous_sensor().await;
     let mut v2 = request(MessageType::Confirmable, RequestType::Put, &path, 1, b"x");
     v2.header.set_version(2);
     socket
@@ -1115,11 +1100,7 @@ async fn messages_the_server_cannot_process_get_the_rfc_answers() {
 /// 4.13 with Size1 — and nothing written for either.
 #[tokio::test]
 async fn block_wise_bodies_with_gaps_or_too_large_are_refused() {
-    let p = Platform::start().await;
-    let tenant = p.tenant(open_tenant()).await;
-    p.device(&tenant, "sensor", json!({})).await;
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let path = format!("/telemetry/{tenant}/sensor");
+    let (p, tenant, socket, path) = anonymous_sensor().await;
     // Block1 value: NUM << 4 | M << 3 | SZX; SZX 6 = 1024-byte blocks, 4 = 256.
     let sized = |szx: u32, mid: u16, num: u32, more: bool, payload: &[u8]| {
         let mut p = request(
