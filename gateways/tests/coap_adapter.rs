@@ -410,7 +410,7 @@ async fn garbage_datagrams_are_dropped_counted_and_harm_no_one() {
 
 #[tokio::test]
 async fn server_time_is_returned_when_asked() {
-    let (p, tenant, socket, path) = anonymous_sensor().await;
+    let (p, _, socket, path) = anonymous_sensor().await;
     let before = chrono::Utc::now().timestamp_millis();
     let mut by_query = request(MessageType::Confirmable, RequestType::Put, &path, 1, b"x");
     by_query.add_option(CoapOption::UriQuery, b"hono-time".to_vec());
