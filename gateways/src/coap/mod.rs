@@ -326,12 +326,14 @@ impl Server {
     /// ready within the ACK timeout, else an empty ACK at that time and the answer later in a
     /// CON of its own (RFC 7252 §5.2.2), which the device acknowledges.
     async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, peer: &Peer) {
+        // Read once: the resource and options decide the ACK timeout and the handling.
+        let parsed = resource::parse(&packet);
         let ack_after = match packet.header.get_type() {
-            MessageType::Confirmable => self.ack_timeout(&packet, peer).await,
+            MessageType::Confirmable => self.ack_timeout(&parsed, peer).await,
             _ => None,
         };
         let token = packet.get_token().to_vec();
-        let work = self.handle(packet, peer);
+        let work = self.handle(packet, parsed, peer);
         tokio::pin!(work);
         let reply = match ack_after {
             None => work.await,
@@ -358,8 +360,12 @@ impl Server {
     /// The ACK timeout for a CON request: the tenant's `timeoutToAck`, or with `piggy` and a
     /// tenant value of 0 its `deviceTriggeredTimeoutToAck`, else the configured one; `None`:
     /// always piggyback.
-    async fn ack_timeout(&self, packet: &Packet, peer: &Peer) -> Option<Duration> {
-        let request = resource::parse(packet).ok();
+    async fn ack_timeout(
+        &self,
+        parsed: &Result<resource::Request, ResourceError>,
+        peer: &Peer,
+    ) -> Option<Duration> {
+        let request = parsed.as_ref().ok();
         let tenant = request.as_ref().and_then(|r| match &r.resource {
             Resource::Upload { target, .. } | Resource::CommandResponse { target, .. } => {
                 target.as_ref().map(|(t, _)| t.clone())
@@ -461,7 +467,12 @@ impl Server {
     }
 
     /// Handles one request: its response.
-    async fn handle(&self, mut packet: Packet, peer: &Peer) -> Reply {
+    async fn handle(
+        &self,
+        mut packet: Packet,
+        parsed: Result<resource::Request, ResourceError>,
+        peer: &Peer,
+    ) -> Reply {
         let packet = &mut packet;
         let block1 = match packet.get_first_option(CoapOption::Block1) {
             None => None,
@@ -479,7 +490,7 @@ impl Server {
                 && let Ok(resource::Request {
                     resource: Resource::Upload { target, .. },
                     ..
-                }) = resource::parse(packet)
+                }) = &parsed
                 && let Err(e) = self
                     .pipeline
                     .authorise(ADAPTER, &peer.origin, target.as_ref())
@@ -510,7 +521,7 @@ impl Server {
             }
         }
         let packet = &*packet;
-        let request = match resource::parse(packet) {
+        let request = match parsed {
             Ok(r) => r,
             Err(ResourceError::NotFound) => {
                 metrics::rejected(ADAPTER.name(), "not-found");

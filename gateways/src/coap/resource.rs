@@ -199,43 +199,40 @@ pub fn uint_option(n: u64) -> Vec<u8> {
     bytes[skip..].to_vec()
 }
 
-/// The media type of a CoAP Content-Format (the IANA registry, RFC 7252 §12.3 and later
-/// entries). An unregistered number is kept as `application/octet-stream`.
+/// CoAP Content-Formats and their media types (the IANA registry, RFC 7252 §12.3 and later
+/// entries), both ways.
+const CONTENT_FORMATS: &[(u32, &str)] = &[
+    (0, "text/plain; charset=utf-8"),
+    (40, "application/link-format"),
+    (41, "application/xml"),
+    (42, "application/octet-stream"),
+    (47, "application/exi"),
+    (50, "application/json"),
+    (51, "application/json-patch+json"),
+    (52, "application/merge-patch+json"),
+    (60, "application/cbor"),
+    (61, "application/cwt"),
+    (110, "application/senml+json"),
+    (112, "application/senml+cbor"),
+];
+
+/// The media type of a CoAP Content-Format. An unregistered number is kept as
+/// `application/octet-stream`.
 pub fn media_type(code: u32) -> String {
-    match code {
-        0 => "text/plain; charset=utf-8",
-        40 => "application/link-format",
-        41 => "application/xml",
-        42 => "application/octet-stream",
-        47 => "application/exi",
-        50 => "application/json",
-        51 => "application/json-patch+json",
-        52 => "application/merge-patch+json",
-        60 => "application/cbor",
-        61 => "application/cwt",
-        110 => "application/senml+json",
-        112 => "application/senml+cbor",
-        _ => "application/octet-stream",
-    }
-    .to_owned()
+    CONTENT_FORMATS
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or(ferrule_schemas::content_type::OCTET_STREAM, |(_, t)| *t)
+        .to_owned()
 }
 
-/// The Content-Format number of a media type, if it has one (commands sent to devices).
+/// The Content-Format number of a media type, if it has one (commands sent to devices);
+/// parameters such as `charset` are not compared.
 pub fn content_format(media_type: &str) -> Option<u32> {
-    let base = media_type.split(';').next().unwrap_or_default().trim();
-    Some(match base {
-        "text/plain" => 0,
-        "application/link-format" => 40,
-        "application/xml" => 41,
-        "application/octet-stream" => 42,
-        "application/exi" => 47,
-        "application/json" => 50,
-        "application/json-patch+json" => 51,
-        "application/merge-patch+json" => 52,
-        "application/cbor" => 60,
-        "application/cwt" => 61,
-        "application/senml+json" => 110,
-        "application/senml+cbor" => 112,
-        _ => return None,
-    })
+    let base = |t: &str| t.split(';').next().unwrap_or_default().trim().to_owned();
+    let wanted = base(media_type);
+    CONTENT_FORMATS
+        .iter()
+        .find(|(_, t)| base(t) == wanted)
+        .map(|(c, _)| *c)
 }
