@@ -199,3 +199,45 @@ async fn an_instance_restarted_under_its_id_forgets_its_earlier_subscriptions() 
         target(&b, None)
     );
 }
+
+#[tokio::test]
+async fn concurrent_changes_are_written_together_and_answered_one_by_one() {
+    // Many polls starting and ending at once share a few statements (group commit); each
+    // caller still gets its own answer, and the state is what applying them in turn leaves.
+    let (r, store, t) = setup().await;
+    let (a, b) = (id("inst-a"), id("inst-b"));
+    r.heartbeat(&a).await.unwrap();
+    r.heartbeat(&b).await.unwrap();
+    let devices: Vec<String> = (0..300).map(|n| format!("poller-{n}")).collect();
+    for d in &devices {
+        let doc = ferrule_registry::model::device::Device::parse(b"{}").unwrap();
+        store.create_device(&t, Some(d.clone()), doc).await.unwrap();
+    }
+    let lifespan = Some(Duration::from_secs(60));
+    let registers = devices.iter().map(|d| r.register(&t, d, &a, lifespan));
+    for done in futures_util::future::join_all(registers).await {
+        done.unwrap();
+    }
+    for d in &devices {
+        assert_eq!(r.resolve(&t, d, &[], &[]).await.unwrap(), target(&a, None));
+    }
+    // The odd devices move to b; then a ends every poll it had: only the even ones were still
+    // a's, so only their ends report that a held them.
+    let moves = devices.iter().skip(1).step_by(2);
+    for done in futures_util::future::join_all(moves.map(|d| r.register(&t, d, &b, lifespan))).await
+    {
+        done.unwrap();
+    }
+    let ends = devices.iter().map(|d| r.unregister(&t, d, &a));
+    let held: Vec<bool> = futures_util::future::join_all(ends)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    for (n, (d, held)) in devices.iter().zip(held).enumerate() {
+        let even = n % 2 == 0;
+        assert_eq!(held, even, "{d}");
+        let expected = if even { None } else { target(&b, None) };
+        assert_eq!(r.resolve(&t, d, &[], &[]).await.unwrap(), expected, "{d}");
+    }
+}

@@ -6,9 +6,19 @@
 //! subscription first, else its last known gateway if that gateway is in `via` and subscribed,
 //! else any subscribed gateway in `via`. Expired subscriptions and instances that stopped
 //! sending heartbeats never count, so commands to them fail fast instead of waiting.
+//!
+//! Subscriptions come and go with every long poll, so their writes are group-committed
+//! ([`changes`]): one task per process applies whatever changes queued up while the previous
+//! batch was written, in at most three statements, and each caller still waits for its own
+//! change to be in PostgreSQL — an application that reacts to a `ttd` notification finds the
+//! route, as before, but a thousand polls a second cost a few statements, not a thousand.
 
 use deadpool_postgres::Pool;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::sync::mpsc;
+
+mod changes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -16,6 +26,11 @@ pub enum RoutingError {
     Database(#[from] tokio_postgres::Error),
     #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// A batch of subscription changes failed; every change in it gets the same cause.
+    #[error("{0}")]
+    Batch(#[source] Arc<RoutingError>),
+    #[error("the routing writer has stopped")]
+    WriterGone,
 }
 
 /// How long a silent instance's row is kept (its subscriptions go after `instance_timeout`).
@@ -36,6 +51,8 @@ pub struct RoutingState {
     pool: Pool,
     /// An instance without a heartbeat for this long counts as dead.
     instance_timeout: Duration,
+    /// The queue of the task that writes subscription changes, started on the first change.
+    changes: Arc<OnceLock<mpsc::Sender<changes::Change>>>,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -47,15 +64,45 @@ impl RoutingState {
         RoutingState {
             pool,
             instance_timeout,
+            changes: Arc::default(),
         }
+    }
+
+    /// Queues `op` for the writer task and waits until it is written.
+    async fn change(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+        op: changes::Op,
+    ) -> Result<bool, RoutingError> {
+        let queue = self
+            .changes
+            .get_or_init(|| changes::start(self.pool.clone()));
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let change = changes::Change {
+            tenant: tenant.to_owned(),
+            device: device.to_owned(),
+            instance: instance.to_owned(),
+            op,
+            done,
+        };
+        queue
+            .send(change)
+            .await
+            .map_err(|_| RoutingError::WriterGone)?;
+        answer.await.map_err(|_| RoutingError::WriterGone)?
     }
 
     /// Records that `instance` is alive.
     pub async fn heartbeat(&self, instance: &str) -> Result<(), RoutingError> {
         let db = self.pool.get().await?;
         db.execute(
-            "INSERT INTO adapter_instances (instance_id, last_seen) VALUES ($1, now())
+            &db.prepare_cached(
+                "INSERT INTO adapter_instances (instance_id, last_seen) VALUES ($1, now())
              ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
+            )
+            .await?,
             &[&instance],
         )
         .await?;
@@ -71,18 +118,9 @@ impl RoutingState {
         instance: &str,
         lifespan: Option<Duration>,
     ) -> Result<(), RoutingError> {
-        let lifespan = lifespan.map(secs);
-        let db = self.pool.get().await?;
-        db.execute(
-            "INSERT INTO command_consumers (tenant_id, device_id, instance_id, expires)
-             VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8))
-             ON CONFLICT (tenant_id, device_id) DO UPDATE
-               SET instance_id = EXCLUDED.instance_id, expires = EXCLUDED.expires,
-                   registered = now()",
-            &[&tenant, &device, &instance, &lifespan],
-        )
-        .await?;
-        Ok(())
+        self.change(tenant, device, instance, changes::Op::Register(lifespan))
+            .await
+            .map(drop)
     }
 
     /// Removes the registration if `instance` still holds it; `false` when another instance
@@ -93,15 +131,8 @@ impl RoutingState {
         device: &str,
         instance: &str,
     ) -> Result<bool, RoutingError> {
-        let db = self.pool.get().await?;
-        let n = db
-            .execute(
-                "DELETE FROM command_consumers
-                  WHERE tenant_id = $1 AND device_id = $2 AND instance_id = $3",
-                &[&tenant, &device, &instance],
-            )
-            .await?;
-        Ok(n == 1)
+        self.change(tenant, device, instance, changes::Op::Unregister)
+            .await
     }
 
     /// Removes every registration `instance` holds: an instance that starts again under the
@@ -111,7 +142,8 @@ impl RoutingState {
         let db = self.pool.get().await?;
         Ok(db
             .execute(
-                "DELETE FROM command_consumers WHERE instance_id = $1",
+                &db.prepare_cached("DELETE FROM command_consumers WHERE instance_id = $1")
+                    .await?,
                 &[&instance],
             )
             .await?)
@@ -126,9 +158,12 @@ impl RoutingState {
     ) -> Result<(), RoutingError> {
         let db = self.pool.get().await?;
         db.execute(
-            "INSERT INTO last_known_gateways (tenant_id, device_id, gateway_id) VALUES ($1, $2, $3)
+            &db.prepare_cached(
+                "INSERT INTO last_known_gateways (tenant_id, device_id, gateway_id) VALUES ($1, $2, $3)
              ON CONFLICT (tenant_id, device_id) DO UPDATE
                SET gateway_id = EXCLUDED.gateway_id, updated = now()",
+            )
+            .await?,
             &[&tenant, &device, &gateway],
         )
         .await?;
@@ -151,8 +186,11 @@ impl RoutingState {
         if !via_groups.is_empty() {
             let rows = db
                 .query(
-                    "SELECT device_id FROM devices
+                    &db.prepare_cached(
+                        "SELECT device_id FROM devices
                       WHERE tenant_id = $1 AND data->'memberOf' ?| $2::text[]",
+                    )
+                    .await?,
                     &[&tenant, &via_groups],
                 )
                 .await?;
@@ -163,13 +201,16 @@ impl RoutingState {
         ids.extend(via.iter().filter(|g| *g != device).cloned());
         let rows = db
             .query(
-                "SELECT c.device_id, c.instance_id
+                &db.prepare_cached(
+                    "SELECT c.device_id, c.instance_id
                    FROM command_consumers c
                    JOIN adapter_instances i ON i.instance_id = c.instance_id
                   WHERE c.tenant_id = $1 AND c.device_id = ANY($2)
                     AND (c.expires IS NULL OR c.expires > now())
                     AND i.last_seen > now() - make_interval(secs => $3::float8)
                   ORDER BY c.registered DESC",
+                )
+                .await?,
                 &[&tenant, &ids, &timeout],
             )
             .await?;
@@ -184,7 +225,10 @@ impl RoutingState {
         // 2. The last known gateway, if it is in `via` and subscribed.
         let last: Option<String> = db
             .query_opt(
-                "SELECT gateway_id FROM last_known_gateways WHERE tenant_id = $1 AND device_id = $2",
+                &db.prepare_cached(
+                    "SELECT gateway_id FROM last_known_gateways WHERE tenant_id = $1 AND device_id = $2",
+                )
+                .await?,
                 &[&tenant, &device],
             )
             .await?
@@ -211,22 +255,31 @@ impl RoutingState {
         let db = self.pool.get().await?;
         let expired = db
             .execute(
-                "DELETE FROM command_consumers WHERE expires IS NOT NULL AND expires <= now()",
+                &db.prepare_cached(
+                    "DELETE FROM command_consumers WHERE expires IS NOT NULL AND expires <= now()",
+                )
+                .await?,
                 &[],
             )
             .await?;
         let dead = db
             .execute(
-                "DELETE FROM command_consumers c USING adapter_instances i
+                &db.prepare_cached(
+                    "DELETE FROM command_consumers c USING adapter_instances i
                   WHERE c.instance_id = i.instance_id
                     AND i.last_seen <= now() - make_interval(secs => $1::float8)",
+                )
+                .await?,
                 &[&timeout],
             )
             .await?;
         let gone = db
             .execute(
-                "DELETE FROM adapter_instances
+                &db.prepare_cached(
+                    "DELETE FROM adapter_instances
                   WHERE last_seen <= now() - make_interval(secs => $1::float8)",
+                )
+                .await?,
                 &[&FORGET_INSTANCES_AFTER.as_secs_f64().max(timeout)],
             )
             .await?;
