@@ -145,7 +145,7 @@ impl Authorised {
         self.tenant().ext.as_ref()
     }
 
-    /// How long a device may wait for a command (Hono's long-poll rule, hono-api §3.5): the
+    /// How long a device may wait for a command (Hono's long-poll rule in its HTTP adapter guide): the
     /// request capped by the tenant's `max-ttd` for the adapter, else `default_max`; `None`
     /// when that leaves no time.
     pub fn effective_ttd_secs(

@@ -2,8 +2,9 @@
 //! the one table that turns each reason into every protocol's answer.
 //!
 //! The pipeline decides; a protocol module only looks its reason up here. Sources of the codes:
-//! Hono's HTTP status table (hono-api §3.4), CONNACK table (§4.2), MQTT error policy (§4.6) and
-//! CoAP response codes (§5.4); MQTT 5's reason codes (OASIS MQTT 5.0 §2.4).
+//! Hono's HTTP status table (its HTTP adapter guide), its CONNACK table and MQTT error policy
+//! (MQTT adapter guide) and its CoAP response codes (CoAP adapter guide); MQTT 5's reason codes
+//! (OASIS MQTT 5.0 §2.4).
 
 use crate::mqtt::codec::{CloseReason, ConnectOutcome};
 use std::borrow::Cow;
@@ -289,7 +290,7 @@ impl From<ferrule_registry::AuthError> for Refusal {
 mod tests {
     use super::*;
 
-    /// Hono's codes (hono-api §3.4, §4.2, §5.4): every reason answers alike in each protocol.
+    /// Hono's codes (its HTTP, MQTT and CoAP adapter guides): every reason answers alike in each protocol.
     #[test]
     fn each_reason_maps_to_hono_codes_in_every_protocol() {
         for r in Reason::ALL {
@@ -315,8 +316,8 @@ mod tests {
         assert_eq!(Reason::AdapterDisabled.codes().attempt, "adapter-disabled");
     }
 
-    /// Each reason's row, written out from Hono's tables (hono-api §3.4 HTTP, §4.2 CONNACK,
-    /// §5.4 CoAP): a wrong mapping fails here, not only an inconsistent one.
+    /// Each reason's row, written out from Hono's tables (its HTTP, MQTT and CoAP adapter
+    /// guides): a wrong mapping fails here, not only an inconsistent one.
     #[test]
     fn the_table_says_what_hono_says() {
         use ConnectOutcome as C;

@@ -966,7 +966,7 @@ async fn psk_device_gets_a_command_over_dtls_and_answers_it() {
     assert_eq!(responses[0].payload, b"done");
 }
 
-/// DTLS with X.509 (hono-api §5.5): a device certificate from the tenant's trust anchor is
+/// DTLS with X.509 (as Hono's CoAP adapter offers it): a device certificate from the tenant's trust anchor is
 /// the credential; one from a forged CA of the same name gets no session.
 #[tokio::test]
 async fn devices_authenticate_with_client_certificates_over_dtls() {

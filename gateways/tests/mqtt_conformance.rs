@@ -97,6 +97,116 @@ async fn command_subscriptions_announce_ttd_minus_one_once_commands_reach_the_de
     );
 }
 
+/// A password is binary data in both versions: one that is not UTF-8 is a wrong password
+/// (CONNACK 0x04 / 0x86), not a malformed packet.
+#[tokio::test]
+async fn a_password_that_is_not_utf8_is_refused_as_wrong_credentials() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let user = user("dev", &tenant);
+    for (level, refused) in [(4u8, 0x04u8), (5, 0x86)] {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0b1100_0010, 0, 30];
+        if level == 5 {
+            body.push(0); // no properties
+        }
+        body.extend_from_slice(&[0, 1, b'c']);
+        body.extend_from_slice(&(user.len() as u16).to_be_bytes());
+        body.extend_from_slice(user.as_bytes());
+        body.extend_from_slice(&[0, 2, 0xff, 0xfe]);
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
+            .await
+            .unwrap();
+        s.write_all(&packet).await.unwrap();
+        let mut connack = [0u8; 4];
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_exact(&mut s, &mut connack),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(connack[0], 0x20, "level {level}: a CONNACK");
+        assert_eq!(
+            connack[3], refused,
+            "level {level}: bad user name or password"
+        );
+    }
+}
+
+/// A malformed MQTT 5 CONNECT (a client id that is not UTF-8) is answered with CONNACK 0x81
+/// before the close; an MQTT 3.1.1 one is just closed.
+#[tokio::test]
+async fn a_malformed_mqtt5_connect_gets_a_connack_saying_so() {
+    let p = Platform::start().await;
+    for (level, expected) in [(5u8, Some(0x81u8)), (4, None)] {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0b0000_0010, 0, 30];
+        if level == 5 {
+            body.push(0);
+        }
+        body.extend_from_slice(&[0, 1, 0xff]);
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
+            .await
+            .unwrap();
+        s.write_all(&packet).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        match expected {
+            Some(reason) => assert_eq!(got, [0x20, 3, 0, reason, 0], "level {level}"),
+            None => assert!(got.is_empty(), "level {level}: {got:?}"),
+        }
+    }
+}
+
+/// The `ttd=-1` notification is written only once the route is in the routing state: an
+/// application (or router) that looks the moment the notification is visible finds the device
+/// reachable.
+#[tokio::test]
+async fn the_ttd_notification_is_visible_only_once_the_route_exists() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let routing = routing().await;
+    let (mut c, _) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;
+    // The event topic exists and is being read before the subscription, so the notification
+    // is seen within milliseconds of being written.
+    let mut seen = watch_topic(&format!("hono.event.{tenant}"));
+    c.publish("event", b"first", QoS::AtLeastOnce, 1).await;
+    assert!(matches!(c.next().await, Some(v4::Packet::PubAck(_))));
+    let first = tokio::time::timeout(Duration::from_secs(20), seen.recv()).await;
+    assert_eq!(first.unwrap().unwrap().payload, b"first");
+    assert_eq!(
+        routing.resolve(&tenant, "dev", &[], &[]).await.unwrap(),
+        None
+    );
+    // SUBACK not awaited: the check must not wait for anything the gateway does after the
+    // notification.
+    c.send(v4::Packet::Subscribe(v4::Subscribe::new(
+        "command///req/#",
+        QoS::AtLeastOnce,
+    )))
+    .await;
+    let n = tokio::time::timeout(Duration::from_secs(20), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let route = routing.resolve(&tenant, "dev", &[], &[]).await.unwrap();
+    assert_eq!(n.headers["ttd"], "-1");
+    assert!(
+        route.is_some(),
+        "the notification was visible before the route existed"
+    );
+    assert!(matches!(c.next().await, Some(v4::Packet::SubAck(_))));
+}
+
 #[tokio::test]
 async fn gateway_subscriptions_announce_the_gateway_or_the_device_they_are_for() {
     let p = Platform::start().await;
@@ -339,6 +449,20 @@ async fn unauthenticated_devices_publish_subscribe_and_respond_where_the_tenant_
     assert_eq!(
         c.next().await,
         Some(v4::Packet::PubAck(v4::PubAck::new(10)))
+    );
+    // The device must exist and be enabled: uploads for others close the connection.
+    p.device(&tenant, "off", json!({"enabled": false})).await;
+    for device in ["nobody", "off"] {
+        let (mut c, _) = RawClient::connect_anonymous(p.mqtt_port).await;
+        let topic = format!("telemetry/{tenant}/{device}");
+        c.publish(&topic, b"no", QoS::AtLeastOnce, 11).await;
+        c.expect_closed().await;
+    }
+    assert!(
+        read(&format!("hono.telemetry.{strict}"), 0)
+            .await
+            .is_empty(),
+        "nothing reached the tenant that requires authentication"
     );
     let written = read(&format!("hono.telemetry.{tenant}"), 2).await;
     let payloads: Vec<&[u8]> = written.iter().map(|r| &r.payload[..]).collect();
@@ -756,7 +880,7 @@ async fn mqtt5_unsupported_subscription_features_and_tiny_packet_limits() {
     assert!(props.assigned_client_identifier.is_some());
     assert_eq!(props.max_qos, Some(1));
     assert_eq!(props.receive_max, None, "optional ones left out");
-    // Maximum Packet Size 0 is a protocol error: no CONNACK, the connection closes.
+    // Maximum Packet Size 0 is a protocol error: a CONNACK 0x82 says so, then the close.
     let props = v5::ConnectProperties {
         max_packet_size: Some(0),
         ..v5::ConnectProperties::new()
@@ -775,6 +899,12 @@ async fn mqtt5_unsupported_subscription_features_and_tiny_packet_limits() {
         properties: Some(props),
     };
     c.send(v5::Packet::Connect(connect, None, None)).await;
+    match c.next().await {
+        Some(v5::Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, v5::ConnectReturnCode::ProtocolError)
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(c.next().await, None);
 }
 

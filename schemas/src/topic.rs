@@ -306,9 +306,8 @@ pub fn max_tenant_id_len(prefix: &str) -> usize {
 /// Collisions between two tenants (`a.b` and `a_b`) depend on which tenants exist; see
 /// [`tenant_collision_key`].
 ///
-/// `prefix` is what every topic name starts with; today that is always [`PREFIX`]. It is a
-/// parameter rather than read here so that a configurable prefix (`kafka.topic_prefix`) is a
-/// change of the argument at the call site and nothing else.
+/// `prefix` is what every topic name starts with: [`PREFIX`], behind `kafka.topic_prefix` when
+/// one is configured (the registry passes what the topic names of this deployment use).
 pub fn check_tenant_topics(prefix: &str, tenant: &str) -> Result<(), TenantIdError> {
     if tenant.is_empty() {
         return Err(TenantIdError::Empty);

@@ -1,4 +1,4 @@
-//! CoAP over DTLS 1.2 with pre-shared keys (hono-api §5.5): the PSK identity is `authId@tenant`
+//! CoAP over DTLS 1.2 with pre-shared keys (Hono's CoAP adapter guide): the PSK identity is `authId@tenant`
 //! and the key the device's `psk` credentials. Why OpenSSL, and how: docs/coap-dtls.md.
 //!
 //! One UDP socket; datagrams go to a session per sender, in a bounded map. No session exists
@@ -163,7 +163,7 @@ fn cookie_index() -> openssl::ex_data::Index<Ssl, Vec<u8>> {
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("an OpenSSL ex_data index"))
 }
 
-/// The DTLS context: PSK always; with `gateway.tls` configured also X.509 (hono-api §5.5:
+/// The DTLS context: PSK always; with `gateway.tls` configured also X.509 (as Hono's CoAP adapter:
 /// ECDHE-ECDSA, the server certificate of `gateway.tls`), where a client certificate is asked
 /// for and any is taken by OpenSSL: whether it is trusted is the pipeline's decision once the
 /// handshake is done, as for HTTPS and MQTTS.

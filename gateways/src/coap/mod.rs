@@ -694,7 +694,7 @@ impl Server {
     }
 }
 
-/// Puts a command into a 2.04 response (hono-api §5.3): its name as `location-query`
+/// Puts a command into a 2.04 response (Hono's CoAP adapter guide): its name as `location-query`
 /// `hono-command=…`, where to send the answer as `location-path` (mirroring the request's long
 /// or short names), its content format and payload.
 fn command_into(

@@ -1,10 +1,10 @@
-//! The CoAP adapter's resources (hono-api §5.1) and request options (§5.2), read from a
+//! The CoAP adapter's resources and request options, as Hono's CoAP adapter guide names them, read from a
 //! decoded packet: pure functions, no I/O.
 
 use crate::pipeline::{Endpoint, Refusal};
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType};
 
-/// Hono's experimental option asking for the server time (hono-api §5.2).
+/// Hono's experimental option asking for the server time (Hono's CoAP adapter guide).
 pub const HONO_TIME_OPTION: u16 = 0xFDE8;
 
 /// What a request is for.

@@ -41,7 +41,8 @@ pub struct ConnectRequest {
     pub client_id: String,
     pub keep_alive_secs: u16,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// Binary data in both versions (3.1.1 §3.1.3.5, 5.0 §3.1.3.6), not a UTF-8 string.
+    pub password: Option<Vec<u8>>,
     /// MQTT 5's Maximum Packet Size: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
     /// MQTT 5's Receive Maximum: QoS 1 publishes the client takes before it acknowledged them.
@@ -199,6 +200,18 @@ pub enum CodecError {
     SubscriptionIdentifiers,
 }
 
+/// The MQTT 5 CONNACK reason for a CONNECT the codec refused (MQTT 5 §3.2.2.2 lists which
+/// codes a CONNACK may carry).
+pub fn connack_reason_for(e: &CodecError) -> u8 {
+    match e.close_reason() {
+        reason @ (CloseReason::MalformedPacket
+        | CloseReason::ProtocolError
+        | CloseReason::PacketTooLarge
+        | CloseReason::QosNotSupported) => reason.code(),
+        _ => CloseReason::Unspecified.code(),
+    }
+}
+
 impl CodecError {
     /// What an MQTT 5 client is told before the connection closes.
     pub fn close_reason(&self) -> CloseReason {
@@ -350,19 +363,90 @@ pub fn decode(
     // The packet is all here: a field that runs past its end makes it malformed, not
     // something to wait for.
     let mut frame = buf.split_to(total);
+    // The password is binary data, which the parser below reads as a string: a password that
+    // is not UTF-8 is handed over as placeholder bytes of the same length and put back after.
+    let binary_password = match first >> 4 {
+        1 => password_field(&frame, version)
+            .filter(|(start, len)| std::str::from_utf8(&frame[*start..start + len]).is_err())
+            .map(|(start, len)| {
+                let original = frame[start..start + len].to_vec();
+                frame[start..start + len].fill(b'x');
+                original
+            }),
+        _ => None,
+    };
     let short = || CodecError::Malformed("a field runs past the end of the packet".into());
-    match version {
+    let inbound = match version {
         Version::V311 => match v4::Packet::read(&mut frame, usize::MAX) {
-            Ok(p) => from_v4(p).map(Some),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Err(short()),
-            Err(e) => Err(CodecError::Malformed(e.to_string())),
+            Ok(p) => from_v4(p)?,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Err(short()),
+            Err(e) => return Err(CodecError::Malformed(e.to_string())),
         },
         Version::V5 => match v5::Packet::read(&mut frame, None) {
-            Ok(p) => from_v5(p).map(Some),
-            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Err(short()),
-            Err(e) => Err(CodecError::Malformed(e.to_string())),
+            Ok(p) => from_v5(p)?,
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Err(short()),
+            Err(e) => return Err(CodecError::Malformed(e.to_string())),
         },
+    };
+    Ok(Some(match (inbound, binary_password) {
+        (Inbound::Connect(mut c), Some(original)) => {
+            c.password = Some(original);
+            Inbound::Connect(c)
+        }
+        (inbound, _) => inbound,
+    }))
+}
+
+/// Where the password of the CONNECT `frame` (fixed header included) lies: its start and
+/// length; `None` without one, or when the packet ends before it (the parser then says why).
+fn password_field(frame: &[u8], version: Version) -> Option<(usize, usize)> {
+    let mut at = 1;
+    // Remaining length.
+    while *frame.get(at)? & 0x80 != 0 {
+        at += 1;
     }
+    at += 1;
+    let u16_at =
+        |i: usize| Some(usize::from(*frame.get(i)?) << 8 | usize::from(*frame.get(i + 1)?));
+    let varint_at = |mut i: usize| {
+        let (mut value, mut shift) = (0usize, 0);
+        loop {
+            let b = *frame.get(i)?;
+            value |= usize::from(b & 0x7f) << shift;
+            i += 1;
+            if b & 0x80 == 0 || shift >= 21 {
+                return Some((value, i));
+            }
+            shift += 7;
+        }
+    };
+    // Protocol name, level, flags, keep alive.
+    at += 2 + u16_at(at)?;
+    let flags = *frame.get(at + 1)?;
+    at += 4;
+    if flags & 0x40 == 0 {
+        return None;
+    }
+    if version == Version::V5 {
+        let (len, next) = varint_at(at)?;
+        at = next + len;
+    }
+    // Client id.
+    at += 2 + u16_at(at)?;
+    if flags & 0x04 != 0 {
+        if version == Version::V5 {
+            let (len, next) = varint_at(at)?;
+            at = next + len;
+        }
+        // Will topic and will payload.
+        at += 2 + u16_at(at)?;
+        at += 2 + u16_at(at)?;
+    }
+    if flags & 0x80 != 0 {
+        at += 2 + u16_at(at)?;
+    }
+    let len = u16_at(at)?;
+    (at + 2 + len <= frame.len()).then_some((at + 2, len))
 }
 
 /// The length of the packet at the start of `buf` (fixed header and remaining length), once
@@ -453,7 +537,7 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
                 client_id: c.client_id,
                 keep_alive_secs: c.keep_alive,
                 username: c.login.as_ref().map(|l| l.username.clone()),
-                password: c.login.map(|l| l.password),
+                password: c.login.map(|l| l.password.into_bytes()),
                 max_packet_size: None,
                 receive_maximum: None,
                 clean_session: c.clean_session,
@@ -533,7 +617,7 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
                 client_id: c.client_id,
                 keep_alive_secs: c.keep_alive,
                 username: login.as_ref().map(|l| l.username.clone()),
-                password: login.map(|l| l.password),
+                password: login.map(|l| l.password.into_bytes()),
             })
         }
         v5::Packet::Publish(p) => {
@@ -871,6 +955,36 @@ mod tests {
         b'p',
         b'w',
     ];
+
+    #[test]
+    fn a_password_is_binary_data_in_both_versions() {
+        // 3.1.1 with a will, MQTT 5 with (empty) properties: the password as it came.
+        #[rustfmt::skip]
+        let v4 = [0x10, 28, 0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0110, 0, 30, 0, 1, b'c',
+            0, 1, b'w', 0, 1, b'x', 0, 3, b'u', b'@', b't', 0, 2, 0xff, 0xfe];
+        #[rustfmt::skip]
+        let v5 = [0x10, 23, 0, 4, b'M', b'Q', b'T', b'T', 5, 0b1100_0010, 0, 30, 0, 0, 1, b'c',
+            0, 3, b'u', b'@', b't', 0, 2, 0xff, 0xfe];
+        for (version, bytes) in [(Version::V311, &v4[..]), (Version::V5, &v5[..])] {
+            let mut buf = BytesMut::from(bytes);
+            match decode(version, &mut buf, 1 << 20) {
+                Ok(Some(Inbound::Connect(c))) => {
+                    assert_eq!(c.password.as_deref(), Some(&[0xff, 0xfe][..]));
+                    assert_eq!(c.username.as_deref(), Some("u@t"));
+                }
+                other => panic!("{version:?}: {other:?}"),
+            }
+            assert!(buf.is_empty());
+        }
+        // A user name is a UTF-8 string all the same.
+        let mut bad_user = v4;
+        bad_user[24] = 0xff;
+        let mut buf = BytesMut::from(&bad_user[..]);
+        assert!(matches!(
+            decode(Version::V311, &mut buf, 1 << 20),
+            Err(CodecError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn detects_versions_from_raw_connect_bytes() {

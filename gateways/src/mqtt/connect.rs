@@ -12,7 +12,7 @@ use crate::pipeline::{Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload};
 use bytes::BytesMut;
 use ferrule_registry::AuthenticatedDevice;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -190,19 +190,33 @@ pub(super) async fn close<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-pub(super) async fn read_connect<S: AsyncRead + Unpin>(
+/// Reads the CONNECT. A malformed MQTT 5 CONNECT is answered with a CONNACK saying why before
+/// the close (MQTT 5 §3.1.4 allows it; no DISCONNECT may come before a CONNACK); an MQTT 3.1.1
+/// client has no code for it and is just closed.
+pub(super) async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<(Version, codec::ConnectRequest), ConnectionError> {
     loop {
-        if let Some(version) = codec::detect_version(buf)?
-            && let Some(packet) = codec::decode(version, buf, max_packet)?
-        {
-            return match packet {
-                Inbound::Connect(c) => Ok((version, c)),
-                _ => Err(codec::CodecError::NotConnect.into()),
+        if let Some(version) = codec::detect_version(buf)? {
+            let packet = match codec::decode(version, buf, max_packet) {
+                Ok(packet) => packet,
+                Err(e) => {
+                    if version == Version::V5 {
+                        let connack = [0x20, 3, 0, codec::connack_reason_for(&e), 0];
+                        let refuse = stream.write_all(&connack);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), refuse).await;
+                    }
+                    return Err(e.into());
+                }
             };
+            if let Some(packet) = packet {
+                return match packet {
+                    Inbound::Connect(c) => Ok((version, c)),
+                    _ => Err(codec::CodecError::NotConnect.into()),
+                };
+            }
         }
         if stream.read_buf(buf).await? == 0 {
             return Err(ConnectionError::Closed(
@@ -235,9 +249,7 @@ pub(super) async fn authenticate(
     let device = match (client_cert, &c.username, &c.password) {
         (None, None, None) if pipeline.allows_anonymous(ADAPTER) => return Ok(Origin::Anonymous),
         (Some(der), _, _) => pipeline.authenticate_certificate(der).await,
-        (None, Some(user), Some(password)) => {
-            pipeline.authenticate(user, password.as_bytes(), None).await
-        }
+        (None, Some(user), Some(password)) => pipeline.authenticate(user, password, None).await,
         _ => Err(Refusal::unauthenticated("no credentials")),
     }
     .map_err(refused)?;

@@ -249,25 +249,69 @@ pub async fn read(topic: &str, n: usize) -> Vec<Record> {
             );
             // Errors such as "unknown topic" while nothing was written yet are not records.
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                let mut headers = HashMap::new();
-                if let Some(hs) = m.headers() {
-                    for h in hs.iter() {
-                        headers.entry(h.key.to_owned()).or_insert_with(|| {
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()
-                        });
-                    }
-                }
-                out.push(Record {
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                });
+                out.push(record_of(&m));
             }
         }
         out
     })
     .await
     .unwrap()
+}
+
+fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let mut headers = HashMap::new();
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            headers.entry(h.key.to_owned()).or_insert_with(|| {
+                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()
+            });
+        }
+    }
+    Record {
+        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        headers,
+    }
+}
+
+/// The records of `topic` from its start, each handed over the moment the consumer sees it
+/// (10 ms fetch wait): for tests that act as soon as a record is visible, as an application
+/// does. The reader stops when the receiver is dropped.
+pub fn watch_topic(topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Record> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka().bootstrap_servers)
+            .set("group.id", random_id("test-watcher"))
+            .set("topic.metadata.refresh.interval.ms", "200")
+            .set("fetch.wait.max.ms", "10")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("log_level", "3")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&topic]).unwrap();
+        while !tx.is_closed() {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
+                && tx.send(record_of(&m)).is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The routing state as the command router reads it.
+pub async fn routing() -> ferrule_registry::device_connection::RoutingState {
+    let store = ferrule_registry::open_store(&database(), &Default::default())
+        .await
+        .unwrap();
+    ferrule_registry::device_connection::RoutingState::new(
+        store.pool().clone(),
+        Duration::from_secs(30),
+    )
 }
 
 /// The first record of `topic` that `wanted` picks, waiting for it as [`read`] does.
