@@ -9,6 +9,7 @@ pub mod commands;
 pub mod devices;
 pub mod latency;
 pub mod measure;
+pub mod mix;
 pub mod mqtt5;
 pub mod plot;
 pub mod progress;

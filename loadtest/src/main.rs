@@ -128,6 +128,21 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         fetch_wait_ms: u64,
     },
+    /// Hono's CoAP load-test mix: each device `PUT`s an event and telemetry with `hono-ttd` in
+    /// turn; an application commands every device that announces a ttd, the device answers.
+    /// Rate of telemetry + events + commands + responses, and Ferrule's CPU per 100k of them.
+    CoapMix {
+        #[arg(long, default_value = "127.0.0.1:5683")]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 500)]
+        devices: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        ttd: u32,
+        #[arg(long, default_value_t = 100)]
+        fetch_wait_ms: u64,
+    },
     /// HTTP devices posting telemetry with a fixed number of requests in flight.
     Http {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -487,6 +502,31 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             let mut r = Report::new("command-rtt-coap", rt.answered, rt.seconds);
             r.extra = Some(rt.to_json());
             r.series = rt.series.clone();
+            r
+        }
+        Scenario::CoapMix {
+            addr,
+            devices: n,
+            seconds,
+            ttd,
+            fetch_wait_ms,
+        } => {
+            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            fleet
+                .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
+                .await?;
+            let mix = ferrule_loadtest::mix::run(
+                &cli.kafka,
+                &fleet,
+                *addr,
+                *seconds,
+                *ttd,
+                cli.size,
+                *fetch_wait_ms,
+            )
+            .await?;
+            let mut r = Report::new("coap-mix", mix.messages() as usize, mix.seconds);
+            r.extra = Some(mix.to_json());
             r
         }
         Scenario::CoapDtls {
