@@ -244,10 +244,10 @@ BROKER_BUILD_PID_FILE="$FERRULE_HOME/tools/nisshi-build.pid"
 BROKER_BUILD_STATUS="$FERRULE_HOME/tools/nisshi-build.status"
 
 # Crates of the broker that no produce, fetch or consumer-group request runs: its schema
-# validation (off unless started with --schema-registry), the SQLite engine nisshi-auth pulls in
-# (Ferrule uses memory and PostgreSQL storage), OTLP export and the CLI's load generators and
-# tools. Compiled without optimisation they cost a fraction of their build time; the request
-# path keeps cargo's release settings.
+# validation (off unless started with --schema-registry), the SQLite engine its SQL storage
+# crate pulls in (Ferrule uses memory and PostgreSQL storage), OTLP export and the CLI's load
+# generators and tools. Compiled without optimisation they cost a fraction of their build
+# time; the request path keeps cargo's release settings.
 BROKER_COLD_CRATES=(jsonschema referencing fancy-regex rhai rhai-rand protobuf protobuf-parse
     protobuf-json-mapping apache-avro num-bigint bigdecimal fake libsql libsql-sys libsql-ffi
     opentelemetry-otlp nisshi-generator nisshi-perf nisshi-cat nisshi-proxy)

@@ -303,6 +303,35 @@ pub fn watch_topic(topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Record> 
     rx
 }
 
+/// How many records `topic` holds (the sum of its partitions' high watermarks; 0 for a topic
+/// that does not exist).
+pub async fn records_in(topic: &str) -> i64 {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka().bootstrap_servers)
+            .set("log_level", "3")
+            .create()
+            .unwrap();
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout).unwrap();
+        metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions())
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p.id(), timeout)
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
 /// The routing state as the command router reads it.
 pub async fn routing() -> ferrule_registry::device_connection::RoutingState {
     let store = ferrule_registry::open_store(&database(), &Default::default())
