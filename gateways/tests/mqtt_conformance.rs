@@ -97,6 +97,42 @@ async fn command_subscriptions_announce_ttd_minus_one_once_commands_reach_the_de
     );
 }
 
+/// Sends a CONNECT built from raw bytes (protocol `level` 4 or 5, clean session, keep-alive
+/// 30, no properties): `client_id` and the optional user name and password as given, so
+/// tests can put bytes there that no client library would.
+async fn raw_connect(
+    port: u16,
+    level: u8,
+    client_id: &[u8],
+    login: Option<(&str, &[u8])>,
+) -> tokio::net::TcpStream {
+    let flags = if login.is_some() {
+        0b1100_0010
+    } else {
+        0b0000_0010
+    };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, flags, 0, 30];
+    if level == 5 {
+        body.push(0);
+    }
+    let mut field = |bytes: &[u8]| {
+        body.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        body.extend_from_slice(bytes);
+    };
+    field(client_id);
+    if let Some((user, password)) = login {
+        field(user.as_bytes());
+        field(password);
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&packet).await.unwrap();
+    s
+}
+
 /// A password is binary data in both versions: one that is not UTF-8 is a wrong password
 /// (CONNACK 0x04 / 0x86), not a malformed packet.
 #[tokio::test]
@@ -106,20 +142,7 @@ async fn a_password_that_is_not_utf8_is_refused_as_wrong_credentials() {
     p.device_with_password(&tenant, "dev", json!({})).await;
     let user = user("dev", &tenant);
     for (level, refused) in [(4u8, 0x04u8), (5, 0x86)] {
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0b1100_0010, 0, 30];
-        if level == 5 {
-            body.push(0); // no properties
-        }
-        body.extend_from_slice(&[0, 1, b'c']);
-        body.extend_from_slice(&(user.len() as u16).to_be_bytes());
-        body.extend_from_slice(user.as_bytes());
-        body.extend_from_slice(&[0, 2, 0xff, 0xfe]);
-        let mut packet = vec![0x10, body.len() as u8];
-        packet.extend_from_slice(&body);
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
-            .await
-            .unwrap();
-        s.write_all(&packet).await.unwrap();
+        let mut s = raw_connect(p.mqtt_port, level, b"c", Some((&user, &[0xff, 0xfe]))).await;
         let mut connack = [0u8; 4];
         tokio::time::timeout(
             Duration::from_secs(5),
@@ -142,17 +165,7 @@ async fn a_password_that_is_not_utf8_is_refused_as_wrong_credentials() {
 async fn a_malformed_mqtt5_connect_gets_a_connack_saying_so() {
     let p = Platform::start().await;
     for (level, expected) in [(5u8, Some(0x81u8)), (4, None)] {
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level, 0b0000_0010, 0, 30];
-        if level == 5 {
-            body.push(0);
-        }
-        body.extend_from_slice(&[0, 1, 0xff]);
-        let mut packet = vec![0x10, body.len() as u8];
-        packet.extend_from_slice(&body);
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
-            .await
-            .unwrap();
-        s.write_all(&packet).await.unwrap();
+        let mut s = raw_connect(p.mqtt_port, level, &[0xff], None).await;
         let mut got = Vec::new();
         let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got);
         tokio::time::timeout(Duration::from_secs(5), read)

@@ -120,3 +120,15 @@ pub async fn put_load(
     }
     Ok(())
 }
+
+/// The `Location-Path` of a gateway's answer when it carries a command to answer (it starts
+/// with `command_response`); `None` for an answer without a command.
+pub fn command_location(answer: &Packet) -> Option<Vec<String>> {
+    let location: Vec<String> = answer
+        .get_option(CoapOption::LocationPath)
+        .into_iter()
+        .flatten()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    (location.first().map(String::as_str) == Some("command_response")).then_some(location)
+}

@@ -254,15 +254,9 @@ async fn coap_long_poll_device(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        let location: Vec<String> = answer
-            .get_option(CoapOption::LocationPath)
-            .into_iter()
-            .flatten()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        if location.first().map(String::as_str) != Some("command_response") {
+        let Some(location) = crate::coap::command_location(&answer) else {
             continue;
-        }
+        };
         mid = mid.wrapping_add(1);
         let segs: Vec<&str> = location.iter().map(String::as_str).collect();
         let mut response = request(mid, &segs, &["hono-cmd-status=200".to_owned()]);

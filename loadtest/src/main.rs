@@ -458,10 +458,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             concurrency,
             non,
         } => {
-            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
-            fleet
-                .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
-                .await?;
+            let fleet = anonymous_coap_fleet(cli, *n).await?;
             let load = ferrule_loadtest::coap::put_load(
                 *addr,
                 fleet.coap_paths(),
@@ -485,10 +482,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             ttd,
             fetch_wait_ms,
         } => {
-            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
-            fleet
-                .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
-                .await?;
+            let fleet = anonymous_coap_fleet(cli, *n).await?;
             let rt = ferrule_loadtest::commands::coap_round_trips(
                 &cli.kafka,
                 &fleet,
@@ -511,10 +505,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             ttd,
             fetch_wait_ms,
         } => {
-            let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
-            fleet
-                .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
-                .await?;
+            let fleet = anonymous_coap_fleet(cli, *n).await?;
             let mix = ferrule_loadtest::mix::run(
                 &cli.kafka,
                 &fleet,
@@ -830,4 +821,13 @@ fn emit(
     println!("{}", report.to_json());
     eprintln!("{}", report.summary());
     Ok(())
+}
+
+/// `n` devices of a new tenant that lets them use CoAP without credentials.
+async fn anonymous_coap_fleet(cli: &Cli, n: usize) -> anyhow::Result<devices::Fleet> {
+    let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, n).await?;
+    fleet
+        .allow_anonymous_coap(&cli.registry, &cli.registry_auth)
+        .await?;
+    Ok(fleet)
 }

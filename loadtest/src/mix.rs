@@ -271,16 +271,10 @@ impl Device {
             }
         };
         c.telemetry.fetch_add(1, Ordering::Relaxed);
-        let location: Vec<String> = answer
-            .get_option(CoapOption::LocationPath)
-            .into_iter()
-            .flatten()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        if location.first().map(String::as_str) != Some("command_response") {
+        let Some(location) = crate::coap::command_location(&answer) else {
             c.empty_polls.fetch_add(1, Ordering::Relaxed);
             return Ok(false);
-        }
+        };
         c.commands.fetch_add(1, Ordering::Relaxed);
         let segments: Vec<&str> = location.iter().map(String::as_str).collect();
         let status = ["hono-cmd-status=200".to_owned()];

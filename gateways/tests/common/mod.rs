@@ -222,16 +222,10 @@ pub struct Record {
 pub async fn read(topic: &str, n: usize) -> Vec<Record> {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka().bootstrap_servers)
-            .set("group.id", random_id("test-reader"))
-            .set("topic.metadata.refresh.interval.ms", "500")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&topic]).unwrap();
+        let consumer = reader(
+            &topic,
+            ClientConfig::new().set("topic.metadata.refresh.interval.ms", "500"),
+        );
         let mut out = Vec::new();
         let start = Instant::now();
         let mut extra_wait: Option<Instant> = None;
@@ -258,6 +252,20 @@ pub async fn read(topic: &str, n: usize) -> Vec<Record> {
     .unwrap()
 }
 
+/// A consumer of `topic` from its start in a group of its own, with `config` added.
+fn reader(topic: &str, config: &mut ClientConfig) -> BaseConsumer {
+    let consumer: BaseConsumer = config
+        .set("bootstrap.servers", &kafka().bootstrap_servers)
+        .set("group.id", random_id("test-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
 fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     let mut headers = HashMap::new();
     if let Some(hs) = m.headers() {
@@ -281,17 +289,12 @@ pub fn watch_topic(topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Record> 
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let topic = topic.to_owned();
     std::thread::spawn(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &kafka().bootstrap_servers)
-            .set("group.id", random_id("test-watcher"))
-            .set("topic.metadata.refresh.interval.ms", "200")
-            .set("fetch.wait.max.ms", "10")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&topic]).unwrap();
+        let consumer = reader(
+            &topic,
+            ClientConfig::new()
+                .set("topic.metadata.refresh.interval.ms", "200")
+                .set("fetch.wait.max.ms", "10"),
+        );
         while !tx.is_closed() {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
                 && tx.send(record_of(&m)).is_err()
