@@ -132,3 +132,12 @@ pub fn command_location(answer: &Packet) -> Option<Vec<String>> {
         .collect();
     (location.first().map(String::as_str) == Some("command_response")).then_some(location)
 }
+
+/// The empty ACK a device sends for a separate response (a CON) with message id `mid`.
+pub fn empty_ack(mid: u16) -> Packet {
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Empty;
+    ack.header.message_id = mid;
+    ack
+}

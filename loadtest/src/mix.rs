@@ -347,10 +347,7 @@ impl Exchange {
                     continue;
                 };
                 if p.header.get_type() == MessageType::Confirmable {
-                    let mut ack = Packet::new();
-                    ack.header.set_type(MessageType::Acknowledgement);
-                    ack.header.code = MessageClass::Empty;
-                    ack.header.message_id = p.header.message_id;
+                    let ack = crate::coap::empty_ack(p.header.message_id);
                     self.socket.send(&ack.to_bytes()?).await?;
                 }
                 if p.header.get_type() == MessageType::Acknowledgement
