@@ -284,9 +284,9 @@ fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
 
 /// The records of `topic` from its start, each handed over the moment the consumer sees it
 /// (10 ms fetch wait): for tests that act as soon as a record is visible, as an application
-/// does. The reader stops when the receiver is dropped.
-pub fn watch_topic(topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Record> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+/// does. The reader stops when the receiver is dropped, and waits while 64 records are unread.
+pub fn watch_topic(topic: &str) -> tokio::sync::mpsc::Receiver<Record> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
     let topic = topic.to_owned();
     std::thread::spawn(move || {
         let consumer = reader(
@@ -297,7 +297,7 @@ pub fn watch_topic(topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Record> 
         );
         while !tx.is_closed() {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50))
-                && tx.send(record_of(&m)).is_err()
+                && tx.blocking_send(record_of(&m)).is_err()
             {
                 break;
             }
