@@ -241,3 +241,62 @@ async fn concurrent_changes_are_written_together_and_answered_one_by_one() {
         assert_eq!(r.resolve(&t, d, &[], &[]).await.unwrap(), expected, "{d}");
     }
 }
+
+#[tokio::test]
+async fn a_released_entry_is_reused_by_the_next_poll_and_purged_later() {
+    let (r, store, t) = setup().await;
+    let a = id("inst-a");
+    r.heartbeat(&a).await.unwrap();
+    let db = store.pool().get().await.unwrap();
+    let rows = || async {
+        db.query(
+            "SELECT instance_id, expires = '-infinity' FROM command_consumers
+              WHERE tenant_id = $1 AND device_id = 'dev'",
+            &[&t],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)))
+        .collect::<Vec<_>>()
+    };
+    // A long-polling device: register and release, poll after poll.
+    for _ in 0..3 {
+        r.register(&t, "dev", &a, Some(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.resolve(&t, "dev", &[], &[]).await.unwrap(),
+            target(&a, None)
+        );
+        assert!(
+            r.unregister(&t, "dev", &a).await.unwrap(),
+            "the poll's own entry"
+        );
+        assert_eq!(r.resolve(&t, "dev", &[], &[]).await.unwrap(), None);
+        assert!(
+            !r.unregister(&t, "dev", &a).await.unwrap(),
+            "a released entry is not released twice"
+        );
+    }
+    assert_eq!(
+        rows().await,
+        vec![(a.clone(), true)],
+        "one row, marked released"
+    );
+    r.purge().await.unwrap();
+    assert_eq!(
+        rows().await.len(),
+        1,
+        "a fresh release is kept for the next poll"
+    );
+    db.execute(
+        "UPDATE command_consumers SET registered = now() - interval '11 minutes'
+          WHERE tenant_id = $1",
+        &[&t],
+    )
+    .await
+    .unwrap();
+    assert!(r.purge().await.unwrap() >= 1);
+    assert_eq!(rows().await, vec![], "released ten minutes ago: purged");
+}

@@ -263,6 +263,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../migrations/0002_command_routing.sql")),
     (3, include_str!("../migrations/0003_applications.sql")),
     (4, include_str!("../migrations/0004_tenant_topic_key.sql")),
+    (
+        5,
+        include_str!("../migrations/0005_command_consumers_hot.sql"),
+    ),
 ];
 
 /// An arbitrary constant that serialises concurrent migrators (tests, several instances).

@@ -35,6 +35,9 @@ pub enum RoutingError {
 
 /// How long a silent instance's row is kept (its subscriptions go after `instance_timeout`).
 const FORGET_INSTANCES_AFTER: Duration = Duration::from_secs(3600);
+/// How long a released command consumer's row is kept for the device's next registration to
+/// update in place (a long-polling device comes back within seconds; migration 0005).
+const KEEP_RELEASED: Duration = Duration::from_secs(600);
 
 /// Where a command for a device goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,8 +145,11 @@ impl RoutingState {
         let db = self.pool.get().await?;
         Ok(db
             .execute(
-                &db.prepare_cached("DELETE FROM command_consumers WHERE instance_id = $1")
-                    .await?,
+                &db.prepare_cached(
+                    "UPDATE command_consumers SET expires = '-infinity', registered = now()
+                      WHERE instance_id = $1 AND expires IS DISTINCT FROM '-infinity'",
+                )
+                .await?,
                 &[&instance],
             )
             .await?)
@@ -199,8 +205,25 @@ impl RoutingState {
         // Live subscriptions of the device and of its gateways, in one query.
         let mut ids = vec![device.to_owned()];
         ids.extend(via.iter().filter(|g| *g != device).cloned());
-        let rows = db
-            .query(
+        // A device without gateways (the common case) has its own statement: PostgreSQL plans
+        // `= $2` once per connection, while `= ANY($2)` it plans again on every execution
+        // (its generic plan looks dearer), which cost more than running the query.
+        let rows = if ids.len() == 1 {
+            db.query(
+                &db.prepare_cached(
+                    "SELECT c.device_id, c.instance_id
+                   FROM command_consumers c
+                   JOIN adapter_instances i ON i.instance_id = c.instance_id
+                  WHERE c.tenant_id = $1 AND c.device_id = $2
+                    AND (c.expires IS NULL OR c.expires > now())
+                    AND i.last_seen > now() - make_interval(secs => $3::float8)",
+                )
+                .await?,
+                &[&tenant, &device, &timeout],
+            )
+            .await?
+        } else {
+            db.query(
                 &db.prepare_cached(
                     "SELECT c.device_id, c.instance_id
                    FROM command_consumers c
@@ -213,7 +236,8 @@ impl RoutingState {
                 .await?,
                 &[&tenant, &ids, &timeout],
             )
-            .await?;
+            .await?
+        };
         let live: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         // 1. The device's own subscription.
         if let Some((_, instance)) = live.iter().find(|(d, _)| d == device) {
@@ -256,10 +280,13 @@ impl RoutingState {
         let expired = db
             .execute(
                 &db.prepare_cached(
-                    "DELETE FROM command_consumers WHERE expires IS NOT NULL AND expires <= now()",
+                    "DELETE FROM command_consumers
+                      WHERE expires <= now()
+                        AND (expires <> '-infinity'
+                             OR registered <= now() - make_interval(secs => $1::float8))",
                 )
                 .await?,
-                &[],
+                &[&KEEP_RELEASED.as_secs_f64()],
             )
             .await?;
         let dead = db

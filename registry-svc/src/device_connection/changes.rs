@@ -65,7 +65,9 @@ async fn run(pool: Pool, mut queue: mpsc::Receiver<Change>) {
     }
 }
 
-/// Writes a plan; returns, per conditional delete, whether it removed a row.
+/// Writes a plan; returns, per conditional release, whether it ended a live entry. A released
+/// entry stays as a row marked `expires = '-infinity'` (never live) that the next registration
+/// of the device updates in place (migration 0005 says why); `purge` drops it later.
 async fn write(pool: &Pool, plan: &Plan<'_>) -> Result<Vec<bool>, RoutingError> {
     let db = pool.get().await?;
     let mut removed = vec![false; plan.release.len()];
@@ -74,9 +76,10 @@ async fn write(pool: &Pool, plan: &Plan<'_>) -> Result<Vec<bool>, RoutingError> 
         let rows = db
             .query(
                 &db.prepare_cached(
-                    "DELETE FROM command_consumers c
-                  USING unnest($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(t, d, i, n)
+                    "UPDATE command_consumers c SET expires = '-infinity', registered = now()
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[]) AS u(t, d, i, n)
                   WHERE c.tenant_id = u.t AND c.device_id = u.d AND c.instance_id = u.i
+                    AND c.expires IS DISTINCT FROM '-infinity'
                  RETURNING u.n",
                 )
                 .await?,
@@ -92,9 +95,10 @@ async fn write(pool: &Pool, plan: &Plan<'_>) -> Result<Vec<bool>, RoutingError> 
         let d: Vec<&str> = plan.remove.iter().map(|k| k.1).collect();
         db.execute(
             &db.prepare_cached(
-                "DELETE FROM command_consumers c
-              USING unnest($1::text[], $2::text[]) AS u(t, d)
-              WHERE c.tenant_id = u.t AND c.device_id = u.d",
+                "UPDATE command_consumers c SET expires = '-infinity', registered = now()
+               FROM unnest($1::text[], $2::text[]) AS u(t, d)
+              WHERE c.tenant_id = u.t AND c.device_id = u.d
+                AND c.expires IS DISTINCT FROM '-infinity'",
             )
             .await?,
             &[&t, &d],
@@ -140,11 +144,11 @@ fn columns<'a>(keys: &[(&'a str, &'a str, &'a str)]) -> Columns<'a> {
     c
 }
 
-/// What a batch writes, in this order: `release` (delete an entry if the instance holds it: an
-/// unregister before any register of the batch for that device, once per instance), `remove` (delete the entry whoever
-/// holds it: the batch registered and unregistered it), `upsert` (the device's last change is
-/// a register). A device is in `remove` or `upsert` at most once, so no statement touches a
-/// row twice.
+/// What a batch writes, in this order: `release` (end an entry if the instance holds it: an
+/// unregister before any register of the batch for that device, once per instance), `remove`
+/// (end the entry whoever holds it: the batch registered and unregistered it), `upsert` (the
+/// device's last change is a register). A device is in `remove` or `upsert` at most once, so
+/// no statement touches a row twice.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Plan<'a> {
     pub release: Vec<(&'a str, &'a str, &'a str)>,
