@@ -1,7 +1,10 @@
 //! The router's producer against the real broker: after librdkafka declared it fatally failed
-//! (injected with librdkafka's own test hook), a new producer takes over and commands are
-//! forwarded again. A test binary of its own: the hook reaches every router producer of the
-//! process.
+//! (injected with librdkafka's own test hook), commands are still forwarded, in order. The
+//! router's producer is not idempotent (`forward.rs` says why), and librdkafka raises fatal
+//! errors only for idempotent producers, so the hook is the one way to set the flag; the
+//! replacement of a producer that did fail is tested for the gateways and the bridge, whose
+//! producers are idempotent. A test binary of its own: the hook reaches every router producer
+//! of the process.
 
 mod common;
 
@@ -11,17 +14,8 @@ use rdkafka::bindings::{
     rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER, rd_kafka_test_fatal_error,
 };
 
-fn metrics_text() -> String {
-    use prometheus::Encoder;
-    let mut out = Vec::new();
-    prometheus::TextEncoder::new()
-        .encode(&prometheus::gather(), &mut out)
-        .unwrap();
-    String::from_utf8(out).unwrap()
-}
-
 #[tokio::test]
-async fn the_routers_producer_is_replaced_after_a_fatal_error() {
+async fn the_routers_forwarding_survives_a_fatal_error_of_its_producer() {
     let s = setup().await;
     let instance = id("inst");
     s.routing.heartbeat(&instance).await.unwrap();
@@ -57,7 +51,7 @@ async fn the_routers_producer_is_replaced_after_a_fatal_error() {
     };
     assert_eq!(injected, RD_KAFKA_RESP_ERR_NO_ERROR);
 
-    // The failed producer refuses the next command; the new one forwards it and the ones after.
+    // Forwarding goes on: by the flagged producer or, should it refuse, by its replacement.
     send_command(
         &s.tenant,
         "dev",
@@ -78,9 +72,4 @@ async fn the_routers_producer_is_replaced_after_a_fatal_error() {
         .map(|(_, h, _)| h["subject"].clone())
         .collect();
     assert_eq!(subjects, ["before", "after", "and-on"]);
-    let metrics = metrics_text();
-    assert!(
-        metrics.contains("ferrule_kafka_producer_replaced_total{client=\"command-router\"} 1"),
-        "{metrics}"
-    );
 }
