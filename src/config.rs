@@ -16,6 +16,7 @@ use std::path::Path;
 pub struct Config {
     pub log: LogConfig,
     pub health: HealthConfig,
+    pub shutdown: ShutdownConfig,
     pub database: DatabaseConfig,
     pub kafka: KafkaConfig,
     pub registry: RegistryConfig,
@@ -53,6 +54,28 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8088)),
+        }
+    }
+}
+
+/// What happens between SIGTERM (or SIGINT) and the end of the process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long `/readiness` answers 503 while everything still serves, so a load balancer or
+    /// Kubernetes stops sending new connections before the listeners close (milliseconds).
+    pub readiness_delay_ms: u64,
+    /// The most the services then take to drain — answer the messages and events already
+    /// handed to Kafka, flush the producer, unregister command consumers, delete the
+    /// instance's internal command topic — before the process exits anyway (seconds).
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            readiness_delay_ms: 2000,
+            drain_timeout_secs: 20,
         }
     }
 }

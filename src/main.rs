@@ -281,15 +281,27 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
             Err(e) => Err(e.into()),
         },
     };
-    tracing::info!("shutting down");
+    // Readiness goes down first, while everything still serves: load balancers stop sending
+    // new connections here. Then the services stop accepting and drain, within a bound.
+    readiness.report("shutdown", Err("the process is shutting down".into()));
+    if result.is_ok() {
+        let delay = Duration::from_millis(cfg.shutdown.readiness_delay_ms);
+        tracing::info!(?delay, "shutting down: readiness is down, still serving");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            // A second signal, or a service that fails meanwhile, cuts the wait short.
+            _ = shutdown_signal() => {}
+            Some(_) = tasks.join_next() => {}
+        }
+    }
+    tracing::info!("shutting down: draining");
     let _ = shutdown_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("services did not stop within 10 s");
+    let bound = Duration::from_secs(cfg.shutdown.drain_timeout_secs);
+    if tokio::time::timeout(bound, drain).await.is_err() {
+        tracing::warn!(?bound, "services did not finish draining in time");
     }
+    tracing::info!("stopped");
     result
 }
 

@@ -718,6 +718,15 @@ impl CommandHub {
                 .unregister(&t, &d, self.instance_id())
                 .await;
         }
+        // No router sends here any more: the topic goes with the instance (a restart under a
+        // stable id creates it again).
+        drop(consumer);
+        match self.inner.sender.delete_topic(&topic).await {
+            Ok(()) => tracing::info!(topic, "deleted this instance's internal command topic"),
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "could not delete the internal command topic")
+            }
+        }
         Ok(())
     }
 

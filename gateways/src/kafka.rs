@@ -104,6 +104,11 @@ impl DownstreamSender {
         Ok(())
     }
 
+    /// Deletes a topic this process created (see [`TopicAdmin::delete`]).
+    pub async fn delete_topic(&self, topic: &str) -> Result<(), ProduceError> {
+        Ok(self.topics.delete(topic).await?)
+    }
+
     /// Whether `topic` is known to exist, so producing needs no admin request first.
     pub fn is_known(&self, topic: &str) -> bool {
         self.topics.is_known(topic)

@@ -134,6 +134,30 @@ impl TopicAdmin {
         Ok(())
     }
 
+    /// Deletes `topic` (a missing one is fine); only with `create_topics = true`, for topics
+    /// Ferrule itself created (an instance's internal command topic at shutdown).
+    pub async fn delete(&self, topic: &str) -> Result<(), TopicError> {
+        lock(&self.inner.known).remove(topic);
+        if !self.inner.create {
+            return Ok(());
+        }
+        let timeout = self.inner.timeout;
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
+        let results =
+            tokio::time::timeout(timeout * 2, self.inner.admin.delete_topics(&[topic], &opts))
+                .await
+                .map_err(|_| TopicError::Timeout)??;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
+            }
+        }
+        Ok(())
+    }
+
     async fn create(
         &self,
         topic: &str,

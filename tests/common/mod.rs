@@ -2,6 +2,10 @@
 //! PostgreSQL and broker; and curl.
 #![allow(dead_code)]
 
+pub mod script;
+#[allow(unused_imports)]
+pub use script::*;
+
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

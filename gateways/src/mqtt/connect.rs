@@ -39,12 +39,15 @@ pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
 ) -> Result<Open<S>, ConnectionError> {
     let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
     let mut buf = BytesMut::with_capacity(256);
-    let (version, connect) = tokio::time::timeout(
-        Duration::from_secs(cfg.connect_timeout_secs),
-        read_connect(&mut stream, &mut buf, max_packet),
-    )
-    .await
-    .map_err(|_| ConnectionError::ConnectTimeout)??;
+    // A client that has not sent its CONNECT when the gateway shuts down is simply closed.
+    let mut stopping = shutdown.clone();
+    let (version, connect) = tokio::select! {
+        read = tokio::time::timeout(
+            Duration::from_secs(cfg.connect_timeout_secs),
+            read_connect(&mut stream, &mut buf, max_packet),
+        ) => read.map_err(|_| ConnectionError::ConnectTimeout)??,
+        _ = super::connection::stopped(&mut stopping) => return Err(ConnectionError::StoppedBeforeConnect),
+    };
     let mut session = Session {
         stream,
         version,

@@ -180,12 +180,7 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
             // One timer for both deadlines keeps an idle connection small.
             _ = sleep_until(wake) => Event::Timer,
             change = c.changes.recv() => Event::Change(change),
-            _ = stopped(&mut c.shutdown) => {
-                return Err(ConnectionError::Closed(
-                    CloseReason::ServerShuttingDown,
-                    "the gateway is shutting down".into(),
-                ));
-            }
+            _ = stopped(&mut c.shutdown) => Event::Stop,
         };
         match event {
             // Reads, the most frequent event, need no waiting.
@@ -195,6 +190,20 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     return Ok(());
                 }
                 c.deadline = c.idle.map(|d| Instant::now() + d);
+            }
+            // Nothing more is read; the publishes already handed to the producer are answered
+            // first (PUBACK, or the error policy), so the device knows which of them Kafka
+            // has and sends only the others again, to another instance. The process bounds
+            // how long this may take (`shutdown.drain_timeout_secs`).
+            Event::Stop => {
+                while !c.in_flight.is_empty() {
+                    let done = c.in_flight.next().await;
+                    Box::pin(on_event(c, commands, Event::Acked(done))).await?;
+                }
+                return Err(ConnectionError::Closed(
+                    CloseReason::ServerShuttingDown,
+                    "the gateway is shutting down".into(),
+                ));
             }
             // Boxed, and the event moved in whole: what handling an event keeps while it
             // waits is then no part of the idle connection's state.
@@ -210,6 +219,8 @@ pub(super) enum Event {
     Command(CommandDelivery),
     Timer,
     Change(Result<ferrule_registry::auth::RegistryChange, broadcast::error::RecvError>),
+    /// The gateway is shutting down.
+    Stop,
 }
 
 /// Handles every event but a read.
@@ -219,8 +230,8 @@ pub(super) async fn on_event<S: AsyncRead + AsyncWrite + Unpin + Send>(
     event: Event,
 ) -> Result<(), ConnectionError> {
     match event {
-        // Reads are handled where they happen, in the serving loop.
-        Event::Read(_) => {}
+        // Reads and the stop are handled where they happen, in the serving loop.
+        Event::Read(_) | Event::Stop => {}
         Event::Acked(done) => {
             // Every publish the broker has acknowledged by now is answered in one write.
             let mut next = Some(done);
@@ -351,6 +362,8 @@ pub enum ConnectionError {
     Codec(#[from] codec::CodecError),
     #[error("no CONNECT in time")]
     ConnectTimeout,
+    #[error("the gateway shut down before the CONNECT came")]
+    StoppedBeforeConnect,
     #[error("refused: {0:?}")]
     Refused(ConnectOutcome),
     #[error("closed: {1}")]
@@ -366,6 +379,7 @@ impl ConnectionError {
             ConnectionError::Closed(reason, _) => Some(*reason),
             ConnectionError::Io(_)
             | ConnectionError::ConnectTimeout
+            | ConnectionError::StoppedBeforeConnect
             | ConnectionError::Refused(_) => None,
         }
     }

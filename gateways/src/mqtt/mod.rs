@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 const ADAPTER: AdapterType = AdapterType::Mqtt;
 
@@ -75,8 +76,9 @@ impl Default for MqttConfig {
     }
 }
 
-/// Accepts connections until `shutdown` turns true; open connections close with it. With a
-/// TLS acceptor the listener serves MQTTS.
+/// Accepts connections until `shutdown` turns true; then waits for the open connections, which
+/// answer what they handed to Kafka and close (the process bounds the wait). With a TLS
+/// acceptor the listener serves MQTTS.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<TlsAcceptor>,
@@ -95,7 +97,20 @@ pub async fn serve(
         hub,
         cfg,
         shutdown: shutdown.clone(),
+        connections: TaskTracker::new(),
     };
+    let accepted = accept(&ctx, listener, tls, &mut shutdown).await;
+    ctx.connections.close();
+    ctx.connections.wait().await;
+    accepted
+}
+
+async fn accept(
+    ctx: &Accepting,
+    listener: tokio::net::TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     match tls {
         Some(acceptor) => {
             let mut listener = TlsListener::new(listener, acceptor)?;
@@ -108,7 +123,7 @@ pub async fn serve(
                     }
                         None => return Ok(()),
                     },
-                    _ = stopped(&mut shutdown) => return Ok(()),
+                    _ = stopped(shutdown) => return Ok(()),
                 }
             }
         }
@@ -125,7 +140,7 @@ pub async fn serve(
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
-                _ = stopped(&mut shutdown) => return Ok(()),
+                _ = stopped(shutdown) => return Ok(()),
             }
         },
     }
@@ -138,6 +153,8 @@ struct Accepting {
     hub: Option<crate::commands::CommandHub>,
     cfg: Arc<MqttConfig>,
     shutdown: watch::Receiver<bool>,
+    /// The open connections, waited for at shutdown.
+    connections: TaskTracker,
 }
 
 impl Accepting {
@@ -152,7 +169,7 @@ impl Accepting {
             self.cfg.clone(),
             self.shutdown.clone(),
         );
-        tokio::spawn(async move {
+        self.connections.spawn(async move {
             let full = permit.is_none();
             if let Err(e) =
                 connection::run(stream, client_cert, pipeline, hub, &cfg, full, shutdown).await
