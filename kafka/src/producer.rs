@@ -53,6 +53,7 @@ impl RecoveringProducer {
     pub fn new(name: &'static str, builder: ClientBuilder<'_>) -> KafkaResult<Self> {
         let config = builder.into_config();
         let first: FutureProducer = config.create()?;
+        crate::metrics::producer_created(name);
         let inner = Arc::new(Inner {
             name,
             config,

@@ -65,6 +65,7 @@ pub async fn serve(
     registry: DeviceAuthenticator,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    metrics::init();
     let producer = ferrule_kafka::RecoveringProducer::new("bridge", kafka.command_producer())?;
     let names = kafka.topic_names()?;
     let topics = ferrule_kafka::TopicAdmin::new(&kafka)?;

@@ -32,8 +32,18 @@ static COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .unwrap_or_else(|e| panic!("metric definition: {e}"));
     let _ = prometheus::register(Box::new(m.clone()));
+    // Every outcome is there from the start, at 0.
+    for outcome in ["accepted", "released", "rejected"] {
+        m.with_label_values(&[outcome]);
+    }
     m
 });
+
+/// Makes the bridge's metrics visible before their first event.
+pub fn init() {
+    LazyLock::force(&REFUSED);
+    LazyLock::force(&COMMANDS);
+}
 
 /// Counts a settled command: accepted, released or rejected.
 pub fn command_settled(disposition: ferrule_schemas::outcome::Disposition) {

@@ -1,0 +1,219 @@
+//! The deployments in `compose/`: the docker-compose file is valid for docker-compose (no
+//! engine runs here), the Kubernetes manifests render with `kubectl kustomize`, every Ferrule
+//! workload there is probed on the paths Ferrule serves, and every metric the Grafana dashboard
+//! (shared by both) queries is exported by a running `ferrule all`.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::process::Command;
+
+fn compose_dir() -> String {
+    format!("{}/compose", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (scripts/test installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The metric names the dashboard's queries use (`hono_…`, `ferrule_…`).
+fn dashboard_metrics() -> BTreeSet<String> {
+    let text =
+        std::fs::read_to_string(format!("{}/grafana/dashboards/ferrule.json", compose_dir()))
+            .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut names = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if token.starts_with("hono_") || token.starts_with("ferrule_") {
+                    names.insert(token.to_owned());
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 8, "{names:?}");
+    names
+}
+
+#[test]
+fn the_compose_file_is_valid_and_has_the_whole_fleet() {
+    let file = format!("{}/docker-compose.yml", compose_dir());
+    let rendered = run("docker-compose", &["-f", &file, "config"]);
+    let services = run("docker-compose", &["-f", &file, "config", "--services"]);
+    let services: BTreeSet<&str> = services.lines().collect();
+    for s in [
+        "kafka-1",
+        "kafka-2",
+        "kafka-3",
+        "postgres",
+        "registry",
+        "gateway-1",
+        "gateway-2",
+        "router-1",
+        "router-2",
+        "bridge",
+        "haproxy",
+        "nginx",
+        "prometheus",
+        "otel-collector",
+        "grafana",
+    ] {
+        assert!(services.contains(s), "no service {s}: {services:?}");
+    }
+    // Hono's topics with replication 3 on the three brokers.
+    assert!(
+        rendered.contains("FERRULE_KAFKA__TOPIC_REPLICATION: 3")
+            || rendered.contains("FERRULE_KAFKA__TOPIC_REPLICATION: '3'"),
+        "{rendered}"
+    );
+    // Prometheus scrapes every Ferrule service on its health port.
+    let scrape =
+        std::fs::read_to_string(format!("{}/prometheus/prometheus.yml", compose_dir())).unwrap();
+    for s in [
+        "registry",
+        "gateway-1",
+        "gateway-2",
+        "router-1",
+        "router-2",
+        "bridge",
+    ] {
+        assert!(scrape.contains(&format!("{s}:8088")), "{s} is not scraped");
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_render_with_probes_and_the_dashboard() {
+    let rendered = run(
+        "kubectl",
+        &[
+            "kustomize",
+            "--load-restrictor",
+            "LoadRestrictionsNone",
+            &format!("{}/kubernetes", compose_dir()),
+        ],
+    );
+    let docs: Vec<&str> = rendered.split("\n---\n").collect();
+    let workloads: Vec<&&str> = docs
+        .iter()
+        .filter(|d| d.contains("image: ferrule"))
+        .collect();
+    assert_eq!(workloads.len(), 4, "registry, gateway, router, bridge");
+    for w in workloads {
+        for probe in ["path: /readiness", "path: /liveness", "containerPort: 8088"] {
+            assert!(w.contains(probe), "{probe} missing in\n{w}");
+        }
+        assert!(w.contains("prometheus.io/port: \"8088\""), "{w}");
+        assert!(w.contains("terminationGracePeriodSeconds: 30"), "{w}");
+    }
+    // Stable instance ids: the gateway and bridge pods' names.
+    for (kind, key) in [
+        ("name: gateway\n", "FERRULE_GATEWAY__INSTANCE_ID"),
+        ("name: bridge\n", "FERRULE_BRIDGE__INSTANCE_ID"),
+    ] {
+        let doc = docs
+            .iter()
+            .find(|d| d.contains("kind: StatefulSet") && d.contains(kind))
+            .unwrap_or_else(|| panic!("no StatefulSet {kind}"));
+        assert!(
+            doc.contains(key) && doc.contains("fieldPath: metadata.name"),
+            "{doc}"
+        );
+    }
+    let dashboard = docs
+        .iter()
+        .find(|d| d.contains("grafana_dashboard"))
+        .expect("the dashboard ConfigMap");
+    for m in dashboard_metrics() {
+        assert!(dashboard.contains(&m), "{m}");
+    }
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() {
+    let tenant = format!("dash-{}", uuid::Uuid::new_v4().simple());
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    for (path, body) in [
+        (format!("/v1/tenants/{tenant}"), "{}".to_owned()),
+        (format!("/v1/devices/{tenant}/d1"), "{}".to_owned()),
+    ] {
+        f.admin_ok("POST", &path, &body);
+    }
+    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": "d1",
+        "secrets": [{"pwd-plain": "d1-secret"}]}]);
+    f.admin_ok(
+        "PUT",
+        &format!("/v1/credentials/{tenant}/d1"),
+        &creds.to_string(),
+    );
+    // A message forwarded, one refused, an MQTT connection.
+    let user = format!("d1@{tenant}");
+    let (code, _) = curl(&[
+        "-u",
+        &format!("{user}:d1-secret"),
+        "-H",
+        "hono-ttd: 1",
+        "-d",
+        "21.5",
+        &format!("{}/telemetry", f.http),
+    ]);
+    assert!(code == 200 || code == 202, "{code}");
+    let (code, _) = curl(&[
+        "-u",
+        &format!("{user}:wrong"),
+        "-d",
+        "x",
+        &format!("{}/telemetry", f.http),
+    ]);
+    assert_eq!(code, 401);
+    let (host, port) = f.mqtt.split_once(':').unwrap();
+    run(
+        "mosquitto_pub",
+        &[
+            "-h",
+            host,
+            "-p",
+            port,
+            "-u",
+            &user,
+            "-P",
+            "d1-secret",
+            "-q",
+            "1",
+            "-t",
+            "telemetry",
+            "-m",
+            "22",
+        ],
+    );
+    let (code, metrics) = curl(&[&format!("{}/metrics", f.health)]);
+    assert_eq!(code, 200);
+    let exported: BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<String> = dashboard_metrics()
+        .into_iter()
+        .filter(|m| !exported.contains(m.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "not exported: {missing:?}\n{metrics}");
+    // The probe paths the manifests use answer.
+    for path in ["/readiness", "/liveness"] {
+        let (code, _) = curl(&[&format!("{}{path}", f.health)]);
+        assert_eq!(code, 200, "{path}");
+    }
+}
