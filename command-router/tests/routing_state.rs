@@ -300,3 +300,28 @@ async fn a_released_entry_is_reused_by_the_next_poll_and_purged_later() {
     assert!(r.purge().await.unwrap() >= 1);
     assert_eq!(rows().await, vec![], "released ten minutes ago: purged");
 }
+
+#[tokio::test]
+async fn a_silent_instance_is_forgotten_unless_it_came_back() {
+    let (r, store, _t) = setup().await;
+    let (a, b) = (id("inst-a"), id("inst-b"));
+    r.heartbeat(&a).await.unwrap();
+    r.heartbeat(&b).await.unwrap();
+    let db = store.pool().get().await.unwrap();
+    db.execute(
+        "UPDATE adapter_instances SET last_seen = now() - interval '2 hours'
+          WHERE instance_id = ANY($1)",
+        &[&vec![a.clone(), b.clone()]],
+    )
+    .await
+    .unwrap();
+    let hour = Duration::from_secs(3600);
+    let silent = r.silent_instances(hour).await.unwrap();
+    assert!(silent.contains(&a) && silent.contains(&b), "{silent:?}");
+    // `b` comes back between the listing and the forgetting: it stays known.
+    r.heartbeat(&b).await.unwrap();
+    assert!(r.forget_silent_instance(&a, hour).await.unwrap());
+    assert!(!r.forget_silent_instance(&b, hour).await.unwrap());
+    let silent = r.silent_instances(hour).await.unwrap();
+    assert!(!silent.contains(&a) && !silent.contains(&b), "{silent:?}");
+}

@@ -33,8 +33,6 @@ pub enum RoutingError {
     WriterGone,
 }
 
-/// How long a silent instance's row is kept (its subscriptions go after `instance_timeout`).
-const FORGET_INSTANCES_AFTER: Duration = Duration::from_secs(3600);
 /// How long a released command consumer's row is kept for the device's next registration to
 /// update in place (a long-polling device comes back within seconds; migration 0005).
 const KEEP_RELEASED: Duration = Duration::from_secs(600);
@@ -272,8 +270,9 @@ impl RoutingState {
         }))
     }
 
-    /// Drops expired subscriptions, the subscriptions of dead instances and instances silent
-    /// for an hour, so the tables never grow without bound; returns how many rows went.
+    /// Drops expired subscriptions and the subscriptions of dead instances, so the table never
+    /// grows without bound; returns how many rows went. Silent instances themselves go with
+    /// [`Self::forget_silent_instance`].
     pub async fn purge(&self) -> Result<u64, RoutingError> {
         let timeout = secs(self.instance_timeout);
         let db = self.pool.get().await?;
@@ -300,16 +299,46 @@ impl RoutingState {
                 &[&timeout],
             )
             .await?;
-        let gone = db
-            .execute(
+        Ok(expired + dead)
+    }
+
+    /// Instances without a heartbeat for `after` (at least the instance timeout): the router
+    /// deletes their internal command topics, then [`Self::forget_silent_instance`]s them.
+    pub async fn silent_instances(&self, after: Duration) -> Result<Vec<String>, RoutingError> {
+        let after = secs(after.max(self.instance_timeout));
+        let db = self.pool.get().await?;
+        let rows = db
+            .query(
                 &db.prepare_cached(
-                    "DELETE FROM adapter_instances
+                    "SELECT instance_id FROM adapter_instances
                   WHERE last_seen <= now() - make_interval(secs => $1::float8)",
                 )
                 .await?,
-                &[&FORGET_INSTANCES_AFTER.as_secs_f64().max(timeout)],
+                &[&after],
             )
             .await?;
-        Ok(expired + dead + gone)
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Forgets an instance that is still silent for `after`; whether it was. An instance that
+    /// came back meanwhile (a heartbeat) is kept.
+    pub async fn forget_silent_instance(
+        &self,
+        instance: &str,
+        after: Duration,
+    ) -> Result<bool, RoutingError> {
+        let after = secs(after.max(self.instance_timeout));
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                &db.prepare_cached(
+                    "DELETE FROM adapter_instances
+                  WHERE instance_id = $1 AND last_seen <= now() - make_interval(secs => $2::float8)",
+                )
+                .await?,
+                &[&instance, &after],
+            )
+            .await?;
+        Ok(n > 0)
     }
 }

@@ -1,13 +1,16 @@
 """A device on MQTT 3.1.1 written with paho-mqtt (Debian's python3-paho-mqtt) that publishes
 telemetry at QoS 1 as fast as the adapter acknowledges it, up to WINDOW messages unacknowledged,
-until the adapter closes the connection or the time is up. It also subscribes to its commands
-(`command///req/#`), so the gateway holds a command consumer for it. Payloads are `<run>-<n>`.
+until the adapter closes the connection or the time is up — or, with `reconnect`, until the time
+is up, connecting again whenever the connection is lost (paho sends the unacknowledged messages
+again after a reconnect). On every connection it subscribes to its commands (`command///req/#`),
+so the gateway holds a command consumer for it. Payloads are `<run>-<n>`.
 
-Prints JSON lines: `connected`, `subscribed`, `flowing` (once 50 messages were acknowledged),
-then at the end `done` with `acked` (the payloads the adapter acknowledged with PUBACK) and
-`published` (how many were sent); or `error`, and exits 1.
+Prints JSON lines: `connected`, `subscribed` (each time), `flowing` (once 50 messages were
+acknowledged), then at the end `done` with `acked` (the payloads the adapter acknowledged with
+PUBACK), `published` (how many were sent) and `commands` (the topics of the commands received);
+or `error`, and exits 1.
 
-usage: mqtt_publisher.py HOST PORT USER PASSWORD RUN_ID TIMEOUT_SECONDS
+usage: mqtt_publisher.py HOST PORT USER PASSWORD RUN_ID TIMEOUT_SECONDS [reconnect]
 """
 import json
 import sys
@@ -25,6 +28,7 @@ def out(**line):
 
 def main():
     host, port, user, password, run_id, timeout = sys.argv[1:7]
+    reconnect = sys.argv[7:8] == ["reconnect"]
     deadline = time.monotonic() + float(timeout)
     client_id = "publisher-%s" % run_id
     if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt 2
@@ -37,6 +41,7 @@ def main():
     state = {"up": False, "closed": False, "subscribed": False, "failed": None}
     outstanding = {}  # mid -> payload
     acked = []
+    commands = []
 
     def on_connect(c, _userdata, _flags, rc):
         out(connected=rc)
@@ -72,13 +77,20 @@ def main():
 
     def on_disconnect(_c, _userdata, rc):
         with lock:
-            state["closed"] = True
+            state["up"] = False
+            state["closed"] = not reconnect
             lock.notify_all()
+
+    def on_message(_c, _userdata, msg):
+        with lock:
+            commands.append(msg.topic)
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_publish = on_publish
     client.on_disconnect = on_disconnect
+    client.on_message = on_message
+    client.reconnect_delay_set(min_delay=0.2, max_delay=1)
     client.connect(host, int(port), keepalive=30)
     client.loop_start()
     with lock:
@@ -91,14 +103,16 @@ def main():
     published = 0
     while time.monotonic() < deadline:
         with lock:
-            while len(outstanding) >= WINDOW and not state["closed"]:
+            while (len(outstanding) >= WINDOW or not state["up"]) and not state["closed"]:
                 lock.wait(0.1)
-            if state["closed"]:
+                if time.monotonic() >= deadline:
+                    break
+            if state["closed"] or time.monotonic() >= deadline:
                 break
         # Not under the lock: paho calls on_publish holding locks of its own.
         payload = "%s-%d" % (run_id, published)
         info = client.publish("telemetry", payload, qos=1)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and not reconnect:
             break
         published += 1
         with lock:
@@ -107,10 +121,10 @@ def main():
                 ack(payload)
             else:
                 outstanding[info.mid] = payload
-    # No reconnect: what was not acknowledged stays unacknowledged.
+    # The end: what was not acknowledged by now stays unacknowledged.
     client.loop_stop()
     with lock:
-        out(done={"acked": acked, "published": published})
+        out(done={"acked": acked, "published": published, "commands": commands})
 
 
 if __name__ == "__main__":

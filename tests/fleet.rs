@@ -1,0 +1,670 @@
+//! Ferrule as a fleet on this machine, with real parts on loopback: a Kafka-protocol cluster of
+//! two nisshi brokers (one cluster id, PostgreSQL storage), one `ferrule registry`, two
+//! `ferrule router`, two `ferrule bridge` and two `ferrule gateway` processes, and HAProxy in
+//! front of the gateways (MQTT, HTTP) and the bridges (AMQP). Devices and applications connect
+//! only through HAProxy.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const APP: &str = "fleet-app";
+const APP_PASSWORD: &str = "fleet-app-secret";
+
+fn nisshi() -> String {
+    std::env::var("FERRULE_TEST_NISSHI").unwrap_or_else(|_| {
+        let home = std::env::var("FERRULE_HOME").unwrap_or_else(|_| {
+            format!(
+                "{}/.local/share/ferrule",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        format!("{home}/tools/nisshi-0.8.1/bin/nisshi")
+    })
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Gateway {
+    id: String,
+    health: String,
+    proc: Proc,
+}
+
+struct Fleet {
+    dir: PathBuf,
+    /// The brokers' database: `<server>`, `<name>`.
+    storage: (String, String),
+    bootstrap: String,
+    registry: String,
+    /// HAProxy's ports.
+    mqtt: String,
+    http: String,
+    amqp: String,
+    gateways: Vec<Gateway>,
+    procs: Vec<Proc>,
+}
+
+fn wait_port(addr: &str, what: &str) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what} does not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_ready(health: &str, what: &str) {
+    let start = Instant::now();
+    loop {
+        let (code, body) = curl(&[&format!("{health}/readiness")]);
+        if code == 200 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what} not ready: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Fleet {
+    fn start() -> Fleet {
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("ferrule-fleet-{run}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut procs = Vec::new();
+        // The brokers' storage: a database of its own in the tests' PostgreSQL.
+        let db_url = database_url();
+        let (server, _) = db_url.rsplit_once('/').unwrap();
+        let storage_db = format!("nisshi_fleet_{run}");
+        let out = Command::new("psql")
+            .args([&format!("{server}/postgres"), "-qc"])
+            .arg(format!("CREATE DATABASE {storage_db}"))
+            .output()
+            .expect("psql is installed");
+        assert!(out.status.success(), "{out:?}");
+        let mut brokers = Vec::new();
+        for n in 0..2 {
+            let port = free_port();
+            let addr = format!("127.0.0.1:{port}");
+            let child = Command::new(nisshi())
+                .args([
+                    "broker",
+                    "--cluster-id",
+                    &format!("fleet-{run}"),
+                    "--listener-url",
+                    &format!("tcp://{addr}"),
+                    "--advertised-listener-url",
+                    &format!("tcp://{addr}"),
+                    "--storage-engine",
+                    &format!("{server}/{storage_db}?sslmode=disable"),
+                    "--group-initial-rebalance-delay",
+                    "0s",
+                ])
+                .stdout(log(&dir, &format!("broker-{n}")))
+                .stderr(log(&dir, &format!("broker-{n}.err")))
+                .spawn()
+                .expect("the nisshi broker (scripts/test builds it; FERRULE_TEST_NISSHI)");
+            procs.push(Proc {
+                name: format!("broker-{n}"),
+                child,
+            });
+            wait_port(&addr, "a broker");
+            brokers.push(addr);
+        }
+        let bootstrap = brokers.join(",");
+        let common = |health: u16| -> Vec<(String, String)> {
+            vec![
+                ("FERRULE_DATABASE__URL".into(), db_url.clone()),
+                ("FERRULE_KAFKA__BOOTSTRAP_SERVERS".into(), bootstrap.clone()),
+                ("FERRULE_KAFKA__METADATA_TIMEOUT_MS".into(), "1000".into()),
+                ("FERRULE_KAFKA__CONSUMER_FETCH_WAIT_MS".into(), "20".into()),
+                ("FERRULE_HEALTH__BIND".into(), format!("127.0.0.1:{health}")),
+                (
+                    "FERRULE_REGISTRY__MANAGEMENT__PASSWORD".into(),
+                    PASSWORD.into(),
+                ),
+                ("FERRULE_REGISTRY__PLAIN_PASSWORD_COST".into(), "4".into()),
+                ("FERRULE_SHUTDOWN__READINESS_DELAY_MS".into(), "0".into()),
+                ("FERRULE_ROUTER__GROUP_ID".into(), format!("routers-{run}")),
+                // A killed gateway is dead after 12 s (three missed heartbeats would be 30 s)
+                // and forgotten, its topic deleted, right then.
+                ("FERRULE_ROUTER__INSTANCE_TIMEOUT_SECS".into(), "12".into()),
+                ("FERRULE_ROUTER__PURGE_INTERVAL_SECS".into(), "1".into()),
+                (
+                    "FERRULE_ROUTER__FORGET_INSTANCES_AFTER_SECS".into(),
+                    "12".into(),
+                ),
+                (
+                    "RUST_LOG".into(),
+                    std::env::var("FERRULE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                ),
+            ]
+        };
+        let spawn = |name: &str, service: &str, env: Vec<(String, String)>| -> Proc {
+            let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+                .arg(service)
+                .envs(env)
+                .stdout(log(&dir, name))
+                .spawn()
+                .unwrap();
+            Proc {
+                name: name.to_owned(),
+                child,
+            }
+        };
+        let registry_port = free_port();
+        let health = free_port();
+        let mut env = common(health);
+        env.push((
+            "FERRULE_REGISTRY__BIND".into(),
+            format!("127.0.0.1:{registry_port}"),
+        ));
+        procs.push(spawn("registry", "registry", env));
+        wait_ready(&format!("http://127.0.0.1:{health}"), "the registry");
+        let mut healths = Vec::new();
+        for n in 0..2 {
+            let health = free_port();
+            procs.push(spawn(&format!("router-{n}"), "router", common(health)));
+            healths.push((format!("router-{n}"), health));
+        }
+        let mut bridges = Vec::new();
+        for n in 0..2 {
+            let (health, amqp) = (free_port(), free_port());
+            let mut env = common(health);
+            env.push(("FERRULE_BRIDGE__BIND".into(), format!("127.0.0.1:{amqp}")));
+            env.push((
+                "FERRULE_BRIDGE__COMMAND_OUTCOME_TIMEOUT_MS".into(),
+                "30000".into(),
+            ));
+            procs.push(spawn(&format!("bridge-{n}"), "bridge", env));
+            healths.push((format!("bridge-{n}"), health));
+            bridges.push((amqp, health));
+        }
+        let mut gateways = Vec::new();
+        let mut gateway_ports = Vec::new();
+        for n in 0..2 {
+            let (health, mqtt, http) = (free_port(), free_port(), free_port());
+            let id = format!("gw{n}-{run}");
+            let mut env = common(health);
+            env.extend([
+                ("FERRULE_GATEWAY__INSTANCE_ID".into(), id.clone()),
+                (
+                    "FERRULE_GATEWAY__MQTT__BIND".into(),
+                    format!("127.0.0.1:{mqtt}"),
+                ),
+                (
+                    "FERRULE_GATEWAY__HTTP__BIND".into(),
+                    format!("127.0.0.1:{http}"),
+                ),
+                ("FERRULE_GATEWAY__COAP__ENABLED".into(), "false".into()),
+                ("FERRULE_GATEWAY__COAP__DTLS_ENABLED".into(), "false".into()),
+            ]);
+            let proc = spawn(&format!("gateway-{n}"), "gateway", env);
+            gateways.push(Gateway {
+                id,
+                health: format!("http://127.0.0.1:{health}"),
+                proc,
+            });
+            gateway_ports.push((mqtt, http, health));
+        }
+        for (name, health) in &healths {
+            wait_ready(&format!("http://127.0.0.1:{health}"), name);
+        }
+        for g in &gateways {
+            wait_ready(&g.health, &g.id);
+        }
+        // HAProxy: least connections, a server whose readiness is not 200 gets nothing new.
+        let (mqtt, http, amqp) = (free_port(), free_port(), free_port());
+        let haproxy_server = |n: usize, port: u16, health: u16| {
+            format!(
+                "    server s{n} 127.0.0.1:{port} check port {health} inter 500ms fall 1 rise 1\n"
+            )
+        };
+        let mut cfg = String::from(
+            "global\n    maxconn 2000\ndefaults\n    mode tcp\n    timeout connect 2s\n    \
+             timeout client 1h\n    timeout server 1h\n    retries 3\n    option redispatch\n",
+        );
+        for (front, port, servers) in [
+            (
+                "mqtt",
+                mqtt,
+                gateway_ports
+                    .iter()
+                    .enumerate()
+                    .map(|(n, (p, _, h))| haproxy_server(n, *p, *h))
+                    .collect::<String>(),
+            ),
+            (
+                "http",
+                http,
+                gateway_ports
+                    .iter()
+                    .enumerate()
+                    .map(|(n, (_, p, h))| haproxy_server(n, *p, *h))
+                    .collect(),
+            ),
+            (
+                "amqp",
+                amqp,
+                bridges
+                    .iter()
+                    .enumerate()
+                    .map(|(n, (p, h))| haproxy_server(n, *p, *h))
+                    .collect(),
+            ),
+        ] {
+            cfg.push_str(&format!(
+                "frontend {front}\n    bind 127.0.0.1:{port}\n    default_backend {front}-servers\n\
+                 backend {front}-servers\n    balance leastconn\n    option httpchk GET /readiness\n\
+                 {servers}"
+            ));
+        }
+        let cfg_file = dir.join("haproxy.cfg");
+        std::fs::write(&cfg_file, cfg).unwrap();
+        let child = Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg_file)
+            .stdout(log(&dir, "haproxy"))
+            .stderr(log(&dir, "haproxy.err"))
+            .spawn()
+            .expect("haproxy (scripts/test installs it)");
+        procs.push(Proc {
+            name: "haproxy".into(),
+            child,
+        });
+        for port in [mqtt, http, amqp] {
+            wait_port(&format!("127.0.0.1:{port}"), "haproxy");
+        }
+        Fleet {
+            dir,
+            storage: (server.to_owned(), storage_db),
+            bootstrap,
+            registry: format!("http://127.0.0.1:{registry_port}"),
+            mqtt: format!("127.0.0.1:{mqtt}"),
+            http: format!("http://127.0.0.1:{http}"),
+            amqp: format!("amqp://127.0.0.1:{amqp}"),
+            gateways,
+            procs,
+        }
+    }
+
+    fn admin(&self, method: &str, path: &str, body: &str) {
+        let (code, text) = curl(&[
+            "-X",
+            method,
+            "-u",
+            &format!("admin:{PASSWORD}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            &format!("{}{path}", self.registry),
+        ]);
+        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+    }
+
+    fn provision(&self, tenant: &str, devices: &[String]) {
+        self.admin("POST", &format!("/v1/tenants/{tenant}"), "{}");
+        self.admin(
+            "PUT",
+            &format!("/v1/applications/{tenant}/{APP}"),
+            &serde_json::json!({"secrets": [{"pwd-plain": APP_PASSWORD}]}).to_string(),
+        );
+        for d in devices {
+            self.admin("POST", &format!("/v1/devices/{tenant}/{d}"), "{}");
+            let creds = serde_json::json!([{"type": "hashed-password", "auth-id": d,
+                "secrets": [{"pwd-plain": format!("{d}-secret")}]}]);
+            self.admin(
+                "PUT",
+                &format!("/v1/credentials/{tenant}/{d}"),
+                &creds.to_string(),
+            );
+        }
+    }
+
+    /// Runs SQL on the registry's database: the first column of every row, as text.
+    fn sql(&self, query: &str) -> Vec<String> {
+        let out = Command::new("psql")
+            .args([&database_url(), "-Atqc", query])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{query}: {out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The gateway instance holding each device's live command consumer.
+    fn holders(&self, tenant: &str) -> Vec<(String, String)> {
+        self.sql(&format!(
+            "SELECT device_id || ' ' || instance_id FROM command_consumers
+              WHERE tenant_id = '{tenant}' AND (expires IS NULL OR expires > now())
+              ORDER BY device_id"
+        ))
+        .into_iter()
+        .map(|l| {
+            let (d, i) = l.split_once(' ').unwrap();
+            (d.to_owned(), i.to_owned())
+        })
+        .collect()
+    }
+
+    /// Every record value of `topic`, from the start, until a second passes with none.
+    fn records(&self, topic: &str) -> Vec<String> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set(
+                "group.id",
+                format!("reader-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set("log_level", "3")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let (mut values, start, mut last) = (Vec::new(), Instant::now(), Instant::now());
+        while last.elapsed() < Duration::from_secs(2) && start.elapsed() < Duration::from_secs(60) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                values.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+                last = Instant::now();
+            }
+        }
+        values
+    }
+
+    fn topic_exists(&self, topic: &str) -> bool {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("log_level", "3")
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .unwrap();
+        md.topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    }
+
+    /// Successful MQTT connections of `tenant` per gateway, from each gateway's metrics.
+    fn connections_per_gateway(&self, tenant: &str) -> Vec<u64> {
+        self.gateways
+            .iter()
+            .map(|g| {
+                let (_, text) = curl(&[&format!("{}/metrics", g.health)]);
+                text.lines()
+                    .filter(|l| {
+                        l.starts_with("hono_connections_attempts_total{")
+                            && l.contains(&format!("tenant=\"{tenant}\""))
+                            && l.contains("outcome=\"succeeded\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let mut exited = Vec::new();
+        for p in self.procs.iter_mut() {
+            if p.child.try_wait().ok().flatten().is_some() {
+                exited.push(p.name.clone());
+            }
+            p.kill9();
+        }
+        for g in self.gateways.iter_mut() {
+            g.proc.kill9();
+        }
+        let (server, db) = &self.storage;
+        let _ = Command::new("psql")
+            .args([&format!("{server}/postgres"), "-qc"])
+            .arg(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .output();
+        if std::thread::panicking() {
+            eprintln!(
+                "fleet logs: {} (exited before the end: {exited:?})",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn log(dir: &std::path::Path, name: &str) -> Stdio {
+    Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+}
+
+#[test]
+fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp() {
+    let mut fleet = Fleet::start();
+    let tenant = format!("fleet-{}", uuid::Uuid::new_v4().simple());
+    let devices: Vec<String> = (0..4).map(|n| format!("dev-{n}")).collect();
+    fleet.provision(&tenant, &devices);
+    let (host, port) = fleet.mqtt.split_once(':').unwrap();
+    for (n, d) in devices.iter().enumerate() {
+        // Even devices are commanded by a Kafka application, odd ones by an AMQP application.
+        let mut app = if n % 2 == 0 {
+            Script::spawn(
+                "kafka_application.py",
+                &kafka_python(),
+                &[&fleet.bootstrap, &tenant, d, "60"],
+            )
+        } else {
+            Script::spawn(
+                "amqp_application.py",
+                DEBIAN_PYTHON,
+                &[
+                    &fleet.amqp,
+                    &format!("{APP}@{tenant}"),
+                    APP_PASSWORD,
+                    &tenant,
+                    d,
+                    "60",
+                ],
+            )
+        };
+        app.expect("ready", "the application attaches");
+        let mut device = Script::spawn(
+            "mqtt_device.py",
+            DEBIAN_PYTHON,
+            &[
+                host,
+                port,
+                &format!("{d}@{tenant}"),
+                &format!("{d}-secret"),
+                "60",
+            ],
+        );
+        device.expect("subscribed", "the device subscribes through HAProxy");
+        let response = app.expect("response", "the device's response reaches the application");
+        assert_eq!(response["status"], 200, "{d}: {response}");
+        device.expect("responded", "the device answered");
+        device.finish();
+        app.finish();
+    }
+    // HTTP through HAProxy as well.
+    let (code, body) = curl(&[
+        "-u",
+        &format!("dev-0@{tenant}:dev-0-secret"),
+        "-H",
+        "content-type: text/plain",
+        "-d",
+        "via-haproxy",
+        &format!("{}/event", fleet.http),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let per_gateway = fleet.connections_per_gateway(&tenant);
+    assert_eq!(per_gateway.iter().sum::<u64>(), 4, "{per_gateway:?}");
+    assert!(
+        per_gateway.iter().all(|&n| n >= 1),
+        "devices on both gateways: {per_gateway:?}"
+    );
+
+    a_killed_gateway_loses_nothing_acknowledged(&mut fleet);
+}
+
+/// kill -9 of one gateway while its devices publish QoS 1 telemetry: they connect again through
+/// HAProxy to the other, every acknowledged message is in Kafka, commands reach the moved
+/// devices, and the dead instance's routing entries and internal topic are cleaned up.
+fn a_killed_gateway_loses_nothing_acknowledged(fleet: &mut Fleet) {
+    let tenant = format!("fleet-kill-gw-{}", uuid::Uuid::new_v4().simple());
+    let devices: Vec<String> = (0..4).map(|n| format!("pub-{n}")).collect();
+    fleet.provision(&tenant, &devices);
+    let (host, port) = fleet.mqtt.split_once(':').unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut publishers: Vec<Script> = devices
+        .iter()
+        .map(|d| {
+            Script::spawn(
+                "mqtt_publisher.py",
+                DEBIAN_PYTHON,
+                &[
+                    host,
+                    port,
+                    &format!("{d}@{tenant}"),
+                    &format!("{d}-secret"),
+                    &format!("{run}-{d}"),
+                    "20",
+                    "reconnect",
+                ],
+            )
+        })
+        .collect();
+    for p in &mut publishers {
+        p.expect("flowing", "QoS 1 telemetry through HAProxy");
+    }
+    let victim = fleet.gateways[0].id.clone();
+    let survivor = fleet.gateways[1].id.clone();
+    let holders = fleet.holders(&tenant);
+    let moved: Vec<usize> = holders
+        .iter()
+        .filter(|(_, i)| *i == victim)
+        .map(|(d, _)| devices.iter().position(|x| x == d).unwrap())
+        .collect();
+    assert!(
+        !moved.is_empty() && moved.len() < devices.len(),
+        "devices on both gateways: {holders:?}"
+    );
+    fleet.gateways[0].proc.kill9();
+    let killed_at = Instant::now();
+    for &n in &moved {
+        publishers[n].expect(
+            "subscribed",
+            "the device connects again, to the other gateway",
+        );
+    }
+    // The moved devices' command consumers are on the survivor now; a command reaches each.
+    let start = Instant::now();
+    while fleet.holders(&tenant).iter().any(|(_, i)| *i != survivor) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            fleet.holders(&tenant)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for &n in &moved {
+        let d = &devices[n];
+        let mut app = Script::spawn(
+            "kafka_client.py",
+            &kafka_python(),
+            &[
+                "-X",
+                &format!("bootstrap.servers={}", fleet.bootstrap),
+                "produce",
+                &format!("hono.command.{tenant}"),
+                d,
+                "{}",
+                &format!("device_id={d}"),
+                &format!("subject=moved-{d}"),
+            ],
+        );
+        app.expect("delivered", "the application's command is in Kafka");
+        app.finish();
+    }
+    let mut acked = Vec::new();
+    let mut published = 0;
+    for (n, p) in publishers.iter_mut().enumerate() {
+        let done = p.expect("done", "the publisher's report");
+        published += done["published"].as_u64().unwrap();
+        acked.extend(
+            done["acked"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
+        if moved.contains(&n) {
+            let commands = done["commands"].to_string();
+            assert!(
+                commands.contains(&format!("moved-{}", devices[n])),
+                "{}: {commands}",
+                devices[n]
+            );
+        }
+    }
+    let records = fleet.records(&format!("hono.telemetry.{tenant}"));
+    let found: std::collections::HashSet<&String> = records.iter().collect();
+    let missing = acked.iter().filter(|a| !found.contains(a)).count();
+    eprintln!(
+        "gateway kill: published {published}, acknowledged {}, in Kafka {} ({} duplicates), \
+         acknowledged but missing {missing}",
+        acked.len(),
+        found.len(),
+        records.len() - found.len()
+    );
+    assert_eq!(missing, 0, "acknowledged messages lost");
+
+    // The dead instance: its routing entries and its internal topic go.
+    let internal = format!("hono.command_internal.{victim}");
+    loop {
+        let rows = fleet.sql(&format!(
+            "SELECT count(*) FROM command_consumers WHERE instance_id = '{victim}'"
+        ));
+        let instance = fleet.sql(&format!(
+            "SELECT count(*) FROM adapter_instances WHERE instance_id = '{victim}'"
+        ));
+        if rows == ["0"] && instance == ["0"] && !fleet.topic_exists(&internal) {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "dead instance not cleaned up: rows {rows:?}, instance {instance:?}, topic {}",
+            fleet.topic_exists(&internal)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
