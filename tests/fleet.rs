@@ -53,8 +53,10 @@ struct Gateway {
 
 struct Fleet {
     dir: PathBuf,
-    /// The brokers' database: `<server>`, `<name>`.
-    storage: (String, String),
+    /// The fleet's databases: `<server>`, their names.
+    storage: (String, Vec<String>),
+    /// Ferrule's database.
+    database: String,
     bootstrap: String,
     registry: String,
     /// HAProxy's ports.
@@ -97,16 +99,24 @@ impl Fleet {
         let dir = std::env::temp_dir().join(format!("ferrule-fleet-{run}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut procs = Vec::new();
-        // The brokers' storage: a database of its own in the tests' PostgreSQL.
-        let db_url = database_url();
-        let (server, _) = db_url.rsplit_once('/').unwrap();
+        // The brokers' storage and Ferrule's registry: databases of their own in the tests'
+        // PostgreSQL (the fleet's routers declare instances dead after 12 s: they must not
+        // judge the gateways of other tests).
+        let (server, _) = database_url()
+            .rsplit_once('/')
+            .map(|(s, d)| (s.to_owned(), d.to_owned()))
+            .unwrap();
         let storage_db = format!("nisshi_fleet_{run}");
-        let out = Command::new("psql")
-            .args([&format!("{server}/postgres"), "-qc"])
-            .arg(format!("CREATE DATABASE {storage_db}"))
-            .output()
-            .expect("psql is installed");
-        assert!(out.status.success(), "{out:?}");
+        let ferrule_db = format!("ferrule_fleet_{run}");
+        for db in [&storage_db, &ferrule_db] {
+            let out = Command::new("psql")
+                .args([&format!("{server}/postgres"), "-qc"])
+                .arg(format!("CREATE DATABASE {db}"))
+                .output()
+                .expect("psql is installed");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let db_url = format!("{server}/{ferrule_db}");
         let mut brokers = Vec::new();
         for n in 0..2 {
             let port = free_port();
@@ -158,6 +168,15 @@ impl Fleet {
                 (
                     "FERRULE_ROUTER__FORGET_INSTANCES_AFTER_SECS".into(),
                     "12".into(),
+                ),
+                // A killed consumer's partitions move after 6 s, not librdkafka's 45.
+                (
+                    "FERRULE_KAFKA__CONSUMER__PROPERTIES__SESSION_TIMEOUT_MS".into(),
+                    "6000".into(),
+                ),
+                (
+                    "FERRULE_KAFKA__CONSUMER__PROPERTIES__HEARTBEAT_INTERVAL_MS".into(),
+                    "1000".into(),
                 ),
                 (
                     "RUST_LOG".into(),
@@ -302,7 +321,8 @@ impl Fleet {
         }
         Fleet {
             dir,
-            storage: (server.to_owned(), storage_db),
+            storage: (server.clone(), vec![storage_db, ferrule_db]),
+            database: db_url.clone(),
             bootstrap,
             registry: format!("http://127.0.0.1:{registry_port}"),
             mqtt: format!("127.0.0.1:{mqtt}"),
@@ -350,7 +370,7 @@ impl Fleet {
     /// Runs SQL on the registry's database: the first column of every row, as text.
     fn sql(&self, query: &str) -> Vec<String> {
         let out = Command::new("psql")
-            .args([&database_url(), "-Atqc", query])
+            .args([&self.database, "-Atqc", query])
             .output()
             .unwrap();
         assert!(out.status.success(), "{query}: {out:?}");
@@ -447,11 +467,13 @@ impl Drop for Fleet {
         for g in self.gateways.iter_mut() {
             g.proc.kill9();
         }
-        let (server, db) = &self.storage;
-        let _ = Command::new("psql")
-            .args([&format!("{server}/postgres"), "-qc"])
-            .arg(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .output();
+        let (server, dbs) = &self.storage;
+        for db in dbs {
+            let _ = Command::new("psql")
+                .args([&format!("{server}/postgres"), "-qc"])
+                .arg(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .output();
+        }
         if std::thread::panicking() {
             eprintln!(
                 "fleet logs: {} (exited before the end: {exited:?})",
@@ -534,6 +556,125 @@ fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp(
     );
 
     a_killed_gateway_loses_nothing_acknowledged(&mut fleet);
+    a_killed_router_loses_and_repeats_no_command(&mut fleet);
+}
+
+/// kill -9 of one router while one-way commands flow at a steady rate: the other router takes
+/// its partitions; every command reaches its device exactly once (counted at the devices).
+fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let tenant = format!("fleet-kill-router-{}", uuid::Uuid::new_v4().simple());
+    let devices: Vec<String> = (0..4).map(|n| format!("cmd-{n}")).collect();
+    fleet.provision(&tenant, &devices);
+    let topic = format!("hono.command.{tenant}");
+    // Four partitions: both routers hold some.
+    let mut create = Script::spawn(
+        "kafka_client.py",
+        &kafka_python(),
+        &[
+            "-X",
+            &format!("bootstrap.servers={}", fleet.bootstrap),
+            "create",
+            &topic,
+            "4",
+        ],
+    );
+    create.expect("created", "the command topic");
+    create.finish();
+    let (host, port) = fleet.mqtt.split_once(':').unwrap();
+    let mut listeners: Vec<Script> = devices
+        .iter()
+        .map(|d| {
+            Script::spawn(
+                "mqtt_publisher.py",
+                DEBIAN_PYTHON,
+                &[
+                    host,
+                    port,
+                    &format!("{d}@{tenant}"),
+                    &format!("{d}-secret"),
+                    d,
+                    "35",
+                    "reconnect",
+                    "listen",
+                ],
+            )
+        })
+        .collect();
+    for l in &mut listeners {
+        l.expect("subscribed", "the device takes commands");
+    }
+    // Both routers see the topic before the first command (they refresh metadata every second).
+    std::thread::sleep(Duration::from_secs(3));
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &fleet.bootstrap)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    const COMMANDS: usize = 400;
+    let mut sent: Vec<Vec<String>> = vec![Vec::new(); devices.len()];
+    for k in 0..COMMANDS {
+        let n = k % devices.len();
+        let subject = format!("c-{k}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "device_id",
+                value: Some(devices[n].as_str()),
+            })
+            .insert(Header {
+                key: "subject",
+                value: Some(subject.as_str()),
+            });
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key(devices[n].as_str())
+                    .payload("")
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.poll(Duration::ZERO);
+        sent[n].push(subject);
+        if k == COMMANDS / 4 {
+            let router = fleet
+                .procs
+                .iter_mut()
+                .find(|p| p.name == "router-0")
+                .unwrap();
+            router.kill9();
+        }
+        // 40 commands a second.
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let (mut lost, mut twice) = (0, 0);
+    for (n, l) in listeners.iter_mut().enumerate() {
+        let done = l.expect("done", "the device's count");
+        let got: Vec<String> = done["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().rsplit('/').next().unwrap().to_owned())
+            .collect();
+        for subject in &sent[n] {
+            match got.iter().filter(|g| *g == subject).count() {
+                0 => lost += 1,
+                1 => {}
+                _ => twice += 1,
+            }
+        }
+    }
+    eprintln!(
+        "router kill: sent {COMMANDS}, received once {}, lost {lost}, received twice {twice}",
+        COMMANDS - lost - twice
+    );
+    assert_eq!(
+        (lost, twice),
+        (0, 0),
+        "commands lost, commands delivered twice"
+    );
 }
 
 /// kill -9 of one gateway while its devices publish QoS 1 telemetry: they connect again through

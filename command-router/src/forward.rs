@@ -280,6 +280,13 @@ async fn decide(
             reason: format!("routing unavailable: {e}"),
         },
     };
+    tracing::debug!(
+        tenant,
+        device = %command.device_id,
+        status = failure.status,
+        reason = %failure.reason,
+        "command not forwarded"
+    );
     Decision::Fail {
         device: command.device_id,
         correlation_id: command.correlation_id,

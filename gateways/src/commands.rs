@@ -153,6 +153,8 @@ struct RecentSet {
 }
 
 const RECENT: usize = 4096;
+/// How long a command waits for room in its device's queue before the device counts as busy.
+const BUSY_WAIT: Duration = Duration::from_secs(1);
 
 impl RecentSet {
     /// `true` when `key` was new.
@@ -818,7 +820,17 @@ impl CommandHub {
                 .await;
             return;
         }
-        if queue.try_send(delivery).is_err() {
+        let queued = match queue.try_send(delivery) {
+            Ok(()) => true,
+            // A burst — a router catching up after a failover, say — can fill a device's queue
+            // faster than its connection drains it: wait a little for room before calling the
+            // device busy. The instance's later commands wait that long at most.
+            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                queue.send_timeout(delivery, BUSY_WAIT).await.is_ok()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if !queued {
             let reason = "the device is busy with another command";
             self.undelivered(&tenant, &device, cid, outcome.as_ref(), reason)
                 .await;

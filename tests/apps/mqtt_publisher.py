@@ -10,7 +10,10 @@ acknowledged), then at the end `done` with `acked` (the payloads the adapter ack
 PUBACK), `published` (how many were sent) and `commands` (the topics of the commands received);
 or `error`, and exits 1.
 
-usage: mqtt_publisher.py HOST PORT USER PASSWORD RUN_ID TIMEOUT_SECONDS [reconnect]
+With `listen` it publishes nothing: it only counts the commands it receives until the time is
+up (and prints `subscribed` as soon as it is subscribed).
+
+usage: mqtt_publisher.py HOST PORT USER PASSWORD RUN_ID TIMEOUT_SECONDS [reconnect] [listen]
 """
 import json
 import sys
@@ -28,7 +31,8 @@ def out(**line):
 
 def main():
     host, port, user, password, run_id, timeout = sys.argv[1:7]
-    reconnect = sys.argv[7:8] == ["reconnect"]
+    reconnect = "reconnect" in sys.argv[7:]
+    listen = "listen" in sys.argv[7:]
     deadline = time.monotonic() + float(timeout)
     client_id = "publisher-%s" % run_id
     if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt 2
@@ -101,6 +105,8 @@ def main():
         out(error=state["failed"] or "no SUBACK")
         sys.exit(1)
     published = 0
+    while listen and time.monotonic() < deadline:
+        time.sleep(0.1)
     while time.monotonic() < deadline:
         with lock:
             while (len(outstanding) >= WINDOW or not state["up"]) and not state["closed"]:
