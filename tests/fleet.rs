@@ -557,6 +557,88 @@ fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp(
 
     a_killed_gateway_loses_nothing_acknowledged(&mut fleet);
     a_killed_router_loses_and_repeats_no_command(&mut fleet);
+    a_killed_broker_loses_nothing_acknowledged(&mut fleet);
+}
+
+/// kill -9 of one of the two brokers while devices publish QoS 1 telemetry: the clients go on
+/// through the other broker of their bootstrap list; every acknowledged message is in Kafka.
+fn a_killed_broker_loses_nothing_acknowledged(fleet: &mut Fleet) {
+    let tenant = format!("fleet-kill-broker-{}", uuid::Uuid::new_v4().simple());
+    let devices: Vec<String> = (0..4).map(|n| format!("pub-{n}")).collect();
+    fleet.provision(&tenant, &devices);
+    let (host, port) = fleet.mqtt.split_once(':').unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut publishers: Vec<Script> = devices
+        .iter()
+        .map(|d| {
+            Script::spawn(
+                "mqtt_publisher.py",
+                DEBIAN_PYTHON,
+                &[
+                    host,
+                    port,
+                    &format!("{d}@{tenant}"),
+                    &format!("{d}-secret"),
+                    &format!("{run}-{d}"),
+                    "15",
+                    "reconnect",
+                ],
+            )
+        })
+        .collect();
+    for p in &mut publishers {
+        p.expect("flowing", "QoS 1 telemetry before the broker goes");
+    }
+    // The broker the surviving gateway talks to (its producer's connections, from `ss`).
+    let gateway = fleet.gateways[1].proc.child.id();
+    let out = Command::new("ss")
+        .args(["-tnpH"])
+        .output()
+        .expect("ss (iproute2)");
+    let sockets = String::from_utf8_lossy(&out.stdout).into_owned();
+    let brokers: Vec<String> = fleet.bootstrap.split(',').map(str::to_owned).collect();
+    let used = |addr: &str| {
+        sockets
+            .lines()
+            .filter(|l| l.contains(&format!("pid={gateway},")) && l.contains(&format!(" {addr} ")))
+            .count()
+    };
+    let victim = (0..brokers.len())
+        .max_by_key(|&n| used(&brokers[n]))
+        .unwrap();
+    assert!(
+        used(&brokers[victim]) > 0,
+        "the gateway's broker connections:\n{sockets}"
+    );
+    fleet
+        .procs
+        .iter_mut()
+        .find(|p| p.name == format!("broker-{victim}"))
+        .unwrap()
+        .kill9();
+    let (mut acked, mut published) = (Vec::new(), 0);
+    for p in &mut publishers {
+        let done = p.expect("done", "the publisher's report");
+        published += done["published"].as_u64().unwrap();
+        acked.extend(
+            done["acked"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
+    }
+    let records = fleet.records(&format!("hono.telemetry.{tenant}"));
+    let found: std::collections::HashSet<&String> = records.iter().collect();
+    let missing = acked.iter().filter(|a| !found.contains(a)).count();
+    eprintln!(
+        "broker kill: published {published}, acknowledged {}, in Kafka {} ({} duplicates), \
+         acknowledged but missing {missing}",
+        acked.len(),
+        found.len(),
+        records.len() - found.len()
+    );
+    assert_eq!(missing, 0, "acknowledged messages lost");
 }
 
 /// kill -9 of one router while one-way commands flow at a steady rate: the other router takes
