@@ -334,18 +334,7 @@ impl Fleet {
     }
 
     fn admin(&self, method: &str, path: &str, body: &str) {
-        let (code, text) = curl(&[
-            "-X",
-            method,
-            "-u",
-            &format!("admin:{PASSWORD}"),
-            "-H",
-            "content-type: application/json",
-            "-d",
-            body,
-            &format!("{}{path}", self.registry),
-        ]);
-        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+        admin_ok(&self.registry, method, path, body);
     }
 
     fn provision(&self, tenant: &str, devices: &[String]) {
@@ -422,18 +411,7 @@ impl Fleet {
     }
 
     fn topic_exists(&self, topic: &str) -> bool {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .unwrap();
-        md.topics()
-            .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        topic_exists(&self.bootstrap, topic)
     }
 
     /// Successful MQTT connections of `tenant` per gateway, from each gateway's metrics.
@@ -483,6 +461,84 @@ impl Drop for Fleet {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// One `mqtt_publisher.py` per device of `tenant`, through HAProxy, for `secs` seconds,
+/// connecting again whenever it loses the connection; `mode` adds its other flags (`listen`).
+fn device_scripts(
+    fleet: &Fleet,
+    tenant: &str,
+    devices: &[String],
+    secs: u32,
+    mode: &[&str],
+) -> Vec<Script> {
+    let (host, port) = fleet.mqtt.split_once(':').unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    devices
+        .iter()
+        .map(|d| {
+            let mut args = vec![
+                host.to_owned(),
+                port.to_owned(),
+                format!("{d}@{tenant}"),
+                format!("{d}-secret"),
+                format!("{run}-{d}"),
+                secs.to_string(),
+                "reconnect".to_owned(),
+            ];
+            args.extend(mode.iter().map(|m| (*m).to_owned()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Script::spawn("mqtt_publisher.py", DEBIAN_PYTHON, &args)
+        })
+        .collect()
+}
+
+/// `devices` of `tenant` publishing QoS 1 telemetry through HAProxy for `secs` seconds as fast as
+/// it is acknowledged; each has its first 50 messages acknowledged when this returns.
+fn publishers(fleet: &Fleet, tenant: &str, devices: &[String], secs: u32) -> Vec<Script> {
+    let mut publishers = device_scripts(fleet, tenant, devices, secs, &[]);
+    for p in &mut publishers {
+        p.expect("flowing", "QoS 1 telemetry through HAProxy");
+    }
+    publishers
+}
+
+/// Each publisher's final report (`done`).
+fn reports(publishers: &mut [Script]) -> Vec<serde_json::Value> {
+    publishers
+        .iter_mut()
+        .map(|p| p.expect("done", "the publisher's report"))
+        .collect()
+}
+
+/// Every message the publishers saw acknowledged is in `tenant`'s telemetry topic; prints the
+/// figures (published, acknowledged, found, duplicated).
+fn nothing_acknowledged_lost(
+    fleet: &Fleet,
+    tenant: &str,
+    what: &str,
+    reports: &[serde_json::Value],
+) {
+    let published: u64 = reports
+        .iter()
+        .map(|r| r["published"].as_u64().unwrap())
+        .sum();
+    let acked: Vec<&str> = reports
+        .iter()
+        .flat_map(|r| r["acked"].as_array().unwrap())
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let records = fleet.records(&format!("hono.telemetry.{tenant}"));
+    let found: std::collections::HashSet<&str> = records.iter().map(String::as_str).collect();
+    let missing = acked.iter().filter(|a| !found.contains(*a)).count();
+    eprintln!(
+        "{what}: published {published}, acknowledged {}, in Kafka {} ({} duplicates), \
+         acknowledged but missing {missing}",
+        acked.len(),
+        found.len(),
+        records.len() - found.len()
+    );
+    assert_eq!(missing, 0, "acknowledged messages lost");
 }
 
 fn log(dir: &std::path::Path, name: &str) -> Stdio {
@@ -566,29 +622,7 @@ fn a_killed_broker_loses_nothing_acknowledged(fleet: &mut Fleet) {
     let tenant = format!("fleet-kill-broker-{}", uuid::Uuid::new_v4().simple());
     let devices: Vec<String> = (0..4).map(|n| format!("pub-{n}")).collect();
     fleet.provision(&tenant, &devices);
-    let (host, port) = fleet.mqtt.split_once(':').unwrap();
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let mut publishers: Vec<Script> = devices
-        .iter()
-        .map(|d| {
-            Script::spawn(
-                "mqtt_publisher.py",
-                DEBIAN_PYTHON,
-                &[
-                    host,
-                    port,
-                    &format!("{d}@{tenant}"),
-                    &format!("{d}-secret"),
-                    &format!("{run}-{d}"),
-                    "15",
-                    "reconnect",
-                ],
-            )
-        })
-        .collect();
-    for p in &mut publishers {
-        p.expect("flowing", "QoS 1 telemetry before the broker goes");
-    }
+    let mut publishers = publishers(fleet, &tenant, &devices, 15);
     // The broker the surviving gateway talks to (its producer's connections, from `ss`).
     let gateway = fleet.gateways[1].proc.child.id();
     let out = Command::new("ss")
@@ -616,29 +650,8 @@ fn a_killed_broker_loses_nothing_acknowledged(fleet: &mut Fleet) {
         .find(|p| p.name == format!("broker-{victim}"))
         .unwrap()
         .kill9();
-    let (mut acked, mut published) = (Vec::new(), 0);
-    for p in &mut publishers {
-        let done = p.expect("done", "the publisher's report");
-        published += done["published"].as_u64().unwrap();
-        acked.extend(
-            done["acked"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned()),
-        );
-    }
-    let records = fleet.records(&format!("hono.telemetry.{tenant}"));
-    let found: std::collections::HashSet<&String> = records.iter().collect();
-    let missing = acked.iter().filter(|a| !found.contains(a)).count();
-    eprintln!(
-        "broker kill: published {published}, acknowledged {}, in Kafka {} ({} duplicates), \
-         acknowledged but missing {missing}",
-        acked.len(),
-        found.len(),
-        records.len() - found.len()
-    );
-    assert_eq!(missing, 0, "acknowledged messages lost");
+    let reports = reports(&mut publishers);
+    nothing_acknowledged_lost(fleet, &tenant, "broker kill", &reports);
 }
 
 /// kill -9 of one router while one-way commands flow at a steady rate: the other router takes
@@ -664,26 +677,7 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
     );
     create.expect("created", "the command topic");
     create.finish();
-    let (host, port) = fleet.mqtt.split_once(':').unwrap();
-    let mut listeners: Vec<Script> = devices
-        .iter()
-        .map(|d| {
-            Script::spawn(
-                "mqtt_publisher.py",
-                DEBIAN_PYTHON,
-                &[
-                    host,
-                    port,
-                    &format!("{d}@{tenant}"),
-                    &format!("{d}-secret"),
-                    d,
-                    "35",
-                    "reconnect",
-                    "listen",
-                ],
-            )
-        })
-        .collect();
+    let mut listeners = device_scripts(fleet, &tenant, &devices, 35, &["listen"]);
     for l in &mut listeners {
         l.expect("subscribed", "the device takes commands");
     }
@@ -766,29 +760,7 @@ fn a_killed_gateway_loses_nothing_acknowledged(fleet: &mut Fleet) {
     let tenant = format!("fleet-kill-gw-{}", uuid::Uuid::new_v4().simple());
     let devices: Vec<String> = (0..4).map(|n| format!("pub-{n}")).collect();
     fleet.provision(&tenant, &devices);
-    let (host, port) = fleet.mqtt.split_once(':').unwrap();
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let mut publishers: Vec<Script> = devices
-        .iter()
-        .map(|d| {
-            Script::spawn(
-                "mqtt_publisher.py",
-                DEBIAN_PYTHON,
-                &[
-                    host,
-                    port,
-                    &format!("{d}@{tenant}"),
-                    &format!("{d}-secret"),
-                    &format!("{run}-{d}"),
-                    "20",
-                    "reconnect",
-                ],
-            )
-        })
-        .collect();
-    for p in &mut publishers {
-        p.expect("flowing", "QoS 1 telemetry through HAProxy");
-    }
+    let mut publishers = publishers(fleet, &tenant, &devices, 20);
     let victim = fleet.gateways[0].id.clone();
     let survivor = fleet.gateways[1].id.clone();
     let holders = fleet.holders(&tenant);
@@ -838,38 +810,16 @@ fn a_killed_gateway_loses_nothing_acknowledged(fleet: &mut Fleet) {
         app.expect("delivered", "the application's command is in Kafka");
         app.finish();
     }
-    let mut acked = Vec::new();
-    let mut published = 0;
-    for (n, p) in publishers.iter_mut().enumerate() {
-        let done = p.expect("done", "the publisher's report");
-        published += done["published"].as_u64().unwrap();
-        acked.extend(
-            done["acked"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned()),
+    let reports = reports(&mut publishers);
+    for &n in &moved {
+        let commands = reports[n]["commands"].to_string();
+        assert!(
+            commands.contains(&format!("moved-{}", devices[n])),
+            "{}: {commands}",
+            devices[n]
         );
-        if moved.contains(&n) {
-            let commands = done["commands"].to_string();
-            assert!(
-                commands.contains(&format!("moved-{}", devices[n])),
-                "{}: {commands}",
-                devices[n]
-            );
-        }
     }
-    let records = fleet.records(&format!("hono.telemetry.{tenant}"));
-    let found: std::collections::HashSet<&String> = records.iter().collect();
-    let missing = acked.iter().filter(|a| !found.contains(a)).count();
-    eprintln!(
-        "gateway kill: published {published}, acknowledged {}, in Kafka {} ({} duplicates), \
-         acknowledged but missing {missing}",
-        acked.len(),
-        found.len(),
-        records.len() - found.len()
-    );
-    assert_eq!(missing, 0, "acknowledged messages lost");
+    nothing_acknowledged_lost(fleet, &tenant, "gateway kill", &reports);
 
     // The dead instance: its routing entries and its internal topic go.
     let internal = format!("hono.command_internal.{victim}");

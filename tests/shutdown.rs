@@ -12,7 +12,6 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const DEVICE: &str = "pump";
@@ -58,20 +57,6 @@ fn values_in(topic: &str, want: &HashSet<String>) -> HashSet<String> {
     seen
 }
 
-fn topic_exists(topic: &str) -> bool {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("log_level", "3")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .unwrap();
-    md.topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-}
-
 #[test]
 fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
     let tenant = format!("shutdown-{}", uuid::Uuid::new_v4().simple());
@@ -105,16 +90,12 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
     );
     device.expect("subscribed", "the device subscribes to its commands");
     device.expect("flowing", "the device's telemetry is acknowledged");
-    assert!(topic_exists(&internal), "the instance's command topic");
-
-    let pid = f.child.id().to_string();
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
+        topic_exists(&kafka(), &internal),
+        "the instance's command topic"
     );
+
+    f.terminate();
     // Readiness goes down while the process still serves: an upload is still taken.
     let down = f.wait_readiness(503);
     assert_eq!(down["checks"]["shutdown"]["status"], "DOWN", "{down}");
@@ -130,17 +111,7 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
     assert_eq!(code, 202, "the HTTP adapter still serves: {body}");
 
     // Then it drains and exits by itself.
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = f.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = f.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
     let done = device.expect("done", "the device reports what was acknowledged");
     let acked: HashSet<String> = done["acked"]
@@ -200,5 +171,8 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
         })
     };
     assert_eq!(live, 0, "command consumers still registered");
-    assert!(!topic_exists(&internal), "{internal} was not deleted");
+    assert!(
+        !topic_exists(&kafka(), &internal),
+        "{internal} was not deleted"
+    );
 }

@@ -175,26 +175,22 @@ impl Ferrule {
     /// A request to the registry's management API as its administrator, with a JSON body:
     /// the status and the answer.
     pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        curl(&[
-            "-X",
-            method,
-            "-u",
-            &format!("admin:{PASSWORD}"),
-            "-H",
-            "content-type: application/json",
-            "-d",
-            body,
-            &format!("{}{path}", self.registry),
-        ])
+        admin_request(&self.registry, method, path, body)
     }
 
     /// [`Self::admin`], which must succeed (2xx).
     pub fn admin_ok(&self, method: &str, path: &str, body: &str) {
-        let (code, text) = self.admin(method, path, body);
-        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+        admin_ok(&self.registry, method, path, body);
     }
 
+    /// SIGTERM, then the exit status (panics after 15 s).
     pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -203,18 +199,57 @@ impl Ferrule {
                 .unwrap()
                 .success()
         );
+    }
+
+    /// The exit status once the process ended by itself (panics after `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "no graceful shutdown"
-            );
+            assert!(start.elapsed() < limit, "no exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A request to the management API of the registry at `base` as its administrator, with a JSON
+/// body: the status and the answer.
+pub fn admin_request(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    curl(&[
+        "-X",
+        method,
+        "-u",
+        &format!("admin:{PASSWORD}"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        &format!("{base}{path}"),
+    ])
+}
+
+/// [`admin_request`], which must succeed (2xx).
+pub fn admin_ok(base: &str, method: &str, path: &str, body: &str) {
+    let (code, text) = admin_request(base, method, path, body);
+    assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+}
+
+/// Whether `topic` exists (with partitions) on the cluster at `bootstrap`.
+pub fn topic_exists(bootstrap: &str, topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .unwrap();
+    md.topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
 }
 
 impl Drop for Ferrule {
