@@ -64,6 +64,8 @@ struct Fleet {
     http: String,
     amqp: String,
     gateways: Vec<Gateway>,
+    /// The bridges' AMQP ports (`bridge-<n>`).
+    bridge_ports: Vec<u16>,
     procs: Vec<Proc>,
 }
 
@@ -329,6 +331,7 @@ impl Fleet {
             http: format!("http://127.0.0.1:{http}"),
             amqp: format!("amqp://127.0.0.1:{amqp}"),
             gateways,
+            bridge_ports: bridges.iter().map(|(amqp, _)| *amqp).collect(),
             procs,
         }
     }
@@ -613,7 +616,96 @@ fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp(
 
     a_killed_gateway_loses_nothing_acknowledged(&mut fleet);
     a_killed_router_loses_and_repeats_no_command(&mut fleet);
+    a_killed_bridge_loses_no_event(&mut fleet);
     a_killed_broker_loses_nothing_acknowledged(&mut fleet);
+}
+
+/// kill -9 of the bridge an application consumes events from: the application signs in again
+/// through HAProxy, to the other bridge, and gets every event (at least once: the ones it had
+/// not settled come again).
+fn a_killed_bridge_loses_no_event(fleet: &mut Fleet) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let tenant = format!("fleet-kill-bridge-{}", uuid::Uuid::new_v4().simple());
+    fleet.provision(&tenant, &["ev-0".to_owned()]);
+    // Events in Kafka as a gateway writes them.
+    const EVENTS: usize = 2000;
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &fleet.bootstrap)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let topic = format!("hono.event.{tenant}");
+    for n in 0..EVENTS {
+        let body = format!("ev-{n}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "device_id",
+                value: Some("ev-0"),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("text/plain"),
+            });
+        loop {
+            match producer.send(
+                BaseRecord::to(&topic)
+                    .key("ev-0")
+                    .payload(&body)
+                    .headers(headers.clone()),
+            ) {
+                Ok(()) => break,
+                Err(_) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let mut app = Script::spawn(
+        "amqp_events.py",
+        DEBIAN_PYTHON,
+        &[
+            &fleet.amqp,
+            &format!("{APP}@{tenant}"),
+            APP_PASSWORD,
+            &tenant,
+            &EVENTS.to_string(),
+            "90",
+        ],
+    );
+    app.expect("progress", "events reach the application");
+    // The bridge that holds the application's connection: the one with an established
+    // connection on its AMQP port.
+    let out = Command::new("ss")
+        .args(["-tnH"])
+        .output()
+        .expect("ss (iproute2)");
+    let sockets = String::from_utf8_lossy(&out.stdout).into_owned();
+    let victim = (0..fleet.bridge_ports.len())
+        .find(|&n| {
+            sockets
+                .lines()
+                .any(|l| l.contains(&format!("127.0.0.1:{} ", fleet.bridge_ports[n])))
+        })
+        .unwrap_or_else(|| panic!("no bridge holds the application:\n{sockets}"));
+    fleet
+        .procs
+        .iter_mut()
+        .find(|p| p.name == format!("bridge-{victim}"))
+        .unwrap()
+        .kill9();
+    let done = app.expect("done", "the application's count");
+    let bodies = done["bodies"].as_array().unwrap().len();
+    let received = done["received"].as_u64().unwrap();
+    let connections = done["connections"].as_u64().unwrap();
+    eprintln!(
+        "bridge kill: events {EVENTS}, received {received} ({} again), distinct {bodies}, \
+         connections {connections}",
+        received.saturating_sub(bodies as u64)
+    );
+    assert!(connections >= 2, "the application signed in again: {done}");
+    assert_eq!(bodies, EVENTS, "events the application never got");
 }
 
 /// kill -9 of one of the two brokers while devices publish QoS 1 telemetry: the clients go on
