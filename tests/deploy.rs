@@ -9,6 +9,16 @@ use common::*;
 use std::collections::BTreeSet;
 use std::process::Command;
 
+/// The compose file's Ferrule services.
+const FERRULE_SERVICES: [&str; 6] = [
+    "registry",
+    "gateway-1",
+    "gateway-2",
+    "router-1",
+    "router-2",
+    "bridge",
+];
+
 fn compose_dir() -> String {
     format!("{}/compose", env!("CARGO_MANIFEST_DIR"))
 }
@@ -54,23 +64,18 @@ fn the_compose_file_is_valid_and_has_the_whole_fleet() {
     let rendered = run("docker-compose", &["-f", &file, "config"]);
     let services = run("docker-compose", &["-f", &file, "config", "--services"]);
     let services: BTreeSet<&str> = services.lines().collect();
-    for s in [
+    let others = [
         "kafka-1",
         "kafka-2",
         "kafka-3",
         "postgres",
-        "registry",
-        "gateway-1",
-        "gateway-2",
-        "router-1",
-        "router-2",
-        "bridge",
         "haproxy",
         "nginx",
         "prometheus",
         "otel-collector",
         "grafana",
-    ] {
+    ];
+    for s in FERRULE_SERVICES.iter().chain(&others) {
         assert!(services.contains(s), "no service {s}: {services:?}");
     }
     // Hono's topics with replication 3 on the three brokers.
@@ -82,14 +87,7 @@ fn the_compose_file_is_valid_and_has_the_whole_fleet() {
     // Prometheus scrapes every Ferrule service on its health port.
     let scrape =
         std::fs::read_to_string(format!("{}/prometheus/prometheus.yml", compose_dir())).unwrap();
-    for s in [
-        "registry",
-        "gateway-1",
-        "gateway-2",
-        "router-1",
-        "router-2",
-        "bridge",
-    ] {
+    for s in FERRULE_SERVICES {
         assert!(scrape.contains(&format!("{s}:8088")), "{s} is not scraped");
     }
 }

@@ -15,15 +15,8 @@ const APP: &str = "fleet-app";
 const APP_PASSWORD: &str = "fleet-app-secret";
 
 fn nisshi() -> String {
-    std::env::var("FERRULE_TEST_NISSHI").unwrap_or_else(|_| {
-        let home = std::env::var("FERRULE_HOME").unwrap_or_else(|_| {
-            format!(
-                "{}/.local/share/ferrule",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        format!("{home}/tools/nisshi-0.8.1/bin/nisshi")
-    })
+    std::env::var("FERRULE_TEST_NISSHI")
+        .unwrap_or_else(|_| format!("{}/tools/nisshi-0.8.1/bin/nisshi", ferrule_home()))
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -388,29 +381,14 @@ impl Fleet {
         .collect()
     }
 
-    /// Every record value of `topic`, from the start, until a second passes with none.
+    /// Every record value of `topic`, from the start, until two seconds pass with none.
     fn records(&self, topic: &str) -> Vec<String> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::message::Message;
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set(
-                "group.id",
-                format!("reader-{}", uuid::Uuid::new_v4().simple()),
-            )
-            .set("auto.offset.reset", "earliest")
-            .set("log_level", "3")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[topic]).unwrap();
-        let (mut values, start, mut last) = (Vec::new(), Instant::now(), Instant::now());
-        while last.elapsed() < Duration::from_secs(2) && start.elapsed() < Duration::from_secs(60) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                values.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
-                last = Instant::now();
-            }
-        }
-        values
+        topic_values(
+            &self.bootstrap,
+            topic,
+            &Default::default(),
+            Duration::from_secs(2),
+        )
     }
 
     fn topic_exists(&self, topic: &str) -> bool {

@@ -177,20 +177,6 @@ impl Connection {
     }
 }
 
-/// An interpreter with confluent-kafka (from PyPI): `FERRULE_TEST_PYTHON` (scripts/test sets
-/// it), else the virtual environment that scripts/lib.sh makes.
-fn kafka_python() -> String {
-    std::env::var("FERRULE_TEST_PYTHON").unwrap_or_else(|_| {
-        let home = std::env::var("FERRULE_HOME").unwrap_or_else(|_| {
-            format!(
-                "{}/.local/share/ferrule",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        format!("{home}/tools/python/bin/python3")
-    })
-}
-
 /// `ferrule all` connected with `conn`, its router serving `tenant`'s commands only, its log
 /// kept in a file.
 struct Run {

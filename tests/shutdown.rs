@@ -8,11 +8,8 @@
 mod common;
 
 use common::*;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const DEVICE: &str = "pump";
 const PASSWORD: &str = "pump-secret";
@@ -29,32 +26,12 @@ fn provision(f: &Ferrule, tenant: &str) {
     );
 }
 
-/// Every record value of `topic`, read from the start until `want` are all seen and nothing
-/// more came for a second (the writer is gone), or 30 s passed.
+/// Every record value of `topic` (once each), read until `want` are all seen and a second
+/// passed without more.
 fn values_in(topic: &str, want: &HashSet<String>) -> HashSet<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set(
-            "group.id",
-            format!("shutdown-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("log_level", "3")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut seen = HashSet::new();
-    let start = Instant::now();
-    let mut last = Instant::now();
-    while (!want.is_subset(&seen) || last.elapsed() < Duration::from_secs(1))
-        && start.elapsed() < Duration::from_secs(30)
-    {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            seen.insert(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
-            last = Instant::now();
-        }
-    }
-    seen
+    topic_values(&kafka(), topic, want, Duration::from_secs(1))
+        .into_iter()
+        .collect()
 }
 
 #[test]

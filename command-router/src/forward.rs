@@ -83,6 +83,7 @@ pub async fn run(
     topic_pattern: &str,
     registry: DeviceAuthenticator,
     routing: RoutingState,
+    topics: TopicAdmin,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let names = kafka.topic_names()?;
@@ -117,7 +118,7 @@ pub async fn run(
     let out = Out {
         producer,
         names,
-        topics: TopicAdmin::new(kafka)?,
+        topics,
     };
     let mut routed: FuturesOrdered<BoxFuture<'static, (Incoming, Decision)>> =
         FuturesOrdered::new();

@@ -55,11 +55,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let routing = RoutingState::new(pool, Duration::from_secs(cfg.instance_timeout_secs));
     let names = kafka.topic_names()?;
+    // One admin client for the forwarder (response topics) and the purger (dead instances'
+    // topics).
+    let topics = ferrule_kafka::TopicAdmin::new(kafka)?;
     let purger = {
         let (routing, mut shutdown) = (routing.clone(), shutdown.clone());
         let every = Duration::from_secs(cfg.purge_interval_secs.max(1));
         let forget_after = Duration::from_secs(cfg.forget_instances_after_secs);
-        let (topics, names) = (ferrule_kafka::TopicAdmin::new(kafka)?, names.clone());
+        let (topics, names) = (topics.clone(), names.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -78,7 +81,16 @@ pub async fn run(
         p => p.to_owned(),
     };
     tracing::info!(group = %cfg.group_id, %pattern, "command router consuming commands");
-    let result = forward::run(kafka, &cfg.group_id, &pattern, registry, routing, shutdown).await;
+    let result = forward::run(
+        kafka,
+        &cfg.group_id,
+        &pattern,
+        registry,
+        routing,
+        topics,
+        shutdown,
+    )
+    .await;
     purger.abort();
     result
 }

@@ -36,6 +36,22 @@ pub enum TopicError {
     Kafka(#[from] KafkaError),
 }
 
+/// The per-topic results of an admin request: fine when each succeeded or failed with `fine`
+/// (the topic was there already, or was gone already).
+fn accept(
+    results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
+    fine: RDKafkaErrorCode,
+) -> Result<(), TopicError> {
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((_, code)) if code == fine => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
+        }
+    }
+    Ok(())
+}
+
 /// How long a topic found missing is not asked for again: a flood of uploads to it costs one
 /// metadata request per topic and period.
 const MISSING_RECHECK: Duration = Duration::from_secs(2);
@@ -141,21 +157,11 @@ impl TopicAdmin {
         if !self.inner.create {
             return Ok(());
         }
-        let timeout = self.inner.timeout;
-        let opts = AdminOptions::new()
-            .operation_timeout(Some(timeout))
-            .request_timeout(Some(timeout));
-        let results =
-            tokio::time::timeout(timeout * 2, self.inner.admin.delete_topics(&[topic], &opts))
-                .await
-                .map_err(|_| TopicError::Timeout)??;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
-            }
-        }
-        Ok(())
+        let opts = self.admin_options();
+        let results = self
+            .admin_call(self.inner.admin.delete_topics(&[topic], &opts))
+            .await?;
+        accept(results, RDKafkaErrorCode::UnknownTopicOrPartition)
     }
 
     async fn create(
@@ -172,21 +178,28 @@ impl TopicAdmin {
         for (key, value) in configs {
             new = new.set(key, value);
         }
-        let timeout = self.inner.timeout;
-        let opts = AdminOptions::new()
-            .operation_timeout(Some(timeout))
-            .request_timeout(Some(timeout));
-        let results =
-            tokio::time::timeout(timeout * 2, self.inner.admin.create_topics([&new], &opts))
-                .await
-                .map_err(|_| TopicError::Timeout)??;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
-            }
-        }
-        Ok(())
+        let opts = self.admin_options();
+        let results = self
+            .admin_call(self.inner.admin.create_topics([&new], &opts))
+            .await?;
+        accept(results, RDKafkaErrorCode::TopicAlreadyExists)
+    }
+
+    /// Both of the broker's timeouts for one admin request.
+    fn admin_options(&self) -> AdminOptions {
+        AdminOptions::new()
+            .operation_timeout(Some(self.inner.timeout))
+            .request_timeout(Some(self.inner.timeout))
+    }
+
+    /// An admin request, given up on after twice the configured timeout.
+    async fn admin_call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, KafkaError>>,
+    ) -> Result<T, TopicError> {
+        Ok(tokio::time::timeout(self.inner.timeout * 2, call)
+            .await
+            .map_err(|_| TopicError::Timeout)??)
     }
 
     async fn check(&self, topic: &str) -> Result<(), TopicError> {

@@ -124,10 +124,9 @@ impl Outcomes {
                 let _ = tx.send((status, reason.into_owned()));
             }
         }
-        // A topic Ferrule created for this run goes with it; one created beforehand stays.
-        if topics.creates_topics() {
-            delete_topic(&kafka, &topic).await;
-        }
+        // A topic Ferrule created for this run goes with it; one created beforehand stays
+        // (`TopicAdmin::delete` deletes nothing with `kafka.create_topics = false`).
+        let _ = topics.delete(&topic).await;
     }
 }
 
@@ -200,14 +199,4 @@ async fn outcome_consumer(
     tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(end))?;
     consumer.assign(&tpl)?;
     Ok(consumer)
-}
-
-async fn delete_topic(kafka: &KafkaConfig, topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    let admin: Result<AdminClient<rdkafka::client::DefaultClientContext>, _> =
-        kafka.admin().create();
-    if let Ok(admin) = admin {
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(2)));
-        let _ = admin.delete_topics(&[topic], &opts).await;
-    }
 }

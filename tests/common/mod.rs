@@ -36,6 +36,54 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Where scripts/lib.sh keeps the tools it installs: `FERRULE_HOME`, else
+/// `~/.local/share/ferrule`.
+pub fn ferrule_home() -> String {
+    std::env::var("FERRULE_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.local/share/ferrule",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    })
+}
+
+/// Every record value of `topic` on the cluster at `bootstrap`, read from the start until
+/// `want` are all seen and nothing more came for `quiet` (the writers are gone), or a minute
+/// passed; duplicates included.
+pub fn topic_values(
+    bootstrap: &str,
+    topic: &str,
+    want: &std::collections::HashSet<String>,
+    quiet: Duration,
+) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let (mut values, mut seen) = (Vec::new(), std::collections::HashSet::new());
+    let (start, mut last) = (Instant::now(), Instant::now());
+    while (!want.is_subset(&seen) || last.elapsed() < quiet)
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            seen.insert(value.clone());
+            values.push(value);
+            last = Instant::now();
+        }
+    }
+    values
+}
+
 pub fn database_url() -> String {
     std::env::var("FERRULE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into())

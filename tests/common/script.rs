@@ -18,15 +18,8 @@ pub const LINE_WAIT: Duration = Duration::from_secs(SCRIPT_SECS + 15);
 /// An interpreter with confluent-kafka (from PyPI): `FERRULE_TEST_PYTHON` (scripts/test sets
 /// it), else the virtual environment that scripts/lib.sh makes.
 pub fn kafka_python() -> String {
-    let python = std::env::var("FERRULE_TEST_PYTHON").unwrap_or_else(|_| {
-        let home = std::env::var("FERRULE_HOME").unwrap_or_else(|_| {
-            format!(
-                "{}/.local/share/ferrule",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        format!("{home}/tools/python/bin/python3")
-    });
+    let python = std::env::var("FERRULE_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/tools/python/bin/python3", super::ferrule_home()));
     let usable = Command::new(&python)
         .args(["-c", "import confluent_kafka"])
         .stderr(Stdio::null())

@@ -79,7 +79,8 @@ pub fn start_router(s: &Setup, group: &str) -> watch::Sender<bool> {
             consumer_fetch_wait_ms: 20,
             ..Default::default()
         };
-        if let Err(e) = forward::run(&kafka, &group, &topic, auth, routing, rx).await {
+        let topics = ferrule_kafka::TopicAdmin::new(&kafka).unwrap();
+        if let Err(e) = forward::run(&kafka, &group, &topic, auth, routing, topics, rx).await {
             eprintln!("ROUTER FAILED: {e:#}");
         }
     });

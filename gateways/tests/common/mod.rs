@@ -434,7 +434,9 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
             consumer_fetch_wait_ms: 20,
             ..kafka()
         };
-        ferrule_command_router::forward::run(&kafka, &group, &topic, auth, routing, rx).await
+        let topics = ferrule_kafka::TopicAdmin::new(&kafka)?;
+        ferrule_command_router::forward::run(&kafka, &group, &topic, auth, routing, topics, rx)
+            .await
     });
     tx
 }
