@@ -16,6 +16,11 @@ const PASSWORD: &str = "pump-secret";
 
 fn provision(f: &Ferrule, tenant: &str) {
     f.admin_ok("POST", &format!("/v1/tenants/{tenant}"), "{}");
+    provision_device(f, tenant);
+}
+
+/// The device `pump` of `tenant`, with its password.
+fn provision_device(f: &Ferrule, tenant: &str) {
     f.admin_ok("POST", &format!("/v1/devices/{tenant}/{DEVICE}"), "{}");
     let creds = serde_json::json!([{"type": "hashed-password", "auth-id": DEVICE,
         "secrets": [{"pwd-plain": PASSWORD}]}]);
@@ -32,6 +37,29 @@ fn values_in(topic: &str, want: &HashSet<String>) -> HashSet<String> {
     topic_values(&kafka(), topic, want, Duration::from_secs(1))
         .into_iter()
         .collect()
+}
+
+/// How many command consumers of `tenant` are registered and not expired.
+fn live_command_consumers(tenant: &str) -> i64 {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = ferrule_registry::DatabaseConfig {
+            url: database_url(),
+            ..Default::default()
+        };
+        let store = ferrule_registry::open_store(&cfg, &Default::default())
+            .await
+            .unwrap();
+        let db = store.pool().get().await.unwrap();
+        db.query_one(
+            "SELECT count(*) FROM command_consumers
+              WHERE tenant_id = $1 AND (expires IS NULL OR expires > now())",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    })
 }
 
 #[test]
@@ -126,30 +154,142 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
     assert!(events.contains("during-readiness-delay"));
 
     // The device's command consumer is gone, and so is the instance's topic.
-    let live = {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let cfg = ferrule_registry::DatabaseConfig {
-                url: database_url(),
-                ..Default::default()
-            };
-            let store = ferrule_registry::open_store(&cfg, &Default::default())
-                .await
-                .unwrap();
-            let db = store.pool().get().await.unwrap();
-            db.query_one(
-                "SELECT count(*) FROM command_consumers
-                  WHERE tenant_id = $1 AND (expires IS NULL OR expires > now())",
-                &[&tenant],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-        })
-    };
+    let live = live_command_consumers(&tenant);
     assert_eq!(live, 0, "command consumers still registered");
     assert!(
         !topic_exists(&kafka(), &internal),
         "{internal} was not deleted"
+    );
+}
+
+/// Long polls do not hold a shutdown, and CoAP exchanges in flight finish: an HTTP device
+/// (curl) and a CoAP device (aiocoap) wait for a command with a ttd of a minute; at SIGTERM each
+/// gets its answer without a command — 202, and 2.04 in a separate response. A third CoAP
+/// device (a raw socket) leaves the first transmission of its separate response unacknowledged:
+/// the listener still runs, the gateway sends it again, takes the device's ACK, and only then
+/// exits — long before its drain bound (here 60 s) and the ttd.
+#[test]
+fn sigterm_answers_open_long_polls_and_waits_for_coap_exchanges() {
+    use coap_lite::{MessageClass, MessageType, Packet, RequestType};
+    let tenant = format!("shutdown-poll-{}", uuid::Uuid::new_v4().simple());
+    let mut f = Ferrule::start_for_commands_with(
+        &tenant,
+        "",
+        &[
+            ("FERRULE_SHUTDOWN__READINESS_DELAY_MS", "300".into()),
+            ("FERRULE_SHUTDOWN__DRAIN_TIMEOUT_SECS", "60".into()),
+        ],
+    );
+    let adapters = serde_json::json!({"adapters": [
+        {"type": "hono-http", "enabled": true},
+        {"type": "hono-coap", "enabled": true, "device-authentication-required": false}]});
+    f.admin_ok(
+        "POST",
+        &format!("/v1/tenants/{tenant}"),
+        &adapters.to_string(),
+    );
+    provision_device(&f, &tenant);
+    for device in ["valve", "gauge"] {
+        f.admin_ok("POST", &format!("/v1/devices/{tenant}/{device}"), "{}");
+    }
+
+    let http = {
+        let (user, url) = (
+            format!("{DEVICE}@{tenant}:{PASSWORD}"),
+            format!("{}/telemetry", f.http),
+        );
+        std::thread::spawn(move || {
+            curl(&[
+                "-u",
+                &user,
+                "-H",
+                "hono-ttd: 60",
+                "-H",
+                "content-type: text/plain",
+                "-d",
+                "waiting",
+                &url,
+            ])
+        })
+    };
+    let mut coap = Script::spawn(
+        "coap_poll.py",
+        &kafka_python(),
+        &[
+            &format!(
+                "coap://{}/telemetry/{tenant}/valve?hono-ttd=60&empty",
+                f.coap
+            ),
+            "90",
+        ],
+    );
+    let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut poll = Packet::new();
+    poll.header.set_type(MessageType::Confirmable);
+    poll.header.code = MessageClass::Request(RequestType::Put);
+    poll.header.message_id = 0x4242;
+    poll.set_token(vec![7, 7]);
+    for part in ["telemetry", &tenant, "gauge"] {
+        poll.add_option(coap_lite::CoapOption::UriPath, part.as_bytes().to_vec());
+    }
+    for query in ["hono-ttd=60", "empty"] {
+        poll.add_option(coap_lite::CoapOption::UriQuery, query.as_bytes().to_vec());
+    }
+    raw.send_to(&poll.to_bytes().unwrap(), &f.coap).unwrap();
+    let receive = || {
+        let mut buf = [0u8; 1500];
+        let n = raw.recv(&mut buf).expect("an answer from the CoAP adapter");
+        Packet::from_bytes(&buf[..n]).unwrap()
+    };
+    let ack = receive();
+    assert_eq!(
+        (
+            ack.header.get_type(),
+            ack.header.code,
+            ack.header.message_id
+        ),
+        (MessageType::Acknowledgement, MessageClass::Empty, 0x4242),
+        "the request's empty ACK: the answer comes separately"
+    );
+    // All three polls are open once the devices are registered as command consumers.
+    let start = std::time::Instant::now();
+    while live_command_consumers(&tenant) < 3 {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = coap.child.kill();
+            panic!(
+                "the long polls were not registered: HTTP {:?}, CoAP {:?}",
+                http.is_finished().then(|| http.join().unwrap()),
+                coap.expect("answer", "-")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    f.terminate();
+    let first = receive();
+    assert_eq!(first.header.get_type(), MessageType::Confirmable);
+    assert_eq!(first.get_token(), &[7, 7]);
+    assert_eq!(first.header.get_code(), "2.04", "no command: 2.04 Changed");
+    // Unacknowledged: the adapter still serves the exchange and sends it again.
+    let again = receive();
+    assert_eq!(again.header.message_id, first.header.message_id);
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Empty;
+    ack.header.message_id = again.header.message_id;
+    raw.send_to(&ack.to_bytes().unwrap(), &f.coap).unwrap();
+
+    let status = f.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}");
+    let (code, body) = http.join().unwrap();
+    assert_eq!(code, 202, "the HTTP long poll's answer: {body}");
+    let answer = coap.expect("answer", "the CoAP long poll's answer");
+    assert_eq!(answer["code"], "2.04 Changed", "{answer}");
+    assert_eq!(answer["payload"], "", "no command: {answer}");
+    assert_eq!(
+        live_command_consumers(&tenant),
+        0,
+        "the polls were released"
     );
 }

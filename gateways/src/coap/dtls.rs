@@ -70,7 +70,7 @@ pub async fn serve(
     let handshaking = Arc::new(AtomicUsize::new(0));
     let mut next_id: u64 = 0;
     let mut buf = vec![0u8; super::MAX_DATAGRAM];
-    while let Some((n, addr)) = super::receive(&socket, &mut buf, &mut shutdown).await {
+    while let Some((n, addr)) = super::receive(&socket, &mut buf, &server, &mut shutdown).await {
         let datagram = &buf[..n];
         let Some(hello) = dtls_wire::client_hello(datagram) else {
             // Anything but a ClientHello belongs to a session.
@@ -95,6 +95,11 @@ pub async fn serve(
         // A hello with a valid cookie starts a session, replacing any of the same address: a
         // device that restarted from the same port begins anew (RFC 6347 §4.2.8), and the old
         // session ends as its queue closes.
+        // Shutting down: the sessions there are finish their exchanges, no new one starts.
+        if server.exchanges_running.is_closed() {
+            metrics::rejected(ADAPTER.name(), "shutting-down");
+            continue;
+        }
         if handshaking.load(Ordering::Relaxed) >= cfg.max_dtls_handshakes {
             metrics::rejected(ADAPTER.name(), "dtls-handshakes-exceeded");
             continue;

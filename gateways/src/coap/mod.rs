@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, oneshot, watch};
+use tokio_util::task::TaskTracker;
 
 const ADAPTER: AdapterType = AdapterType::Coap;
 
@@ -99,6 +100,8 @@ pub struct Server {
     /// Block-wise uploads being received.
     assemblies: blocks::Assemblies,
     in_flight: Arc<Semaphore>,
+    /// The exchanges in flight; closed at shutdown, when the listener waits for them.
+    exchanges_running: TaskTracker,
     /// Message ids of the messages this server starts (NON and separate responses).
     next_message_id: std::sync::atomic::AtomicU16,
     /// Separate responses waiting for the device's ACK (`true`) or Reset (`false`), by
@@ -190,7 +193,7 @@ pub async fn serve(
     let server = Server::new(pipeline, hub, cfg);
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    while let Some((n, addr)) = receive(&socket, &mut buf, &mut shutdown).await {
+    while let Some((n, addr)) = receive(&socket, &mut buf, &server, &mut shutdown).await {
         let peer = Peer {
             addr,
             link: Link::Plain(socket.clone()),
@@ -204,13 +207,18 @@ pub async fn serve(
 /// The largest UDP datagram: a longer one cannot arrive, so none is cut short.
 const MAX_DATAGRAM: usize = 65_535;
 
-/// The next datagram and its sender; `None` once `shutdown` turns true.
+/// The next datagram and its sender; `None` once `shutdown` turned true and every exchange in
+/// flight then has finished. Until then datagrams still arrive: a device's ACK of a separate
+/// response, or a retransmission, must reach its exchange; a new request is refused
+/// ([`Server::datagram`]).
 async fn receive(
     socket: &UdpSocket,
     buf: &mut [u8],
+    server: &Server,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(usize, SocketAddr)> {
     loop {
+        let stopping = server.exchanges_running.is_closed();
         tokio::select! {
             r = socket.recv_from(buf) => match r {
                 Ok(r) => return Some(r),
@@ -218,7 +226,10 @@ async fn receive(
                 // systems: it concerns that peer only.
                 Err(e) => tracing::debug!(error = %e, "CoAP receive failed"),
             },
-            _ = shutdown.wait_for(|s| *s) => return None,
+            _ = shutdown.wait_for(|s| *s), if !stopping => {
+                server.exchanges_running.close();
+            }
+            _ = server.exchanges_running.wait(), if stopping => return None,
         }
     }
 }
@@ -238,6 +249,7 @@ impl Server {
                 Duration::from_secs(cfg.exchange_lifetime_secs),
             ),
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+            exchanges_running: TaskTracker::new(),
             next_message_id: std::sync::atomic::AtomicU16::new(rand_u16()),
             awaiting_ack: Default::default(),
             cfg,
@@ -294,6 +306,15 @@ impl Server {
         }
         let key = (peer.addr, packet.header.message_id);
         match self.exchanges.begin(key) {
+            Seen::New if self.exchanges_running.is_closed() => {
+                let stopping = Refusal::new(
+                    crate::refusal::Reason::Overloaded,
+                    "the gateway is shutting down",
+                );
+                let response = self.refusal_response(&packet, &stopping);
+                self.finish(key, &response, &peer);
+                return;
+            }
             Seen::New => {}
             Seen::Answered(response) => {
                 metrics::coap_duplicate("answered");
@@ -316,7 +337,8 @@ impl Server {
             self.finish(key, &response, &peer);
             return;
         };
-        tokio::spawn(async move {
+        let running = self.exchanges_running.clone();
+        running.spawn(async move {
             self.exchange(key, packet, &peer).await;
             drop(permit);
         });
