@@ -23,12 +23,83 @@ fn nisshi() -> String {
 struct Proc {
     name: String,
     child: Child,
+    /// How a Ferrule service was started: it starts again the same way, on the same ports.
+    start: Option<Start>,
+}
+
+struct Start {
+    service: String,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl Start {
+    /// Runs `ferrule <service>`, its output appended to its log.
+    fn spawn(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_ferrule"))
+            .arg(&self.service)
+            .envs(self.env.iter().cloned())
+            .stdout(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// `http://…` of the service's health endpoint.
+    fn health(&self) -> String {
+        let (_, bind) = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "FERRULE_HEALTH__BIND")
+            .unwrap();
+        format!("http://{bind}")
+    }
 }
 
 impl Proc {
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the (ended) Ferrule service again as before and waits until it is ready.
+    fn restart(&mut self) {
+        self.kill9();
+        let start = self.start.as_ref().expect("a Ferrule service");
+        self.child = start.spawn();
+        wait_ready(&start.health(), &self.name);
+    }
+
+    /// Sends SIGTERM, as an operator (or Kubernetes) stops a service.
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Its exit status once it ended by itself (panics after 30 s).
+    fn exited(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{} did not exit within 30 s of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -137,6 +208,7 @@ impl Fleet {
             procs.push(Proc {
                 name: format!("broker-{n}"),
                 child,
+                start: None,
             });
             wait_port(&addr, "a broker");
             brokers.push(addr);
@@ -180,15 +252,15 @@ impl Fleet {
             ]
         };
         let spawn = |name: &str, service: &str, env: Vec<(String, String)>| -> Proc {
-            let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-                .arg(service)
-                .envs(env)
-                .stdout(log(&dir, name))
-                .spawn()
-                .unwrap();
+            let start = Start {
+                service: service.to_owned(),
+                env,
+                log: dir.join(format!("{name}.log")),
+            };
             Proc {
                 name: name.to_owned(),
-                child,
+                child: start.spawn(),
+                start: Some(start),
             }
         };
         let registry_port = free_port();
@@ -310,6 +382,7 @@ impl Fleet {
         procs.push(Proc {
             name: "haproxy".into(),
             child,
+            start: None,
         });
         for port in [mqtt, http, amqp] {
             wait_port(&format!("127.0.0.1:{port}"), "haproxy");
@@ -327,6 +400,14 @@ impl Fleet {
             bridge_ports: bridges.iter().map(|(amqp, _)| *amqp).collect(),
             procs,
         }
+    }
+
+    /// The process called `name`.
+    fn proc(&mut self, name: &str) -> &mut Proc {
+        self.procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
     }
 
     fn admin(&self, method: &str, path: &str, body: &str) {
@@ -599,8 +680,9 @@ fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp(
 }
 
 /// kill -9 of the bridge an application consumes events from: the application signs in again
-/// through HAProxy, to the other bridge, and gets every event (at least once: the ones it had
-/// not settled come again).
+/// through HAProxy and goes on. Then the bridge it is on is stopped with SIGTERM (exit 0) and it
+/// moves once more. It gets every event (at least once: the ones it had not settled come
+/// again).
 fn a_killed_bridge_loses_no_event(fleet: &mut Fleet) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -650,40 +732,53 @@ fn a_killed_bridge_loses_no_event(fleet: &mut Fleet) {
             &tenant,
             &EVENTS.to_string(),
             "90",
+            // Some 8 s for all of them: time for a kill and a stop.
+            "4",
         ],
     );
     app.expect("progress", "events reach the application");
-    // The bridge that holds the application's connection: the one with an established
-    // connection on its AMQP port.
-    let out = Command::new("ss")
-        .args(["-tnH"])
-        .output()
-        .expect("ss (iproute2)");
-    let sockets = String::from_utf8_lossy(&out.stdout).into_owned();
-    let victim = (0..fleet.bridge_ports.len())
-        .find(|&n| {
-            sockets
-                .lines()
-                .any(|l| l.contains(&format!("127.0.0.1:{} ", fleet.bridge_ports[n])))
-        })
-        .unwrap_or_else(|| panic!("no bridge holds the application:\n{sockets}"));
-    fleet
-        .procs
-        .iter_mut()
-        .find(|p| p.name == format!("bridge-{victim}"))
-        .unwrap()
-        .kill9();
+    let victim = bridge_holding_connections(fleet);
+    let victim = format!("bridge-{victim}");
+    fleet.proc(&victim).kill9();
+    // The killed bridge starts again; once the application is back (on either bridge), the one
+    // holding it is stopped with SIGTERM and it moves once more.
+    fleet.proc(&victim).restart();
+    app.expect("attached", "the application signs in again after the kill");
+    let holder = format!("bridge-{}", bridge_holding_connections(fleet));
+    fleet.proc(&holder).sigterm();
+    let status = fleet.proc(&holder).exited();
+    assert!(status.success(), "{holder} after SIGTERM: {status}");
+    fleet.proc(&holder).restart();
     let done = app.expect("done", "the application's count");
     let bodies = done["bodies"].as_array().unwrap().len();
     let received = done["received"].as_u64().unwrap();
     let connections = done["connections"].as_u64().unwrap();
     eprintln!(
-        "bridge kill: events {EVENTS}, received {received} ({} again), distinct {bodies}, \
-         connections {connections}",
+        "bridge kill and SIGTERM: events {EVENTS}, received {received} ({} again), distinct \
+         {bodies}, connections {connections}",
         received.saturating_sub(bodies as u64)
     );
-    assert!(connections >= 2, "the application signed in again: {done}");
+    assert!(
+        connections >= 3,
+        "the application signed in again twice: {done}"
+    );
     assert_eq!(bodies, EVENTS, "events the application never got");
+}
+
+/// The bridge (`n` of `bridge-<n>`) that holds an established connection on its AMQP port.
+fn bridge_holding_connections(fleet: &Fleet) -> usize {
+    let out = Command::new("ss")
+        .args(["-tnH", "state", "established"])
+        .output()
+        .expect("ss (iproute2)");
+    let sockets = String::from_utf8_lossy(&out.stdout).into_owned();
+    (0..fleet.bridge_ports.len())
+        .find(|&n| {
+            sockets
+                .lines()
+                .any(|l| l.contains(&format!("127.0.0.1:{} ", fleet.bridge_ports[n])))
+        })
+        .unwrap_or_else(|| panic!("no bridge holds the application:\n{sockets}"))
 }
 
 /// kill -9 of one of the two brokers while devices publish QoS 1 telemetry: the clients go on
@@ -714,18 +809,15 @@ fn a_killed_broker_loses_nothing_acknowledged(fleet: &mut Fleet) {
         used(&brokers[victim]) > 0,
         "the gateway's broker connections:\n{sockets}"
     );
-    fleet
-        .procs
-        .iter_mut()
-        .find(|p| p.name == format!("broker-{victim}"))
-        .unwrap()
-        .kill9();
+    fleet.proc(&format!("broker-{victim}")).kill9();
     let reports = reports(&mut publishers);
     nothing_acknowledged_lost(fleet, &tenant, "broker kill", &reports);
 }
 
 /// kill -9 of one router while one-way commands flow at a steady rate: the other router takes
-/// its partitions; every command reaches its device exactly once (counted at the devices).
+/// its partitions. Then the killed one starts again and joins, and the other is stopped with
+/// SIGTERM: it hands its partitions over and exits 0. Every command reaches its device exactly
+/// once (counted at the devices).
 fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -784,12 +876,14 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
         producer.poll(Duration::ZERO);
         sent[n].push(subject);
         if k == COMMANDS / 4 {
-            let router = fleet
-                .procs
-                .iter_mut()
-                .find(|p| p.name == "router-0")
-                .unwrap();
-            router.kill9();
+            fleet.proc("router-0").kill9();
+        }
+        // A router joins again, and then the other leaves as an operator stops it.
+        if k == COMMANDS / 2 {
+            fleet.proc("router-0").restart();
+        }
+        if k == 3 * COMMANDS / 4 {
+            fleet.proc("router-1").sigterm();
         }
         // 40 commands a second.
         std::thread::sleep(Duration::from_millis(25));
@@ -813,9 +907,12 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
         }
     }
     eprintln!(
-        "router kill: sent {COMMANDS}, received once {}, lost {lost}, received twice {twice}",
+        "router kill and SIGTERM: sent {COMMANDS}, received once {}, lost {lost}, received \
+         twice {twice}",
         COMMANDS - lost - twice
     );
+    let status = fleet.proc("router-1").exited();
+    assert!(status.success(), "router-1 after SIGTERM: {status}");
     assert_eq!(
         (lost, twice),
         (0, 0),
