@@ -283,16 +283,19 @@ impl IngestPipeline {
         key: &str,
     ) -> Option<Value> {
         let tenant = self.registry.tenant(tenant).await.ok()?;
-        let tenant = tenant.as_ref().as_ref()?;
-        tenant
-            .adapters
-            .iter()
-            .flatten()
-            .find(|a| a.adapter_type == adapter.name())?
-            .ext
-            .as_ref()?
-            .get(key)
-            .cloned()
+        adapter_setting_of(tenant.as_ref().as_ref(), adapter, key)
+    }
+
+    /// [`Self::adapter_setting`] from the registry cache alone: `None` when the tenant is not
+    /// cached, `Some(None)` when the setting is not there.
+    pub fn adapter_setting_cached(
+        &self,
+        adapter: AdapterType,
+        tenant: &str,
+        key: &str,
+    ) -> Option<Option<Value>> {
+        let tenant = self.registry.cached_tenant(tenant)?;
+        Some(adapter_setting_of(tenant.as_ref().as_ref(), adapter, key))
     }
 
     /// Authenticates a TLS client certificate: the tenant is the one whose trust anchor has
@@ -826,6 +829,19 @@ impl Pending {
             }
         })
     }
+}
+
+/// The value of `key` in the `ext` of `tenant`'s settings for `adapter`.
+fn adapter_setting_of(tenant: Option<&Tenant>, adapter: AdapterType, key: &str) -> Option<Value> {
+    tenant?
+        .adapters
+        .iter()
+        .flatten()
+        .find(|a| a.adapter_type == adapter.name())?
+        .ext
+        .as_ref()?
+        .get(key)
+        .cloned()
 }
 
 fn produce_error(e: ProduceError) -> Refusal {

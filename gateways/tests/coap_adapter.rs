@@ -61,18 +61,23 @@ async fn coap_client(args: &[&str], uri: String) -> (String, bool) {
     libcoap("coap-client-notls", all).await
 }
 
+/// The next datagram `socket` receives (within 10 s).
+async fn next_datagram(socket: &tokio::net::UdpSocket) -> Packet {
+    let mut buf = vec![0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+        .await
+        .expect("a datagram within 10 s")
+        .unwrap();
+    Packet::from_bytes(&buf[..n]).unwrap()
+}
+
 /// Sends `packet` from a socket of its own and waits for one answer.
 async fn exchange(socket: &tokio::net::UdpSocket, port: u16, packet: &Packet) -> Packet {
     socket
         .send_to(&packet.to_bytes_unlimited().unwrap(), ("127.0.0.1", port))
         .await
         .unwrap();
-    let mut buf = vec![0u8; 2048];
-    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
-        .await
-        .expect("an answer within 10 s")
-        .unwrap();
-    Packet::from_bytes(&buf[..n]).unwrap()
+    next_datagram(socket).await
 }
 
 fn request(kind: MessageType, method: RequestType, path: &str, mid: u16, payload: &[u8]) -> Packet {
@@ -634,6 +639,67 @@ async fn ttd_without_a_command_answers_2_04_when_it_ends() {
     assert_eq!(n[0].headers["ttd"], "1", "capped by the tenant's max-ttd");
 }
 
+/// A plain CON upload follows the tenant's `timeoutToAck` as a long poll does — also once the
+/// device's documents are cached and the upload takes the adapter's short way to the producer:
+/// with 0 an empty ACK comes at once and the 2.04 in a CON of its own after the broker's
+/// acknowledgement (retransmitted until the device acknowledges it), with -1 the 2.04 always
+/// rides on the ACK.
+#[tokio::test]
+async fn plain_uploads_answer_separately_or_piggybacked_as_the_tenant_says() {
+    let p = Platform::start().await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for (timeout_to_ack, separate, base) in [(0, true, 600), (-1, false, 700)] {
+        let tenant = p.tenant(coap_tenant(timeout_to_ack)).await;
+        p.device(&tenant, "dev", json!({})).await;
+        let path = format!("/event/{tenant}/dev");
+        // The first upload fills the registry cache; the next ones find it there.
+        // Message ids of their own: the same ones would be retransmissions.
+        for mid in base..base + 3u16 {
+            let mut up = request(
+                MessageType::Confirmable,
+                RequestType::Put,
+                &path,
+                mid,
+                format!("m{mid}").as_bytes(),
+            );
+            up.add_option(CoapOption::ContentFormat, vec![0]);
+            let first = exchange(&socket, p.coap_port, &up).await;
+            assert_eq!(first.header.get_type(), MessageType::Acknowledgement);
+            assert_eq!(first.header.message_id, mid);
+            if !separate {
+                assert_eq!(code(&first), MessageClass::Response(ResponseType::Changed));
+                continue;
+            }
+            assert_eq!(code(&first), MessageClass::Empty, "an empty ACK at once");
+            let response = next_datagram(&socket).await;
+            assert_eq!(response.header.get_type(), MessageType::Confirmable);
+            assert_eq!(response.get_token(), up.get_token());
+            assert_eq!(
+                code(&response),
+                MessageClass::Response(ResponseType::Changed)
+            );
+            // Not acknowledged the first time: it comes again, and is acknowledged then.
+            let again = next_datagram(&socket).await;
+            assert_eq!(again.header.message_id, response.header.message_id);
+            let mut ack = Packet::new();
+            ack.header.set_type(MessageType::Acknowledgement);
+            ack.header.code = MessageClass::Empty;
+            ack.header.message_id = again.header.message_id;
+            socket
+                .send_to(&ack.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+                .await
+                .unwrap();
+        }
+        let records = read(&format!("hono.event.{tenant}"), 3).await;
+        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+        let sent: Vec<String> = (base..base + 3).map(|m| format!("m{m}")).collect();
+        assert_eq!(
+            payloads,
+            sent.iter().map(|m| m.as_bytes()).collect::<Vec<_>>()
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_command_whose_separate_response_is_reset_fails_with_503() {
     let p = Platform::start().await;
@@ -666,12 +732,7 @@ async fn a_command_whose_separate_response_is_reset_fails_with_503() {
         "",
     )
     .await;
-    let mut buf = vec![0u8; 2048];
-    let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let separate = Packet::from_bytes(&buf[..n]).unwrap();
+    let separate = next_datagram(&socket).await;
     assert_eq!(separate.header.get_type(), MessageType::Confirmable);
     assert_eq!(separate.get_token(), poll.get_token());
     assert_eq!(

@@ -16,7 +16,7 @@ pub mod resource;
 use crate::commands::{CommandDelivery, CommandHub, upload_with_ttd};
 use crate::metrics;
 use crate::pipeline::{
-    AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload,
+    AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Refusal, SubmitNow, Upload,
 };
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 use exchanges::{Exchanges, Seen};
@@ -337,11 +337,16 @@ impl Server {
             self.finish(key, &response, &peer);
             return;
         };
+        let Some((packet, peer, permit)) = self.clone().upload_now(key, packet, peer, permit)
+        else {
+            return;
+        };
         let running = self.exchanges_running.clone();
-        running.spawn(async move {
+        let fut = async move {
             self.exchange(key, packet, &peer).await;
             drop(permit);
-        });
+        };
+        running.spawn(fut);
     }
 
     /// Handles a request and answers it: piggybacked on the ACK of a CON when the answer is
@@ -362,12 +367,8 @@ impl Server {
             Some(after) => match tokio::time::timeout(after, &mut work).await {
                 Ok(reply) => reply,
                 Err(_) => {
-                    let mut ack = Packet::new();
-                    ack.header.set_type(MessageType::Acknowledgement);
-                    ack.header.code = MessageClass::Empty;
-                    ack.header.message_id = key.1;
                     // Retransmissions of the request get the empty ACK again.
-                    self.finish(key, &ack, peer);
+                    self.finish(key, &empty_ack(key.1), peer);
                     let reply = work.await;
                     let acked = self.separate(reply.packet, token, peer).await;
                     self.report(reply.command, acked).await;
@@ -388,16 +389,8 @@ impl Server {
         peer: &Peer,
     ) -> Option<Duration> {
         let request = parsed.as_ref().ok();
-        let tenant = request.as_ref().and_then(|r| match &r.resource {
-            Resource::Upload { target, .. } | Resource::CommandResponse { target, .. } => {
-                target.as_ref().map(|(t, _)| t.clone())
-            }
-        });
-        // The gateway forms name no tenant: the sender's own.
-        let tenant = tenant
-            .filter(|t| !t.is_empty())
-            .or_else(|| peer.origin.device().map(|d| d.tenant_id.clone()));
-        let setting = async |key: &str| match tenant.as_deref().filter(|t| !t.is_empty()) {
+        let tenant = ack_tenant(request, peer);
+        let setting = async |key: &str| match tenant.as_deref() {
             Some(t) => self
                 .pipeline
                 .adapter_setting(ADAPTER, t, key)
@@ -405,16 +398,127 @@ impl Server {
                 .and_then(|v| v.as_i64()),
             None => None,
         };
-        let mut ms = setting("timeoutToAck")
+        let ms = setting("timeoutToAck")
             .await
             .unwrap_or(self.cfg.timeout_to_ack_ms);
-        if ms == 0
-            && request.is_some_and(|r| r.piggy)
-            && let Some(device) = setting("deviceTriggeredTimeoutToAck").await
-        {
-            ms = device;
+        let device_ms = match ms == 0 && request.is_some_and(|r| r.piggy) {
+            true => setting("deviceTriggeredTimeoutToAck").await,
+            false => None,
+        };
+        ack_timeout_of(ms, device_ms)
+    }
+
+    /// [`Self::ack_timeout`] from the registry cache alone; `None` when the tenant is not
+    /// cached.
+    fn ack_timeout_now(
+        &self,
+        request: &resource::Request,
+        peer: &Peer,
+    ) -> Option<Option<Duration>> {
+        let setting = |key: &str| match ack_tenant(Some(request), peer).as_deref() {
+            Some(t) => self
+                .pipeline
+                .adapter_setting_cached(ADAPTER, t, key)
+                .map(|v| v.and_then(|v| v.as_i64())),
+            None => Some(None),
+        };
+        let ms = setting("timeoutToAck")?.unwrap_or(self.cfg.timeout_to_ack_ms);
+        let device_ms = match ms == 0 && request.piggy {
+            true => setting("deviceTriggeredTimeoutToAck")?,
+            false => None,
+        };
+        Some(ack_timeout_of(ms, device_ms))
+    }
+
+    /// The usual upload — no block-wise transfer, no `hono-ttd`, its sender's registry
+    /// documents cached — goes to the producer right here, and only a small task waits for the
+    /// broker's answer (a task per request that could need the registry or a long poll is as
+    /// large as all of that). Everything else comes back for [`Self::exchange`].
+    fn upload_now(
+        self: Arc<Self>,
+        key: (SocketAddr, u16),
+        packet: Packet,
+        peer: Peer,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<(Packet, Peer, tokio::sync::OwnedSemaphorePermit)> {
+        let back = |packet, peer, permit| Some((packet, peer, permit));
+        if packet.get_first_option(CoapOption::Block1).is_some() {
+            return back(packet, peer, permit);
         }
-        u64::try_from(ms).ok().map(Duration::from_millis)
+        let Ok(request) = resource::parse(&packet) else {
+            return back(packet, peer, permit);
+        };
+        let Resource::Upload { endpoint, target } = &request.resource else {
+            return back(packet, peer, permit);
+        };
+        if request.ttd.is_some_and(|t| t > 0) {
+            return back(packet, peer, permit);
+        }
+        let confirmable = packet.header.get_type() == MessageType::Confirmable;
+        let ack_after = match confirmable {
+            true => match self.ack_timeout_now(&request, &peer) {
+                Some(after) => after,
+                None => return back(packet, peer, permit),
+            },
+            false => None,
+        };
+        let up = upload_of(
+            &packet,
+            &peer,
+            &request,
+            *endpoint,
+            target.clone(),
+            confirmable,
+        );
+        let pending = match self.pipeline.submit_now(up) {
+            SubmitNow::Deferred(_) => return back(packet, peer, permit),
+            SubmitNow::Done(Ok(pending)) => pending,
+            SubmitNow::Done(Err(e)) => {
+                let response = self.refusal_response(&packet, &e);
+                self.finish(key, &with_time(response, request.time), &peer);
+                return None;
+            }
+        };
+        // What the answer needs of the request: its type, message id and token.
+        let mut head = Packet::new();
+        head.header = packet.header.clone();
+        head.set_token(packet.get_token().to_vec());
+        let time = request.time;
+        drop((packet, request));
+        let running = self.exchanges_running.clone();
+        let fut = async move {
+            let mut pending = pending;
+            let mut outcome = std::future::poll_fn(|cx| pending.poll_outcome(cx));
+            let answer = |result: Result<_, Refusal>| {
+                let response = match result {
+                    Ok(_) => self.response(&head, ResponseType::Changed),
+                    Err(e) => self.refusal_response(&head, &e),
+                };
+                with_time(response, time)
+            };
+            match ack_after {
+                None => {
+                    let response = answer(outcome.await);
+                    self.finish(key, &response, &peer);
+                }
+                Some(after) => match tokio::time::timeout(after, &mut outcome).await {
+                    Ok(result) => {
+                        let response = answer(result);
+                        self.finish(key, &response, &peer);
+                    }
+                    Err(_) => {
+                        self.finish(key, &empty_ack(key.1), &peer);
+                        let response = answer(outcome.await);
+                        let token = head.get_token().to_vec();
+                        // Rare: its retransmission state lives on the heap, not in every task.
+                        Box::pin(self.separate(response, token, &peer)).await;
+                    }
+                },
+            }
+            drop(permit);
+        };
+        running.spawn(fut);
+        None
     }
 
     /// Sends a separate response as a CON and waits for the device's ACK, retransmitting as
@@ -587,15 +691,8 @@ impl Server {
         if let Some(b) = block1 {
             response.add_option(CoapOption::Block1, b.encode());
         }
-        if request.time {
-            let now = chrono::Utc::now().timestamp_millis();
-            response.add_option(
-                CoapOption::Unknown(resource::HONO_TIME_OPTION),
-                resource::uint_option(u64::try_from(now).unwrap_or_default()),
-            );
-        }
         Reply {
-            packet: response,
+            packet: with_time(response, request.time),
             command,
         }
     }
@@ -609,29 +706,7 @@ impl Server {
         target: Option<(String, String)>,
         confirmable: bool,
     ) -> Result<Outcome, Refusal> {
-        let content_type = match request.empty {
-            true => Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.to_owned()),
-            false => request.content_type.clone(),
-        };
-        let up = Upload {
-            adapter: ADAPTER,
-            endpoint,
-            // CON is at least once; NON at most once (and refused for events by the pipeline).
-            qos: if confirmable {
-                Qos::AtLeastOnce
-            } else {
-                Qos::AtMostOnce
-            },
-            origin: peer.origin.clone(),
-            target,
-            content_type,
-            payload: bytes::Bytes::copy_from_slice(&packet.payload),
-            ttl_secs: request.ttl,
-            ttd_secs: None,
-            orig_address: request.path.clone(),
-            retain: false,
-            traceparent: None,
-        };
+        let up = upload_of(packet, peer, request, endpoint, target, confirmable);
         let polling = upload_with_ttd(
             &self.pipeline,
             self.hub.as_ref(),
@@ -714,6 +789,86 @@ impl Server {
         }
         response
     }
+}
+
+/// The pipeline's upload for an upload request.
+fn upload_of(
+    packet: &Packet,
+    peer: &Peer,
+    request: &resource::Request,
+    endpoint: Endpoint,
+    target: Option<(String, String)>,
+    confirmable: bool,
+) -> Upload {
+    let content_type = match request.empty {
+        true => Some(ferrule_schemas::content_type::EMPTY_NOTIFICATION.to_owned()),
+        false => request.content_type.clone(),
+    };
+    Upload {
+        adapter: ADAPTER,
+        endpoint,
+        // CON is at least once; NON at most once (and refused for events by the pipeline).
+        qos: if confirmable {
+            Qos::AtLeastOnce
+        } else {
+            Qos::AtMostOnce
+        },
+        origin: peer.origin.clone(),
+        target,
+        content_type,
+        payload: bytes::Bytes::copy_from_slice(&packet.payload),
+        ttl_secs: request.ttl,
+        ttd_secs: None,
+        orig_address: request.path.clone(),
+        retain: false,
+        traceparent: None,
+    }
+}
+
+/// The tenant whose ACK timeout applies: the one the request names, else the sender's own
+/// (the gateway forms name none).
+fn ack_tenant(request: Option<&resource::Request>, peer: &Peer) -> Option<String> {
+    let named = request.and_then(|r| match &r.resource {
+        Resource::Upload { target, .. } | Resource::CommandResponse { target, .. } => {
+            target.as_ref().map(|(t, _)| t.clone())
+        }
+    });
+    named
+        .filter(|t| !t.is_empty())
+        .or_else(|| peer.origin.device().map(|d| d.tenant_id.clone()))
+        .filter(|t| !t.is_empty())
+}
+
+/// The ACK timeout of `ms` (the tenant's `timeoutToAck` or the configured one), 0 replaced by
+/// the device's own (`deviceTriggeredTimeoutToAck`, asked with `piggy`) if given; `None` for a
+/// negative value: always piggyback.
+fn ack_timeout_of(ms: i64, device_ms: Option<i64>) -> Option<Duration> {
+    let ms = match (ms, device_ms) {
+        (0, Some(device)) => device,
+        (ms, _) => ms,
+    };
+    u64::try_from(ms).ok().map(Duration::from_millis)
+}
+
+/// An empty ACK of the request with message id `mid`: its answer follows separately.
+fn empty_ack(mid: u16) -> Packet {
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Empty;
+    ack.header.message_id = mid;
+    ack
+}
+
+/// `response`, with the server time (Hono's `hono-time` option) when `time` asks for it.
+fn with_time(mut response: Packet, time: bool) -> Packet {
+    if time {
+        let now = chrono::Utc::now().timestamp_millis();
+        response.add_option(
+            CoapOption::Unknown(resource::HONO_TIME_OPTION),
+            resource::uint_option(u64::try_from(now).unwrap_or_default()),
+        );
+    }
+    response
 }
 
 /// Puts a command into a 2.04 response (Hono's CoAP adapter guide): its name as `location-query`
