@@ -133,6 +133,9 @@ enum Outcome {
     Command(String, Box<CommandDelivery>, bool),
 }
 
+/// A request as [`resource::parse`] read it.
+type Parsed = Result<resource::Request, ResourceError>;
+
 /// RFC 7252 §4.8: the first retransmission after 2 s, then doubling, at most 4 times.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_RETRANSMIT: u32 = 4;
@@ -337,24 +340,24 @@ impl Server {
             self.finish(key, &response, &peer);
             return;
         };
-        let Some((packet, peer, permit)) = self.clone().upload_now(key, packet, peer, permit)
+        // Read once: the resource and options decide the ACK timeout and the handling.
+        let parsed = resource::parse(&packet);
+        let Some((packet, parsed, peer, permit)) =
+            self.clone().upload_now(key, packet, parsed, peer, permit)
         else {
             return;
         };
         let running = self.exchanges_running.clone();
-        let fut = async move {
-            self.exchange(key, packet, &peer).await;
+        running.spawn(async move {
+            self.exchange(key, packet, parsed, &peer).await;
             drop(permit);
-        };
-        running.spawn(fut);
+        });
     }
 
     /// Handles a request and answers it: piggybacked on the ACK of a CON when the answer is
     /// ready within the ACK timeout, else an empty ACK at that time and the answer later in a
     /// CON of its own (RFC 7252 §5.2.2), which the device acknowledges.
-    async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, peer: &Peer) {
-        // Read once: the resource and options decide the ACK timeout and the handling.
-        let parsed = resource::parse(&packet);
+    async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, parsed: Parsed, peer: &Peer) {
         let ack_after = match packet.header.get_type() {
             MessageType::Confirmable => self.ack_timeout(&parsed, peer).await,
             _ => None,
@@ -370,7 +373,8 @@ impl Server {
                     // Retransmissions of the request get the empty ACK again.
                     self.finish(key, &empty_ack(key.1), peer);
                     let reply = work.await;
-                    let acked = self.separate(reply.packet, token, peer).await;
+                    // Boxed: its retransmission state is needed by late answers only.
+                    let acked = Box::pin(self.separate(reply.packet, token, peer)).await;
                     self.report(reply.command, acked).await;
                     return;
                 }
@@ -438,44 +442,50 @@ impl Server {
         self: Arc<Self>,
         key: (SocketAddr, u16),
         packet: Packet,
+        parsed: Parsed,
         peer: Peer,
         permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Option<(Packet, Peer, tokio::sync::OwnedSemaphorePermit)> {
-        let back = |packet, peer, permit| Some((packet, peer, permit));
-        if packet.get_first_option(CoapOption::Block1).is_some() {
-            return back(packet, peer, permit);
-        }
-        let Ok(request) = resource::parse(&packet) else {
-            return back(packet, peer, permit);
+    ) -> Option<(Packet, Parsed, Peer, tokio::sync::OwnedSemaphorePermit)> {
+        let back = |packet, parsed, peer, permit| Some((packet, parsed, peer, permit));
+        let fast = match &parsed {
+            Ok(
+                request @ resource::Request {
+                    resource: Resource::Upload { endpoint, target },
+                    ..
+                },
+            ) if request.ttd.is_none_or(|t| t <= 0)
+                && packet.get_first_option(CoapOption::Block1).is_none() =>
+            {
+                Some((request, *endpoint, target))
+            }
+            _ => None,
         };
-        let Resource::Upload { endpoint, target } = &request.resource else {
-            return back(packet, peer, permit);
+        let Some((request, endpoint, target)) = fast else {
+            return back(packet, parsed, peer, permit);
         };
-        if request.ttd.is_some_and(|t| t > 0) {
-            return back(packet, peer, permit);
-        }
         let confirmable = packet.header.get_type() == MessageType::Confirmable;
         let ack_after = match confirmable {
-            true => match self.ack_timeout_now(&request, &peer) {
+            true => match self.ack_timeout_now(request, &peer) {
                 Some(after) => after,
-                None => return back(packet, peer, permit),
+                None => return back(packet, parsed, peer, permit),
             },
             false => None,
         };
         let up = upload_of(
             &packet,
             &peer,
-            &request,
-            *endpoint,
+            request,
+            endpoint,
             target.clone(),
             confirmable,
         );
+        let time = request.time;
         let pending = match self.pipeline.submit_now(up) {
-            SubmitNow::Deferred(_) => return back(packet, peer, permit),
+            SubmitNow::Deferred(_) => return back(packet, parsed, peer, permit),
             SubmitNow::Done(Ok(pending)) => pending,
             SubmitNow::Done(Err(e)) => {
                 let response = self.refusal_response(&packet, &e);
-                self.finish(key, &with_time(response, request.time), &peer);
+                self.finish(key, &with_time(response, time), &peer);
                 return None;
             }
         };
@@ -483,10 +493,9 @@ impl Server {
         let mut head = Packet::new();
         head.header = packet.header.clone();
         head.set_token(packet.get_token().to_vec());
-        let time = request.time;
-        drop((packet, request));
+        drop((packet, parsed));
         let running = self.exchanges_running.clone();
-        let fut = async move {
+        running.spawn(async move {
             let mut pending = pending;
             let mut outcome = std::future::poll_fn(|cx| pending.poll_outcome(cx));
             let answer = |result: Result<_, Refusal>| {
@@ -516,8 +525,7 @@ impl Server {
                 },
             }
             drop(permit);
-        };
-        running.spawn(fut);
+        });
         None
     }
 
@@ -562,8 +570,8 @@ impl Server {
         } else {
             let (cid, outcome) = (cmd.correlation_id.as_deref(), cmd.outcome.as_ref());
             let reason = "the device did not acknowledge the response carrying the command";
-            hub.undelivered(&tenant, &cmd.device_id, cid, outcome, reason)
-                .await;
+            // Boxed: the failure's record is rare, and every exchange would carry its room.
+            Box::pin(hub.undelivered(&tenant, &cmd.device_id, cid, outcome, reason)).await;
         }
     }
 
