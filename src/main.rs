@@ -299,7 +299,13 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
     let drain = async { while tasks.join_next().await.is_some() {} };
     let bound = Duration::from_secs(cfg.shutdown.drain_timeout_secs);
     if tokio::time::timeout(bound, drain).await.is_err() {
-        tracing::warn!(?bound, "services did not finish draining in time");
+        tracing::warn!(
+            ?bound,
+            "services did not finish draining in time; exiting without them"
+        );
+        // What still runs would hold the exit past the bound: dropping a Kafka consumer, for
+        // one, waits for its LeaveGroup request, which a stuck broker never answers.
+        std::process::exit(if result.is_ok() { 0 } else { 1 });
     }
     tracing::info!("stopped");
     result

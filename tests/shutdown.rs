@@ -293,3 +293,70 @@ fn sigterm_answers_open_long_polls_and_waits_for_coap_exchanges() {
         "the polls were released"
     );
 }
+
+/// The drain has a bound: with a Kafka that never answers (a socket that accepts and stays
+/// silent), a QoS 1 publish can never be acknowledged, and the connection holding it never
+/// drains — the process exits once `shutdown.drain_timeout_secs` have passed, not later.
+#[test]
+fn a_drain_that_cannot_finish_ends_at_its_bound() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kafka = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let mut f = Ferrule::start_with(
+        &kafka,
+        &[
+            ("FERRULE_SHUTDOWN__READINESS_DELAY_MS", "0".into()),
+            ("FERRULE_SHUTDOWN__DRAIN_TIMEOUT_SECS", "2".into()),
+            // The telemetry topic's metadata is asked for first: that answer never comes.
+            ("FERRULE_KAFKA__METADATA_TIMEOUT_MS", "60000".into()),
+        ],
+    );
+    // Not ready without Kafka; the registry and the MQTT adapter serve all the same.
+    let start = std::time::Instant::now();
+    while f.admin("GET", "/v1/tenants/none", "").0 == 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the registry");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tenant = format!("shutdown-bound-{}", uuid::Uuid::new_v4().simple());
+    provision(&f, &tenant);
+    let (host, port) = f.mqtt.split_once(':').unwrap();
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-q",
+            "1",
+            "-t",
+            "telemetry",
+            "-m",
+            "stuck",
+        ])
+        .args(["-u", &format!("{DEVICE}@{tenant}"), "-P", PASSWORD])
+        .spawn()
+        .expect("mosquitto_pub (Debian mosquitto-clients)");
+    // Its PUBLISH waits for Kafka, which never answers.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        publisher.try_wait().unwrap().is_none(),
+        "no PUBACK can come"
+    );
+
+    let stopped = std::time::Instant::now();
+    f.terminate();
+    let status = f.wait_exit(Duration::from_secs(30));
+    let took = stopped.elapsed();
+    let _ = publisher.kill();
+    assert!(status.success(), "exit status {status}");
+    // The bound, and some room for the process's own start of the drain and its exit.
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM, with a drain bound of 2 s"
+    );
+}
