@@ -99,6 +99,11 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
         topic_exists(&kafka(), &internal),
         "the instance's command topic"
     );
+    assert_eq!(
+        live_command_consumers(&tenant),
+        1,
+        "the device's subscription"
+    );
 
     f.terminate();
     // Readiness goes down while the process still serves: an upload is still taken.
@@ -166,8 +171,9 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
 /// (curl) and a CoAP device (aiocoap) wait for a command with a ttd of a minute; at SIGTERM each
 /// gets its answer without a command — 202, and 2.04 in a separate response. A third CoAP
 /// device (a raw socket) leaves the first transmission of its separate response unacknowledged:
-/// the listener still runs, the gateway sends it again, takes the device's ACK, and only then
-/// exits — long before its drain bound (here 60 s) and the ttd.
+/// meanwhile the MQTT, HTTP and AMQP listeners are closed and a new CoAP request gets 5.03, but
+/// the CoAP listener still runs: the gateway sends the response again, takes the device's ACK,
+/// and only then exits — long before its drain bound (here 60 s) and the ttd.
 #[test]
 fn sigterm_answers_open_long_polls_and_waits_for_coap_exchanges() {
     use coap_lite::{MessageClass, MessageType, Packet, RequestType};
@@ -271,6 +277,41 @@ fn sigterm_answers_open_long_polls_and_waits_for_coap_exchanges() {
     assert_eq!(first.header.get_type(), MessageType::Confirmable);
     assert_eq!(first.get_token(), &[7, 7]);
     assert_eq!(first.header.get_code(), "2.04", "no command: 2.04 Changed");
+    // The drain has begun: the TCP listeners are closed, and a new CoAP request is refused
+    // with 5.03 while the exchange in flight goes on.
+    for (what, addr) in [
+        ("MQTT", f.mqtt.clone()),
+        ("HTTP", f.http.trim_start_matches("http://").to_owned()),
+        ("AMQP", f.amqp.trim_start_matches("amqp://").to_owned()),
+    ] {
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(&addr).is_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "the {what} listener still accepts while draining"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let late = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut upload = Packet::new();
+    upload.header.set_type(MessageType::Confirmable);
+    upload.header.code = MessageClass::Request(RequestType::Put);
+    upload.header.message_id = 0x5151;
+    for part in ["telemetry", &tenant, "valve"] {
+        upload.add_option(coap_lite::CoapOption::UriPath, part.as_bytes().to_vec());
+    }
+    upload.payload = b"too late".to_vec();
+    late.send_to(&upload.to_bytes().unwrap(), &f.coap).unwrap();
+    let mut buf = [0u8; 1500];
+    let n = late.recv(&mut buf).expect("an answer to the late request");
+    let refused = Packet::from_bytes(&buf[..n]).unwrap();
+    assert_eq!(
+        refused.header.get_code(),
+        "5.03",
+        "a new request while draining"
+    );
     // Unacknowledged: the adapter still serves the exchange and sends it again.
     let again = receive();
     assert_eq!(again.header.message_id, first.header.message_id);
