@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -231,6 +232,8 @@ impl Fleet {
                 // A killed gateway is dead after 12 s (three missed heartbeats would be 30 s)
                 // and forgotten, its topic deleted, right then.
                 ("FERRULE_ROUTER__INSTANCE_TIMEOUT_SECS".into(), "12".into()),
+                // The gateways beat three times within that.
+                ("FERRULE_GATEWAY__INSTANCE_TIMEOUT_SECS".into(), "12".into()),
                 ("FERRULE_ROUTER__PURGE_INTERVAL_SECS".into(), "1".into()),
                 (
                     "FERRULE_ROUTER__FORGET_INSTANCES_AFTER_SECS".into(),
@@ -557,12 +560,48 @@ fn device_scripts(
 
 /// `devices` of `tenant` publishing QoS 1 telemetry through HAProxy for `secs` seconds as fast as
 /// it is acknowledged; each has its first 50 messages acknowledged when this returns.
+/// Every other device publishes events instead of telemetry.
 fn publishers(fleet: &Fleet, tenant: &str, devices: &[String], secs: u32) -> Vec<Script> {
-    let mut publishers = device_scripts(fleet, tenant, devices, secs, &[]);
+    let mut publishers: Vec<Script> = devices
+        .iter()
+        .enumerate()
+        .flat_map(|(n, d)| {
+            let mode: &[&str] = if n % 2 == 1 { &["event"] } else { &[] };
+            device_scripts(fleet, tenant, std::slice::from_ref(d), secs, mode)
+        })
+        .collect();
     for p in &mut publishers {
-        p.expect("flowing", "QoS 1 telemetry through HAProxy");
+        p.expect("flowing", "QoS 1 telemetry and events through HAProxy");
     }
     publishers
+}
+
+/// How many records `tenant`'s telemetry and event topics hold now (their high watermarks).
+fn upload_count(fleet: &Fleet, tenant: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &fleet.bootstrap)
+        .set("log_level", "3")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(10);
+    let mut count = 0;
+    for kind in ["telemetry", "event"] {
+        let topic = format!("hono.{kind}.{tenant}");
+        let metadata = consumer.fetch_metadata(Some(&topic), timeout).unwrap();
+        for p in metadata.topics()[0].partitions() {
+            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), timeout).unwrap();
+            count += high - low;
+        }
+    }
+    count
+}
+
+/// The records of `tenant`'s telemetry and event topics.
+fn uploads(fleet: &Fleet, tenant: &str) -> Vec<String> {
+    let mut records = fleet.records(&format!("hono.telemetry.{tenant}"));
+    records.extend(fleet.records(&format!("hono.event.{tenant}")));
+    records
 }
 
 /// Each publisher's final report (`done`).
@@ -573,8 +612,8 @@ fn reports(publishers: &mut [Script]) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Every message the publishers saw acknowledged is in `tenant`'s telemetry topic; prints the
-/// figures (published, acknowledged, found, duplicated).
+/// Every message the publishers saw acknowledged is in `tenant`'s telemetry or event topic;
+/// prints the figures (published, acknowledged, found, duplicated).
 fn nothing_acknowledged_lost(
     fleet: &Fleet,
     tenant: &str,
@@ -590,7 +629,7 @@ fn nothing_acknowledged_lost(
         .flat_map(|r| r["acked"].as_array().unwrap())
         .map(|v| v.as_str().unwrap())
         .collect();
-    let records = fleet.records(&format!("hono.telemetry.{tenant}"));
+    let records = uploads(fleet, tenant);
     let found: std::collections::HashSet<&str> = records.iter().map(String::as_str).collect();
     let missing = acked.iter().filter(|a| !found.contains(*a)).count();
     eprintln!(
@@ -611,50 +650,79 @@ fn log(dir: &std::path::Path, name: &str) -> Stdio {
 fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp() {
     let mut fleet = Fleet::start();
     let tenant = format!("fleet-{}", uuid::Uuid::new_v4().simple());
-    let devices: Vec<String> = (0..4).map(|n| format!("dev-{n}")).collect();
-    fleet.provision(&tenant, &devices);
+    // Four devices a round, new ones each round: an application must not take an earlier
+    // round's notification for a device that is not there.
+    const ROUNDS: usize = 4;
+    let all: Vec<String> = (0..4 * ROUNDS).map(|n| format!("dev-{n}")).collect();
+    fleet.provision(&tenant, &all);
     let (host, port) = fleet.mqtt.split_once(':').unwrap();
-    for (n, d) in devices.iter().enumerate() {
-        // Even devices are commanded by a Kafka application, odd ones by an AMQP application.
-        let mut app = if n % 2 == 0 {
-            Script::spawn(
-                "kafka_application.py",
-                &kafka_python(),
-                &[&fleet.bootstrap, &tenant, d, "60"],
-            )
-        } else {
-            Script::spawn(
-                "amqp_application.py",
+    // Which gateways held a device while a Kafka (`false`) or an AMQP (`true`) application's
+    // command reached it. The devices come one after the other, so HAProxy's least-connections
+    // choice alternates; the applications take turns the other way round each round.
+    let mut reached: [BTreeSet<String>; 2] = Default::default();
+    for (round, devices) in all.chunks(4).enumerate() {
+        if reached.iter().all(|r| r.len() == 2) {
+            break;
+        }
+        for (n, d) in devices.iter().enumerate() {
+            let amqp = (n + round) % 2 == 1;
+            let mut app = if !amqp {
+                Script::spawn(
+                    "kafka_application.py",
+                    &kafka_python(),
+                    &[&fleet.bootstrap, &tenant, d, "60"],
+                )
+            } else {
+                Script::spawn(
+                    "amqp_application.py",
+                    DEBIAN_PYTHON,
+                    &[
+                        &fleet.amqp,
+                        &format!("{APP}@{tenant}"),
+                        APP_PASSWORD,
+                        &tenant,
+                        d,
+                        "60",
+                    ],
+                )
+            };
+            app.expect("ready", "the application attaches");
+            let mut device = Script::spawn(
+                "mqtt_device.py",
                 DEBIAN_PYTHON,
                 &[
-                    &fleet.amqp,
-                    &format!("{APP}@{tenant}"),
-                    APP_PASSWORD,
-                    &tenant,
-                    d,
+                    host,
+                    port,
+                    &format!("{d}@{tenant}"),
+                    &format!("{d}-secret"),
                     "60",
+                    // Connected a while after its answer: the test asks where it is.
+                    "1",
                 ],
-            )
-        };
-        app.expect("ready", "the application attaches");
-        let mut device = Script::spawn(
-            "mqtt_device.py",
-            DEBIAN_PYTHON,
-            &[
-                host,
-                port,
-                &format!("{d}@{tenant}"),
-                &format!("{d}-secret"),
-                "60",
-            ],
-        );
-        device.expect("subscribed", "the device subscribes through HAProxy");
-        let response = app.expect("response", "the device's response reaches the application");
-        assert_eq!(response["status"], 200, "{d}: {response}");
-        device.expect("responded", "the device answered");
-        device.finish();
-        app.finish();
+            );
+            device.expect("subscribed", "the device subscribes through HAProxy");
+            let response = app.expect("response", "the device's response reaches the application");
+            assert_eq!(response["status"], 200, "{d}: {response}");
+            device.expect("responded", "the device answered");
+            let holder = fleet
+                .holders(&tenant)
+                .into_iter()
+                .find(|(x, _)| x == d)
+                .map(|(_, instance)| instance)
+                .expect("the device's gateway");
+            device.finish();
+            app.finish();
+            reached[usize::from(amqp)].insert(holder);
+        }
     }
+    eprintln!(
+        "commands from Kafka reached devices on {:?}, from AMQP on {:?}",
+        reached[0], reached[1]
+    );
+    assert!(
+        reached.iter().all(|r| r.len() == 2),
+        "both applications reach devices on both gateways"
+    );
     // HTTP through HAProxy as well.
     let (code, body) = curl(&[
         "-u",
@@ -666,11 +734,13 @@ fn commands_reach_devices_on_either_gateway_through_haproxy_from_kafka_and_amqp(
         &format!("{}/event", fleet.http),
     ]);
     assert_eq!(code, 202, "{body}");
+    let events = fleet.records(&format!("hono.event.{tenant}"));
+    assert!(events.iter().any(|e| e == "via-haproxy"), "{events:?}");
+    // The gateways counted the device connections they took.
     let per_gateway = fleet.connections_per_gateway(&tenant);
-    assert_eq!(per_gateway.iter().sum::<u64>(), 4, "{per_gateway:?}");
     assert!(
         per_gateway.iter().all(|&n| n >= 1),
-        "devices on both gateways: {per_gateway:?}"
+        "device connections per gateway: {per_gateway:?}"
     );
 
     a_killed_gateway_loses_nothing_acknowledged(&mut fleet);
@@ -738,13 +808,14 @@ fn a_killed_bridge_loses_no_event(fleet: &mut Fleet) {
     );
     app.expect("progress", "events reach the application");
     let victim = bridge_holding_connections(fleet);
-    let victim = format!("bridge-{victim}");
-    fleet.proc(&victim).kill9();
-    // The killed bridge starts again; once the application is back (on either bridge), the one
-    // holding it is stopped with SIGTERM and it moves once more.
-    fleet.proc(&victim).restart();
+    fleet.proc(&format!("bridge-{victim}")).kill9();
     app.expect("attached", "the application signs in again after the kill");
-    let holder = format!("bridge-{}", bridge_holding_connections(fleet));
+    let holder = bridge_holding_connections(fleet);
+    assert_ne!(holder, victim, "the application is on the other bridge");
+    // The killed bridge starts again; the one holding the application is stopped with
+    // SIGTERM, and the application moves once more.
+    fleet.proc(&format!("bridge-{victim}")).restart();
+    let holder = format!("bridge-{holder}");
     fleet.proc(&holder).sigterm();
     let status = fleet.proc(&holder).exited();
     assert!(status.success(), "{holder} after SIGTERM: {status}");
@@ -809,15 +880,27 @@ fn a_killed_broker_loses_nothing_acknowledged(fleet: &mut Fleet) {
         used(&brokers[victim]) > 0,
         "the gateway's broker connections:\n{sockets}"
     );
+    let before = upload_count(fleet, &tenant);
     fleet.proc(&format!("broker-{victim}")).kill9();
     let reports = reports(&mut publishers);
     nothing_acknowledged_lost(fleet, &tenant, "broker kill", &reports);
+    // The devices went on: more was acknowledged than Kafka held at the kill, beyond the
+    // publishers' windows (4 × 20) that may have been in flight then.
+    let acked: usize = reports
+        .iter()
+        .map(|r| r["acked"].as_array().unwrap().len())
+        .sum();
+    eprintln!("broker kill: {before} records in Kafka at the kill, {acked} acknowledged in all");
+    assert!(
+        acked as i64 > before + 100,
+        "nothing acknowledged after the kill: {before} at the kill, {acked} in all"
+    );
 }
 
 /// kill -9 of one router while one-way commands flow at a steady rate: the other router takes
-/// its partitions. Then the killed one starts again and joins, and the other is stopped with
-/// SIGTERM: it hands its partitions over and exits 0. Every command reaches its device exactly
-/// once (counted at the devices).
+/// its partitions and forwards every command. Then the killed one starts again and joins, and
+/// the other is stopped with SIGTERM: it hands its partitions over and exits 0. Every command
+/// reaches its device exactly once (counted at the devices).
 fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -839,7 +922,7 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
     );
     create.expect("created", "the command topic");
     create.finish();
-    let mut listeners = device_scripts(fleet, &tenant, &devices, 35, &["listen"]);
+    let mut listeners = device_scripts(fleet, &tenant, &devices, 40, &["listen"]);
     for l in &mut listeners {
         l.expect("subscribed", "the device takes commands");
     }
@@ -850,45 +933,64 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
         .set("log_level", "3")
         .create()
         .unwrap();
-    const COMMANDS: usize = 400;
     let mut sent: Vec<Vec<String>> = vec![Vec::new(); devices.len()];
-    for k in 0..COMMANDS {
-        let n = k % devices.len();
-        let subject = format!("c-{k}");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "device_id",
-                value: Some(devices[n].as_str()),
-            })
-            .insert(Header {
-                key: "subject",
-                value: Some(subject.as_str()),
-            });
-        producer
-            .send(
-                BaseRecord::to(&topic)
-                    .key(devices[n].as_str())
-                    .payload("")
-                    .headers(headers),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-        producer.poll(Duration::ZERO);
-        sent[n].push(subject);
-        if k == COMMANDS / 4 {
+    // 40 commands a second, the k-th to device k mod 4; `at` runs before the command `k`.
+    let send = |fleet: &mut Fleet,
+                sent: &mut Vec<Vec<String>>,
+                range: std::ops::Range<usize>,
+                at: &dyn Fn(&mut Fleet, usize)| {
+        for k in range {
+            at(fleet, k);
+            let n = k % devices.len();
+            let subject = format!("c-{k}");
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "device_id",
+                    value: Some(devices[n].as_str()),
+                })
+                .insert(Header {
+                    key: "subject",
+                    value: Some(subject.as_str()),
+                });
+            producer
+                .send(
+                    BaseRecord::to(&topic)
+                        .key(devices[n].as_str())
+                        .payload("")
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+            producer.poll(Duration::ZERO);
+            sent[n].push(subject);
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    // kill -9 of router-0 early on: router-1 alone must take its partitions. Every command of
+    // this part reaches its device before router-0 starts again (the devices print each).
+    const KILLED: usize = 300;
+    send(fleet, &mut sent, 0..KILLED, &|fleet, k| {
+        if k == 50 {
             fleet.proc("router-0").kill9();
         }
-        // A router joins again, and then the other leaves as an operator stops it.
-        if k == COMMANDS / 2 {
-            fleet.proc("router-0").restart();
+    });
+    for (n, l) in listeners.iter_mut().enumerate() {
+        let mut missing: std::collections::HashSet<String> = sent[n].iter().cloned().collect();
+        while !missing.is_empty() {
+            let topic = l.expect("command", "router-1 forwards the killed router's commands");
+            missing.remove(topic.as_str().unwrap().rsplit('/').next().unwrap());
         }
-        if k == 3 * COMMANDS / 4 {
+    }
+    // router-0 starts again and joins; router-1 is stopped with SIGTERM while commands flow:
+    // it hands its partitions over and exits 0.
+    const COMMANDS: usize = KILLED + 200;
+    fleet.proc("router-0").restart();
+    send(fleet, &mut sent, KILLED..COMMANDS, &|fleet, k| {
+        if k == KILLED + 50 {
             fleet.proc("router-1").sigterm();
         }
-        // 40 commands a second.
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    });
     let (mut lost, mut twice) = (0, 0);
     for (n, l) in listeners.iter_mut().enumerate() {
         let done = l.expect("done", "the device's count");
@@ -907,7 +1009,7 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
         }
     }
     eprintln!(
-        "router kill and SIGTERM: sent {COMMANDS}, received once {}, lost {lost}, received \
+        "router kill, then SIGTERM: sent {COMMANDS}, received once {}, lost {lost}, received \
          twice {twice}",
         COMMANDS - lost - twice
     );
@@ -940,6 +1042,8 @@ fn a_killed_gateway_loses_nothing_acknowledged(fleet: &mut Fleet) {
         !moved.is_empty() && moved.len() < devices.len(),
         "devices on both gateways: {holders:?}"
     );
+    let internal = format!("hono.command_internal.{victim}");
+    assert!(fleet.topic_exists(&internal), "{internal} before the kill");
     fleet.gateways[0].proc.kill9();
     let killed_at = Instant::now();
     for &n in &moved {
@@ -989,7 +1093,6 @@ fn a_killed_gateway_loses_nothing_acknowledged(fleet: &mut Fleet) {
     nothing_acknowledged_lost(fleet, &tenant, "gateway kill", &reports);
 
     // The dead instance: its routing entries and its internal topic go.
-    let internal = format!("hono.command_internal.{victim}");
     loop {
         let rows = fleet.sql(&format!(
             "SELECT count(*) FROM command_consumers WHERE instance_id = '{victim}'"

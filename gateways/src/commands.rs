@@ -110,7 +110,8 @@ pub struct CommandDelivery {
 /// Commands waiting for one connection; bounded, a full queue fails the command (503).
 pub type CommandQueue = mpsc::Sender<CommandDelivery>;
 
-/// How often this instance tells the router it is alive.
+/// How often this instance tells the router it is alive, at most: three times within the
+/// instance timeout, so one late or lost beat does not make it dead.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// How often overdue request/response commands are answered with a timeout.
@@ -692,7 +693,8 @@ impl CommandHub {
             .create()?;
         consumer.subscribe(&[&topic])?;
         tracing::info!(instance = %self.instance_id(), "consuming commands");
-        let mut beat = tokio::time::interval(HEARTBEAT);
+        let every = HEARTBEAT.min(self.inner.routing.instance_timeout() / 3);
+        let mut beat = tokio::time::interval(every.max(Duration::from_secs(1)));
         let mut sweep = tokio::time::interval(SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

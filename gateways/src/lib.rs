@@ -30,10 +30,9 @@ use tokio::sync::watch;
 pub struct GatewayConfig {
     /// Largest device payload accepted (bytes); Hono's default is 2048.
     pub max_payload_size: usize,
-    /// Not used by the gateway yet: it sends a heartbeat every 10 s whatever this says
-    /// (`HEARTBEAT` in `commands.rs`), and only the router judges liveness, by its own
-    /// `router.instance_timeout_secs` (30 s, three heartbeat intervals), which must stay
-    /// above 10 s.
+    /// How long the router waits for this instance's heartbeat before it counts it dead;
+    /// set it like `router.instance_timeout_secs` (30). The gateway beats three times within
+    /// it (every 10 s at most).
     pub instance_timeout_secs: u64,
     /// This instance's id: names its internal command topic
     /// (`<kafka.topic_prefix>hono.command_internal.<id>`) and its command routing entries.

@@ -69,6 +69,11 @@ impl RoutingState {
         }
     }
 
+    /// How long an instance may go without a heartbeat before it counts as dead.
+    pub fn instance_timeout(&self) -> Duration {
+        self.instance_timeout
+    }
+
     /// Queues `op` for the writer task and waits until it is written.
     async fn change(
         &self,

@@ -6,7 +6,9 @@ the command's, then leaves once the adapter acknowledged the answer.
 Prints JSON lines: `connected`, `subscribed` (the granted QoS), `command`, `responded`; or
 `error`, and exits 1.
 
-usage: mqtt_device.py HOST PORT USER PASSWORD TIMEOUT_SECONDS
+With LINGER_SECONDS it stays connected that long after the answer was acknowledged.
+
+usage: mqtt_device.py HOST PORT USER PASSWORD TIMEOUT_SECONDS [LINGER_SECONDS]
 """
 import json
 import sys
@@ -23,6 +25,7 @@ def out(**line):
 def main():
     host, port, user, password, timeout = sys.argv[1:6]
     deadline = time.monotonic() + float(timeout)
+    linger = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     client_id = "example-device-%s" % uuid.uuid4().hex[:8]
     if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt 2
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION1, client_id=client_id)
@@ -76,6 +79,9 @@ def main():
         rc = client.loop(timeout=0.2)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             state["failed"] = "connection lost: %s" % mqtt.error_string(rc)
+    end = time.monotonic() + linger
+    while not state["failed"] and time.monotonic() < end:
+        client.loop(timeout=0.1)
     client.disconnect()
     if state["failed"]:
         out(error=state["failed"])

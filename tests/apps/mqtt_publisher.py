@@ -11,9 +11,11 @@ PUBACK), `published` (how many were sent) and `commands` (the topics of the comm
 or `error`, and exits 1.
 
 With `listen` it publishes nothing: it only counts the commands it receives until the time is
-up (and prints `subscribed` as soon as it is subscribed).
+up, printing `command` with each one's topic (and `subscribed` as soon as it is subscribed). With `event` it publishes events
+instead of telemetry (QoS 1 all the same).
 
 usage: mqtt_publisher.py HOST PORT USER PASSWORD RUN_ID TIMEOUT_SECONDS [reconnect] [listen]
+       [event]
 """
 import json
 import sys
@@ -33,6 +35,7 @@ def main():
     host, port, user, password, run_id, timeout = sys.argv[1:7]
     reconnect = "reconnect" in sys.argv[7:]
     listen = "listen" in sys.argv[7:]
+    topic = "event" if "event" in sys.argv[7:] else "telemetry"
     deadline = time.monotonic() + float(timeout)
     client_id = "publisher-%s" % run_id
     if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt 2
@@ -88,6 +91,8 @@ def main():
     def on_message(_c, _userdata, msg):
         with lock:
             commands.append(msg.topic)
+        if listen:
+            out(command=msg.topic)
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
@@ -117,7 +122,7 @@ def main():
                 break
         # Not under the lock: paho calls on_publish holding locks of its own.
         payload = "%s-%d" % (run_id, published)
-        info = client.publish("telemetry", payload, qos=1)
+        info = client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and not reconnect:
             break
         published += 1
