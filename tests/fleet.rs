@@ -77,30 +77,12 @@ impl Proc {
 
     /// Sends SIGTERM, as an operator (or Kubernetes) stops a service.
     fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        sigterm(&self.child);
     }
 
     /// Its exit status once it ended by itself (panics after 30 s).
     fn exited(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{} did not exit within 30 s of SIGTERM",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        exited(&mut self.child, Duration::from_secs(30), &self.name)
     }
 }
 
@@ -465,14 +447,74 @@ impl Fleet {
         .collect()
     }
 
-    /// Every record value of `topic`, from the start, until two seconds pass with none.
+    /// Every record value `topic` holds now: each partition read from its start to the high
+    /// watermark it had when this began (no consumer group: nothing waits for a join).
     fn records(&self, topic: &str) -> Vec<String> {
-        topic_values(
-            &self.bootstrap,
-            topic,
-            &Default::default(),
-            Duration::from_secs(2),
-        )
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        let consumer = self.client::<BaseConsumer>();
+        let mut ends = std::collections::HashMap::new();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for (partition, low, high) in self.partitions(&consumer, topic) {
+            if high > low {
+                ends.insert(partition, high);
+                assignment
+                    .add_partition_offset(topic, partition, rdkafka::Offset::Offset(low))
+                    .unwrap();
+            }
+        }
+        consumer.assign(&assignment).unwrap();
+        let (start, mut values) = (Instant::now(), Vec::new());
+        while !ends.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{topic}: still to read {ends:?}"
+            );
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                values.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    ends.remove(&m.partition());
+                }
+            }
+        }
+        values
+    }
+
+    /// A Kafka client of the fleet's cluster (a consumer assigns partitions itself: its group
+    /// only names it).
+    fn client<C: rdkafka::config::FromClientConfig>(&self) -> C {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set(
+                "group.id",
+                format!("reader-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("log_level", "3")
+            .create()
+            .unwrap()
+    }
+
+    /// `topic`'s partitions with their low and high watermarks.
+    fn partitions(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer,
+        topic: &str,
+    ) -> Vec<(i32, i64, i64)> {
+        use rdkafka::consumer::Consumer;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).unwrap();
+        metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| {
+                let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout).unwrap();
+                (p.id(), low, high)
+            })
+            .collect()
     }
 
     fn topic_exists(&self, topic: &str) -> bool {
@@ -578,23 +620,12 @@ fn publishers(fleet: &Fleet, tenant: &str, devices: &[String], secs: u32) -> Vec
 
 /// How many records `tenant`'s telemetry and event topics hold now (their high watermarks).
 fn upload_count(fleet: &Fleet, tenant: &str) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &fleet.bootstrap)
-        .set("log_level", "3")
-        .create()
-        .unwrap();
-    let timeout = Duration::from_secs(10);
-    let mut count = 0;
-    for kind in ["telemetry", "event"] {
-        let topic = format!("hono.{kind}.{tenant}");
-        let metadata = consumer.fetch_metadata(Some(&topic), timeout).unwrap();
-        for p in metadata.topics()[0].partitions() {
-            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), timeout).unwrap();
-            count += high - low;
-        }
-    }
-    count
+    let consumer = fleet.client::<rdkafka::consumer::BaseConsumer>();
+    ["telemetry", "event"]
+        .iter()
+        .flat_map(|kind| fleet.partitions(&consumer, &format!("hono.{kind}.{tenant}")))
+        .map(|(_, low, high)| high - low)
+        .sum()
 }
 
 /// The records of `tenant`'s telemetry and event topics.

@@ -239,26 +239,36 @@ impl Ferrule {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        sigterm(&self.child);
     }
 
     /// The exit status once the process ended by itself (panics after `limit`).
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(start.elapsed() < limit, "no exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
+        exited(&mut self.child, limit, "ferrule")
+    }
+}
+
+/// Sends SIGTERM to `child`, as an operator (or Kubernetes) stops a process.
+pub fn sigterm(child: &Child) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// The exit status of `child` (called `name`) once it ended by itself (panics after `limit`).
+pub fn exited(child: &mut Child, limit: Duration, name: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
         }
+        assert!(start.elapsed() < limit, "{name}: no exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -310,13 +310,7 @@ impl Server {
         let key = (peer.addr, packet.header.message_id);
         match self.exchanges.begin(key) {
             Seen::New if self.exchanges_running.is_closed() => {
-                let stopping = Refusal::new(
-                    crate::refusal::Reason::Overloaded,
-                    "the gateway is shutting down",
-                );
-                let response = self.refusal_response(&packet, &stopping);
-                self.finish(key, &response, &peer);
-                return;
+                return self.unavailable(key, &packet, &peer, "the gateway is shutting down");
             }
             Seen::New => {}
             Seen::Answered(response) => {
@@ -332,13 +326,7 @@ impl Server {
             }
         }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            let busy = Refusal::new(
-                crate::refusal::Reason::Overloaded,
-                "too many requests in flight",
-            );
-            let response = self.refusal_response(&packet, &busy);
-            self.finish(key, &response, &peer);
-            return;
+            return self.unavailable(key, &packet, &peer, "too many requests in flight");
         };
         // Read once: the resource and options decide the ACK timeout and the handling.
         let parsed = resource::parse(&packet);
@@ -352,6 +340,13 @@ impl Server {
             self.exchange(key, packet, parsed, &peer).await;
             drop(permit);
         });
+    }
+
+    /// Answers a request the server cannot take now: 5.03 (the pipeline's `Overloaded`).
+    fn unavailable(&self, key: (SocketAddr, u16), packet: &Packet, peer: &Peer, why: &'static str) {
+        let refusal = Refusal::new(crate::refusal::Reason::Overloaded, why);
+        let response = self.refusal_response(packet, &refusal);
+        self.finish(key, &response, peer);
     }
 
     /// Handles a request and answers it: piggybacked on the ACK of a CON when the answer is
