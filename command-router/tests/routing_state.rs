@@ -319,9 +319,20 @@ async fn a_silent_instance_is_forgotten_unless_it_came_back() {
     let silent = r.silent_instances(hour).await.unwrap();
     assert!(silent.contains(&a) && silent.contains(&b), "{silent:?}");
     // `b` comes back between the listing and the forgetting: it stays known.
-    r.heartbeat(&b).await.unwrap();
+    assert!(r.heartbeat(&b).await.unwrap(), "b was known");
     assert!(r.forget_silent_instance(&a, hour).await.unwrap());
     assert!(!r.forget_silent_instance(&b, hour).await.unwrap());
     let silent = r.silent_instances(hour).await.unwrap();
     assert!(!silent.contains(&a) && !silent.contains(&b), "{silent:?}");
+    // `a`'s next heartbeat tells it that it was forgotten (its gateway registers again).
+    assert!(!r.heartbeat(&a).await.unwrap(), "a was forgotten");
+    assert!(r.heartbeat(&a).await.unwrap(), "and is known again");
+}
+
+#[tokio::test]
+async fn a_first_heartbeat_finds_the_instance_unknown() {
+    let (r, _store, _t) = setup().await;
+    let a = id("inst-a");
+    assert!(!r.heartbeat(&a).await.unwrap());
+    assert!(r.heartbeat(&a).await.unwrap());
 }

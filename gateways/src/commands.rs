@@ -655,6 +655,32 @@ impl CommandHub {
         }
     }
 
+    /// Called when a heartbeat finds this instance forgotten: the routers counted it dead
+    /// (it was paused, or cut off from PostgreSQL, for longer than the instance timeout),
+    /// deleted its internal topic and dropped its routing entries while its connections lived
+    /// on. Both come back, so commands reach those connections again.
+    async fn restore(&self, topic: &str) {
+        tracing::warn!(
+            instance = %self.instance_id(),
+            "the routers had counted this instance dead; registering its subscriptions again"
+        );
+        self.inner.sender.forget_topic(topic);
+        if let Err(e) = self.inner.sender.ensure_topic(topic, None).await {
+            tracing::warn!(error = %e, topic, "could not create the command topic again");
+        }
+        let held: Vec<(String, String)> = self.subscribers().keys().cloned().collect();
+        for (tenant, device) in held {
+            if let Err(e) = self
+                .inner
+                .routing
+                .register(&tenant, &device, self.instance_id(), None)
+                .await
+            {
+                tracing::warn!(error = %e, %tenant, %device, "registering again failed");
+            }
+        }
+    }
+
     /// Heartbeats and the internal command topic, until `shutdown` turns true.
     pub async fn run(
         self,
@@ -700,11 +726,11 @@ impl CommandHub {
         loop {
             tokio::select! {
                 _ = sweep.tick() => self.answer_overdue().await,
-                _ = beat.tick() => {
-                    if let Err(e) = self.inner.routing.heartbeat(self.instance_id()).await {
-                        tracing::warn!(error = %e, "heartbeat failed");
-                    }
-                }
+                _ = beat.tick() => match self.inner.routing.heartbeat(self.instance_id()).await {
+                    Ok(true) => {}
+                    Ok(false) => self.restore(&topic).await,
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                },
                 msg = consumer.recv() => match msg {
                     Ok(m) => self.deliver(&m).await,
                     Err(e) => tracing::warn!(error = %e, "internal command consumer error"),

@@ -104,6 +104,11 @@ impl DownstreamSender {
         Ok(())
     }
 
+    /// Forgets that `topic` exists (see [`TopicAdmin::forget`]).
+    pub fn forget_topic(&self, topic: &str) {
+        self.topics.forget(topic);
+    }
+
     /// Deletes a topic this process created (see [`TopicAdmin::delete`]).
     pub async fn delete_topic(&self, topic: &str) -> Result<(), ProduceError> {
         Ok(self.topics.delete(topic).await?)

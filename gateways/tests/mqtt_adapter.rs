@@ -822,6 +822,73 @@ async fn two_gateway_instances_each_get_the_commands_of_their_devices() {
     }
 }
 
+/// A gateway the routers counted dead while it lived on (paused, or cut off from PostgreSQL,
+/// longer than the instance timeout) learns it from its next heartbeat, which finds its
+/// instance forgotten: it creates its internal topic again and registers its connections'
+/// subscriptions again, and commands reach its devices again.
+#[tokio::test]
+async fn a_gateway_counted_dead_while_alive_registers_its_subscriptions_again() {
+    // Three heartbeats within the timeout: one a second.
+    let p = Platform::start_with(GatewayConfig {
+        instance_timeout_secs: 3,
+        ..Default::default()
+    })
+    .await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let mut c = subscribed(p.mqtt_port, "dev", &tenant).await;
+    let store = ferrule_registry::open_store(&database(), &Default::default())
+        .await
+        .unwrap();
+    let db = store.pool().get().await.unwrap();
+    let holder = async || -> Option<String> {
+        db.query_opt(
+            "SELECT instance_id FROM command_consumers
+              WHERE tenant_id = $1 AND device_id = 'dev' AND expires IS NULL",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+    };
+    let instance = holder().await.expect("the device's subscription");
+    // What the routers do to an instance silent for too long: its topic deleted, its routing
+    // entries and the instance itself forgotten.
+    let topic = format!("hono.command_internal.{instance}");
+    let admin = ferrule_kafka::TopicAdmin::new(&kafka()).unwrap();
+    admin.delete(&topic).await.unwrap();
+    db.execute(
+        "DELETE FROM command_consumers WHERE instance_id = $1",
+        &[&instance],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "DELETE FROM adapter_instances WHERE instance_id = $1",
+        &[&instance],
+    )
+    .await
+    .unwrap();
+    // The next heartbeat (within a second) finds it out.
+    let start = std::time::Instant::now();
+    while holder().await.as_deref() != Some(instance.as_str()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the subscription was not registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "after-forgetting")],
+        "x",
+    )
+    .await;
+    expect_command(&mut c, "after-forgetting", b"x").await;
+}
+
 #[tokio::test]
 async fn a_router_restart_between_subscribe_and_command_loses_nothing() {
     let p = Platform::start().await;

@@ -125,6 +125,12 @@ impl TopicAdmin {
         lock(&self.inner.known).contains(topic)
     }
 
+    /// Forgets that `topic` exists: the next [`Self::ensure`] asks the cluster again (someone
+    /// else deleted it).
+    pub fn forget(&self, topic: &str) {
+        lock(&self.inner.known).remove(topic);
+    }
+
     /// Makes sure `topic` exists: creates it with `spec` (an existing topic is fine), or,
     /// with `create_topics = false`, checks that it is there.
     pub async fn ensure(&self, topic: &str, spec: TopicSpec) -> Result<(), TopicError> {

@@ -100,19 +100,24 @@ impl RoutingState {
         answer.await.map_err(|_| RoutingError::WriterGone)?
     }
 
-    /// Records that `instance` is alive.
-    pub async fn heartbeat(&self, instance: &str) -> Result<(), RoutingError> {
+    /// Records that `instance` is alive; whether it was known. An instance that was not — a
+    /// router forgot it, having counted it dead — has lost its routing entries and its
+    /// internal topic, unless this is its first heartbeat.
+    pub async fn heartbeat(&self, instance: &str) -> Result<bool, RoutingError> {
         let db = self.pool.get().await?;
-        db.execute(
-            &db.prepare_cached(
-                "INSERT INTO adapter_instances (instance_id, last_seen) VALUES ($1, now())
-             ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()",
+        // A row the upsert updated carries this transaction's id in `xmax`; an inserted one 0.
+        let row = db
+            .query_one(
+                &db.prepare_cached(
+                    "INSERT INTO adapter_instances (instance_id, last_seen) VALUES ($1, now())
+                 ON CONFLICT (instance_id) DO UPDATE SET last_seen = now()
+                 RETURNING xmax <> 0",
+                )
+                .await?,
+                &[&instance],
             )
-            .await?,
-            &[&instance],
-        )
-        .await?;
-        Ok(())
+            .await?;
+        Ok(row.get(0))
     }
 
     /// `device` (a device, or a gateway for all its devices) has a command consumer on
