@@ -135,6 +135,17 @@ fn the_compose_file_is_valid_and_has_the_whole_fleet() {
             "no broker advertises localhost:{port}"
         );
     }
+    // HAProxy takes its configuration (the containers' names resolve once they run), and
+    // balances over every gateway and the bridge.
+    let haproxy = format!("{}/haproxy/haproxy.cfg", compose_dir());
+    run("haproxy", &["-c", "-q", "-f", &haproxy]);
+    let balanced = std::fs::read_to_string(&haproxy).unwrap();
+    for s in ["gateway-1", "gateway-2", "bridge"] {
+        assert!(
+            balanced.contains(&format!("server {s} {s}:")),
+            "{s} not balanced"
+        );
+    }
     // Prometheus scrapes every Ferrule service on its health port.
     let scrape =
         std::fs::read_to_string(format!("{}/prometheus/prometheus.yml", compose_dir())).unwrap();

@@ -16,17 +16,17 @@ const PASSWORD: &str = "pump-secret";
 
 fn provision(f: &Ferrule, tenant: &str) {
     f.admin_ok("POST", &format!("/v1/tenants/{tenant}"), "{}");
-    provision_device(f, tenant);
+    provision_device(f, tenant, DEVICE);
 }
 
-/// The device `pump` of `tenant`, with its password.
-fn provision_device(f: &Ferrule, tenant: &str) {
-    f.admin_ok("POST", &format!("/v1/devices/{tenant}/{DEVICE}"), "{}");
-    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": DEVICE,
+/// The device `device` of `tenant`, with the password `PASSWORD`.
+fn provision_device(f: &Ferrule, tenant: &str, device: &str) {
+    f.admin_ok("POST", &format!("/v1/devices/{tenant}/{device}"), "{}");
+    let creds = serde_json::json!([{"type": "hashed-password", "auth-id": device,
         "secrets": [{"pwd-plain": PASSWORD}]}]);
     f.admin_ok(
         "PUT",
-        &format!("/v1/credentials/{tenant}/{DEVICE}"),
+        &format!("/v1/credentials/{tenant}/{device}"),
         &creds.to_string(),
     );
 }
@@ -78,31 +78,33 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
         ],
     );
     provision(&f, &tenant);
+    provision_device(&f, &tenant, "tank");
     let internal = format!("hono.command_internal.{instance}");
     let (host, port) = f.mqtt.split_once(':').unwrap();
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let mut device = Script::spawn(
-        "mqtt_publisher.py",
-        DEBIAN_PYTHON,
-        &[
-            host,
-            port,
-            &format!("{DEVICE}@{tenant}"),
-            PASSWORD,
-            &run,
-            "60",
-        ],
-    );
-    device.expect("subscribed", "the device subscribes to its commands");
-    device.expect("flowing", "the device's telemetry is acknowledged");
+    // `pump` publishes telemetry, `tank` events, both at QoS 1.
+    let mut devices: Vec<(Script, String, &str)> = [(DEVICE, "telemetry"), ("tank", "event")]
+        .into_iter()
+        .map(|(device, kind)| {
+            let run = uuid::Uuid::new_v4().simple().to_string();
+            let user = format!("{device}@{tenant}");
+            let mut args = vec![host, port, &user, PASSWORD, &run, "60"];
+            if kind == "event" {
+                args.push("event");
+            }
+            let mut script = Script::spawn("mqtt_publisher.py", DEBIAN_PYTHON, &args);
+            script.expect("subscribed", "the device subscribes to its commands");
+            script.expect("flowing", "the device's messages are acknowledged");
+            (script, run, kind)
+        })
+        .collect();
     assert!(
         topic_exists(&kafka(), &internal),
         "the instance's command topic"
     );
     assert_eq!(
         live_command_consumers(&tenant),
-        1,
-        "the device's subscription"
+        2,
+        "the devices' subscriptions"
     );
 
     f.terminate();
@@ -123,35 +125,39 @@ fn sigterm_under_qos1_load_drains_and_loses_nothing_acknowledged() {
     // Then it drains and exits by itself.
     let status = f.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
-    let done = device.expect("done", "the device reports what was acknowledged");
-    let acked: HashSet<String> = done["acked"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
-    let published = done["published"].as_u64().unwrap();
-    assert!(acked.len() >= 50, "{done}");
+    for (device, run, kind) in &mut devices {
+        let done = device.expect("done", "the device reports what was acknowledged");
+        let acked: HashSet<String> = done["acked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        let published = done["published"].as_u64().unwrap();
+        assert!(acked.len() >= 50, "{done}");
 
-    let found = values_in(&format!("hono.telemetry.{tenant}"), &acked);
-    let missing: Vec<&String> = acked.difference(&found).collect();
-    let ours = found.iter().filter(|v| v.starts_with(&run)).count();
-    eprintln!(
-        "published {published}, acknowledged {}, in Kafka {ours}, acknowledged but missing {}",
-        acked.len(),
-        missing.len()
-    );
-    assert!(
-        missing.is_empty(),
-        "acknowledged but not in Kafka: {missing:?}"
-    );
-    // And the other way round: what the gateway had handed to Kafka when it stopped reading
-    // was acknowledged before it closed the connection, so the device sends none of it again.
-    assert_eq!(
-        ours,
-        acked.len(),
-        "in Kafka but never acknowledged to the device"
-    );
+        let found = values_in(&format!("hono.{kind}.{tenant}"), &acked);
+        let missing: Vec<&String> = acked.difference(&found).collect();
+        let ours = found.iter().filter(|v| v.starts_with(run.as_str())).count();
+        eprintln!(
+            "{kind}: published {published}, acknowledged {}, in Kafka {ours}, acknowledged but \
+             missing {}",
+            acked.len(),
+            missing.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "acknowledged but not in Kafka: {missing:?}"
+        );
+        // And the other way round: what the gateway had handed to Kafka when it stopped
+        // reading was acknowledged before it closed the connection, so the device sends none of
+        // it again.
+        assert_eq!(
+            ours,
+            acked.len(),
+            "{kind} in Kafka but never acknowledged to the device"
+        );
+    }
     let events = values_in(
         &format!("hono.event.{tenant}"),
         &HashSet::from(["during-readiness-delay".to_owned()]),
@@ -194,7 +200,7 @@ fn sigterm_answers_open_long_polls_and_waits_for_coap_exchanges() {
         &format!("/v1/tenants/{tenant}"),
         &adapters.to_string(),
     );
-    provision_device(&f, &tenant);
+    provision_device(&f, &tenant, DEVICE);
     for device in ["valve", "gauge"] {
         f.admin_ok("POST", &format!("/v1/devices/{tenant}/{device}"), "{}");
     }

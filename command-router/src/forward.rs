@@ -16,7 +16,7 @@ use ferrule_schemas::outcome::OutcomeRoute;
 use ferrule_schemas::{TopicKind, TopicNames};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use std::time::Duration;
@@ -77,6 +77,33 @@ enum Decision {
 
 /// Runs until `shutdown` turns true. Routing lookups of consecutive commands run concurrently,
 /// but commands are forwarded, and their offsets stored, in the order they were read.
+/// Logs the command partitions this router takes and gives up (info): which router forwards
+/// which tenant's commands is otherwise invisible.
+pub struct RebalanceLog;
+
+impl rdkafka::ClientContext for RebalanceLog {}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let list = |tpl: &rdkafka::TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %list(tpl), "command partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = %list(tpl), "command partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "command consumer rebalance failed"),
+        }
+    }
+}
+
 pub async fn run(
     kafka: &KafkaConfig,
     group_id: &str,
@@ -87,7 +114,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let names = kafka.topic_names()?;
-    let consumer: StreamConsumer = kafka
+    let consumer: StreamConsumer<RebalanceLog> = kafka
         .consumer()
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
@@ -99,7 +126,7 @@ pub async fn run(
             "fetch.wait.max.ms",
             kafka.consumer_fetch_wait_ms.to_string(),
         )
-        .create()?;
+        .create_with_context(RebalanceLog)?;
     consumer.subscribe(&[topic_pattern])?;
     // Not idempotent, one request in flight. librdkafka's idempotent producer allows five
     // requests in flight per partition but counts records against that limit; once five are

@@ -980,3 +980,31 @@ async fn commands_wait_for_the_clients_receive_maximum() {
         other => panic!("{other:?}"),
     }
 }
+
+/// At shutdown an MQTT 5 connection is told why (DISCONNECT 0x8B, server shutting down) before
+/// it closes, and a client that connected but never sent its CONNECT is closed too.
+#[tokio::test]
+async fn shutdown_disconnects_mqtt5_clients_with_0x8b_and_closes_silent_sockets() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device_with_password(&tenant, "dev", json!({})).await;
+    let mut c = connect_v5(p.mqtt_port, "dev", &tenant, None).await;
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", p.mqtt_port))
+        .await
+        .unwrap();
+    // The gateway has taken the silent socket before it stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.stop();
+    assert_eq!(
+        c.expect_disconnect().await,
+        v5::DisconnectReasonCode::ServerShuttingDown
+    );
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("the silent socket is closed, not left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}

@@ -48,10 +48,16 @@ pub struct Platform {
     pub coap_port: u16,
     pub coaps_port: u16,
     pub client: reqwest::Client,
-    _shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Platform {
+    /// Tells the gateway, the registry and the hub to shut down, as a SIGTERM does after the
+    /// readiness delay.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
     pub async fn start() -> Platform {
         Self::start_with(GatewayConfig::default()).await
     }
@@ -118,7 +124,7 @@ impl Platform {
             coap_port,
             coaps_port,
             client: reqwest::Client::new(),
-            _shutdown: tx,
+            shutdown: tx,
         }
     }
 
