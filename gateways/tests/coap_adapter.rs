@@ -1224,3 +1224,109 @@ async fn an_unknown_psk_identity_gets_no_session() {
     .await;
     assert!(!ok, "{out}");
 }
+
+/// A DTLS 1.2 ClientHello (one PSK suite) with `cookie`, its record and message sequence
+/// numbers `seq`; the same random each time, as a client's second hello repeats its first.
+fn client_hello(seq: u8, cookie: &[u8]) -> Vec<u8> {
+    let mut body = vec![0xfe, 0xfd];
+    body.extend_from_slice(&[7; 32]);
+    body.push(0); // no session id
+    body.push(cookie.len() as u8);
+    body.extend_from_slice(cookie);
+    body.extend_from_slice(&[0, 2, 0xc0, 0xa8, 1, 0]);
+    let len = body.len() as u8;
+    let mut hs = vec![1, 0, 0, len, 0, seq, 0, 0, 0, 0, 0, len];
+    hs.extend_from_slice(&body);
+    let mut record = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, seq];
+    record.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    record.extend_from_slice(&hs);
+    record
+}
+
+/// Sends a hello, takes the HelloVerifyRequest's cookie and sends the hello again with it:
+/// whether anything (the server's flight, or an alert) answers that within a second, that is
+/// whether a session was set up for it. `false` as well when nothing answers the first hello.
+async fn dtls_session_starts(port: u16) -> bool {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(&client_hello(0, &[]), ("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let Ok(n) = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await else {
+        return false;
+    };
+    let n = n.unwrap();
+    // Record header 13, handshake header 12, then version 2, cookie length 1, cookie.
+    assert_eq!((buf[0], buf[13]), (22, 3), "{:?}", &buf[..n]);
+    let cookie = buf[28..28 + usize::from(buf[27])].to_vec();
+    socket
+        .send_to(&client_hello(1, &cookie), ("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf))
+        .await
+        .is_ok()
+}
+
+/// At shutdown the CoAP listeners stop taking new work while an exchange is still in flight (a
+/// separate response the device has not acknowledged): a new DTLS session is not set up,
+/// though one was before the stop, and a new plain request gets 5.03.
+#[tokio::test]
+async fn no_dtls_session_starts_while_the_listener_drains() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(coap_tenant(0)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    assert!(dtls_session_starts(p.coaps_port).await, "before the stop");
+    // A long poll whose answer comes separately, at the stop.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut poll = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &format!("/telemetry/{tenant}/dev"),
+        900,
+        b"",
+    );
+    poll.add_option(CoapOption::UriQuery, b"hono-ttd=30".to_vec());
+    poll.add_option(CoapOption::UriQuery, b"empty".to_vec());
+    let ack = exchange(&socket, p.coap_port, &poll).await;
+    assert_eq!(code(&ack), MessageClass::Empty, "an empty ACK at once");
+    read(&format!("hono.telemetry.{tenant}"), 1).await;
+    p.stop();
+    let separate = next_datagram(&socket).await;
+    assert_eq!(separate.header.get_type(), MessageType::Confirmable);
+    assert_eq!(
+        code(&separate),
+        MessageClass::Response(ResponseType::Changed)
+    );
+    // Not acknowledged yet: the listeners drain.
+    assert!(
+        !dtls_session_starts(p.coaps_port).await,
+        "a DTLS session was set up while draining"
+    );
+    let late = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &format!("/telemetry/{tenant}/dev"),
+        901,
+        b"late",
+    );
+    let refused = exchange(
+        &tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        p.coap_port,
+        &late,
+    )
+    .await;
+    assert_eq!(
+        code(&refused),
+        MessageClass::Response(ResponseType::ServiceUnavailable)
+    );
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Empty;
+    ack.header.message_id = separate.header.message_id;
+    socket
+        .send_to(&ack.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+}
