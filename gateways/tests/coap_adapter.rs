@@ -93,6 +93,15 @@ fn request(kind: MessageType, method: RequestType, path: &str, mid: u16, payload
     p
 }
 
+/// An empty message (an ACK or a Reset) of message id `mid`.
+fn empty_message(kind: MessageType, mid: u16) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(kind);
+    p.header.code = MessageClass::Empty;
+    p.header.message_id = mid;
+    p
+}
+
 fn code(p: &Packet) -> MessageClass {
     p.header.code
 }
@@ -681,10 +690,7 @@ async fn plain_uploads_answer_separately_or_piggybacked_as_the_tenant_says() {
             // Not acknowledged the first time: it comes again, and is acknowledged then.
             let again = next_datagram(&socket).await;
             assert_eq!(again.header.message_id, response.header.message_id);
-            let mut ack = Packet::new();
-            ack.header.set_type(MessageType::Acknowledgement);
-            ack.header.code = MessageClass::Empty;
-            ack.header.message_id = again.header.message_id;
+            let ack = empty_message(MessageType::Acknowledgement, again.header.message_id);
             socket
                 .send_to(&ack.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
                 .await
@@ -740,10 +746,7 @@ async fn a_command_whose_separate_response_is_reset_fails_with_503() {
         MessageClass::Response(ResponseType::Changed)
     );
     // The device does not take it.
-    let mut rst = Packet::new();
-    rst.header.set_type(MessageType::Reset);
-    rst.header.code = MessageClass::Empty;
-    rst.header.message_id = separate.header.message_id;
+    let rst = empty_message(MessageType::Reset, separate.header.message_id);
     socket
         .send_to(&rst.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
         .await
@@ -1321,10 +1324,7 @@ async fn no_dtls_session_starts_while_the_listener_drains() {
         code(&refused),
         MessageClass::Response(ResponseType::ServiceUnavailable)
     );
-    let mut ack = Packet::new();
-    ack.header.set_type(MessageType::Acknowledgement);
-    ack.header.code = MessageClass::Empty;
-    ack.header.message_id = separate.header.message_id;
+    let ack = empty_message(MessageType::Acknowledgement, separate.header.message_id);
     socket
         .send_to(&ack.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
         .await
