@@ -41,25 +41,14 @@ fn values_in(topic: &str, want: &HashSet<String>) -> HashSet<String> {
 
 /// How many command consumers of `tenant` are registered and not expired.
 fn live_command_consumers(tenant: &str) -> i64 {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let cfg = ferrule_registry::DatabaseConfig {
-            url: database_url(),
-            ..Default::default()
-        };
-        let store = ferrule_registry::open_store(&cfg, &Default::default())
-            .await
-            .unwrap();
-        let db = store.pool().get().await.unwrap();
-        db.query_one(
+    let count = psql(
+        &database_url(),
+        &format!(
             "SELECT count(*) FROM command_consumers
-              WHERE tenant_id = $1 AND (expires IS NULL OR expires > now())",
-            &[&tenant],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-    })
+              WHERE tenant_id = '{tenant}' AND (expires IS NULL OR expires > now())"
+        ),
+    );
+    count[0].parse().unwrap()
 }
 
 #[test]

@@ -75,8 +75,6 @@ enum Decision {
     },
 }
 
-/// Runs until `shutdown` turns true. Routing lookups of consecutive commands run concurrently,
-/// but commands are forwarded, and their offsets stored, in the order they were read.
 /// Logs the command partitions this router takes and gives up (info): which router forwards
 /// which tenant's commands is otherwise invisible.
 pub struct RebalanceLog;
@@ -104,6 +102,8 @@ impl ConsumerContext for RebalanceLog {
     }
 }
 
+/// Runs until `shutdown` turns true. Routing lookups of consecutive commands run concurrently,
+/// but commands are forwarded, and their offsets stored, in the order they were read.
 pub async fn run(
     kafka: &KafkaConfig,
     group_id: &str,

@@ -273,31 +273,6 @@ impl IngestPipeline {
         self.max_payload_size
     }
 
-    /// A setting of the tenant's entry for `adapter` (`adapters[].ext.<key>`), looked up
-    /// through the registry cache; `None` when the tenant or the setting is not there, or the
-    /// registry cannot be asked (the adapter's default then applies).
-    pub async fn adapter_setting(
-        &self,
-        adapter: AdapterType,
-        tenant: &str,
-        key: &str,
-    ) -> Option<Value> {
-        let tenant = self.registry.tenant(tenant).await.ok()?;
-        adapter_setting_of(tenant.as_ref().as_ref(), adapter, key)
-    }
-
-    /// [`Self::adapter_setting`] from the registry cache alone: `None` when the tenant is not
-    /// cached, `Some(None)` when the setting is not there.
-    pub fn adapter_setting_cached(
-        &self,
-        adapter: AdapterType,
-        tenant: &str,
-        key: &str,
-    ) -> Option<Option<Value>> {
-        let tenant = self.registry.cached_tenant(tenant)?;
-        Some(adapter_setting_of(tenant.as_ref().as_ref(), adapter, key))
-    }
-
     /// Authenticates a TLS client certificate: the tenant is the one whose trust anchor has
     /// the certificate's issuer DN and public key, the device the one whose `x509-cert`
     /// credentials name the certificate's subject DN.
@@ -831,8 +806,13 @@ impl Pending {
     }
 }
 
-/// The value of `key` in the `ext` of `tenant`'s settings for `adapter`.
-fn adapter_setting_of(tenant: Option<&Tenant>, adapter: AdapterType, key: &str) -> Option<Value> {
+/// A setting of `tenant`'s entry for `adapter` (`adapters[].ext.<key>`); `None` when the
+/// tenant, the entry or the setting is not there (the adapter's default then applies).
+pub fn adapter_setting_of(
+    tenant: Option<&Tenant>,
+    adapter: AdapterType,
+    key: &str,
+) -> Option<Value> {
     tenant?
         .adapters
         .iter()

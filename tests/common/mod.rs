@@ -84,6 +84,21 @@ pub fn topic_values(
     values
 }
 
+/// The rows `query` returns from the database at `url` (psql, one line per row, columns
+/// separated by `|`); panics when it fails.
+pub fn psql(url: &str, query: &str) -> Vec<String> {
+    let out = Command::new("psql")
+        .args([url, "-Atqc", query])
+        .output()
+        .expect("psql is installed");
+    assert!(out.status.success(), "{query}: {out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn database_url() -> String {
     std::env::var("FERRULE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into())

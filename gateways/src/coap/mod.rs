@@ -17,9 +17,11 @@ use crate::commands::{CommandDelivery, CommandHub, upload_with_ttd};
 use crate::metrics;
 use crate::pipeline::{
     AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Refusal, SubmitNow, Upload,
+    adapter_setting_of,
 };
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 use exchanges::{Exchanges, Seen};
+use ferrule_registry::model::tenant::Tenant;
 use resource::{Resource, ResourceError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -379,32 +381,15 @@ impl Server {
         self.report(reply.command, sent).await;
     }
 
-    /// The ACK timeout for a CON request: the tenant's `timeoutToAck`, or with `piggy` and a
-    /// tenant value of 0 its `deviceTriggeredTimeoutToAck`, else the configured one; `None`:
-    /// always piggyback.
-    async fn ack_timeout(
-        &self,
-        parsed: &Result<resource::Request, ResourceError>,
-        peer: &Peer,
-    ) -> Option<Duration> {
+    /// The ACK timeout for a CON request (see [`Self::ack_timeout_for`]).
+    async fn ack_timeout(&self, parsed: &Parsed, peer: &Peer) -> Option<Duration> {
         let request = parsed.as_ref().ok();
-        let tenant = ack_tenant(request, peer);
-        let setting = async |key: &str| match tenant.as_deref() {
-            Some(t) => self
-                .pipeline
-                .adapter_setting(ADAPTER, t, key)
-                .await
-                .and_then(|v| v.as_i64()),
+        let tenant = match ack_tenant(request, peer) {
+            // If the registry cannot be asked, the configured timeout applies.
+            Some(t) => self.pipeline.registry().tenant(&t).await.ok(),
             None => None,
         };
-        let ms = setting("timeoutToAck")
-            .await
-            .unwrap_or(self.cfg.timeout_to_ack_ms);
-        let device_ms = match ms == 0 && request.is_some_and(|r| r.piggy) {
-            true => setting("deviceTriggeredTimeoutToAck").await,
-            false => None,
-        };
-        ack_timeout_of(ms, device_ms)
+        self.ack_timeout_for(tenant.as_deref().and_then(Option::as_ref), request)
     }
 
     /// [`Self::ack_timeout`] from the registry cache alone; `None` when the tenant is not
@@ -414,19 +399,30 @@ impl Server {
         request: &resource::Request,
         peer: &Peer,
     ) -> Option<Option<Duration>> {
-        let setting = |key: &str| match ack_tenant(Some(request), peer).as_deref() {
-            Some(t) => self
-                .pipeline
-                .adapter_setting_cached(ADAPTER, t, key)
-                .map(|v| v.and_then(|v| v.as_i64())),
-            None => Some(None),
+        let tenant = match ack_tenant(Some(request), peer) {
+            Some(t) => Some(self.pipeline.registry().cached_tenant(&t)?),
+            None => None,
         };
-        let ms = setting("timeoutToAck")?.unwrap_or(self.cfg.timeout_to_ack_ms);
-        let device_ms = match ms == 0 && request.piggy {
-            true => setting("deviceTriggeredTimeoutToAck")?,
-            false => None,
-        };
-        Some(ack_timeout_of(ms, device_ms))
+        Some(self.ack_timeout_for(tenant.as_deref().and_then(Option::as_ref), Some(request)))
+    }
+
+    /// The tenant's `timeoutToAck`, else the configured one; 0 with `piggy` replaced by the
+    /// tenant's `deviceTriggeredTimeoutToAck` if it has one; `None` for a negative value:
+    /// always piggyback.
+    fn ack_timeout_for(
+        &self,
+        tenant: Option<&Tenant>,
+        request: Option<&resource::Request>,
+    ) -> Option<Duration> {
+        let setting = |key| adapter_setting_of(tenant, ADAPTER, key).and_then(|v| v.as_i64());
+        let mut ms = setting("timeoutToAck").unwrap_or(self.cfg.timeout_to_ack_ms);
+        if ms == 0
+            && request.is_some_and(|r| r.piggy)
+            && let Some(device) = setting("deviceTriggeredTimeoutToAck")
+        {
+            ms = device;
+        }
+        u64::try_from(ms).ok().map(Duration::from_millis)
     }
 
     /// The usual upload — no block-wise transfer, no `hono-ttd`, its sender's registry
@@ -840,17 +836,6 @@ fn ack_tenant(request: Option<&resource::Request>, peer: &Peer) -> Option<String
         .filter(|t| !t.is_empty())
         .or_else(|| peer.origin.device().map(|d| d.tenant_id.clone()))
         .filter(|t| !t.is_empty())
-}
-
-/// The ACK timeout of `ms` (the tenant's `timeoutToAck` or the configured one), 0 replaced by
-/// the device's own (`deviceTriggeredTimeoutToAck`, asked with `piggy`) if given; `None` for a
-/// negative value: always piggyback.
-fn ack_timeout_of(ms: i64, device_ms: Option<i64>) -> Option<Duration> {
-    let ms = match (ms, device_ms) {
-        (0, Some(device)) => device,
-        (ms, _) => ms,
-    };
-    u64::try_from(ms).ok().map(Duration::from_millis)
 }
 
 /// An empty ACK of the request with message id `mid`: its answer follows separately.
