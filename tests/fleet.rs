@@ -158,12 +158,10 @@ impl Fleet {
         let storage_db = format!("nisshi_fleet_{run}");
         let ferrule_db = format!("ferrule_fleet_{run}");
         for db in [&storage_db, &ferrule_db] {
-            let out = Command::new("psql")
-                .args([&format!("{server}/postgres"), "-qc"])
-                .arg(format!("CREATE DATABASE {db}"))
-                .output()
-                .expect("psql is installed");
-            assert!(out.status.success(), "{out:?}");
+            psql(
+                &format!("{server}/postgres"),
+                &format!("CREATE DATABASE {db}"),
+            );
         }
         let db_url = format!("{server}/{ferrule_db}");
         let mut brokers = Vec::new();
@@ -449,16 +447,7 @@ impl Fleet {
 
     /// Runs SQL on the registry's database: the first column of every row, as text.
     fn sql(&self, query: &str) -> Vec<String> {
-        let out = Command::new("psql")
-            .args([&self.database, "-Atqc", query])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{query}: {out:?}");
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        psql(&self.database, query)
     }
 
     /// The gateway instance holding each device's live command consumer.
@@ -998,7 +987,8 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
         .create()
         .unwrap();
     let mut sent: Vec<Vec<String>> = vec![Vec::new(); devices.len()];
-    // 40 commands a second, the k-th to device k mod 4; `at` runs before the command `k`.
+    // 40 commands a second, the k-th to device k mod 4 in partition k mod 4; `at` runs before
+    // the command `k`.
     let send = |fleet: &mut Fleet,
                 sent: &mut Vec<Vec<String>>,
                 range: std::ops::Range<usize>,
@@ -1020,6 +1010,9 @@ fn a_killed_router_loses_and_repeats_no_command(fleet: &mut Fleet) {
                 .send(
                     BaseRecord::to(&topic)
                         .key(devices[n].as_str())
+                        // Device n's commands in partition n: every partition carries some,
+                        // whichever router holds it (keys alone might hash to fewer).
+                        .partition(n as i32)
                         .payload("")
                         .headers(headers),
                 )
