@@ -53,7 +53,9 @@ pub async fn run(
     pool: deadpool_postgres::Pool,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let routing = RoutingState::new(pool, Duration::from_secs(cfg.instance_timeout_secs));
+    let routing = RoutingState::new(pool, Duration::from_secs(cfg.instance_timeout_secs), kafka);
+    // Read the route topic before the first command: a router must know every subscription.
+    routing.routes().await?;
     let names = kafka.topic_names()?;
     // One admin client for the forwarder (response topics) and the purger (dead instances'
     // topics).

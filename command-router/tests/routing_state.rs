@@ -1,5 +1,7 @@
-//! The routing state against the real PostgreSQL: Hono's target-selection rule, lifespans,
-//! dead instances, unregistering and cleanup with the device.
+//! The routing state against the real PostgreSQL and the real broker: Hono's target-selection
+//! rule, lifespans, dead instances, unregistering, and a restarted reader of the route topic.
+
+mod common;
 
 use ferrule_command_router::{CommandTarget, RoutingState};
 use ferrule_registry::{DatabaseConfig, RegistryConfig};
@@ -25,7 +27,11 @@ async fn setup() -> (RoutingState, ferrule_registry::Store, String) {
             .await
             .unwrap();
     }
-    let routing = RoutingState::new(store.pool().clone(), Duration::from_secs(30));
+    let routing = RoutingState::new(
+        store.pool().clone(),
+        Duration::from_secs(30),
+        &common::kafka_config(),
+    );
     (routing, store, tenant)
 }
 
@@ -107,7 +113,11 @@ async fn lifespans_dead_instances_and_unregistering() {
         r.resolve(&t, "dev", &[], &[]).await.unwrap(),
         target(&b, None)
     );
-    let short = RoutingState::new(_store.pool().clone(), Duration::from_millis(1));
+    let short = RoutingState::new(
+        _store.pool().clone(),
+        Duration::from_millis(1),
+        &common::kafka_config(),
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
         short.resolve(&t, "dev", &[], &[]).await.unwrap(),
@@ -139,17 +149,17 @@ async fn routing_rows_go_with_the_device_and_purge_drops_stale_ones() {
     );
     store.delete_device(&t, "dev", None).await.unwrap();
     let db = store.pool().get().await.unwrap();
-    for table in ["command_consumers", "last_known_gateways"] {
-        let n: i64 = db
-            .query_one(
-                &format!("SELECT count(*) FROM {table} WHERE tenant_id = $1"),
-                &[&t],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 0, "{table}");
-    }
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM last_known_gateways WHERE tenant_id = $1",
+            &[&t],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the last known gateway goes with the device");
+    // (A deleted device's subscription lives on until its connection ends; the router
+    // refuses commands to unknown devices before it looks for a route.)
 }
 
 #[tokio::test]
@@ -201,9 +211,9 @@ async fn an_instance_restarted_under_its_id_forgets_its_earlier_subscriptions() 
 }
 
 #[tokio::test]
-async fn concurrent_changes_are_written_together_and_answered_one_by_one() {
-    // Many polls starting and ending at once share a few statements (group commit); each
-    // caller still gets its own answer, and the state is what applying them in turn leaves.
+async fn concurrent_changes_are_answered_one_by_one() {
+    // Many polls starting and ending at once: each caller gets its own answer, and the state
+    // is what applying them in turn leaves.
     let (r, store, t) = setup().await;
     let (a, b) = (id("inst-a"), id("inst-b"));
     r.heartbeat(&a).await.unwrap();
@@ -243,23 +253,13 @@ async fn concurrent_changes_are_written_together_and_answered_one_by_one() {
 }
 
 #[tokio::test]
-async fn a_released_entry_is_reused_by_the_next_poll_and_purged_later() {
-    let (r, store, t) = setup().await;
-    let a = id("inst-a");
+async fn a_reader_started_later_finds_the_same_routes() {
+    // A router that starts (or restarts) after devices subscribed reads the route topic from
+    // the start and routes as one that watched every change.
+    let (r, _store, t) = setup().await;
+    let (a, b) = (id("inst-a"), id("inst-b"));
     r.heartbeat(&a).await.unwrap();
-    let db = store.pool().get().await.unwrap();
-    let rows = || async {
-        db.query(
-            "SELECT instance_id, expires = '-infinity' FROM command_consumers
-              WHERE tenant_id = $1 AND device_id = 'dev'",
-            &[&t],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get::<_, String>(0), row.get::<_, bool>(1)))
-        .collect::<Vec<_>>()
-    };
+    r.heartbeat(&b).await.unwrap();
     // A long-polling device: register and release, poll after poll.
     for _ in 0..3 {
         r.register(&t, "dev", &a, Some(Duration::from_secs(30)))
@@ -279,26 +279,32 @@ async fn a_released_entry_is_reused_by_the_next_poll_and_purged_later() {
             "a released entry is not released twice"
         );
     }
-    assert_eq!(
-        rows().await,
-        vec![(a.clone(), true)],
-        "one row, marked released"
+    r.register(&t, "gw1", &a, None).await.unwrap();
+    r.register(&t, "gw1", &b, None).await.unwrap();
+    r.register(&t, "other", &b, None).await.unwrap();
+    r.unregister(&t, "other", &b).await.unwrap();
+    let later = RoutingState::with_routes(
+        _store.pool().clone(),
+        Duration::from_secs(30),
+        Some(
+            ferrule_registry::device_connection::RouteLog::open(&common::kafka_config())
+                .await
+                .unwrap(),
+        ),
     );
-    r.purge().await.unwrap();
+    for d in ["dev", "gw1", "other"] {
+        assert_eq!(
+            later.resolve(&t, d, &[], &[]).await.unwrap(),
+            r.resolve(&t, d, &[], &[]).await.unwrap(),
+            "{d}"
+        );
+    }
     assert_eq!(
-        rows().await.len(),
-        1,
-        "a fresh release is kept for the next poll"
+        later.resolve(&t, "gw1", &[], &[]).await.unwrap(),
+        target(&b, None),
+        "the newest subscription wins after a replay too"
     );
-    db.execute(
-        "UPDATE command_consumers SET registered = now() - interval '11 minutes'
-          WHERE tenant_id = $1",
-        &[&t],
-    )
-    .await
-    .unwrap();
-    assert!(r.purge().await.unwrap() >= 1);
-    assert_eq!(rows().await, vec![], "released ten minutes ago: purged");
+    assert_eq!(later.routes().await.unwrap().unreadable(), 0);
 }
 
 #[tokio::test]

@@ -692,11 +692,13 @@ impl CommandHub {
             .sender
             .names()
             .name(TopicKind::CommandInternal, self.instance_id())?;
-        // Kafka or PostgreSQL may be down at start: keep trying, the adapters run meanwhile.
+        // Kafka or PostgreSQL may be down at start: keep trying, the adapters run meanwhile
+        // (the route topic is read here, so the first subscription does not wait for it).
         loop {
             let ready = async {
                 self.inner.sender.ensure_topic(&topic, None).await?;
                 self.inner.routing.heartbeat(self.instance_id()).await?;
+                self.inner.routing.routes().await?;
                 anyhow::Ok(())
             };
             match ready.await {

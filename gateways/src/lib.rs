@@ -91,6 +91,7 @@ pub async fn serve(
     let routing = ferrule_registry::device_connection::RoutingState::new(
         registry.pool().clone(),
         Duration::from_secs(cfg.instance_timeout_secs),
+        kafka,
     );
     let mut pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size)
         .with_gateway_activity(Arc::new(commands::LastGateways::new(routing.clone())));

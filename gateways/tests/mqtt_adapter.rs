@@ -842,15 +842,15 @@ async fn a_gateway_counted_dead_while_alive_registers_its_subscriptions_again() 
         .await
         .unwrap();
     let db = store.pool().get().await.unwrap();
+    let routes = common::routes().await;
     let holder = async || -> Option<String> {
-        db.query_opt(
-            "SELECT instance_id FROM command_consumers
-              WHERE tenant_id = $1 AND device_id = 'dev' AND expires IS NULL",
-            &[&tenant],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0))
+        routes
+            .subscriptions_of(&tenant)
+            .await
+            .unwrap()
+            .into_iter()
+            .rfind(|(d, _)| d == "dev")
+            .map(|(_, i)| i)
     };
     let instance = holder().await.expect("the device's subscription");
     // What the routers do to an instance silent for too long: its topic deleted, its routing
@@ -858,12 +858,8 @@ async fn a_gateway_counted_dead_while_alive_registers_its_subscriptions_again() 
     let topic = format!("hono.command_internal.{instance}");
     let admin = ferrule_kafka::TopicAdmin::new(&kafka()).unwrap();
     admin.delete(&topic).await.unwrap();
-    db.execute(
-        "DELETE FROM command_consumers WHERE instance_id = $1",
-        &[&instance],
-    )
-    .await
-    .unwrap();
+    routes.release_all(&instance).await.unwrap();
+    assert_eq!(holder().await, None);
     db.execute(
         "DELETE FROM adapter_instances WHERE instance_id = $1",
         &[&instance],
@@ -991,21 +987,15 @@ async fn a_command_forwarded_twice_reaches_the_device_once() {
     p.device_with_password(&tenant, "dev", json!({})).await;
     let mut c = subscribed(p.mqtt_port, "dev", &tenant).await;
     // The instance holding the subscription, from the routing state.
-    let store = ferrule_registry::open_store(&database(), &Default::default())
+    let instance: String = common::routes()
         .await
-        .unwrap();
-    let instance: String = store
-        .pool()
-        .get()
+        .subscriptions_of(&tenant)
         .await
         .unwrap()
-        .query_one(
-            "SELECT instance_id FROM command_consumers WHERE tenant_id = $1 AND device_id = 'dev'",
-            &[&tenant],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .into_iter()
+        .rfind(|(d, _)| d == "dev")
+        .expect("the device's subscription")
+        .1;
     // What a rebalance or a second router can do: the same source record forwarded twice.
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka().bootstrap_servers)

@@ -1,24 +1,27 @@
 //! Device connection state — which gateway instance holds a device's command subscription,
-//! which gateway last acted for it, which instances are alive — in PostgreSQL, and Hono's
-//! target-selection rule over it. Hono keeps the same facts behind its Device Connection
-//! API; here both the gateways (which write them) and the command router (which reads them)
-//! use this module, so neither depends on the other. The rule: the device's own
-//! subscription first, else its last known gateway if that gateway is in `via` and subscribed,
-//! else any subscribed gateway in `via`. Expired subscriptions and instances that stopped
-//! sending heartbeats never count, so commands to them fail fast instead of waiting.
+//! which gateway last acted for it, which instances are alive — and Hono's target-selection
+//! rule over it. Hono keeps the same facts behind its Device Connection API; here both the
+//! gateways (which write them) and the command router (which reads them) use this module, so
+//! neither depends on the other. The rule: the device's own subscription first, else its last
+//! known gateway if that gateway is in `via` and subscribed, else any subscribed gateway in
+//! `via`. Expired subscriptions and instances that stopped sending heartbeats never count, so
+//! commands to them fail fast instead of waiting.
 //!
-//! Subscriptions come and go with every long poll, so their writes are group-committed
-//! ([`changes`]): one task per process applies whatever changes queued up while the previous
-//! batch was written, in at most three statements, and each caller still waits for its own
-//! change to be in PostgreSQL — an application that reacts to a `ttd` notification finds the
-//! route, as before, but a thousand polls a second cost a few statements, not a thousand.
+//! Subscriptions change with every long poll, so they do not live in PostgreSQL: they are
+//! records of a compacted Kafka topic ([`routes`], [`route_log`]) that every process reads
+//! into memory. A change is one produce; a look-up reads memory, after making sure the table
+//! holds every change written before the command arrived. Instances' heartbeats and the last
+//! known gateways change seldom and stay in PostgreSQL.
 
 use deadpool_postgres::Pool;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-use tokio::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-mod changes;
+pub mod route_log;
+pub mod routes;
+
+pub use route_log::RouteLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -26,16 +29,16 @@ pub enum RoutingError {
     Database(#[from] tokio_postgres::Error),
     #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    /// A batch of subscription changes failed; every change in it gets the same cause.
-    #[error("{0}")]
-    Batch(#[source] Arc<RoutingError>),
-    #[error("the routing writer has stopped")]
+    /// The route topic could not be written or read.
+    #[error("route topic: {0}")]
+    Routes(String),
+    #[error("the route topic reader has stopped")]
     WriterGone,
 }
 
-/// How long a released command consumer's row is kept for the device's next registration to
-/// update in place (a long-polling device comes back within seconds; migration 0005).
-const KEEP_RELEASED: Duration = Duration::from_secs(600);
+/// How long the instances' heartbeats read from PostgreSQL are trusted before they are read
+/// again; an instance not found (or found dead) is always looked up afresh.
+const INSTANCES_FRESH: Duration = Duration::from_secs(1);
 
 /// Where a command for a device goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,26 +49,52 @@ pub struct CommandTarget {
     pub gateway_id: Option<String>,
 }
 
-/// Handle on the routing tables; cheap to clone.
+/// Handle on the routing state; cheap to clone.
 #[derive(Clone)]
 pub struct RoutingState {
     pool: Pool,
     /// An instance without a heartbeat for this long counts as dead.
     instance_timeout: Duration,
-    /// The queue of the task that writes subscription changes, started on the first change.
-    changes: Arc<OnceLock<mpsc::Sender<changes::Change>>>,
+    /// The route topic, opened on first use (Kafka may be down when a gateway starts; its
+    /// adapters serve meanwhile).
+    routes: Arc<tokio::sync::OnceCell<RouteLog>>,
+    kafka: Option<Arc<ferrule_kafka::KafkaConfig>>,
+    /// Seconds since each instance's last heartbeat, as read at the instant beside them.
+    instances: Arc<Mutex<(Instant, HashMap<String, f64>)>>,
 }
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 impl RoutingState {
-    pub fn new(pool: Pool, instance_timeout: Duration) -> Self {
+    /// The state on `pool` and on the route topic of `kafka`'s cluster (read through the
+    /// process's shared [`RouteLog`]).
+    pub fn new(pool: Pool, instance_timeout: Duration, kafka: &ferrule_kafka::KafkaConfig) -> Self {
+        let mut state = Self::with_routes(pool, instance_timeout, None);
+        state.kafka = Some(Arc::new(kafka.clone()));
+        state
+    }
+
+    /// The state on `pool` and on a route log opened already (`None`: none, every change and
+    /// look-up fails).
+    pub fn with_routes(pool: Pool, instance_timeout: Duration, routes: Option<RouteLog>) -> Self {
         RoutingState {
             pool,
             instance_timeout,
-            changes: Arc::default(),
+            routes: Arc::new(tokio::sync::OnceCell::new_with(routes)),
+            kafka: None,
+            instances: Arc::new(Mutex::new((
+                Instant::now() - INSTANCES_FRESH * 2,
+                HashMap::new(),
+            ))),
         }
     }
 
@@ -74,30 +103,60 @@ impl RoutingState {
         self.instance_timeout
     }
 
-    /// Queues `op` for the writer task and waits until it is written.
-    async fn change(
-        &self,
-        tenant: &str,
-        device: &str,
-        instance: &str,
-        op: changes::Op,
-    ) -> Result<bool, RoutingError> {
-        let queue = self
-            .changes
-            .get_or_init(|| changes::start(self.pool.clone()));
-        let (done, answer) = tokio::sync::oneshot::channel();
-        let change = changes::Change {
-            tenant: tenant.to_owned(),
-            device: device.to_owned(),
-            instance: instance.to_owned(),
-            op,
-            done,
-        };
-        queue
-            .send(change)
+    /// The route topic this state reads and writes, opened now if it was not yet.
+    pub async fn routes(&self) -> Result<&RouteLog, RoutingError> {
+        self.routes
+            .get_or_try_init(|| async {
+                match &self.kafka {
+                    Some(kafka) => RouteLog::shared(kafka).await,
+                    None => Err(RoutingError::Routes("no route topic".into())),
+                }
+            })
             .await
-            .map_err(|_| RoutingError::WriterGone)?;
-        answer.await.map_err(|_| RoutingError::WriterGone)?
+    }
+
+    /// The instances that count as alive now: a heartbeat within the instance timeout.
+    /// `fresh` reads the heartbeats from PostgreSQL even when the last read is recent.
+    async fn alive_instances(
+        &self,
+        fresh: bool,
+    ) -> Result<std::collections::HashSet<String>, RoutingError> {
+        let timeout = secs(self.instance_timeout);
+        let cached = {
+            let cache = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+            (!fresh && cache.0.elapsed() < INSTANCES_FRESH).then(|| {
+                let since = cache.0.elapsed().as_secs_f64();
+                cache
+                    .1
+                    .iter()
+                    .filter(|(_, age)| **age + since < timeout)
+                    .map(|(i, _)| i.clone())
+                    .collect()
+            })
+        };
+        if let Some(alive) = cached {
+            return Ok(alive);
+        }
+        let db = self.pool.get().await?;
+        let read_at = Instant::now();
+        let rows = db
+            .query(
+                &db.prepare_cached(
+                    "SELECT instance_id, extract(epoch FROM now() - last_seen)::float8
+                       FROM adapter_instances",
+                )
+                .await?,
+                &[],
+            )
+            .await?;
+        let ages: HashMap<String, f64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let alive = ages
+            .iter()
+            .filter(|(_, age)| **age < timeout)
+            .map(|(i, _)| i.clone())
+            .collect();
+        *self.instances.lock().unwrap_or_else(|p| p.into_inner()) = (read_at, ages);
+        Ok(alive)
     }
 
     /// Records that `instance` is alive; whether it was known. An instance that was not — a
@@ -129,38 +188,29 @@ impl RoutingState {
         instance: &str,
         lifespan: Option<Duration>,
     ) -> Result<(), RoutingError> {
-        self.change(tenant, device, instance, changes::Op::Register(lifespan))
+        let expires = lifespan.map(|l| now_ms().saturating_add(l.as_millis() as i64));
+        self.routes()
+            .await?
+            .subscribe(tenant, device, instance, expires)
             .await
-            .map(drop)
     }
 
-    /// Removes the registration if `instance` still holds it; `false` when another instance
-    /// took over or the entry is gone (Hono answers 412 then).
+    /// Ends `instance`'s registration of `device`; `false` when another instance had taken
+    /// over or the entry was gone already (Hono answers 412 then).
     pub async fn unregister(
         &self,
         tenant: &str,
         device: &str,
         instance: &str,
     ) -> Result<bool, RoutingError> {
-        self.change(tenant, device, instance, changes::Op::Unregister)
-            .await
+        self.routes().await?.release(tenant, device, instance).await
     }
 
     /// Removes every registration `instance` holds: an instance that starts again under the
     /// same id (`gateway.instance_id`) has none of its earlier connections, and commands must
     /// not go to it for them. Returns how many were removed.
     pub async fn forget_instance(&self, instance: &str) -> Result<u64, RoutingError> {
-        let db = self.pool.get().await?;
-        Ok(db
-            .execute(
-                &db.prepare_cached(
-                    "UPDATE command_consumers SET expires = '-infinity', registered = now()
-                      WHERE instance_id = $1 AND expires IS DISTINCT FROM '-infinity'",
-                )
-                .await?,
-                &[&instance],
-            )
-            .await?)
+        self.routes().await?.forget(instance).await
     }
 
     /// The gateway `device` last used (the device itself for direct connections).
@@ -186,7 +236,8 @@ impl RoutingState {
 
     /// Where a command for `device` goes, given the gateways in its `via` and the groups in
     /// its `viaGroups` (every gateway whose `memberOf` names one of them counts as in `via`);
-    /// `None` when nothing can reach it now.
+    /// `None` when nothing can reach it now. Every subscription change written before this
+    /// call counts.
     pub async fn resolve(
         &self,
         tenant: &str,
@@ -194,10 +245,9 @@ impl RoutingState {
         via: &[String],
         via_groups: &[String],
     ) -> Result<Option<CommandTarget>, RoutingError> {
-        let timeout = secs(self.instance_timeout);
-        let db = self.pool.get().await?;
         let mut via = via.to_vec();
         if !via_groups.is_empty() {
+            let db = self.pool.get().await?;
             let rows = db
                 .query(
                     &db.prepare_cached(
@@ -210,51 +260,59 @@ impl RoutingState {
                 .await?;
             via.extend(rows.iter().map(|r| r.get::<_, String>(0)));
         }
-        // Live subscriptions of the device and of its gateways, in one query.
-        let mut ids = vec![device.to_owned()];
-        ids.extend(via.iter().filter(|g| *g != device).cloned());
-        // A device without gateways (the common case) has its own statement: PostgreSQL plans
-        // `= $2` once per connection, while `= ANY($2)` it plans again on every execution
-        // (its generic plan looks dearer), which cost more than running the query.
-        let rows = if ids.len() == 1 {
-            db.query(
-                &db.prepare_cached(
-                    "SELECT c.device_id, c.instance_id
-                   FROM command_consumers c
-                   JOIN adapter_instances i ON i.instance_id = c.instance_id
-                  WHERE c.tenant_id = $1 AND c.device_id = $2
-                    AND (c.expires IS NULL OR c.expires > now())
-                    AND i.last_seen > now() - make_interval(secs => $3::float8)",
-                )
-                .await?,
-                &[&tenant, &device, &timeout],
-            )
-            .await?
-        } else {
-            db.query(
-                &db.prepare_cached(
-                    "SELECT c.device_id, c.instance_id
-                   FROM command_consumers c
-                   JOIN adapter_instances i ON i.instance_id = c.instance_id
-                  WHERE c.tenant_id = $1 AND c.device_id = ANY($2)
-                    AND (c.expires IS NULL OR c.expires > now())
-                    AND i.last_seen > now() - make_interval(secs => $3::float8)
-                  ORDER BY c.registered DESC",
-                )
-                .await?,
-                &[&tenant, &ids, &timeout],
-            )
-            .await?
+        via.retain(|g| g != device);
+        let routes = self.routes().await?;
+        // The table must hold every change written before now, in each partition involved.
+        let mut partitions: Vec<i32> = std::iter::once(device)
+            .chain(via.iter().map(String::as_str))
+            .map(|d| routes.partition_of(tenant, d))
+            .collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        for p in partitions {
+            routes.caught_up(p).await?;
+        }
+        // Live candidates: (device or gateway, instance, record time), the device first.
+        let candidates = |alive: &std::collections::HashSet<String>| {
+            let table = routes.table();
+            let now = now_ms();
+            let mut is_alive = |i: &str| alive.contains(i);
+            std::iter::once(device)
+                .chain(via.iter().map(String::as_str))
+                .filter_map(|d| {
+                    table
+                        .newest(tenant, d, now, &mut is_alive)
+                        .map(|e| (d.to_owned(), e.instance.to_string(), e.at_ms))
+                })
+                .collect::<Vec<_>>()
         };
-        let live: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut live = candidates(&self.alive_instances(false).await?);
+        // A subscribed instance the cached heartbeats do not show alive may have just started:
+        // read the heartbeats again before counting it dead.
+        let subscribed = {
+            let table = routes.table();
+            let now = now_ms();
+            std::iter::once(device)
+                .chain(via.iter().map(String::as_str))
+                .filter(|d| table.newest(tenant, d, now, &mut |_| true).is_some())
+                .count()
+        };
+        if subscribed > live.len() {
+            live = candidates(&self.alive_instances(true).await?);
+        }
         // 1. The device's own subscription.
-        if let Some((_, instance)) = live.iter().find(|(d, _)| d == device) {
+        if let Some((_, instance, _)) = live.iter().find(|(d, _, _)| d == device) {
             return Ok(Some(CommandTarget {
                 instance_id: instance.clone(),
                 gateway_id: None,
             }));
         }
+        let mut gateways: Vec<(String, String, i64)> = live;
+        if gateways.is_empty() {
+            return Ok(None);
+        }
         // 2. The last known gateway, if it is in `via` and subscribed.
+        let db = self.pool.get().await?;
         let last: Option<String> = db
             .query_opt(
                 &db.prepare_cached(
@@ -265,8 +323,8 @@ impl RoutingState {
             )
             .await?
             .map(|r| r.get(0));
-        if let Some(gw) = last.filter(|g| via.contains(g))
-            && let Some((_, instance)) = live.iter().find(|(d, _)| *d == gw)
+        if let Some(gw) = last
+            && let Some((_, instance, _)) = gateways.iter().find(|(d, _, _)| *d == gw)
         {
             return Ok(Some(CommandTarget {
                 instance_id: instance.clone(),
@@ -274,42 +332,21 @@ impl RoutingState {
             }));
         }
         // 3. Any subscribed gateway in `via` (the most recently subscribed).
-        Ok(live.into_iter().next().map(|(gw, instance)| CommandTarget {
-            instance_id: instance,
-            gateway_id: Some(gw),
-        }))
+        gateways.sort_by_key(|(_, _, at)| std::cmp::Reverse(*at));
+        Ok(gateways
+            .into_iter()
+            .next()
+            .map(|(gw, instance, _)| CommandTarget {
+                instance_id: instance,
+                gateway_id: Some(gw),
+            }))
     }
 
-    /// Drops expired subscriptions and the subscriptions of dead instances, so the table never
-    /// grows without bound; returns how many rows went. Silent instances themselves go with
-    /// [`Self::forget_silent_instance`].
+    /// Drops expired subscriptions from the table, so it never grows without bound; returns
+    /// how many went. Those of dead instances stay (they never count) until the instance is
+    /// forgotten ([`Self::forget_silent_instance`] releases them in the topic).
     pub async fn purge(&self) -> Result<u64, RoutingError> {
-        let timeout = secs(self.instance_timeout);
-        let db = self.pool.get().await?;
-        let expired = db
-            .execute(
-                &db.prepare_cached(
-                    "DELETE FROM command_consumers
-                      WHERE expires <= now()
-                        AND (expires <> '-infinity'
-                             OR registered <= now() - make_interval(secs => $1::float8))",
-                )
-                .await?,
-                &[&KEEP_RELEASED.as_secs_f64()],
-            )
-            .await?;
-        let dead = db
-            .execute(
-                &db.prepare_cached(
-                    "DELETE FROM command_consumers c USING adapter_instances i
-                  WHERE c.instance_id = i.instance_id
-                    AND i.last_seen <= now() - make_interval(secs => $1::float8)",
-                )
-                .await?,
-                &[&timeout],
-            )
-            .await?;
-        Ok(expired + dead)
+        Ok(self.routes().await?.purge(&mut |_| true) as u64)
     }
 
     /// Instances without a heartbeat for `after` (at least the instance timeout): the router
@@ -349,6 +386,9 @@ impl RoutingState {
                 &[&instance, &after],
             )
             .await?;
+        if n > 0 {
+            self.routes().await?.release_all(instance).await?;
+        }
         Ok(n > 0)
     }
 }

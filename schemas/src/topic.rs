@@ -186,6 +186,12 @@ impl TopicNames {
         check_tenant_topics(&self.hono, tenant)
     }
 
+    /// The compacted topic of every gateway instance's command subscriptions
+    /// (`ferrule.device_routes`, behind the operator's prefix).
+    pub fn device_routes(&self) -> String {
+        format!("{}ferrule.device_routes", self.operator)
+    }
+
     /// The outcome topic of one AMQP bridge instance (see [`crate::outcome`]).
     pub fn outcome(&self, instance: &str) -> String {
         format!(

@@ -99,6 +99,28 @@ pub fn psql(url: &str, query: &str) -> Vec<String> {
         .collect()
 }
 
+/// Every live command subscription of `tenant` as (device, instance), newest last per device,
+/// as the routers see it: read from the route topic on `bootstrap`.
+pub fn subscriptions(bootstrap: &str, tenant: &str) -> Vec<(String, String)> {
+    let kafka = ferrule_kafka::KafkaConfig {
+        bootstrap_servers: bootstrap.to_owned(),
+        consumer_fetch_wait_ms: 20,
+        ..Default::default()
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            ferrule_registry::device_connection::RouteLog::shared(&kafka)
+                .await
+                .unwrap()
+                .subscriptions_of(tenant)
+                .await
+                .unwrap()
+        })
+}
+
 pub fn database_url() -> String {
     std::env::var("FERRULE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/ferrule_test".into())

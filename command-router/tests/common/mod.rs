@@ -62,9 +62,29 @@ pub async fn setup() -> Setup {
     auth.spawn_listener(Connector::new(&db).unwrap(), rx);
     Setup {
         tenant,
-        routing: RoutingState::new(store.pool().clone(), Duration::from_secs(30)),
+        routing: RoutingState::new(
+            store.pool().clone(),
+            Duration::from_secs(30),
+            &kafka_config(),
+        ),
         auth,
         _stop_listener: tx,
+    }
+}
+
+/// This process's reader of the route topic on the test broker.
+pub async fn routes() -> ferrule_registry::device_connection::RouteLog {
+    ferrule_registry::device_connection::RouteLog::shared(&kafka_config())
+        .await
+        .unwrap()
+}
+
+/// The test broker, with short fetch waits.
+pub fn kafka_config() -> ferrule_kafka::KafkaConfig {
+    ferrule_kafka::KafkaConfig {
+        bootstrap_servers: kafka(),
+        consumer_fetch_wait_ms: 20,
+        ..Default::default()
     }
 }
 

@@ -349,7 +349,23 @@ pub async fn routing() -> ferrule_registry::device_connection::RoutingState {
     ferrule_registry::device_connection::RoutingState::new(
         store.pool().clone(),
         Duration::from_secs(30),
+        &route_kafka(),
     )
+}
+
+/// This process's reader of the route topic on the test broker.
+pub async fn routes() -> ferrule_registry::device_connection::RouteLog {
+    ferrule_registry::device_connection::RouteLog::shared(&route_kafka())
+        .await
+        .unwrap()
+}
+
+/// The test broker as the route topic's readers use it (short fetch waits).
+pub fn route_kafka() -> KafkaConfig {
+    KafkaConfig {
+        consumer_fetch_wait_ms: 20,
+        ..kafka()
+    }
 }
 
 /// The first record of `topic` that `wanted` picks, waiting for it as [`read`] does.
@@ -433,6 +449,7 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
     let routing = ferrule_registry::device_connection::RoutingState::new(
         store.pool().clone(),
         Duration::from_secs(30),
+        &route_kafka(),
     );
     let group = group.to_owned();
     tokio::spawn(async move {

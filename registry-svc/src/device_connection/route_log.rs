@@ -1,0 +1,428 @@
+//! The route topic on Kafka: writes a process's subscription changes and keeps its
+//! [`Table`] up to date by reading every partition from the start.
+//!
+//! A change costs one produce (no database round trip) and the writer waits for the broker's
+//! acknowledgement only, so a long poll's registration is as cheap as its telemetry. A reader
+//! that must see every change written before some moment — a router about to route a command
+//! whose application reacted to a `ttd` notification — asks the broker for the partition's
+//! end offset and waits until its table has applied up to it ([`RouteLog::caught_up`]); the
+//! notification was written only after the registration was acknowledged, so the registration
+//! lies before that end offset.
+
+use super::RoutingError;
+use super::routes::{self, Table};
+use ferrule_kafka::KafkaConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// Partitions of the route topic when Ferrule creates it.
+pub const PARTITIONS: i32 = 8;
+/// How long a produce or an end-offset request may take before the change fails.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handle on the route topic; cheap to clone. One per process and topic ([`RouteLog::shared`]).
+#[derive(Clone)]
+pub struct RouteLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topic: String,
+    partitions: i32,
+    producer: FutureProducer,
+    table: RwLock<Table>,
+    /// Per partition, the offset after the last record applied.
+    applied: Vec<AtomicI64>,
+    /// Bumped whenever `applied` moves.
+    progress: watch::Sender<u64>,
+    /// Requests for a partition's end offset, served by one thread.
+    end_offsets: std::sync::mpsc::Sender<(i32, oneshot::Sender<Result<i64, KafkaError>>)>,
+    /// Records that could not be read (counted, skipped).
+    unreadable: AtomicI64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+type Shared = Mutex<HashMap<(String, String), RouteLog>>;
+static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+/// Serialises the starts of [`RouteLog::shared`], so one process never reads the topic twice.
+static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl RouteLog {
+    /// The process's log of the route topic of `kafka`'s cluster, started on first use: the
+    /// gateway and the router of `ferrule all` share one table.
+    pub async fn shared(kafka: &KafkaConfig) -> Result<RouteLog, RoutingError> {
+        let topic = kafka
+            .topic_names()
+            .map_err(|e| RoutingError::Routes(e.to_string()))?
+            .device_routes();
+        let key = (kafka.bootstrap_servers.clone(), topic.clone());
+        let _one = STARTING.lock().await;
+        if let Some(log) = SHARED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap()
+            .get(&key)
+        {
+            return Ok(log.clone());
+        }
+        let log = RouteLog::start(kafka, topic).await?;
+        SHARED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap()
+            .insert(key, log.clone());
+        Ok(log)
+    }
+
+    /// A reader of its own (not shared with the rest of the process), read to the end.
+    pub async fn open(kafka: &KafkaConfig) -> Result<RouteLog, RoutingError> {
+        let topic = kafka
+            .topic_names()
+            .map_err(|e| RoutingError::Routes(e.to_string()))?
+            .device_routes();
+        RouteLog::start(kafka, topic).await
+    }
+
+    /// Creates (or checks) the topic, reads it to its end, and keeps reading.
+    async fn start(kafka: &KafkaConfig, topic: String) -> Result<RouteLog, RoutingError> {
+        let routes = |e: &dyn std::fmt::Display| RoutingError::Routes(format!("{topic}: {e}"));
+        let admin = ferrule_kafka::TopicAdmin::new(kafka).map_err(|e| routes(&e))?;
+        let spec = ferrule_kafka::TopicSpec {
+            partitions: PARTITIONS,
+            ..admin.default_spec()
+        };
+        admin
+            .ensure_with(&topic, spec, &[("cleanup.policy", "compact")])
+            .await
+            .map_err(|e| routes(&e))?;
+        let producer: FutureProducer = kafka.command_producer().create().map_err(|e| routes(&e))?;
+        let consumer: BaseConsumer = kafka
+            .consumer()
+            .set(
+                "group.id",
+                format!("ferrule-routes-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set(
+                "fetch.wait.max.ms",
+                kafka.consumer_fetch_wait_ms.to_string(),
+            )
+            .create()
+            .map_err(|e| routes(&e))?;
+        let partitions = {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), KAFKA_TIMEOUT)
+                    .map(|meta| {
+                        meta.topics()
+                            .first()
+                            .map_or(0, |t| t.partitions().len() as i32)
+                    })
+            })
+            .await
+            .map_err(|e| routes(&e))?
+            .map_err(|e| routes(&e))?
+        };
+        if partitions == 0 {
+            return Err(routes(&"the topic has no partitions"));
+        }
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(&topic, p, Offset::Beginning)
+                .map_err(|e| routes(&e))?;
+        }
+        consumer.assign(&assignment).map_err(|e| routes(&e))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let inner = Arc::new(Inner {
+            topic: topic.clone(),
+            partitions,
+            producer: producer.clone(),
+            table: RwLock::new(Table::default()),
+            applied: (0..partitions).map(|_| AtomicI64::new(0)).collect(),
+            progress: watch::channel(0).0,
+            end_offsets: tx,
+            unreadable: AtomicI64::new(0),
+        });
+        std::thread::Builder::new()
+            .name("route-offsets".into())
+            .spawn({
+                let topic = topic.clone();
+                move || serve_end_offsets(producer, topic, rx)
+            })
+            .map_err(|e| routes(&e))?;
+        std::thread::Builder::new()
+            .name("route-reader".into())
+            .spawn({
+                let inner = Arc::downgrade(&inner);
+                move || read(consumer, inner)
+            })
+            .map_err(|e| routes(&e))?;
+        let log = RouteLog { inner };
+        log.caught_up_all().await?;
+        Ok(log)
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.inner.partitions
+    }
+
+    /// The partition of `device`'s records.
+    pub fn partition_of(&self, tenant: &str, device: &str) -> i32 {
+        routes::partition_of(tenant, device, self.inner.partitions)
+    }
+
+    /// Reads the table.
+    pub fn table(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.inner.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table_mut(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.inner.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the table could not read.
+    pub fn unreadable(&self) -> i64 {
+        self.inner.unreadable.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the table holds every record `partition` had when this was called.
+    pub async fn caught_up(&self, partition: i32) -> Result<(), RoutingError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .end_offsets
+            .send((partition, tx))
+            .map_err(|_| RoutingError::WriterGone)?;
+        let end = rx
+            .await
+            .map_err(|_| RoutingError::WriterGone)?
+            .map_err(|e| RoutingError::Routes(format!("end offset: {e}")))?;
+        self.applied_up_to(partition, end).await
+    }
+
+    /// [`Self::caught_up`] for every partition.
+    pub async fn caught_up_all(&self) -> Result<(), RoutingError> {
+        for p in 0..self.inner.partitions {
+            self.caught_up(p).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the table applied the records of `partition` before `offset`.
+    async fn applied_up_to(&self, partition: i32, offset: i64) -> Result<(), RoutingError> {
+        let Some(applied) = self.inner.applied.get(partition as usize) else {
+            return Err(RoutingError::Routes(format!("no partition {partition}")));
+        };
+        let mut progress = self.inner.progress.subscribe();
+        let wait = async {
+            while applied.load(Ordering::Acquire) < offset {
+                if progress.changed().await.is_err() {
+                    return Err(RoutingError::WriterGone);
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(KAFKA_TIMEOUT, wait)
+            .await
+            .map_err(|_| RoutingError::Routes("the route topic reader fell behind".into()))?
+    }
+
+    /// Writes a record to `partition`; `value` `None` is a tombstone. Returns its offset.
+    async fn write(
+        &self,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<i64, RoutingError> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.inner.topic)
+            .partition(partition)
+            .key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        self.inner
+            .producer
+            .send(record, Timeout::After(KAFKA_TIMEOUT))
+            .await
+            .map(|d| d.offset)
+            .map_err(|(e, _)| RoutingError::Routes(format!("writing a route: {e}")))
+    }
+
+    /// `instance` holds `device`'s subscription until `expires_ms` (or until released).
+    pub async fn subscribe(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+        expires_ms: Option<i64>,
+    ) -> Result<(), RoutingError> {
+        let p = self.partition_of(tenant, device);
+        self.write(
+            p,
+            &routes::subscription_key(tenant, device, instance),
+            Some(&routes::subscription_value(expires_ms)),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Releases `instance`'s subscription of `device`; whether it was the device's newest
+    /// live one (no other instance had replaced it), as far as every change written before
+    /// the release shows.
+    pub async fn release(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+    ) -> Result<bool, RoutingError> {
+        let p = self.partition_of(tenant, device);
+        self.caught_up(p).await?;
+        let held = self.table().holds(tenant, device, instance, now_ms());
+        let offset = self
+            .write(p, &routes::subscription_key(tenant, device, instance), None)
+            .await?;
+        // Once this returns, this process's table no longer shows the subscription.
+        self.applied_up_to(p, offset + 1).await?;
+        Ok(held)
+    }
+
+    /// Forgets every subscription `instance` holds (it started again under the same id);
+    /// how many there were.
+    pub async fn forget(&self, instance: &str) -> Result<u64, RoutingError> {
+        self.caught_up_all().await?;
+        let held = self.table().held_by(instance).len() as u64;
+        if held == 0 {
+            return Ok(0);
+        }
+        let key = routes::forget_key(instance);
+        for p in 0..self.inner.partitions {
+            let offset = self.write(p, &key, Some(b"{}")).await?;
+            self.applied_up_to(p, offset + 1).await?;
+        }
+        Ok(held)
+    }
+
+    /// Releases every subscription of an instance that is gone for good (a router forgot
+    /// it), so compaction can drop its records; how many there were.
+    pub async fn release_all(&self, instance: &str) -> Result<u64, RoutingError> {
+        self.caught_up_all().await?;
+        let held = self.table().held_by(instance);
+        for (tenant, device) in &held {
+            let p = self.partition_of(tenant, device);
+            self.write(p, &routes::subscription_key(tenant, device, instance), None)
+                .await?;
+        }
+        let key = routes::forget_key(instance);
+        for p in 0..self.inner.partitions {
+            self.write(p, &key, None).await?;
+        }
+        Ok(held.len() as u64)
+    }
+
+    /// Every live subscription of `tenant` as (device, instance), newest last per device, with
+    /// every change written before this call.
+    pub async fn subscriptions_of(
+        &self,
+        tenant: &str,
+    ) -> Result<Vec<(String, String)>, RoutingError> {
+        self.caught_up_all().await?;
+        Ok(self.table().of_tenant(tenant, now_ms()))
+    }
+
+    /// Drops expired entries and those of instances `alive` rejects from the table.
+    pub fn purge(&self, alive: &mut impl FnMut(&str) -> bool) -> usize {
+        self.table_mut().purge(now_ms(), alive)
+    }
+}
+
+/// Answers end-offset requests, one broker request per partition for every request that
+/// came in before it was sent.
+fn serve_end_offsets(
+    producer: FutureProducer,
+    topic: String,
+    requests: std::sync::mpsc::Receiver<(i32, oneshot::Sender<Result<i64, KafkaError>>)>,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut waiting: HashMap<i32, Vec<oneshot::Sender<_>>> = HashMap::new();
+        for (p, tx) in std::iter::once(first).chain(requests.try_iter()) {
+            waiting.entry(p).or_default().push(tx);
+        }
+        for (p, txs) in waiting {
+            let end = producer
+                .client()
+                .fetch_watermarks(&topic, p, KAFKA_TIMEOUT)
+                .map(|(_, high)| high);
+            for tx in txs {
+                let _ = tx.send(end.clone());
+            }
+        }
+    }
+}
+
+/// Applies every record of the topic to the table, as long as the log lives. A thread of its
+/// own, so the table does not depend on the runtime that happened to start it.
+fn read(consumer: BaseConsumer, log: std::sync::Weak<Inner>) {
+    loop {
+        let msg = consumer.poll(Duration::from_millis(200));
+        let Some(inner) = log.upgrade() else { return };
+        match msg {
+            None => {}
+            Some(Ok(m)) => {
+                let p = m.partition();
+                match m.key().map(|k| routes::decode(k, m.payload())) {
+                    Some(Ok(record)) => {
+                        let at = m.timestamp().to_millis().unwrap_or_else(now_ms);
+                        let mut table = inner.table.write().unwrap_or_else(|p| p.into_inner());
+                        table.apply(p, m.offset(), at, record);
+                    }
+                    _ => {
+                        inner.unreadable.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            partition = p,
+                            offset = m.offset(),
+                            "unreadable route record"
+                        );
+                    }
+                }
+                if let Some(a) = inner.applied.get(p as usize) {
+                    a.fetch_max(m.offset() + 1, Ordering::AcqRel);
+                }
+                inner.progress.send_modify(|n| *n += 1);
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // Everything there was is applied: the position is the end offset.
+                if let Ok(positions) = consumer.position()
+                    && let Some(Offset::Offset(o)) = positions
+                        .find_partition(&inner.topic, p)
+                        .map(|e| e.offset())
+                    && let Some(a) = inner.applied.get(p as usize)
+                {
+                    a.fetch_max(o, Ordering::AcqRel);
+                    inner.progress.send_modify(|n| *n += 1);
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "reading the route topic");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
