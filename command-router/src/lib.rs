@@ -55,7 +55,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let routing = RoutingState::new(pool, Duration::from_secs(cfg.instance_timeout_secs), kafka);
     // Read the route topic before the first command: a router must know every subscription.
-    routing.routes().await?;
+    // Kafka may be down, or the topic not created yet (`kafka.create_topics = false`).
+    let mut waiting = shutdown.clone();
+    while let Err(e) = routing.routes().await {
+        tracing::warn!(error = %e, "the route topic cannot be read yet; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = waiting.wait_for(|s| *s) => return Ok(()),
+        }
+    }
     let names = kafka.topic_names()?;
     // One admin client for the forwarder (response topics) and the purger (dead instances'
     // topics).

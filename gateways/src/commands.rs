@@ -744,11 +744,7 @@ impl CommandHub {
         let held: Vec<(String, String)> = self.subscribers().keys().cloned().collect();
         self.subscribers().clear();
         for (t, d) in held {
-            let _ = self
-                .inner
-                .routing
-                .unregister(&t, &d, self.instance_id())
-                .await;
+            let _ = self.inner.routing.release(&t, &d, self.instance_id()).await;
         }
         // No router sends here any more: the topic goes with the instance (a restart under a
         // stable id creates it again).
@@ -922,12 +918,7 @@ impl LongPoll {
                 (self.hub.clone(), self.tenant.clone(), self.device.clone());
             spawn_cleanup(async move {
                 let instance = hub.inner.instance_id.clone();
-                if let Err(e) = hub
-                    .inner
-                    .routing
-                    .unregister(&tenant, &device, &instance)
-                    .await
-                {
+                if let Err(e) = hub.inner.routing.release(&tenant, &device, &instance).await {
                     tracing::warn!(error = %e, "unregistering a long poll failed");
                 }
             });

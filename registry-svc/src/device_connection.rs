@@ -206,6 +206,20 @@ impl RoutingState {
         self.routes().await?.release(tenant, device, instance).await
     }
 
+    /// Ends `instance`'s registration of `device` without asking whether another instance had
+    /// taken over (one produce; a long poll's end, or an instance stopping).
+    pub async fn release(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+    ) -> Result<(), RoutingError> {
+        self.routes()
+            .await?
+            .release_now(tenant, device, instance)
+            .await
+    }
+
     /// Removes every registration `instance` holds: an instance that starts again under the
     /// same id (`gateway.instance_id`) has none of its earlier connections, and commands must
     /// not go to it for them. Returns how many were removed.

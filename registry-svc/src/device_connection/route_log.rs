@@ -118,7 +118,6 @@ impl RouteLog {
                 format!("ferrule-routes-{}", uuid::Uuid::new_v4().simple()),
             )
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
             .set(
                 "fetch.wait.max.ms",
                 kafka.consumer_fetch_wait_ms.to_string(),
@@ -144,6 +143,16 @@ impl RouteLog {
         if partitions == 0 {
             return Err(routes(&"the topic has no partitions"));
         }
+        // A client of its own for end offsets: its blocking requests never wait behind reads.
+        let offsets: BaseConsumer = kafka
+            .consumer()
+            .set(
+                "group.id",
+                format!("ferrule-routes-{}", uuid::Uuid::new_v4().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| routes(&e))?;
         let mut assignment = TopicPartitionList::new();
         for p in 0..partitions {
             assignment
@@ -166,7 +175,7 @@ impl RouteLog {
             .name("route-offsets".into())
             .spawn({
                 let topic = topic.clone();
-                move || serve_end_offsets(producer, topic, rx)
+                move || serve_end_offsets(offsets, topic, rx)
             })
             .map_err(|e| routes(&e))?;
         std::thread::Builder::new()
@@ -304,6 +313,20 @@ impl RouteLog {
         Ok(held)
     }
 
+    /// Releases `instance`'s subscription of `device` without asking whether it was still the
+    /// newest (a long poll's end: nothing is announced either way).
+    pub async fn release_now(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+    ) -> Result<(), RoutingError> {
+        let p = self.partition_of(tenant, device);
+        self.write(p, &routes::subscription_key(tenant, device, instance), None)
+            .await
+            .map(drop)
+    }
+
     /// Forgets every subscription `instance` holds (it started again under the same id);
     /// how many there were.
     pub async fn forget(&self, instance: &str) -> Result<u64, RoutingError> {
@@ -353,10 +376,10 @@ impl RouteLog {
     }
 }
 
-/// Answers end-offset requests, one broker request per partition for every request that
-/// came in before it was sent.
+/// Answers end-offset requests: one ListOffsets request (latest) for every partition asked
+/// about since the previous one was sent.
 fn serve_end_offsets(
-    producer: FutureProducer,
+    client: BaseConsumer,
     topic: String,
     requests: std::sync::mpsc::Receiver<(i32, oneshot::Sender<Result<i64, KafkaError>>)>,
 ) {
@@ -365,11 +388,25 @@ fn serve_end_offsets(
         for (p, tx) in std::iter::once(first).chain(requests.try_iter()) {
             waiting.entry(p).or_default().push(tx);
         }
+        let mut latest = TopicPartitionList::new();
+        for p in waiting.keys() {
+            let _ = latest.add_partition_offset(&topic, *p, Offset::End);
+        }
+        let ends = client.offsets_for_times(latest, KAFKA_TIMEOUT);
         for (p, txs) in waiting {
-            let end = producer
-                .client()
-                .fetch_watermarks(&topic, p, KAFKA_TIMEOUT)
-                .map(|(_, high)| high);
+            let end = match &ends {
+                Ok(list) => match list
+                    .find_partition(&topic, p)
+                    .map(|e| (e.offset(), e.error()))
+                {
+                    Some((Offset::Offset(o), Ok(()))) => Ok(o),
+                    Some((_, Err(e))) => Err(e),
+                    _ => Err(KafkaError::OffsetFetch(
+                        rdkafka::types::RDKafkaErrorCode::UnknownPartition,
+                    )),
+                },
+                Err(e) => Err(e.clone()),
+            };
             for tx in txs {
                 let _ = tx.send(end.clone());
             }
@@ -406,18 +443,6 @@ fn read(consumer: BaseConsumer, log: std::sync::Weak<Inner>) {
                     a.fetch_max(m.offset() + 1, Ordering::AcqRel);
                 }
                 inner.progress.send_modify(|n| *n += 1);
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                // Everything there was is applied: the position is the end offset.
-                if let Ok(positions) = consumer.position()
-                    && let Some(Offset::Offset(o)) = positions
-                        .find_partition(&inner.topic, p)
-                        .map(|e| e.offset())
-                    && let Some(a) = inner.applied.get(p as usize)
-                {
-                    a.fetch_max(o, Ordering::AcqRel);
-                    inner.progress.send_modify(|n| *n += 1);
-                }
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "reading the route topic");
