@@ -143,7 +143,8 @@ impl RouteLog {
         if partitions == 0 {
             return Err(routes(&"the topic has no partitions"));
         }
-        // A client of its own for end offsets: its blocking requests never wait behind reads.
+        // A client of its own for end offsets: on the reader's connection a ListOffsets request
+        // would wait behind the fetch the broker holds open (a connection answers in order).
         let offsets: BaseConsumer = kafka
             .consumer()
             .set(
