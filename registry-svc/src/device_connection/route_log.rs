@@ -24,8 +24,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
-/// Partitions of the route topic when Ferrule creates it.
-pub const PARTITIONS: i32 = 8;
+/// Partitions of the route topic when Ferrule creates it. Every process reads every partition,
+/// so more would not spread the reading; one takes the writes of a large fleet and costs the
+/// broker the least per fetch (an operator may create the topic with more).
+pub const PARTITIONS: i32 = 1;
+/// End-offset requests are sent at most this often; a look-up waits for the next one.
+const ROUND_SPACING: Duration = Duration::from_millis(5);
 /// How long a produce or an end-offset request may take before the change fails.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -378,13 +382,18 @@ impl RouteLog {
 }
 
 /// Answers end-offset requests: one ListOffsets request (latest) for every partition asked
-/// about since the previous one was sent.
+/// about since the previous one was sent, at most one every [`ROUND_SPACING`] (each costs the
+/// broker more than a produce).
 fn serve_end_offsets(
     client: BaseConsumer,
     topic: String,
     requests: std::sync::mpsc::Receiver<(i32, oneshot::Sender<Result<i64, KafkaError>>)>,
 ) {
+    let mut last = std::time::Instant::now() - ROUND_SPACING;
     while let Ok(first) = requests.recv() {
+        // Rounds at most every ROUND_SPACING: under load one request answers many look-ups.
+        std::thread::sleep(ROUND_SPACING.saturating_sub(last.elapsed()));
+        last = std::time::Instant::now();
         let mut waiting: HashMap<i32, Vec<oneshot::Sender<_>>> = HashMap::new();
         for (p, tx) in std::iter::once(first).chain(requests.try_iter()) {
             waiting.entry(p).or_default().push(tx);
