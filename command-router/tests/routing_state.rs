@@ -342,3 +342,28 @@ async fn a_first_heartbeat_finds_the_instance_unknown() {
     assert!(!r.heartbeat(&a).await.unwrap());
     assert!(r.heartbeat(&a).await.unwrap());
 }
+
+#[tokio::test]
+async fn a_release_queued_before_a_new_subscription_never_ends_it() {
+    // A device reconnects to the same instance at once: the old connection's release and the
+    // new subscription share one key, and must reach the topic in the order they happened.
+    let (r, _store, t) = setup().await;
+    let a = id("inst-a");
+    r.heartbeat(&a).await.unwrap();
+    r.register(&t, "dev", &a, None).await.unwrap();
+    for _ in 0..5 {
+        let released = r.unregister_queued(&t, "dev", &a);
+        let registered = r.register_queued(&t, "dev", &a, None);
+        // The new subscription is acknowledged first; the release still came before it.
+        registered.await.unwrap();
+        assert!(
+            released.await.unwrap(),
+            "the release ended a's own subscription"
+        );
+        assert_eq!(
+            r.resolve(&t, "dev", &[], &[]).await.unwrap(),
+            target(&a, None),
+            "the new subscription lives on"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 
 use crate::kafka::{DownstreamSender, OutboundRecord};
 use crate::pipeline::{DeviceResponse, IngestPipeline, Reason, Refusal};
-use ferrule_registry::device_connection::RoutingState;
+use ferrule_registry::device_connection::{RoutingError, RoutingState};
 use ferrule_schemas::TopicKind;
 use ferrule_schemas::command::{RequestId, delivery_failure_body, response_headers};
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
@@ -363,14 +363,16 @@ impl CommandHub {
         lifespan: Option<Duration>,
     ) -> Result<SubscriptionToken, Refusal> {
         let token = SubscriptionToken(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
-        self.subscribers()
-            .insert((tenant.to_owned(), device.to_owned()), (token, queue));
-        match self
-            .inner
-            .routing
-            .register(tenant, device, &self.inner.instance_id, lifespan)
-            .await
-        {
+        // The local change and the routing change are queued together, so this instance's
+        // changes of one device reach the route topic in the order they happened here.
+        let registered = {
+            let mut subs = self.subscribers();
+            subs.insert((tenant.to_owned(), device.to_owned()), (token, queue));
+            self.inner
+                .routing
+                .register_queued(tenant, device, &self.inner.instance_id, lifespan)
+        };
+        match registered.await {
             Ok(()) => Ok(token),
             Err(e) => {
                 self.forget(tenant, device, token);
@@ -380,6 +382,28 @@ impl CommandHub {
                 ))
             }
         }
+    }
+
+    /// Removes the local subscription if `token` still holds it and queues its release in the
+    /// routing state at once (in order with this instance's other changes of the device);
+    /// `None` when a newer subscription holds the device.
+    fn forget_releasing(
+        &self,
+        tenant: &str,
+        device: &str,
+        token: SubscriptionToken,
+    ) -> Option<futures_util::future::BoxFuture<'static, Result<(), RoutingError>>> {
+        let mut subs = self.subscribers();
+        let key = (tenant.to_owned(), device.to_owned());
+        if !subs.get(&key).is_some_and(|(t, _)| *t == token) {
+            return None;
+        }
+        subs.remove(&key);
+        Some(
+            self.inner
+                .routing
+                .release(tenant, device, &self.inner.instance_id),
+        )
     }
 
     /// Removes the local subscription if `token` still holds it; `true` when it did.
@@ -400,15 +424,18 @@ impl CommandHub {
     /// subscription lives on. Without an answer from the routing state, this instance's own
     /// view decides.
     pub async fn unsubscribe(&self, tenant: &str, device: &str, token: SubscriptionToken) -> bool {
-        if !self.forget(tenant, device, token) {
-            return false;
-        }
-        match self
-            .inner
-            .routing
-            .unregister(tenant, device, &self.inner.instance_id)
-            .await
-        {
+        let released = {
+            let mut subs = self.subscribers();
+            let key = (tenant.to_owned(), device.to_owned());
+            if !subs.get(&key).is_some_and(|(t, _)| *t == token) {
+                return false;
+            }
+            subs.remove(&key);
+            self.inner
+                .routing
+                .unregister_queued(tenant, device, &self.inner.instance_id)
+        };
+        match released.await {
             Ok(held) => held,
             Err(e) => {
                 tracing::warn!(error = %e, "unregistering a command consumer failed");
@@ -741,11 +768,16 @@ impl CommandHub {
             }
         }
         // Commands for this instance must fail fast from now on.
-        let held: Vec<(String, String)> = self.subscribers().keys().cloned().collect();
-        self.subscribers().clear();
-        for (t, d) in held {
-            let _ = self.inner.routing.release(&t, &d, self.instance_id()).await;
-        }
+        let releases: Vec<_> = {
+            let mut subs = self.subscribers();
+            let releases = subs
+                .keys()
+                .map(|(t, d)| self.inner.routing.release(t, d, self.instance_id()))
+                .collect();
+            subs.clear();
+            releases
+        };
+        futures_util::future::join_all(releases).await;
         // No router sends here any more: the topic goes with the instance (a restart under a
         // stable id creates it again).
         drop(consumer);
@@ -907,18 +939,17 @@ impl LongPoll {
     /// Ends the subscription (unless a newer one replaced it) and returns what is queued.
     fn end(&mut self) -> Vec<CommandDelivery> {
         self.ended = true;
-        let mine = self.hub.forget(&self.tenant, &self.device, self.token);
+        let released = self
+            .hub
+            .forget_releasing(&self.tenant, &self.device, self.token);
         self.queue.close();
         let mut left = Vec::new();
         while let Ok(c) = self.queue.try_recv() {
             left.push(c);
         }
-        if mine {
-            let (hub, tenant, device) =
-                (self.hub.clone(), self.tenant.clone(), self.device.clone());
+        if let Some(released) = released {
             spawn_cleanup(async move {
-                let instance = hub.inner.instance_id.clone();
-                if let Err(e) = hub.inner.routing.release(&tenant, &device, &instance).await {
+                if let Err(e) = released.await {
                     tracing::warn!(error = %e, "unregistering a long poll failed");
                 }
             });

@@ -14,6 +14,7 @@
 //! known gateways change seldom and stay in PostgreSQL.
 
 use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -188,11 +189,27 @@ impl RoutingState {
         instance: &str,
         lifespan: Option<Duration>,
     ) -> Result<(), RoutingError> {
-        let expires = lifespan.map(|l| now_ms().saturating_add(l.as_millis() as i64));
-        self.routes()
-            .await?
-            .subscribe(tenant, device, instance, expires)
+        self.register_queued(tenant, device, instance, lifespan)
             .await
+    }
+
+    /// [`Self::register`], queued before this returns: changes of one process reach the topic
+    /// in the order they were queued (once the route topic is open; before that, in the order
+    /// their futures are first polled).
+    pub fn register_queued(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+        lifespan: Option<Duration>,
+    ) -> BoxFuture<'static, Result<(), RoutingError>> {
+        let expires = lifespan.map(|l| now_ms().saturating_add(l.as_millis() as i64));
+        if let Some(log) = self.routes.get() {
+            return Box::pin(log.subscribe(tenant, device, instance, expires));
+        }
+        let this = self.clone();
+        let (t, d, i) = (tenant.to_owned(), device.to_owned(), instance.to_owned());
+        Box::pin(async move { this.routes().await?.subscribe(&t, &d, &i, expires).await })
     }
 
     /// Ends `instance`'s registration of `device`; `false` when another instance had taken
@@ -203,21 +220,39 @@ impl RoutingState {
         device: &str,
         instance: &str,
     ) -> Result<bool, RoutingError> {
-        self.routes().await?.release(tenant, device, instance).await
+        self.unregister_queued(tenant, device, instance).await
     }
 
-    /// Ends `instance`'s registration of `device` without asking whether another instance had
-    /// taken over (one produce; a long poll's end, or an instance stopping).
-    pub async fn release(
+    /// [`Self::unregister`], queued before this returns (see [`Self::register_queued`]).
+    pub fn unregister_queued(
         &self,
         tenant: &str,
         device: &str,
         instance: &str,
-    ) -> Result<(), RoutingError> {
-        self.routes()
-            .await?
-            .release_now(tenant, device, instance)
-            .await
+    ) -> BoxFuture<'static, Result<bool, RoutingError>> {
+        if let Some(log) = self.routes.get() {
+            return Box::pin(log.release(tenant, device, instance));
+        }
+        let this = self.clone();
+        let (t, d, i) = (tenant.to_owned(), device.to_owned(), instance.to_owned());
+        Box::pin(async move { this.routes().await?.release(&t, &d, &i).await })
+    }
+
+    /// Ends `instance`'s registration of `device` without asking whether another instance had
+    /// taken over (one produce; a long poll's end, or an instance stopping); queued before
+    /// this returns (see [`Self::register_queued`]).
+    pub fn release(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+    ) -> BoxFuture<'static, Result<(), RoutingError>> {
+        if let Some(log) = self.routes.get() {
+            return Box::pin(log.release_now(tenant, device, instance));
+        }
+        let this = self.clone();
+        let (t, d, i) = (tenant.to_owned(), device.to_owned(), instance.to_owned());
+        Box::pin(async move { this.routes().await?.release_now(&t, &d, &i).await })
     }
 
     /// Removes every registration `instance` holds: an instance that starts again under the
@@ -356,11 +391,12 @@ impl RoutingState {
             }))
     }
 
-    /// Drops expired subscriptions from the table, so it never grows without bound; returns
-    /// how many went. Those of dead instances stay (they never count) until the instance is
-    /// forgotten ([`Self::forget_silent_instance`] releases them in the topic).
+    /// Drops expired subscriptions of live instances from the table, so it never grows without
+    /// bound; returns how many went. Those of dead instances stay (they never count) until the
+    /// instance is forgotten: [`Self::forget_silent_instance`] releases them in the topic.
     pub async fn purge(&self) -> Result<u64, RoutingError> {
-        Ok(self.routes().await?.purge(&mut |_| true) as u64)
+        let alive = self.alive_instances(true).await?;
+        Ok(self.routes().await?.purge(&mut |i| alive.contains(i)) as u64)
     }
 
     /// Instances without a heartbeat for `after` (at least the instance timeout): the router

@@ -16,7 +16,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -52,7 +51,20 @@ struct Inner {
     end_offsets: std::sync::mpsc::Sender<(i32, oneshot::Sender<Result<i64, KafkaError>>)>,
     /// Records that could not be read (counted, skipped).
     unreadable: AtomicI64,
+    /// For the latest releases, whether each ended its device's newest subscription, by
+    /// (partition, offset); the queue holds the keys in the order they came.
+    answers: Mutex<Answers>,
 }
+
+/// Whether each release ended its device's newest subscription, by (partition, offset), and
+/// the keys in the order they came.
+type Answers = (
+    HashMap<(i32, i64), bool>,
+    std::collections::VecDeque<(i32, i64)>,
+);
+
+/// Release answers kept (a waiter reads its own within moments).
+const ANSWERS: usize = 65_536;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -175,6 +187,7 @@ impl RouteLog {
             progress: watch::channel(0).0,
             end_offsets: tx,
             unreadable: AtomicI64::new(0),
+            answers: Mutex::default(),
         });
         std::thread::Builder::new()
             .name("route-offsets".into())
@@ -246,17 +259,48 @@ impl RouteLog {
             return Err(RoutingError::Routes(format!("no partition {partition}")));
         };
         let mut progress = self.inner.progress.subscribe();
-        let wait = async {
-            while applied.load(Ordering::Acquire) < offset {
-                if progress.changed().await.is_err() {
-                    return Err(RoutingError::WriterGone);
+        // However long a replay takes, as long as the reader moves on.
+        while applied.load(Ordering::Acquire) < offset {
+            match tokio::time::timeout(KAFKA_TIMEOUT, progress.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(RoutingError::WriterGone),
+                Err(_) => {
+                    return Err(RoutingError::Routes(
+                        "the route topic reader made no progress".into(),
+                    ));
                 }
             }
-            Ok(())
-        };
-        tokio::time::timeout(KAFKA_TIMEOUT, wait)
-            .await
-            .map_err(|_| RoutingError::Routes("the route topic reader fell behind".into()))?
+        }
+        Ok(())
+    }
+
+    /// Hands a record for `partition` to the producer now (`value` `None` is a tombstone) and
+    /// returns its acknowledgement, the record's offset. Records handed over in turn are
+    /// written in turn: a release queued before a new subscription never lands after it.
+    fn enqueue(
+        &self,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> impl Future<Output = Result<i64, RoutingError>> + Send + use<> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.inner.topic)
+            .partition(partition)
+            .key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        let queued = self
+            .inner
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| RoutingError::Routes(format!("writing a route: {e}")));
+        async move {
+            match queued?.await {
+                Ok(Ok(d)) => Ok(d.offset),
+                Ok(Err((e, _))) => Err(RoutingError::Routes(format!("writing a route: {e}"))),
+                Err(_) => Err(RoutingError::WriterGone),
+            }
+        }
     }
 
     /// Writes a record to `partition`; `value` `None` is a tombstone. Returns its offset.
@@ -266,70 +310,64 @@ impl RouteLog {
         key: &[u8],
         value: Option<&[u8]>,
     ) -> Result<i64, RoutingError> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(&self.inner.topic)
-            .partition(partition)
-            .key(key);
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        self.inner
-            .producer
-            .send(record, Timeout::After(KAFKA_TIMEOUT))
-            .await
-            .map(|d| d.offset)
-            .map_err(|(e, _)| RoutingError::Routes(format!("writing a route: {e}")))
+        self.enqueue(partition, key, value).await
     }
 
-    /// `instance` holds `device`'s subscription until `expires_ms` (or until released).
-    pub async fn subscribe(
+    /// `instance` holds `device`'s subscription until `expires_ms` (or until released):
+    /// queued now, acknowledged when the returned future is done.
+    pub fn subscribe(
         &self,
         tenant: &str,
         device: &str,
         instance: &str,
         expires_ms: Option<i64>,
-    ) -> Result<(), RoutingError> {
+    ) -> impl Future<Output = Result<(), RoutingError>> + Send + use<> {
         let p = self.partition_of(tenant, device);
-        self.write(
+        let acked = self.enqueue(
             p,
             &routes::subscription_key(tenant, device, instance),
             Some(&routes::subscription_value(expires_ms)),
-        )
-        .await
-        .map(drop)
+        );
+        async move { acked.await.map(drop) }
     }
 
-    /// Releases `instance`'s subscription of `device`; whether it was the device's newest
-    /// live one (no other instance had replaced it), as far as every change written before
-    /// the release shows.
-    pub async fn release(
+    /// Releases `instance`'s subscription of `device` (queued now); the returned future says
+    /// whether it was the device's newest live one when the release was applied — no other
+    /// instance had replaced it.
+    pub fn release(
         &self,
         tenant: &str,
         device: &str,
         instance: &str,
-    ) -> Result<bool, RoutingError> {
+    ) -> impl Future<Output = Result<bool, RoutingError>> + Send + use<> {
         let p = self.partition_of(tenant, device);
-        self.caught_up(p).await?;
-        let held = self.table().holds(tenant, device, instance, now_ms());
-        let offset = self
-            .write(p, &routes::subscription_key(tenant, device, instance), None)
-            .await?;
-        // Once this returns, this process's table no longer shows the subscription.
-        self.applied_up_to(p, offset + 1).await?;
-        Ok(held)
+        let acked = self.enqueue(p, &routes::subscription_key(tenant, device, instance), None);
+        let log = self.clone();
+        async move {
+            let offset = acked.await?;
+            log.applied_up_to(p, offset + 1).await?;
+            Ok(log.answer(p, offset).unwrap_or(true))
+        }
     }
 
-    /// Releases `instance`'s subscription of `device` without asking whether it was still the
-    /// newest (a long poll's end: nothing is announced either way).
-    pub async fn release_now(
+    /// Releases `instance`'s subscription of `device` (queued now) without asking whether it
+    /// was still the newest (a long poll's end: nothing is announced either way).
+    pub fn release_now(
         &self,
         tenant: &str,
         device: &str,
         instance: &str,
-    ) -> Result<(), RoutingError> {
+    ) -> impl Future<Output = Result<(), RoutingError>> + Send + use<> {
         let p = self.partition_of(tenant, device);
-        self.write(p, &routes::subscription_key(tenant, device, instance), None)
-            .await
-            .map(drop)
+        let acked = self.enqueue(p, &routes::subscription_key(tenant, device, instance), None);
+        async move { acked.await.map(drop) }
+    }
+
+    /// Whether the release at `offset` of `partition` ended the newest subscription, as the
+    /// reader found when it applied it (kept for the latest releases only).
+    fn answer(&self, partition: i32, offset: i64) -> Option<bool> {
+        let answers = self.inner.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.0.get(&(partition, offset)).copied()
     }
 
     /// Forgets every subscription `instance` holds (it started again under the same id);
@@ -358,10 +396,8 @@ impl RouteLog {
             self.write(p, &routes::subscription_key(tenant, device, instance), None)
                 .await?;
         }
-        let key = routes::forget_key(instance);
-        for p in 0..self.inner.partitions {
-            self.write(p, &key, None).await?;
-        }
+        // The instance's forget records stay: without them a replay would bring back what
+        // they dropped.
         Ok(held.len() as u64)
     }
 
@@ -438,6 +474,25 @@ fn read(consumer: BaseConsumer, log: std::sync::Weak<Inner>) {
                     Some(Ok(record)) => {
                         let at = m.timestamp().to_millis().unwrap_or_else(now_ms);
                         let mut table = inner.table.write().unwrap_or_else(|p| p.into_inner());
+                        if let routes::Record::Released {
+                            tenant,
+                            device,
+                            instance,
+                        } = &record
+                        {
+                            let held = table.holds(tenant, device, instance, now_ms());
+                            let mut answers =
+                                inner.answers.lock().unwrap_or_else(|p| p.into_inner());
+                            let key = (p, m.offset());
+                            if answers.0.insert(key, held).is_none() {
+                                answers.1.push_back(key);
+                            }
+                            while answers.1.len() > ANSWERS {
+                                if let Some(old) = answers.1.pop_front() {
+                                    answers.0.remove(&old);
+                                }
+                            }
+                        }
                         table.apply(p, m.offset(), at, record);
                     }
                     _ => {

@@ -247,16 +247,16 @@ impl Table {
         out
     }
 
-    /// Drops entries that expired or whose instance `alive` rejects; returns how many went.
-    /// (Their records stay in the topic until released or forgotten: dropping them here only
-    /// keeps the table small.)
+    /// Drops entries that expired and whose instance `alive` accepts; returns how many went.
+    /// (A live instance releases its own in the topic; a dead one's stay until it is forgotten,
+    /// so that they can be released then.)
     pub fn purge(&mut self, now_ms: i64, alive: &mut impl FnMut(&str) -> bool) -> usize {
         let mut gone = 0;
         self.devices.retain(|_, routes| {
             let before = routes.entries.len();
             routes
                 .entries
-                .retain(|e| e.live(now_ms) && alive(&e.instance));
+                .retain(|e| e.live(now_ms) || !alive(&e.instance));
             gone += before - routes.entries.len();
             !routes.entries.is_empty()
         });
@@ -380,8 +380,14 @@ mod tests {
             t.newest("t", "d", 400, &mut |i| i != "b").map(|e| e.offset),
             Some(1)
         );
-        assert_eq!(t.purge(1_000, &mut |i| i != "b"), 3);
-        assert!(t.is_empty());
+        // Only a's expired entry goes: b is dead, and its entries wait to be released.
+        assert_eq!(t.purge(1_000, &mut |i| i != "b"), 1);
+        assert_eq!(t.held_by("b").len(), 2);
+        assert_eq!(
+            t.purge(3_000, &mut |_| true),
+            1,
+            "b's expired entry, once b is alive"
+        );
     }
 
     #[test]
