@@ -73,45 +73,36 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-type Shared = Mutex<HashMap<(String, String), RouteLog>>;
+/// The process's route logs by (bootstrap servers, topic); the lock is held while one starts,
+/// so one process never reads the topic twice.
+type Shared = tokio::sync::Mutex<HashMap<(String, String), RouteLog>>;
 static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
-/// Serialises the starts of [`RouteLog::shared`], so one process never reads the topic twice.
-static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn route_topic(kafka: &KafkaConfig) -> Result<String, RoutingError> {
+    Ok(kafka
+        .topic_names()
+        .map_err(|e| RoutingError::Routes(e.to_string()))?
+        .device_routes())
+}
 
 impl RouteLog {
     /// The process's log of the route topic of `kafka`'s cluster, started on first use: the
     /// gateway and the router of `ferrule all` share one table.
     pub async fn shared(kafka: &KafkaConfig) -> Result<RouteLog, RoutingError> {
-        let topic = kafka
-            .topic_names()
-            .map_err(|e| RoutingError::Routes(e.to_string()))?
-            .device_routes();
+        let topic = route_topic(kafka)?;
+        let mut logs = SHARED.get_or_init(Default::default).lock().await;
         let key = (kafka.bootstrap_servers.clone(), topic.clone());
-        let _one = STARTING.lock().await;
-        if let Some(log) = SHARED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap()
-            .get(&key)
-        {
+        if let Some(log) = logs.get(&key) {
             return Ok(log.clone());
         }
         let log = RouteLog::start(kafka, topic).await?;
-        SHARED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap()
-            .insert(key, log.clone());
+        logs.insert(key, log.clone());
         Ok(log)
     }
 
     /// A reader of its own (not shared with the rest of the process), read to the end.
     pub async fn open(kafka: &KafkaConfig) -> Result<RouteLog, RoutingError> {
-        let topic = kafka
-            .topic_names()
-            .map_err(|e| RoutingError::Routes(e.to_string()))?
-            .device_routes();
-        RouteLog::start(kafka, topic).await
+        RouteLog::start(kafka, route_topic(kafka)?).await
     }
 
     /// Creates (or checks) the topic, reads it to its end, and keeps reading.
@@ -127,13 +118,17 @@ impl RouteLog {
             .await
             .map_err(|e| routes(&e))?;
         let producer: FutureProducer = kafka.command_producer().create().map_err(|e| routes(&e))?;
-        let consumer: BaseConsumer = kafka
-            .consumer()
-            .set(
-                "group.id",
-                format!("ferrule-routes-{}", uuid::Uuid::new_v4().simple()),
-            )
-            .set("enable.auto.commit", "false")
+        // Clients that join no group: they read by assignment and commit nothing.
+        let unjoined = || {
+            kafka
+                .consumer()
+                .set(
+                    "group.id",
+                    format!("ferrule-routes-{}", uuid::Uuid::new_v4().simple()),
+                )
+                .set("enable.auto.commit", "false")
+        };
+        let consumer: BaseConsumer = unjoined()
             .set(
                 "fetch.wait.max.ms",
                 kafka.consumer_fetch_wait_ms.to_string(),
@@ -161,15 +156,7 @@ impl RouteLog {
         }
         // A client of its own for end offsets: on the reader's connection a ListOffsets request
         // would wait behind the fetch the broker holds open (a connection answers in order).
-        let offsets: BaseConsumer = kafka
-            .consumer()
-            .set(
-                "group.id",
-                format!("ferrule-routes-{}", uuid::Uuid::new_v4().simple()),
-            )
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| routes(&e))?;
+        let offsets: BaseConsumer = unjoined().create().map_err(|e| routes(&e))?;
         let mut assignment = TopicPartitionList::new();
         for p in 0..partitions {
             assignment
@@ -206,10 +193,6 @@ impl RouteLog {
         let log = RouteLog { inner };
         log.caught_up_all().await?;
         Ok(log)
-    }
-
-    pub fn partitions(&self) -> i32 {
-        self.inner.partitions
     }
 
     /// The partition of `device`'s records.
@@ -303,16 +286,6 @@ impl RouteLog {
         }
     }
 
-    /// Writes a record to `partition`; `value` `None` is a tombstone. Returns its offset.
-    async fn write(
-        &self,
-        partition: i32,
-        key: &[u8],
-        value: Option<&[u8]>,
-    ) -> Result<i64, RoutingError> {
-        self.enqueue(partition, key, value).await
-    }
-
     /// `instance` holds `device`'s subscription until `expires_ms` (or until released):
     /// queued now, acknowledged when the returned future is done.
     pub fn subscribe(
@@ -380,7 +353,7 @@ impl RouteLog {
         }
         let key = routes::forget_key(instance);
         for p in 0..self.inner.partitions {
-            let offset = self.write(p, &key, Some(b"{}")).await?;
+            let offset = self.enqueue(p, &key, Some(b"{}")).await?;
             self.applied_up_to(p, offset + 1).await?;
         }
         Ok(held)
@@ -393,7 +366,7 @@ impl RouteLog {
         let held = self.table().held_by(instance);
         for (tenant, device) in &held {
             let p = self.partition_of(tenant, device);
-            self.write(p, &routes::subscription_key(tenant, device, instance), None)
+            self.enqueue(p, &routes::subscription_key(tenant, device, instance), None)
                 .await?;
         }
         // The instance's forget records stay: without them a replay would bring back what
