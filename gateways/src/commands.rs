@@ -708,6 +708,25 @@ impl CommandHub {
         }
     }
 
+    /// The consumer of this instance's internal command topic.
+    fn internal_consumer(
+        &self,
+        kafka: &crate::KafkaConfig,
+        topic: &str,
+    ) -> anyhow::Result<StreamConsumer> {
+        let consumer: StreamConsumer = kafka
+            .consumer()
+            .set("group.id", self.instance_id())
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                kafka.consumer_fetch_wait_ms.to_string(),
+            )
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        Ok(consumer)
+    }
+
     /// Heartbeats and the internal command topic, until `shutdown` turns true.
     pub async fn run(
         self,
@@ -737,16 +756,7 @@ impl CommandHub {
                 _ = stopped(&mut shutdown) => return Ok(()),
             }
         }
-        let consumer: StreamConsumer = kafka
-            .consumer()
-            .set("group.id", self.instance_id())
-            .set("auto.offset.reset", "earliest")
-            .set(
-                "fetch.wait.max.ms",
-                kafka.consumer_fetch_wait_ms.to_string(),
-            )
-            .create()?;
-        consumer.subscribe(&[&topic])?;
+        let mut consumer = self.internal_consumer(&kafka, &topic)?;
         tracing::info!(instance = %self.instance_id(), "consuming commands");
         let every = HEARTBEAT.min(self.inner.routing.instance_timeout() / 3);
         let mut beat = tokio::time::interval(every.max(Duration::from_secs(1)));
@@ -757,7 +767,15 @@ impl CommandHub {
                 _ = sweep.tick() => self.answer_overdue().await,
                 _ = beat.tick() => match self.inner.routing.heartbeat(self.instance_id()).await {
                     Ok(true) => {}
-                    Ok(false) => self.restore(&topic).await,
+                    Ok(false) => {
+                        // The old consumer may have seen the topic go and would not look for
+                        // the new one before its next metadata refresh (minutes). It leaves
+                        // the group (committing its offsets of the old topic) before the topic
+                        // comes back; a new one finds the new topic at once.
+                        drop(consumer);
+                        self.restore(&topic).await;
+                        consumer = self.internal_consumer(&kafka, &topic)?;
+                    }
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 },
                 msg = consumer.recv() => match msg {
