@@ -139,3 +139,109 @@ pub async fn amqp_consume(
     }
     Ok(secs)
 }
+
+/// Commits offset 0 of every partition of `topic` for `group`, so a bridge link whose consumer
+/// group is `group` starts at the beginning: telemetry links otherwise start at the end the log
+/// had when they attached, and a rate measured while the records are still being written would
+/// measure the writer as well.
+pub async fn commit_beginning(bootstrap: &str, group: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let (bootstrap, group, topic) = (bootstrap.to_owned(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("log_level", "3")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(&topic), std::time::Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(0))?;
+            }
+        }
+        anyhow::ensure!(tpl.count() > 0, "{topic} has no partitions");
+        consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync)?;
+        anyhow::Ok(())
+    })
+    .await?
+}
+
+/// `receivers` Qpid Proton-C applications (`loadtest/amqp-proton.c`, built by
+/// `scripts/loadtest`) attach to `address` of the bridge at `host_port` and read until `total`
+/// messages arrived between them; returns the seconds from the first delivery to the one that
+/// made the total, and how many of them came pre-settled.
+pub async fn proton_consume(
+    program: &str,
+    host_port: &str,
+    user: &str,
+    password: &str,
+    address: &str,
+    total: usize,
+    receivers: usize,
+) -> anyhow::Result<(f64, usize)> {
+    use tokio::io::AsyncBufReadExt;
+    const EVERY: usize = 1000;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, usize, usize, f64)>(1024);
+    let mut children = Vec::new();
+    for i in 0..receivers {
+        let mut child = tokio::process::Command::new(program)
+            .args([
+                "receive",
+                host_port,
+                user,
+                password,
+                address,
+                "0",
+                "1000",
+                &EVERY.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let field = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+                if let (Some(n), Some(p), Some(at)) = (
+                    field("received"),
+                    field("presettled"),
+                    v.get("at").and_then(serde_json::Value::as_f64),
+                ) && tx.send((i, n as usize, p as usize, at)).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        children.push(child);
+    }
+    drop(tx);
+    // The latest count of each receiver; the total is their sum.
+    let mut counts = vec![(0usize, 0usize); receivers];
+    let mut first = f64::MAX;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let Ok(Some((i, n, p, at))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            let got: usize = counts.iter().map(|c| c.0).sum();
+            anyhow::bail!("only {got} of {total} deliveries arrived");
+        };
+        if n == 1 {
+            first = first.min(at);
+        }
+        counts[i] = (n, p);
+        if counts.iter().map(|c| c.0).sum::<usize>() >= total {
+            for mut c in children {
+                let _ = c.kill().await;
+            }
+            let presettled = counts.iter().map(|c| c.1).sum();
+            return Ok((at - first, presettled));
+        }
+    }
+}

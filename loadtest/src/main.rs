@@ -195,6 +195,13 @@ enum Scenario {
         events: usize,
         #[arg(long, default_value_t = 1)]
         receivers: usize,
+        /// `event` (unsettled, accepted by the application) or `telemetry` (pre-settled).
+        #[arg(long, default_value = "event")]
+        kind: String,
+        /// Read with this Qpid Proton-C program (`loadtest/amqp-proton.c`) instead of
+        /// fe2o3-amqp, one process per receiver.
+        #[arg(long)]
+        proton: Option<String>,
     },
     /// The same round trips to HTTP devices that only long-poll (`hono-ttd`).
     CommandRttHttp {
@@ -724,7 +731,13 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             url,
             events,
             receivers,
+            kind,
+            proton,
         } => {
+            anyhow::ensure!(
+                kind == "event" || kind == "telemetry",
+                "--kind is event or telemetry"
+            );
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, 1).await?;
             ferrule_loadtest::amqp::provision_application(
                 &cli.registry,
@@ -734,23 +747,55 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 "loadtest-app",
             )
             .await?;
-            let topic = format!("hono.event.{}", fleet.tenant);
+            let topic = format!("hono.{kind}.{}", fleet.tenant);
             devices::raw_producer(&cli.kafka, &topic, *events, cli.size).await?;
             measure::wait_for_records(&cli.kafka, &topic, *events as i64, Instant::now()).await?;
+            if kind == "telemetry" {
+                ferrule_loadtest::amqp::commit_beginning(
+                    &cli.kafka,
+                    &format!("ferrule-bridge.telemetry.{}", fleet.tenant),
+                    &topic,
+                )
+                .await?;
+            }
             let raw = ferrule_loadtest::amqp::raw_consume(&cli.kafka, &topic, *events).await?;
             let raw_report = Report::new("kafka-consumer", *events, raw);
             println!("{}", raw_report.to_json());
             eprintln!("{}", raw_report.summary());
-            let secs = ferrule_loadtest::amqp::amqp_consume(
-                url,
-                &format!("loadtest@{}", fleet.tenant),
-                "loadtest-app",
-                &format!("event/{}", fleet.tenant),
-                *events,
-                *receivers,
-            )
-            .await?;
-            Report::new(&format!("amqp-events-{receivers}"), *events, secs)
+            let user = format!("loadtest@{}", fleet.tenant);
+            let address = format!("{kind}/{}", fleet.tenant);
+            let client = if proton.is_some() { "proton" } else { "fe2o3" };
+            let name = format!("amqp-{kind}-{receivers}-{client}");
+            match proton {
+                Some(program) => {
+                    let host_port = url.trim_start_matches("amqp://");
+                    let (secs, presettled) = ferrule_loadtest::amqp::proton_consume(
+                        program,
+                        host_port,
+                        &user,
+                        "loadtest-app",
+                        &address,
+                        *events,
+                        *receivers,
+                    )
+                    .await?;
+                    let mut r = Report::new(&name, *events, secs);
+                    r.extra = Some(serde_json::json!({ "presettled": presettled }));
+                    r
+                }
+                None => {
+                    let secs = ferrule_loadtest::amqp::amqp_consume(
+                        url,
+                        &user,
+                        "loadtest-app",
+                        &address,
+                        *events,
+                        *receivers,
+                    )
+                    .await?;
+                    Report::new(&name, *events, secs)
+                }
+            }
         }
         Scenario::Report { input } => {
             let text = match input.as_str() {

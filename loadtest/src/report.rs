@@ -78,7 +78,7 @@ const BASELINES: &[(&str, &str, bool)] = &[
     ("http-qos", "axum-baseline", true),
     ("coap-con", "coap-baseline-con", true),
     ("coap-non", "coap-baseline-non", true),
-    ("amqp-events-", "kafka-consumer", true),
+    ("amqp-", "kafka-consumer", true),
     ("command-rtt-", "kafka-echo", false),
 ];
 
@@ -171,7 +171,7 @@ mod tests {
             r#"{"scenario":"kafka-echo","latency_ms":{"p99":10.0}}"#,
             r#"{"scenario":"command-rtt-qos0","latency_ms":{"p99":25.0}}"#,
             r#"{"scenario":"kafka-consumer","per_second":1000000.0}"#,
-            r#"{"scenario":"amqp-events-1","per_second":20000.0}"#,
+            r#"{"scenario":"amqp-event-1-fe2o3","per_second":20000.0}"#,
             r#"{"scenario":"http-qos1","failed":true}"#,
         ]
         .join("\n");
@@ -181,7 +181,7 @@ mod tests {
                 "mqtt-qos1: 50 % of kafka-producer",
                 "mqtt-qos1: 1.50 × mosquitto-qos1",
                 "command-rtt-qos0: p99 25.0 ms = 2.5 × kafka-echo (p99 10.0 ms)",
-                "amqp-events-1: 2 % of kafka-consumer",
+                "amqp-event-1-fe2o3: 2 % of kafka-consumer",
             ]
         );
         assert!(markdown(&lines).contains("- mqtt-qos1: 50 % of kafka-producer\n"));
