@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+mod batched_io;
 pub mod command;
 mod connection;
 pub mod message;
@@ -144,7 +145,7 @@ async fn accept_loop(
         let (ctx, shutdown, tls) = (ctx.clone(), shutdown.clone(), tls.clone());
         tokio::spawn(async move {
             let result = match tls {
-                None => connection::run(stream, ctx, shutdown).await,
+                None => connection::run(batched_io::batched(stream), ctx, shutdown).await,
                 Some(tls) => {
                     let handshake = tokio::time::timeout(
                         std::time::Duration::from_secs(10),
@@ -152,7 +153,9 @@ async fn accept_loop(
                     )
                     .await;
                     match handshake {
-                        Ok(Ok(stream)) => connection::run(stream, ctx, shutdown).await,
+                        Ok(Ok(stream)) => {
+                            connection::run(batched_io::batched(stream), ctx, shutdown).await
+                        }
                         Ok(Err(e)) => {
                             metrics::refused("tls");
                             Err(anyhow::anyhow!("TLS handshake failed: {e}"))
