@@ -93,6 +93,10 @@ static void on_receive_delivery(struct app *a, pn_delivery_t *d) {
     if (size > a->buffer_size) {
         a->buffer_size = size * 2;
         a->buffer = realloc(a->buffer, a->buffer_size);
+        if (!a->buffer) {
+            fprintf(stderr, "out of memory\n");
+            exit(1);
+        }
     }
     ssize_t n = pn_link_recv(l, a->buffer, size);
     pn_link_advance(l);
@@ -110,7 +114,7 @@ static void on_receive_delivery(struct app *a, pn_delivery_t *d) {
     if (a->received++ == 0) a->first = t;
     a->last = t;
     if (a->every > 0 && (a->received == 1 || a->received % a->every == 0)) report(a);
-    if (pn_link_credit(l) < a->window / 2) pn_link_flow(l, (int)(a->window - pn_link_credit(l)));
+    if (pn_link_credit(l) <= a->window / 2) pn_link_flow(l, (int)(a->window - pn_link_credit(l)));
     if (a->total > 0 && a->received >= a->total) finish(a, pn_session_connection(pn_link_session(l)));
 }
 
@@ -187,11 +191,9 @@ static void handle(struct app *a, pn_event_t *e) {
         break;
     case PN_TRANSPORT_CLOSED:
         fail_with(a, "transport", pn_transport_condition(pn_event_transport(e)));
-        if (a->serving) {
-            if (a->finished) pn_proactor_interrupt(a->proactor);
-        } else {
-            pn_proactor_interrupt(a->proactor);
-        }
+        /* One connection per run, for either side. */
+        if (a->serving && !a->finished) a->failed = 1;
+        pn_proactor_interrupt(a->proactor);
         break;
     case PN_PROACTOR_TIMEOUT:
         /* Every 20 ms, what arrived since the last line: competing receivers stop reading at

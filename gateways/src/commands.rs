@@ -772,9 +772,18 @@ impl CommandHub {
                         // the new one before its next metadata refresh (minutes). It leaves
                         // the group (committing its offsets of the old topic) before the topic
                         // comes back; a new one finds the new topic at once.
-                        drop(consumer);
+                        // Closing it blocks (leave the group, commit): not on a runtime thread.
+                        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
                         self.restore(&topic).await;
-                        consumer = self.internal_consumer(&kafka, &topic)?;
+                        consumer = loop {
+                            match self.internal_consumer(&kafka, &topic) {
+                                Ok(c) => break c,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "internal command consumer not created; retrying");
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
+                            }
+                        };
                     }
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                 },

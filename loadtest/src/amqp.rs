@@ -223,8 +223,9 @@ pub async fn proton_consume(
         children.push(child);
     }
     drop(tx);
-    // The latest count of each receiver; the total is their sum.
-    let mut counts = vec![(0usize, 0usize); receivers];
+    // The latest count of each receiver and when its latest delivery came; the total is the
+    // sum, and it was complete at the latest of those times.
+    let mut counts = vec![(0usize, 0usize, 0f64); receivers];
     let mut first = f64::MAX;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
     loop {
@@ -235,13 +236,14 @@ pub async fn proton_consume(
         if n == 1 {
             first = first.min(at);
         }
-        counts[i] = (n, p);
+        counts[i] = (n, p, at);
         if counts.iter().map(|c| c.0).sum::<usize>() >= total {
             for mut c in children {
                 let _ = c.kill().await;
             }
             let presettled = counts.iter().map(|c| c.1).sum();
-            return Ok((at - first, presettled));
+            let last = counts.iter().map(|c| c.2).fold(f64::MIN, f64::max);
+            return Ok((last - first, presettled));
         }
     }
 }

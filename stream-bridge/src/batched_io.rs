@@ -21,6 +21,9 @@ use tokio::sync::Notify;
 /// Bytes a connection may have waiting for its writer task before its writes wait.
 pub(crate) const BUFFER_LIMIT: usize = 256 * 1024;
 
+/// Capacity a buffer keeps after a larger batch went out.
+const KEPT_CAPACITY: usize = 16 * 1024;
+
 /// The read half of a stream, and writes that go to the stream's writer task.
 pub(crate) struct BatchedIo<R> {
     read: R,
@@ -98,7 +101,14 @@ async fn write_out<W: AsyncWrite + Unpin>(mut write: W, shared: Arc<Shared>) {
             };
             if !batch.is_empty() {
                 write.write_all(&batch).await?;
+                // A TLS stream may keep encrypted records when the socket would block: the
+                // flush sends them, as fe2o3's own flush did.
+                write.flush().await?;
                 batch.clear();
+                // A burst does not leave its buffer behind on an idle connection.
+                if batch.capacity() > KEPT_CAPACITY {
+                    batch.shrink_to(KEPT_CAPACITY);
+                }
                 continue;
             }
             if closing {
