@@ -23,16 +23,49 @@ const MAPPED: [&str; 7] = [
 /// Application properties carried as integers.
 const NUMERIC: [&str; 2] = [h::QOS, h::TTD];
 
-/// Builds the message for one record of `kind` (`telemetry` or `event`) of `tenant`.
+/// Builds the message for one record of `kind` (`telemetry` or `event`) of `tenant`. One pass
+/// over the headers; the first of repeated headers counts.
 pub fn downstream<'a>(
     kind: &str,
     tenant: &str,
-    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)> + Clone,
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     payload: &[u8],
 ) -> Message<Data> {
-    let text = |name: &str| h::first(headers.clone(), name).and_then(h::decode_str);
-    let num = |name: &str| h::first(headers.clone(), name).and_then(h::decode_i64);
-    let device = text(h::DEVICE_ID).unwrap_or_default().to_owned();
+    // Per mapped header: its first occurrence's value, once seen.
+    let mut mapped: [Option<Option<&[u8]>>; MAPPED.len()] = [None; MAPPED.len()];
+    let mut device: Option<&str> = None;
+    let mut app_keys: Vec<&str> = Vec::with_capacity(8);
+    let mut app = ApplicationProperties::builder();
+    for (k, v) in headers {
+        if let Some(i) = MAPPED.iter().position(|m| *m == k) {
+            mapped[i].get_or_insert(v);
+            continue;
+        }
+        if app_keys.contains(&k) {
+            continue;
+        }
+        app_keys.push(k);
+        let Some(v) = v.and_then(h::decode_str) else {
+            continue;
+        };
+        if k == h::DEVICE_ID && device.is_none() {
+            device = Some(v);
+        }
+        let value = match (NUMERIC.contains(&k), v.parse::<i32>()) {
+            (true, Ok(n)) => SimpleValue::Int(n),
+            _ => SimpleValue::String(v.to_owned()),
+        };
+        app = app.insert(k, value);
+    }
+    let at = |name: &str| {
+        MAPPED
+            .iter()
+            .position(|m| *m == name)
+            .and_then(|i| mapped[i].flatten())
+    };
+    let text = |name: &str| at(name).and_then(h::decode_str);
+    let num = |name: &str| at(name).and_then(h::decode_i64);
+    let device = device.unwrap_or_default();
     let properties = Properties {
         to: Some(format!("{kind}/{tenant}")),
         content_type: text(h::CONTENT_TYPE).map(Symbol::from),
@@ -45,29 +78,14 @@ pub fn downstream<'a>(
         ttl: num(h::TTL).and_then(|t| u32::try_from(t).ok()),
         ..Default::default()
     };
-    let mut app = ApplicationProperties::builder();
-    let mut seen = std::collections::HashSet::new();
-    for (k, v) in headers.clone() {
-        if MAPPED.contains(&k) || !seen.insert(k) {
-            continue;
-        }
-        let Some(v) = v.and_then(h::decode_str) else {
-            continue;
-        };
-        let value = match (NUMERIC.contains(&k), v.parse::<i32>()) {
-            (true, Ok(n)) => SimpleValue::Int(n),
-            _ => SimpleValue::String(v.to_owned()),
-        };
-        app = app.insert(k, value);
-    }
     let mut annotations = MessageAnnotations::builder()
         .insert(h::TENANT_ID, Value::String(tenant.to_owned()))
-        .insert(h::DEVICE_ID, Value::String(device.clone()))
+        .insert(h::DEVICE_ID, Value::String(device.to_owned()))
         .insert(
             "resource",
             Value::String(format!("{kind}/{tenant}/{device}")),
         );
-    if h::first(headers.clone(), h::RETAIN).and_then(h::decode_bool) == Some(true) {
+    if at(h::RETAIN).and_then(h::decode_bool) == Some(true) {
         annotations = annotations.insert(h::RETAIN, Value::Bool(true));
     }
     Message::builder()
