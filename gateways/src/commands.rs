@@ -393,29 +393,35 @@ impl CommandHub {
         device: &str,
         token: SubscriptionToken,
     ) -> Option<futures_util::future::BoxFuture<'static, Result<(), RoutingError>>> {
+        self.forget_then(tenant, device, token, || {
+            self.inner
+                .routing
+                .release(tenant, device, &self.inner.instance_id)
+        })
+    }
+
+    /// Removes the local subscription if `token` still holds it; `true` when it did.
+    fn forget(&self, tenant: &str, device: &str, token: SubscriptionToken) -> bool {
+        self.forget_then(tenant, device, token, || ()).is_some()
+    }
+
+    /// Removes the local subscription if `token` still holds it and, with the subscribers
+    /// still locked, runs `then` (which queues the routing change in order with the local
+    /// one); `None` when a newer subscription holds the device.
+    fn forget_then<T>(
+        &self,
+        tenant: &str,
+        device: &str,
+        token: SubscriptionToken,
+        then: impl FnOnce() -> T,
+    ) -> Option<T> {
         let mut subs = self.subscribers();
         let key = (tenant.to_owned(), device.to_owned());
         if !subs.get(&key).is_some_and(|(t, _)| *t == token) {
             return None;
         }
         subs.remove(&key);
-        Some(
-            self.inner
-                .routing
-                .release(tenant, device, &self.inner.instance_id),
-        )
-    }
-
-    /// Removes the local subscription if `token` still holds it; `true` when it did.
-    fn forget(&self, tenant: &str, device: &str, token: SubscriptionToken) -> bool {
-        let mut subs = self.subscribers();
-        let key = (tenant.to_owned(), device.to_owned());
-        if subs.get(&key).is_some_and(|(t, _)| *t == token) {
-            subs.remove(&key);
-            true
-        } else {
-            false
-        }
+        Some(then())
     }
 
     /// Ends a subscription unless a newer one replaced it, here or on another instance (the
@@ -424,16 +430,12 @@ impl CommandHub {
     /// subscription lives on. Without an answer from the routing state, this instance's own
     /// view decides.
     pub async fn unsubscribe(&self, tenant: &str, device: &str, token: SubscriptionToken) -> bool {
-        let released = {
-            let mut subs = self.subscribers();
-            let key = (tenant.to_owned(), device.to_owned());
-            if !subs.get(&key).is_some_and(|(t, _)| *t == token) {
-                return false;
-            }
-            subs.remove(&key);
+        let Some(released) = self.forget_then(tenant, device, token, || {
             self.inner
                 .routing
                 .unregister_queued(tenant, device, &self.inner.instance_id)
+        }) else {
+            return false;
         };
         match released.await {
             Ok(held) => held,

@@ -204,12 +204,29 @@ impl RoutingState {
         lifespan: Option<Duration>,
     ) -> BoxFuture<'static, Result<(), RoutingError>> {
         let expires = lifespan.map(|l| now_ms().saturating_add(l.as_millis() as i64));
+        self.queued(tenant, device, instance, move |log, t, d, i| {
+            log.subscribe(t, d, i, expires)
+        })
+    }
+
+    /// Runs `change` on the route log now when it is open, so the change is queued before this
+    /// returns; otherwise once the future first polled has opened it.
+    fn queued<T, F>(
+        &self,
+        tenant: &str,
+        device: &str,
+        instance: &str,
+        change: impl FnOnce(&RouteLog, &str, &str, &str) -> F + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, RoutingError>>
+    where
+        F: Future<Output = Result<T, RoutingError>> + Send + 'static,
+    {
         if let Some(log) = self.routes.get() {
-            return Box::pin(log.subscribe(tenant, device, instance, expires));
+            return Box::pin(change(log, tenant, device, instance));
         }
         let this = self.clone();
         let (t, d, i) = (tenant.to_owned(), device.to_owned(), instance.to_owned());
-        Box::pin(async move { this.routes().await?.subscribe(&t, &d, &i, expires).await })
+        Box::pin(async move { change(this.routes().await?, &t, &d, &i).await })
     }
 
     /// Ends `instance`'s registration of `device`; `false` when another instance had taken
@@ -230,12 +247,9 @@ impl RoutingState {
         device: &str,
         instance: &str,
     ) -> BoxFuture<'static, Result<bool, RoutingError>> {
-        if let Some(log) = self.routes.get() {
-            return Box::pin(log.release(tenant, device, instance));
-        }
-        let this = self.clone();
-        let (t, d, i) = (tenant.to_owned(), device.to_owned(), instance.to_owned());
-        Box::pin(async move { this.routes().await?.release(&t, &d, &i).await })
+        self.queued(tenant, device, instance, |log, t, d, i| {
+            log.release(t, d, i)
+        })
     }
 
     /// Ends `instance`'s registration of `device` without asking whether another instance had
@@ -247,12 +261,9 @@ impl RoutingState {
         device: &str,
         instance: &str,
     ) -> BoxFuture<'static, Result<(), RoutingError>> {
-        if let Some(log) = self.routes.get() {
-            return Box::pin(log.release_now(tenant, device, instance));
-        }
-        let this = self.clone();
-        let (t, d, i) = (tenant.to_owned(), device.to_owned(), instance.to_owned());
-        Box::pin(async move { this.routes().await?.release_now(&t, &d, &i).await })
+        self.queued(tenant, device, instance, |log, t, d, i| {
+            log.release_now(t, d, i)
+        })
     }
 
     /// Removes every registration `instance` holds: an instance that starts again under the
