@@ -128,20 +128,10 @@ pub async fn run(
         )
         .create_with_context(RebalanceLog)?;
     consumer.subscribe(&[topic_pattern])?;
-    // Not idempotent, one request in flight. librdkafka's idempotent producer allows five
-    // requests in flight per partition but counts records against that limit; once five are
-    // in flight the partition waits while the thread polls its socket without pause until
-    // the broker answers — a quarter of the process's CPU in the CoAP mix
-    // (docs/performance.md). One request at a time keeps each device's order; a record that
-    // librdkafka retries after a lost answer may reach the internal topic twice, and the
-    // gateway delivers it once (same source partition and offset, `gateways/src/commands.rs`).
-    let producer = RecoveringProducer::new(
-        "command-router",
-        kafka
-            .command_producer()
-            .set("enable.idempotence", "false")
-            .set("max.in.flight.requests.per.connection", "1"),
-    )?;
+    // In order, not idempotent (`KafkaConfig::ordered_producer`): a record that librdkafka
+    // retries after a lost answer may reach the internal topic twice, and the gateway
+    // delivers it once (same source partition and offset, `gateways/src/commands.rs`).
+    let producer = RecoveringProducer::new("command-router", kafka.ordered_producer())?;
     let out = Out {
         producer,
         names,

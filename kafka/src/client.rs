@@ -44,6 +44,27 @@ impl KafkaConfig {
             .set("message.timeout.ms", "10000")
     }
 
+    /// A producer for records that must keep their order but need no de-duplication by the
+    /// broker (the router's forwards, the route topic's records): `acks=all`, no linger, one
+    /// request in flight, **not** idempotent, and a record Kafka does not take within 10 s
+    /// fails.
+    ///
+    /// librdkafka's idempotent producer allows five requests in flight per partition but counts
+    /// *records* against that limit; once five records are in flight the partition waits for
+    /// the answer, and the broker thread, whose wake-up time has already passed, polls its
+    /// socket without pause until then (docs/kafka.md, "Producers"). For a producer whose
+    /// records are few per request that is most of its CPU. One request at a time keeps every
+    /// partition's order; what it gives up — a record retried after a lost answer may be
+    /// written twice — each caller documents as harmless for its records.
+    pub fn ordered_producer(&self) -> ClientBuilder<'_> {
+        self.producer()
+            .set("enable.idempotence", "false")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("max.in.flight.requests.per.connection", "1")
+            .set("message.timeout.ms", "10000")
+    }
+
     /// A consumer (`StreamConsumer`, `BaseConsumer`; also the metadata probe).
     pub fn consumer(&self) -> ClientBuilder<'_> {
         self.builder(ClientKind::Consumer)

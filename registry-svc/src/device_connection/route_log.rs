@@ -117,7 +117,12 @@ impl RouteLog {
             .ensure_with(&topic, spec, &[("cleanup.policy", "compact")])
             .await
             .map_err(|e| routes(&e))?;
-        let producer: FutureProducer = kafka.command_producer().create().map_err(|e| routes(&e))?;
+        // In order, not idempotent (`KafkaConfig::ordered_producer`). A record retried after a
+        // lost answer may be written twice, right behind its first copy among this process's
+        // records: a registration written again is the same subscription (if another instance
+        // registered the device in between, this instance's own next change of the device
+        // ends it), and a release written again changes nothing and answers as the first.
+        let producer: FutureProducer = kafka.ordered_producer().create().map_err(|e| routes(&e))?;
         // Clients that join no group: they read by assignment and commit nothing.
         let unjoined = || {
             kafka
@@ -453,7 +458,8 @@ fn read(consumer: BaseConsumer, log: std::sync::Weak<Inner>) {
                             instance,
                         } = &record
                         {
-                            let held = table.holds(tenant, device, instance, now_ms());
+                            let held =
+                                table.release_ends_newest(tenant, device, instance, now_ms());
                             let mut answers =
                                 inner.answers.lock().unwrap_or_else(|p| p.into_inner());
                             let key = (p, m.offset());
