@@ -121,7 +121,8 @@ impl RouteLog {
         // lost answer may be written twice, right behind its first copy among this process's
         // records: a registration written again is the same subscription (if another instance
         // registered the device in between, this instance's own next change of the device
-        // ends it), and a release written again changes nothing and answers as the first.
+        // ends it), and a release written again changes nothing (docs/command-router.md, "The
+        // routing state", says what its answer may miss).
         let producer: FutureProducer = kafka.ordered_producer().create().map_err(|e| routes(&e))?;
         // Clients that join no group: they read by assignment and commit nothing.
         let unjoined = || {
@@ -458,8 +459,7 @@ fn read(consumer: BaseConsumer, log: std::sync::Weak<Inner>) {
                             instance,
                         } = &record
                         {
-                            let held =
-                                table.release_ends_newest(tenant, device, instance, now_ms());
+                            let held = table.holds(tenant, device, instance, now_ms());
                             let mut answers =
                                 inner.answers.lock().unwrap_or_else(|p| p.into_inner());
                             let key = (p, m.offset());

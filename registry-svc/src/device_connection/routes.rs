@@ -219,27 +219,6 @@ impl Table {
             .is_some_and(|e| *e.instance == *instance)
     }
 
-    /// Whether a release of `instance`'s subscription of `device`, applied now, ends the
-    /// device's newest live subscription: `instance` holds it — or `instance` holds none and
-    /// no live one is left, which is what the second copy of a release finds when the route
-    /// topic's producer retried it after a lost answer (`KafkaConfig::ordered_producer`); it
-    /// answers as the first copy did.
-    pub fn release_ends_newest(
-        &self,
-        tenant: &str,
-        device: &str,
-        instance: &str,
-        now_ms: i64,
-    ) -> bool {
-        match self.devices.get(&(tenant.to_owned(), device.to_owned())) {
-            None => true,
-            Some(routes) if !routes.entries.iter().any(|e| *e.instance == *instance) => {
-                !routes.entries.iter().any(|e| e.live(now_ms))
-            }
-            Some(_) => self.holds(tenant, device, instance, now_ms),
-        }
-    }
-
     /// Every entry of `instance`, as (tenant, device).
     pub fn held_by(&self, instance: &str) -> Vec<(String, String)> {
         self.devices
@@ -384,28 +363,6 @@ mod tests {
         t.apply(0, 5, 14, rel("d", "a"));
         assert_eq!(newest(&t, "d"), None);
         assert!(t.is_empty());
-    }
-
-    #[test]
-    fn a_release_written_twice_answers_as_the_first_copy() {
-        let mut t = Table::default();
-        // d: a alone. The release ends the newest; so does its second copy.
-        t.apply(0, 1, 10, sub("d", "a", None));
-        assert!(t.release_ends_newest("t", "d", "a", 1_000));
-        t.apply(0, 2, 11, rel("d", "a"));
-        assert!(t.release_ends_newest("t", "d", "a", 1_000));
-        t.apply(0, 3, 12, rel("d", "a"));
-        assert!(t.is_empty());
-        // e: b replaced a. a's release ends nothing, nor does its second copy, while b lives.
-        t.apply(0, 4, 13, sub("e", "a", None));
-        t.apply(0, 5, 14, sub("e", "b", None));
-        assert!(!t.release_ends_newest("t", "e", "a", 1_000));
-        t.apply(0, 6, 15, rel("e", "a"));
-        assert!(!t.release_ends_newest("t", "e", "a", 1_000));
-        t.apply(0, 7, 16, rel("e", "a"));
-        assert_eq!(newest(&t, "e").as_deref(), Some("b"));
-        // b's own release ends it.
-        assert!(t.release_ends_newest("t", "e", "b", 1_000));
     }
 
     #[test]
