@@ -9,6 +9,11 @@ use ferrule_loadtest::measure::{self, ProcessSample, Report};
 use ferrule_loadtest::timeline::Timeline;
 use std::time::{Duration, Instant};
 
+/// The same allocator as the `ferrule` binary, so that the baselines this process serves (the
+/// bare axum and coap-lite servers) and its simulated devices are measured as Ferrule is.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "ferrule-loadtest", version)]
 struct Cli {
