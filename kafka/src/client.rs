@@ -33,7 +33,7 @@ impl KafkaConfig {
             .set("allow.auto.create.topics", self.create_topics.to_string())
     }
 
-    /// A producer for commands and their outcomes (router, bridge): idempotent, `acks=all`,
+    /// A producer for applications' commands (the bridge): idempotent, `acks=all`,
     /// sent at once (no linger), and a record Kafka does not take within 10 s fails rather than
     /// holding up the ones behind it for librdkafka's default of five minutes.
     pub fn command_producer(&self) -> ClientBuilder<'_> {
