@@ -480,8 +480,11 @@ impl DeviceAuthenticator {
 
     async fn query(&self, tenant: &str, kind: &str, auth_id: &str) -> Result<Lookup, AuthError> {
         let db = self.inner.pool.get().await.map_err(unavailable)?;
-        let row = db
-            .query_opt(
+        // Prepared once per connection (deadpool's statement cache): as an unnamed statement
+        // PostgreSQL planned this join on every connect, about 1.3 ms of planning for a 0.2 ms
+        // look-up (`EXPLAIN ANALYZE`), and a burst of new MQTT connections kept it at 1.4 cores.
+        let statement = db
+            .prepare_cached(
                 "SELECT coalesce((t.data->>'enabled')::boolean, true),
                         c.device_id, coalesce((d.data->>'enabled')::boolean, true), c.data
                    FROM tenants t
@@ -490,8 +493,11 @@ impl DeviceAuthenticator {
                    LEFT JOIN devices d
                           ON d.tenant_id = c.tenant_id AND d.device_id = c.device_id
                   WHERE t.tenant_id = $1",
-                &[&tenant, &kind, &auth_id],
             )
+            .await
+            .map_err(unavailable)?;
+        let row = db
+            .query_opt(&statement, &[&tenant, &kind, &auth_id])
             .await
             .map_err(unavailable)?;
         let Some(row) = row else {
@@ -557,7 +563,13 @@ async fn fetch_document<T: serde::de::DeserializeOwned>(
     let (tenant, kind, id) = key;
     let generation = cache.generation();
     let db = pool.get().await.map_err(unavailable)?;
-    let row = db.query_opt(sql, params).await.map_err(unavailable)?;
+    // Prepared once per connection: PostgreSQL plans an unnamed statement on every execution,
+    // which cost more than the look-up itself (see `query` below).
+    let statement = db.prepare_cached(sql).await.map_err(unavailable)?;
+    let row = db
+        .query_opt(&statement, params)
+        .await
+        .map_err(unavailable)?;
     let doc = match row {
         Some(r) => Some(serde_json::from_value::<T>(r.get(0)).map_err(unavailable)?),
         None => None,
