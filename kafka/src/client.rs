@@ -37,17 +37,12 @@ impl KafkaConfig {
     /// sent at once (no linger), and a record Kafka does not take within 10 s fails rather than
     /// holding up the ones behind it for librdkafka's default of five minutes.
     pub fn command_producer(&self) -> ClientBuilder<'_> {
-        self.producer()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", "10000")
+        self.prompt_producer().set("enable.idempotence", "true")
     }
 
     /// A producer for records that must keep their order but need no de-duplication by the
-    /// broker (the router's forwards, the route topic's records): `acks=all`, no linger, one
-    /// request in flight, **not** idempotent, and a record Kafka does not take within 10 s
-    /// fails.
+    /// broker (the router's forwards, the route topic's records): like
+    /// [`Self::command_producer`], but one request in flight and **not** idempotent.
     ///
     /// librdkafka's idempotent producer allows five requests in flight per partition but counts
     /// *records* against that limit; once five records are in flight the partition waits for
@@ -57,11 +52,17 @@ impl KafkaConfig {
     /// partition's order; what it gives up — a record retried after a lost answer may be
     /// written twice — each caller documents as harmless for its records.
     pub fn ordered_producer(&self) -> ClientBuilder<'_> {
-        self.producer()
+        self.prompt_producer()
             .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1")
+    }
+
+    /// `acks=all`, no linger, and a 10 s bound on each record: what both command-path
+    /// producers share.
+    fn prompt_producer(&self) -> ClientBuilder<'_> {
+        self.producer()
             .set("acks", "all")
             .set("linger.ms", "0")
-            .set("max.in.flight.requests.per.connection", "1")
             .set("message.timeout.ms", "10000")
     }
 

@@ -564,7 +564,7 @@ async fn fetch_document<T: serde::de::DeserializeOwned>(
     let generation = cache.generation();
     let db = pool.get().await.map_err(unavailable)?;
     // Prepared once per connection: PostgreSQL plans an unnamed statement on every execution,
-    // which cost more than the look-up itself (see `query` below).
+    // which cost more than the look-up itself (see `DeviceAuthenticator::query`).
     let statement = db.prepare_cached(sql).await.map_err(unavailable)?;
     let row = db
         .query_opt(&statement, params)

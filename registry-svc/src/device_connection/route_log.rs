@@ -119,10 +119,10 @@ impl RouteLog {
             .map_err(|e| routes(&e))?;
         // In order, not idempotent (`KafkaConfig::ordered_producer`). A record retried after a
         // lost answer may be written twice, the second copy after the rest of its request among
-        // this process's records: a registration written again is the same subscription (if another instance
-        // registered the device in between, this instance's own next change of the device
-        // ends it), and a release written again changes nothing (docs/command-router.md, "The
-        // routing state", says what its answer may miss).
+        // this process's records: a registration written again is the same subscription (if
+        // another instance registered the device in between, this instance's own next change
+        // of the device ends it), and a release written again changes nothing
+        // (docs/command-router.md, "The routing state", says what its answer may miss).
         let producer: FutureProducer = kafka.ordered_producer().create().map_err(|e| routes(&e))?;
         // Clients that join no group: they read by assignment and commit nothing.
         let unjoined = || {
