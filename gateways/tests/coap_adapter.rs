@@ -1122,6 +1122,127 @@ async fn a_device_restarting_from_the_same_port_gets_a_new_session() {
     assert!(records.iter().any(|r| r.payload == b"second"));
 }
 
+/// A DTLS-PSK session of the test's own — OpenSSL over a socket bound to `local` — where a
+/// test must choose the message ids, which libcoap's clients draw at random.
+struct PskSession {
+    socket: tokio::net::UdpSocket,
+    stream: openssl::ssl::SslStream<ferrule_gateways::coap::dtls::Datagrams>,
+}
+
+impl PskSession {
+    async fn open(local: std::net::SocketAddr, port: u16, identity: &str, key: &[u8]) -> Self {
+        use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslMethod};
+        let (identity, key) = (identity.to_owned(), key.to_vec());
+        let mut ctx = SslContextBuilder::new(SslMethod::dtls()).unwrap();
+        ctx.set_cipher_list("PSK-AES128-CCM8").unwrap();
+        ctx.set_psk_client_callback(move |_, _, id, psk| {
+            id[..identity.len()].copy_from_slice(identity.as_bytes());
+            id[identity.len()] = 0;
+            psk[..key.len()].copy_from_slice(&key);
+            Ok(key.len())
+        });
+        let socket = tokio::net::UdpSocket::bind(local).await.unwrap();
+        socket.connect(("127.0.0.1", port)).await.unwrap();
+        let mut ssl = Ssl::new(&ctx.build()).unwrap();
+        ssl.set_connect_state();
+        let mut session = PskSession {
+            socket,
+            stream: openssl::ssl::SslStream::new(ssl, Default::default()).unwrap(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match session.stream.do_handshake() {
+                Ok(()) => break,
+                Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                Err(e) => panic!("DTLS handshake: {e}"),
+            }
+            session.flush().await;
+            assert!(std::time::Instant::now() < deadline, "DTLS handshake");
+            session.receive(Duration::from_millis(500)).await;
+        }
+        session.flush().await;
+        session
+    }
+
+    async fn flush(&mut self) {
+        for d in self.stream.get_mut().outbox.drain(..) {
+            self.socket.send(&d).await.unwrap();
+        }
+    }
+
+    /// Takes one datagram, if one comes within `wait`, into the session.
+    async fn receive(&mut self, wait: Duration) {
+        let mut buf = [0u8; 2048];
+        if let Ok(n) = tokio::time::timeout(wait, self.socket.recv(&mut buf)).await {
+            self.stream
+                .get_mut()
+                .inbox
+                .push_back(buf[..n.unwrap()].to_vec());
+        }
+    }
+
+    /// Sends `request` and returns the first CoAP message that comes back.
+    async fn exchange(&mut self, request: &Packet) -> Packet {
+        self.stream.ssl_write(&request.to_bytes().unwrap()).unwrap();
+        self.flush().await;
+        let mut plain = [0u8; 2048];
+        for _ in 0..20 {
+            self.receive(Duration::from_millis(500)).await;
+            if let Ok(n) = self.stream.ssl_read(&mut plain) {
+                return Packet::from_bytes(&plain[..n]).unwrap();
+            }
+        }
+        panic!("no answer over DTLS");
+    }
+}
+
+/// RFC 7252 ties a message id to its endpoint, and over DTLS the endpoint is the session: a
+/// device that opens a new session from the address and port of an earlier one (a restarted
+/// device, a reused NAT mapping) and starts its message ids where the earlier one did has its
+/// requests handled — not answered from the earlier session's exchanges, which would drop its
+/// data and could hand it an answer meant for another device.
+#[tokio::test]
+async fn a_new_dtls_session_from_the_same_port_starts_its_own_exchanges() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"k").await;
+    let local = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let identity = format!("dev@{tenant}");
+    for payload in [b"first".as_slice(), b"second"] {
+        let mut session = PskSession::open(local, p.coaps_port, &identity, b"k").await;
+        let answer = session
+            .exchange(&request(
+                MessageType::Confirmable,
+                RequestType::Post,
+                "/telemetry",
+                7,
+                payload,
+            ))
+            .await;
+        assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
+        // Within the session a retransmission is still answered again and not written twice.
+        let again = session
+            .exchange(&request(
+                MessageType::Confirmable,
+                RequestType::Post,
+                "/telemetry",
+                7,
+                payload,
+            ))
+            .await;
+        assert_eq!(code(&again), MessageClass::Response(ResponseType::Changed));
+    }
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let mut payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+    payloads.sort();
+    // (`read` waits a moment for more: none came.)
+    assert_eq!(payloads, [b"first".as_slice(), b"second".as_slice()]);
+}
+
 /// RFC 7252's rules for what the server cannot process: another protocol version is ignored
 /// (§3), a CON carrying a response code gets a Reset (§4.2), a critical option the server
 /// does not know gets 4.02 (§5.4.1).

@@ -1,6 +1,7 @@
 //! Simulated CoAP devices over DTLS 1.2 with pre-shared keys: each opens a session from a UDP
 //! socket of its own (OpenSSL as the client, over the socket), sends one CON `POST /telemetry`
-//! and keeps the session, so the server's memory per session can be read.
+//! and keeps the session, so the server's memory per session can be read; then, if asked,
+//! the sessions upload telemetry (CON or NON), one request in flight each.
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use ferrule_gateways::coap::dtls::Datagrams;
@@ -9,6 +10,7 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion,
 };
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -43,8 +45,105 @@ fn context() -> anyhow::Result<SslContext> {
 
 /// One open session: its socket and OpenSSL state, held until dropped.
 pub struct Session {
-    _socket: UdpSocket,
-    _stream: SslStream<Datagrams>,
+    socket: UdpSocket,
+    stream: SslStream<Datagrams>,
+    /// The message id (and token) of the session's next request: the server treats a
+    /// message id it saw from the same endpoint recently as a retransmission.
+    next_mid: u16,
+}
+
+impl Session {
+    /// Sends `request` (retransmitted up to four times, 2 s apart) and returns the answer
+    /// that carries its token.
+    async fn exchange(&mut self, request: &Packet) -> anyhow::Result<Packet> {
+        let bytes = request.to_bytes()?;
+        let mut buf = vec![0u8; 2048];
+        let mut plain = vec![0u8; 2048];
+        for _ in 0..5 {
+            self.stream.ssl_write(&bytes)?;
+            flush(&self.socket, &mut self.stream).await?;
+            let wait = tokio::time::sleep(Duration::from_secs(2));
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    n = self.socket.recv(&mut buf) => {
+                        self.stream.get_mut().inbox.push_back(buf[..n?].to_vec());
+                        match self.stream.ssl_read(&mut plain) {
+                            Ok(n) => {
+                                let r = Packet::from_bytes(&plain[..n])?;
+                                // A late answer to an earlier request is not this one's.
+                                if r.get_token() == request.get_token() {
+                                    return Ok(r);
+                                }
+                            }
+                            Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                            Err(e) => anyhow::bail!("DTLS read failed: {e}"),
+                        }
+                    }
+                    _ = &mut wait => break,
+                }
+            }
+        }
+        anyhow::bail!("no answer over DTLS")
+    }
+}
+
+/// A `POST /telemetry` with message id and token `mid`.
+fn telemetry(mid: u16, confirmable: bool, payload: Vec<u8>) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(if confirmable {
+        MessageType::Confirmable
+    } else {
+        MessageType::NonConfirmable
+    });
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = mid;
+    p.set_token(mid.to_be_bytes().to_vec());
+    p.add_option(CoapOption::UriPath, b"telemetry".to_vec());
+    // application/octet-stream
+    p.add_option(CoapOption::ContentFormat, vec![42]);
+    p.payload = payload;
+    p
+}
+
+fn expect_changed(answer: &Packet) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        answer.header.code == MessageClass::Response(ResponseType::Changed),
+        "CoAP {}",
+        answer.header.get_code()
+    );
+    Ok(())
+}
+
+/// Sends `requests` telemetry uploads of `size` bytes over the open `sessions`, each session
+/// with one request in flight, and waits for every answer (2.04, CON or NON as asked).
+pub async fn upload(
+    sessions: Vec<Session>,
+    requests: usize,
+    confirmable: bool,
+    size: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = sessions.into_iter().map(|mut session| {
+        let next = next.clone();
+        tokio::spawn(async move {
+            loop {
+                if next.fetch_add(1, Ordering::Relaxed) >= requests {
+                    return anyhow::Ok(());
+                }
+                let mid = session.next_mid;
+                session.next_mid = mid.wrapping_add(1);
+                let answer = session
+                    .exchange(&telemetry(mid, confirmable, vec![b'x'; size]))
+                    .await?;
+                expect_changed(&answer)?;
+            }
+        })
+    });
+    for r in futures_util::future::join_all(workers).await {
+        r??;
+    }
+    Ok(())
 }
 
 /// What opening sessions took.
@@ -120,42 +219,16 @@ async fn open(
         }
     }
     flush(&socket, &mut stream).await?;
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Confirmable);
-    p.header.code = MessageClass::Request(RequestType::Post);
-    p.header.message_id = mid;
-    p.set_token(mid.to_be_bytes().to_vec());
-    p.add_option(CoapOption::UriPath, b"telemetry".to_vec());
-    p.add_option(CoapOption::ContentFormat, vec![42]);
-    p.payload = b"dtls".to_vec();
-    let request = p.to_bytes()?;
-    for _ in 0..5 {
-        stream.ssl_write(&request)?;
-        flush(&socket, &mut stream).await?;
-        let Ok(n) = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await
-        else {
-            continue;
-        };
-        stream.get_mut().inbox.push_back(buf[..n?].to_vec());
-        let mut plain = vec![0u8; 2048];
-        match stream.ssl_read(&mut plain) {
-            Ok(n) => {
-                let r = Packet::from_bytes(&plain[..n])?;
-                anyhow::ensure!(
-                    r.header.code == MessageClass::Response(ResponseType::Changed),
-                    "CoAP {}",
-                    r.header.get_code()
-                );
-                return Ok(Session {
-                    _socket: socket,
-                    _stream: stream,
-                });
-            }
-            Err(e) if e.code() == ErrorCode::WANT_READ => continue,
-            Err(e) => anyhow::bail!("DTLS read failed: {e}"),
-        }
-    }
-    anyhow::bail!("no answer over DTLS")
+    let mut session = Session {
+        socket,
+        stream,
+        next_mid: mid.wrapping_add(1),
+    };
+    let answer = session
+        .exchange(&telemetry(mid, true, b"dtls".to_vec()))
+        .await?;
+    expect_changed(&answer)?;
+    Ok(session)
 }
 
 async fn flush(socket: &UdpSocket, stream: &mut SslStream<Datagrams>) -> anyhow::Result<()> {

@@ -116,6 +116,14 @@ enum Scenario {
         /// Handshakes in flight at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Telemetry uploads sent over the open sessions afterwards, one in flight per
+        /// session (0: none; the report is then the handshakes'). With uploads the report
+        /// is theirs: rate, and the server's CPU while they ran.
+        #[arg(long, default_value_t = 0)]
+        requests: usize,
+        /// The uploads as NON requests (default CON).
+        #[arg(long)]
+        non: bool,
     },
     /// Request/response command round trips to CoAP devices long-polling with `hono-ttd`
     /// over plain UDP, at a fixed offered rate; latency percentiles.
@@ -537,11 +545,43 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             devices: n,
             sessions,
             concurrency,
+            requests,
+            non,
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
             let creds = fleet
                 .use_psk(&cli.registry, &cli.registry_auth, b"loadtest-psk")
                 .await?;
+            if *requests > 0 {
+                let opened = ferrule_loadtest::coap_dtls::open_sessions(
+                    *addr,
+                    creds,
+                    *sessions,
+                    *concurrency,
+                )
+                .await?;
+                let opening = opened.sessions.len();
+                // The server's CPU counts from here: the uploads', not the handshakes'.
+                let before = pid.map(ProcessSample::read).transpose()?;
+                let load = ferrule_loadtest::coap_dtls::upload(
+                    opened.sessions,
+                    *requests,
+                    !*non,
+                    cli.size,
+                );
+                // The topic also holds each session's first request.
+                let (secs, series) = timed_ingest(
+                    &cli.kafka,
+                    &fleet.telemetry_topic(),
+                    *requests + opening,
+                    load,
+                )
+                .await?;
+                let kind = if *non { "non" } else { "con" };
+                let mut r = Report::new(&format!("coap-dtls-{kind}"), *requests, secs);
+                r.series = series;
+                return emit(r, before.as_ref(), pid, peak.as_ref());
+            }
             let baseline = cli.pid.map(ProcessSample::read).transpose()?;
             let opened =
                 ferrule_loadtest::coap_dtls::open_sessions(*addr, creds, *sessions, *concurrency)

@@ -78,6 +78,8 @@ const BASELINES: &[(&str, &str, bool)] = &[
     ("http-qos", "axum-baseline", true),
     ("coap-con", "coap-baseline-con", true),
     ("coap-non", "coap-baseline-non", true),
+    ("coap-dtls-con", "coap-baseline-con", true),
+    ("coap-dtls-non", "coap-baseline-non", true),
     ("amqp-", "kafka-consumer", true),
     ("command-rtt-", "kafka-echo", false),
 ];

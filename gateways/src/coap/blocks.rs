@@ -3,8 +3,8 @@
 //! the last block is there. Bounded: a body never grows past `max_payload_size`, and only the
 //! newest `capacity` bodies are kept, each for the exchange lifetime.
 
+use super::exchanges::Endpoint;
 use lru::LruCache;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -57,7 +57,7 @@ pub enum Step {
 }
 
 /// A body being received, by sender and request URI: since when, and what came so far.
-type Bodies = LruCache<(SocketAddr, String), (Instant, Vec<u8>)>;
+type Bodies = LruCache<(Endpoint, String), (Instant, Vec<u8>)>;
 
 /// Bodies being received, by sender and request URI.
 pub struct Assemblies {
@@ -78,7 +78,7 @@ impl Assemblies {
     }
 
     /// Adds `payload`, block `block` of the body `uri` of `peer` is sending.
-    pub fn add(&self, peer: SocketAddr, uri: &str, block: Block, payload: &[u8]) -> Step {
+    pub fn add(&self, peer: Endpoint, uri: &str, block: Block, payload: &[u8]) -> Step {
         let key = (peer, uri.to_owned());
         let mut bodies = self.bodies.lock().unwrap_or_else(|p| p.into_inner());
         let offset = usize::try_from(block.num)
@@ -126,8 +126,8 @@ mod tests {
         Block { num, more, szx: 0 } // 16-byte blocks
     }
 
-    fn peer() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 5000))
+    fn peer() -> Endpoint {
+        (std::net::SocketAddr::from(([127, 0, 0, 1], 5000)), 0)
     }
 
     #[test]
@@ -198,7 +198,7 @@ mod tests {
     fn bodies_stay_bounded() {
         let a = Assemblies::new(2, 100, Duration::from_secs(247));
         for port in 0..50u16 {
-            let p = SocketAddr::from(([127, 0, 0, 1], port));
+            let p = (std::net::SocketAddr::from(([127, 0, 0, 1], port)), 0);
             a.add(p, "/t", block(0, true), &[0; 16]);
         }
         assert_eq!(a.bodies.lock().unwrap().len(), 2);

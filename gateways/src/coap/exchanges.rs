@@ -10,7 +10,13 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub type Key = (SocketAddr, u16);
+/// Who sent a message: its address and, over DTLS, its session (0 over plain UDP). RFC 7252
+/// (§4.5, §9.1) ties a message id to its endpoint, which over DTLS is the security association:
+/// a new session from an address an earlier one used starts afresh and is never answered from
+/// the earlier session's exchanges.
+pub type Endpoint = (SocketAddr, u64);
+
+pub type Key = (Endpoint, u16);
 
 enum State {
     InProgress,
@@ -89,7 +95,7 @@ mod tests {
     use super::*;
 
     fn key(port: u16, id: u16) -> Key {
-        (SocketAddr::from(([127, 0, 0, 1], port)), id)
+        ((SocketAddr::from(([127, 0, 0, 1], port)), 0), id)
     }
 
     #[test]

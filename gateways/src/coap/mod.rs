@@ -108,7 +108,7 @@ pub struct Server {
     next_message_id: std::sync::atomic::AtomicU16,
     /// Separate responses waiting for the device's ACK (`true`) or Reset (`false`), by
     /// device and message id; at most one per request in flight.
-    awaiting_ack: std::sync::Mutex<HashMap<(SocketAddr, u16), oneshot::Sender<bool>>>,
+    awaiting_ack: std::sync::Mutex<HashMap<exchanges::Key, oneshot::Sender<bool>>>,
     cfg: CoapConfig,
 }
 
@@ -146,6 +146,8 @@ const MAX_RETRANSMIT: u32 = 4;
 #[derive(Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The DTLS session's number (unique in the process); 0 over plain UDP.
+    session: u64,
     link: Link,
     /// Anonymous over plain UDP; the device a DTLS session authenticated.
     pub origin: Origin,
@@ -165,11 +167,18 @@ impl Peer {
         session: tokio::sync::mpsc::Sender<Vec<u8>>,
         origin: Origin,
     ) -> Self {
+        static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Peer {
             addr,
+            session: SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             link: Link::Dtls(session),
             origin,
         }
+    }
+
+    /// The endpoint a message id belongs to (see [`exchanges::Endpoint`]).
+    fn endpoint(&self) -> exchanges::Endpoint {
+        (self.addr, self.session)
     }
 
     /// Sends one CoAP message; a full socket or session queue drops it (the device retransmits
@@ -201,6 +210,7 @@ pub async fn serve(
     while let Some((n, addr)) = receive(&socket, &mut buf, &server, &mut shutdown).await {
         let peer = Peer {
             addr,
+            session: 0,
             link: Link::Plain(socket.clone()),
             origin: Origin::Anonymous,
         };
@@ -300,7 +310,7 @@ impl Server {
                     .awaiting_ack
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(peer.addr, packet.header.message_id));
+                    .remove(&(peer.endpoint(), packet.header.message_id));
                 if let Some(tx) = waiting {
                     let _ = tx.send(kind == MessageType::Acknowledgement);
                 }
@@ -309,7 +319,7 @@ impl Server {
             // Responses the server never asked for.
             _ => return,
         }
-        let key = (peer.addr, packet.header.message_id);
+        let key = (peer.endpoint(), packet.header.message_id);
         match self.exchanges.begin(key) {
             Seen::New if self.exchanges_running.is_closed() => {
                 return self.unavailable(key, &packet, &peer, "the gateway is shutting down");
@@ -345,7 +355,7 @@ impl Server {
     }
 
     /// Answers a request the server cannot take now: 5.03 (the pipeline's `Overloaded`).
-    fn unavailable(&self, key: (SocketAddr, u16), packet: &Packet, peer: &Peer, why: &'static str) {
+    fn unavailable(&self, key: exchanges::Key, packet: &Packet, peer: &Peer, why: &'static str) {
         let refusal = Refusal::new(crate::refusal::Reason::Overloaded, why);
         let response = self.refusal_response(packet, &refusal);
         self.finish(key, &response, peer);
@@ -354,7 +364,7 @@ impl Server {
     /// Handles a request and answers it: piggybacked on the ACK of a CON when the answer is
     /// ready within the ACK timeout, else an empty ACK at that time and the answer later in a
     /// CON of its own (RFC 7252 §5.2.2), which the device acknowledges.
-    async fn exchange(&self, key: (SocketAddr, u16), packet: Packet, parsed: Parsed, peer: &Peer) {
+    async fn exchange(&self, key: exchanges::Key, packet: Packet, parsed: Parsed, peer: &Peer) {
         let ack_after = match packet.header.get_type() {
             MessageType::Confirmable => self.ack_timeout(&parsed, peer).await,
             _ => None,
@@ -431,7 +441,7 @@ impl Server {
     /// large as all of that). Everything else comes back for [`Self::exchange`].
     fn upload_now(
         self: Arc<Self>,
-        key: (SocketAddr, u16),
+        key: exchanges::Key,
         packet: Packet,
         parsed: Parsed,
         peer: Peer,
@@ -534,7 +544,7 @@ impl Server {
         };
         let (tx, mut rx) = oneshot::channel();
         let awaiting = || self.awaiting_ack.lock().unwrap_or_else(|p| p.into_inner());
-        awaiting().insert((peer.addr, mid), tx);
+        awaiting().insert((peer.endpoint(), mid), tx);
         let mut wait = ACK_TIMEOUT;
         let mut acked = false;
         for _ in 0..=MAX_RETRANSMIT {
@@ -547,7 +557,7 @@ impl Server {
                 Err(_) => wait *= 2,
             }
         }
-        awaiting().remove(&(peer.addr, mid));
+        awaiting().remove(&(peer.endpoint(), mid));
         acked
     }
 
@@ -568,7 +578,7 @@ impl Server {
 
     /// Sends `response` and keeps it for retransmissions of its request.
     /// Whether it could be encoded and was handed to the socket or session.
-    fn finish(&self, key: (SocketAddr, u16), response: &Packet, peer: &Peer) -> bool {
+    fn finish(&self, key: exchanges::Key, response: &Packet, peer: &Peer) -> bool {
         // Not limited to one MTU: a command of up to `max_payload_size` rides in a response
         // (on a network the datagram is fragmented by IP).
         match response.to_bytes_unlimited() {
@@ -624,7 +634,10 @@ impl Server {
                 return self.refusal_response(packet, &e).into();
             }
             let uri = uri_of(packet);
-            match self.assemblies.add(peer.addr, &uri, block, &packet.payload) {
+            match self
+                .assemblies
+                .add(peer.endpoint(), &uri, block, &packet.payload)
+            {
                 blocks::Step::Continue(b) => {
                     let mut r = self.response(packet, ResponseType::Continue);
                     r.add_option(CoapOption::Block1, b.encode());
