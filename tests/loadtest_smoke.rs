@@ -267,6 +267,26 @@ async fn harness_smoke_run() {
     wait_for_records(&kafka, &coap_fleet.telemetry_topic(), 60, t)
         .await
         .unwrap();
+    // DTLS with pre-shared keys: sessions opened, then uploads over them, CON and NON.
+    let psk = coap_fleet
+        .use_psk(&registry_url, "admin:smoke", b"smoke-psk")
+        .await
+        .unwrap();
+    let coaps_addr: std::net::SocketAddr = format!("127.0.0.1:{coaps}").parse().unwrap();
+    let t = Instant::now();
+    for confirmable in [true, false] {
+        let opened = ferrule_loadtest::coap_dtls::open_sessions(coaps_addr, psk.clone(), 3, 3)
+            .await
+            .unwrap();
+        assert_eq!(opened.sessions.len(), 3);
+        ferrule_loadtest::coap_dtls::upload(opened.sessions, 30, confirmable, 32)
+            .await
+            .unwrap();
+    }
+    // Each session's first request, and the uploads: the 60 plain ones before, 66 now.
+    wait_for_records(&kafka, &coap_fleet.telemetry_topic(), 60 + 66, t)
+        .await
+        .unwrap();
     let (bare, server) = ferrule_loadtest::coap::bare_server().await.unwrap();
     ferrule_loadtest::coap::put_load(bare, coap_fleet.coap_paths(), 30, 3, true, 32)
         .await
