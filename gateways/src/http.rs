@@ -10,15 +10,15 @@ use crate::pipeline::{
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tower_http::cors::CorsLayer;
 
 const ADAPTER: AdapterType = AdapterType::Http;
 
@@ -61,7 +61,6 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Clone)]
 struct Adapter {
     pipeline: IngestPipeline,
     /// Commands for long polls and command responses; `None` runs uploads only.
@@ -110,13 +109,13 @@ pub fn router(pipeline: IngestPipeline, hub: Option<CommandHub>, cfg: HttpConfig
         .route("/command/res//{device}/{req_id}", put(gateway_response))
         // A body over the limit is cut off here already; the pipeline checks again.
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(cors))
-        .with_state(state)
+        .layer(cors())
+        .with_state(Arc::new(state))
 }
 
 /// `POST /telemetry` and `POST /event`: an authenticated device sends its own data.
 async fn own(
-    State(a): State<Adapter>,
+    State(a): State<Arc<Adapter>>,
     peer: Peer,
     headers: HeaderMap,
     uri: Uri,
@@ -129,7 +128,7 @@ async fn own(
 /// `PUT /{endpoint}/{tenant}/{device}`: a gateway acting for a device, or an unauthenticated
 /// device where the tenant allows it.
 async fn addressed(
-    State(a): State<Adapter>,
+    State(a): State<Arc<Adapter>>,
     peer: Peer,
     Path((tenant, device)): Path<(String, String)>,
     headers: HeaderMap,
@@ -152,7 +151,7 @@ async fn addressed(
 
 /// `PUT /{endpoint}//{device}`: a gateway acting for a device of its own tenant.
 async fn gateway(
-    State(a): State<Adapter>,
+    State(a): State<Arc<Adapter>>,
     peer: Peer,
     Path(device): Path<String>,
     headers: HeaderMap,
@@ -326,7 +325,7 @@ fn body_or_error(a: &Adapter, body: Result<Bytes, BytesRejection>) -> Result<Byt
 
 /// `POST /command/res/{reqId}`: a device answers a command it received.
 async fn own_response(
-    State(a): State<Adapter>,
+    State(a): State<Arc<Adapter>>,
     peer: Peer,
     Path(req_id): Path<String>,
     headers: HeaderMap,
@@ -339,7 +338,7 @@ async fn own_response(
 /// `PUT /command/res/{tenant}/{device}/{reqId}`: an unauthenticated device, or a gateway
 /// answering for a device.
 async fn addressed_response(
-    State(a): State<Adapter>,
+    State(a): State<Arc<Adapter>>,
     peer: Peer,
     Path((tenant, device, req_id)): Path<(String, String, String)>,
     headers: HeaderMap,
@@ -352,7 +351,7 @@ async fn addressed_response(
 
 /// `PUT /command/res//{device}/{reqId}`: a gateway answering for a device of its tenant.
 async fn gateway_response(
-    State(a): State<Adapter>,
+    State(a): State<Arc<Adapter>>,
     peer: Peer,
     Path((device, req_id)): Path<(String, String)>,
     headers: HeaderMap,
@@ -468,48 +467,31 @@ fn error_response(cfg: &HttpConfig, e: Refusal) -> Response {
     resp
 }
 
-const ALLOWED_HEADERS: &str =
-    "authorization, content-type, qos-level, hono-ttd, hono-ttl, hono-cmd-status, traceparent";
-const EXPOSED_HEADERS: &str = "hono-command, hono-cmd-req-id, hono-cmd-target-device";
+const ALLOWED_HEADERS: &[&str] = &[
+    "authorization",
+    "content-type",
+    "qos-level",
+    "hono-ttd",
+    "hono-ttl",
+    "hono-cmd-status",
+    "traceparent",
+];
+const EXPOSED_HEADERS: &[&str] = &["hono-command", "hono-cmd-req-id", "hono-cmd-target-device"];
 
-/// Answers CORS pre-flight requests and marks every answer as readable from any origin.
-async fn cors(req: Request, next: Next) -> Response {
-    let preflight = req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut resp = if preflight {
-        let mut r = StatusCode::OK.into_response();
-        let h = r.headers_mut();
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("POST, PUT, OPTIONS"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static(ALLOWED_HEADERS),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("86400"),
-        );
-        r
-    } else if req.method() == Method::OPTIONS {
-        metrics::rejected(ADAPTER.name(), "bad-request");
-        StatusCode::BAD_REQUEST.into_response()
-    } else {
-        next.run(req).await
+/// Answers CORS pre-flight requests for the upload and response resources and marks every
+/// answer as readable from any origin, with the headers a browser-based device reads.
+fn cors() -> CorsLayer {
+    let names = |list: &[&'static str]| {
+        list.iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect::<Vec<_>>()
     };
-    let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static(EXPOSED_HEADERS),
-    );
-    resp
+    CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([Method::POST, Method::PUT, Method::OPTIONS])
+        .allow_headers(names(ALLOWED_HEADERS))
+        .expose_headers(names(EXPOSED_HEADERS))
+        .max_age(std::time::Duration::from_secs(86_400))
 }
 
 #[cfg(test)]
