@@ -29,6 +29,10 @@ struct Cli {
     /// Ferrule's process id, for CPU seconds and resident memory.
     #[arg(long, global = true)]
     pid: Option<u32>,
+    /// The Kafka-protocol broker's process id, when it runs on this machine: its CPU seconds
+    /// per 100k messages go into the report beside the server's and the load generator's.
+    #[arg(long, global = true)]
+    broker_pid: Option<u32>,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 64, global = true)]
     size: usize,
@@ -276,9 +280,7 @@ enum Scenario {
         rate: u32,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
-        /// The broker's process id; without it the run has no stall.
-        #[arg(long)]
-        broker_pid: Option<u32>,
+        // The broker to stop is `--broker-pid`; without it the run has no stall.
         #[arg(long, default_value_t = 5)]
         stall_after: u64,
         #[arg(long, default_value_t = 5)]
@@ -370,6 +372,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         .pid
         .or_else(|| matches!(cli.scenario, Scenario::KafkaProducer { .. }).then(std::process::id));
     let before = pid.map(ProcessSample::read).transpose()?;
+    let budget = Budget::start(cli.broker_pid)?;
     let peak = pid.map(measure::PeakRss::start);
     let report = match &cli.scenario {
         Scenario::KafkaProducer { messages } => {
@@ -561,8 +564,9 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 )
                 .await?;
                 let opening = opened.sessions.len();
-                // The server's CPU counts from here: the uploads', not the handshakes'.
+                // The CPU counts from here: the uploads', not the handshakes'.
                 let before = pid.map(ProcessSample::read).transpose()?;
+                let budget = Budget::start(cli.broker_pid)?;
                 let load = ferrule_loadtest::coap_dtls::upload(
                     opened.sessions,
                     *requests,
@@ -580,7 +584,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 let kind = if *non { "non" } else { "con" };
                 let mut r = Report::new(&format!("coap-dtls-{kind}"), *requests, secs);
                 r.series = series;
-                return emit(r, before.as_ref(), pid, peak.as_ref());
+                return emit(r, before.as_ref(), pid, peak.as_ref(), &budget);
             }
             let baseline = cli.pid.map(ProcessSample::read).transpose()?;
             let opened =
@@ -746,13 +750,12 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             devices: n,
             rate,
             seconds,
-            broker_pid,
             stall_after,
             stall_secs,
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
             let stall = ferrule_loadtest::resilience::Stall {
-                broker_pid: *broker_pid,
+                broker_pid: cli.broker_pid,
                 after_secs: *stall_after,
                 secs: *stall_secs,
             };
@@ -883,7 +886,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 );
             }
             if *hold_secs > 0 {
-                emit(r, before.as_ref(), pid, peak.as_ref())?;
+                emit(r, before.as_ref(), pid, peak.as_ref(), &budget)?;
                 tokio::time::sleep(Duration::from_secs(*hold_secs)).await;
                 drop(held);
                 return Ok(());
@@ -892,7 +895,38 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             r
         }
     };
-    emit(report, before.as_ref(), pid, peak.as_ref())
+    emit(report, before.as_ref(), pid, peak.as_ref(), &budget)
+}
+
+/// The CPU the rest of the box spent on a scenario: the load generator (this process) and
+/// the broker. On a machine whose cores all of them share, a server's rate against its
+/// baseline's is bounded by what these cost per message.
+struct Budget {
+    generator: ProcessSample,
+    broker: Option<(u32, ProcessSample)>,
+}
+
+impl Budget {
+    fn start(broker_pid: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Budget {
+            generator: ProcessSample::read(std::process::id())?,
+            broker: broker_pid
+                .map(|p| ProcessSample::read(p).map(|s| (p, s)))
+                .transpose()?,
+        })
+    }
+
+    fn add_to(&self, report: &mut Report) -> anyhow::Result<()> {
+        let now = ProcessSample::read(std::process::id())?;
+        report.generator_cpu_secs = Some(now.cpu_secs - self.generator.cpu_secs);
+        if let Some((pid, before)) = &self.broker {
+            // A broker that died meanwhile has no figure.
+            if let Ok(now) = ProcessSample::read(*pid) {
+                report.broker_cpu_secs = Some(now.cpu_secs - before.cpu_secs);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Completes a scenario's report with the server process's CPU and memory and prints it: the
@@ -902,7 +936,9 @@ fn emit(
     before: Option<&ProcessSample>,
     pid: Option<u32>,
     peak: Option<&measure::PeakRss>,
+    budget: &Budget,
 ) -> anyhow::Result<()> {
+    budget.add_to(&mut report)?;
     if let (Some(b), Some(pid)) = (before, pid) {
         let now = ProcessSample::read(pid)?;
         report.add_process(b, &now);

@@ -53,6 +53,11 @@ pub struct Report {
     pub extra: Option<serde_json::Value>,
     /// The run over time, for the plots.
     pub series: Vec<crate::timeline::Point>,
+    /// CPU seconds of the load generator's own process during the run (for a baseline served
+    /// in-process, such as the bare axum or coap-lite server, that server's too).
+    pub generator_cpu_secs: Option<f64>,
+    /// CPU seconds of the broker process during the run, when its process id was given.
+    pub broker_cpu_secs: Option<f64>,
 }
 
 impl Report {
@@ -67,6 +72,8 @@ impl Report {
             peak_rss_bytes: None,
             extra: None,
             series: Vec::new(),
+            generator_cpu_secs: None,
+            broker_cpu_secs: None,
         }
     }
 
@@ -91,6 +98,17 @@ impl Report {
             "process_peak_rss_bytes": self.peak_rss_bytes,
             "rss_per_connection_bytes": self.rss_per_connection_bytes,
         });
+        let per_100k = |c: f64| c * 100_000.0 / self.messages.max(1) as f64;
+        if let Some(obj) = v.as_object_mut() {
+            for (name, secs) in [
+                ("generator_cpu_seconds_per_100k", self.generator_cpu_secs),
+                ("broker_cpu_seconds_per_100k", self.broker_cpu_secs),
+            ] {
+                if let Some(s) = secs {
+                    obj.insert(name.into(), per_100k(s).into());
+                }
+            }
+        }
         if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
             (&self.extra, v.as_object_mut())
         {

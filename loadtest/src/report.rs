@@ -7,8 +7,8 @@ use serde_json::Value;
 /// that are not JSON objects are skipped.
 pub fn markdown(lines: &str) -> String {
     let mut out = String::from(
-        "| scenario | messages | per second | server CPU s per 100k | latency p50 / p99 / p99.9 ms | RSS per connection | notes |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| scenario | messages | per second | server CPU s per 100k | generator / broker CPU s per 100k | latency p50 / p99 / p99.9 ms | RSS per connection | notes |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for line in lines.lines() {
         let Ok(Value::Object(r)) = serde_json::from_str::<Value>(line) else {
@@ -46,12 +46,17 @@ pub fn markdown(lines: &str) -> String {
                 peak as f64 / 1e6
             ));
         }
+        let rest_of_box = num("generator_cpu_seconds_per_100k").map(|g| {
+            let broker = num("broker_cpu_seconds_per_100k");
+            format!("{g:.2} / {}", cell(broker.map(|b| format!("{b:.2}"))))
+        });
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.get("scenario").and_then(Value::as_str).unwrap_or("?"),
             cell(num("messages").map(|m| format!("{m:.0}"))),
             cell(num("per_second").map(|m| format!("{m:.0}"))),
             cell(num("process_cpu_seconds_per_100k").map(|c| format!("{c:.2}"))),
+            cell(rest_of_box),
             cell(latency),
             cell(num("rss_per_connection_bytes").map(|b| format!("{b:.0} B"))),
             cell((!notes.is_empty()).then(|| notes.join("; "))),
@@ -192,7 +197,7 @@ mod tests {
     #[test]
     fn one_row_per_scenario_with_dashes_for_what_it_does_not_measure() {
         let lines = [
-            r#"{"scenario":"mqtt-qos1","messages":200000,"per_second":121910.2,"process_cpu_seconds_per_100k":1.045}"#,
+            r#"{"scenario":"mqtt-qos1","messages":200000,"per_second":121910.2,"process_cpu_seconds_per_100k":1.045,"generator_cpu_seconds_per_100k":0.5,"broker_cpu_seconds_per_100k":0.254}"#,
             "compiling… not JSON",
             r#"{"scenario":"command-rtt-qos0","messages":20000,"per_second":998.0,"latency_ms":{"p50":40.7,"p99":125.57,"p999":169.73,"max":201.9}}"#,
             r#"{"scenario":"mqtt-idle","messages":19000,"per_second":3069.1,"rss_per_connection_bytes":6763.8}"#,
@@ -206,24 +211,27 @@ mod tests {
         assert_eq!(rows.len(), 8, "{md}");
         assert_eq!(
             rows[2],
-            "| mqtt-qos1 | 200000 | 121910 | 1.04 | — | — | — |"
+            "| mqtt-qos1 | 200000 | 121910 | 1.04 | 0.50 / 0.25 | — | — | — |"
         );
         assert_eq!(
             rows[3],
-            "| command-rtt-qos0 | 20000 | 998 | — | 40.70 / 125.57 / 169.73 | — | — |"
+            "| command-rtt-qos0 | 20000 | 998 | — | — | 40.70 / 125.57 / 169.73 | — | — |"
         );
-        assert_eq!(rows[4], "| mqtt-idle | 19000 | 3069 | — | — | 6764 B | — |");
+        assert_eq!(
+            rows[4],
+            "| mqtt-idle | 19000 | 3069 | — | — | — | 6764 B | — |"
+        );
         assert_eq!(
             rows[5],
-            "| command-rtt-http | — | — | — | — | — | FAILED (see the run's output) |"
+            "| command-rtt-http | — | — | — | — | — | — | FAILED (see the run's output) |"
         );
         assert_eq!(
             rows[6],
-            "| broker-stall | 39000 | 1500 | — | — | — | 39000 acked, 0 lost; broker stopped 6 s; RSS 40 → peak 52 MB |"
+            "| broker-stall | 39000 | 1500 | — | — | — | — | 39000 acked, 0 lost; broker stopped 6 s; RSS 40 → peak 52 MB |"
         );
         assert_eq!(
             rows[7],
-            "| mqtt-idle-spread | 100002 | 2500 | — | — | 3013 B | 100002 open at once over 6 gateway processes |"
+            "| mqtt-idle-spread | 100002 | 2500 | — | — | — | 3013 B | 100002 open at once over 6 gateway processes |"
         );
     }
 }
