@@ -706,6 +706,133 @@ async fn plain_uploads_answer_separately_or_piggybacked_as_the_tenant_says() {
     }
 }
 
+/// A CON upload Kafka does not take gets 5.03 (Hono §5.4) — telemetry and events alike.
+#[tokio::test]
+async fn a_con_upload_kafka_does_not_take_gets_5_03() {
+    // A broker address where nothing listens.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kafka = ferrule_gateways::KafkaConfig {
+        bootstrap_servers: dead.to_string(),
+        metadata_timeout_ms: 500,
+        delivery_timeout_ms: 500,
+        ..Default::default()
+    };
+    let p = Platform::start_full(ferrule_gateways::GatewayConfig::default(), kafka).await;
+    // -1: the answer rides on the ACK, whenever it comes.
+    let tenant = p.tenant(coap_tenant(-1)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for (mid, endpoint) in [(1u16, "telemetry"), (2, "event")] {
+        let up = request(
+            MessageType::Confirmable,
+            RequestType::Put,
+            &format!("/{endpoint}/{tenant}/dev"),
+            mid,
+            b"not taken",
+        );
+        let answer = exchange(&socket, p.coap_port, &up).await;
+        assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(
+            code(&answer),
+            MessageClass::Response(ResponseType::ServiceUnavailable),
+            "{endpoint}"
+        );
+    }
+}
+
+/// A long poll with a positive `timeoutToAck` (Hono §5.3): a command that comes within it
+/// rides on the ACK; when none has come by then, an empty ACK goes, and the command follows
+/// later in a CON of its own.
+#[tokio::test]
+async fn a_command_within_the_ack_timeout_is_piggybacked_and_a_later_one_separate() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(coap_tenant(5000)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let poll = |mid: u16| {
+        let mut r = request(
+            MessageType::Confirmable,
+            RequestType::Put,
+            &format!("/telemetry/{tenant}/dev"),
+            mid,
+            b"",
+        );
+        r.add_option(CoapOption::UriQuery, b"hono-ttd=30".to_vec());
+        r.add_option(CoapOption::UriQuery, b"empty".to_vec());
+        r
+    };
+    let command_of = |p: &Packet| {
+        p.get_option(CoapOption::LocationQuery)
+            .into_iter()
+            .flatten()
+            .map(|q| String::from_utf8_lossy(q).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let telemetry = format!("hono.telemetry.{tenant}");
+    // Within the timeout: the command is sent as soon as the poll is announced.
+    let started = std::time::Instant::now();
+    socket
+        .send_to(&poll(900).to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+    read(&telemetry, 1).await;
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "within")],
+        "1",
+    )
+    .await;
+    let answer = next_datagram(&socket).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "before the timeout"
+    );
+    assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(answer.header.message_id, 900);
+    assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
+    assert_eq!(command_of(&answer), ["hono-command=within"]);
+    // Past the timeout: no command for 5 s, so the empty ACK comes first.
+    let started = std::time::Instant::now();
+    socket
+        .send_to(&poll(901).to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+    let ack = next_datagram(&socket).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(4500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(ack.header.message_id, 901);
+    assert_eq!(code(&ack), MessageClass::Empty);
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "after")],
+        "2",
+    )
+    .await;
+    let separate = next_datagram(&socket).await;
+    assert_eq!(separate.header.get_type(), MessageType::Confirmable);
+    assert_eq!(separate.get_token(), poll(901).get_token());
+    assert_eq!(
+        code(&separate),
+        MessageClass::Response(ResponseType::Changed)
+    );
+    assert_eq!(command_of(&separate), ["hono-command=after"]);
+    let done = empty_message(MessageType::Acknowledgement, separate.header.message_id);
+    socket
+        .send_to(&done.to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_command_whose_separate_response_is_reset_fails_with_503() {
     let p = Platform::start().await;
@@ -1131,6 +1258,20 @@ struct PskSession {
 
 impl PskSession {
     async fn open(local: std::net::SocketAddr, port: u16, identity: &str, key: &[u8]) -> Self {
+        Self::try_open(local, port, identity, key, Duration::from_secs(10))
+            .await
+            .expect("a DTLS session")
+    }
+
+    /// A session, or `None` when the handshake has not finished `within` (the server set up
+    /// no session for it).
+    async fn try_open(
+        local: std::net::SocketAddr,
+        port: u16,
+        identity: &str,
+        key: &[u8],
+        within: Duration,
+    ) -> Option<Self> {
         use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslMethod};
         let (identity, key) = (identity.to_owned(), key.to_vec());
         let mut ctx = SslContextBuilder::new(SslMethod::dtls()).unwrap();
@@ -1149,7 +1290,7 @@ impl PskSession {
             socket,
             stream: openssl::ssl::SslStream::new(ssl, Default::default()).unwrap(),
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + within;
         loop {
             match session.stream.do_handshake() {
                 Ok(()) => break,
@@ -1157,11 +1298,13 @@ impl PskSession {
                 Err(e) => panic!("DTLS handshake: {e}"),
             }
             session.flush().await;
-            assert!(std::time::Instant::now() < deadline, "DTLS handshake");
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
             session.receive(Duration::from_millis(500)).await;
         }
         session.flush().await;
-        session
+        Some(session)
     }
 
     async fn flush(&mut self) {
@@ -1241,6 +1384,118 @@ async fn a_new_dtls_session_from_the_same_port_starts_its_own_exchanges() {
     payloads.sort();
     // (`read` waits a moment for more: none came.)
     assert_eq!(payloads, [b"first".as_slice(), b"second".as_slice()]);
+}
+
+fn any_local_port() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// How often the CoAP adapter refused something for `reason` so far (0 before the first).
+fn coap_rejections(reason: &str) -> f64 {
+    let series = format!(
+        "ferrule_gateway_rejected_total{{component_name=\"hono-coap\",reason=\"{reason}\"}} "
+    );
+    prometheus_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The DTLS listener holds at most `max_dtls_sessions` sessions: a device beyond them gets no
+/// session (counted as `dtls-sessions-exceeded`) while the others keep theirs.
+#[tokio::test]
+async fn dtls_sessions_beyond_the_limit_are_refused() {
+    let mut cfg = ferrule_gateways::GatewayConfig::default();
+    cfg.coap.max_dtls_sessions = 2;
+    let p = Platform::start_with(cfg).await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"k").await;
+    let identity = format!("dev@{tenant}");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(PskSession::open(any_local_port(), p.coaps_port, &identity, b"k").await);
+    }
+    let refused_before = coap_rejections("dtls-sessions-exceeded");
+    let third = PskSession::try_open(
+        any_local_port(),
+        p.coaps_port,
+        &identity,
+        b"k",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(third.is_none(), "a third session was set up");
+    assert!(coap_rejections("dtls-sessions-exceeded") > refused_before);
+    // The two held ones still work.
+    for (i, session) in held.iter_mut().enumerate() {
+        let payload = format!("held-{i}");
+        let answer = session
+            .exchange(&request(
+                MessageType::Confirmable,
+                RequestType::Post,
+                "/telemetry",
+                20 + i as u16,
+                payload.as_bytes(),
+            ))
+            .await;
+        assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
+    }
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let mut payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
+    payloads.sort();
+    assert_eq!(payloads, [b"held-0".as_slice(), b"held-1".as_slice()]);
+}
+
+/// At most `max_dtls_handshakes` handshakes run at once: while one hangs half-way (a client
+/// that proved its address and went silent), another is refused (counted as
+/// `dtls-handshakes-exceeded`); once the hanging one times out, handshakes start again.
+#[tokio::test]
+async fn dtls_handshakes_beyond_the_limit_wait_for_a_free_slot() {
+    let mut cfg = ferrule_gateways::GatewayConfig::default();
+    cfg.coap.max_dtls_handshakes = 1;
+    cfg.coap.dtls_handshake_timeout_secs = 3;
+    let p = Platform::start_with(cfg).await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"k").await;
+    let identity = format!("dev@{tenant}");
+    assert!(dtls_session_starts(p.coaps_port).await, "the hanging one");
+    let refused_before = coap_rejections("dtls-handshakes-exceeded");
+    let refused = PskSession::try_open(
+        any_local_port(),
+        p.coaps_port,
+        &identity,
+        b"k",
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert!(refused.is_none(), "a second handshake ran beside the first");
+    assert!(coap_rejections("dtls-handshakes-exceeded") > refused_before);
+    // The hanging handshake ends by its time limit; then a device gets through.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut session = PskSession::try_open(
+        any_local_port(),
+        p.coaps_port,
+        &identity,
+        b"k",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("a session once the slot is free");
+    let answer = session
+        .exchange(&request(
+            MessageType::Confirmable,
+            RequestType::Post,
+            "/telemetry",
+            1,
+            b"after",
+        ))
+        .await;
+    assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
 }
 
 /// RFC 7252's rules for what the server cannot process: another protocol version is ignored
