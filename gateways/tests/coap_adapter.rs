@@ -322,7 +322,7 @@ async fn refusals_get_hono_coap_codes() {
         "adapter-disabled",
         "payload-too-large",
         "unauthorized",
-        "not-found",
+        "unknown-resource",
     ] {
         assert!(
             metrics.contains(&format!(
@@ -1263,8 +1263,8 @@ impl PskSession {
             .expect("a DTLS session")
     }
 
-    /// A session, or `None` when the handshake has not finished `within` (the server set up
-    /// no session for it).
+    /// A session, or `None` when the server refused it (an alert) or the handshake has not
+    /// finished `within` (the server set up no session for it).
     async fn try_open(
         local: std::net::SocketAddr,
         port: u16,
@@ -1295,7 +1295,8 @@ impl PskSession {
             match session.stream.do_handshake() {
                 Ok(()) => break,
                 Err(e) if e.code() == ErrorCode::WANT_READ => {}
-                Err(e) => panic!("DTLS handshake: {e}"),
+                // The server ended the handshake (an alert).
+                Err(_) => return None,
             }
             session.flush().await;
             if std::time::Instant::now() >= deadline {
@@ -1496,6 +1497,259 @@ async fn dtls_handshakes_beyond_the_limit_wait_for_a_free_slot() {
         ))
         .await;
     assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
+}
+
+/// A CoAP request of `method` on `path` with `queries` as Uri-Query options.
+fn request_with(
+    kind: MessageType,
+    method: RequestType,
+    path: &str,
+    queries: &[&str],
+    mid: u16,
+    payload: &[u8],
+) -> Packet {
+    let mut r = request(kind, method, path, mid, payload);
+    for q in queries {
+        r.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+    }
+    r
+}
+
+fn location(p: &Packet, option: CoapOption) -> Vec<String> {
+    p.get_option(option)
+        .into_iter()
+        .flatten()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// A gateway over DTLS (Hono §5.1, §5.3): it uploads in the tenant form for a device behind
+/// it (not for one of another tenant), polls for that device with `hono-ttd` — here on the
+/// event resource, whose upload then carries the ttd — gets a request/response command at
+/// `cr//{device}/{reqId}` and a one-way command at `c//{device}`, and answers the first there;
+/// an answer without `hono-cmd-status` is 4.00 and nothing is written for it.
+#[tokio::test]
+async fn psk_gateway_polls_for_a_device_and_answers_its_commands() {
+    let p = Platform::start().await;
+    // -1: the command always rides on the ACK.
+    let tenant = p
+        .tenant(json!({"adapters": [{"type": "hono-coap", "enabled": true,
+                                     "ext": {"timeoutToAck": -1}}]}))
+        .await;
+    let other = p.tenant(json!({})).await;
+    p.device(&tenant, "gw", json!({})).await;
+    p.credentials_psk(&tenant, "gw", b"gateway-key").await;
+    p.device(&tenant, "behind", json!({"via": ["gw"]})).await;
+    p.device(&other, "behind", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let mut gw = PskSession::open(
+        any_local_port(),
+        p.coaps_port,
+        &format!("gw@{tenant}"),
+        b"gateway-key",
+    )
+    .await;
+    let changed = MessageClass::Response(ResponseType::Changed);
+    // The tenant form, for the gateway's own tenant and for another one.
+    let up = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &format!("/t/{tenant}/behind"),
+        1,
+        b"tenant-form",
+    );
+    assert_eq!(code(&gw.exchange(&up).await), changed);
+    let up = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &format!("/t/{other}/behind"),
+        2,
+        b"other",
+    );
+    assert_eq!(
+        code(&gw.exchange(&up).await),
+        MessageClass::Response(ResponseType::Forbidden),
+        "another tenant's device"
+    );
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(
+        (records[0].key.as_str(), records[0].payload.as_slice()),
+        ("behind", b"tenant-form".as_slice())
+    );
+    // A poll on the event resource; the command is sent once the event announced it.
+    let poll = request_with(
+        MessageType::Confirmable,
+        RequestType::Put,
+        "/e//behind",
+        &["hono-ttd=20"],
+        3,
+        b"ev",
+    );
+    let waiting = tokio::spawn(async move {
+        let answer = gw.exchange(&poll).await;
+        (gw, answer)
+    });
+    let events = read(&format!("hono.event.{tenant}"), 1).await;
+    assert_eq!(events[0].key, "behind");
+    assert_eq!(events[0].headers["ttd"], "20");
+    send_command(
+        &tenant,
+        "behind",
+        &[
+            ("device_id", "behind"),
+            ("subject", "setLevel"),
+            ("response-required", "true"),
+            ("correlation-id", "gw-1"),
+        ],
+        "5",
+    )
+    .await;
+    let (mut gw, answer) = waiting.await.unwrap();
+    assert_eq!(code(&answer), changed);
+    assert_eq!(
+        location(&answer, CoapOption::LocationQuery),
+        ["hono-command=setLevel"]
+    );
+    let path = location(&answer, CoapOption::LocationPath);
+    assert_eq!(path.len(), 4, "{path:?}");
+    assert_eq!(
+        &path[..3],
+        ["cr", "", "behind"],
+        "the gateway form: cr//{{device}}/{{reqId}}"
+    );
+    assert_eq!(answer.payload, b"5");
+    // The answer (a gateway's is a PUT) without a status is refused; with one it is taken.
+    let uri = format!("/{}", path.join("/"));
+    let bare = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &uri,
+        4,
+        b"no status",
+    );
+    assert_eq!(
+        code(&gw.exchange(&bare).await),
+        MessageClass::Response(ResponseType::BadRequest)
+    );
+    let answered = request_with(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &uri,
+        &["hono-cmd-status=200"],
+        5,
+        b"done",
+    );
+    assert_eq!(code(&gw.exchange(&answered).await), changed);
+    let responses = read(&format!("hono.command_response.{tenant}"), 1).await;
+    assert_eq!(responses[0].key, "behind");
+    assert_eq!(responses[0].headers["correlation-id"], "gw-1");
+    assert_eq!(responses[0].headers["status"], "200");
+    assert_eq!(responses[0].payload, b"done");
+    // A one-way command: `c//{device}`.
+    let poll = request_with(
+        MessageType::Confirmable,
+        RequestType::Put,
+        "/t//behind",
+        &["hono-ttd=20", "empty"],
+        6,
+        b"",
+    );
+    let waiting = tokio::spawn(async move { gw.exchange(&poll).await });
+    read(&format!("hono.telemetry.{tenant}"), 2).await;
+    send_command(
+        &tenant,
+        "behind",
+        &[("device_id", "behind"), ("subject", "reboot")],
+        "now",
+    )
+    .await;
+    let answer = waiting.await.unwrap();
+    assert_eq!(code(&answer), changed);
+    assert_eq!(
+        location(&answer, CoapOption::LocationQuery),
+        ["hono-command=reboot"]
+    );
+    assert_eq!(
+        location(&answer, CoapOption::LocationPath),
+        ["c", "", "behind"]
+    );
+}
+
+/// Hono's content-format rules that let an upload through (§5.2, and Hono's `CoapTestBase`):
+/// an empty body with a content format is forwarded as it is, a body without one as
+/// `application/octet-stream`.
+#[tokio::test]
+async fn content_format_rules_that_forward() {
+    let (p, tenant, socket, path) = anonymous_sensor().await;
+    let mut empty = request(MessageType::Confirmable, RequestType::Put, &path, 30, b"");
+    empty.add_option(CoapOption::ContentFormat, vec![0]); // text/plain
+    let untyped = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &path,
+        31,
+        b"raw",
+    );
+    for up in [&empty, &untyped] {
+        let a = exchange(&socket, p.coap_port, up).await;
+        assert_eq!(code(&a), MessageClass::Response(ResponseType::Changed));
+    }
+    let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
+    let seen: Vec<(&str, &[u8])> = records
+        .iter()
+        .map(|r| (r.headers["content-type"].as_str(), r.payload.as_slice()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("text/plain; charset=utf-8", b"".as_slice()),
+            ("application/octet-stream", b"raw".as_slice())
+        ]
+    );
+}
+
+/// A disabled gateway uploads nothing for the devices behind it: its PSK identity is refused
+/// in the handshake (an "unknown PSK identity" alert, as for a disabled device), so it never
+/// gets as far as a request.
+#[tokio::test]
+async fn a_disabled_gateway_uploads_nothing() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "gw", json!({"enabled": false})).await;
+    p.credentials_psk(&tenant, "gw", b"gateway-key").await;
+    p.device(&tenant, "behind", json!({"via": ["gw"]})).await;
+    let session = PskSession::try_open(
+        any_local_port(),
+        p.coaps_port,
+        &format!("gw@{tenant}"),
+        b"gateway-key",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(session.is_none(), "a disabled gateway got a session");
+    // Nothing was written: the probe below is the only record.
+    p.device(&tenant, "probe", json!({})).await;
+    p.credentials_psk(&tenant, "probe", b"k").await;
+    let mut probe = PskSession::open(
+        any_local_port(),
+        p.coaps_port,
+        &format!("probe@{tenant}"),
+        b"k",
+    )
+    .await;
+    let up = request(
+        MessageType::Confirmable,
+        RequestType::Post,
+        "/telemetry",
+        2,
+        b"probe",
+    );
+    assert_eq!(
+        code(&probe.exchange(&up).await),
+        MessageClass::Response(ResponseType::Changed)
+    );
+    let records = read(&format!("hono.telemetry.{tenant}"), 1).await;
+    assert_eq!(records[0].key, "probe");
 }
 
 /// RFC 7252's rules for what the server cannot process: another protocol version is ignored

@@ -662,7 +662,7 @@ impl Server {
         let request = match parsed {
             Ok(r) => r,
             Err(ResourceError::NotFound) => {
-                metrics::rejected(ADAPTER.name(), "not-found");
+                metrics::rejected(ADAPTER.name(), "unknown-resource");
                 return self.response(packet, ResponseType::NotFound).into();
             }
             Err(ResourceError::BadOption(number)) => {
