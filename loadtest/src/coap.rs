@@ -8,35 +8,53 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::UdpSocket;
 
-/// A server that decodes each request and answers 2.04 (piggybacked for CON, a NON for NON).
+/// A server that decodes each request and answers 2.04 (piggybacked for CON, a NON for NON),
+/// from one receiving task per core on a shared socket, so that it can use every core the
+/// box gives it, as Ferrule does.
 pub async fn bare_server() -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     let addr = socket.local_addr()?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mid = Arc::new(std::sync::atomic::AtomicU16::new(0));
     let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_535];
-        let mut mid: u16 = 0;
-        loop {
-            let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
-                continue;
-            };
-            let Ok(request) = Packet::from_bytes(&buf[..n]) else {
-                continue;
-            };
-            let mut response = Packet::new();
-            if request.header.get_type() == MessageType::Confirmable {
-                response.header.set_type(MessageType::Acknowledgement);
-                response.header.message_id = request.header.message_id;
-            } else {
-                mid = mid.wrapping_add(1);
-                response.header.set_type(MessageType::NonConfirmable);
-                response.header.message_id = mid;
-            }
-            response.header.code = MessageClass::Response(ResponseType::Changed);
-            response.set_token(request.get_token().to_vec());
-            if let Ok(bytes) = response.to_bytes() {
-                let _ = socket.send_to(&bytes, peer).await;
+        let serving = (0..workers).map(|_| {
+            let (socket, mid) = (socket.clone(), mid.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_535];
+                loop {
+                    let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                        continue;
+                    };
+                    let Ok(request) = Packet::from_bytes(&buf[..n]) else {
+                        continue;
+                    };
+                    let mut response = Packet::new();
+                    if request.header.get_type() == MessageType::Confirmable {
+                        response.header.set_type(MessageType::Acknowledgement);
+                        response.header.message_id = request.header.message_id;
+                    } else {
+                        response.header.set_type(MessageType::NonConfirmable);
+                        response.header.message_id = mid.fetch_add(1, Ordering::Relaxed);
+                    }
+                    response.header.code = MessageClass::Response(ResponseType::Changed);
+                    response.set_token(request.get_token().to_vec());
+                    if let Ok(bytes) = response.to_bytes() {
+                        let _ = socket.send_to(&bytes, peer).await;
+                    }
+                }
+            })
+        });
+        // The workers end with this task (aborted by the caller).
+        let workers: Vec<_> = serving.collect();
+        struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+        impl Drop for AbortAll {
+            fn drop(&mut self) {
+                self.0.iter().for_each(|w| w.abort());
             }
         }
+        let all = AbortAll(workers);
+        std::future::pending::<()>().await;
+        drop(all);
     });
     Ok((addr, task))
 }

@@ -180,7 +180,54 @@ pub async fn coap_round_trips(
         .into_iter()
         .map(|path| tokio::spawn(coap_long_poll_device(addr, path, ttd_secs)))
         .collect();
-    let result = measure_fleet(bootstrap, fleet, rate, seconds, fetch_wait_ms).await;
+    // As Hono's example application does, a command goes to a device that announced a poll
+    // (its ttd notification on the telemetry topic) and has had none since; only when no
+    // device is waiting does the next one in turn get it (and may miss it between polls).
+    let waiting: Arc<Mutex<std::collections::VecDeque<String>>> = Arc::default();
+    let notifications = {
+        let consumer = consumer(
+            bootstrap,
+            &format!("hono.telemetry.{}", fleet.tenant),
+            fetch_wait_ms,
+        )?;
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(m) = consumer.recv().await else {
+                    continue;
+                };
+                let polls = m
+                    .headers()
+                    .is_some_and(|h| h.iter().any(|h| h.key == "ttd"));
+                if let (true, Some(Ok(device))) = (polls, m.key_view::<str>()) {
+                    waiting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_back(device.to_owned());
+                }
+            }
+        })
+    };
+    let topic = format!("hono.command.{}", fleet.tenant);
+    let responses = format!("hono.command_response.{}", fleet.tenant);
+    let ids = fleet.devices.clone();
+    let result = measure(
+        bootstrap,
+        &topic,
+        &responses,
+        move |seq| {
+            waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+                .unwrap_or_else(|| ids[(seq as usize) % ids.len()].clone())
+        },
+        rate,
+        seconds,
+        fetch_wait_ms,
+    )
+    .await;
+    notifications.abort();
     for d in devices {
         d.abort();
     }
