@@ -53,6 +53,36 @@ pub struct Session {
 }
 
 impl Session {
+    /// Sends one CoAP message over the session.
+    pub async fn send(&mut self, message: &[u8]) -> anyhow::Result<()> {
+        self.stream.ssl_write(message)?;
+        flush(&self.socket, &mut self.stream).await
+    }
+
+    /// The next CoAP message's bytes into `buf`, or `None` at `until`.
+    pub async fn receive(
+        &mut self,
+        buf: &mut [u8],
+        until: tokio::time::Instant,
+    ) -> anyhow::Result<Option<usize>> {
+        let mut datagram = vec![0u8; 2048];
+        loop {
+            let Ok(n) = tokio::time::timeout_at(until, self.socket.recv(&mut datagram)).await
+            else {
+                return Ok(None);
+            };
+            self.stream
+                .get_mut()
+                .inbox
+                .push_back(datagram[..n?].to_vec());
+            match self.stream.ssl_read(buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                Err(e) => anyhow::bail!("DTLS read failed: {e}"),
+            }
+        }
+    }
+
     /// Sends `request` (retransmitted up to four times, 2 s apart) and returns the answer
     /// that carries its token.
     async fn exchange(&mut self, request: &Packet) -> anyhow::Result<Packet> {

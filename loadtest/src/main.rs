@@ -159,6 +159,10 @@ enum Scenario {
         ttd: u32,
         #[arg(long, default_value_t = 100)]
         fetch_wait_ms: u64,
+        /// Authenticated devices over DTLS with pre-shared keys (`--addr` is then the DTLS
+        /// port), as Hono's own run was made; reported as `coap-mix-dtls`.
+        #[arg(long)]
+        dtls: bool,
     },
     /// HTTP devices posting telemetry with a fixed number of requests in flight.
     Http {
@@ -527,19 +531,31 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             seconds,
             ttd,
             fetch_wait_ms,
+            dtls,
         } => {
             let fleet = anonymous_coap_fleet(cli, *n).await?;
+            let transport = if *dtls {
+                ferrule_loadtest::mix::Transport::Dtls(
+                    fleet
+                        .use_psk(&cli.registry, &cli.registry_auth, b"loadtest-psk")
+                        .await?,
+                )
+            } else {
+                ferrule_loadtest::mix::Transport::Plain
+            };
             let mix = ferrule_loadtest::mix::run(
                 &cli.kafka,
                 &fleet,
                 *addr,
+                transport,
                 *seconds,
                 *ttd,
                 cli.size,
                 *fetch_wait_ms,
             )
             .await?;
-            let mut r = Report::new("coap-mix", mix.messages() as usize, mix.seconds);
+            let name = if *dtls { "coap-mix-dtls" } else { "coap-mix" };
+            let mut r = Report::new(name, mix.messages() as usize, mix.seconds);
             r.extra = Some(mix.to_json());
             r
         }

@@ -64,17 +64,45 @@ struct Counters {
     measured_from: AtomicU64,
 }
 
-/// Runs the mix for `seconds` with `fleet`'s devices (unauthenticated CoAP, plain UDP, at
-/// `addr`), each waiting up to `ttd_secs` for its command.
+/// How the devices reach the gateway.
+pub enum Transport {
+    /// Plain UDP, unauthenticated: `PUT /{resource}/{tenant}/{device}`.
+    Plain,
+    /// DTLS with these pre-shared keys (identity, key; one session per device), authenticated:
+    /// `POST /{resource}`, as Hono's own CoAP load test ran.
+    Dtls(Vec<(String, Vec<u8>)>),
+}
+
+/// Runs the mix for `seconds` with `fleet`'s devices (at `addr`, over `transport`), each
+/// waiting up to `ttd_secs` for its command.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     bootstrap: &str,
     fleet: &Fleet,
     addr: SocketAddr,
+    transport: Transport,
     seconds: u64,
     ttd_secs: u32,
     size: usize,
     fetch_wait_ms: u64,
 ) -> anyhow::Result<Mix> {
+    // The devices' links first: opening DTLS sessions is not part of the mix.
+    let mut links = Vec::with_capacity(fleet.devices.len());
+    match transport {
+        Transport::Plain => {
+            for _ in &fleet.devices {
+                let socket = UdpSocket::bind("127.0.0.1:0").await?;
+                socket.connect(addr).await?;
+                links.push(Link::Plain(socket));
+            }
+        }
+        Transport::Dtls(credentials) => {
+            let n = credentials.len();
+            let opened = crate::coap_dtls::open_sessions(addr, credentials, n, 64).await?;
+            links.extend(opened.sessions.into_iter().map(|s| Link::Dtls(Box::new(s))));
+        }
+    }
+    let authenticated = matches!(links.first(), Some(Link::Dtls(_)));
     let counters = Arc::new(Counters::default());
     counters.measured_from.store(u64::MAX, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
@@ -96,6 +124,7 @@ pub async fn run(
     let device = |id: &str, counters: &Arc<Counters>| Device {
         tenant: fleet.tenant.clone(),
         id: id.to_owned(),
+        authenticated,
         payload: vec![b'x'; size],
         ttd_secs,
         counters: counters.clone(),
@@ -108,16 +137,21 @@ pub async fn run(
         .map(String::as_str)
         .unwrap_or_default();
     let warm_up = Arc::new(Counters::default());
+    let mut exchanges: Vec<Exchange> = links.into_iter().map(Exchange::new).collect();
+    anyhow::ensure!(!exchanges.is_empty(), "no devices");
     device(first, &warm_up)
-        .warm_up(addr, Duration::from_secs(60))
+        .warm_up(&mut exchanges[0], Duration::from_secs(60))
         .await?;
     let issued = counters.issued.load(Ordering::Relaxed);
     counters.measured_from.store(issued, Ordering::Relaxed);
     let start = Instant::now();
+    // Over DTLS a session belongs to the device whose key opened it, whichever that was: the
+    // device's id matters only in the unauthenticated paths.
     let devices: Vec<_> = fleet
         .devices
         .iter()
-        .map(|d| tokio::spawn(device(d, &counters).run(addr)))
+        .zip(exchanges)
+        .map(|(d, exchange)| tokio::spawn(device(d, &counters).run(exchange)))
         .collect();
     let progress = crate::progress::bar("coap-mix", seconds, "s");
     while start.elapsed() < Duration::from_secs(seconds) {
@@ -209,6 +243,8 @@ async fn application(
 struct Device {
     tenant: String,
     id: String,
+    /// Over DTLS: `POST /{resource}` for itself; else `PUT /{resource}/{tenant}/{device}`.
+    authenticated: bool,
     payload: Vec<u8>,
     ttd_secs: u32,
     counters: Arc<Counters>,
@@ -216,22 +252,23 @@ struct Device {
 }
 
 impl Device {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<Exchange> {
-        let socket = UdpSocket::bind("127.0.0.1:0").await?;
-        socket.connect(addr).await?;
-        Ok(Exchange {
-            socket,
-            mid: 0,
-            buf: vec![0u8; 4096],
-        })
+    /// The path of `resource` and the method for it.
+    fn upload<'a>(&'a self, resource: &'a str) -> (RequestType, Vec<&'a str>) {
+        if self.authenticated {
+            (RequestType::Post, vec![resource])
+        } else {
+            (
+                RequestType::Put,
+                vec![resource, self.tenant.as_str(), self.id.as_str()],
+            )
+        }
     }
 
-    async fn run(self, addr: SocketAddr) -> anyhow::Result<()> {
-        let mut exchange = Self::connect(addr).await?;
+    async fn run(self, mut exchange: Exchange) -> anyhow::Result<()> {
         let c = &self.counters;
         while !self.stop.load(Ordering::Relaxed) {
-            let path = ["event", self.tenant.as_str(), self.id.as_str()];
-            let put = exchange.put(&path, &[], self.payload.clone());
+            let (method, path) = self.upload("event");
+            let put = exchange.request(method, &path, &[], self.payload.clone());
             match exchange.send(put, Duration::from_secs(2)).await? {
                 Some(r) if r.header.code == changed() => c.events.fetch_add(1, Ordering::Relaxed),
                 _ => c.errors.fetch_add(1, Ordering::Relaxed),
@@ -243,10 +280,9 @@ impl Device {
 
     /// Polls until a command came and was answered, for at most `within` (the application's
     /// consumers and the router find a new tenant's topics only after a while).
-    async fn warm_up(&self, addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
-        let mut exchange = Self::connect(addr).await?;
+    async fn warm_up(&self, exchange: &mut Exchange, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
-        while !self.poll(&mut exchange).await? {
+        while !self.poll(exchange).await? {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "no command reached a polling device within {within:?}"
@@ -260,8 +296,8 @@ impl Device {
     async fn poll(&self, exchange: &mut Exchange) -> anyhow::Result<bool> {
         let c = &self.counters;
         let queries = [format!("hono-ttd={}", self.ttd_secs)];
-        let path = ["telemetry", self.tenant.as_str(), self.id.as_str()];
-        let poll = exchange.put(&path, &queries, self.payload.clone());
+        let (method, path) = self.upload("telemetry");
+        let poll = exchange.request(method, &path, &queries, self.payload.clone());
         let wait = Duration::from_secs(u64::from(self.ttd_secs) + 5);
         let answer = match exchange.send(poll, wait).await? {
             Some(r) if r.header.code == changed() => r,
@@ -278,7 +314,14 @@ impl Device {
         c.commands.fetch_add(1, Ordering::Relaxed);
         let segments: Vec<&str> = location.iter().map(String::as_str).collect();
         let status = ["hono-cmd-status=200".to_owned()];
-        let response = exchange.put(&segments, &status, answer.payload.clone());
+        // The location names the form: `cr/{reqId}` (authenticated, POST) or
+        // `command_response/{tenant}/{device}/{reqId}` (PUT).
+        let method = if self.authenticated {
+            RequestType::Post
+        } else {
+            RequestType::Put
+        };
+        let response = exchange.request(method, &segments, &status, answer.payload.clone());
         match exchange.send(response, Duration::from_secs(2)).await? {
             Some(r) if r.header.code == changed() => {}
             _ => {
@@ -293,20 +336,67 @@ fn changed() -> MessageClass {
     MessageClass::Response(ResponseType::Changed)
 }
 
+/// A device's way to the gateway.
+enum Link {
+    Plain(UdpSocket),
+    Dtls(Box<crate::coap_dtls::Session>),
+}
+
+impl Link {
+    async fn send(&mut self, message: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Link::Plain(socket) => {
+                socket.send(message).await?;
+            }
+            Link::Dtls(session) => session.send(message).await?,
+        }
+        Ok(())
+    }
+
+    /// The next CoAP message, or `None` at `until`.
+    async fn receive(
+        &mut self,
+        buf: &mut [u8],
+        until: tokio::time::Instant,
+    ) -> anyhow::Result<Option<usize>> {
+        match self {
+            Link::Plain(socket) => match tokio::time::timeout_at(until, socket.recv(buf)).await {
+                Ok(n) => Ok(Some(n?)),
+                Err(_) => Ok(None),
+            },
+            Link::Dtls(session) => session.receive(buf, until).await,
+        }
+    }
+}
+
 /// One device's CON exchanges: a request, its retransmissions, its answer (piggybacked, or
 /// an empty ACK and a separate response, which is acknowledged).
 struct Exchange {
-    socket: UdpSocket,
+    link: Link,
     mid: u16,
     buf: Vec<u8>,
 }
 
 impl Exchange {
-    fn put(&mut self, segments: &[&str], queries: &[String], payload: Vec<u8>) -> Packet {
+    fn new(link: Link) -> Self {
+        Exchange {
+            link,
+            mid: 0,
+            buf: vec![0u8; 4096],
+        }
+    }
+
+    fn request(
+        &mut self,
+        method: RequestType,
+        segments: &[&str],
+        queries: &[String],
+        payload: Vec<u8>,
+    ) -> Packet {
         self.mid = self.mid.wrapping_add(1);
         let mut p = Packet::new();
         p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(RequestType::Put);
+        p.header.code = MessageClass::Request(method);
         p.header.message_id = self.mid;
         p.set_token(self.mid.to_be_bytes().to_vec());
         for seg in segments {
@@ -331,7 +421,7 @@ impl Exchange {
         let deadline = tokio::time::Instant::now() + wait;
         let mut acked = false;
         for _attempt in 0..5 {
-            self.socket.send(&bytes).await?;
+            self.link.send(&bytes).await?;
             let resend = tokio::time::Instant::now() + Duration::from_secs(2);
             loop {
                 let until = if acked {
@@ -339,16 +429,15 @@ impl Exchange {
                 } else {
                     resend.min(deadline)
                 };
-                let Ok(n) = tokio::time::timeout_at(until, self.socket.recv(&mut self.buf)).await
-                else {
+                let Some(n) = self.link.receive(&mut self.buf, until).await? else {
                     break;
                 };
-                let Ok(p) = Packet::from_bytes(&self.buf[..n?]) else {
+                let Ok(p) = Packet::from_bytes(&self.buf[..n]) else {
                     continue;
                 };
                 if p.header.get_type() == MessageType::Confirmable {
                     let ack = crate::coap::empty_ack(p.header.message_id);
-                    self.socket.send(&ack.to_bytes()?).await?;
+                    self.link.send(&ack.to_bytes()?).await?;
                 }
                 if p.header.get_type() == MessageType::Acknowledgement
                     && p.header.message_id == request.header.message_id
