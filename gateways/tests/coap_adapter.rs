@@ -709,18 +709,11 @@ async fn plain_uploads_answer_separately_or_piggybacked_as_the_tenant_says() {
 /// A CON upload Kafka does not take gets 5.03 (Hono §5.4) — telemetry and events alike.
 #[tokio::test]
 async fn a_con_upload_kafka_does_not_take_gets_5_03() {
-    // A broker address where nothing listens.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let kafka = ferrule_gateways::KafkaConfig {
-        bootstrap_servers: dead.to_string(),
-        metadata_timeout_ms: 500,
-        delivery_timeout_ms: 500,
-        ..Default::default()
-    };
-    let p = Platform::start_full(ferrule_gateways::GatewayConfig::default(), kafka).await;
+    let p = Platform::start_full(
+        ferrule_gateways::GatewayConfig::default(),
+        unreachable_kafka(),
+    )
+    .await;
     // -1: the answer rides on the ACK, whenever it comes.
     let tenant = p.tenant(coap_tenant(-1)).await;
     p.device(&tenant, "dev", json!({})).await;
@@ -997,9 +990,7 @@ async fn psk_gateway_uploads_for_its_devices_only() {
 #[tokio::test]
 async fn client_hellos_without_cookie_hold_no_session() {
     let p = Platform::start().await;
-    let tenant = p.tenant(json!({})).await;
-    p.device(&tenant, "dev", json!({})).await;
-    p.credentials_psk(&tenant, "dev", b"k").await;
+    let tenant = psk_device(&p).await;
     let flood = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut hello = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0];
     let mut body = vec![0xfe, 0xfd];
@@ -1215,9 +1206,7 @@ async fn devices_authenticate_with_client_certificates_over_dtls() {
 #[tokio::test]
 async fn a_device_restarting_from_the_same_port_gets_a_new_session() {
     let p = Platform::start().await;
-    let tenant = p.tenant(json!({})).await;
-    p.device(&tenant, "dev", json!({})).await;
-    p.credentials_psk(&tenant, "dev", b"k").await;
+    let tenant = psk_device(&p).await;
     let local_port = {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port().to_string()
@@ -1348,9 +1337,7 @@ impl PskSession {
 #[tokio::test]
 async fn a_new_dtls_session_from_the_same_port_starts_its_own_exchanges() {
     let p = Platform::start().await;
-    let tenant = p.tenant(json!({})).await;
-    p.device(&tenant, "dev", json!({})).await;
-    p.credentials_psk(&tenant, "dev", b"k").await;
+    let tenant = psk_device(&p).await;
     let local = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1387,6 +1374,23 @@ async fn a_new_dtls_session_from_the_same_port_starts_its_own_exchanges() {
     assert_eq!(payloads, [b"first".as_slice(), b"second".as_slice()]);
 }
 
+/// A tenant (returned) with the device `dev`, whose pre-shared key is `k`.
+async fn psk_device(p: &Platform) -> String {
+    let tenant = p.tenant(json!({})).await;
+    p.device(&tenant, "dev", json!({})).await;
+    p.credentials_psk(&tenant, "dev", b"k").await;
+    tenant
+}
+
+/// Asserts that `identity` (key `k`) gets no session from a new port within `within`, and that
+/// the refusal is counted as `reason`.
+async fn assert_no_session(port: u16, identity: &str, within: Duration, reason: &str) {
+    let before = coap_rejections(reason);
+    let session = PskSession::try_open(any_local_port(), port, identity, b"k", within).await;
+    assert!(session.is_none(), "a session was set up");
+    assert!(coap_rejections(reason) > before, "counted as {reason}");
+}
+
 fn any_local_port() -> std::net::SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -1412,25 +1416,19 @@ async fn dtls_sessions_beyond_the_limit_are_refused() {
     let mut cfg = ferrule_gateways::GatewayConfig::default();
     cfg.coap.max_dtls_sessions = 2;
     let p = Platform::start_with(cfg).await;
-    let tenant = p.tenant(json!({})).await;
-    p.device(&tenant, "dev", json!({})).await;
-    p.credentials_psk(&tenant, "dev", b"k").await;
+    let tenant = psk_device(&p).await;
     let identity = format!("dev@{tenant}");
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(PskSession::open(any_local_port(), p.coaps_port, &identity, b"k").await);
     }
-    let refused_before = coap_rejections("dtls-sessions-exceeded");
-    let third = PskSession::try_open(
-        any_local_port(),
+    assert_no_session(
         p.coaps_port,
         &identity,
-        b"k",
         Duration::from_secs(3),
+        "dtls-sessions-exceeded",
     )
     .await;
-    assert!(third.is_none(), "a third session was set up");
-    assert!(coap_rejections("dtls-sessions-exceeded") > refused_before);
     // The two held ones still work.
     for (i, session) in held.iter_mut().enumerate() {
         let payload = format!("held-{i}");
@@ -1460,22 +1458,17 @@ async fn dtls_handshakes_beyond_the_limit_wait_for_a_free_slot() {
     cfg.coap.max_dtls_handshakes = 1;
     cfg.coap.dtls_handshake_timeout_secs = 3;
     let p = Platform::start_with(cfg).await;
-    let tenant = p.tenant(json!({})).await;
-    p.device(&tenant, "dev", json!({})).await;
-    p.credentials_psk(&tenant, "dev", b"k").await;
+    let tenant = psk_device(&p).await;
     let identity = format!("dev@{tenant}");
     assert!(dtls_session_starts(p.coaps_port).await, "the hanging one");
-    let refused_before = coap_rejections("dtls-handshakes-exceeded");
-    let refused = PskSession::try_open(
-        any_local_port(),
+    // A second handshake does not run beside the first.
+    assert_no_session(
         p.coaps_port,
         &identity,
-        b"k",
         Duration::from_millis(1500),
+        "dtls-handshakes-exceeded",
     )
     .await;
-    assert!(refused.is_none(), "a second handshake ran beside the first");
-    assert!(coap_rejections("dtls-handshakes-exceeded") > refused_before);
     // The hanging handshake ends by its time limit; then a device gets through.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut session = PskSession::try_open(

@@ -433,18 +433,7 @@ async fn keep_alive_is_enforced() {
 
 #[tokio::test]
 async fn without_the_broker_nothing_is_acknowledged() {
-    // A broker address where nothing listens.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let kafka = ferrule_gateways::KafkaConfig {
-        bootstrap_servers: dead.to_string(),
-        metadata_timeout_ms: 500,
-        delivery_timeout_ms: 500,
-        ..Default::default()
-    };
-    let p = Platform::start_full(GatewayConfig::default(), kafka).await;
+    let p = Platform::start_full(GatewayConfig::default(), unreachable_kafka()).await;
     let tenant = p.tenant(json!({})).await;
     p.device_with_password(&tenant, "dev", json!({})).await;
     let (mut c, code) = RawClient::connect(p.mqtt_port, &user("dev", &tenant), 60).await;

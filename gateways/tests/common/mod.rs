@@ -465,6 +465,21 @@ pub async fn start_router_in(tenant: &str, group: &str) -> tokio::sync::watch::S
 }
 
 /// The process's Prometheus metrics, as the health port serves them.
+/// A Kafka configuration whose broker address has nothing listening, with short time limits:
+/// nothing a gateway sends is ever acknowledged.
+pub fn unreachable_kafka() -> KafkaConfig {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    KafkaConfig {
+        bootstrap_servers: dead.to_string(),
+        metadata_timeout_ms: 500,
+        delivery_timeout_ms: 500,
+        ..Default::default()
+    }
+}
+
 pub fn prometheus_text() -> String {
     use prometheus::Encoder;
     let mut buf = Vec::new();
