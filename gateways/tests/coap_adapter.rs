@@ -1338,34 +1338,22 @@ impl PskSession {
 async fn a_new_dtls_session_from_the_same_port_starts_its_own_exchanges() {
     let p = Platform::start().await;
     let tenant = psk_device(&p).await;
-    let local = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let local = any_local_port();
     let identity = format!("dev@{tenant}");
     for payload in [b"first".as_slice(), b"second"] {
         let mut session = PskSession::open(local, p.coaps_port, &identity, b"k").await;
-        let answer = session
-            .exchange(&request(
-                MessageType::Confirmable,
-                RequestType::Post,
-                "/telemetry",
-                7,
-                payload,
-            ))
-            .await;
-        assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
-        // Within the session a retransmission is still answered again and not written twice.
-        let again = session
-            .exchange(&request(
-                MessageType::Confirmable,
-                RequestType::Post,
-                "/telemetry",
-                7,
-                payload,
-            ))
-            .await;
-        assert_eq!(code(&again), MessageClass::Response(ResponseType::Changed));
+        let upload = request(
+            MessageType::Confirmable,
+            RequestType::Post,
+            "/telemetry",
+            7,
+            payload,
+        );
+        // Within the session a retransmission is answered again and not written twice.
+        for _ in 0..2 {
+            let answer = session.exchange(&upload).await;
+            assert_eq!(code(&answer), MessageClass::Response(ResponseType::Changed));
+        }
     }
     let records = read(&format!("hono.telemetry.{tenant}"), 2).await;
     let mut payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_slice()).collect();
