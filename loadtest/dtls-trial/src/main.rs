@@ -2,6 +2,7 @@
 //! gets the key given on the command line). Each session answers a CON request with 2.04 and
 //! stays open, so handshakes per second and memory per session can be measured from outside
 //! (docs/gateways.md, "Why OpenSSL").
+#![forbid(unsafe_code)]
 use coap_lite::{MessageClass, MessageType, Packet, ResponseType};
 use std::sync::Arc;
 use webrtc_dtls::cipher_suite::CipherSuiteId;
