@@ -6,7 +6,7 @@
 //! (MQTT adapter guide) and its CoAP response codes (CoAP adapter guide); MQTT 5's reason codes
 //! (OASIS MQTT 5.0 §2.4).
 
-use crate::mqtt::codec::{CloseReason, ConnectOutcome};
+use crate::mqtt::codec::{CloseReason, ConnectOutcome, SubAckFailure};
 use std::borrow::Cow;
 
 /// Why something was refused or could not be forwarded.
@@ -52,6 +52,8 @@ pub struct Codes {
     pub connack: ConnectOutcome,
     /// The MQTT 5 DISCONNECT reason when a connection is closed for it.
     pub disconnect: CloseReason,
+    /// A refused subscription's SUBACK code (MQTT 5; 3.1.1 answers 0x80 for each, as Hono).
+    pub suback: SubAckFailure,
     /// Whether the MQTT adapter closes the connection whatever `on-error` asks (Hono's
     /// terminal errors: not allowed, too large).
     pub terminal: bool,
@@ -185,11 +187,28 @@ impl Reason {
                 "overloaded",
             ),
         };
+        use SubAckFailure as S;
+        let suback = match self {
+            Reason::Malformed => S::TopicFilterInvalid,
+            Reason::Unauthenticated
+            | Reason::TenantDisabled
+            | Reason::AdapterDisabled
+            | Reason::OtherTenant
+            | Reason::GatewayNotAuthorised
+            | Reason::TenantNotFound
+            | Reason::DeviceNotFound => S::NotAuthorized,
+            Reason::PayloadTooLarge => S::ImplementationSpecific,
+            Reason::RegistryUnavailable
+            | Reason::DownstreamUnavailable
+            | Reason::NoConsumer
+            | Reason::Overloaded => S::Unspecified,
+        };
         Codes {
             http,
             coap,
             connack,
             disconnect,
+            suback,
             terminal,
             attempt,
             label,
@@ -305,6 +324,15 @@ mod tests {
             // Not allowed or too large closes an MQTT connection; a bad request or an outage
             // follows the device's `on-error`.
             assert_eq!(c.terminal, matches!(c.http, 401 | 403 | 404 | 413), "{r:?}");
+            // A refused subscription: not allowed (or nothing to subscribe to) says so in an
+            // MQTT 5 SUBACK; an outage says nothing more than 0x80.
+            let suback = match c.http {
+                400 => SubAckFailure::TopicFilterInvalid,
+                401 | 403 | 404 => SubAckFailure::NotAuthorized,
+                503 => SubAckFailure::Unspecified,
+                _ => SubAckFailure::ImplementationSpecific,
+            };
+            assert_eq!(c.suback, suback, "{r:?}");
         }
         let labels: std::collections::HashSet<_> =
             Reason::ALL.iter().map(|r| r.codes().label).collect();

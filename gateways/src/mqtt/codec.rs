@@ -90,6 +90,20 @@ pub struct Announce {
     pub essential_only: bool,
 }
 
+/// Why a subscription was refused. MQTT 3.1.1 has one failure code (0x80) for every reason;
+/// MQTT 5 clients get the reason code (MQTT 5 §3.9.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubAckFailure {
+    /// 0x80: the server cannot say more (e.g. the registry is unavailable).
+    Unspecified,
+    /// 0x83: a refusal the SUBACK has no other code for.
+    ImplementationSpecific,
+    /// 0x87: the client may not subscribe to this.
+    NotAuthorized,
+    /// 0x8F: the filter names nothing the adapter offers, or is malformed.
+    TopicFilterInvalid,
+}
+
 /// Why the server ends a connection. MQTT 5 clients are told in a DISCONNECT first
 /// (MQTT 5 §3.14.2.1); MQTT 3.1.1 has no server DISCONNECT, the connection is just closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,10 +153,10 @@ pub enum Outbound {
         announce: Option<Box<Announce>>,
     },
     PubAck(u16),
-    /// Per filter the granted QoS, or `None` for a refused one (0x80).
+    /// Per filter the granted QoS, or why it was refused.
     SubAck {
         pkid: u16,
-        granted: Vec<Option<u8>>,
+        granted: Vec<Result<u8, SubAckFailure>>,
     },
     /// A message to the device: error messages at QoS 0, commands at the granted QoS
     /// (`pkid` is used for QoS 1 only). MQTT 5 devices get the content type as the Content
@@ -770,9 +784,9 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     granted
                         .iter()
                         .map(|g| match g {
-                            Some(1) => v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
-                            Some(_) => v4::SubscribeReasonCode::Success(QoS::AtMostOnce),
-                            None => v4::SubscribeReasonCode::Failure,
+                            Ok(1) => v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                            Ok(_) => v4::SubscribeReasonCode::Success(QoS::AtMostOnce),
+                            Err(_) => v4::SubscribeReasonCode::Failure,
                         })
                         .collect(),
                 )),
@@ -829,9 +843,18 @@ pub fn encode(version: Version, packet: &Outbound, buf: &mut BytesMut) -> Result
                     return_codes: granted
                         .iter()
                         .map(|g| match g {
-                            Some(1) => v5::SubscribeReasonCode::Success(QoS5::AtLeastOnce),
-                            Some(_) => v5::SubscribeReasonCode::Success(QoS5::AtMostOnce),
-                            None => v5::SubscribeReasonCode::Unspecified,
+                            Ok(1) => v5::SubscribeReasonCode::Success(QoS5::AtLeastOnce),
+                            Ok(_) => v5::SubscribeReasonCode::Success(QoS5::AtMostOnce),
+                            Err(SubAckFailure::Unspecified) => v5::SubscribeReasonCode::Unspecified,
+                            Err(SubAckFailure::ImplementationSpecific) => {
+                                v5::SubscribeReasonCode::ImplementationSpecific
+                            }
+                            Err(SubAckFailure::NotAuthorized) => {
+                                v5::SubscribeReasonCode::NotAuthorized
+                            }
+                            Err(SubAckFailure::TopicFilterInvalid) => {
+                                v5::SubscribeReasonCode::TopicFilterInvalid
+                            }
                         })
                         .collect(),
                     properties: None,
@@ -1076,14 +1099,40 @@ mod tests {
         encode(Version::V311, &Outbound::PubAck(0x0102), &mut buf).unwrap();
         assert_eq!(&buf[..], &[0x40, 2, 1, 2]);
         let mut buf = BytesMut::new();
-        let granted = vec![None, Some(0)];
+        let granted = vec![Err(SubAckFailure::NotAuthorized), Ok(0)];
         encode(
             Version::V311,
+            &Outbound::SubAck {
+                pkid: 1,
+                granted: granted.clone(),
+            },
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(
+            &buf[..],
+            &[0x90, 4, 0, 1, 0x80, 0x00],
+            "3.1.1: one failure code"
+        );
+        let mut buf = BytesMut::new();
+        let granted = vec![
+            Err(SubAckFailure::NotAuthorized),
+            Err(SubAckFailure::TopicFilterInvalid),
+            Err(SubAckFailure::Unspecified),
+            Ok(1),
+        ];
+        encode(
+            Version::V5,
             &Outbound::SubAck { pkid: 1, granted },
             &mut buf,
         )
         .unwrap();
-        assert_eq!(&buf[..], &[0x90, 4, 0, 1, 0x80, 0x00]);
+        // Fixed header, packet id, no properties, then one reason code per filter.
+        assert_eq!(
+            &buf[..],
+            &[0x90, 7, 0, 1, 0, 0x87, 0x8F, 0x80, 0x01],
+            "5: the reason"
+        );
         let mut buf = BytesMut::new();
         let p = Outbound::Publish {
             topic: "e".into(),

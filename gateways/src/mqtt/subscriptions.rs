@@ -3,7 +3,7 @@
 //! that tell applications whether the device can be reached.
 
 use super::ADAPTER;
-use super::codec::{self, Outbound};
+use super::codec::{self, Outbound, SubAckFailure};
 use super::connection::{ConnectionError, Served, Session};
 use super::errors::ErrorSubscription;
 use super::topic;
@@ -378,7 +378,8 @@ impl Commands {
 }
 
 /// SUBSCRIBE: each filter is an error-topic or a command subscription, allowed or refused by
-/// the pipeline (a refused one gets 0x80 in the SUBACK). Applications learn of a new command
+/// the pipeline (a refused one gets 0x80 in an MQTT 3.1.1 SUBACK, the refusal table's code in
+/// an MQTT 5 one). Applications learn of a new command
 /// subscription once the route is in place and the device knows it is subscribed (Hono's
 /// `ttd=-1` notification).
 pub(super) async fn on_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
@@ -413,11 +414,12 @@ pub(super) async fn on_subscribe<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         };
         granted.push(match result {
-            Ok(qos) => Some(qos),
+            Ok(qos) => Ok(qos),
             Err(refusal) => {
                 let label = refusal.as_ref().map_or("bad-subscription", Refusal::label);
                 metrics::rejected(ADAPTER.name(), label);
-                None
+                // A filter that names nothing the adapter offers is an invalid one.
+                Err(refusal.map_or(SubAckFailure::TopicFilterInvalid, |r| r.codes().suback))
             }
         });
     }
