@@ -183,7 +183,7 @@ pub async fn coap_round_trips(
     // As Hono's example application does, a command goes to a device that announced a poll
     // (its ttd notification on the telemetry topic) and has had none since; only when no
     // device is waiting does the next one in turn get it (and may miss it between polls).
-    let waiting: Arc<Mutex<std::collections::VecDeque<String>>> = Arc::default();
+    let waiting: Arc<Mutex<Waiting>> = Arc::default();
     let notifications = {
         let consumer = consumer(
             bootstrap,
@@ -203,7 +203,8 @@ pub async fn coap_round_trips(
                     waiting
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push_back(device.to_owned());
+                        .polls
+                        .push_back((device.to_owned(), Instant::now()));
                 }
             }
         })
@@ -216,10 +217,11 @@ pub async fn coap_round_trips(
         &topic,
         &responses,
         move |seq| {
+            let poll_lasts = Duration::from_secs(u64::from(ttd_secs));
             waiting
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
+                .next(poll_lasts)
                 .unwrap_or_else(|| ids[(seq as usize) % ids.len()].clone())
         },
         rate,
@@ -232,6 +234,30 @@ pub async fn coap_round_trips(
         d.abort();
     }
     result
+}
+
+/// Devices whose announced poll may still be open, oldest first, and when each was last sent
+/// a command.
+#[derive(Default)]
+struct Waiting {
+    polls: std::collections::VecDeque<(String, Instant)>,
+    commanded: HashMap<String, Instant>,
+}
+
+impl Waiting {
+    /// The device of the oldest poll that is still open (younger than `poll_lasts`) and has
+    /// had no command since it was announced; polls passed over are dropped.
+    fn next(&mut self, poll_lasts: Duration) -> Option<String> {
+        while let Some((device, announced)) = self.polls.pop_front() {
+            let answered = self.commanded.get(&device).is_some_and(|c| *c >= announced);
+            if answered || announced.elapsed() >= poll_lasts {
+                continue;
+            }
+            self.commanded.insert(device.clone(), Instant::now());
+            return Some(device);
+        }
+        None
+    }
 }
 
 /// A CoAP device that polls for commands with `hono-ttd` (a CON `PUT` of an empty
