@@ -1,6 +1,7 @@
 //! Rules of the workspace's structure that a change could silently break: every Kafka client
 //! is built by the Kafka layer (`kafka/`), the gateways do not depend on the command router,
-//! and no product crate spells a topic name (only `schemas` does).
+//! no product crate spells a topic name (only `schemas` does), and the protocol modules decide
+//! nothing the ingest pipeline decides.
 
 use std::path::{Path, PathBuf};
 
@@ -84,4 +85,46 @@ fn the_gateways_do_not_depend_on_the_command_router() {
         .unwrap();
     assert!(deps.contains("ferrule-registry"), "{deps}");
     assert!(!deps.contains("ferrule-command-router"), "{deps}");
+}
+
+/// One gate: whether an upload, a subscription or a command response is allowed is decided by
+/// the ingest pipeline (and the command hub it hands out), which returns a `Refusal` with its
+/// typed `Reason`; the protocol modules only translate their wire format. So none of them
+/// names a `Reason` or builds a refusal for a reason of its own choosing (`Refusal::new`); what
+/// they may say themselves is what their wire format shows — a malformed packet, missing
+/// credentials, a body over the limit, their own bound on requests in flight — through the
+/// constructors for exactly those.
+#[test]
+fn the_protocol_modules_decide_nothing_the_pipeline_decides() {
+    let mut files = Vec::new();
+    sources(&root().join("gateways/src/mqtt"), &mut files);
+    sources(&root().join("gateways/src/coap"), &mut files);
+    files.push(root().join("gateways/src/http.rs"));
+    assert!(files.len() > 10, "the protocol modules moved: {files:?}");
+    let offenders: Vec<String> = files
+        .iter()
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let code = l.split("//").next().unwrap_or("");
+                    // `Reason::…` (also as `refusal::Reason::…`), not `CloseReason::…`.
+                    let names_a_reason =
+                        code.match_indices(concat!("Reason", "::")).any(|(i, _)| {
+                            !code[..i]
+                                .chars()
+                                .next_back()
+                                .is_some_and(|c| c.is_alphanumeric() || c == '_')
+                        });
+                    names_a_reason || code.contains(concat!("Refusal", "::new("))
+                })
+                .map(|(i, l)| format!("{}:{}: {}", p.display(), i + 1, l.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "decisions belong in the pipeline (gateways/src/pipeline.rs): {offenders:#?}"
+    );
 }

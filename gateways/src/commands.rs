@@ -297,6 +297,12 @@ impl PendingResponse {
     }
 }
 
+/// The command hub of an adapter that runs one. A command response that reaches an adapter
+/// running without commands is refused: nothing waits for it (no consumer).
+pub fn hub(hub: Option<&CommandHub>) -> Result<&CommandHub, Refusal> {
+    hub.ok_or_else(|| Refusal::new(Reason::NoConsumer, "commands are not enabled"))
+}
+
 impl CommandHub {
     /// A hub for this instance; `instance_id` names its internal command topic and its
     /// routing entries — a stable one (`gateway.instance_id`) lets the topic be created

@@ -5,7 +5,7 @@
 use crate::commands::{CommandDelivery, CommandHub, upload_with_ttd};
 use crate::metrics;
 use crate::pipeline::{
-    AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Reason, Refusal, Upload,
+    AdapterType, DeviceResponse, Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload,
 };
 use axum::Router;
 use axum::body::Bytes;
@@ -380,10 +380,7 @@ async fn respond(
             .ok_or_else(|| Refusal::malformed("`hono-cmd-status` is required"))?;
         let status = u16::try_from(status)
             .map_err(|_| Refusal::malformed(format!("invalid status {status}")))?;
-        let hub = a
-            .hub
-            .as_ref()
-            .ok_or_else(|| Refusal::new(Reason::NoConsumer, "commands are not enabled"))?;
+        let hub = crate::commands::hub(a.hub.as_ref())?;
         let response = DeviceResponse {
             adapter: ADAPTER,
             origin,

@@ -265,6 +265,16 @@ impl Refusal {
         )
     }
 
+    /// The adapter has as much in hand as it takes (its bound on requests in flight).
+    pub fn overloaded(detail: &'static str) -> Self {
+        Refusal::new(Reason::Overloaded, detail)
+    }
+
+    /// Whether the payload was larger than the adapter takes.
+    pub fn is_too_large(&self) -> bool {
+        self.reason == Reason::PayloadTooLarge
+    }
+
     pub fn downstream(e: impl std::fmt::Display) -> Self {
         Refusal::new(
             Reason::DownstreamUnavailable,

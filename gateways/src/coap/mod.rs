@@ -356,7 +356,7 @@ impl Server {
 
     /// Answers a request the server cannot take now: 5.03 (the pipeline's `Overloaded`).
     fn unavailable(&self, key: exchanges::Key, packet: &Packet, peer: &Peer, why: &'static str) {
-        let refusal = Refusal::new(crate::refusal::Reason::Overloaded, why);
+        let refusal = Refusal::overloaded(why);
         let response = self.refusal_response(packet, &refusal);
         self.finish(key, &response, peer);
     }
@@ -745,12 +745,7 @@ impl Server {
         target: Option<(String, String)>,
         request_id: String,
     ) -> Result<(), Refusal> {
-        let hub = self.hub.as_ref().ok_or_else(|| {
-            Refusal::new(
-                crate::refusal::Reason::NoConsumer,
-                "commands are not enabled",
-            )
-        })?;
+        let hub = crate::commands::hub(self.hub.as_ref())?;
         let response = DeviceResponse {
             adapter: ADAPTER,
             origin: peer.origin.clone(),
@@ -794,7 +789,7 @@ impl Server {
         let mut response = self.response(request, ResponseType::BadRequest);
         response.header.code = MessageClass::from((class << 5) | detail);
         response.payload = e.to_string().into_bytes();
-        if e.reason == crate::refusal::Reason::PayloadTooLarge {
+        if e.is_too_large() {
             // The largest body the server takes (RFC 7959 §4).
             let limit = u64::try_from(self.pipeline.max_payload_size()).unwrap_or(u64::MAX);
             response.add_option(CoapOption::Size1, resource::uint_option(limit));

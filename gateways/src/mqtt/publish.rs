@@ -9,7 +9,7 @@ use super::errors::{OnError, publish_failed};
 use super::topic;
 use crate::commands::CommandHub;
 use crate::pipeline::{
-    Accepted, DeviceResponse, IngestPipeline, Origin, Qos, Reason, Refusal, SubmitNow, Upload,
+    Accepted, DeviceResponse, IngestPipeline, Origin, Qos, Refusal, SubmitNow, Upload,
 };
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -145,9 +145,9 @@ pub(super) fn prepare_response(
         Ok(a) => a,
         Err(e) => return Prepared::Failed(ctx, Refusal::malformed(e.to_string())),
     };
-    let Some(hub) = hub.cloned() else {
-        let e = Refusal::new(Reason::NoConsumer, "commands are not enabled");
-        return Prepared::Failed(ctx, e);
+    let hub = match crate::commands::hub(hub) {
+        Ok(hub) => hub.clone(),
+        Err(e) => return Prepared::Failed(ctx, e),
     };
     let content_type = a
         .properties
