@@ -17,9 +17,11 @@ pub async fn bare_server() -> anyhow::Result<(SocketAddr, tokio::task::JoinHandl
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mid = Arc::new(std::sync::atomic::AtomicU16::new(0));
     let task = tokio::spawn(async move {
-        let serving = (0..workers).map(|_| {
+        // The workers end with this task (aborted by the caller): dropping the set aborts them.
+        let mut serving = tokio::task::JoinSet::new();
+        for _ in 0..workers {
             let (socket, mid) = (socket.clone(), mid.clone());
-            tokio::spawn(async move {
+            serving.spawn(async move {
                 let mut buf = vec![0u8; 65_535];
                 loop {
                     let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
@@ -42,19 +44,9 @@ pub async fn bare_server() -> anyhow::Result<(SocketAddr, tokio::task::JoinHandl
                         let _ = socket.send_to(&bytes, peer).await;
                     }
                 }
-            })
-        });
-        // The workers end with this task (aborted by the caller).
-        let workers: Vec<_> = serving.collect();
-        struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
-        impl Drop for AbortAll {
-            fn drop(&mut self) {
-                self.0.iter().for_each(|w| w.abort());
-            }
+            });
         }
-        let all = AbortAll(workers);
-        std::future::pending::<()>().await;
-        drop(all);
+        while serving.join_next().await.is_some() {}
     });
     Ok((addr, task))
 }

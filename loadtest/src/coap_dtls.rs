@@ -87,30 +87,15 @@ impl Session {
     /// that carries its token.
     async fn exchange(&mut self, request: &Packet) -> anyhow::Result<Packet> {
         let bytes = request.to_bytes()?;
-        let mut buf = vec![0u8; 2048];
         let mut plain = vec![0u8; 2048];
         for _ in 0..5 {
-            self.stream.ssl_write(&bytes)?;
-            flush(&self.socket, &mut self.stream).await?;
-            let wait = tokio::time::sleep(Duration::from_secs(2));
-            tokio::pin!(wait);
-            loop {
-                tokio::select! {
-                    n = self.socket.recv(&mut buf) => {
-                        self.stream.get_mut().inbox.push_back(buf[..n?].to_vec());
-                        match self.stream.ssl_read(&mut plain) {
-                            Ok(n) => {
-                                let r = Packet::from_bytes(&plain[..n])?;
-                                // A late answer to an earlier request is not this one's.
-                                if r.get_token() == request.get_token() {
-                                    return Ok(r);
-                                }
-                            }
-                            Err(e) if e.code() == ErrorCode::WANT_READ => {}
-                            Err(e) => anyhow::bail!("DTLS read failed: {e}"),
-                        }
-                    }
-                    _ = &mut wait => break,
+            self.send(&bytes).await?;
+            let until = tokio::time::Instant::now() + Duration::from_secs(2);
+            while let Some(n) = self.receive(&mut plain, until).await? {
+                let r = Packet::from_bytes(&plain[..n])?;
+                // A late answer to an earlier request is not this one's.
+                if r.get_token() == request.get_token() {
+                    return Ok(r);
                 }
             }
         }

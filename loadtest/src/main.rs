@@ -571,14 +571,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             let creds = fleet
                 .use_psk(&cli.registry, &cli.registry_auth, b"loadtest-psk")
                 .await?;
+            let baseline = cli.pid.map(ProcessSample::read).transpose()?;
+            let opened =
+                ferrule_loadtest::coap_dtls::open_sessions(*addr, creds, *sessions, *concurrency)
+                    .await?;
             if *requests > 0 {
-                let opened = ferrule_loadtest::coap_dtls::open_sessions(
-                    *addr,
-                    creds,
-                    *sessions,
-                    *concurrency,
-                )
-                .await?;
                 let opening = opened.sessions.len();
                 // The CPU counts from here: the uploads', not the handshakes'.
                 let before = pid.map(ProcessSample::read).transpose()?;
@@ -602,10 +599,6 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 r.series = series;
                 return emit(r, before.as_ref(), pid, peak.as_ref(), &budget);
             }
-            let baseline = cli.pid.map(ProcessSample::read).transpose()?;
-            let opened =
-                ferrule_loadtest::coap_dtls::open_sessions(*addr, creds, *sessions, *concurrency)
-                    .await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let mut r = Report::new("coap-dtls-sessions", opened.sessions.len(), opened.seconds);
             if let (Some(b), Some(pid)) = (baseline, cli.pid) {
