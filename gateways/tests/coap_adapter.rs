@@ -626,6 +626,175 @@ async fn one_way_command_piggybacked_on_the_ack() {
     assert_eq!(out[0]["payload"], "now");
 }
 
+/// A command larger than one block (1 024 bytes) goes to the device in blocks (RFC 7959
+/// Block2): aiocoap asks for each further block by repeating its request, gets the whole
+/// command, and answers it. The repeated requests are no uploads of their own.
+#[tokio::test]
+async fn a_large_command_reaches_an_aiocoap_device_in_blocks() {
+    let p = Platform::start().await;
+    let tenant = p.tenant(coap_tenant(-1)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let device = spawn_device(
+        p.coap_port,
+        format!("/telemetry/{tenant}/dev?hono-ttd=20&empty"),
+        true,
+    );
+    let telemetry = format!("hono.telemetry.{tenant}");
+    read(&telemetry, 1).await;
+    let command: String = (0..3000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "firmware"),
+            ("content-type", "text/plain"),
+            ("response-required", "true"),
+            ("correlation-id", "big-1"),
+        ],
+        &command,
+    )
+    .await;
+    let out = device.await.unwrap();
+    assert_eq!(out[0]["code"], "2.04 Changed");
+    assert_eq!(out[0]["query"], json!(["hono-command=firmware"]));
+    assert_eq!(out[0]["payload"], command.as_str(), "the whole command");
+    assert_eq!(out[1]["code"], "2.04 Changed", "the answer was taken");
+    let answer = read_matching(&format!("hono.command_response.{tenant}"), |r| {
+        r.headers.get("correlation-id").map(String::as_str) == Some("big-1")
+    })
+    .await;
+    assert_eq!(answer.headers["status"], "200");
+    assert_eq!(
+        records_in(&telemetry).await,
+        1,
+        "the requests for further blocks were not uploads"
+    );
+
+    // libcoap's client does the same.
+    let uri = format!(
+        "coap://127.0.0.1:{}/t/{tenant}/dev?hono-ttd=15&empty",
+        p.coap_port
+    );
+    let libcoap_device =
+        tokio::spawn(async move { coap_client(&["-m", "put", "-B", "20"], uri).await });
+    read(&telemetry, 2).await;
+    send_command(
+        &tenant,
+        "dev",
+        &[("device_id", "dev"), ("subject", "firmware")],
+        &command,
+    )
+    .await;
+    let (out, ok) = libcoap_device.await.unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains(&command), "{out}");
+    assert_eq!(records_in(&telemetry).await, 2);
+}
+
+/// The Block2 exchange on the wire: the device's Block2 in its long poll sets the block size
+/// (early negotiation); every block carries the same ETag, the first the whole size (Size2);
+/// a retransmitted block request gets the same block; a block request for a response nobody
+/// is fetching gets 4.08. A command whose device does not ask for its last block within the
+/// exchange lifetime is reported undelivered (503 to a request-response command's sender).
+#[tokio::test]
+async fn blocks_of_a_command_and_a_command_not_fetched_in_full() {
+    let mut cfg = ferrule_gateways::GatewayConfig::default();
+    cfg.coap.exchange_lifetime_secs = 3;
+    let p = Platform::start_with(cfg).await;
+    let tenant = p.tenant(coap_tenant(-1)).await;
+    p.device(&tenant, "dev", json!({})).await;
+    let _router = start_router(&tenant).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let path = format!("/telemetry/{tenant}/dev");
+    let block2 = |num: u32, szx: u32| {
+        ferrule_gateways::coap::resource::uint_option(u64::from((num << 4) | szx))
+    };
+    let poll = |mid: u16, num: u32| {
+        let mut r = request(MessageType::Confirmable, RequestType::Put, &path, mid, b"");
+        for q in ["hono-ttd=20", "empty"] {
+            r.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        r.add_option(CoapOption::Block2, block2(num, 4)); // 256-byte blocks
+        r
+    };
+    socket
+        .send_to(&poll(1, 0).to_bytes().unwrap(), ("127.0.0.1", p.coap_port))
+        .await
+        .unwrap();
+    read(&format!("hono.telemetry.{tenant}"), 1).await;
+    let command: String = (0..1000u32)
+        .map(|i| char::from(b'0' + (i % 10) as u8))
+        .collect();
+    send_command(
+        &tenant,
+        "dev",
+        &[
+            ("device_id", "dev"),
+            ("subject", "config"),
+            ("response-required", "true"),
+            ("correlation-id", "unfetched"),
+        ],
+        &command,
+    )
+    .await;
+    let first = next_datagram(&socket).await;
+    assert_eq!(code(&first), MessageClass::Response(ResponseType::Changed));
+    assert_eq!(first.header.message_id, 1);
+    assert_eq!(
+        first.get_first_option(CoapOption::Block2),
+        Some(&block2(0, 8 | 4)),
+        "block 0, more to come, 256 bytes"
+    );
+    assert_eq!(
+        first.get_first_option(CoapOption::Size2),
+        Some(&ferrule_gateways::coap::resource::uint_option(1000))
+    );
+    assert_eq!(first.payload, command.as_bytes()[..256]);
+    let etag = first.get_first_option(CoapOption::ETag).cloned();
+    assert!(etag.is_some(), "an ETag");
+
+    let second = exchange(&socket, p.coap_port, &poll(2, 1)).await;
+    assert_eq!(second.header.message_id, 2);
+    assert_eq!(code(&second), MessageClass::Response(ResponseType::Changed));
+    assert_eq!(
+        second.get_first_option(CoapOption::Block2),
+        Some(&block2(1, 8 | 4))
+    );
+    assert_eq!(second.get_first_option(CoapOption::ETag), etag.as_ref());
+    assert_eq!(second.payload, command.as_bytes()[256..512]);
+    let again = exchange(&socket, p.coap_port, &poll(2, 1)).await;
+    assert_eq!(
+        again.payload, second.payload,
+        "a retransmission, the same block"
+    );
+
+    let mut elsewhere = request(
+        MessageType::Confirmable,
+        RequestType::Put,
+        &format!("/t/{tenant}/dev"),
+        3,
+        b"",
+    );
+    elsewhere.add_option(CoapOption::Block2, block2(1, 4));
+    let unknown = exchange(&socket, p.coap_port, &elsewhere).await;
+    assert_eq!(
+        code(&unknown),
+        MessageClass::Response(ResponseType::RequestEntityIncomplete)
+    );
+
+    // The last block is never asked for: after the exchange lifetime, a 503 to the sender.
+    let failure = read_matching(&format!("hono.command_response.{tenant}"), |r| {
+        r.headers.get("correlation-id").map(String::as_str) == Some("unfetched")
+    })
+    .await;
+    assert_eq!(failure.headers["status"], "503");
+    assert_eq!(records_in(&format!("hono.telemetry.{tenant}")).await, 1);
+}
+
 #[tokio::test]
 async fn ttd_without_a_command_answers_2_04_when_it_ends() {
     let p = Platform::start().await;

@@ -101,6 +101,8 @@ pub struct Server {
     exchanges: Exchanges,
     /// Block-wise uploads being received.
     assemblies: blocks::Assemblies,
+    /// Responses too large for one block, being fetched block by block.
+    downloads: blocks::Downloads,
     in_flight: Arc<Semaphore>,
     /// The exchanges in flight; closed at shutdown, when the listener waits for them.
     exchanges_running: TaskTracker,
@@ -117,6 +119,8 @@ pub struct Server {
 struct Reply {
     packet: Packet,
     command: Option<(String, CommandDelivery)>,
+    /// For a command sent in blocks: fires once the device asked for the last one.
+    fetched: Option<oneshot::Receiver<()>>,
 }
 
 impl From<Packet> for Reply {
@@ -124,6 +128,7 @@ impl From<Packet> for Reply {
         Reply {
             packet,
             command: None,
+            fetched: None,
         }
     }
 }
@@ -243,6 +248,9 @@ async fn receive(
             },
             _ = shutdown.wait_for(|s| *s), if !stopping => {
                 server.exchanges_running.close();
+                // A command still being fetched block by block is reported undelivered now,
+                // not when its device gives up.
+                server.downloads.clear();
             }
             _ = server.exchanges_running.wait(), if stopping => return None,
         }
@@ -261,6 +269,10 @@ impl Server {
             assemblies: blocks::Assemblies::new(
                 cfg.max_exchanges,
                 pipeline.max_payload_size(),
+                Duration::from_secs(cfg.exchange_lifetime_secs),
+            ),
+            downloads: blocks::Downloads::new(
+                cfg.max_exchanges,
                 Duration::from_secs(cfg.exchange_lifetime_secs),
             ),
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
@@ -337,6 +349,17 @@ impl Server {
                 return;
             }
         }
+        // A request for a further block of a response is answered from that response.
+        match blocks::block2_of(&packet) {
+            Ok(Some(asked)) if asked.num > 0 => return self.next_block(key, &packet, asked, &peer),
+            Ok(_) => {}
+            Err(blocks::MalformedBlock) => {
+                metrics::rejected(ADAPTER.name(), "bad-option");
+                let response = self.response(&packet, ResponseType::BadOption);
+                self.finish(key, &response, &peer);
+                return;
+            }
+        }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             return self.unavailable(key, &packet, &peer, "too many requests in flight");
         };
@@ -352,6 +375,34 @@ impl Server {
             self.exchange(key, packet, parsed, &peer).await;
             drop(permit);
         });
+    }
+
+    /// Answers a request for block `asked` (number 1 or later) of a response being fetched
+    /// (RFC 7959 §2.4): the device repeats its request with a Block2 option, which is never
+    /// handled as a request of its own. 4.08 when no such response is being fetched (or it
+    /// expired), 4.02 for a block past its end.
+    fn next_block(&self, key: exchanges::Key, packet: &Packet, asked: blocks::Block, peer: &Peer) {
+        let uri = uri_of(packet);
+        let shell = self.response(packet, ResponseType::Changed);
+        let response = match self.downloads.fetch(peer.endpoint(), &uri, asked) {
+            blocks::Fetch::Block(mut block) => {
+                block.header.set_type(shell.header.get_type());
+                block.header.message_id = shell.header.message_id;
+                block.set_token(shell.get_token().to_vec());
+                block
+            }
+            blocks::Fetch::Unknown => {
+                metrics::rejected(ADAPTER.name(), "block-unknown");
+                let mut r = self.response(packet, ResponseType::RequestEntityIncomplete);
+                r.payload = b"no block-wise response of this request is being fetched".to_vec();
+                r
+            }
+            blocks::Fetch::OutOfRange => {
+                metrics::rejected(ADAPTER.name(), "bad-option");
+                self.response(packet, ResponseType::BadOption)
+            }
+        };
+        self.finish(key, &response, peer);
     }
 
     /// Answers a request the server cannot take now: 5.03 (the pipeline's `Overloaded`).
@@ -382,13 +433,13 @@ impl Server {
                     let reply = work.await;
                     // Boxed: its retransmission state is needed by late answers only.
                     let acked = Box::pin(self.separate(reply.packet, token, peer)).await;
-                    self.report(reply.command, acked).await;
+                    self.report(reply.command, acked, reply.fetched).await;
                     return;
                 }
             },
         };
         let sent = self.finish(key, &reply.packet, peer);
-        self.report(reply.command, sent).await;
+        self.report(reply.command, sent, reply.fetched).await;
     }
 
     /// The ACK timeout for a CON request (see [`Self::ack_timeout_for`]).
@@ -561,16 +612,31 @@ impl Server {
         acked
     }
 
-    /// Tells the command's sender whether the response carrying it reached the device.
-    async fn report(&self, command: Option<(String, CommandDelivery)>, reached: bool) {
+    /// Tells the command's sender whether the response carrying it reached the device; for a
+    /// command sent in blocks, whether the device then asked for the last block within the
+    /// exchange lifetime.
+    async fn report(
+        &self,
+        command: Option<(String, CommandDelivery)>,
+        reached: bool,
+        fetched: Option<oneshot::Receiver<()>>,
+    ) {
         let (Some((tenant, cmd)), Some(hub)) = (command, &self.hub) else {
             return;
+        };
+        let lifetime = Duration::from_secs(self.cfg.exchange_lifetime_secs);
+        let reached = match fetched {
+            Some(last) if reached => {
+                matches!(tokio::time::timeout(lifetime, last).await, Ok(Ok(())))
+            }
+            _ => reached,
         };
         if reached {
             hub.delivered(&cmd);
         } else {
             let (cid, outcome) = (cmd.correlation_id.as_deref(), cmd.outcome.as_ref());
-            let reason = "the device did not acknowledge the response carrying the command";
+            let reason = "the device did not acknowledge the response carrying the command, \
+                          or did not fetch all of its blocks";
             // Boxed: the failure's record is rare, and every exchange would carry its room.
             Box::pin(hub.undelivered(&tenant, &cmd.device_id, cid, outcome, reason)).await;
         }
@@ -579,8 +645,7 @@ impl Server {
     /// Sends `response` and keeps it for retransmissions of its request.
     /// Whether it could be encoded and was handed to the socket or session.
     fn finish(&self, key: exchanges::Key, response: &Packet, peer: &Peer) -> bool {
-        // Not limited to one MTU: a command of up to `max_payload_size` rides in a response
-        // (on a network the datagram is fragmented by IP).
+        // A command larger than one block was cut into blocks before (`blocks::Downloads`).
         match response.to_bytes_unlimited() {
             Ok(bytes) => {
                 peer.send(&bytes);
@@ -688,13 +753,19 @@ impl Server {
                 .await
                 .map(|()| Outcome::Changed),
         };
-        let mut command = None;
+        let (mut command, mut fetched) = (None, None);
         let mut response = match result {
             Ok(Outcome::Changed) => self.response(packet, ResponseType::Changed),
             Ok(Outcome::Command(tenant, cmd, named)) => {
                 let mut r = self.response(packet, ResponseType::Changed);
                 let anonymous = peer.origin.device().is_none();
                 command_into(&mut r, &cmd, named, anonymous, &request, &tenant);
+                // The device's Block2 in its request is the largest block it takes (RFC 7959
+                // §2.4, early negotiation).
+                let szx = blocks::block2_of(packet).ok().flatten().map(|b| b.szx);
+                fetched = self
+                    .downloads
+                    .start(peer.endpoint(), &uri_of(packet), &mut r, szx);
                 command = Some((tenant, *cmd));
                 r
             }
@@ -706,6 +777,7 @@ impl Server {
         Reply {
             packet: with_time(response, request.time),
             command,
+            fetched,
         }
     }
 
