@@ -23,6 +23,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub router: ferrule_command_router::RouterConfig,
     pub bridge: ferrule_stream_bridge::BridgeConfig,
+    pub telemetry: ferrule_telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

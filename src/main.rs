@@ -64,10 +64,12 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg = Config::load(cli.config.as_deref())?;
     init_logging(&cfg.log)?;
+    ferrule_telemetry::install(&cfg.telemetry)
+        .map_err(|e| anyhow::anyhow!("telemetry.sampler: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Command::All => run_services(cfg, Services::ALL).await,
             Command::Registry => run_services(cfg, Services::REGISTRY).await,
@@ -77,7 +79,10 @@ fn main() -> anyhow::Result<()> {
             Command::CheckKafka => check_kafka(&cfg).await,
             Command::PrintConfig => Ok(()),
         }
-    })
+    });
+    // The spans of the last messages still go out.
+    ferrule_telemetry::shutdown();
+    result
 }
 
 fn init_logging(log: &config::LogConfig) -> anyhow::Result<()> {

@@ -15,6 +15,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, he
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use base64::Engine;
+use ferrule_schemas::headers as h;
+use ferrule_telemetry::TraceContext;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -296,7 +298,10 @@ async fn upload(
         ttd_secs: None,
         orig_address: uri.path().to_owned(),
         retain: false,
-        traceparent: header_str(headers, "traceparent")?.map(str::to_owned),
+        trace: TraceContext::of(
+            header_str(headers, h::TRACEPARENT)?,
+            header_str(headers, h::TRACESTATE)?,
+        ),
     };
     let polling = upload_with_ttd(
         &a.pipeline,
@@ -472,6 +477,7 @@ const ALLOWED_HEADERS: &[&str] = &[
     "hono-ttl",
     "hono-cmd-status",
     "traceparent",
+    "tracestate",
 ];
 const EXPOSED_HEADERS: &[&str] = &["hono-command", "hono-cmd-req-id", "hono-cmd-target-device"];
 

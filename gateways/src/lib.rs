@@ -4,6 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod coap;
+
+/// The `service.name` of the gateway's spans.
+pub const SERVICE_NAME: &str = "ferrule-gateway";
 pub mod commands;
 pub mod http;
 pub mod kafka;
@@ -94,7 +97,8 @@ pub async fn serve(
         kafka,
     );
     let mut pipeline = IngestPipeline::new(registry, sender.clone(), cfg.max_payload_size)
-        .with_gateway_activity(Arc::new(commands::LastGateways::new(routing.clone())));
+        .with_gateway_activity(Arc::new(commands::LastGateways::new(routing.clone())))
+        .with_tracer(ferrule_telemetry::tracer(SERVICE_NAME));
     for (allowed, adapter) in [
         (cfg.http.allow_unauthenticated, pipeline::AdapterType::Http),
         (cfg.mqtt.allow_unauthenticated, pipeline::AdapterType::Mqtt),

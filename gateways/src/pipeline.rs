@@ -15,6 +15,7 @@ use ferrule_schemas::command::{RequestId, is_valid_response_status};
 use ferrule_schemas::headers as h;
 use ferrule_schemas::ttl::{TtlKind, effective_ttl_millis};
 use ferrule_schemas::{ContentType, TopicKind, TopicNames};
+use ferrule_telemetry::{KeyValue, Span, SpanKind, TraceContext, Tracer, sampler};
 use rdkafka::message::{Header, OwnedHeaders};
 use serde_json::Value;
 use std::sync::Arc;
@@ -108,7 +109,8 @@ pub struct Upload {
     /// The URI or topic the message was sent to.
     pub orig_address: String,
     pub retain: bool,
-    pub traceparent: Option<String>,
+    /// The W3C trace context the device sent (HTTP headers, MQTT 5 user properties).
+    pub trace: Option<TraceContext>,
 }
 
 /// Where an accepted message went.
@@ -224,6 +226,8 @@ pub struct IngestPipeline {
     gateway_activity: Option<Arc<dyn GatewayActivity>>,
     /// Adapters whose configuration refuses unauthenticated devices whatever a tenant allows.
     anonymous_forbidden: Vec<AdapterType>,
+    /// Spans of uploads (off unless traces are exported).
+    tracer: Tracer,
 }
 
 struct Resolved {
@@ -245,7 +249,18 @@ impl IngestPipeline {
             max_payload_size,
             gateway_activity: None,
             anonymous_forbidden: Vec::new(),
+            tracer: Tracer::off(),
         }
+    }
+
+    /// Records a span per upload with `tracer` (docs/observability.md).
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
     }
 
     /// Refuses unauthenticated devices on `adapter` (`gateway.<adapter>.allow_unauthenticated
@@ -602,7 +617,7 @@ impl IngestPipeline {
     /// cached and whose topic exists; the message comes back when something has to be asked
     /// first — hand it to [`Self::submit`] then.
     pub fn submit_now(&self, up: Upload) -> SubmitNow {
-        let meta = Meta::of(&up);
+        let meta = Meta::of(&up, &self.tracer);
         if let Err(e) = self.check(&up) {
             return SubmitNow::Done(Err(meta.finish_err(e)));
         }
@@ -623,7 +638,7 @@ impl IngestPipeline {
 
     /// [`Self::submit`] asking the registry and creating the topic where needed.
     async fn submit_asking(&self, up: Upload) -> Result<Pending, Refusal> {
-        let meta = Meta::of(&up);
+        let meta = Meta::of(&up, &self.tracer);
         let result = async {
             self.check(&up)?;
             let who = self
@@ -660,17 +675,27 @@ impl IngestPipeline {
         up: &Upload,
         who: Authorised,
         record: Record,
-        meta: Meta,
+        mut meta: Meta,
     ) -> Result<Pending, Refusal> {
+        let span = meta.upload_span(up, &who, &record.topic);
+        // The next hop continues this span's trace, else the device's.
+        let headers = match span.context().as_ref().or(up.trace.as_ref()) {
+            Some(trace) => with_trace(record.headers, trace),
+            None => record.headers,
+        };
         let delivery = self.sender.enqueue(OutboundRecord {
             topic: &record.topic,
             key: &who.device_id,
-            headers: record.headers,
+            headers,
             payload: &up.payload,
         });
         let delivery = match delivery {
             Ok(d) => d,
-            Err(e) => return Err(meta.finish_err(produce_error(e))),
+            Err(e) => {
+                let e = produce_error(e);
+                span.fail(e.to_string());
+                return Err(meta.finish_err(e));
+            }
         };
         // QoS 0 telemetry is answered without waiting for the broker.
         let wait = up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce;
@@ -681,7 +706,38 @@ impl IngestPipeline {
             },
             delivery: wait.then_some(delivery),
             meta,
+            span,
         })
+    }
+}
+
+/// `headers` with the trace context the next hop continues.
+fn with_trace(headers: OwnedHeaders, trace: &TraceContext) -> OwnedHeaders {
+    let headers = headers.insert(Header {
+        key: h::TRACEPARENT,
+        value: Some(trace.traceparent.as_bytes()),
+    });
+    match &trace.tracestate {
+        Some(state) => headers.insert(Header {
+            key: h::TRACESTATE,
+            value: Some(state.as_bytes()),
+        }),
+        None => headers,
+    }
+}
+
+/// A tenant's sampling mode for uploads of `auth_id` (Hono's tenant `tracing`:
+/// `sampling-mode-per-auth-id` first, then `sampling-mode`); `None` for `default` or unset.
+pub fn sampling_mode(
+    tracing: Option<&ferrule_registry::model::tenant::TracingConfig>,
+    auth_id: Option<&str>,
+) -> Option<&'static str> {
+    let tracing = tracing?;
+    let per_auth_id = auth_id.and_then(|a| tracing.sampling_mode_per_auth_id.as_ref()?.get(a));
+    match per_auth_id.or(tracing.sampling_mode.as_ref())?.as_str() {
+        "all" => Some("all"),
+        "none" => Some("none"),
+        _ => None,
     }
 }
 
@@ -723,23 +779,83 @@ fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Recor
     Ok(Record { topic, headers })
 }
 
-/// What metrics need to know about a message in flight.
+/// What metrics and the upload's span need to know about a message in flight.
 struct Meta {
     adapter: &'static str,
     kind: &'static str,
     qos: i64,
     size: usize,
     started: Instant,
+    /// Where the upload's span starts, while tracing is on and it has not started yet.
+    trace: Option<Box<Traced>>,
+}
+
+/// An upload whose span is still to start: it starts once tenant and device are known.
+struct Traced {
+    tracer: Tracer,
+    since: std::time::SystemTime,
+    parent: Option<TraceContext>,
 }
 
 impl Meta {
-    fn of(up: &Upload) -> Self {
+    fn of(up: &Upload, tracer: &Tracer) -> Self {
         Meta {
             adapter: up.adapter.name(),
             kind: up.endpoint.name(),
             qos: up.qos.as_i64(),
             size: up.payload.len(),
             started: Instant::now(),
+            trace: tracer.is_on().then(|| {
+                Box::new(Traced {
+                    tracer: tracer.clone(),
+                    since: std::time::SystemTime::now(),
+                    parent: up.trace.clone(),
+                })
+            }),
+        }
+    }
+
+    /// The span of an upload (Hono's `upload telemetry` / `upload event`), from the moment it
+    /// reached the pipeline; sampled as its tenant's `tracing` settings say.
+    fn upload_span(&mut self, up: &Upload, who: &Authorised, topic: &str) -> Span {
+        let Some(t) = self.trace.take() else {
+            return Span::none();
+        };
+        let auth_id = up.origin.device().map(|d| d.auth_id.as_str());
+        let sampling = sampling_mode(who.tenant().tracing.as_ref(), auth_id);
+        t.tracer.start(
+            self.span_name(),
+            SpanKind::Server,
+            t.parent.as_ref(),
+            Some(t.since),
+            || {
+                let mut attributes = vec![
+                    KeyValue::new("tenant_id", who.tenant_id.clone()),
+                    KeyValue::new("device_id", who.device_id.clone()),
+                    KeyValue::new("component_name", self.adapter),
+                    KeyValue::new("qos", self.qos),
+                    KeyValue::new("message_size", self.size as i64),
+                    KeyValue::new("messaging.system", "kafka"),
+                    KeyValue::new("messaging.destination.name", topic.to_owned()),
+                ];
+                if let Some(auth_id) = auth_id {
+                    attributes.push(KeyValue::new("auth_id", auth_id.to_owned()));
+                }
+                if let Some(gateway) = &who.gateway_id {
+                    attributes.push(KeyValue::new("gateway_id", gateway.clone()));
+                }
+                if let Some(mode) = sampling {
+                    attributes.push(KeyValue::new(sampler::SAMPLING_MODE, mode));
+                }
+                attributes
+            },
+        )
+    }
+
+    fn span_name(&self) -> &'static str {
+        match self.kind {
+            "event" => "upload event",
+            _ => "upload telemetry",
         }
     }
 
@@ -764,6 +880,18 @@ impl Meta {
             "unprocessable"
         };
         self.finish("", status);
+        // Refused before its tenant was known: a span of the refusal alone.
+        if let Some(t) = &self.trace {
+            let span = t.tracer.start(
+                self.span_name(),
+                SpanKind::Server,
+                t.parent.as_ref(),
+                Some(t.since),
+                || vec![KeyValue::new("component_name", self.adapter)],
+            );
+            span.fail(e.to_string());
+            span.end();
+        }
         e
     }
 }
@@ -773,6 +901,8 @@ pub struct Pending {
     accepted: Accepted,
     delivery: Option<Delivery>,
     meta: Meta,
+    /// Ends when the broker acknowledged (or at once for QoS 0 telemetry).
+    span: Span,
 }
 
 impl Pending {
@@ -796,9 +926,16 @@ impl Pending {
             Some(d) => std::task::ready!(d.poll_acked(cx)),
             None => Ok(()),
         };
+        let span = std::mem::take(&mut self.span);
         std::task::Poll::Ready(match acked {
-            Err(e) => Err(self.meta.finish_err(produce_error(e))),
+            Err(e) => {
+                let e = produce_error(e);
+                span.fail(e.to_string());
+                span.end();
+                Err(self.meta.finish_err(e))
+            }
             Ok(()) => {
+                span.end();
                 self.meta.finish(&self.accepted.tenant, "forwarded");
                 Ok(std::mem::take(&mut self.accepted))
             }
@@ -966,11 +1103,12 @@ fn build_headers(
     if up.retain {
         out.put(h::RETAIN, h::encode_bool(true));
     }
-    if let Some(tp) = &up.traceparent {
-        out.put(h::TRACEPARENT, tp.as_bytes());
-    }
     for (k, v) in defaults {
-        let consumed = k == h::TTL || h::TTL_DEFAULT_KEYS.contains(&k.as_str());
+        // The trace context is the one of the message (`with_trace`), never a default.
+        let consumed = k == h::TTL
+            || h::TTL_DEFAULT_KEYS.contains(&k.as_str())
+            || k == h::TRACEPARENT
+            || k == h::TRACESTATE;
         if !consumed && !out.has(k) {
             out.insert(k, &h::encode(v));
         }
@@ -1050,7 +1188,7 @@ mod tests {
             ttd_secs: None,
             orig_address: "/telemetry".into(),
             retain: false,
-            traceparent: None,
+            trace: None,
         }
     }
 

@@ -20,6 +20,7 @@ pub const VIA: &str = "via";
 pub const ORIG_PARTITION: &str = "orig-partition";
 pub const ORIG_OFFSET: &str = "orig-offset";
 pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
 /// Headers with this prefix are copied from a command into a Hono-generated error response.
 pub const DELIVERY_FAILURE_METADATA_PREFIX: &str = "delivery-failure-notification-metadata";
 

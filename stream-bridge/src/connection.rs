@@ -16,8 +16,10 @@ use fe2o3_amqp::types::messaging::Outcome;
 use fe2o3_amqp::types::performatives::Attach;
 use ferrule_kafka::{KafkaConfig, RecoveringProducer, TopicAdmin};
 use ferrule_registry::{AuthenticatedApplication, DeviceAuthenticator};
+use ferrule_schemas::headers as h;
 use ferrule_schemas::outcome::Disposition;
 use ferrule_schemas::{TopicKind, TopicNames};
+use ferrule_telemetry::{KeyValue, SpanKind};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
@@ -38,6 +40,8 @@ pub(crate) struct Context {
     pub registry: DeviceAuthenticator,
     /// Settles the applications' commands by what became of them.
     pub outcomes: crate::outcome::Outcomes,
+    /// Spans of deliveries to applications (off unless traces are exported).
+    pub tracer: ferrule_telemetry::Tracer,
 }
 
 pub(crate) async fn run<Io>(
@@ -415,20 +419,31 @@ async fn stream_to(
                     }
                 };
                 let headers = header_list(&record);
+                let span = delivery_span(&ctx.tracer, kind, &tenant, &headers);
+                // The application continues the delivery's span, else the record's trace.
+                let trace = span.context();
                 let message = crate::message::downstream(
                     kind,
                     &tenant,
-                    headers.iter().copied(),
+                    trace_headers(trace.as_ref()).chain(headers.iter().copied()),
                     record.payload().unwrap_or_default(),
                 );
                 let position = (record.partition(), record.offset());
                 // Waits for the application's credit.
                 match sender.send_batchable(message).await {
                     Ok(settled) if events => {
-                        unsettled.push_back(Box::pin(async move { (position, settled.await) }));
+                        unsettled.push_back(Box::pin(async move {
+                            let outcome = settled.await;
+                            end_delivery(span, &outcome);
+                            (position, outcome)
+                        }));
                     }
-                    Ok(_) => {}
+                    Ok(_) => {
+                        span.set_attribute(KeyValue::new("disposition", "pre-settled"));
+                        span.end();
+                    }
                     Err(_) => {
+                        span.fail("the application's link detached");
                         detached = true;
                         break;
                     }
@@ -749,6 +764,65 @@ async fn partitions_of(ctx: &Context, tenant: &str, topic: &str) -> anyhow::Resu
     .await??;
     anyhow::ensure!(partitions > 0, "topic {topic} has no partitions");
     Ok(partitions)
+}
+
+/// The span of one record's delivery to an application, under the record's trace context.
+fn delivery_span(
+    tracer: &ferrule_telemetry::Tracer,
+    kind: &'static str,
+    tenant: &str,
+    headers: &[(&str, Option<&[u8]>)],
+) -> ferrule_telemetry::Span {
+    if !tracer.is_on() {
+        return ferrule_telemetry::Span::none();
+    }
+    let text = |name: &str| h::first(headers.iter().copied(), name).and_then(h::decode_str);
+    let parent = ferrule_telemetry::TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE));
+    let name = match kind {
+        "event" => "deliver event",
+        _ => "deliver telemetry",
+    };
+    tracer.start(name, SpanKind::Producer, parent.as_ref(), None, || {
+        vec![
+            KeyValue::new("tenant_id", tenant.to_owned()),
+            KeyValue::new(
+                "device_id",
+                text(h::DEVICE_ID).unwrap_or_default().to_owned(),
+            ),
+            KeyValue::new("messaging.system", "amqp"),
+            KeyValue::new("messaging.destination.name", format!("{kind}/{tenant}")),
+        ]
+    })
+}
+
+/// The trace context headers that go first, so they win over the record's own.
+fn trace_headers(
+    trace: Option<&ferrule_telemetry::TraceContext>,
+) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+    let parent = trace.map(|t| (h::TRACEPARENT, Some(t.traceparent.as_bytes())));
+    let state = trace
+        .and_then(|t| t.tracestate.as_deref())
+        .map(|s| (h::TRACESTATE, Some(s.as_bytes())));
+    parent.into_iter().chain(state)
+}
+
+/// Ends an event's delivery span with the application's disposition.
+fn end_delivery(
+    span: ferrule_telemetry::Span,
+    outcome: &Result<Outcome, fe2o3_amqp::link::SendError>,
+) {
+    let disposition = match outcome {
+        Ok(Outcome::Accepted(_)) => "accepted",
+        Ok(Outcome::Rejected(_)) => "rejected",
+        Ok(Outcome::Released(_)) => "released",
+        Ok(Outcome::Modified(_)) => "modified",
+        Err(_) => "aborted",
+    };
+    span.set_attribute(KeyValue::new("disposition", disposition));
+    if disposition != "accepted" {
+        span.fail(format!("the application's disposition: {disposition}"));
+    }
+    span.end();
 }
 
 /// A record's headers in order, as the schemas' header functions take them.

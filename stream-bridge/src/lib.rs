@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use tokio::sync::watch;
 
+/// The `service.name` of the bridge's spans.
+pub const SERVICE_NAME: &str = "ferrule-bridge";
+
 /// The `[bridge]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -102,6 +105,7 @@ pub async fn serve(
         topics,
         producer,
         registry,
+        tracer: ferrule_telemetry::tracer(SERVICE_NAME),
     };
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listener) = listeners.amqp {

@@ -9,15 +9,15 @@ use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Valu
 use ferrule_schemas::headers as h;
 
 /// Record headers that become AMQP properties, header fields or annotations, not
-/// application-properties.
-const MAPPED: [&str; 7] = [
+/// application-properties. The trace context (`traceparent`, `tracestate`) stays an
+/// application property, where an application continues the trace.
+const MAPPED: [&str; 6] = [
     h::CONTENT_TYPE,
     h::CONTENT_ENCODING,
     h::CREATION_TIME,
     h::TTL,
     h::TENANT_ID,
     h::RETAIN,
-    h::TRACEPARENT,
 ];
 
 /// Application properties carried as integers.
@@ -160,5 +160,27 @@ mod tests {
         assert_eq!(&m.body.0[..], b"21.5");
         let e = downstream("event", "t1", hs.iter().copied(), b"");
         assert!(e.header.unwrap().durable);
+    }
+
+    #[test]
+    fn the_trace_context_is_an_application_property_and_the_first_wins() {
+        let record = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let bridge = "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01";
+        let hs: Vec<(&str, Option<&[u8]>)> = vec![
+            ("traceparent", Some(bridge.as_bytes())),
+            ("device_id", Some(b"dev-1")),
+            ("traceparent", Some(record.as_bytes())),
+            ("tracestate", Some(b"vendor=x")),
+        ];
+        let m = downstream("telemetry", "t1", hs.iter().copied(), b"");
+        let app = &m.application_properties.as_ref().unwrap().0;
+        assert_eq!(
+            app.get("traceparent"),
+            Some(&SimpleValue::String(bridge.into()))
+        );
+        assert_eq!(
+            app.get("tracestate"),
+            Some(&SimpleValue::String("vendor=x".into()))
+        );
     }
 }

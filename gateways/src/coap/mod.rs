@@ -900,7 +900,7 @@ fn upload_of(
         ttd_secs: None,
         orig_address: request.path.clone(),
         retain: false,
-        traceparent: None,
+        trace: None,
     }
 }
 

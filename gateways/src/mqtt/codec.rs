@@ -60,8 +60,8 @@ pub struct PublishRequest {
     pub payload: Bytes,
     /// MQTT 5's content-type property.
     pub content_type: Option<String>,
-    /// MQTT 5's user property `traceparent` (W3C trace context).
-    pub traceparent: Option<String>,
+    /// MQTT 5's user properties `traceparent` and `tracestate` (W3C trace context).
+    pub trace: Option<ferrule_telemetry::TraceContext>,
 }
 
 /// Why a CONNECT was refused, or that it was not; encoded per version as Hono's table says.
@@ -567,7 +567,7 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
                 pkid: p.pkid,
                 payload: p.payload,
                 content_type: None,
-                traceparent: None,
+                trace: None,
             })
         }
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
@@ -661,11 +661,14 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
                 retain: p.retain,
                 pkid: p.pkid,
                 payload: p.payload,
-                traceparent: p.properties.as_ref().and_then(|pr| {
-                    pr.user_properties
-                        .iter()
-                        .find(|(k, _)| k == "traceparent")
-                        .map(|(_, v)| v.clone())
+                trace: p.properties.as_ref().and_then(|pr| {
+                    let user = |name: &str| {
+                        pr.user_properties
+                            .iter()
+                            .find(|(k, _)| k == name)
+                            .map(|(_, v)| v.as_str())
+                    };
+                    ferrule_telemetry::TraceContext::of(user("traceparent"), user("tracestate"))
                 }),
                 content_type: p.properties.and_then(|pr| pr.content_type),
             })

@@ -294,7 +294,7 @@ pub(super) async fn connection_event(
                 ttd_secs: None,
                 orig_address: String::new(),
                 retain: false,
-                traceparent: None,
+                trace: None,
             };
             if let Err(e) = pipeline.upload(up).await {
                 tracing::warn!(error = %e, device = %device.device_id, "connection event lost");

@@ -116,7 +116,7 @@ pub(super) fn prepare_publish(
         ttd_secs: None,
         orig_address: p.topic,
         retain: p.retain,
-        traceparent: p.traceparent,
+        trace: p.trace,
     };
     Prepared::Upload(ctx, up)
 }

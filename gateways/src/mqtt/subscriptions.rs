@@ -478,7 +478,7 @@ pub(super) async fn reachability(
         ttd_secs: Some(ttd),
         orig_address: String::new(),
         retain: false,
-        traceparent: None,
+        trace: None,
     };
     if let Err(e) = pipeline.upload(up).await {
         tracing::warn!(error = %e, ?device, ttd, "ttd notification lost");

@@ -1,0 +1,120 @@
+//! A component's tracer and its spans: thin wrappers that do nothing when tracing is off.
+
+use crate::context::TraceContext;
+use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+/// A component's tracer; [`Tracer::off`] starts no span.
+#[derive(Clone, Default, Debug)]
+pub struct Tracer(Option<SdkTracer>);
+
+impl Tracer {
+    pub fn off() -> Self {
+        Tracer(None)
+    }
+
+    pub(crate) fn of(provider: &SdkTracerProvider) -> Self {
+        Tracer(Some(provider.tracer("ferrule")))
+    }
+
+    /// Whether spans are recorded and exported at all.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Starts a span under the remote `parent` (a trace context a message carried), or as a
+    /// trace of its own; at `start` if the work began earlier. `attributes` are built only
+    /// when the tracer is on; the sampler sees them.
+    pub fn start(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: Option<&TraceContext>,
+        start: Option<SystemTime>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Span {
+        let Some(tracer) = &self.0 else {
+            return Span(None);
+        };
+        let parent = TraceContext::parent(parent);
+        let mut builder = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes());
+        if let Some(t) = start {
+            builder = builder.with_start_time(t);
+        }
+        let span = tracer.build_with_context(builder, &parent);
+        Span(Some(Box::new(parent.with_span(span))))
+    }
+
+    /// Starts a span under `parent`, in the same process.
+    pub fn child(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: &Span,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Span {
+        let (Some(tracer), Some(cx)) = (&self.0, &parent.0) else {
+            return Span(None);
+        };
+        let builder = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes());
+        let span = tracer.build_with_context(builder, cx);
+        Span(Some(Box::new(cx.with_span(span))))
+    }
+}
+
+/// A span being recorded, or nothing when tracing is off (one pointer: it may ride along with
+/// every message in flight). Dropping it ends it.
+#[derive(Debug, Default)]
+pub struct Span(Option<Box<Context>>);
+
+impl Span {
+    /// No span.
+    pub fn none() -> Self {
+        Span(None)
+    }
+
+    /// The trace context to hand on to the next hop: this span's, or `None` when there is no
+    /// span (the caller then hands on what it received).
+    pub fn context(&self) -> Option<TraceContext> {
+        TraceContext::from_context(self.0.as_ref()?)
+    }
+
+    /// Whether the span is kept (sampled); attributes of a dropped one are not worth building.
+    pub fn is_recording(&self) -> bool {
+        self.0.as_ref().is_some_and(|cx| cx.span().is_recording())
+    }
+
+    pub fn set_attribute(&self, attribute: KeyValue) {
+        if let Some(cx) = &self.0 {
+            cx.span().set_attribute(attribute);
+        }
+    }
+
+    pub fn add_event(&self, name: &'static str, attributes: Vec<KeyValue>) {
+        if let Some(cx) = &self.0 {
+            cx.span().add_event(name, attributes);
+        }
+    }
+
+    /// Marks the work as failed, with why.
+    pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
+        if let Some(cx) = &self.0 {
+            cx.span().set_status(Status::error(description));
+        }
+    }
+
+    pub fn end(self) {
+        if let Some(cx) = &self.0 {
+            cx.span().end();
+        }
+    }
+}
