@@ -47,14 +47,18 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Where `/readiness`, `/liveness` and `/metrics` are served.
+    /// Where `/started`, `/readiness`, `/liveness` and `/metrics` are served.
     pub bind: SocketAddr,
+    /// `/liveness` fails once the services' runtime has not run a task for this long
+    /// (seconds): every worker is blocked or busy past it.
+    pub liveness_stall_secs: u64,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8088)),
+            liveness_stall_secs: 10,
         }
     }
 }

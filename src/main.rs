@@ -204,11 +204,14 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         readiness.register("kafka");
     }
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(health::serve(
-        health_listener,
+    let heartbeat = health::Heartbeat::new(Duration::from_secs(cfg.health.liveness_stall_secs));
+    tasks.spawn(heartbeat.clone().run(shutdown.clone()));
+    let health_server = health::spawn(
+        health_listener.into_std()?,
         readiness.clone(),
+        heartbeat,
         shutdown.clone(),
-    ));
+    )?;
 
     if uses_kafka {
         let client = ferrule_kafka::MetadataClient::new(&cfg.kafka)?;
@@ -283,6 +286,7 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         health = %cfg.health.bind,
         "ferrule started"
     );
+    readiness.set_started();
 
     let result = tokio::select! {
         _ = shutdown_signal() => Ok(()),
@@ -318,6 +322,8 @@ async fn run_services(cfg: Config, services: Services) -> anyhow::Result<()> {
         // one, waits for its LeaveGroup request, which a stuck broker never answers.
         std::process::exit(if result.is_ok() { 0 } else { 1 });
     }
+    // The health port stopped with the shutdown signal.
+    let _ = health_server.join();
     tracing::info!("stopped");
     result
 }

@@ -125,7 +125,12 @@ fn registry_answers_curl_as_in_hono_getting_started() {
         ),
         "{metrics}"
     );
-    assert_eq!(curl(&[&format!("{}/liveness", f.health)]).0, 200);
+    let (code, live) = curl(&[&format!("{}/liveness", f.health)]);
+    assert_eq!(code, 200, "{live}");
+    assert!(live.contains("last_task_ms_ago"), "{live}");
+    // Hono's startup probe: the services were set up.
+    let (code, started) = curl(&[&format!("{}/started", f.health)]);
+    assert_eq!(code, 200, "{started}");
 
     assert!(f.stop().success(), "SIGTERM ends ferrule cleanly");
 }

@@ -7,135 +7,13 @@
 
 mod common;
 
+use common::otlp::{OtlpReceiver, ReceivedSpan};
 use common::*;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
-use prost::Message;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-/// Debian's interpreter: python3-qpid-proton and python3-paho-mqtt are installed for it.
-const PYTHON: &str = "/usr/bin/python3";
-
-/// One span as the receiver decoded it; ids in lowercase hex.
-#[derive(Debug, Clone)]
-struct ReceivedSpan {
-    service: String,
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    attributes: HashMap<String, String>,
-}
-
-/// An OTLP/HTTP trace receiver on a port of its own (`POST /v1/traces`, protobuf).
-struct OtlpReceiver {
-    url: String,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-}
-
-impl OtlpReceiver {
-    fn start() -> OtlpReceiver {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let state = spans.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let app = axum::Router::new()
-                    .route("/v1/traces", axum::routing::post(export))
-                    .with_state(state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
-        OtlpReceiver { url, spans }
-    }
-
-    /// The spans of `trace_id` received so far.
-    fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
-        let spans = self.spans.lock().unwrap();
-        spans
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits (up to 30 s: the exporters send in batches every few seconds) until the spans of
-    /// `trace_id` satisfy `done`.
-    fn wait_for(
-        &self,
-        trace_id: &str,
-        done: impl Fn(&[ReceivedSpan]) -> bool,
-    ) -> Vec<ReceivedSpan> {
-        let start = Instant::now();
-        loop {
-            let spans = self.trace(trace_id);
-            if done(&spans) {
-                return spans;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "spans of {trace_id} so far: {spans:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-async fn export(
-    axum::extract::State(spans): axum::extract::State<Arc<Mutex<Vec<ReceivedSpan>>>>,
-    body: axum::body::Bytes,
-) -> axum::http::StatusCode {
-    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-        return axum::http::StatusCode::BAD_REQUEST;
-    };
-    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
-        .as_ref()
-        .and_then(|v| v.value.as_ref())
-    {
-        Some(AnyValue::StringValue(s)) => s.clone(),
-        Some(AnyValue::IntValue(n)) => n.to_string(),
-        Some(AnyValue::BoolValue(b)) => b.to_string(),
-        other => format!("{other:?}"),
-    };
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let mut out = spans.lock().unwrap();
-    for rs in request.resource_spans {
-        let service = rs
-            .resource
-            .iter()
-            .flat_map(|r| r.attributes.iter())
-            .find(|kv| kv.key == "service.name")
-            .map(|kv| text(&kv.value))
-            .unwrap_or_default();
-        for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
-            out.push(ReceivedSpan {
-                service: service.clone(),
-                name: span.name.clone(),
-                trace_id: hex(&span.trace_id),
-                span_id: hex(&span.span_id),
-                parent_span_id: hex(&span.parent_span_id),
-                attributes: span
-                    .attributes
-                    .iter()
-                    .map(|kv| (kv.key.clone(), text(&kv.value)))
-                    .collect(),
-            });
-        }
-    }
-    axum::http::StatusCode::OK
-}
+const PYTHON: &str = DEBIAN_PYTHON;
 
 /// A tenant with the application `app` (password `app-secret`) and the device `sensor`
 /// (password `dev-secret`); `tenant_body` is the tenant's JSON.
@@ -334,5 +212,137 @@ fn without_an_endpoint_the_trace_context_passes_through_unchanged() {
     let message = one_traced_message(&f, &tenant, &traceparent);
     assert_eq!(message["properties"]["traceparent"], traceparent.as_str());
     assert_eq!(message["properties"]["tracestate"], "vendor=ferrule-test");
+    f.stop();
+}
+
+/// A Kafka application (confluent-kafka) sends a request/response command with a
+/// `traceparent` to an MQTT device (paho-mqtt) that answers it: the router's span is under
+/// the application's, the gateway's delivery span under the router's, the response upload
+/// under the delivery, and the response record carries the trace to the application.
+#[test]
+fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
+    let otlp = OtlpReceiver::start();
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let f = Ferrule::start_for_commands_with(
+        &tenant,
+        "",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())],
+    );
+    f.admin_ok("POST", &format!("/v1/tenants/{tenant}"), "{}");
+    f.admin_ok("POST", &format!("/v1/devices/{tenant}/lamp"), "{}");
+    f.admin_ok(
+        "PUT",
+        &format!("/v1/credentials/{tenant}/lamp"),
+        r#"[{"type": "hashed-password", "auth-id": "lamp", "secrets": [{"pwd-plain": "lamp-secret"}]}]"#,
+    );
+    let (trace_id, app_span) = (random_hex(32), random_hex(16));
+    let timeout = SCRIPT_SECS.to_string();
+    let mut application = Script::spawn(
+        "kafka_application.py",
+        &kafka_python(),
+        &[
+            &kafka(),
+            &tenant,
+            "lamp",
+            &timeout,
+            "",
+            &format!("00-{trace_id}-{app_span}-01"),
+        ],
+    );
+    application.expect("ready", "the application did not start");
+    let (host, port) = f.mqtt.split_once(':').unwrap();
+    let mut device = Script::spawn(
+        "mqtt_device.py",
+        DEBIAN_PYTHON,
+        &[
+            host,
+            port,
+            &format!("lamp@{tenant}"),
+            "lamp-secret",
+            &timeout,
+        ],
+    );
+    device.expect("subscribed", "the MQTT device did not subscribe");
+    device.expect("command", "the MQTT device got no command");
+    device.expect("responded", "the MQTT device could not answer");
+    let response = application.expect("response", "the application got no response");
+    assert_eq!(response["status"], 200, "{response}");
+    device.finish();
+    application.finish();
+
+    let spans = otlp.wait_for(&trace_id, |spans| {
+        span_of(spans, "ferrule-command-router", "route command").is_some()
+            && span_of(spans, "ferrule-gateway", "deliver command").is_some()
+            && span_of(spans, "ferrule-gateway", "upload command response").is_some()
+    });
+    let route = span_of(&spans, "ferrule-command-router", "route command").unwrap();
+    assert_eq!(
+        route.parent_span_id, app_span,
+        "under the application's span"
+    );
+    assert_eq!(route.attributes["device_id"], "lamp");
+    assert_eq!(route.attributes["outcome"], "forwarded");
+    let deliver = span_of(&spans, "ferrule-gateway", "deliver command").unwrap();
+    assert_eq!(
+        deliver.parent_span_id, route.span_id,
+        "under the router's span"
+    );
+    assert_eq!(deliver.attributes["subject"], "setBrightness");
+    let upload = span_of(&spans, "ferrule-gateway", "upload command response").unwrap();
+    assert_eq!(
+        upload.parent_span_id, deliver.span_id,
+        "the response continues it"
+    );
+    assert_eq!(upload.attributes["status"], "200");
+    // The response record carries the trace: the response upload's span.
+    let tp = response["traceparent"].as_str().unwrap_or_default();
+    assert_eq!(
+        tp,
+        format!("00-{trace_id}-{}-01", upload.span_id),
+        "{response}"
+    );
+
+    // The same traffic in the metrics: Hono's command series of the gateway, the router's
+    // own, and how long the device's connection lasted.
+    let (_, metrics) = curl(&[&format!("{}/metrics", f.health)]);
+    let t = tenant.as_str();
+    let count = |name: &str, labels: &[(&str, &str)]| metric(&metrics, name, labels);
+    let command = |direction| {
+        count(
+            "hono_command_processing_duration_seconds_count",
+            &[
+                ("component_name", "hono-mqtt"),
+                ("tenant", t),
+                ("direction", direction),
+                ("status", "forwarded"),
+            ],
+        )
+    };
+    assert_eq!(command("request"), Some(1.0), "{metrics}");
+    assert_eq!(command("response"), Some(1.0), "{metrics}");
+    assert_eq!(
+        count(
+            "hono_command_payload_bytes_count",
+            &[("tenant", t), ("direction", "request")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        count("ferrule_router_commands_consumed_total", &[("tenant", t)]),
+        Some(1.0)
+    );
+    assert_eq!(
+        count("ferrule_router_commands_forwarded_total", &[("tenant", t)]),
+        Some(1.0)
+    );
+    assert!(count("ferrule_router_routing_lookup_duration_seconds_count", &[]) >= Some(1.0));
+    assert_eq!(
+        count(
+            "hono_connections_authenticated_duration_seconds_count",
+            &[("component_name", "hono-mqtt"), ("tenant", t)]
+        ),
+        Some(1.0),
+        "the device left: {metrics}"
+    );
     f.stop();
 }

@@ -14,6 +14,7 @@ use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::outcome::OutcomeRoute;
 use ferrule_schemas::{TopicKind, TopicNames};
+use ferrule_telemetry::{KeyValue, Span, SpanKind, TraceContext, Tracer};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -50,6 +51,9 @@ struct Incoming {
     failure_metadata: Vec<(String, Vec<u8>)>,
     /// Where the bridge that wrote the command expects its outcome, if it does.
     outcome: Option<OutcomeRoute>,
+    /// `route command`, under the application's trace context; it ends once the command was
+    /// forwarded or answered.
+    span: Span,
 }
 
 /// Where the router writes: its producer, the deployment's topic names, and the admin client
@@ -114,6 +118,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let names = kafka.topic_names()?;
+    let tracer = ferrule_telemetry::tracer(crate::SERVICE_NAME);
+    crate::metrics::init();
     let consumer: StreamConsumer<RebalanceLog> = kafka
         .consumer()
         .set("group.id", group_id)
@@ -152,10 +158,15 @@ pub async fn run(
                         continue;
                     }
                 };
-                let incoming = copy(&out.names, &msg);
+                let incoming = copy(&out.names, &tracer, &msg);
+                if !incoming.tenant.is_empty() {
+                    crate::metrics::consumed(&incoming.tenant);
+                }
                 let (registry, routing) = (registry.clone(), routing.clone());
                 routed.push_back(Box::pin(async move {
+                    let started = std::time::Instant::now();
                     let decision = decide(&incoming, &registry, &routing).await;
+                    crate::metrics::lookup(started.elapsed().as_secs_f64());
                     (incoming, decision)
                 }));
             }
@@ -184,7 +195,7 @@ pub async fn run(
     Ok(())
 }
 
-fn copy(names: &TopicNames, msg: &BorrowedMessage<'_>) -> Incoming {
+fn copy(names: &TopicNames, tracer: &Tracer, msg: &BorrowedMessage<'_>) -> Incoming {
     let headers: Vec<(String, Option<Vec<u8>>)> = msg
         .headers()
         .map(|hs| {
@@ -198,7 +209,33 @@ fn copy(names: &TopicNames, msg: &BorrowedMessage<'_>) -> Incoming {
         .filter(|(k, _)| k.starts_with(h::DELIVERY_FAILURE_METADATA_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
+    let span = match tracer.is_on() {
+        false => Span::none(),
+        true => {
+            let all = || headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
+            let text = |name: &str| h::first(all(), name).and_then(h::decode_str);
+            let parent = TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE));
+            tracer.start(
+                "route command",
+                SpanKind::Consumer,
+                parent.as_ref(),
+                None,
+                || {
+                    vec![
+                        KeyValue::new("messaging.system", "kafka"),
+                        KeyValue::new("messaging.source.name", msg.topic().to_owned()),
+                        KeyValue::new(
+                            "device_id",
+                            String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                        ),
+                        KeyValue::new("subject", text(h::SUBJECT).unwrap_or_default().to_owned()),
+                    ]
+                },
+            )
+        }
+    };
     Incoming {
+        span,
         position: (msg.topic().to_owned(), msg.partition(), msg.offset()),
         outcome: OutcomeRoute::from_headers(
             names,
@@ -322,14 +359,20 @@ fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'stat
         ..
     } = &incoming;
     let (position, tenant) = (position.clone(), tenant.clone());
+    let span = incoming.span.clone();
     let (device, correlation_id, failure, delivery) = match decision {
-        Decision::Skip => return Box::pin(std::future::ready(position)),
+        Decision::Skip => {
+            span.set_attribute(KeyValue::new("outcome", "skipped"));
+            span.end();
+            return Box::pin(std::future::ready(position));
+        }
         Decision::Fail {
             device,
             correlation_id,
             failure,
         } => (device, correlation_id, Some(failure), None),
         Decision::Forward(command, target) => {
+            span.set_attribute(KeyValue::new("target_instance", target.instance_id.clone()));
             let topic = out
                 .names
                 .name(TopicKind::CommandInternal, &target.instance_id);
@@ -367,15 +410,37 @@ fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'stat
                 })
             }
         };
+        match &failure {
+            None => {
+                crate::metrics::forwarded(&tenant);
+                span.set_attribute(KeyValue::new("outcome", "forwarded"));
+            }
+            Some(f) => {
+                crate::metrics::failed(&tenant, f.status);
+                span.set_attribute(KeyValue::new("status", i64::from(f.status)));
+                span.fail(f.reason.clone());
+            }
+        }
         let answered = match (failure, outcome, correlation_id) {
             (None, _, _) | (Some(_), None, None) => Ok(()),
             // The bridge settles the application's transfer by it (Hono's AMQP APIs).
             (Some(f), Some(route), _) => report_outcome(&out.producer, &device, &route, f).await,
-            (Some(f), None, Some(cid)) => respond(&out, &tenant, &device, &cid, &metadata, f).await,
+            (Some(f), None, Some(cid)) => {
+                // The failure response continues the router's span.
+                let mut metadata = metadata;
+                if let Some(t) = span.context() {
+                    metadata.push((h::TRACEPARENT.to_owned(), t.traceparent.into_bytes()));
+                    if let Some(state) = t.tracestate {
+                        metadata.push((h::TRACESTATE.to_owned(), state.into_bytes()));
+                    }
+                }
+                respond(&out, &tenant, &device, &cid, &metadata, f).await
+            }
         };
         if let Err(e) = answered {
             tracing::warn!(error = %e, "delivery failure not reported");
         }
+        span.end();
         position
     })
 }
@@ -384,8 +449,25 @@ fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'stat
 /// internal command records).
 fn forward_headers(incoming: &Incoming, target: &CommandTarget) -> OwnedHeaders {
     let mut out = OwnedHeaders::new_with_capacity(incoming.headers.len() + 4);
+    // The gateway continues the router's span, else the application's trace.
+    let trace = incoming.span.context();
     for (k, v) in incoming.record_headers() {
+        if trace.is_some() && (k == h::TRACEPARENT || k == h::TRACESTATE) {
+            continue;
+        }
         out = out.insert(Header { key: k, value: v });
+    }
+    if let Some(t) = &trace {
+        out = out.insert(Header {
+            key: h::TRACEPARENT,
+            value: Some(&t.traceparent),
+        });
+        if let Some(state) = &t.tracestate {
+            out = out.insert(Header {
+                key: h::TRACESTATE,
+                value: Some(state),
+            });
+        }
     }
     out = out.insert(Header {
         key: h::TENANT_ID,

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod forward;
+pub mod metrics;
 
 pub use ferrule_registry::device_connection::{CommandTarget, RoutingError, RoutingState};
 
@@ -44,6 +45,9 @@ impl Default for RouterConfig {
         }
     }
 }
+
+/// The `service.name` of the router's spans.
+pub const SERVICE_NAME: &str = "ferrule-command-router";
 
 /// Runs the router until `shutdown` turns true.
 pub async fn run(

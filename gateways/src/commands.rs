@@ -2,14 +2,16 @@
 //! its connections (kept in the router's PostgreSQL state too), its internal command topic, and
 //! the responses devices send back.
 
+use crate::delivery::Progress;
 use crate::kafka::{DownstreamSender, OutboundRecord};
-use crate::pipeline::{DeviceResponse, IngestPipeline, Reason, Refusal};
+use crate::pipeline::{AdapterType, DeviceResponse, IngestPipeline, Reason, Refusal};
 use ferrule_registry::device_connection::{RoutingError, RoutingState};
 use ferrule_schemas::TopicKind;
 use ferrule_schemas::command::{RequestId, delivery_failure_body, response_headers};
 use ferrule_schemas::content_type::DELIVERY_FAILURE_NOTIFICATION;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::outcome::{DELIVERED, OutcomeRoute};
+use ferrule_telemetry::{KeyValue, Span, SpanKind, TraceContext, Tracer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use std::collections::{BTreeMap, HashMap};
@@ -73,7 +75,7 @@ pub async fn upload_with_ttd(
             if let Some(ttd) = ttd {
                 let ttd_time = Duration::from_secs(ttd.unsigned_abs());
                 let poll = hub
-                    .long_poll(&who.tenant_id, &who.device_id, ttd_time)
+                    .long_poll(up.adapter, &who.tenant_id, &who.device_id, ttd_time)
                     .await?;
                 polling = Some(Polling {
                     poll,
@@ -91,7 +93,7 @@ pub async fn upload_with_ttd(
 }
 
 /// A command for a device connected to this instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CommandDelivery {
     pub device_id: String,
     pub subject: String,
@@ -105,10 +107,15 @@ pub struct CommandDelivery {
     /// Set on commands of the AMQP bridge, which settles the application's transfer by the
     /// outcome reported there.
     pub outcome: Option<OutcomeRoute>,
+    /// What becomes of it (metrics and its `deliver command` span), reported once.
+    pub progress: Progress,
 }
 
 /// Commands waiting for one connection; bounded, a full queue fails the command (503).
 pub type CommandQueue = mpsc::Sender<CommandDelivery>;
+
+/// Who holds a device's subscription: its token, its queue and its adapter's name.
+type Subscriber = (SubscriptionToken, CommandQueue, &'static str);
 
 /// How often this instance tells the router it is alive, at most: three times within the
 /// instance timeout, so one late or lost beat does not make it dead.
@@ -137,8 +144,10 @@ struct Inner {
     sender: Arc<DownstreamSender>,
     /// How long an application waits for a device's response to a request/response command.
     response_timeout: Duration,
+    /// Spans of command deliveries and responses.
+    tracer: Tracer,
     /// (tenant, device or gateway) → the connection or request holding the subscription.
-    subscribers: Mutex<HashMap<(String, String), (SubscriptionToken, CommandQueue)>>,
+    subscribers: Mutex<HashMap<(String, String), Subscriber>>,
     next_token: AtomicU64,
     /// Request/response commands handed to a device and not answered yet.
     awaiting: Mutex<AwaitingResponses>,
@@ -173,18 +182,29 @@ impl RecentSet {
     }
 }
 
+/// An awaited command: its deadline slot, its device and the trace context its response
+/// continues.
+type Awaited = ((i64, u64), String, Option<TraceContext>);
+
 /// Request/response commands waiting for the device's answer, by (tenant, correlation id),
 /// and ordered by deadline so that overdue ones are found without a scan.
 #[derive(Default)]
 struct AwaitingResponses {
-    by_key: HashMap<(String, String), ((i64, u64), String)>,
+    by_key: HashMap<(String, String), Awaited>,
     by_deadline: BTreeMap<(i64, u64), (String, String)>,
     seq: u64,
 }
 
 impl AwaitingResponses {
     /// Tracks a command until `deadline` (ms); `false` when the table is full.
-    fn insert(&mut self, tenant: &str, cid: &str, device: &str, deadline: i64) -> bool {
+    fn insert(
+        &mut self,
+        tenant: &str,
+        cid: &str,
+        device: &str,
+        deadline: i64,
+        trace: Option<TraceContext>,
+    ) -> bool {
         let key = (tenant.to_owned(), cid.to_owned());
         self.remove(tenant, cid);
         if self.by_key.len() >= MAX_AWAITING {
@@ -193,19 +213,16 @@ impl AwaitingResponses {
         self.seq += 1;
         let slot = (deadline, self.seq);
         self.by_deadline.insert(slot, key.clone());
-        self.by_key.insert(key, (slot, device.to_owned()));
+        self.by_key.insert(key, (slot, device.to_owned(), trace));
         true
     }
 
-    /// Stops tracking; `true` when the command was tracked.
-    fn remove(&mut self, tenant: &str, cid: &str) -> bool {
-        match self.by_key.remove(&(tenant.to_owned(), cid.to_owned())) {
-            Some((slot, _)) => {
-                self.by_deadline.remove(&slot);
-                true
-            }
-            None => false,
-        }
+    /// Stops tracking; `Some` (with the trace context to continue) when the command was
+    /// tracked.
+    fn remove(&mut self, tenant: &str, cid: &str) -> Option<Option<TraceContext>> {
+        let (slot, _, trace) = self.by_key.remove(&(tenant.to_owned(), cid.to_owned()))?;
+        self.by_deadline.remove(&slot);
+        Some(trace)
     }
 
     /// Removes and returns (tenant, device, correlation id) of every command overdue at `now`.
@@ -216,7 +233,7 @@ impl AwaitingResponses {
                 break;
             }
             let (tenant, cid) = entry.remove();
-            if let Some((_, device)) = self.by_key.remove(&(tenant.clone(), cid.clone())) {
+            if let Some((_, device, _)) = self.by_key.remove(&(tenant.clone(), cid.clone())) {
                 out.push((tenant, device, cid));
             }
         }
@@ -278,10 +295,29 @@ struct ResponseTo<'a> {
     tenant_ext: Option<&'a serde_json::Map<String, serde_json::Value>>,
     device: &'a str,
     correlation_id: &'a str,
+    /// The trace context the application reads on the response record.
+    trace: Option<&'a TraceContext>,
 }
 
-/// A command response handed to the producer; resolves when the broker has it.
-pub struct PendingResponse(crate::kafka::Delivery);
+/// A command response handed to the producer; resolves when the broker has it (and its span,
+/// if any, then ends).
+pub struct PendingResponse(crate::kafka::Delivery, Span, Option<ResponseMeter>);
+
+/// A device's response on its way to Kafka, for `hono_command_*` (direction `response`).
+struct ResponseMeter {
+    adapter: &'static str,
+    tenant: String,
+    started: std::time::Instant,
+    bytes: usize,
+}
+
+impl ResponseMeter {
+    fn record(&self, status: &str) {
+        let secs = self.started.elapsed().as_secs_f64();
+        let (adapter, tenant) = (self.adapter, self.tenant.as_str());
+        crate::metrics::command(adapter, tenant, "response", status, secs, self.bytes);
+    }
+}
 
 impl PendingResponse {
     pub async fn acked(mut self) -> Result<(), Refusal> {
@@ -293,7 +329,20 @@ impl PendingResponse {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Refusal>> {
-        self.0.poll_acked(cx).map_err(Refusal::downstream)
+        let acked = std::task::ready!(self.0.poll_acked(cx)).map_err(Refusal::downstream);
+        let span = std::mem::take(&mut self.1);
+        if let Err(e) = &acked {
+            span.fail(e.to_string());
+        }
+        span.end();
+        if let Some(meter) = self.2.take() {
+            meter.record(if acked.is_ok() {
+                "forwarded"
+            } else {
+                "undeliverable"
+            });
+        }
+        std::task::Poll::Ready(acked)
     }
 }
 
@@ -312,6 +361,7 @@ impl CommandHub {
         sender: Arc<DownstreamSender>,
         response_timeout: Duration,
         instance_id: Option<String>,
+        tracer: Tracer,
     ) -> Self {
         let instance_id = instance_id
             .unwrap_or_else(|| format!("ferrule-gateway-{}", uuid::Uuid::new_v4().simple()));
@@ -321,6 +371,7 @@ impl CommandHub {
                 routing,
                 sender,
                 response_timeout,
+                tracer,
                 subscribers: Mutex::new(HashMap::new()),
                 next_token: AtomicU64::new(1),
                 awaiting: Mutex::new(AwaitingResponses::default()),
@@ -336,10 +387,7 @@ impl CommandHub {
         &self.inner.instance_id
     }
 
-    fn subscribers(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (SubscriptionToken, CommandQueue)>>
-    {
+    fn subscribers(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Subscriber>> {
         self.inner
             .subscribers
             .lock()
@@ -363,6 +411,7 @@ impl CommandHub {
     /// replaced one is dropped, which ends a long poll waiting on it.
     pub async fn subscribe(
         &self,
+        adapter: AdapterType,
         tenant: &str,
         device: &str,
         queue: CommandQueue,
@@ -373,7 +422,10 @@ impl CommandHub {
         // changes of one device reach the route topic in the order they happened here.
         let registered = {
             let mut subs = self.subscribers();
-            subs.insert((tenant.to_owned(), device.to_owned()), (token, queue));
+            subs.insert(
+                (tenant.to_owned(), device.to_owned()),
+                (token, queue, adapter.name()),
+            );
             self.inner
                 .routing
                 .register_queued(tenant, device, &self.inner.instance_id, lifespan)
@@ -423,7 +475,7 @@ impl CommandHub {
     ) -> Option<T> {
         let mut subs = self.subscribers();
         let key = (tenant.to_owned(), device.to_owned());
-        if !subs.get(&key).is_some_and(|(t, _)| *t == token) {
+        if !subs.get(&key).is_some_and(|(t, _, _)| *t == token) {
             return None;
         }
         subs.remove(&key);
@@ -457,14 +509,16 @@ impl CommandHub {
     /// application reacting to the notification finds the route.
     pub async fn long_poll(
         &self,
+        adapter: AdapterType,
         tenant: &str,
         device: &str,
         ttd: Duration,
     ) -> Result<LongPoll, Refusal> {
         // One command per request: room for exactly one.
         let (tx, rx) = mpsc::channel(1);
+        let lifespan = Some(ttd + Duration::from_secs(1));
         let token = self
-            .subscribe(tenant, device, tx, Some(ttd + Duration::from_secs(1)))
+            .subscribe(adapter, tenant, device, tx, lifespan)
             .await?;
         Ok(LongPoll {
             hub: self.clone(),
@@ -496,46 +550,71 @@ impl CommandHub {
         r: DeviceResponse,
     ) -> Result<PendingResponse, Refusal> {
         let (who, request) = pipeline.authorise_response(&r).await?;
-        self.awaiting()
-            .remove(&who.tenant_id, &request.correlation_id);
-        self.enqueue_response(
-            ResponseTo {
-                tenant: &who.tenant_id,
-                tenant_ext: who.tenant_ext(),
-                device: &who.device_id,
-                correlation_id: &request.correlation_id,
+        let command = self
+            .awaiting()
+            .remove(&who.tenant_id, &request.correlation_id)
+            .flatten();
+        // The response continues the command's trace.
+        let span = self.inner.tracer.start(
+            "upload command response",
+            SpanKind::Server,
+            command.as_ref(),
+            None,
+            || {
+                vec![
+                    KeyValue::new("tenant_id", who.tenant_id.clone()),
+                    KeyValue::new("device_id", who.device_id.clone()),
+                    KeyValue::new("component_name", r.adapter.name()),
+                    KeyValue::new("status", i64::from(r.status)),
+                ]
             },
-            r.status,
-            r.content_type.as_deref(),
-            &r.payload,
-        )
-        .await
+        );
+        let trace = span.context().or(command);
+        let meter = ResponseMeter {
+            adapter: r.adapter.name(),
+            tenant: who.tenant_id.clone(),
+            started: std::time::Instant::now(),
+            bytes: r.payload.len(),
+        };
+        let mut pending = self
+            .enqueue_response(
+                ResponseTo {
+                    tenant: &who.tenant_id,
+                    tenant_ext: who.tenant_ext(),
+                    device: &who.device_id,
+                    correlation_id: &request.correlation_id,
+                    trace: trace.as_ref(),
+                },
+                r.status,
+                r.content_type.as_deref(),
+                &r.payload,
+            )
+            .await;
+        match &mut pending {
+            Ok(p) => {
+                p.1 = span;
+                p.2 = Some(meter);
+            }
+            Err(e) => {
+                span.fail(e.to_string());
+                meter.record("undeliverable");
+            }
+        }
+        pending
     }
 
     /// Writes a command response to the application's topic and waits for the broker.
     async fn respond(
         &self,
-        tenant: &str,
-        device: &str,
-        correlation_id: &str,
+        to: ResponseTo<'_>,
         status: u16,
         content_type: Option<&str>,
         payload: &[u8],
     ) -> Result<(), Refusal> {
-        self.enqueue_response(
-            ResponseTo {
-                tenant,
-                tenant_ext: None,
-                device,
-                correlation_id,
-            },
-            status,
-            content_type,
-            payload,
-        )
-        .await?
-        .acked()
-        .await
+        self.enqueue_response(to, status, content_type, payload)
+            .await?
+            .acked()
+            .await
     }
 
     /// Hands a command response to the producer.
@@ -551,6 +630,7 @@ impl CommandHub {
             tenant_ext,
             device,
             correlation_id,
+            trace,
         } = to;
         let topic = self
             .inner
@@ -560,9 +640,18 @@ impl CommandHub {
             .map_err(|e| Refusal::malformed(e.to_string()))?;
         let ct = content_type
             .or((!payload.is_empty()).then_some(ferrule_schemas::content_type::OCTET_STREAM));
+        let trace_headers = trace.into_iter().flat_map(|t| {
+            let state = t
+                .tracestate
+                .as_deref()
+                .map(|s| (h::TRACESTATE, s.as_bytes()));
+            std::iter::once((h::TRACEPARENT, t.traceparent.as_bytes())).chain(state)
+        });
         let headers = response_headers(tenant, device, correlation_id, status, ct)
             .iter()
-            .fold(OwnedHeaders::new_with_capacity(6), |hs, (k, v)| {
+            .map(|(k, v)| (*k, v.as_slice()))
+            .chain(trace_headers)
+            .fold(OwnedHeaders::new_with_capacity(8), |hs, (k, v)| {
                 hs.insert(Header {
                     key: k,
                     value: Some(v),
@@ -582,7 +671,7 @@ impl CommandHub {
                 headers,
                 payload,
             })
-            .map(PendingResponse)
+            .map(|d| PendingResponse(d, Span::none(), None))
             .map_err(unavailable)
     }
 
@@ -595,13 +684,17 @@ impl CommandHub {
         status: u16,
         reason: &str,
     ) {
-        self.awaiting().remove(tenant, correlation_id);
+        let trace = self.awaiting().remove(tenant, correlation_id).flatten();
         let body = delivery_failure_body(reason);
         let sent = self
             .respond(
-                tenant,
-                device,
-                correlation_id,
+                ResponseTo {
+                    tenant,
+                    tenant_ext: None,
+                    device,
+                    correlation_id,
+                    trace: trace.as_ref(),
+                },
                 status,
                 Some(DELIVERY_FAILURE_NOTIFICATION),
                 &body,
@@ -653,6 +746,7 @@ impl CommandHub {
 
     /// Tells the bridge that sent `cmd` that it reached the device; nothing for other commands.
     pub fn delivered(&self, cmd: &CommandDelivery) {
+        cmd.progress.delivered();
         self.delivered_to(&cmd.device_id, cmd.outcome.as_ref());
     }
 
@@ -871,6 +965,44 @@ impl CommandHub {
         let correlation_id = text(h::CORRELATION_ID).filter(|_| response_required);
         let outcome =
             OutcomeRoute::from_headers(self.inner.sender.names(), headers.iter().copied());
+        // Under the router's span; the device's response continues this one.
+        let parent = TraceContext::of(
+            text(h::TRACEPARENT).as_deref(),
+            text(h::TRACESTATE).as_deref(),
+        );
+        let span = self.inner.tracer.start(
+            "deliver command",
+            SpanKind::Consumer,
+            parent.as_ref(),
+            None,
+            || {
+                vec![
+                    KeyValue::new("tenant_id", tenant.clone()),
+                    KeyValue::new("device_id", device.clone()),
+                    KeyValue::new("subject", subject.clone()),
+                    KeyValue::new("request_response", correlation_id.is_some()),
+                ]
+            },
+        );
+        let trace = span.context().or(parent);
+        // The device's own subscription first, then its gateway's.
+        let holder = [Some(device.clone()), text(h::VIA)]
+            .into_iter()
+            .flatten()
+            .find_map(|d| {
+                self.subscribers()
+                    .get(&(tenant.clone(), d))
+                    .map(|(_, q, adapter)| (q.clone(), *adapter))
+            });
+        let payload = m.payload().unwrap_or_default();
+        let adapter = holder.as_ref().map_or("unknown", |(_, a)| *a);
+        let progress = Progress::new(
+            span,
+            adapter,
+            &tenant,
+            correlation_id.is_some(),
+            payload.len(),
+        );
         let deadline = h::now_millis()
             + i64::try_from(self.inner.response_timeout.as_millis()).unwrap_or(i64::MAX / 2);
         let delivery = CommandDelivery {
@@ -885,30 +1017,26 @@ impl CommandHub {
             }),
             correlation_id: correlation_id.clone(),
             content_type: text(h::CONTENT_TYPE),
-            payload: m.payload().unwrap_or_default().to_vec(),
+            payload: payload.to_vec(),
             outcome: outcome.clone(),
+            progress: progress.clone(),
         };
-        // The device's own subscription first, then its gateway's.
-        let holder = [Some(device.clone()), text(h::VIA)]
-            .into_iter()
-            .flatten()
-            .find_map(|d| {
-                self.subscribers()
-                    .get(&(tenant.clone(), d))
-                    .map(|(_, q)| q.clone())
-            });
         let cid = correlation_id.as_deref();
-        let Some(queue) = holder else {
+        let Some((queue, _)) = holder else {
             let reason = "device is not connected to this gateway";
+            progress.failed(503, reason);
             self.undelivered(&tenant, &device, cid, outcome.as_ref(), reason)
                 .await;
             return;
         };
         // Tracked before the device can possibly answer.
         if let Some(cid) = cid
-            && !self.awaiting().insert(&tenant, cid, &device, deadline)
+            && !self
+                .awaiting()
+                .insert(&tenant, cid, &device, deadline, trace)
         {
             let reason = "too many commands are awaiting responses";
+            progress.failed(503, reason);
             self.undelivered(&tenant, &device, Some(cid), outcome.as_ref(), reason)
                 .await;
             return;
@@ -925,6 +1053,7 @@ impl CommandHub {
         };
         if !queued {
             let reason = "the device is busy with another command";
+            progress.failed(503, reason);
             self.undelivered(&tenant, &device, cid, outcome.as_ref(), reason)
                 .await;
         }
@@ -1001,6 +1130,7 @@ impl LongPoll {
         spawn_cleanup(async move {
             for c in left {
                 let reason = "the device's request ended before the command was sent";
+                c.progress.failed(503, reason);
                 let (cid, outcome) = (c.correlation_id.as_deref(), c.outcome.as_ref());
                 hub.undelivered(&tenant, &c.device_id, cid, outcome, reason)
                     .await;
@@ -1038,9 +1168,13 @@ mod tests {
     #[test]
     fn awaiting_responses_expire_in_deadline_order_and_stay_bounded() {
         let mut a = AwaitingResponses::default();
-        assert!(a.insert("t", "c1", "d", 100));
-        assert!(a.insert("t", "c2", "d", 50));
-        assert!(a.insert("u", "c1", "e", 200));
+        assert!(a.insert("t", "c1", "d", 100, None));
+        assert!(a.insert("t", "c2", "d", 50, None));
+        let trace = TraceContext::of(
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            None,
+        );
+        assert!(a.insert("u", "c1", "e", 200, trace.clone()));
         assert_eq!(a.take_overdue(49), vec![]);
         assert_eq!(
             a.take_overdue(100),
@@ -1050,19 +1184,19 @@ mod tests {
             ]
         );
         // Answered commands never time out; a reused correlation id keeps one entry.
-        assert!(a.remove("u", "c1"));
-        assert!(!a.remove("u", "c1"));
-        assert!(a.insert("t", "c3", "d", 300));
-        assert!(a.insert("t", "c3", "d", 400));
+        assert_eq!(a.remove("u", "c1"), Some(trace), "with its trace context");
+        assert_eq!(a.remove("u", "c1"), None);
+        assert!(a.insert("t", "c3", "d", 300, None));
+        assert!(a.insert("t", "c3", "d", 400, None));
         assert_eq!(a.len(), 1);
         assert_eq!(a.take_overdue(350), vec![]);
         assert_eq!(a.take_overdue(400).len(), 1);
         assert_eq!(a.len(), 0);
         assert!(a.by_deadline.is_empty());
         for i in 0..MAX_AWAITING {
-            assert!(a.insert("t", &i.to_string(), "d", 1));
+            assert!(a.insert("t", &i.to_string(), "d", 1, None));
         }
-        assert!(!a.insert("t", "one-more", "d", 1), "bounded");
+        assert!(!a.insert("t", "one-more", "d", 1, None), "bounded");
         assert_eq!(a.take_overdue(1).len(), MAX_AWAITING);
     }
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod coap;
+pub mod delivery;
 
 /// The `service.name` of the gateway's spans.
 pub const SERVICE_NAME: &str = "ferrule-gateway";
@@ -126,6 +127,7 @@ pub async fn serve(
         sender.clone(),
         Duration::from_secs(cfg.command_response_timeout_secs),
         (!cfg.instance_id.is_empty()).then(|| cfg.instance_id.clone()),
+        pipeline.tracer().clone(),
     );
     if !kafka.create_topics && cfg.instance_id.is_empty() {
         tracing::warn!(

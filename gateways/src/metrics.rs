@@ -3,6 +3,7 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use std::sync::LazyLock;
+use std::time::Instant;
 
 /// Registers a metric in the process-wide registry; the definitions below are constant, so a
 /// failure is a programming error. A second registration (tests with several gateways in one
@@ -37,6 +38,68 @@ static PAYLOAD: LazyLock<HistogramVec> = LazyLock::new(|| {
         &["component_name", "tenant", "type", "status"],
     ))
 });
+
+static COMMAND_PROCESSING: LazyLock<HistogramVec> = LazyLock::new(|| {
+    registered(HistogramVec::new(
+        HistogramOpts::new(
+            "hono_command_processing_duration_seconds",
+            "Time from a command reaching this gateway until the device had it or it failed \
+             (one-way, request), or from a device's response until Kafka had it (response)",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+        ]),
+        &["component_name", "tenant", "direction", "status"],
+    ))
+});
+
+static COMMAND_PAYLOAD: LazyLock<HistogramVec> = LazyLock::new(|| {
+    registered(HistogramVec::new(
+        HistogramOpts::new(
+            "hono_command_payload_bytes",
+            "Payload size of commands and command responses",
+        )
+        .buckets(prometheus::exponential_buckets(16.0, 4.0, 8).unwrap_or_default()),
+        &["component_name", "tenant", "direction", "status"],
+    ))
+});
+
+static CONNECTION_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    registered(HistogramVec::new(
+        HistogramOpts::new(
+            "hono_connections_authenticated_duration_seconds",
+            "How long connections of authenticated devices stayed open",
+        )
+        .buckets(vec![
+            1.0,
+            10.0,
+            60.0,
+            300.0,
+            1800.0,
+            3600.0,
+            6.0 * 3600.0,
+            24.0 * 3600.0,
+        ]),
+        &["component_name", "tenant"],
+    ))
+});
+
+/// Records one command's fate at this gateway, or one response's (`direction` is `one-way`,
+/// `request` or `response`; `status` `forwarded`, `unprocessable` or `undeliverable`).
+pub fn command(
+    adapter: &str,
+    tenant: &str,
+    direction: &str,
+    status: &str,
+    secs: f64,
+    bytes: usize,
+) {
+    let labels = [adapter, tenant, direction, status];
+    COMMAND_PROCESSING.with_label_values(&labels).observe(secs);
+    COMMAND_PAYLOAD
+        .with_label_values(&labels)
+        .observe(bytes as f64);
+}
 
 static REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     registered(IntCounterVec::new(
@@ -85,27 +148,35 @@ pub fn connection_attempt(adapter: &str, tenant: &str, outcome: &str) {
         .inc();
 }
 
-/// Tracks an open authenticated connection; decrements again when dropped.
-pub struct ConnectionGuard(prometheus::IntGauge);
+/// Tracks an open connection; when dropped, decrements again and, for an authenticated
+/// device, records how long it was open.
+pub struct ConnectionGuard(
+    prometheus::IntGauge,
+    Option<(prometheus::Histogram, Instant)>,
+);
 
 impl ConnectionGuard {
     pub fn new(adapter: &str, tenant: &str) -> Self {
         let g = CONNECTIONS.with_label_values(&[adapter, tenant]);
         g.inc();
-        ConnectionGuard(g)
+        let duration = CONNECTION_DURATION.with_label_values(&[adapter, tenant]);
+        ConnectionGuard(g, Some((duration, Instant::now())))
     }
 
     /// Tracks an open connection of a device that did not authenticate.
     pub fn unauthenticated(adapter: &str) -> Self {
         let g = UNAUTHENTICATED.with_label_values(&[adapter]);
         g.inc();
-        ConnectionGuard(g)
+        ConnectionGuard(g, None)
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.dec();
+        if let Some((duration, since)) = &self.1 {
+            duration.observe(since.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -192,6 +263,9 @@ pub fn init() {
     LazyLock::force(&PROCESSING);
     LazyLock::force(&PAYLOAD);
     LazyLock::force(&REJECTED);
+    LazyLock::force(&COMMAND_PROCESSING);
+    LazyLock::force(&COMMAND_PAYLOAD);
+    LazyLock::force(&CONNECTION_DURATION);
     LazyLock::force(&COAP_DUPLICATES);
     LazyLock::force(&DTLS_SESSIONS);
     LazyLock::force(&CONNECTIONS);

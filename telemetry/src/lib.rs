@@ -32,7 +32,7 @@ pub struct TelemetryConfig {
     /// `http://127.0.0.1:4318`; spans go to `<url>/v1/traces` as protobuf. Unset: the
     /// standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as it is) or
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL); none of them: no span is exported.
-    pub otlp_endpoint: Option<String>,
+    pub otlp_endpoint: String,
     /// Which traces are kept, named as `OTEL_TRACES_SAMPLER` names them:
     /// `parentbased_always_on` (the default, Hono's too), `parentbased_always_off`,
     /// `parentbased_traceidratio`, `parentbased_rate_limiting`, or any of them without
@@ -47,7 +47,7 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
-            otlp_endpoint: None,
+            otlp_endpoint: String::new(),
             sampler: "parentbased_always_on".into(),
             sampler_arg: 1.0,
         }
@@ -60,10 +60,10 @@ impl TelemetryConfig {
     pub fn traces_endpoint(&self) -> Option<String> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let base = |url: String| format!("{}/v1/traces", url.trim_end_matches('/'));
-        match &self.otlp_endpoint {
-            Some(url) if !url.trim().is_empty() => Some(base(url.clone())),
-            _ => env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        match self.otlp_endpoint.trim() {
+            "" => env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                 .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT").map(base)),
+            url => Some(base(url.to_owned())),
         }
     }
 }

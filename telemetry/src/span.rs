@@ -73,7 +73,8 @@ impl Tracer {
 
 /// A span being recorded, or nothing when tracing is off (one pointer: it may ride along with
 /// every message in flight). Dropping it ends it.
-#[derive(Debug, Default)]
+/// Clones are the same span: it ends at [`Span::end`] or when the last clone is dropped.
+#[derive(Debug, Default, Clone)]
 pub struct Span(Option<Box<Context>>);
 
 impl Span {

@@ -8,8 +8,10 @@ notification.
 Prints JSON lines: `ready` (subscribed), `skipped` (records that do not announce the device),
 `notification`, `command` (written), `response`; or `error`, and exits 1.
 
-usage: kafka_application.py BOOTSTRAP TENANT DEVICE TIMEOUT_SECONDS [TOPIC_PREFIX]
-(TOPIC_PREFIX: what the deployment puts before Hono's topic names, its `kafka.topic_prefix`)
+usage: kafka_application.py BOOTSTRAP TENANT DEVICE TIMEOUT_SECONDS [TOPIC_PREFIX] [TRACEPARENT]
+(TOPIC_PREFIX: what the deployment puts before Hono's topic names, its `kafka.topic_prefix`;
+TRACEPARENT: a W3C trace context the command carries as its `traceparent` header; the
+`response` line then shows the response record's `traceparent`)
 """
 import json
 import random
@@ -87,6 +89,7 @@ def next_record(c, deadline, why_not):
 def main():
     bootstrap, tenant, device, timeout = sys.argv[1:5]
     prefix = sys.argv[5] if len(sys.argv) > 5 else ""
+    traceparent = sys.argv[6] if len(sys.argv) > 6 else None
     deadline = time.monotonic() + float(timeout)
     events = consumer(bootstrap, "%shono.event.%s" % (prefix, tenant))
     responses = consumer(bootstrap, "%shono.command_response.%s" % (prefix, tenant))
@@ -132,7 +135,7 @@ def main():
             ("correlation-id", correlation_id),
             ("response-required", "true"),
             ("content-type", "application/json"),
-        ],
+        ] + ([("traceparent", traceparent)] if traceparent else []),
         on_delivery=lambda err, _record: delivered.append(err),
     )
     producer.flush(max(0.1, deadline - time.monotonic()))
@@ -154,6 +157,7 @@ def main():
             "device_id": h.get("device_id"),
             "tenant_id": h.get("tenant_id"),
             "content_type": h.get("content-type"),
+            "traceparent": h.get("traceparent"),
             "body": (record.value() or b"").decode("utf-8", "replace"),
         }
         if got["correlation_id"] == correlation_id:

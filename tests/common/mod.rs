@@ -2,6 +2,7 @@
 //! PostgreSQL and broker; and curl.
 #![allow(dead_code)]
 
+pub mod otlp;
 pub mod script;
 #[allow(unused_imports)]
 pub use script::*;
@@ -363,4 +364,20 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The value of the series `name` in Prometheus text `metrics` whose labels include every
+/// `label="value"` of `labels`; `None` when there is none.
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (series_labels, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let wanted = labels
+            .iter()
+            .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")));
+        wanted.then(|| value.trim().parse().ok()).flatten()
+    })
 }

@@ -637,6 +637,7 @@ impl Server {
             let (cid, outcome) = (cmd.correlation_id.as_deref(), cmd.outcome.as_ref());
             let reason = "the device did not acknowledge the response carrying the command, \
                           or did not fetch all of its blocks";
+            cmd.progress.failed(503, reason);
             // Boxed: the failure's record is rare, and every exchange would carry its room.
             Box::pin(hub.undelivered(&tenant, &cmd.device_id, cid, outcome, reason)).await;
         }

@@ -9,7 +9,9 @@ use super::errors::ErrorSubscription;
 use super::topic;
 use crate::commands::{CommandDelivery, CommandHub, SubscriptionToken};
 use crate::metrics;
-use crate::pipeline::{CommandScope, Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload};
+use crate::pipeline::{
+    AdapterType, CommandScope, Endpoint, IngestPipeline, Origin, Qos, Refusal, Upload,
+};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -40,10 +42,13 @@ pub(super) struct Unacked {
     pub(super) device_id: String,
     pub(super) correlation_id: Option<String>,
     pub(super) outcome: Option<ferrule_schemas::outcome::OutcomeRoute>,
+    /// Reported with the PUBACK, or with the failure.
+    pub(super) progress: crate::delivery::Progress,
 }
 
 impl Unacked {
     async fn undelivered(self, hub: &CommandHub, tenant: &str, reason: &str) {
+        self.progress.failed(503, reason);
         let (cid, outcome) = (self.correlation_id.as_deref(), self.outcome.as_ref());
         hub.undelivered(tenant, &self.device_id, cid, outcome, reason)
             .await;
@@ -147,7 +152,10 @@ impl Commands {
                 tx
             }
         };
-        let token = match hub.subscribe(&tenant, &registered, tx, None).await {
+        let token = match hub
+            .subscribe(AdapterType::Mqtt, &tenant, &registered, tx, None)
+            .await
+        {
             Ok(token) => token,
             Err(e) => return Some(Err(e)),
         };
@@ -240,6 +248,7 @@ impl Commands {
         if let Some(mut queue) = self.queue.take() {
             queue.close();
             while let Ok(c) = queue.try_recv() {
+                c.progress.failed(503, reason);
                 let (cid, outcome) = (c.correlation_id.as_deref(), c.outcome.as_ref());
                 hub.undelivered(tenant, &c.device_id, cid, outcome, reason)
                     .await;
@@ -292,6 +301,7 @@ impl Commands {
             outcome,
             payload,
             content_type,
+            progress,
             ..
         } = cmd;
         let sent = Unacked {
@@ -299,6 +309,7 @@ impl Commands {
             device_id,
             correlation_id,
             outcome,
+            progress,
         };
         let publish = Outbound::Publish {
             topic,
@@ -322,6 +333,7 @@ impl Commands {
             Ok(()) => None,
         };
         if let Some((status, reason)) = refused {
+            sent.progress.failed(status, &reason);
             if let Some(hub) = &self.hub {
                 let (cid, outcome) = (sent.correlation_id.as_deref(), sent.outcome.as_ref());
                 Box::pin(hub.not_delivered(
@@ -341,7 +353,10 @@ impl Commands {
                 self.unacked.insert(pkid, sent);
             }
             // QoS 0: sent is all the device will ever confirm.
-            Some(hub) => hub.delivered_to(&sent.device_id, sent.outcome.as_ref()),
+            Some(hub) => {
+                sent.progress.delivered();
+                hub.delivered_to(&sent.device_id, sent.outcome.as_ref());
+            }
             None => {}
         }
         Ok(())
@@ -351,6 +366,7 @@ impl Commands {
     pub(super) fn acked(&mut self, pkid: u16) {
         self.overdue.remove(&pkid);
         if let (Some(u), Some(hub)) = (self.unacked.remove(&pkid), &self.hub) {
+            u.progress.delivered();
             hub.delivered_to(&u.device_id, u.outcome.as_ref());
         }
     }

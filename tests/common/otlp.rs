@@ -1,0 +1,125 @@
+//! An OTLP/HTTP trace receiver for tests, built on the `opentelemetry-proto` definitions: it
+//! decodes every export request and keeps the spans.
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One span as the receiver decoded it; ids in lowercase hex.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub service: String,
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub attributes: HashMap<String, String>,
+}
+
+/// An OTLP/HTTP trace receiver on a port of its own (`POST /v1/traces`, protobuf).
+pub struct OtlpReceiver {
+    pub url: String,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl OtlpReceiver {
+    pub fn start() -> OtlpReceiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let state = spans.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let app = axum::Router::new()
+                    .route("/v1/traces", axum::routing::post(export))
+                    .with_state(state);
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        OtlpReceiver { url, spans }
+    }
+
+    /// The spans of `trace_id` received so far.
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        let spans = self.spans.lock().unwrap();
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (up to 30 s: the exporters send in batches every few seconds) until the spans of
+    /// `trace_id` satisfy `done`.
+    pub fn wait_for(
+        &self,
+        trace_id: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let start = Instant::now();
+        loop {
+            let spans = self.trace(trace_id);
+            if done(&spans) {
+                return spans;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "spans of {trace_id} so far: {spans:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+async fn export(
+    axum::extract::State(spans): axum::extract::State<Arc<Mutex<Vec<ReceivedSpan>>>>,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+        return axum::http::StatusCode::BAD_REQUEST;
+    };
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+        .as_ref()
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        Some(AnyValue::IntValue(n)) => n.to_string(),
+        Some(AnyValue::BoolValue(b)) => b.to_string(),
+        other => format!("{other:?}"),
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut out = spans.lock().unwrap();
+    for rs in request.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| r.attributes.iter())
+            .find(|kv| kv.key == "service.name")
+            .map(|kv| text(&kv.value))
+            .unwrap_or_default();
+        for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+            out.push(ReceivedSpan {
+                service: service.clone(),
+                name: span.name.clone(),
+                trace_id: hex(&span.trace_id),
+                span_id: hex(&span.span_id),
+                parent_span_id: hex(&span.parent_span_id),
+                attributes: span
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.clone(), text(&kv.value)))
+                    .collect(),
+            });
+        }
+    }
+    axum::http::StatusCode::OK
+}
