@@ -146,7 +146,8 @@ fn one_trace_from_an_mqtt_device_through_gateway_kafka_and_bridge_to_an_applicat
     f.stop();
 }
 
-/// Hono's tenant `tracing` settings: `sampling-mode: none` keeps no span of the tenant's
+/// Hono's tenant `tracing` settings (the endpoint set as `telemetry.otlp_endpoint` here):
+/// `sampling-mode: none` keeps no span of the tenant's
 /// messages even when the device asks for sampling, and the next hops see the trace as not
 /// sampled; `sampling-mode-per-auth-id` keeps every span of one device even when the device
 /// does not ask for it.
@@ -155,7 +156,7 @@ fn tenants_sampling_modes_are_honoured() {
     let otlp = OtlpReceiver::start();
     let mut f = Ferrule::start_with(
         &kafka(),
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())],
+        &[("FERRULE_TELEMETRY__OTLP_ENDPOINT", otlp.url.clone())],
     );
     f.wait_readiness(200);
     let quiet = provision(&f, r#"{"tracing": {"sampling-mode": "none"}}"#);
@@ -226,7 +227,10 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     let f = Ferrule::start_for_commands_with(
         &tenant,
         "",
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone()),
+            ("FERRULE_KAFKA__STATISTICS_INTERVAL_MS", "300".to_owned()),
+        ],
     );
     f.admin_ok("POST", &format!("/v1/tenants/{tenant}"), "{}");
     f.admin_ok("POST", &format!("/v1/devices/{tenant}/lamp"), "{}");
@@ -303,7 +307,9 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     );
 
     // The same traffic in the metrics: Hono's command series of the gateway, the router's
-    // own, and how long the device's connection lasted.
+    // own, how long the device's connection lasted, and librdkafka's statistics (reported
+    // every 300 ms here) — the router's group has read every command.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
     let (_, metrics) = curl(&[&format!("{}/metrics", f.health)]);
     let t = tenant.as_str();
     let count = |name: &str, labels: &[(&str, &str)]| metric(&metrics, name, labels);
@@ -343,6 +349,35 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
         ),
         Some(1.0),
         "the device left: {metrics}"
+    );
+    let command_topic = format!("hono.command.{tenant}");
+    assert_eq!(
+        count("ferrule_kafka_consumer_lag", &[("topic", &command_topic)]),
+        Some(0.0),
+        "{metrics}"
+    );
+    // Per client; a producer's round trips of an idle interval are 0, a consumer's fetches
+    // take a while.
+    for client in ["gateway", "command-router", "gateway-commands"] {
+        let rtt = count(
+            "ferrule_kafka_broker_rtt_microseconds",
+            &[("client", client), ("quantile", "0.99")],
+        );
+        assert!(rtt.is_some(), "{client}: {metrics}");
+        let errors = &[("client", client), ("kind", "tx")];
+        assert!(count("ferrule_kafka_broker_errors", errors).is_some());
+    }
+    let fetches = count(
+        "ferrule_kafka_broker_rtt_microseconds",
+        &[("client", "gateway-commands"), ("quantile", "0.99")],
+    );
+    assert!(fetches.is_some_and(|us| us > 0.0), "{metrics}");
+    assert!(
+        count(
+            "ferrule_kafka_client_queue_messages",
+            &[("client", "gateway")]
+        )
+        .is_some()
     );
     f.stop();
 }

@@ -81,9 +81,14 @@ enum Decision {
 
 /// Logs the command partitions this router takes and gives up (info): which router forwards
 /// which tenant's commands is otherwise invisible.
-pub struct RebalanceLog;
+/// Its statistics become metrics.
+pub struct RebalanceLog(pub ferrule_kafka::Stats);
 
-impl rdkafka::ClientContext for RebalanceLog {}
+impl rdkafka::ClientContext for RebalanceLog {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.0.record(&statistics);
+    }
+}
 
 impl ConsumerContext for RebalanceLog {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -132,7 +137,11 @@ pub async fn run(
             "fetch.wait.max.ms",
             kafka.consumer_fetch_wait_ms.to_string(),
         )
-        .create_with_context(RebalanceLog)?;
+        .with_statistics()
+        .create_with_context(RebalanceLog(ferrule_kafka::Stats::consumer(
+            "command-router",
+            group_id,
+        )))?;
     consumer.subscribe(&[topic_pattern])?;
     // In order, not idempotent (`KafkaConfig::ordered_producer`): a record that librdkafka
     // retries after a lost answer may reach the internal topic twice, and the gateway

@@ -815,8 +815,8 @@ impl CommandHub {
         &self,
         kafka: &crate::KafkaConfig,
         topic: &str,
-    ) -> anyhow::Result<StreamConsumer> {
-        let consumer: StreamConsumer = kafka
+    ) -> anyhow::Result<StreamConsumer<ferrule_kafka::Stats>> {
+        let consumer: StreamConsumer<ferrule_kafka::Stats> = kafka
             .consumer()
             .set("group.id", self.instance_id())
             .set("auto.offset.reset", "earliest")
@@ -824,7 +824,10 @@ impl CommandHub {
                 "fetch.wait.max.ms",
                 kafka.consumer_fetch_wait_ms.to_string(),
             )
-            .create()?;
+            .create_with_stats(ferrule_kafka::Stats::consumer(
+                "gateway-commands",
+                self.instance_id(),
+            ))?;
         consumer.subscribe(&[topic])?;
         Ok(consumer)
     }

@@ -138,6 +138,24 @@ impl ClientBuilder<'_> {
         self.into_config().create()
     }
 
+    /// A client whose statistics become metrics (`crate::stats`), every
+    /// `kafka.statistics_interval_ms`.
+    pub fn create_with_stats<T>(self, stats: crate::Stats) -> KafkaResult<T>
+    where
+        T: FromClientConfigAndContext<crate::Stats>,
+    {
+        self.with_statistics().create_with_context(stats)
+    }
+
+    /// Asks librdkafka for statistics every `kafka.statistics_interval_ms` (none with 0); the
+    /// client's context must handle them (librdkafka's default context logs them).
+    pub fn with_statistics(self) -> Self {
+        match self.cfg.statistics_interval_ms {
+            0 => self,
+            ms => self.set("statistics.interval.ms", ms.to_string()),
+        }
+    }
+
     pub fn create_with_context<C, T>(self, context: C) -> KafkaResult<T>
     where
         C: rdkafka::ClientContext,

@@ -160,6 +160,9 @@ pub struct KafkaConfig {
     /// A broker answers as soon as records arrive; one that does not wake waiting fetches
     /// adds up to this much latency per hop.
     pub consumer_fetch_wait_ms: u64,
+    /// How often Ferrule's clients report librdkafka's statistics (queues, broker round
+    /// trips and errors, consumer lag) to /metrics (ms); 0 turns them off.
+    pub statistics_interval_ms: u64,
     /// librdkafka properties for every client; they override Ferrule's defaults.
     pub properties: Properties,
     pub producer: ClientProperties,
@@ -188,6 +191,7 @@ impl Default for KafkaConfig {
             delivery_timeout_ms: 2500,
             linger_ms: 5,
             consumer_fetch_wait_ms: 100,
+            statistics_interval_ms: 10_000,
             properties: Properties::new(),
             producer: ClientProperties::default(),
             consumer: ClientProperties::default(),

@@ -17,6 +17,7 @@ mod error;
 mod metadata;
 pub mod metrics;
 mod producer;
+pub mod stats;
 mod topics;
 
 pub use client::{ClientBuilder, ClientKind};
@@ -24,4 +25,5 @@ pub use config::{ClientProperties, KafkaConfig, SaslMechanism, SecurityProtocol}
 pub use error::{ErrorClass, classify};
 pub use metadata::{ClusterInfo, MetadataClient};
 pub use producer::{RecoveringProducer, producers};
+pub use stats::Stats;
 pub use topics::{EXT_PARTITIONS, EXT_REPLICATION, TopicAdmin, TopicError, TopicSpec};

@@ -5,6 +5,7 @@
 //! refused record to it, once. Records the failed producer still held are failed to their
 //! senders, never re-sent behind their back.
 
+use crate::Stats;
 use crate::client::ClientBuilder;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -19,7 +20,7 @@ struct Inner {
     /// `client` label of its metrics.
     name: &'static str,
     config: ClientConfig,
-    current: RwLock<Arc<FutureProducer>>,
+    current: RwLock<Arc<FutureProducer<Stats>>>,
 }
 
 /// A `FutureProducer` that is replaced when it failed fatally. Cheap to clone.
@@ -51,8 +52,8 @@ pub fn producers() -> Vec<(&'static str, RecoveringProducer)> {
 impl RecoveringProducer {
     /// Builds the first producer from `builder`; later ones come from the same settings.
     pub fn new(name: &'static str, builder: ClientBuilder<'_>) -> KafkaResult<Self> {
-        let config = builder.into_config();
-        let first: FutureProducer = config.create()?;
+        let config = builder.with_statistics().into_config();
+        let first: FutureProducer<Stats> = config.create_with_context(Stats::producer(name))?;
         crate::metrics::producer_created(name);
         let inner = Arc::new(Inner {
             name,
@@ -66,7 +67,7 @@ impl RecoveringProducer {
     }
 
     /// The producer in use now.
-    pub fn current(&self) -> Arc<FutureProducer> {
+    pub fn current(&self) -> Arc<FutureProducer<Stats>> {
         self.inner
             .current
             .read()
@@ -83,7 +84,7 @@ impl RecoveringProducer {
 
     /// Builds a new producer if the current one failed fatally; `true` when it did (or when
     /// another caller already did since `failed` was taken).
-    fn replace_if_fatal(&self, failed: &Arc<FutureProducer>) -> bool {
+    fn replace_if_fatal(&self, failed: &Arc<FutureProducer<Stats>>) -> bool {
         let old = {
             let mut current = self
                 .inner
@@ -96,7 +97,11 @@ impl RecoveringProducer {
             let Some((code, reason)) = current.client().fatal_error() else {
                 return false;
             };
-            let fresh: FutureProducer = match self.inner.config.create() {
+            let fresh: FutureProducer<Stats> = match self
+                .inner
+                .config
+                .create_with_context(Stats::producer(self.inner.name))
+            {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!(client = self.inner.name, error = %e, "cannot build a new Kafka producer");

@@ -264,6 +264,8 @@ const UNSETTLED: usize = 256;
 struct StartAtAttach {
     /// Partition → end offset at attach; `None` keeps the group's committed offsets or reset.
     ends: Option<std::collections::HashMap<i32, i64>>,
+    /// The link consumer's statistics, as metrics (set when the consumer is built).
+    stats: Option<ferrule_kafka::Stats>,
 }
 
 impl StartAtAttach {
@@ -294,11 +296,17 @@ impl StartAtAttach {
         .flatten();
         // Unknown (the broker did not answer): the group's own reset rule applies.
         tracing::debug!(?ends, topic, "the link starts at the attach-time end");
-        StartAtAttach { ends }
+        StartAtAttach { ends, stats: None }
     }
 }
 
-impl rdkafka::client::ClientContext for StartAtAttach {}
+impl rdkafka::client::ClientContext for StartAtAttach {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some(stats) = &self.stats {
+            stats.record(&statistics);
+        }
+    }
+}
 
 impl rdkafka::consumer::ConsumerContext for StartAtAttach {
     fn rebalance(
@@ -368,10 +376,16 @@ async fn stream_to(
         TopicKind::Telemetry
     };
     let topic = ctx.names.name(topic_kind, &tenant).unwrap_or_default();
+    let group = format!("ferrule-bridge.{kind}.{tenant}");
+    let start = StartAtAttach {
+        stats: Some(ferrule_kafka::Stats::consumer("bridge", group.clone())),
+        ..start
+    };
     let consumer: StreamConsumer<StartAtAttach> = match ctx
         .kafka
         .consumer()
-        .set("group.id", format!("ferrule-bridge.{kind}.{tenant}"))
+        .with_statistics()
+        .set("group.id", group)
         .set(
             "auto.offset.reset",
             if events { "earliest" } else { "latest" },
