@@ -315,6 +315,58 @@ fn events_reach_late_applications_and_are_consumed_once_accepted() {
     assert_eq!(got.last().unwrap()["error"], "timeout", "{got:?}");
 }
 
+/// The link gauges of /metrics: an application that takes one event and then holds its link
+/// without granting more credit shows as one link waiting for it; once it detached, its link
+/// and its unsettled deliveries are gone from the gauges.
+#[test]
+fn a_link_out_of_credit_shows_as_waiting() {
+    let mut f = Ferrule::start(&kafka());
+    f.wait_readiness(200);
+    let tenant = provision(&f, "backend", "door", "dev-secret");
+    for body in ["opened", "closed", "opened"] {
+        let (code, text) = curl(&[
+            "-u",
+            &format!("door@{tenant}:dev-secret"),
+            "-H",
+            "content-type: text/plain",
+            "--data-binary",
+            body,
+            &format!("{}/event", f.http),
+        ]);
+        assert_eq!(code, 202, "{text}");
+    }
+    let (mut app, mut lines) = spawn_receiver(
+        &f.amqp,
+        &format!("backend@{tenant}"),
+        &format!("event/{tenant}"),
+        1,
+        10,
+        &["hold=6"],
+    );
+    assert_eq!(next_line(&mut lines)["attached"], format!("event/{tenant}"));
+    assert_eq!(next_line(&mut lines)["body"], "opened");
+    assert!(next_line(&mut lines).get("holding").is_some());
+    let labels = [("tenant", tenant.as_str()), ("type", "event")];
+    let gauge = |name: &str| {
+        let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
+        metric(&text, name, &labels)
+    };
+    let start = Instant::now();
+    while gauge("ferrule_bridge_links_waiting") != Some(1.0) {
+        assert!(start.elapsed() < Duration::from_secs(5), "never waiting");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gauge("ferrule_bridge_links"), Some(1.0));
+    let _ = app.wait();
+    let start = Instant::now();
+    while gauge("ferrule_bridge_links") != Some(0.0) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the link stayed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gauge("ferrule_bridge_links_waiting"), Some(0.0));
+    assert_eq!(gauge("ferrule_bridge_unsettled_deliveries"), Some(0.0));
+}
+
 /// Applications of one tenant attached to its event address compete for the events (one
 /// consumer group per tenant): each event reaches one of them, none is lost, and both get a
 /// share. Events of 20 devices spread over the topic's partitions.

@@ -422,7 +422,9 @@ async fn stream_to(
     type Settled = ((i32, i64), Result<Outcome, fe2o3_amqp::link::SendError>);
     let mut unsettled: FuturesOrdered<BoxFuture<'static, Settled>> = FuturesOrdered::new();
     let mut detached = false;
+    let mut gauges = crate::metrics::LinkGauges::new(&tenant, kind);
     loop {
+        gauges.unsettled(unsettled.len());
         tokio::select! {
             r = consumer.recv(), if unsettled.len() < UNSETTLED => {
                 let record = match r {
@@ -444,7 +446,16 @@ async fn stream_to(
                 );
                 let position = (record.partition(), record.offset());
                 // Waits for the application's credit.
-                match sender.send_batchable(message).await {
+                let send = sender.send_batchable(message);
+                tokio::pin!(send);
+                let sent = match (&mut send).now_or_never() {
+                    Some(sent) => sent,
+                    None => {
+                        let _waiting = gauges.waiting();
+                        send.await
+                    }
+                };
+                match sent {
                     Ok(settled) if events => {
                         unsettled.push_back(Box::pin(async move {
                             let outcome = settled.await;

@@ -1,6 +1,6 @@
 //! The bridge's own metrics, in the process-wide registry the health port serves.
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use std::sync::LazyLock;
 
 static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -39,10 +39,91 @@ static COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     m
 });
 
+fn gauge(name: &str, help: &str) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), &["tenant", "type"])
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(m.clone()));
+    m
+}
+
+static LINKS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "ferrule_bridge_links",
+        "Application receiver links the bridge feeds, by tenant and type (telemetry, event)",
+    )
+});
+
+static WAITING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "ferrule_bridge_links_waiting",
+        "Links whose next message waits for the application: no link credit left, or the \
+         session's window is full",
+    )
+});
+
+static UNSETTLED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "ferrule_bridge_unsettled_deliveries",
+        "Events sent to applications and not yet settled by them (at most 256 per link)",
+    )
+});
+
+/// One link's share of the link gauges; gives it back when dropped.
+pub struct LinkGauges {
+    links: IntGauge,
+    waiting: IntGauge,
+    unsettled: IntGauge,
+    /// What this link added to `unsettled`.
+    held: i64,
+}
+
+impl LinkGauges {
+    pub fn new(tenant: &str, kind: &str) -> Self {
+        let labels = [tenant, kind];
+        let links = LINKS.with_label_values(&labels);
+        links.inc();
+        LinkGauges {
+            links,
+            waiting: WAITING.with_label_values(&labels),
+            unsettled: UNSETTLED.with_label_values(&labels),
+            held: 0,
+        }
+    }
+
+    /// The link waits for the application until the guard is dropped.
+    pub fn waiting(&self) -> impl Drop + use<> {
+        struct Waiting(IntGauge);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.waiting.inc();
+        Waiting(self.waiting.clone())
+    }
+
+    /// The link's unsettled deliveries now.
+    pub fn unsettled(&mut self, now: usize) {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        self.unsettled.add(now - self.held);
+        self.held = now;
+    }
+}
+
+impl Drop for LinkGauges {
+    fn drop(&mut self) {
+        self.links.dec();
+        self.unsettled.sub(self.held);
+    }
+}
+
 /// Makes the bridge's metrics visible before their first event.
 pub fn init() {
     LazyLock::force(&REFUSED);
     LazyLock::force(&COMMANDS);
+    LazyLock::force(&LINKS);
+    LazyLock::force(&WAITING);
+    LazyLock::force(&UNSETTLED);
 }
 
 /// Counts a settled command: accepted, released or rejected.
