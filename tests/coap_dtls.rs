@@ -52,6 +52,21 @@ async fn idle_dtls_sessions_end_and_the_coap_listeners_switch_off() {
         Some("succeeded"),
     );
     assert_eq!(attempts, Some(3.0), "three sessions were established");
+    // With the DTLS suite of the sessions (PSK with AES-CCM or AES-GCM, by IANA's name).
+    let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
+    let suite = metric(
+        &text,
+        "hono_connections_attempts_total",
+        &[("tenant", &tenant), ("outcome", "succeeded")],
+    );
+    assert_eq!(suite, Some(3.0));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("hono_connections_attempts_total{")
+                && l.contains(&tenant)
+                && l.contains("cipher_suite=\"TLS_PSK_WITH_")),
+        "{text}"
+    );
     // The devices keep their ends open and say nothing: a second after its last datagram the
     // server ends each session.
     let start = Instant::now();

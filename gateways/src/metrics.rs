@@ -16,6 +16,9 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(
     m
 }
 
+/// Hono's `component-type` tag of every adapter series.
+const COMPONENT_TYPE: &str = "adapter";
+
 static PROCESSING: LazyLock<HistogramVec> =
     LazyLock::new(|| {
         registered(HistogramVec::new(
@@ -23,6 +26,7 @@ static PROCESSING: LazyLock<HistogramVec> =
             "hono_telemetry_processing_duration_seconds",
             "Time from receiving a telemetry message or event until it was forwarded or refused",
         )
+        .const_label("component_type", COMPONENT_TYPE)
         .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         &["component_name", "tenant", "type", "status", "qos"],
     ))
@@ -34,6 +38,7 @@ static PAYLOAD: LazyLock<HistogramVec> = LazyLock::new(|| {
             "hono_telemetry_payload_bytes",
             "Payload size of device messages",
         )
+        .const_label("component_type", COMPONENT_TYPE)
         .buckets(prometheus::exponential_buckets(16.0, 4.0, 8).unwrap_or_default()),
         &["component_name", "tenant", "type", "status"],
     ))
@@ -46,6 +51,7 @@ static COMMAND_PROCESSING: LazyLock<HistogramVec> = LazyLock::new(|| {
             "Time from a command reaching this gateway until the device had it or it failed \
              (one-way, request), or from a device's response until Kafka had it (response)",
         )
+        .const_label("component_type", COMPONENT_TYPE)
         .buckets(vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
         ]),
@@ -59,6 +65,7 @@ static COMMAND_PAYLOAD: LazyLock<HistogramVec> = LazyLock::new(|| {
             "hono_command_payload_bytes",
             "Payload size of commands and command responses",
         )
+        .const_label("component_type", COMPONENT_TYPE)
         .buckets(prometheus::exponential_buckets(16.0, 4.0, 8).unwrap_or_default()),
         &["component_name", "tenant", "direction", "status"],
     ))
@@ -70,6 +77,7 @@ static CONNECTION_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
             "hono_connections_authenticated_duration_seconds",
             "How long connections of authenticated devices stayed open",
         )
+        .const_label("component_type", COMPONENT_TYPE)
         .buckets(vec![
             1.0,
             10.0,
@@ -116,7 +124,8 @@ static CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
         Opts::new(
             "hono_connections_authenticated",
             "Open connections of authenticated devices",
-        ),
+        )
+        .const_label("component_type", COMPONENT_TYPE),
         &["component_name", "tenant"],
     ))
 });
@@ -126,7 +135,8 @@ static UNAUTHENTICATED: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
         Opts::new(
             "hono_connections_unauthenticated",
             "Open connections of devices that did not authenticate",
-        ),
+        )
+        .const_label("component_type", COMPONENT_TYPE),
         &["component_name"],
     ))
 });
@@ -136,15 +146,21 @@ static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         Opts::new(
             "hono_connections_attempts_total",
             "Connection attempts, by outcome",
-        ),
-        &["component_name", "tenant", "outcome"],
+        )
+        .const_label("component_type", COMPONENT_TYPE),
+        &["component_name", "tenant", "outcome", "cipher_suite"],
     ))
 });
 
-/// Counts a connection attempt (`outcome` as Hono names it: `succeeded`, `unauthorized`, …).
-pub fn connection_attempt(adapter: &str, tenant: &str, outcome: &str) {
+/// What Hono's `cipher-suite` tag says of a connection without TLS (or before the handshake
+/// told one).
+pub const NO_CIPHER_SUITE: &str = "UNKNOWN";
+
+/// Counts a connection attempt (`outcome` as Hono names it: `succeeded`, `unauthorized`, …;
+/// `cipher_suite` the TLS or DTLS suite negotiated, IANA's name, or [`NO_CIPHER_SUITE`]).
+pub fn connection_attempt(adapter: &str, tenant: &str, outcome: &str, cipher_suite: &str) {
     ATTEMPTS
-        .with_label_values(&[adapter, tenant, outcome])
+        .with_label_values(&[adapter, tenant, outcome, cipher_suite])
         .inc();
 }
 

@@ -138,6 +138,17 @@ pub fn client_certificate(stream: &TlsStream<TcpStream>) -> Option<Arc<Vec<u8>>>
         .map(|c| Arc::new(c.to_vec()))
 }
 
+/// The cipher suite the TLS handshake settled on, by its IANA name (`TLS13_AES_128_GCM_SHA256`
+/// and the like).
+pub fn cipher_suite(stream: &TlsStream<TcpStream>) -> &'static str {
+    stream
+        .get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or(crate::metrics::NO_CIPHER_SUITE)
+}
+
 /// Per-connection data the HTTPS handlers see (axum `ConnectInfo`).
 #[derive(Debug, Clone)]
 pub struct TlsPeer {

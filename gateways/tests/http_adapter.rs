@@ -461,10 +461,10 @@ async fn ttd_defaults_and_retain_free_headers() {
     // Hono's metric names, with the tenant as a label.
     let metrics = prometheus_text();
     assert!(
-        metrics.contains(&format!("hono_telemetry_processing_duration_seconds_count{{component_name=\"hono-http\",qos=\"0\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")),
+        metrics.contains(&format!("hono_telemetry_processing_duration_seconds_count{{component_name=\"hono-http\",component_type=\"adapter\",qos=\"0\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")),
         "{metrics}"
     );
-    assert!(metrics.contains(&format!("hono_telemetry_payload_bytes_count{{component_name=\"hono-http\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")));
+    assert!(metrics.contains(&format!("hono_telemetry_payload_bytes_count{{component_name=\"hono-http\",component_type=\"adapter\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")));
 }
 
 #[tokio::test]

@@ -123,7 +123,7 @@ async fn telemetry_and_events_with_mosquitto_311_and_5() {
     let metrics = prometheus_text();
     assert!(
         metrics.contains(&format!(
-            "hono_connections_attempts_total{{component_name=\"hono-mqtt\",outcome=\"succeeded\",tenant=\"{tenant}\"}} 6"
+            "hono_connections_attempts_total{{cipher_suite=\"UNKNOWN\",component_name=\"hono-mqtt\",component_type=\"adapter\",outcome=\"succeeded\",tenant=\"{tenant}\"}} 6"
         )),
         "{metrics}"
     );

@@ -487,7 +487,9 @@ async fn unauthenticated_devices_publish_subscribe_and_respond_where_the_tenant_
     );
     assert!(
         prometheus_text().lines().any(
-            |l| l.starts_with("hono_connections_unauthenticated{component_name=\"hono-mqtt\"}")
+            |l| l.starts_with(
+                "hono_connections_unauthenticated{component_name=\"hono-mqtt\",component_type=\"adapter\"}",
+            )
         ),
         "the unauthenticated connections are counted"
     );

@@ -86,6 +86,16 @@ async fn https_and_mqtts_reach_kafka() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The connection attempt names the TLS 1.3 suite mosquitto and rustls agreed on.
+    let metrics = prometheus_text();
+    let attempt = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("hono_connections_attempts_total{")
+                && l.contains(&format!("tenant=\"{tenant}\""))
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(attempt.contains("cipher_suite=\"TLS13_"), "{attempt}");
 
     // Without trusting the CA, curl refuses the server.
     let url = format!("https://127.0.0.1:{https}/telemetry");

@@ -289,7 +289,8 @@ impl Session {
             self.flush(&mut stream);
             return;
         };
-        metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded");
+        let cipher = cipher_suite(&stream);
+        metrics::connection_attempt(ADAPTER.name(), &device.tenant_id, "succeeded", &cipher);
         let _gauge = metrics::ConnectionGuard::new(ADAPTER.name(), &device.tenant_id);
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(SESSION_QUEUE);
         let peer = Peer::dtls(self.addr, out_tx, Origin::Device(Arc::new(device)));
@@ -368,7 +369,8 @@ impl Session {
                 tracing::debug!(peer = %self.addr, error = %e, "DTLS session refused");
                 metrics::rejected(ADAPTER.name(), e.label());
                 let tenant = device_tenant(stream);
-                metrics::connection_attempt(ADAPTER.name(), &tenant, e.codes().attempt);
+                let (attempt, cipher) = (e.codes().attempt, cipher_suite(stream));
+                metrics::connection_attempt(ADAPTER.name(), &tenant, attempt, &cipher);
                 None
             }
         }
@@ -457,6 +459,16 @@ impl Session {
 }
 
 /// The tenant a session's PSK identity names (`authId@tenant`), for the metrics of a refusal.
+/// The session's cipher suite by its IANA name (OpenSSL's "standard name").
+fn cipher_suite(stream: &SslStream<Datagrams>) -> String {
+    stream
+        .ssl()
+        .current_cipher()
+        .and_then(|c| c.standard_name())
+        .unwrap_or(metrics::NO_CIPHER_SUITE)
+        .to_owned()
+}
+
 fn device_tenant(stream: &SslStream<Datagrams>) -> String {
     stream
         .ssl()

@@ -30,7 +30,7 @@ pub(super) struct Open<S> {
 /// CONNECT, authentication and CONNACK; the connection's state once accepted.
 pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut stream: S,
-    client_cert: Option<std::sync::Arc<Vec<u8>>>,
+    tls: super::Tls,
     pipeline: IngestPipeline,
     hub: Option<CommandHub>,
     cfg: &MqttConfig,
@@ -38,6 +38,7 @@ pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Open<S>, ConnectionError> {
     let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
+    let cipher = tls.cipher_suite;
     let mut buf = BytesMut::with_capacity(256);
     // A client that has not sent its CONNECT when the gateway shuts down is simply closed.
     let mut stopping = shutdown.clone();
@@ -62,22 +63,23 @@ pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     if version == Version::V311 && connect.client_id.is_empty() && !connect.clean_session {
         // Without a session to resume nothing can tell a nameless client apart [MQTT-3.1.3-8].
-        metrics::connection_attempt(ADAPTER.name(), "", "identifier-rejected");
+        metrics::connection_attempt(ADAPTER.name(), "", "identifier-rejected", cipher);
         let rejected = ConnectOutcome::IdentifierRejected;
         session.send(Outbound::connack(rejected)).await?;
         return Err(ConnectionError::Refused(rejected));
     }
     if instance_full {
-        metrics::connection_attempt(ADAPTER.name(), "", "adapter-connections-exceeded");
+        metrics::connection_attempt(ADAPTER.name(), "", "adapter-connections-exceeded", cipher);
         session
             .send(Outbound::connack(ConnectOutcome::UseAnotherServer))
             .await?;
         return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
     }
-    let origin = match Box::pin(authenticate(&pipeline, &connect, client_cert.as_deref())).await {
+    let client_cert = tls.client_cert.as_deref();
+    let origin = match Box::pin(authenticate(&pipeline, &connect, client_cert)).await {
         Ok(o) => o,
         Err((outcome, tenant, label)) => {
-            metrics::connection_attempt(ADAPTER.name(), &tenant, label);
+            metrics::connection_attempt(ADAPTER.name(), &tenant, label, cipher);
             session.send(Outbound::connack(outcome)).await?;
             return Err(ConnectionError::Refused(outcome));
         }
@@ -97,7 +99,7 @@ pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .then(|| format!("ferrule-{}", uuid::Uuid::new_v4().simple()));
     let client_id = assigned.clone().unwrap_or(client_id);
     let tenant = origin.device().map(|d| d.tenant_id.as_str()).unwrap_or("");
-    metrics::connection_attempt(ADAPTER.name(), tenant, "succeeded");
+    metrics::connection_attempt(ADAPTER.name(), tenant, "succeeded", cipher);
     let gauge = match origin.device() {
         Some(d) => metrics::ConnectionGuard::new(ADAPTER.name(), &d.tenant_id),
         None => metrics::ConnectionGuard::unauthenticated(ADAPTER.name()),

@@ -62,7 +62,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// second, moved-from copy of each for as long as it lives.
 pub fn run<'a, S: AsyncRead + AsyncWrite + Unpin + Send + 'a>(
     stream: S,
-    client_cert: Option<std::sync::Arc<Vec<u8>>>,
+    tls: super::Tls,
     pipeline: IngestPipeline,
     hub: Option<CommandHub>,
     cfg: &'a MqttConfig,
@@ -73,7 +73,7 @@ pub fn run<'a, S: AsyncRead + AsyncWrite + Unpin + Send + 'a>(
     // only briefly; the task itself keeps only what serving needs.
     let opening = Box::pin(open(
         stream,
-        client_cert,
+        tls,
         pipeline,
         hub,
         cfg,

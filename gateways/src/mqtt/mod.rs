@@ -118,8 +118,11 @@ async fn accept(
                 tokio::select! {
                     next = listener.next() => match next {
                         Some((stream, peer)) => {
-                        let cert = crate::tls::client_certificate(&stream);
-                        ctx.spawn(stream, peer, cert)
+                        let tls = Tls {
+                            client_cert: crate::tls::client_certificate(&stream),
+                            cipher_suite: crate::tls::cipher_suite(&stream),
+                        };
+                        ctx.spawn(stream, peer, tls)
                     }
                         None => return Ok(()),
                     },
@@ -132,7 +135,7 @@ async fn accept(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        ctx.spawn(stream, peer, None);
+                        ctx.spawn(stream, peer, Tls::default());
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: keep serving the others.
@@ -143,6 +146,23 @@ async fn accept(
                 _ = stopped(shutdown) => return Ok(()),
             }
         },
+    }
+}
+
+/// What TLS told of a connection: the device's certificate, if it showed one, and the cipher
+/// suite (for `hono_connections_attempts_total`).
+pub(crate) struct Tls {
+    pub client_cert: Option<Arc<Vec<u8>>>,
+    pub cipher_suite: &'static str,
+}
+
+impl Default for Tls {
+    /// A connection without TLS.
+    fn default() -> Self {
+        Tls {
+            client_cert: None,
+            cipher_suite: crate::metrics::NO_CIPHER_SUITE,
+        }
     }
 }
 
@@ -158,7 +178,7 @@ struct Accepting {
 }
 
 impl Accepting {
-    fn spawn<S>(&self, stream: S, peer: std::net::SocketAddr, client_cert: Option<Arc<Vec<u8>>>)
+    fn spawn<S>(&self, stream: S, peer: std::net::SocketAddr, tls: Tls)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -171,8 +191,7 @@ impl Accepting {
         );
         self.connections.spawn(async move {
             let full = permit.is_none();
-            if let Err(e) =
-                connection::run(stream, client_cert, pipeline, hub, &cfg, full, shutdown).await
+            if let Err(e) = connection::run(stream, tls, pipeline, hub, &cfg, full, shutdown).await
             {
                 tracing::debug!(%peer, error = %e, "MQTT connection ended");
             }
