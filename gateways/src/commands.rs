@@ -30,25 +30,39 @@ pub struct Polling {
     pub subscriber: String,
     /// Whether a gateway polls (for one of its devices or all of them).
     pub by_gateway: bool,
+    /// The upload's metric, recorded once the poll ended (Hono's `ttd` tag).
+    metric: Option<crate::pipeline::TtdMetric>,
 }
 
 impl Polling {
     /// The command, counted as delivered ([`LongPoll::wait`]), and whether the answer must
     /// name its device: a gateway's poll, or a command for another device than the
     /// subscriber.
-    pub async fn wait(self) -> Option<(CommandDelivery, bool)> {
+    pub async fn wait(mut self) -> Option<(CommandDelivery, bool)> {
+        let metric = self.metric.take();
         let (by_gateway, subscriber) = (self.by_gateway, self.subscriber);
-        let cmd = self.poll.wait().await?;
+        let cmd = self.poll.wait().await;
+        Self::ended(metric, cmd.is_some());
+        let cmd = cmd?;
         let named = by_gateway || cmd.device_id != subscriber;
         Some((cmd, named))
     }
 
     /// Like [`Self::wait`], with delivery left to the caller ([`LongPoll::take`]).
-    pub async fn take(self) -> Option<(CommandDelivery, bool)> {
+    pub async fn take(mut self) -> Option<(CommandDelivery, bool)> {
+        let metric = self.metric.take();
         let (by_gateway, subscriber) = (self.by_gateway, self.subscriber);
-        let cmd = self.poll.take().await?;
+        let cmd = self.poll.take().await;
+        Self::ended(metric, cmd.is_some());
+        let cmd = cmd?;
         let named = by_gateway || cmd.device_id != subscriber;
         Some((cmd, named))
+    }
+
+    fn ended(metric: Option<crate::pipeline::TtdMetric>, command: bool) {
+        if let Some(m) = metric {
+            m.record(command);
+        }
     }
 }
 
@@ -82,13 +96,20 @@ pub async fn upload_with_ttd(
                     tenant: who.tenant_id,
                     subscriber: who.device_id,
                     by_gateway: who.gateway_id.is_some(),
+                    metric: None,
                 });
             }
             ttd
         }
         (requested, _) => requested.map(|t| t.min(default_max)),
     };
-    pipeline.upload(up).await?;
+    match &mut polling {
+        // The upload counts once its poll ended, with what it came to.
+        Some(p) => p.metric = Some(pipeline.upload_polled(up).await?.1),
+        None => {
+            pipeline.upload(up).await?;
+        }
+    }
     Ok(polling)
 }
 

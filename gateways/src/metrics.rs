@@ -28,7 +28,7 @@ static PROCESSING: LazyLock<HistogramVec> =
         )
         .const_label("component_type", COMPONENT_TYPE)
         .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
-        &["component_name", "tenant", "type", "status", "qos"],
+        &["component_name", "tenant", "type", "status", "qos", "ttd"],
     ))
     });
 
@@ -196,20 +196,14 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Records one processed message (`status` is `forwarded`, `unprocessable` or `undeliverable`).
-pub fn message(
-    adapter: &str,
-    tenant: &str,
-    kind: &str,
-    status: &str,
-    qos: &str,
-    secs: f64,
-    bytes: usize,
-) {
+/// Records one processed message (`status` is `forwarded`, `unprocessable` or `undeliverable`;
+/// `ttd` Hono's tag: `none`, or for an upload that waited for a command `command` or
+/// `expired`).
+/// `labels`: adapter, tenant, type, status, qos, ttd (in `PROCESSING`'s order).
+pub fn message(labels: [&str; 6], secs: f64, bytes: usize) {
     // Looking a series up hashes every label; consecutive messages on a thread mostly share
     // them, so the last series pair is kept per thread and reused while the labels match.
     LAST_SERIES.with_borrow_mut(|last| {
-        let labels = [adapter, tenant, kind, status, qos];
         let hit = last
             .as_ref()
             .is_some_and(|l| l.labels.iter().map(String::as_str).eq(labels));
@@ -229,7 +223,7 @@ pub fn message(
 
 /// The series one message's labels select.
 struct Series {
-    labels: [String; 5],
+    labels: [String; 6],
     processing: prometheus::Histogram,
     payload: prometheus::Histogram,
 }

@@ -601,6 +601,16 @@ impl IngestPipeline {
         self.submit(up).await?.outcome().await
     }
 
+    /// [`Self::upload`] for an upload that opened a long poll: once forwarded, its metric
+    /// waits for the poll's end ([`TtdMetric::record`]); a refusal counts at once.
+    pub async fn upload_polled(&self, up: Upload) -> Result<(Accepted, TtdMetric), Refusal> {
+        let mut pending = self.submit(up).await?;
+        pending.meta.deferred = true;
+        let accepted = std::future::poll_fn(|cx| pending.poll_outcome(cx)).await?;
+        let tenant = accepted.tenant.clone();
+        Ok((accepted, TtdMetric(Some((pending.meta, tenant)))))
+    }
+
     /// Checks the message and hands it to the producer, in the order of calls; the returned
     /// [`Pending`] resolves when the device may be answered. Adapters that keep several
     /// messages in flight (MQTT) call this in arrival order to keep each device's order.
@@ -788,6 +798,30 @@ struct Meta {
     started: Instant,
     /// Where the upload's span starts, while tracing is on and it has not started yet.
     trace: Option<Box<Traced>>,
+    /// A forwarded upload is counted by its [`TtdMetric`], once its long poll ended.
+    deferred: bool,
+}
+
+/// The metric of a forwarded upload that opened a long poll, recorded when the poll ends:
+/// Hono's `ttd` tag says whether a command came (`command`) or the time ran out (`expired`).
+/// Dropped unrecorded, it counts as expired.
+pub struct TtdMetric(Option<(Meta, String)>);
+
+impl TtdMetric {
+    pub fn record(mut self, command: bool) {
+        if let Some((meta, tenant)) = self.0.take() {
+            let ttd = if command { "command" } else { "expired" };
+            meta.record(&tenant, "forwarded", ttd);
+        }
+    }
+}
+
+impl Drop for TtdMetric {
+    fn drop(&mut self) {
+        if let Some((meta, tenant)) = self.0.take() {
+            meta.record(&tenant, "forwarded", "expired");
+        }
+    }
 }
 
 /// An upload whose span is still to start: it starts once tenant and device are known.
@@ -812,6 +846,7 @@ impl Meta {
                     parent: up.trace.clone(),
                 })
             }),
+            deferred: false,
         }
     }
 
@@ -859,18 +894,18 @@ impl Meta {
         }
     }
 
+    /// Counts the message, unless a forwarded one waits for its long poll (`deferred`).
     fn finish(&self, tenant: &str, status: &str) {
+        if !(self.deferred && status == "forwarded") {
+            self.record(tenant, status, "none");
+        }
+    }
+
+    fn record(&self, tenant: &str, status: &str, ttd: &str) {
         let qos = if self.qos == 0 { "0" } else { "1" };
         let secs = self.started.elapsed().as_secs_f64();
-        metrics::message(
-            self.adapter,
-            tenant,
-            self.kind,
-            status,
-            qos,
-            secs,
-            self.size,
-        );
+        let labels = [self.adapter, tenant, self.kind, status, qos, ttd];
+        metrics::message(labels, secs, self.size);
     }
 
     fn finish_err(&self, e: Refusal) -> Refusal {

@@ -458,10 +458,11 @@ async fn ttd_defaults_and_retain_free_headers() {
         rec.headers["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "the trace context travels in a Kafka header"
     );
-    // Hono's metric names, with the tenant as a label.
+    // Hono's metric names, with the tenant as a label; the upload waited for a command that
+    // never came (Hono's ttd tag).
     let metrics = prometheus_text();
     assert!(
-        metrics.contains(&format!("hono_telemetry_processing_duration_seconds_count{{component_name=\"hono-http\",component_type=\"adapter\",qos=\"0\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")),
+        metrics.contains(&format!("hono_telemetry_processing_duration_seconds_count{{component_name=\"hono-http\",component_type=\"adapter\",qos=\"0\",status=\"forwarded\",tenant=\"{tenant}\",ttd=\"expired\",type=\"telemetry\"}} 1")),
         "{metrics}"
     );
     assert!(metrics.contains(&format!("hono_telemetry_payload_bytes_count{{component_name=\"hono-http\",component_type=\"adapter\",status=\"forwarded\",tenant=\"{tenant}\",type=\"telemetry\"}} 1")));

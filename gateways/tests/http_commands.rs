@@ -54,6 +54,24 @@ async fn ttd_without_a_command_answers_202_and_is_capped_by_the_tenant() {
     let records = notifications(&tenant, 1).await;
     assert_eq!(records[0].headers["ttd"], "2", "ttd capped by max-ttd");
     assert_eq!(records[0].payload, b"21.5");
+    // Counted once its poll ended without a command (Hono's ttd tag).
+    assert_eq!(processed(&tenant, "expired"), Some(1.0));
+    assert_eq!(processed(&tenant, "command"), None);
+}
+
+/// `hono_telemetry_processing_duration_seconds_count` of `tenant`'s forwarded HTTP uploads
+/// with the `ttd` tag `ttd`.
+fn processed(tenant: &str, ttd: &str) -> Option<f64> {
+    let metrics = prometheus_text();
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("hono_telemetry_processing_duration_seconds_count{")
+                && l.contains(&format!("tenant=\"{tenant}\""))
+                && l.contains("status=\"forwarded\"")
+                && l.contains(&format!("ttd=\"{ttd}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test]
@@ -144,6 +162,22 @@ async fn request_response_command_over_http_long_poll() {
     assert_eq!(r.headers["device_id"], "dev");
     assert_eq!(r.headers["content-type"], "application/json");
     assert_eq!(r.payload, br#"{"volume":7}"#);
+    // The notification counts as an upload that got a command; the command and its
+    // response as Hono's command series of the HTTP adapter.
+    assert_eq!(processed(&tenant, "command"), Some(1.0));
+    let metrics = prometheus_text();
+    for direction in ["request", "response"] {
+        assert!(
+            metrics.lines().any(|l| l
+                .starts_with("hono_command_processing_duration_seconds_count{")
+                && l.contains("component_name=\"hono-http\"")
+                && l.contains(&format!("tenant=\"{tenant}\""))
+                && l.contains(&format!("direction=\"{direction}\""))
+                && l.contains("status=\"forwarded\"")
+                && l.ends_with(" 1")),
+            "{direction}: {metrics}"
+        );
+    }
 }
 
 #[tokio::test]
