@@ -163,7 +163,12 @@ fn the_kubernetes_manifests_render_with_probes_and_the_dashboard() {
         .collect();
     assert_eq!(workloads.len(), 4, "registry, gateway, router, bridge");
     for w in workloads {
-        for probe in ["path: /readiness", "path: /liveness", "containerPort: 8088"] {
+        for probe in [
+            "path: /started",
+            "path: /readiness",
+            "path: /liveness",
+            "containerPort: 8088",
+        ] {
             assert!(w.contains(probe), "{probe} missing in\n{w}");
         }
         assert!(w.contains("prometheus.io/port: \"8088\""), "{w}");
@@ -191,8 +196,12 @@ fn the_kubernetes_manifests_render_with_probes_and_the_dashboard() {
 #[test]
 fn every_metric_the_dashboard_queries_is_exported() {
     let tenant = format!("dash-{}", uuid::Uuid::new_v4().simple());
-    let mut f = Ferrule::start(&kafka());
-    f.wait_readiness(200);
+    // The router serves this tenant; librdkafka reports statistics often.
+    let f = Ferrule::start_for_commands_with(
+        &tenant,
+        "",
+        &[("FERRULE_KAFKA__STATISTICS_INTERVAL_MS", "300".to_owned())],
+    );
     for (path, body) in [
         (format!("/v1/tenants/{tenant}"), "{}".to_owned()),
         (format!("/v1/devices/{tenant}/d1"), "{}".to_owned()),
@@ -246,8 +255,59 @@ fn every_metric_the_dashboard_queries_is_exported() {
             "22",
         ],
     );
-    let (code, metrics) = curl(&[&format!("{}/metrics", f.health)]);
-    assert_eq!(code, 200);
+    // A command answered by an MQTT device (paho-mqtt) for a Kafka application
+    // (confluent-kafka), one for a device the registry does not know, and an AMQP link.
+    f.admin_ok(
+        "PUT",
+        &format!("/v1/applications/{tenant}/app"),
+        r#"{"secrets": [{"pwd-plain": "app-secret"}]}"#,
+    );
+    let timeout = SCRIPT_SECS.to_string();
+    let mut application = Script::spawn(
+        "kafka_application.py",
+        &kafka_python(),
+        &[&kafka(), &tenant, "d1", &timeout],
+    );
+    application.expect("ready", "the application did not start");
+    let mut device = Script::spawn(
+        "mqtt_device.py",
+        DEBIAN_PYTHON,
+        &[host, port, &user, "d1-secret", &timeout],
+    );
+    device.expect("responded", "the MQTT device did not answer its command");
+    application.expect("response", "the application got no response");
+    device.finish();
+    application.finish();
+    run(
+        DEBIAN_PYTHON,
+        &[
+            &format!("{}/tests/amqp/receive.py", env!("CARGO_MANIFEST_DIR")),
+            &f.amqp,
+            &format!("app@{tenant}"),
+            "app-secret",
+            &format!("telemetry/{tenant}"),
+            "1",
+            "1",
+        ],
+    );
+    send_command_to_unknown_device(&tenant);
+    // The router answers it; statistics come every 300 ms.
+    let start = std::time::Instant::now();
+    let metrics = loop {
+        let (code, metrics) = curl(&[&format!("{}/metrics", f.health)]);
+        assert_eq!(code, 200);
+        let failed = metric(
+            &metrics,
+            "ferrule_router_commands_failed_total",
+            &[("tenant", &tenant), ("status", "404")],
+        );
+        if failed == Some(1.0) {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            break curl(&[&format!("{}/metrics", f.health)]).1;
+        }
+        assert!(start.elapsed().as_secs() < 20, "{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     let exported: BTreeSet<&str> = metrics
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -263,8 +323,43 @@ fn every_metric_the_dashboard_queries_is_exported() {
         .collect();
     assert!(missing.is_empty(), "not exported: {missing:?}\n{metrics}");
     // The probe paths the manifests use answer.
-    for path in ["/readiness", "/liveness"] {
+    for path in ["/started", "/readiness", "/liveness"] {
         let (code, _) = curl(&[&format!("{}{path}", f.health)]);
         assert_eq!(code, 200, "{path}");
     }
+}
+
+/// Writes a command for a device the registry does not know, as a Kafka application would:
+/// the router answers it with a delivery failure (404).
+fn send_command_to_unknown_device(tenant: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let headers = [
+        ("device_id", "nobody"),
+        ("subject", "ping"),
+        ("correlation-id", "c-1"),
+        ("response-required", "true"),
+    ]
+    .iter()
+    .fold(OwnedHeaders::new(), |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        })
+    });
+    let topic = format!("hono.command.{tenant}");
+    producer
+        .send(
+            BaseRecord::to(&topic)
+                .key("nobody")
+                .payload("x")
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(std::time::Duration::from_secs(5)).unwrap();
 }
