@@ -381,3 +381,105 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     );
     f.stop();
 }
+
+/// Every protocol's upload has its span, made by the one pipeline: HTTP continues the
+/// device's `traceparent` header and hands its own on in the Kafka record; CoAP (Hono defines
+/// no option for a trace context) starts a trace per upload.
+#[test]
+fn http_and_coap_uploads_have_their_spans() {
+    let otlp = OtlpReceiver::start();
+    let mut f = Ferrule::start_with(
+        &kafka(),
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())],
+    );
+    f.wait_readiness(200);
+    let tenant = provision(
+        &f,
+        r#"{"adapters": [{"type": "hono-http", "enabled": true},
+                         {"type": "hono-coap", "enabled": true,
+                          "device-authentication-required": false}]}"#,
+    );
+    let (trace_id, device_span) = (random_hex(32), random_hex(16));
+    let (code, body) = curl(&[
+        "-u",
+        &format!("sensor@{tenant}:dev-secret"),
+        "-H",
+        &format!("traceparent: 00-{trace_id}-{device_span}-01"),
+        "-H",
+        "content-type: text/plain",
+        "--data-binary",
+        "21.5",
+        &format!("{}/event", f.http),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let spans = otlp.wait_for(&trace_id, |s| !s.is_empty());
+    let upload = &spans[0];
+    assert_eq!(upload.service, "ferrule-gateway");
+    assert_eq!(upload.name, "upload event");
+    assert_eq!(upload.parent_span_id, device_span);
+    assert_eq!(upload.attributes["component_name"], "hono-http");
+    assert_eq!(upload.attributes["tenant_id"], tenant);
+    assert_eq!(
+        upload.attributes["messaging.destination.name"],
+        format!("hono.event.{tenant}")
+    );
+    // The record carries the upload span's context.
+    let record = topic_headers(&format!("hono.event.{tenant}"));
+    assert_eq!(
+        record.get("traceparent").map(String::as_str),
+        Some(format!("00-{trace_id}-{}-01", upload.span_id).as_str())
+    );
+
+    let out = Command::new("coap-client-notls")
+        .args([
+            "-m",
+            "put",
+            "-e",
+            "22.5",
+            &format!("coap://{}/telemetry/{tenant}/sensor", f.coap),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let coap = otlp.wait_for_span(|s| {
+        s.attributes.get("component_name").map(String::as_str) == Some("hono-coap")
+            && s.attributes.get("tenant_id") == Some(&tenant)
+    });
+    assert_eq!(coap.name, "upload telemetry");
+    assert_eq!(coap.parent_span_id, "", "a trace of its own");
+    assert_eq!(coap.attributes["device_id"], "sensor");
+    f.stop();
+}
+
+/// The headers of the first record of `topic`, read from its start.
+fn topic_headers(topic: &str) -> std::collections::HashMap<String, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set(
+            "group.id",
+            format!("reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(20) {
+        if let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(200)) {
+            return m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                            (h.key.to_owned(), v.into_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+    panic!("no record in {topic}");
+}

@@ -48,6 +48,18 @@ impl OtlpReceiver {
         OtlpReceiver { url, spans }
     }
 
+    /// Waits (up to 30 s) for a span that satisfies `wanted`, of any trace.
+    pub fn wait_for_span(&self, wanted: impl Fn(&ReceivedSpan) -> bool) -> ReceivedSpan {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.spans.lock().unwrap().iter().find(|s| wanted(s)) {
+                return s.clone();
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no such span");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The spans of `trace_id` received so far.
     pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
         let spans = self.spans.lock().unwrap();
