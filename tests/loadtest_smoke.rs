@@ -304,3 +304,49 @@ async fn harness_smoke_run() {
     let _ = ferrule.kill();
     let _ = ferrule.wait();
 }
+
+/// The tracing-cost scenarios' OTLP sink counts the spans of what it receives.
+#[tokio::test]
+async fn the_otlp_sink_counts_spans() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    use prost::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(ferrule_loadtest::otlp_sink::serve(listener));
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span::default(), Span::default()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{url}/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .body(request.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let garbage = client
+        .post(format!("{url}/v1/traces"))
+        .body(vec![0xff; 7])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    let counts: serde_json::Value = client
+        .get(format!("{url}/spans"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counts["spans"], 2);
+    assert_eq!(counts["requests"], 1);
+}

@@ -11,6 +11,7 @@ pub mod latency;
 pub mod measure;
 pub mod mix;
 pub mod mqtt5;
+pub mod otlp_sink;
 pub mod plot;
 pub mod progress;
 pub mod report;

@@ -296,6 +296,12 @@ enum Scenario {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+    /// An OTLP/HTTP trace receiver that counts the spans it gets (`GET /spans`), for the
+    /// tracing-cost scenarios; serves until killed.
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:14318")]
+        bind: String,
+    },
     /// Renders the JSON lines of a run (a file, or `-` for stdin) as a Markdown table.
     Report {
         #[arg(default_value = "-")]
@@ -776,6 +782,10 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             r.extra = Some(run.to_json());
             r.series = run.series.clone();
             r
+        }
+        Scenario::OtlpSink { bind } => {
+            let listener = tokio::net::TcpListener::bind(bind).await?;
+            return ferrule_loadtest::otlp_sink::serve(listener).await;
         }
         Scenario::Plot { input, out } => {
             let text = std::fs::read_to_string(input)?;
