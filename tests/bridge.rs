@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 /// Debian's interpreter: the one python3-qpid-proton is installed for.
 const PYTHON: &str = "/usr/bin/python3";
 
+/// An application's W3C trace context.
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
 fn receive_script() -> String {
     format!("{}/tests/amqp/receive.py", env!("CARGO_MANIFEST_DIR"))
 }
@@ -468,6 +471,7 @@ async fn applications_command_an_mqtt_device_over_amqp() {
                 &tenant2,
                 "speaker",
                 "20",
+                TRACEPARENT,
             ])
             .output()
             .unwrap()
@@ -493,6 +497,9 @@ async fn applications_command_an_mqtt_device_over_amqp() {
     assert_eq!(r["tenant_id"], tenant);
     assert_eq!(r["content_type"], "text/plain");
     assert_eq!(r["body"], "volume 5");
+    // The application's trace context went with the command (as an application property,
+    // then a Kafka header) and came back on the response; no spans here, so unchanged.
+    assert_eq!(r["traceparent"], TRACEPARENT, "{r}");
     let topic = answering.await.unwrap();
     assert!(topic.ends_with("/setVolume"), "{topic}");
 }

@@ -381,6 +381,10 @@ fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'stat
             failure,
         } => (device, correlation_id, Some(failure), None),
         Decision::Forward(command, target) => {
+            span.add_event(
+                "resolved",
+                vec![KeyValue::new("target_instance", target.instance_id.clone())],
+            );
             span.set_attribute(KeyValue::new("target_instance", target.instance_id.clone()));
             let topic = out
                 .names

@@ -688,6 +688,7 @@ impl IngestPipeline {
         mut meta: Meta,
     ) -> Result<Pending, Refusal> {
         let span = meta.upload_span(up, &who, &record.topic);
+        span.add_event("authorised", Vec::new());
         // The next hop continues this span's trace, else the device's.
         let headers = match span.context().as_ref().or(up.trace.as_ref()) {
             Some(trace) => with_trace(record.headers, trace),
@@ -707,6 +708,7 @@ impl IngestPipeline {
                 return Err(meta.finish_err(e));
             }
         };
+        span.add_event("produced", Vec::new());
         // QoS 0 telemetry is answered without waiting for the broker.
         let wait = up.endpoint == Endpoint::Event || up.qos == Qos::AtLeastOnce;
         Ok(Pending {
@@ -858,33 +860,35 @@ impl Meta {
         };
         let auth_id = up.origin.device().map(|d| d.auth_id.as_str());
         let sampling = sampling_mode(who.tenant().tracing.as_ref(), auth_id);
-        t.tracer.start(
+        let span = t.tracer.start(
             self.span_name(),
             SpanKind::Server,
             t.parent.as_ref(),
             Some(t.since),
-            || {
-                let mut attributes = vec![
-                    KeyValue::new("tenant_id", who.tenant_id.clone()),
-                    KeyValue::new("device_id", who.device_id.clone()),
-                    KeyValue::new("component_name", self.adapter),
-                    KeyValue::new("qos", self.qos),
-                    KeyValue::new("message_size", self.size as i64),
-                    KeyValue::new("messaging.system", "kafka"),
-                    KeyValue::new("messaging.destination.name", topic.to_owned()),
-                ];
-                if let Some(auth_id) = auth_id {
-                    attributes.push(KeyValue::new("auth_id", auth_id.to_owned()));
-                }
-                if let Some(gateway) = &who.gateway_id {
-                    attributes.push(KeyValue::new("gateway_id", gateway.clone()));
-                }
-                if let Some(mode) = sampling {
-                    attributes.push(KeyValue::new(sampler::SAMPLING_MODE, mode));
-                }
-                attributes
+            || match sampling {
+                Some(mode) => vec![KeyValue::new(sampler::SAMPLING_MODE, mode)],
+                None => Vec::new(),
             },
-        )
+        );
+        span.describe(|| {
+            let mut attributes = vec![
+                KeyValue::new("tenant_id", who.tenant_id.clone()),
+                KeyValue::new("device_id", who.device_id.clone()),
+                KeyValue::new("component_name", self.adapter),
+                KeyValue::new("qos", self.qos),
+                KeyValue::new("message_size", self.size as i64),
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.destination.name", topic.to_owned()),
+            ];
+            if let Some(auth_id) = auth_id {
+                attributes.push(KeyValue::new("auth_id", auth_id.to_owned()));
+            }
+            if let Some(gateway) = &who.gateway_id {
+                attributes.push(KeyValue::new("gateway_id", gateway.clone()));
+            }
+            attributes
+        });
+        span
     }
 
     fn span_name(&self) -> &'static str {
@@ -970,6 +974,9 @@ impl Pending {
                 Err(self.meta.finish_err(e))
             }
             Ok(()) => {
+                if self.delivery.is_some() {
+                    span.add_event("acknowledged", Vec::new());
+                }
                 span.end();
                 self.meta.finish(&self.accepted.tenant, "forwarded");
                 Ok(std::mem::take(&mut self.accepted))

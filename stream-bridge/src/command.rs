@@ -17,6 +17,9 @@ pub struct AmqpCommand {
     /// For request/response commands: where the response goes and how it is correlated.
     pub reply: Option<(String, MessageId)>,
     pub payload: Vec<u8>,
+    /// The application's W3C trace context (application properties `traceparent`,
+    /// `tracestate`), handed on in the Kafka record for the router to continue.
+    pub trace: Option<ferrule_telemetry::TraceContext>,
 }
 
 /// Checks a message sent on `command/<tenant>`: `to` = `command/<tenant>/<device>`, a
@@ -59,13 +62,37 @@ pub fn parse_command(tenant: &str, msg: &Message<Body<Value>>) -> Result<AmqpCom
         Body::Empty => Vec::new(),
         _ => return Err("the body must be Data sections".into()),
     };
+    let property = |name: &str| match msg.application_properties.as_ref()?.0.get(name)? {
+        SimpleValue::String(s) => Some(s.as_str()),
+        _ => None,
+    };
     Ok(AmqpCommand {
         device_id: device.to_owned(),
         subject,
         content_type: props.content_type.as_ref().map(|c| c.as_str().to_owned()),
         reply,
         payload,
+        trace: ferrule_telemetry::TraceContext::of(property("traceparent"), property("tracestate")),
     })
+}
+
+/// `message` with the trace context a response record carried, as application properties
+/// (`traceparent`, `tracestate`), where the application continues its trace.
+pub fn with_trace(
+    mut message: Message<Data>,
+    trace: Option<&ferrule_telemetry::TraceContext>,
+) -> Message<Data> {
+    if let (Some(t), Some(app)) = (trace, message.application_properties.as_mut()) {
+        app.0.insert(
+            "traceparent".into(),
+            SimpleValue::String(t.traceparent.clone()),
+        );
+        if let Some(state) = &t.tracestate {
+            app.0
+                .insert("tracestate".into(), SimpleValue::String(state.clone()));
+        }
+    }
+    message
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -591,6 +591,10 @@ fn write_command(
     if let Some(cid) = &correlation {
         fields.extend([(h::RESPONSE_REQUIRED, "true"), (h::CORRELATION_ID, cid)]);
     }
+    if let Some(t) = &command.trace {
+        fields.push((h::TRACEPARENT, &t.traceparent));
+        fields.extend(t.tracestate.as_deref().map(|s| (h::TRACESTATE, s)));
+    }
     fields.extend(expected.route.command_headers());
     let headers = fields.iter().fold(
         OwnedHeaders::new_with_capacity(fields.len()),
@@ -696,6 +700,8 @@ async fn responses_to(
             num(h::CREATION_TIME).unwrap_or_else(h::now_millis),
             record.payload().unwrap_or_default(),
         );
+        let trace = ferrule_telemetry::TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE));
+        let message = crate::command::with_trace(message, trace.as_ref());
         if sender.send_batchable(message).await.is_err() {
             return;
         }
@@ -807,7 +813,8 @@ fn delivery_span(
         "event" => "deliver event",
         _ => "deliver telemetry",
     };
-    tracer.start(name, SpanKind::Producer, parent.as_ref(), None, || {
+    let span = tracer.start(name, SpanKind::Producer, parent.as_ref(), None, Vec::new);
+    span.describe(|| {
         vec![
             KeyValue::new("tenant_id", tenant.to_owned()),
             KeyValue::new(
@@ -817,7 +824,8 @@ fn delivery_span(
             KeyValue::new("messaging.system", "amqp"),
             KeyValue::new("messaging.destination.name", format!("{kind}/{tenant}")),
         ]
-    })
+    });
+    span
 }
 
 /// The trace context headers that go first, so they win over the record's own.

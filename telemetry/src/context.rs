@@ -35,13 +35,36 @@ impl TraceContext {
     }
 
     /// The context to hand on for `context`'s active span; `None` when it has no valid one.
+    /// Written here rather than by the propagator: this runs for every message while tracing
+    /// is on, and formatting machinery was a visible share of it.
     pub fn from_context(context: &opentelemetry::Context) -> Option<TraceContext> {
-        if !context.span().span_context().is_valid() {
+        let span = context.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
             return None;
         }
-        let mut out = TraceContext::default();
-        TraceContextPropagator::new().inject_context(context, &mut out);
-        (!out.traceparent.is_empty()).then_some(out)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut traceparent = String::with_capacity(55);
+        let parts: [&[u8]; 4] = [
+            &[0],
+            &sc.trace_id().to_bytes(),
+            &sc.span_id().to_bytes(),
+            &[sc.trace_flags().to_u8() & 1],
+        ];
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                traceparent.push('-');
+            }
+            for b in *part {
+                traceparent.push(char::from(HEX[usize::from(b >> 4)]));
+                traceparent.push(char::from(HEX[usize::from(b & 15)]));
+            }
+        }
+        let state = sc.trace_state().header();
+        Some(TraceContext {
+            traceparent,
+            tracestate: (!state.is_empty()).then_some(state),
+        })
     }
 
     /// The trace id, as 32 lowercase hex digits.

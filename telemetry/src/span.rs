@@ -27,7 +27,8 @@ impl Tracer {
 
     /// Starts a span under the remote `parent` (a trace context a message carried), or as a
     /// trace of its own; at `start` if the work began earlier. `attributes` are built only
-    /// when the tracer is on; the sampler sees them.
+    /// when the tracer is on; the sampler sees them. Attributes the sampler does not need go
+    /// in with [`Span::describe`], which builds them only for a span that is kept.
     pub fn start(
         &self,
         name: impl Into<Cow<'static, str>>,
@@ -94,27 +95,42 @@ impl Span {
         self.0.as_ref().is_some_and(|cx| cx.span().is_recording())
     }
 
+    /// Sets the attributes `attributes` builds, only when the span is kept: a dropped span
+    /// costs no strings.
+    pub fn describe(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        if let Some(cx) = self.recording() {
+            cx.span().set_attributes(attributes());
+        }
+    }
+
     pub fn set_attribute(&self, attribute: KeyValue) {
-        if let Some(cx) = &self.0 {
+        if let Some(cx) = self.recording() {
             cx.span().set_attribute(attribute);
         }
     }
 
+    /// The span's context while it is kept (a dropped span takes no events: each would read
+    /// the clock).
+    fn recording(&self) -> Option<&Context> {
+        self.0.as_deref().filter(|cx| cx.span().is_recording())
+    }
+
     pub fn add_event(&self, name: &'static str, attributes: Vec<KeyValue>) {
-        if let Some(cx) = &self.0 {
+        if let Some(cx) = self.recording() {
             cx.span().add_event(name, attributes);
         }
     }
 
     /// Marks the work as failed, with why.
     pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
-        if let Some(cx) = &self.0 {
+        if let Some(cx) = self.recording() {
             cx.span().set_status(Status::error(description));
         }
     }
 
+    /// Ends the span now (a dropped span just goes).
     pub fn end(self) {
-        if let Some(cx) = &self.0 {
+        if let Some(cx) = self.recording() {
             cx.span().end();
         }
     }
