@@ -49,7 +49,7 @@ impl Tracer {
             builder = builder.with_start_time(t);
         }
         let span = tracer.build_with_context(builder, &parent);
-        Span(Some(Box::new(parent.with_span(span))))
+        Span::of(parent.with_span(span))
     }
 
     /// Starts a span under `parent`, in the same process.
@@ -67,8 +67,8 @@ impl Tracer {
             .span_builder(name)
             .with_kind(kind)
             .with_attributes(attributes());
-        let span = tracer.build_with_context(builder, cx);
-        Span(Some(Box::new(cx.with_span(span))))
+        let span = tracer.build_with_context(builder, &cx.cx);
+        Span::of(cx.cx.with_span(span))
     }
 }
 
@@ -76,7 +76,15 @@ impl Tracer {
 /// every message in flight). Dropping it ends it.
 /// Clones are the same span: it ends at [`Span::end`] or when the last clone is dropped.
 #[derive(Debug, Default, Clone)]
-pub struct Span(Option<Box<Context>>);
+pub struct Span(Option<Box<Active>>);
+
+/// A started span in its context, and whether it is kept (asked once: the context's span sits
+/// behind a lock).
+#[derive(Debug, Clone)]
+struct Active {
+    cx: Context,
+    recording: bool,
+}
 
 impl Span {
     /// No span.
@@ -84,15 +92,20 @@ impl Span {
         Span(None)
     }
 
+    fn of(cx: Context) -> Self {
+        let recording = cx.span().is_recording();
+        Span(Some(Box::new(Active { cx, recording })))
+    }
+
     /// The trace context to hand on to the next hop: this span's, or `None` when there is no
     /// span (the caller then hands on what it received).
     pub fn context(&self) -> Option<TraceContext> {
-        TraceContext::from_context(self.0.as_ref()?)
+        TraceContext::from_context(&self.0.as_ref()?.cx)
     }
 
     /// Whether the span is kept (sampled); attributes of a dropped one are not worth building.
     pub fn is_recording(&self) -> bool {
-        self.0.as_ref().is_some_and(|cx| cx.span().is_recording())
+        self.recording().is_some()
     }
 
     /// Sets the attributes `attributes` builds, only when the span is kept: a dropped span
@@ -112,7 +125,7 @@ impl Span {
     /// The span's context while it is kept (a dropped span takes no events: each would read
     /// the clock).
     fn recording(&self) -> Option<&Context> {
-        self.0.as_deref().filter(|cx| cx.span().is_recording())
+        self.0.as_deref().filter(|a| a.recording).map(|a| &a.cx)
     }
 
     pub fn add_event(&self, name: &'static str, attributes: Vec<KeyValue>) {
