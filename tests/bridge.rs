@@ -279,18 +279,7 @@ fn events_reach_late_applications_and_are_consumed_once_accepted() {
     let user = format!("backend@{tenant}");
     let address = format!("event/{tenant}");
     // Sent while no application is attached.
-    for body in ["opened", "closed"] {
-        let (code, text) = curl(&[
-            "-u",
-            &format!("door@{tenant}:dev-secret"),
-            "-H",
-            "content-type: text/plain",
-            "--data-binary",
-            body,
-            &format!("{}/event", f.http),
-        ]);
-        assert_eq!(code, 202, "{text}");
-    }
+    send_door_events(&f, &tenant, &["opened", "closed"]);
     // Pre-settled (at-most-once) event receivers are refused.
     let got = receive_with(
         &f.amqp,
@@ -326,18 +315,7 @@ fn a_link_out_of_credit_shows_as_waiting() {
     let mut f = Ferrule::start(&kafka());
     f.wait_readiness(200);
     let tenant = provision(&f, "backend", "door", "dev-secret");
-    for body in ["opened", "closed", "opened"] {
-        let (code, text) = curl(&[
-            "-u",
-            &format!("door@{tenant}:dev-secret"),
-            "-H",
-            "content-type: text/plain",
-            "--data-binary",
-            body,
-            &format!("{}/event", f.http),
-        ]);
-        assert_eq!(code, 202, "{text}");
-    }
+    send_door_events(&f, &tenant, &["opened", "closed", "opened"]);
     let (mut app, mut lines) = spawn_receiver(
         &f.amqp,
         &format!("backend@{tenant}"),
@@ -502,6 +480,22 @@ async fn applications_command_an_mqtt_device_over_amqp() {
     assert_eq!(r["traceparent"], TRACEPARENT, "{r}");
     let topic = answering.await.unwrap();
     assert!(topic.ends_with("/setVolume"), "{topic}");
+}
+
+/// Events of the device `door` (password `dev-secret`) over HTTP, each acknowledged.
+fn send_door_events(f: &Ferrule, tenant: &str, bodies: &[&str]) {
+    for body in bodies {
+        let (code, text) = curl(&[
+            "-u",
+            &format!("door@{tenant}:dev-secret"),
+            "-H",
+            "content-type: text/plain",
+            "--data-binary",
+            body,
+            &format!("{}/event", f.http),
+        ]);
+        assert_eq!(code, 202, "{text}");
+    }
 }
 
 /// Another device of `tenant` with the password credentials `device` / `password`.

@@ -82,6 +82,15 @@ fn one_traced_message(f: &Ferrule, tenant: &str, traceparent: &str) -> Value {
     message
 }
 
+/// An OTLP receiver, and a ready `ferrule all` exporting its spans there; `setting` names the
+/// endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `FERRULE_TELEMETRY__OTLP_ENDPOINT`).
+fn traced(setting: &str) -> (OtlpReceiver, Ferrule) {
+    let otlp = OtlpReceiver::start();
+    let mut f = Ferrule::start_with(&kafka(), &[(setting, otlp.url.clone())]);
+    f.wait_readiness(200);
+    (otlp, f)
+}
+
 fn random_hex(len: usize) -> String {
     let mut s = String::new();
     while s.len() < len {
@@ -99,12 +108,7 @@ fn span_of<'a>(spans: &'a [ReceivedSpan], service: &str, name: &str) -> Option<&
 
 #[test]
 fn one_trace_from_an_mqtt_device_through_gateway_kafka_and_bridge_to_an_application() {
-    let otlp = OtlpReceiver::start();
-    let mut f = Ferrule::start_with(
-        &kafka(),
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())],
-    );
-    f.wait_readiness(200);
+    let (otlp, f) = traced("OTEL_EXPORTER_OTLP_ENDPOINT");
     let tenant = provision(&f, "{}");
     let (trace_id, device_span) = (random_hex(32), random_hex(16));
     let traceparent = format!("00-{trace_id}-{device_span}-01");
@@ -153,12 +157,7 @@ fn one_trace_from_an_mqtt_device_through_gateway_kafka_and_bridge_to_an_applicat
 /// does not ask for it.
 #[test]
 fn tenants_sampling_modes_are_honoured() {
-    let otlp = OtlpReceiver::start();
-    let mut f = Ferrule::start_with(
-        &kafka(),
-        &[("FERRULE_TELEMETRY__OTLP_ENDPOINT", otlp.url.clone())],
-    );
-    f.wait_readiness(200);
+    let (otlp, f) = traced("FERRULE_TELEMETRY__OTLP_ENDPOINT");
     let quiet = provision(&f, r#"{"tracing": {"sampling-mode": "none"}}"#);
     let chosen = provision(
         &f,
@@ -387,12 +386,7 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
 /// no option for a trace context) starts a trace per upload.
 #[test]
 fn http_and_coap_uploads_have_their_spans() {
-    let otlp = OtlpReceiver::start();
-    let mut f = Ferrule::start_with(
-        &kafka(),
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())],
-    );
-    f.wait_readiness(200);
+    let (otlp, f) = traced("OTEL_EXPORTER_OTLP_ENDPOINT");
     let tenant = provision(
         &f,
         r#"{"adapters": [{"type": "hono-http", "enabled": true},

@@ -300,14 +300,7 @@ mod tests {
 
     #[test]
     fn option_values_round_trip() {
-        for b in [
-            block(0, true),
-            Block {
-                num: 1000,
-                more: false,
-                szx: 6,
-            },
-        ] {
+        for b in [block(0, true), asked(1000, 6)] {
             assert_eq!(Block::decode(&b.encode()), Some(b));
         }
         assert_eq!(Block::decode(&[0x0f]), None, "SZX 7 is reserved");
@@ -370,6 +363,15 @@ mod tests {
             a.add(p, "/t", block(0, true), &[0; 16]);
         }
         assert_eq!(a.bodies.lock().unwrap().len(), 2);
+    }
+
+    /// A request's Block2: block `num` of 2^(`szx`+4) bytes.
+    fn asked(num: u32, szx: u8) -> Block {
+        Block {
+            num,
+            more: false,
+            szx,
+        }
     }
 
     fn download(payload: usize) -> Packet {
@@ -445,31 +447,12 @@ mod tests {
         assert_eq!(body, whole.payload);
         assert!(fetched.try_recv().is_ok(), "the last block was asked for");
         assert!(matches!(
-            d.fetch(
-                peer(),
-                "/t",
-                Block {
-                    num: 3,
-                    more: false,
-                    szx: 6
-                }
-            ),
+            d.fetch(peer(), "/t", asked(3, 6)),
             Fetch::OutOfRange
         ));
         let other = (std::net::SocketAddr::from(([127, 0, 0, 1], 5000)), 9);
         assert!(
-            matches!(
-                d.fetch(
-                    other,
-                    "/t",
-                    Block {
-                        num: 1,
-                        more: false,
-                        szx: 6
-                    }
-                ),
-                Fetch::Unknown
-            ),
+            matches!(d.fetch(other, "/t", asked(1, 6)), Fetch::Unknown),
             "another session's request is not served"
         );
     }
@@ -490,15 +473,7 @@ mod tests {
             }
         );
         // Late: down to 32 bytes from the second 64-byte block on (offset 64 = block 2).
-        let Fetch::Block(b) = d.fetch(
-            peer(),
-            "/t",
-            Block {
-                num: 2,
-                more: false,
-                szx: 1,
-            },
-        ) else {
+        let Fetch::Block(b) = d.fetch(peer(), "/t", asked(2, 1)) else {
             panic!("block");
         };
         assert_eq!(
@@ -511,15 +486,7 @@ mod tests {
         );
         assert_eq!(b.payload, whole.payload[64..96]);
         // A larger size than chosen is served at the chosen one.
-        let Fetch::Block(b) = d.fetch(
-            peer(),
-            "/t",
-            Block {
-                num: 1,
-                more: false,
-                szx: 3,
-            },
-        ) else {
+        let Fetch::Block(b) = d.fetch(peer(), "/t", asked(1, 3)) else {
             panic!("block");
         };
         assert_eq!(
@@ -538,18 +505,7 @@ mod tests {
         let d = Downloads::new(10, Duration::ZERO);
         let mut r = download(2000);
         let mut fetched = d.start(peer(), "/t", &mut r, None).unwrap();
-        assert!(matches!(
-            d.fetch(
-                peer(),
-                "/t",
-                Block {
-                    num: 1,
-                    more: false,
-                    szx: 6
-                }
-            ),
-            Fetch::Unknown
-        ));
+        assert!(matches!(d.fetch(peer(), "/t", asked(1, 6)), Fetch::Unknown));
         assert!(
             matches!(
                 fetched.try_recv(),
