@@ -137,6 +137,8 @@ pub fn router(readiness: Readiness, heartbeat: Heartbeat) -> Router {
         .route("/liveness", get(live))
         .route("/readiness", get(ready))
         .route("/metrics", get(metrics))
+        // Hono's name for the same (its health server's Prometheus endpoint).
+        .route("/prometheus", get(metrics))
         .with_state(Probes {
             readiness,
             heartbeat,

@@ -128,6 +128,10 @@ fn registry_answers_curl_as_in_hono_getting_started() {
     let (code, live) = curl(&[&format!("{}/liveness", f.health)]);
     assert_eq!(code, 200, "{live}");
     assert!(live.contains("last_task_ms_ago"), "{live}");
+    // Hono's path for the metrics serves them too.
+    let (code, hono) = curl(&[&format!("{}/prometheus", f.health)]);
+    assert_eq!(code, 200);
+    assert!(hono.contains("hono_telemetry_processing_duration_seconds"));
     // Hono's startup probe: the services were set up.
     let (code, started) = curl(&[&format!("{}/started", f.health)]);
     assert_eq!(code, 200, "{started}");

@@ -19,6 +19,12 @@ const PYTHON: &str = DEBIAN_PYTHON;
 /// (password `dev-secret`); `tenant_body` is the tenant's JSON.
 fn provision(f: &Ferrule, tenant_body: &str) -> String {
     let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    provision_as(f, &tenant, tenant_body);
+    tenant
+}
+
+/// [`provision`] under the tenant id `tenant`.
+fn provision_as(f: &Ferrule, tenant: &str, tenant_body: &str) {
     f.admin_ok("POST", &format!("/v1/tenants/{tenant}"), tenant_body);
     f.admin_ok(
         "PUT",
@@ -31,7 +37,6 @@ fn provision(f: &Ferrule, tenant_body: &str) -> String {
         &format!("/v1/credentials/{tenant}/sensor"),
         r#"[{"type": "hashed-password", "auth-id": "sensor", "secrets": [{"pwd-plain": "dev-secret"}]}]"#,
     );
-    tenant
 }
 
 /// The device (MQTT 5, paho) sends telemetry with `traceparent` until a Proton application
@@ -86,7 +91,14 @@ fn one_traced_message(f: &Ferrule, tenant: &str, traceparent: &str) -> Value {
 /// endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `FERRULE_TELEMETRY__OTLP_ENDPOINT`).
 fn traced(setting: &str) -> (OtlpReceiver, Ferrule) {
     let otlp = OtlpReceiver::start();
-    let mut f = Ferrule::start_with(&kafka(), &[(setting, otlp.url.clone())]);
+    // Its router reads no other test's commands (a new router group reads every command
+    // topic from its start, and would answer them with spans of its own).
+    let unused = format!("hono.command.unused-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        (setting, otlp.url.clone()),
+        ("FERRULE_ROUTER__TOPIC_PATTERN", unused),
+    ];
+    let mut f = Ferrule::start_with(&kafka(), &env);
     f.wait_readiness(200);
     (otlp, f)
 }
@@ -199,20 +211,144 @@ fn tenants_sampling_modes_are_honoured() {
 /// context exactly as the device sent it.
 #[test]
 fn without_an_endpoint_the_trace_context_passes_through_unchanged() {
-    let mut f = Ferrule::start_with(
-        &kafka(),
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let f = Ferrule::start_for_commands_with(
+        &tenant,
+        "",
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", String::new()),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", String::new()),
         ],
     );
-    f.wait_readiness(200);
-    let tenant = provision(&f, "{}");
+    provision_as(&f, &tenant, "{}");
     let traceparent = format!("00-{}-{}-01", random_hex(32), random_hex(16));
     let message = one_traced_message(&f, &tenant, &traceparent);
     assert_eq!(message["properties"]["traceparent"], traceparent.as_str());
     assert_eq!(message["properties"]["tracestate"], "vendor=ferrule-test");
+    // A command the router cannot deliver: its failure response carries the command's trace.
+    let command = format!("00-{}-{}-01", random_hex(32), random_hex(16));
+    send_command(&tenant, "nobody", "c-1", &command);
+    let response = topic_headers(&format!("hono.command_response.{tenant}"));
+    assert_eq!(response["status"], "404");
+    assert_eq!(response["traceparent"], command);
     f.stop();
+}
+
+/// Commands honour the tenant's sampling mode too (Hono's router applies it): with
+/// `sampling-mode: none` the router keeps no span of a command that asked for sampling and
+/// hands the trace on as not sampled. The standard `OTEL_TRACES_SAMPLER` sets the sampler
+/// when the configuration does not.
+#[test]
+fn commands_honour_the_tenants_sampling_mode() {
+    let otlp = OtlpReceiver::start();
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let f = Ferrule::start_for_commands_with(
+        &tenant,
+        "",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone()),
+            // New traces are not kept; a caller's sampled trace is.
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off".to_owned()),
+        ],
+    );
+    provision_as(&f, &tenant, r#"{"tracing": {"sampling-mode": "none"}}"#);
+    // The first command brings the tenant into the registry cache (the router's and the
+    // gateway's), so it is decided by the sampler alone: the caller asked for sampling, so it
+    // is kept.
+    let first = random_hex(32);
+    send_command(
+        &tenant,
+        "nobody",
+        "c-0",
+        &format!("00-{first}-{}-01", random_hex(16)),
+    );
+    otlp.wait_for(&first, |spans| {
+        span_of(spans, "ferrule-command-router", "route command").is_some()
+    });
+    // The second is decided with the tenant's `none`.
+    let quiet = random_hex(32);
+    send_command(
+        &tenant,
+        "nobody",
+        "c-1",
+        &format!("00-{quiet}-{}-01", random_hex(16)),
+    );
+    let response = read_matching(&format!("hono.command_response.{tenant}"), "c-1");
+    assert!(response["traceparent"].contains(&quiet), "{response:?}");
+    assert!(
+        response["traceparent"].ends_with("-00"),
+        "not sampled: {response:?}"
+    );
+    // An upload without a trace context starts a trace the sampler does not keep.
+    let (code, body) = curl(&[
+        "-u",
+        &format!("sensor@{tenant}:dev-secret"),
+        "--data-binary",
+        "1",
+        &format!("{}/telemetry", f.http),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let record = topic_headers(&format!("hono.telemetry.{tenant}"));
+    let upload = record["traceparent"].clone();
+    assert!(upload.ends_with("-00"), "not sampled: {record:?}");
+    // Anything kept would have been exported within the batch interval.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert!(otlp.trace(&quiet).is_empty(), "{:#?}", otlp.trace(&quiet));
+    let upload_trace = upload.split('-').nth(1).unwrap();
+    assert!(otlp.trace(upload_trace).is_empty());
+    f.stop();
+}
+
+/// Writes a request/response command as a Kafka application does.
+fn send_command(tenant: &str, device: &str, correlation_id: &str, traceparent: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let headers = [
+        ("device_id", device),
+        ("subject", "ping"),
+        ("correlation-id", correlation_id),
+        ("response-required", "true"),
+        ("traceparent", traceparent),
+    ]
+    .iter()
+    .fold(OwnedHeaders::new(), |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        })
+    });
+    let topic = format!("hono.command.{tenant}");
+    producer
+        .send(
+            BaseRecord::to(&topic)
+                .key(device)
+                .payload("x")
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(std::time::Duration::from_secs(5)).unwrap();
+}
+
+/// The headers of the record of `topic` whose `correlation-id` is `correlation_id`.
+fn read_matching(topic: &str, correlation_id: &str) -> std::collections::HashMap<String, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let found = all_topic_headers(topic)
+            .into_iter()
+            .find(|h| h.get("correlation-id").map(String::as_str) == Some(correlation_id));
+        if let Some(h) = found {
+            return h;
+        }
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "no record {correlation_id} in {topic}"
+        );
+    }
 }
 
 /// A Kafka application (confluent-kafka) sends a request/response command with a
@@ -424,6 +560,23 @@ fn http_and_coap_uploads_have_their_spans() {
         Some(format!("00-{trace_id}-{}-01", upload.span_id).as_str())
     );
 
+    // A wrong password is refused before the pipeline: a span of its own, all the same.
+    let (refused, device_span) = (random_hex(32), random_hex(16));
+    let (code, _) = curl(&[
+        "-u",
+        &format!("sensor@{tenant}:wrong"),
+        "-H",
+        &format!("traceparent: 00-{refused}-{device_span}-01"),
+        "--data-binary",
+        "x",
+        &format!("{}/telemetry", f.http),
+    ]);
+    assert_eq!(code, 401);
+    let spans = otlp.wait_for(&refused, |s| !s.is_empty());
+    assert_eq!(spans[0].name, "upload telemetry");
+    assert_eq!(spans[0].parent_span_id, device_span);
+    assert_eq!(spans[0].attributes["component_name"], "hono-http");
+
     let out = Command::new("coap-client-notls")
         .args([
             "-m",
@@ -447,6 +600,18 @@ fn http_and_coap_uploads_have_their_spans() {
 
 /// The headers of the first record of `topic`, read from its start.
 fn topic_headers(topic: &str) -> std::collections::HashMap<String, String> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(h) = all_topic_headers(topic).into_iter().next() {
+            return h;
+        }
+        assert!(start.elapsed().as_secs() < 20, "no record in {topic}");
+    }
+}
+
+/// The headers of every record of `topic` that arrives within a second of reading it from its
+/// start (or of the last one).
+fn all_topic_headers(topic: &str) -> Vec<std::collections::HashMap<String, String>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -459,10 +624,11 @@ fn topic_headers(topic: &str) -> std::collections::HashMap<String, String> {
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
-    let start = std::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(20) {
-        if let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(200)) {
-            return m
+    let mut all = Vec::new();
+    let mut last = std::time::Instant::now();
+    while last.elapsed() < std::time::Duration::from_secs(1) {
+        if let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(100)) {
+            let headers = m
                 .headers()
                 .map(|hs| {
                     hs.iter()
@@ -473,7 +639,9 @@ fn topic_headers(topic: &str) -> std::collections::HashMap<String, String> {
                         .collect()
                 })
                 .unwrap_or_default();
+            all.push(headers);
+            last = std::time::Instant::now();
         }
     }
-    panic!("no record in {topic}");
+    all
 }

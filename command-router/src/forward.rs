@@ -167,7 +167,7 @@ pub async fn run(
                         continue;
                     }
                 };
-                let incoming = copy(&out.names, &tracer, &msg);
+                let incoming = copy(&out.names, &tracer, &registry, &msg);
                 if !incoming.tenant.is_empty() {
                     crate::metrics::consumed(&incoming.tenant);
                 }
@@ -204,7 +204,12 @@ pub async fn run(
     Ok(())
 }
 
-fn copy(names: &TopicNames, tracer: &Tracer, msg: &BorrowedMessage<'_>) -> Incoming {
+fn copy(
+    names: &TopicNames,
+    tracer: &Tracer,
+    registry: &DeviceAuthenticator,
+    msg: &BorrowedMessage<'_>,
+) -> Incoming {
     let headers: Vec<(String, Option<Vec<u8>>)> = msg
         .headers()
         .map(|hs| {
@@ -218,29 +223,47 @@ fn copy(names: &TopicNames, tracer: &Tracer, msg: &BorrowedMessage<'_>) -> Incom
         .filter(|(k, _)| k.starts_with(h::DELIVERY_FAILURE_METADATA_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
+    let tenant = names
+        .parse(msg.topic())
+        .ok()
+        .filter(|t| t.kind == TopicKind::Command)
+        .map(|t| t.suffix)
+        .unwrap_or_default();
     let span = match tracer.is_on() {
         false => Span::none(),
         true => {
             let all = || headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
             let text = |name: &str| h::first(all(), name).and_then(h::decode_str);
             let parent = TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE));
-            tracer.start(
+            // The tenant's sampling mode (Hono's tenant `tracing`), when its document is
+            // cached; the router asks the registry for it right after.
+            let mode = registry.cached_tenant(&tenant).and_then(|t| {
+                let tracing = t.as_ref().as_ref()?.tracing.as_ref()?;
+                ferrule_telemetry::sampler::mode(tracing.sampling_mode.as_deref(), None)
+            });
+            let span = tracer.start(
                 "route command",
                 SpanKind::Consumer,
                 parent.as_ref(),
                 None,
-                || {
-                    vec![
-                        KeyValue::new("messaging.system", "kafka"),
-                        KeyValue::new("messaging.source.name", msg.topic().to_owned()),
-                        KeyValue::new(
-                            "device_id",
-                            String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-                        ),
-                        KeyValue::new("subject", text(h::SUBJECT).unwrap_or_default().to_owned()),
-                    ]
+                || match mode {
+                    Some(m) => vec![KeyValue::new(ferrule_telemetry::sampler::SAMPLING_MODE, m)],
+                    None => Vec::new(),
                 },
-            )
+            );
+            span.describe(|| {
+                vec![
+                    KeyValue::new("tenant_id", tenant.clone()),
+                    KeyValue::new("messaging.system", "kafka"),
+                    KeyValue::new("messaging.source.name", msg.topic().to_owned()),
+                    KeyValue::new(
+                        "device_id",
+                        String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                    ),
+                    KeyValue::new("subject", text(h::SUBJECT).unwrap_or_default().to_owned()),
+                ]
+            });
+            span
         }
     };
     Incoming {
@@ -250,12 +273,7 @@ fn copy(names: &TopicNames, tracer: &Tracer, msg: &BorrowedMessage<'_>) -> Incom
             names,
             headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
         ),
-        tenant: names
-            .parse(msg.topic())
-            .ok()
-            .filter(|t| t.kind == TopicKind::Command)
-            .map(|t| t.suffix)
-            .unwrap_or_default(),
+        tenant,
         key: msg.key().map(<[u8]>::to_vec),
         headers,
         payload: msg.payload().map(<[u8]>::to_vec),
@@ -404,6 +422,10 @@ fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'stat
         }
     };
     let (out, metadata) = (out.clone(), failure_metadata.clone());
+    let trace = {
+        let text = |name: &str| h::first(incoming.record_headers(), name).and_then(h::decode_str);
+        TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE))
+    };
     let outcome = incoming.outcome.clone();
     Box::pin(async move {
         let failure = match delivery {
@@ -439,9 +461,9 @@ fn forward(out: &Out, incoming: Incoming, decision: Decision) -> BoxFuture<'stat
             // The bridge settles the application's transfer by it (Hono's AMQP APIs).
             (Some(f), Some(route), _) => report_outcome(&out.producer, &device, &route, f).await,
             (Some(f), None, Some(cid)) => {
-                // The failure response continues the router's span.
+                // The failure response continues the router's span, else the command's trace.
                 let mut metadata = metadata;
-                if let Some(t) = span.context() {
+                if let Some(t) = span.context().or(trace) {
                     metadata.push((h::TRACEPARENT.to_owned(), t.traceparent.into_bytes()));
                     if let Some(state) = t.tracestate {
                         metadata.push((h::TRACESTATE.to_owned(), state.into_bytes()));

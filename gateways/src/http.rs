@@ -203,6 +203,12 @@ async fn handle(
     }
 }
 
+/// The device's trace context, if its headers carry a readable one.
+fn trace_of(headers: &HeaderMap) -> Option<TraceContext> {
+    let text = |name| header_str(headers, name).ok().flatten();
+    TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE))
+}
+
 /// 200 carrying a command (Hono's HTTP adapter): name, request id, target device (for
 /// gateways), payload.
 fn command_response(cmd: CommandDelivery, for_gateway: bool) -> Response {
@@ -264,8 +270,20 @@ async fn upload(
     target: Option<(String, String)>,
     auth_required: bool,
 ) -> Result<Option<(CommandDelivery, bool)>, Refusal> {
-    let body = body_or_error(a, body)?;
-    let origin = origin(a, client_cert, headers, target.as_ref(), auth_required).await?;
+    let since = a.pipeline.tracer().is_on().then(std::time::SystemTime::now);
+    // What is refused here, before the pipeline (body, credentials), is traced too.
+    let refused = |e: Refusal| {
+        if let Some(since) = since {
+            let trace = trace_of(headers);
+            a.pipeline
+                .trace_refusal(ADAPTER, endpoint, trace.as_ref(), since, &e);
+        }
+        e
+    };
+    let body = body_or_error(a, body).map_err(refused)?;
+    let origin = origin(a, client_cert, headers, target.as_ref(), auth_required)
+        .await
+        .map_err(refused)?;
     let query = uri.query().unwrap_or("");
     let qos = match header_str(headers, "qos-level")? {
         None | Some("0") => Qos::AtMostOnce,

@@ -263,6 +263,24 @@ impl IngestPipeline {
         &self.tracer
     }
 
+    /// Records the span of an upload a protocol module refused before it reached the
+    /// pipeline (its body, credentials or headers), from `since`: every refusal is traced,
+    /// not only the pipeline's own.
+    pub fn trace_refusal(
+        &self,
+        adapter: AdapterType,
+        endpoint: Endpoint,
+        parent: Option<&TraceContext>,
+        since: std::time::SystemTime,
+        e: &Refusal,
+    ) {
+        let name = match endpoint {
+            Endpoint::Event => "upload event",
+            Endpoint::Telemetry => "upload telemetry",
+        };
+        refusal_span(&self.tracer, name, adapter.name(), parent, since, e);
+    }
+
     /// Refuses unauthenticated devices on `adapter` (`gateway.<adapter>.allow_unauthenticated
     /// = false`), even for tenants whose adapter entry sets `device-authentication-required:
     /// false`.
@@ -723,6 +741,22 @@ impl IngestPipeline {
     }
 }
 
+/// The span of an upload refused before it had one: named like the upload's, failed with the
+/// refusal, from `since` until now.
+fn refusal_span(
+    tracer: &Tracer,
+    name: &'static str,
+    adapter: &'static str,
+    parent: Option<&TraceContext>,
+    since: std::time::SystemTime,
+    e: &Refusal,
+) {
+    let span = tracer.start(name, SpanKind::Server, parent, Some(since), Vec::new);
+    span.describe(|| vec![KeyValue::new("component_name", adapter)]);
+    span.fail(e.to_string());
+    span.end();
+}
+
 /// `headers` with the trace context the next hop continues.
 fn with_trace(headers: OwnedHeaders, trace: &TraceContext) -> OwnedHeaders {
     let headers = headers.insert(Header {
@@ -746,11 +780,10 @@ pub fn sampling_mode(
 ) -> Option<&'static str> {
     let tracing = tracing?;
     let per_auth_id = auth_id.and_then(|a| tracing.sampling_mode_per_auth_id.as_ref()?.get(a));
-    match per_auth_id.or(tracing.sampling_mode.as_ref())?.as_str() {
-        "all" => Some("all"),
-        "none" => Some("none"),
-        _ => None,
-    }
+    sampler::mode(
+        tracing.sampling_mode.as_deref(),
+        per_auth_id.map(String::as_str),
+    )
 }
 
 /// What [`IngestPipeline::submit_now`] did with a message.
@@ -921,15 +954,14 @@ impl Meta {
         self.finish("", status);
         // Refused before its tenant was known: a span of the refusal alone.
         if let Some(t) = &self.trace {
-            let span = t.tracer.start(
+            refusal_span(
+                &t.tracer,
                 self.span_name(),
-                SpanKind::Server,
+                self.adapter,
                 t.parent.as_ref(),
-                Some(t.since),
-                || vec![KeyValue::new("component_name", self.adapter)],
+                t.since,
+                &e,
             );
-            span.fail(e.to_string());
-            span.end();
         }
         e
     }

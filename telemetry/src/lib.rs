@@ -55,6 +55,25 @@ impl Default for TelemetryConfig {
 }
 
 impl TelemetryConfig {
+    /// The sampler and its argument: the configured ones, or where a key is left at its
+    /// default, the standard `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`.
+    pub fn sampler_setting(&self) -> (String, f64) {
+        let default = TelemetryConfig::default();
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let name = match (self.sampler == default.sampler, env("OTEL_TRACES_SAMPLER")) {
+            (true, Some(name)) => name.trim().to_owned(),
+            _ => self.sampler.clone(),
+        };
+        let arg = match (
+            self.sampler_arg == default.sampler_arg,
+            env("OTEL_TRACES_SAMPLER_ARG"),
+        ) {
+            (true, Some(arg)) => arg.trim().parse().unwrap_or(self.sampler_arg),
+            _ => self.sampler_arg,
+        };
+        (name, arg)
+    }
+
     /// Where spans are sent: the configured base URL, else the standard environment
     /// variables; `None` exports nothing.
     pub fn traces_endpoint(&self) -> Option<String> {
@@ -81,14 +100,15 @@ static INSTALLED: OnceLock<Option<Telemetry>> = OnceLock::new();
 /// Sets the process's tracing up from `cfg`; the first call counts. Whether spans are
 /// exported. An unknown sampler name is an error.
 pub fn install(cfg: &TelemetryConfig) -> Result<bool, String> {
-    let sampler = sampler::TenantSampler::new(sampler::from_name(&cfg.sampler, cfg.sampler_arg)?);
+    let (name, arg) = cfg.sampler_setting();
+    let sampler = sampler::TenantSampler::new(sampler::from_name(&name, arg)?);
     let telemetry = cfg.traces_endpoint().map(|endpoint| Telemetry {
         endpoint,
         sampler,
         providers: Mutex::default(),
     });
     if let Some(t) = &telemetry {
-        tracing::info!(endpoint = %t.endpoint, sampler = %cfg.sampler, "exporting traces over OTLP/HTTP");
+        tracing::info!(endpoint = %t.endpoint, sampler = %name, arg, "exporting traces over OTLP/HTTP");
     }
     Ok(INSTALLED.get_or_init(|| telemetry).is_some())
 }

@@ -13,6 +13,18 @@ use std::time::Instant;
 /// configured sampler decides.
 pub const SAMPLING_MODE: &str = "sampling.mode";
 
+/// Hono's sampling mode as [`SAMPLING_MODE`] carries it: `all` and `none` override the
+/// sampler, anything else (`default`, absent) leaves the decision to it. `per_auth_id` (the
+/// tenant's `sampling-mode-per-auth-id` entry of the sender) wins over `tenant` (its
+/// `sampling-mode`).
+pub fn mode(tenant: Option<&str>, per_auth_id: Option<&str>) -> Option<&'static str> {
+    match per_auth_id.or(tenant)? {
+        "all" => Some("all"),
+        "none" => Some("none"),
+        _ => None,
+    }
+}
+
 /// The sampler named `name` (see `TelemetryConfig::sampler`) with its argument.
 pub fn from_name(name: &str, arg: f64) -> Result<Box<dyn ShouldSample>, String> {
     let (parent_based, root) = match name.strip_prefix("parentbased_") {
