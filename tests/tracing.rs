@@ -299,41 +299,6 @@ fn commands_honour_the_tenants_sampling_mode() {
     f.stop();
 }
 
-/// Writes a request/response command as a Kafka application does.
-fn send_command(tenant: &str, device: &str, correlation_id: &str, traceparent: &str) {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .create()
-        .unwrap();
-    let headers = [
-        ("device_id", device),
-        ("subject", "ping"),
-        ("correlation-id", correlation_id),
-        ("response-required", "true"),
-        ("traceparent", traceparent),
-    ]
-    .iter()
-    .fold(OwnedHeaders::new(), |hs, (k, v)| {
-        hs.insert(Header {
-            key: k,
-            value: Some(*v),
-        })
-    });
-    let topic = format!("hono.command.{tenant}");
-    producer
-        .send(
-            BaseRecord::to(&topic)
-                .key(device)
-                .payload("x")
-                .headers(headers),
-        )
-        .map_err(|(e, _)| e)
-        .unwrap();
-    producer.flush(std::time::Duration::from_secs(5)).unwrap();
-}
-
 /// The headers of the record of `topic` whose `correlation-id` is `correlation_id`.
 fn read_matching(topic: &str, correlation_id: &str) -> std::collections::HashMap<String, String> {
     let start = std::time::Instant::now();

@@ -381,3 +381,39 @@ pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64>
         wanted.then(|| value.trim().parse().ok()).flatten()
     })
 }
+
+/// Writes a request/response command for `device` to `hono.command.<tenant>` as a Kafka
+/// application does, with the W3C trace context `traceparent`.
+pub fn send_command(tenant: &str, device: &str, correlation_id: &str, traceparent: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let headers = [
+        ("device_id", device),
+        ("subject", "ping"),
+        ("correlation-id", correlation_id),
+        ("response-required", "true"),
+        ("traceparent", traceparent),
+    ]
+    .iter()
+    .fold(OwnedHeaders::new(), |hs, (k, v)| {
+        hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        })
+    });
+    let topic = format!("hono.command.{tenant}");
+    producer
+        .send(
+            BaseRecord::to(&topic)
+                .key(device)
+                .payload("x")
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(std::time::Duration::from_secs(5)).unwrap();
+}
