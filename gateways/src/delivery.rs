@@ -45,11 +45,6 @@ impl Progress {
         }))
     }
 
-    /// The span, for its trace context.
-    pub fn span(&self) -> &Span {
-        &self.0.span
-    }
-
     /// The device has the command (acknowledged it where the protocol can).
     pub fn delivered(&self) {
         self.0.end("forwarded", None);

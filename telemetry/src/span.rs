@@ -51,25 +51,6 @@ impl Tracer {
         let span = tracer.build_with_context(builder, &parent);
         Span::of(parent.with_span(span))
     }
-
-    /// Starts a span under `parent`, in the same process.
-    pub fn child(
-        &self,
-        name: impl Into<Cow<'static, str>>,
-        kind: SpanKind,
-        parent: &Span,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
-    ) -> Span {
-        let (Some(tracer), Some(cx)) = (&self.0, &parent.0) else {
-            return Span(None);
-        };
-        let builder = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes());
-        let span = tracer.build_with_context(builder, &cx.cx);
-        Span::of(cx.cx.with_span(span))
-    }
 }
 
 /// A span being recorded, or nothing when tracing is off (one pointer: it may ride along with
@@ -101,11 +82,6 @@ impl Span {
     /// span (the caller then hands on what it received).
     pub fn context(&self) -> Option<TraceContext> {
         TraceContext::from_context(&self.0.as_ref()?.cx)
-    }
-
-    /// Whether the span is kept (sampled); attributes of a dropped one are not worth building.
-    pub fn is_recording(&self) -> bool {
-        self.recording().is_some()
     }
 
     /// Sets the attributes `attributes` builds, only when the span is kept: a dropped span
