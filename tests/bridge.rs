@@ -338,6 +338,8 @@ fn a_link_out_of_credit_shows_as_waiting() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(gauge("ferrule_bridge_links"), Some(1.0));
+    // Waiting because the application's credit is used up.
+    assert_eq!(gauge("ferrule_bridge_link_credit"), Some(0.0));
     let _ = app.wait();
     let start = Instant::now();
     while gauge("ferrule_bridge_links") != Some(0.0) {
@@ -346,6 +348,69 @@ fn a_link_out_of_credit_shows_as_waiting() {
     }
     assert_eq!(gauge("ferrule_bridge_links_waiting"), Some(0.0));
     assert_eq!(gauge("ferrule_bridge_unsettled_deliveries"), Some(0.0));
+}
+
+/// An application that leaves events unsettled: the bridge counts them as unsettled
+/// deliveries, and the tenant's event group falls behind the topic by them, since its
+/// committed offset stays after the last settled event (`ferrule_kafka_consumer_lag` of the
+/// group `ferrule-bridge.event.<tenant>`). Both come back to nothing when it leaves.
+#[test]
+fn events_left_unsettled_show_as_unsettled_deliveries_and_consumer_lag() {
+    let env = [("FERRULE_KAFKA__STATISTICS_INTERVAL_MS", "500".to_owned())];
+    let mut f = Ferrule::start_with(&kafka(), &env);
+    f.wait_readiness(200);
+    let tenant = provision(&f, "backend", "door", "dev-secret");
+    let (mut app, mut lines) = spawn_receiver(
+        &f.amqp,
+        &format!("backend@{tenant}"),
+        &format!("event/{tenant}"),
+        3,
+        20,
+        &["keep=2", "hold=30"],
+    );
+    let attached = next_line(&mut lines);
+    assert_eq!(attached["attached"], format!("event/{tenant}"));
+    let granted = attached["credit"].as_f64().unwrap();
+    assert!(granted >= 3.0, "{attached}");
+    let wait_for = |name: &str, labels: &[(&str, &str)], want: f64| {
+        let start = Instant::now();
+        loop {
+            let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
+            if metric(&text, name, labels) == Some(want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{name}{labels:?} never {want}: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let link = [("tenant", tenant.as_str()), ("type", "event")];
+    // Nothing sent yet: the link has the credit the application granted (as Proton counts it).
+    wait_for("ferrule_bridge_link_credit", &link, granted);
+    send_door_events(&f, &tenant, &["opened", "closed", "opened"]);
+    for body in ["opened", "closed", "opened"] {
+        assert_eq!(next_line(&mut lines)["body"], body);
+    }
+    assert!(next_line(&mut lines).get("holding").is_some());
+    wait_for("ferrule_bridge_unsettled_deliveries", &link, 2.0);
+    let (group, topic) = (
+        format!("ferrule-bridge.event.{tenant}"),
+        format!("hono.event.{tenant}"),
+    );
+    let lag = [("group", group.as_str()), ("topic", topic.as_str())];
+    wait_for("ferrule_kafka_consumer_lag", &lag, 2.0);
+    let _ = app.kill();
+    let _ = app.wait();
+    wait_for("ferrule_bridge_links", &link, 0.0);
+    wait_for("ferrule_bridge_unsettled_deliveries", &link, 0.0);
+    let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
+    assert_eq!(
+        metric(&text, "ferrule_bridge_link_credit", &link),
+        None,
+        "{text}"
+    );
 }
 
 /// Applications of one tenant attached to its event address compete for the events (one

@@ -159,6 +159,37 @@ fn one_trace_from_an_mqtt_device_through_gateway_kafka_and_bridge_to_an_applicat
     assert_eq!(upload.attributes["auth_id"], "sensor");
     assert_eq!(upload.attributes["component_name"], "hono-mqtt");
     assert_eq!(upload.attributes["qos"], "1");
+    // The steps of the upload, as events; the device authenticated at CONNECT (below).
+    assert_eq!(
+        upload.events,
+        ["authorised", "produced", "acknowledged"],
+        "{upload:#?}"
+    );
+    assert_eq!(upload.error, None);
+    // Telemetry goes to the application pre-settled, at most once.
+    assert_eq!(delivery.attributes["disposition"], "pre-settled");
+    assert_eq!(delivery.error, None);
+
+    // The connection's authentication: Hono's CONNECT span, a trace of its own.
+    let connect = otlp
+        .wait_for_span(|s| s.name == "CONNECT" && s.attributes.get("tenant_id") == Some(&tenant));
+    assert_eq!(connect.service, "ferrule-gateway");
+    assert_eq!(connect.attributes["component_name"], "hono-mqtt");
+    assert_eq!(connect.attributes["device_id"], "sensor");
+    assert_eq!(connect.attributes["auth_id"], "sensor");
+    assert_eq!(connect.events, ["authenticated", "authorised"]);
+    assert_eq!(connect.error, None);
+    // A CONNECT with a wrong password: the span says why, and names no device.
+    let (host, port) = f.mqtt.split_once(':').unwrap();
+    let refused = Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", port, "-u", &format!("sensor@{tenant}")])
+        .args(["-P", "wrong", "-t", "telemetry", "-m", "x"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    let failed = otlp.wait_for_span(|s| s.name == "CONNECT" && s.error.is_some());
+    assert_eq!(failed.attributes.get("tenant_id"), None, "{failed:#?}");
+    assert!(failed.events.is_empty(), "{failed:#?}");
     f.stop();
 }
 
@@ -231,7 +262,57 @@ fn without_an_endpoint_the_trace_context_passes_through_unchanged() {
     let response = topic_headers(&format!("hono.command_response.{tenant}"));
     assert_eq!(response["status"], "404");
     assert_eq!(response["traceparent"], command);
+    // No exporter was built: it would have its series from the start.
+    let (_, metrics) = curl(&[&format!("{}/metrics", f.health)]);
+    assert!(metrics.contains("hono_telemetry_processing_duration_seconds"));
+    assert!(!metrics.contains("ferrule_trace_spans_exported_total"));
     f.stop();
+}
+
+/// An OTLP endpoint where nothing listens: spans are lost, but counted per service, and the
+/// log says so; the messages themselves go through.
+#[test]
+fn spans_an_endpoint_did_not_take_are_counted_and_logged() {
+    let log = std::env::temp_dir().join(format!(
+        "ferrule-otlp-{}.log",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let unused = format!("hono.command.unused-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", nowhere),
+        ("FERRULE_ROUTER__TOPIC_PATTERN", unused),
+    ];
+    let mut f = Ferrule::start_logging_to(&kafka(), &env, &log);
+    f.wait_readiness(200);
+    let tenant = provision(&f, "{}");
+    let (code, body) = curl(&[
+        "-u",
+        &format!("sensor@{tenant}:dev-secret"),
+        "-H",
+        "qos-level: 1",
+        "--data-binary",
+        "21.5",
+        &format!("{}/telemetry", f.http),
+    ]);
+    assert_eq!(code, 202, "{body}");
+    let series = |outcome: &str| {
+        let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
+        let labels = [("service", "ferrule-gateway"), ("outcome", outcome)];
+        metric(&text, "ferrule_trace_spans_exported_total", &labels)
+    };
+    let start = std::time::Instant::now();
+    while series("failed").unwrap_or(0.0) < 1.0 {
+        assert!(start.elapsed().as_secs() < 30, "no failed export counted");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(series("exported"), Some(0.0));
+    f.stop();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("exporting spans over OTLP failed"),
+        "the log: {log}"
+    );
 }
 
 /// Commands honour the tenant's sampling mode too (Hono's router applies it): with
@@ -386,12 +467,17 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     );
     assert_eq!(route.attributes["device_id"], "lamp");
     assert_eq!(route.attributes["outcome"], "forwarded");
+    assert_eq!(route.events, ["resolved"], "{route:#?}");
+    assert_eq!(route.error, None);
     let deliver = span_of(&spans, "ferrule-gateway", "deliver command").unwrap();
     assert_eq!(
         deliver.parent_span_id, route.span_id,
         "under the router's span"
     );
     assert_eq!(deliver.attributes["subject"], "setBrightness");
+    // It ends when the device acknowledged the command (MQTT PUBACK).
+    assert_eq!(deliver.events, ["delivered"], "{deliver:#?}");
+    assert_eq!(deliver.error, None);
     let upload = span_of(&spans, "ferrule-gateway", "upload command response").unwrap();
     assert_eq!(
         upload.parent_span_id, deliver.span_id,
@@ -524,6 +610,34 @@ fn http_and_coap_uploads_have_their_spans() {
         record.get("traceparent").map(String::as_str),
         Some(format!("00-{trace_id}-{}-01", upload.span_id).as_str())
     );
+    // HTTP authenticates each request: the span starts before, and says when it was done.
+    assert_eq!(
+        upload.events,
+        ["authenticated", "authorised", "produced", "acknowledged"],
+        "{upload:#?}"
+    );
+    // A Proton application takes the event: the bridge's span has its disposition.
+    let received = Command::new(PYTHON)
+        .args([
+            &format!("{}/tests/amqp/receive.py", env!("CARGO_MANIFEST_DIR")),
+            &f.amqp,
+            &format!("app@{tenant}"),
+            "app-secret",
+            &format!("event/{tenant}"),
+            "1",
+            "25",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&received.stdout).contains("21.5"),
+        "{received:?}"
+    );
+    let spans = otlp.wait_for(&trace_id, |s| s.len() == 2);
+    let delivery = span_of(&spans, "ferrule-bridge", "deliver event").unwrap();
+    assert_eq!(delivery.parent_span_id, upload.span_id);
+    assert_eq!(delivery.attributes["disposition"], "accepted");
+    assert_eq!(delivery.error, None);
 
     // A wrong password is refused before the pipeline: a span of its own, all the same.
     let (refused, device_span) = (random_hex(32), random_hex(16));
@@ -541,6 +655,7 @@ fn http_and_coap_uploads_have_their_spans() {
     assert_eq!(spans[0].name, "upload telemetry");
     assert_eq!(spans[0].parent_span_id, device_span);
     assert_eq!(spans[0].attributes["component_name"], "hono-http");
+    assert!(spans[0].error.is_some(), "{spans:#?}");
 
     let out = Command::new("coap-client-notls")
         .args([
@@ -560,6 +675,33 @@ fn http_and_coap_uploads_have_their_spans() {
     assert_eq!(coap.name, "upload telemetry");
     assert_eq!(coap.parent_span_id, "", "a trace of its own");
     assert_eq!(coap.attributes["device_id"], "sensor");
+    // Unauthenticated: no authentication step; confirmable, so acknowledged by the broker.
+    assert_eq!(coap.events, ["authorised", "produced", "acknowledged"]);
+
+    // Over DTLS the device authenticates in the handshake, with its pre-shared key.
+    f.admin_ok(
+        "PUT",
+        &format!("/v1/credentials/{tenant}/sensor"),
+        r#"[{"type": "psk", "auth-id": "sensor-psk", "secrets": [{"key": "azE="}]}]"#,
+    );
+    let out = Command::new("coap-client-openssl")
+        .args(["-u", &format!("sensor-psk@{tenant}"), "-k", "k1"])
+        .args(["-m", "post", "-e", "23.5"])
+        .arg(format!("coaps://{}/telemetry", f.coaps))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let handshake = otlp.wait_for_span(|s| {
+        s.name == "DTLS handshake" && s.attributes.get("tenant_id") == Some(&tenant)
+    });
+    assert_eq!(handshake.attributes["component_name"], "hono-coap");
+    assert_eq!(handshake.attributes["auth_id"], "sensor-psk");
+    assert_eq!(handshake.events, ["authenticated", "authorised"]);
+    let upload = otlp.wait_for_span(|s| {
+        s.attributes.get("auth_id").map(String::as_str) == Some("sensor-psk")
+            && s.name == "upload telemetry"
+    });
+    assert_eq!(upload.events, ["authorised", "produced", "acknowledged"]);
     f.stop();
 }
 

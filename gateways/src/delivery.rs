@@ -47,6 +47,9 @@ impl Progress {
 
     /// The device has the command (acknowledged it where the protocol can).
     pub fn delivered(&self) {
+        if !self.0.ended.load(Ordering::Relaxed) {
+            self.0.span.add_event("delivered", Vec::new());
+        }
         self.0.end("forwarded", None);
     }
 

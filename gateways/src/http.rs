@@ -320,6 +320,7 @@ async fn upload(
             header_str(headers, h::TRACEPARENT)?,
             header_str(headers, h::TRACESTATE)?,
         ),
+        received: since,
     };
     let polling = upload_with_ttd(
         &a.pipeline,

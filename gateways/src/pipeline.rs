@@ -111,6 +111,9 @@ pub struct Upload {
     pub retain: bool,
     /// The W3C trace context the device sent (HTTP headers, MQTT 5 user properties).
     pub trace: Option<TraceContext>,
+    /// When the request arrived, set while tracing is on by adapters that authenticate each
+    /// request (HTTP): the upload span then starts there, with an `authenticated` event.
+    pub received: Option<std::time::SystemTime>,
 }
 
 /// Where an accepted message went.
@@ -375,6 +378,68 @@ impl IngestPipeline {
                 format!("device `{}` not found or disabled", device.device_id),
             )),
         }
+    }
+
+    /// Admits a connection (an MQTT CONNECT, a finished DTLS handshake): the device its
+    /// credentials `authenticated` must still be allowed to hold one on `adapter`
+    /// ([`Self::authorise_connection`]). Traced as a span `name` (Hono's `CONNECT`) from
+    /// `since`, when the connection's first packet came, with the events `authenticated` and
+    /// `authorised`, or the refusal; sampled as the device's tenant says.
+    pub async fn admit_connection(
+        &self,
+        adapter: AdapterType,
+        name: &'static str,
+        since: std::time::SystemTime,
+        authenticated: Result<AuthenticatedDevice, Refusal>,
+    ) -> Result<AuthenticatedDevice, Refusal> {
+        let authenticated_at = std::time::SystemTime::now();
+        let admitted = match authenticated {
+            Ok(device) => match self.authorise_connection(adapter, &device).await {
+                Ok(()) => Ok(device),
+                Err(e) => Err((Some(device), e)),
+            },
+            Err(e) => Err((None, e)),
+        };
+        if self.tracer.is_on() {
+            let (device, refusal) = match &admitted {
+                Ok(d) => (Some(d), None),
+                Err((d, e)) => (d.as_ref(), Some(e)),
+            };
+            let sampling = device.and_then(|d| {
+                let tenant = self.registry.cached_tenant(&d.tenant_id)?;
+                let tracing = (*tenant).as_ref()?.tracing.as_ref();
+                sampling_mode(tracing, Some(&d.auth_id))
+            });
+            let span =
+                self.tracer.start(
+                    name,
+                    SpanKind::Server,
+                    None,
+                    Some(since),
+                    || match sampling {
+                        Some(mode) => vec![KeyValue::new(sampler::SAMPLING_MODE, mode)],
+                        None => Vec::new(),
+                    },
+                );
+            span.describe(|| {
+                let mut attributes = vec![KeyValue::new("component_name", adapter.name())];
+                if let Some(d) = device {
+                    attributes.push(KeyValue::new("tenant_id", d.tenant_id.clone()));
+                    attributes.push(KeyValue::new("device_id", d.device_id.clone()));
+                    attributes.push(KeyValue::new("auth_id", d.auth_id.clone()));
+                }
+                attributes
+            });
+            if device.is_some() {
+                span.add_event_at("authenticated", authenticated_at);
+            }
+            match refusal {
+                None => span.add_event("authorised", Vec::new()),
+                Some(e) => span.fail(e.to_string()),
+            }
+            span.end();
+        }
+        admitted.map_err(|(_, e)| e)
     }
 
     /// The pre-shared key of a DTLS identity `authId@tenant` (credentials of type `psk`), with
@@ -863,6 +928,9 @@ impl Drop for TtdMetric {
 struct Traced {
     tracer: Tracer,
     since: std::time::SystemTime,
+    /// When the upload reached the pipeline, its device authenticated by the adapter for
+    /// this request alone; `None` for a connection's device or an unauthenticated one.
+    authenticated: Option<std::time::SystemTime>,
     parent: Option<TraceContext>,
 }
 
@@ -875,9 +943,12 @@ impl Meta {
             size: up.payload.len(),
             started: Instant::now(),
             trace: tracer.is_on().then(|| {
+                let now = std::time::SystemTime::now();
+                let authenticated = up.received.filter(|_| up.origin.device().is_some());
                 Box::new(Traced {
                     tracer: tracer.clone(),
-                    since: std::time::SystemTime::now(),
+                    since: up.received.unwrap_or(now),
+                    authenticated: authenticated.map(|_| now),
                     parent: up.trace.clone(),
                 })
             }),
@@ -921,6 +992,9 @@ impl Meta {
             }
             attributes
         });
+        if let Some(at) = t.authenticated {
+            span.add_event_at("authenticated", at);
+        }
         span
     }
 
@@ -1263,6 +1337,7 @@ mod tests {
             orig_address: "/telemetry".into(),
             retain: false,
             trace: None,
+            received: None,
         }
     }
 

@@ -54,8 +54,8 @@ static BROKER_ERRORS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 static LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "ferrule_kafka_consumer_lag",
-        "Records of a partition a consumer group has not read yet (the partition's end minus \
-         the group's position), for the partitions this process consumes",
+        "Records of a partition past a consumer group's committed offset (the partition's \
+         end minus that offset), for the partitions this process consumes",
         &["group", "topic", "partition"],
     )
 });

@@ -5,6 +5,7 @@
 
 use crate::BridgeConfig;
 use crate::address::Address;
+use crate::credit::{Credits, FlowTap, LinkCredit};
 use crate::sasl::ApplicationSasl;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
@@ -58,6 +59,9 @@ where
         .container_id("ferrule-bridge")
         .sasl_acceptor(sasl)
         .build();
+    // The application's flow frames, read on the way in: the links' credit.
+    let credits = Arc::new(Credits::default());
+    let stream = FlowTap::new(stream, credits.clone());
     let mut connection = acceptor.accept(stream).await?;
     let Some(app) = identity.get().cloned() else {
         anyhow::bail!("connection without a verified application");
@@ -69,7 +73,8 @@ where
         tokio::select! {
             s = sessions.accept(&mut connection) => match s {
                 Ok(session) => {
-                    tokio::spawn(serve_session(session, app.clone(), ctx.clone(), stop.clone()));
+                    let (app, ctx, credits) = (app.clone(), ctx.clone(), credits.clone());
+                    tokio::spawn(serve_session(session, app, ctx, credits, stop.clone()));
                 }
                 Err(_) => break,
             },
@@ -99,9 +104,11 @@ async fn serve_session(
     mut session: ListenerSessionHandle,
     app: AuthenticatedApplication,
     ctx: Context,
+    credits: Arc<Credits>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let links = LinkAcceptor::new();
+    // A sending link's deliveries count from 0 (what `credit.rs` assumes).
+    let links = LinkAcceptor::builder().initial_delivery_count(0).build();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = attach_address(&attach).and_then(|a| Address::parse(&a));
         // Hono's Event API: an event receiver must let the bridge send unsettled (at-least-once).
@@ -177,20 +184,24 @@ async fn serve_session(
                 let _ = receiver.close_with_error(error(condition, why)).await;
             }
             (LinkEndpoint::Sender(sender), Some(Address::Telemetry { tenant }), None) => {
+                let credit = credits.link(sender.name(), &tenant, "telemetry");
                 tokio::spawn(stream_to(
                     sender,
                     "telemetry",
                     tenant,
+                    credit,
                     start,
                     ctx.clone(),
                     shutdown.clone(),
                 ));
             }
             (LinkEndpoint::Sender(sender), Some(Address::Event { tenant }), None) => {
+                let credit = credits.link(sender.name(), &tenant, "event");
                 tokio::spawn(stream_to(
                     sender,
                     "event",
                     tenant,
+                    credit,
                     start,
                     ctx.clone(),
                     shutdown.clone(),
@@ -365,6 +376,7 @@ async fn stream_to(
     mut sender: Sender,
     kind: &'static str,
     tenant: String,
+    credit: Arc<LinkCredit>,
     start: StartAtAttach,
     ctx: Context,
     mut shutdown: watch::Receiver<bool>,
@@ -455,6 +467,9 @@ async fn stream_to(
                         send.await
                     }
                 };
+                if sent.is_ok() {
+                    credit.sent();
+                }
                 match sent {
                     Ok(settled) if events => {
                         unsettled.push_back(Box::pin(async move {

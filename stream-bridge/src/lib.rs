@@ -8,6 +8,7 @@ pub mod address;
 mod batched_io;
 pub mod command;
 mod connection;
+mod credit;
 pub mod message;
 mod metrics;
 mod outcome;

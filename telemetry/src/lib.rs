@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod context;
+mod export;
 pub mod sampler;
 mod span;
 
@@ -136,7 +137,7 @@ pub fn tracer(service: &'static str) -> Tracer {
         }
     };
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(export::Counted::new(exporter, service))
         .with_sampler(t.sampler.clone())
         .with_resource(Resource::builder().with_service_name(service).build())
         .build();

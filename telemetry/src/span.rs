@@ -110,6 +110,13 @@ impl Span {
         }
     }
 
+    /// An event that happened at `at`, earlier than now.
+    pub fn add_event_at(&self, name: &'static str, at: SystemTime) {
+        if let Some(cx) = self.recording() {
+            cx.span().add_event_with_timestamp(name, at, Vec::new());
+        }
+    }
+
     /// Marks the work as failed, with why.
     pub fn fail(&self, description: impl Into<Cow<'static, str>>) {
         if let Some(cx) = self.recording() {

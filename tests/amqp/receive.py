@@ -2,8 +2,9 @@
 PLAIN, attaches a receiver and prints what it got as JSON lines, or the error that ended it.
 
 usage: receive.py URL USER PASSWORD ADDRESS COUNT TIMEOUT_SECONDS [at-most-once] [ca=FILE]
-                  [hold=SECONDS]
+                  [hold=SECONDS] [keep=N]
 (hold=SECONDS: stay attached that long after the last message, without granting more credit)
+(keep=N: leave the last N messages unsettled)
 (with ca=FILE the server certificate chain of an amqps:// URL is checked against that CA;
 Proton's host-name check does not match the IP address SANs of the test certificate)
 """
@@ -21,9 +22,12 @@ def main():
     presettled = "at-most-once" in flags
     ssl_domain = None
     hold = 0.0
+    keep = 0
     for f in flags:
         if f.startswith("hold="):
             hold = float(f[5:])
+        if f.startswith("keep="):
+            keep = int(f[5:])
         if f.startswith("ca="):
             ssl_domain = SSLDomain(SSLDomain.MODE_CLIENT)
             ssl_domain.set_trusted_ca_db(f[3:])
@@ -39,10 +43,12 @@ def main():
         receiver = conn.create_receiver(address, credit=int(count), options=options)
         # A refused link is attached, then closed by the bridge with an error condition.
         conn.container.timeout = 1.0
-        print(json.dumps({"attached": address}), flush=True)
-        for _ in range(int(count)):
+        # The credit this receiver granted so far (Proton's own count).
+        print(json.dumps({"attached": address, "credit": receiver.link.credit}), flush=True)
+        for n in range(int(count)):
             msg = receiver.receive(timeout=float(timeout))
-            receiver.accept()
+            if n < int(count) - keep:
+                receiver.accept()
             print(json.dumps({
                 "body": bytes(msg.body).decode("utf-8", "replace") if msg.body is not None else None,
                 "to": msg.address,
@@ -52,6 +58,12 @@ def main():
                 "properties": {k: v for k, v in (msg.properties or {}).items()},
                 "annotations": {str(k): v for k, v in (msg.annotations or {}).items()},
             }), flush=True)
+        if keep:
+            # Proton sends the accepted ones' dispositions only while its loop runs.
+            try:
+                conn.wait(lambda: False, timeout=0.5)
+            except Timeout:
+                pass
         if hold:
             print(json.dumps({"holding": hold}), flush=True)
             import time

@@ -3,6 +3,7 @@
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,10 @@ pub struct ReceivedSpan {
     pub span_id: String,
     pub parent_span_id: String,
     pub attributes: HashMap<String, String>,
+    /// The span's events by name, in the order of their timestamps.
+    pub events: Vec<String>,
+    /// The status message of a span whose status is an error.
+    pub error: Option<String>,
 }
 
 /// An OTLP/HTTP trace receiver on a port of its own (`POST /v1/traces`, protobuf).
@@ -130,6 +135,16 @@ async fn export(
                     .iter()
                     .map(|kv| (kv.key.clone(), text(&kv.value)))
                     .collect(),
+                events: {
+                    let mut events: Vec<_> = span.events.iter().collect();
+                    events.sort_by_key(|e| e.time_unix_nano);
+                    events.into_iter().map(|e| e.name.clone()).collect()
+                },
+                error: span
+                    .status
+                    .as_ref()
+                    .filter(|s| s.code == StatusCode::Error as i32)
+                    .map(|s| s.message.clone()),
             });
         }
     }

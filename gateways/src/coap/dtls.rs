@@ -279,12 +279,13 @@ impl Session {
             return;
         };
         self.handshaking.fetch_add(1, Ordering::Relaxed);
+        let since = std::time::SystemTime::now();
         let done = self.handshake(&mut stream, &mut inbound, &prefetched).await;
         self.handshaking.fetch_sub(1, Ordering::Relaxed);
         if !done {
             return;
         }
-        let Some(device) = self.device(&stream, &prefetched).await else {
+        let Some(device) = self.device(&stream, &prefetched, since).await else {
             let _ = stream.shutdown();
             self.flush(&mut stream);
             return;
@@ -340,6 +341,7 @@ impl Session {
         &self,
         stream: &SslStream<Datagrams>,
         prefetched: &Prefetched,
+        since: std::time::SystemTime,
     ) -> Option<ferrule_registry::AuthenticatedDevice> {
         let device = if let Some(cert) = stream.ssl().peer_certificate() {
             let der = cert.to_der().ok()?;
@@ -355,14 +357,10 @@ impl Session {
                 _ => self.pipeline.psk(identity).await.map(|(d, _)| d),
             }
         };
-        let checked = match device {
-            Ok(device) => self
-                .pipeline
-                .authorise_connection(ADAPTER, &device)
-                .await
-                .map(|()| device),
-            Err(e) => Err(e),
-        };
+        let checked = self
+            .pipeline
+            .admit_connection(ADAPTER, "DTLS handshake", since, device)
+            .await;
         match checked {
             Ok(device) => Some(device),
             Err(e) => {

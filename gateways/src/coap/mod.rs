@@ -902,6 +902,7 @@ fn upload_of(
         orig_address: request.path.clone(),
         retain: false,
         trace: None,
+        received: None,
     }
 }
 

@@ -40,6 +40,8 @@ pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let max_packet = pipeline.max_payload_size() + PACKET_OVERHEAD;
     let cipher = tls.cipher_suite;
     let mut buf = BytesMut::with_capacity(256);
+    // The CONNECT span starts when the connection was accepted.
+    let since = std::time::SystemTime::now();
     // A client that has not sent its CONNECT when the gateway shuts down is simply closed.
     let mut stopping = shutdown.clone();
     let (version, connect) = tokio::select! {
@@ -76,7 +78,7 @@ pub(super) async fn open<S: AsyncRead + AsyncWrite + Unpin + Send>(
         return Err(ConnectionError::Refused(ConnectOutcome::UseAnotherServer));
     }
     let client_cert = tls.client_cert.as_deref();
-    let origin = match Box::pin(authenticate(&pipeline, &connect, client_cert)).await {
+    let origin = match Box::pin(authenticate(&pipeline, &connect, client_cert, since)).await {
         Ok(o) => o,
         Err((outcome, tenant, label)) => {
             metrics::connection_attempt(ADAPTER.name(), &tenant, label, cipher);
@@ -240,6 +242,7 @@ pub(super) async fn authenticate(
     pipeline: &IngestPipeline,
     c: &codec::ConnectRequest,
     client_cert: Option<&Vec<u8>>,
+    since: std::time::SystemTime,
 ) -> Result<Origin, (ConnectOutcome, String, &'static str)> {
     let refused = |e: Refusal| {
         let user = c.username.as_deref().unwrap_or_default();
@@ -251,15 +254,14 @@ pub(super) async fn authenticate(
         (codes.connack, tenant, codes.attempt)
     };
     // Hono's order: a client certificate first, then user name and password.
-    let device = match (client_cert, &c.username, &c.password) {
+    let authenticated = match (client_cert, &c.username, &c.password) {
         (None, None, None) if pipeline.allows_anonymous(ADAPTER) => return Ok(Origin::Anonymous),
         (Some(der), _, _) => pipeline.authenticate_certificate(der).await,
         (None, Some(user), Some(password)) => pipeline.authenticate(user, password, None).await,
         _ => Err(Refusal::unauthenticated("no credentials")),
-    }
-    .map_err(refused)?;
-    pipeline
-        .authorise_connection(ADAPTER, &device)
+    };
+    let device = pipeline
+        .admit_connection(ADAPTER, "CONNECT", since, authenticated)
         .await
         .map_err(refused)?;
     Ok(Origin::Device(std::sync::Arc::new(device)))
@@ -297,6 +299,7 @@ pub(super) async fn connection_event(
                 orig_address: String::new(),
                 retain: false,
                 trace: None,
+                received: None,
             };
             if let Err(e) = pipeline.upload(up).await {
                 tracing::warn!(error = %e, device = %device.device_id, "connection event lost");

@@ -117,6 +117,7 @@ pub(super) fn prepare_publish(
         orig_address: p.topic,
         retain: p.retain,
         trace: p.trace,
+        received: None,
     };
     Prepared::Upload(ctx, up)
 }

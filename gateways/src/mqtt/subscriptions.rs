@@ -495,6 +495,7 @@ pub(super) async fn reachability(
         orig_address: String::new(),
         retain: false,
         trace: None,
+        received: None,
     };
     if let Err(e) = pipeline.upload(up).await {
         tracing::warn!(error = %e, ?device, ttd, "ttd notification lost");
