@@ -353,7 +353,8 @@ fn a_link_out_of_credit_shows_as_waiting() {
 /// An application that leaves events unsettled: the bridge counts them as unsettled
 /// deliveries, and the tenant's event group falls behind the topic by them, since its
 /// committed offset stays after the last settled event (`ferrule_kafka_consumer_lag` of the
-/// group `ferrule-bridge.event.<tenant>`). Both come back to nothing when it leaves.
+/// group `ferrule-bridge.event.<tenant>`). When it is killed (no detach), its link's
+/// unsettled deliveries and its credit go.
 #[test]
 fn events_left_unsettled_show_as_unsettled_deliveries_and_consumer_lag() {
     let env = [("FERRULE_KAFKA__STATISTICS_INTERVAL_MS", "500".to_owned())];

@@ -333,20 +333,8 @@ fn commands_honour_the_tenants_sampling_mode() {
         ],
     );
     provision_as(&f, &tenant, r#"{"tracing": {"sampling-mode": "none"}}"#);
-    // The first command brings the tenant into the registry cache (the router's and the
-    // gateway's), so it is decided by the sampler alone: the caller asked for sampling, so it
-    // is kept.
-    let first = random_hex(32);
-    send_command(
-        &tenant,
-        "nobody",
-        "c-0",
-        &format!("00-{first}-{}-01", random_hex(16)),
-    );
-    otlp.wait_for(&first, |spans| {
-        span_of(spans, "ferrule-command-router", "route command").is_some()
-    });
-    // The second is decided with the tenant's `none`.
+    // The tenant's `none` decides the first command already: the router asks the registry
+    // for the tenant before it starts the span, cached or not.
     let quiet = random_hex(32);
     send_command(
         &tenant,
@@ -449,7 +437,8 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     );
     device.expect("subscribed", "the MQTT device did not subscribe");
     device.expect("command", "the MQTT device got no command");
-    device.expect("responded", "the MQTT device could not answer");
+    let answer = device.expect("responded", "the MQTT device could not answer");
+    let sent = application.expect("command", "the application sent no command");
     let response = application.expect("response", "the application got no response");
     assert_eq!(response["status"], 200, "{response}");
     device.finish();
@@ -512,13 +501,22 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     };
     assert_eq!(command("request"), Some(1.0), "{metrics}");
     assert_eq!(command("response"), Some(1.0), "{metrics}");
-    assert_eq!(
-        count(
-            "hono_command_payload_bytes_count",
-            &[("tenant", t), ("direction", "request")]
-        ),
-        Some(1.0)
-    );
+    // The command's and the response's payload sizes, in bytes.
+    let bytes = |direction: &str, payload: &Value| {
+        let labels = [("tenant", t), ("direction", direction)];
+        assert_eq!(
+            count("hono_command_payload_bytes_count", &labels),
+            Some(1.0)
+        );
+        let size = payload.as_str().unwrap().len() as f64;
+        assert_eq!(
+            count("hono_command_payload_bytes_sum", &labels),
+            Some(size),
+            "{payload}"
+        );
+    };
+    bytes("request", &sent["payload"]);
+    bytes("response", &answer["payload"]);
     assert_eq!(
         count("ferrule_router_commands_consumed_total", &[("tenant", t)]),
         Some(1.0)
@@ -550,20 +548,87 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
             &[("client", client), ("quantile", "0.99")],
         );
         assert!(rtt.is_some(), "{client}: {metrics}");
-        let errors = &[("client", client), ("kind", "tx")];
-        assert!(count("ferrule_kafka_broker_errors", errors).is_some());
+        // No request to the broker failed in this run.
+        for kind in ["tx", "rx", "timeout"] {
+            let errors = &[("client", client), ("kind", kind)];
+            assert_eq!(count("ferrule_kafka_broker_errors", errors), Some(0.0));
+        }
     }
     let fetches = count(
         "ferrule_kafka_broker_rtt_microseconds",
         &[("client", "gateway-commands"), ("quantile", "0.99")],
     );
     assert!(fetches.is_some_and(|us| us > 0.0), "{metrics}");
-    assert!(
-        count(
-            "ferrule_kafka_client_queue_messages",
-            &[("client", "gateway")]
-        )
-        .is_some()
+    // Everything was sent and read: the queues are empty.
+    for client in ["gateway", "command-router", "gateway-commands"] {
+        let queued = count("ferrule_kafka_client_queue_messages", &[("client", client)]);
+        assert_eq!(queued, Some(0.0), "{client}: {metrics}");
+    }
+    f.stop();
+}
+
+/// The same over AMQP: a Qpid Proton application's command carries its `traceparent` as an
+/// application property; the bridge hands it on as the Kafka header, the router's and the
+/// gateway's spans continue it, and the AMQP response carries the response upload's span.
+#[test]
+fn an_amqp_commands_trace_goes_through_router_and_gateway_and_back() {
+    let otlp = OtlpReceiver::start();
+    let tenant = format!("t-{}", uuid::Uuid::new_v4().simple());
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url.clone())];
+    let f = Ferrule::start_for_commands_with(&tenant, "", &env);
+    provision_as(&f, &tenant, "{}");
+    let (host, port) = f.mqtt.split_once(':').unwrap();
+    let timeout = SCRIPT_SECS.to_string();
+    let user = format!("sensor@{tenant}");
+    let mut device = Script::spawn(
+        "mqtt_device.py",
+        DEBIAN_PYTHON,
+        &[host, port, &user, "dev-secret", &timeout],
+    );
+    device.expect("subscribed", "the MQTT device did not subscribe");
+    let (trace_id, app_span) = (random_hex(32), random_hex(16));
+    let out = Command::new(PYTHON)
+        .args([
+            &format!("{}/tests/amqp/command.py", env!("CARGO_MANIFEST_DIR")),
+            &f.amqp,
+            &format!("app@{tenant}"),
+            "app-secret",
+            &tenant,
+            "sensor",
+            "20",
+            &format!("00-{trace_id}-{app_span}-01"),
+        ])
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let response = lines
+        .iter()
+        .find(|l| l.get("status").is_some())
+        .unwrap_or_else(|| panic!("no response: {lines:?} {out:?}"));
+    assert_eq!(response["status"], 200, "{response}");
+    device.finish();
+
+    let spans = otlp.wait_for(&trace_id, |spans| {
+        span_of(spans, "ferrule-command-router", "route command").is_some()
+            && span_of(spans, "ferrule-gateway", "deliver command").is_some()
+            && span_of(spans, "ferrule-gateway", "upload command response").is_some()
+    });
+    let route = span_of(&spans, "ferrule-command-router", "route command").unwrap();
+    assert_eq!(
+        route.parent_span_id, app_span,
+        "under the application's span"
+    );
+    let deliver = span_of(&spans, "ferrule-gateway", "deliver command").unwrap();
+    assert_eq!(deliver.parent_span_id, route.span_id);
+    let upload = span_of(&spans, "ferrule-gateway", "upload command response").unwrap();
+    assert_eq!(upload.parent_span_id, deliver.span_id);
+    assert_eq!(
+        response["traceparent"],
+        format!("00-{trace_id}-{}-01", upload.span_id),
+        "{response}"
     );
     f.stop();
 }

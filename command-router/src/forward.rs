@@ -54,6 +54,8 @@ struct Incoming {
     /// `route command`, under the application's trace context; it ends once the command was
     /// forwarded or answered.
     span: Span,
+    /// When the command was read, while tracing is on: its span starts there.
+    consumed: Option<std::time::SystemTime>,
 }
 
 /// Where the router writes: its producer, the deployment's topic names, and the admin client
@@ -167,12 +169,14 @@ pub async fn run(
                         continue;
                     }
                 };
-                let incoming = copy(&out.names, &tracer, &registry, &msg);
+                let mut incoming = copy(&out.names, &tracer, &msg);
                 if !incoming.tenant.is_empty() {
                     crate::metrics::consumed(&incoming.tenant);
                 }
                 let (registry, routing) = (registry.clone(), routing.clone());
+                let tracer = tracer.clone();
                 routed.push_back(Box::pin(async move {
+                    incoming.start_span(&tracer, &registry).await;
                     let started = std::time::Instant::now();
                     let decision = decide(&incoming, &registry, &routing).await;
                     crate::metrics::lookup(started.elapsed().as_secs_f64());
@@ -204,12 +208,7 @@ pub async fn run(
     Ok(())
 }
 
-fn copy(
-    names: &TopicNames,
-    tracer: &Tracer,
-    registry: &DeviceAuthenticator,
-    msg: &BorrowedMessage<'_>,
-) -> Incoming {
+fn copy(names: &TopicNames, tracer: &Tracer, msg: &BorrowedMessage<'_>) -> Incoming {
     let headers: Vec<(String, Option<Vec<u8>>)> = msg
         .headers()
         .map(|hs| {
@@ -229,45 +228,9 @@ fn copy(
         .filter(|t| t.kind == TopicKind::Command)
         .map(|t| t.suffix)
         .unwrap_or_default();
-    let span = match tracer.is_on() {
-        false => Span::none(),
-        true => {
-            let all = || headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
-            let text = |name: &str| h::first(all(), name).and_then(h::decode_str);
-            let parent = TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE));
-            // The tenant's sampling mode (Hono's tenant `tracing`), when its document is
-            // cached; the router asks the registry for it right after.
-            let mode = registry.cached_tenant(&tenant).and_then(|t| {
-                let tracing = t.as_ref().as_ref()?.tracing.as_ref()?;
-                ferrule_telemetry::sampler::mode(tracing.sampling_mode.as_deref(), None)
-            });
-            let span = tracer.start(
-                "route command",
-                SpanKind::Consumer,
-                parent.as_ref(),
-                None,
-                || match mode {
-                    Some(m) => vec![KeyValue::new(ferrule_telemetry::sampler::SAMPLING_MODE, m)],
-                    None => Vec::new(),
-                },
-            );
-            span.describe(|| {
-                vec![
-                    KeyValue::new("tenant_id", tenant.clone()),
-                    KeyValue::new("messaging.system", "kafka"),
-                    KeyValue::new("messaging.source.name", msg.topic().to_owned()),
-                    KeyValue::new(
-                        "device_id",
-                        String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-                    ),
-                    KeyValue::new("subject", text(h::SUBJECT).unwrap_or_default().to_owned()),
-                ]
-            });
-            span
-        }
-    };
     Incoming {
-        span,
+        span: Span::none(),
+        consumed: tracer.is_on().then(std::time::SystemTime::now),
         position: (msg.topic().to_owned(), msg.partition(), msg.offset()),
         outcome: OutcomeRoute::from_headers(
             names,
@@ -284,6 +247,47 @@ fn copy(
 impl Incoming {
     fn record_headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> + Clone {
         self.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref()))
+    }
+
+    /// Starts the command's `route command` span (from when it was read), sampled as its
+    /// tenant's `tracing` settings say: the tenant's document is asked for when it is not
+    /// cached, as the routing decision asks for it anyway.
+    async fn start_span(&mut self, tracer: &Tracer, registry: &DeviceAuthenticator) {
+        let Some(consumed) = self.consumed else {
+            return;
+        };
+        let text = |name: &str| h::first(self.record_headers(), name).and_then(h::decode_str);
+        let parent = TraceContext::of(text(h::TRACEPARENT), text(h::TRACESTATE));
+        let tenant = match registry.cached_tenant(&self.tenant) {
+            Some(t) => Some(t),
+            None if self.tenant.is_empty() => None,
+            None => registry.tenant(&self.tenant).await.ok(),
+        };
+        let mode = tenant.and_then(|t| {
+            let tracing = t.as_ref().as_ref()?.tracing.as_ref()?;
+            ferrule_telemetry::sampler::mode(tracing.sampling_mode.as_deref(), None)
+        });
+        let span = tracer.start(
+            "route command",
+            SpanKind::Consumer,
+            parent.as_ref(),
+            Some(consumed),
+            || match mode {
+                Some(m) => vec![KeyValue::new(ferrule_telemetry::sampler::SAMPLING_MODE, m)],
+                None => Vec::new(),
+            },
+        );
+        span.describe(|| {
+            let key = self.key.as_deref().unwrap_or_default();
+            vec![
+                KeyValue::new("tenant_id", self.tenant.clone()),
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.source.name", self.position.0.clone()),
+                KeyValue::new("device_id", String::from_utf8_lossy(key).into_owned()),
+                KeyValue::new("subject", text(h::SUBJECT).unwrap_or_default().to_owned()),
+            ]
+        });
+        self.span = span;
     }
 }
 

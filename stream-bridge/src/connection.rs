@@ -506,6 +506,9 @@ async fn stream_to(
             }
         }
     }
+    // Nothing more is sent: the link's credit is no longer exported (the consumer's close,
+    // when it is dropped below, may take a while).
+    drop(credit);
     if events {
         // Settlements that arrived with the detach still count, in order.
         while let Some(Some(((partition, offset), outcome))) = unsettled.next().now_or_never() {

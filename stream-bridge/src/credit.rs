@@ -190,7 +190,9 @@ struct CreditState {
     /// The flow limits of links the application named; the link's own task takes it over.
     limits: HashMap<String, u32>,
     handles: HashMap<(u16, u32), String>,
-    links: HashMap<String, Arc<LinkCredit>>,
+    /// Held by the links' tasks: a link's series goes with its task, whether or not the
+    /// application detached it (a dropped connection sends no detach).
+    links: HashMap<String, Weak<LinkCredit>>,
 }
 
 impl Credits {
@@ -206,7 +208,8 @@ impl Credits {
             limit: AtomicU32::new(limit),
             sent: AtomicU32::new(0),
         });
-        state.links.insert(name.to_owned(), link.clone());
+        state.links.retain(|_, l| l.strong_count() > 0);
+        state.links.insert(name.to_owned(), Arc::downgrade(&link));
         LIVE.lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&link));
@@ -236,7 +239,7 @@ impl Credits {
                     let Some(name) = state.handles.get(&(*channel, *handle)).cloned() else {
                         continue;
                     };
-                    if let Some(link) = state.links.get(&name) {
+                    if let Some(link) = state.links.get(&name).and_then(Weak::upgrade) {
                         link.limit.store(*limit, Ordering::Relaxed);
                     }
                     state.limits.insert(name, *limit);
@@ -281,6 +284,18 @@ impl Collector for CreditCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::GAUGE);
+        family.set_metric(Self::metrics());
+        vec![family]
+    }
+}
+
+impl CreditCollector {
+    /// One gauge per live link.
+    fn metrics() -> Vec<Metric> {
         let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|l| l.strong_count() > 0);
         let label = |name: &str, value: &str| {
@@ -289,8 +304,7 @@ impl Collector for CreditCollector {
             l.set_value(value.to_owned());
             l
         };
-        let metrics = live
-            .iter()
+        live.iter()
             .filter_map(Weak::upgrade)
             .map(|link| {
                 let mut gauge = Gauge::default();
@@ -303,13 +317,7 @@ impl Collector for CreditCollector {
                 ]);
                 m
             })
-            .collect();
-        let mut family = MetricFamily::default();
-        family.set_name(self.desc.fq_name.clone());
-        family.set_help(self.desc.help.clone());
-        family.set_field_type(MetricType::GAUGE);
-        family.set_metric(metrics);
-        vec![family]
+            .collect()
     }
 }
 
@@ -554,5 +562,21 @@ mod tests {
             handle: 1,
         }]);
         assert!(credits.state().links.is_empty());
+    }
+
+    #[test]
+    fn a_links_credit_is_exported_while_its_task_holds_it() {
+        let credits = Credits::default();
+        let name = format!("link-{}", uuid::Uuid::new_v4().simple());
+        let exported = || {
+            CreditCollector::metrics()
+                .iter()
+                .any(|m| m.get_label().iter().any(|l| l.value() == name))
+        };
+        let link = credits.link(&name, "t", "telemetry");
+        assert!(exported());
+        // No detach came (the connection dropped): the series goes with the task's handle.
+        drop(link);
+        assert!(!exported());
     }
 }
