@@ -419,7 +419,8 @@ fn events_left_unsettled_show_as_unsettled_deliveries_and_consumer_lag() {
 /// share. Events of 20 devices spread over the topic's partitions.
 #[test]
 fn applications_of_one_tenant_share_its_events() {
-    let mut f = Ferrule::start(&kafka());
+    let env = [("FERRULE_KAFKA__STATISTICS_INTERVAL_MS", "500".to_owned())];
+    let mut f = Ferrule::start_with(&kafka(), &env);
     f.wait_readiness(200);
     let tenant = provision(&f, "backend", "d0", "dev-secret");
     for i in 1..20 {
@@ -442,6 +443,25 @@ fn applications_of_one_tenant_share_its_events() {
         ]);
         assert_eq!(code, 202, "{text}");
         // Spread over four seconds: the group re-forms around the second link meanwhile.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Two consumers of one group: each has its own Kafka client series (by `handle`).
+    let group = format!("group=\"ferrule-bridge.event.{tenant}\"");
+    let start = Instant::now();
+    loop {
+        let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
+        let handles: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ferrule_kafka_client_queue_messages{") && l.contains(&group))
+            .filter_map(|l| l.split("handle=\"").nth(1)?.split('"').next())
+            .collect();
+        if handles.len() == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{handles:?}: {text}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let bodies = |lines: std::io::Lines<BufReader<std::process::ChildStdout>>| -> Vec<String> {

@@ -21,7 +21,7 @@ static QUEUE_MESSAGES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "ferrule_kafka_client_queue_messages",
         "Messages in a client's queues: waiting to be sent (producers) or fetched and not yet \
          read (consumers)",
-        &["client", "group"],
+        &["client", "group", "handle"],
     )
 });
 
@@ -29,7 +29,7 @@ static QUEUE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "ferrule_kafka_client_queue_bytes",
         "Bytes of the messages in a client's queues",
-        &["client", "group"],
+        &["client", "group", "handle"],
     )
 });
 
@@ -38,7 +38,7 @@ static RTT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "ferrule_kafka_broker_rtt_microseconds",
         "Round-trip time of a client's requests to a broker over the last statistics \
          interval, by quantile (0.5, 0.99)",
-        &["client", "group", "broker", "quantile"],
+        &["client", "group", "handle", "broker", "quantile"],
     )
 });
 
@@ -47,7 +47,7 @@ static BROKER_ERRORS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "ferrule_kafka_broker_errors",
         "Errors of a client's requests to a broker since the client started, by kind \
          (tx: send errors, rx: receive errors, timeout: requests timed out)",
-        &["client", "group", "broker", "kind"],
+        &["client", "group", "handle", "broker", "kind"],
     )
 });
 
@@ -66,8 +66,10 @@ pub struct Stats {
     client: &'static str,
     /// The consumer group; empty for producers.
     group: String,
-    /// The series this client set, removed with it.
-    series: Mutex<HashSet<Series>>,
+    /// The series this client set, removed with it, and librdkafka's name of the client
+    /// (`rdkafka#consumer-3`): clients of one kind and group (two bridge links of a tenant)
+    /// each have series of their own.
+    series: Mutex<(String, HashSet<Series>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -91,19 +93,23 @@ impl Stats {
 
     /// Sets the gauges from one statistics report.
     pub fn record(&self, s: &Statistics) {
-        let labels = [self.client, self.group.as_str()];
+        let mut guard = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let (handle, series) = &mut *guard;
+        if handle.is_empty() {
+            handle.clone_from(&s.name);
+        }
+        let labels = [self.client, self.group.as_str(), handle.as_str()];
         QUEUE_MESSAGES
             .with_label_values(&labels)
             .set(i64::try_from(s.msg_cnt).unwrap_or(i64::MAX));
         QUEUE_BYTES
             .with_label_values(&labels)
             .set(i64::try_from(s.msg_size).unwrap_or(i64::MAX));
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         for broker in s.brokers.values().filter(|b| b.nodeid >= 0) {
             let b = broker.nodename.as_str();
             if let Some(rtt) = &broker.rtt {
                 for (q, v) in [("0.5", rtt.p50), ("0.99", rtt.p99)] {
-                    RTT.with_label_values(&[self.client, &self.group, b, q])
+                    RTT.with_label_values(&[self.client, &self.group, handle, b, q])
                         .set(v);
                 }
             }
@@ -113,7 +119,7 @@ impl Stats {
                 ("timeout", broker.req_timeouts),
             ] {
                 BROKER_ERRORS
-                    .with_label_values(&[self.client, &self.group, b, kind])
+                    .with_label_values(&[self.client, &self.group, handle, b, kind])
                     .set(i64::try_from(v).unwrap_or(i64::MAX));
             }
             series.insert(Series::Broker(b.to_owned()));
@@ -138,20 +144,23 @@ impl Stats {
 
 impl Drop for Stats {
     fn drop(&mut self) {
-        let labels = [self.client, self.group.as_str()];
+        let (handle, series) =
+            std::mem::take(&mut *self.series.lock().unwrap_or_else(|p| p.into_inner()));
+        let labels = [self.client, self.group.as_str(), handle.as_str()];
         let _ = QUEUE_MESSAGES.remove_label_values(&labels);
         let _ = QUEUE_BYTES.remove_label_values(&labels);
-        let series = std::mem::take(&mut *self.series.lock().unwrap_or_else(|p| p.into_inner()));
         for s in series {
             match s {
                 Series::Broker(b) => {
                     for q in ["0.5", "0.99"] {
-                        let _ = RTT.remove_label_values(&[self.client, &self.group, &b, q]);
+                        let _ =
+                            RTT.remove_label_values(&[self.client, &self.group, &handle, &b, q]);
                     }
                     for kind in ["tx", "rx", "timeout"] {
                         let _ = BROKER_ERRORS.remove_label_values(&[
                             self.client,
                             &self.group,
+                            &handle,
                             &b,
                             kind,
                         ]);
