@@ -396,6 +396,7 @@ fn events_left_unsettled_show_as_unsettled_deliveries_and_consumer_lag() {
     }
     assert!(next_line(&mut lines).get("holding").is_some());
     wait_for("ferrule_bridge_unsettled_deliveries", &link, 2.0);
+    wait_for("ferrule_bridge_link_unsettled_deliveries", &link, 2.0);
     let (group, topic) = (
         format!("ferrule-bridge.event.{tenant}"),
         format!("hono.event.{tenant}"),
@@ -412,6 +413,8 @@ fn events_left_unsettled_show_as_unsettled_deliveries_and_consumer_lag() {
         None,
         "{text}"
     );
+    let per_link = metric(&text, "ferrule_bridge_link_unsettled_deliveries", &link);
+    assert_eq!(per_link, None, "{text}");
 }
 
 /// Applications of one tenant attached to its event address compete for the events (one

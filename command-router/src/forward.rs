@@ -176,8 +176,9 @@ pub async fn run(
                 let (registry, routing) = (registry.clone(), routing.clone());
                 let tracer = tracer.clone();
                 routed.push_back(Box::pin(async move {
-                    incoming.start_span(&tracer, &registry).await;
+                    // The lookup includes the tenant's document, which the span may ask for.
                     let started = std::time::Instant::now();
+                    incoming.start_span(&tracer, &registry).await;
                     let decision = decide(&incoming, &registry, &routing).await;
                     crate::metrics::lookup(started.elapsed().as_secs_f64());
                     (incoming, decision)

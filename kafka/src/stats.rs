@@ -99,12 +99,27 @@ impl Stats {
             handle.clone_from(&s.name);
         }
         let labels = [self.client, self.group.as_str(), handle.as_str()];
+        // A producer's queue is its messages not yet acknowledged (librdkafka counts those
+        // for producers only); a consumer's, what it fetched and was not read yet.
+        let (messages, bytes) = if self.group.is_empty() {
+            (i64::try_from(s.msg_cnt), i64::try_from(s.msg_size))
+        } else {
+            let fetched = s
+                .topics
+                .values()
+                .flat_map(|t| t.partitions.values())
+                .filter(|p| p.partition >= 0);
+            let (n, b) = fetched.fold((0i64, 0u64), |(n, b), p| {
+                (n + p.fetchq_cnt.max(0), b + p.fetchq_size)
+            });
+            (Ok(n), i64::try_from(b))
+        };
         QUEUE_MESSAGES
             .with_label_values(&labels)
-            .set(i64::try_from(s.msg_cnt).unwrap_or(i64::MAX));
+            .set(messages.unwrap_or(i64::MAX));
         QUEUE_BYTES
             .with_label_values(&labels)
-            .set(i64::try_from(s.msg_size).unwrap_or(i64::MAX));
+            .set(bytes.unwrap_or(i64::MAX));
         for broker in s.brokers.values().filter(|b| b.nodeid >= 0) {
             let b = broker.nodename.as_str();
             if let Some(rtt) = &broker.rtt {

@@ -437,6 +437,7 @@ async fn stream_to(
     let mut gauges = crate::metrics::LinkGauges::new(&tenant, kind);
     loop {
         gauges.unsettled(unsettled.len());
+        credit.set_unsettled(unsettled.len());
         tokio::select! {
             r = consumer.recv(), if unsettled.len() < UNSETTLED => {
                 let record = match r {

@@ -160,9 +160,17 @@ pub(crate) struct LinkCredit {
     name: String,
     limit: AtomicU32,
     sent: AtomicU32,
+    /// Events sent on the link and not settled yet.
+    unsettled: AtomicU32,
 }
 
 impl LinkCredit {
+    /// The link's unsettled deliveries now.
+    pub(crate) fn set_unsettled(&self, n: usize) {
+        self.unsettled
+            .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
     /// A delivery was transferred.
     pub(crate) fn sent(&self) {
         self.sent.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +215,7 @@ impl Credits {
             name: name.to_owned(),
             limit: AtomicU32::new(limit),
             sent: AtomicU32::new(0),
+            unsettled: AtomicU32::new(0),
         });
         state.links.retain(|_, l| l.strong_count() > 0);
         state.links.insert(name.to_owned(), Arc::downgrade(&link));
@@ -257,45 +266,61 @@ impl Credits {
 
 /// Links whose credit is exported: those still held by their task.
 static LIVE: LazyLock<Mutex<Vec<Weak<LinkCredit>>>> = LazyLock::new(|| {
-    let collector = CreditCollector {
-        desc: Desc::new(
-            "ferrule_bridge_link_credit".into(),
-            "Deliveries an application's receiving link would still take: the credit its last \
-             flow granted less what the bridge sent since"
-                .into(),
+    let desc = |name: &str, help: &str| {
+        Desc::new(
+            name.into(),
+            help.into(),
             vec!["tenant".into(), "type".into(), "link".into()],
             HashMap::new(),
         )
-        .unwrap_or_else(|e| panic!("metric definition: {e}")),
+        .unwrap_or_else(|e| panic!("metric definition: {e}"))
+    };
+    let collector = CreditCollector {
+        credit: desc(
+            "ferrule_bridge_link_credit",
+            "Deliveries an application's receiving link would still take: the credit its last \
+             flow granted less what the bridge sent since",
+        ),
+        unsettled: desc(
+            "ferrule_bridge_link_unsettled_deliveries",
+            "Events sent on an application's receiving link and not settled yet",
+        ),
     };
     // A second registration (several bridges in one test process) keeps the first.
     let _ = prometheus::register(Box::new(collector));
     Mutex::default()
 });
 
-/// Builds the gauge from the live links when `/metrics` is read.
+/// Builds the per-link gauges from the live links when `/metrics` is read.
 struct CreditCollector {
-    desc: Desc,
+    credit: Desc,
+    unsettled: Desc,
 }
 
 impl Collector for CreditCollector {
     fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
+        vec![&self.credit, &self.unsettled]
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let mut family = MetricFamily::default();
-        family.set_name(self.desc.fq_name.clone());
-        family.set_help(self.desc.help.clone());
-        family.set_field_type(MetricType::GAUGE);
-        family.set_metric(Self::metrics());
-        vec![family]
+        let family = |desc: &Desc, value: fn(&LinkCredit) -> u32| {
+            let mut family = MetricFamily::default();
+            family.set_name(desc.fq_name.clone());
+            family.set_help(desc.help.clone());
+            family.set_field_type(MetricType::GAUGE);
+            family.set_metric(Self::metrics(value));
+            family
+        };
+        vec![
+            family(&self.credit, LinkCredit::left),
+            family(&self.unsettled, |l| l.unsettled.load(Ordering::Relaxed)),
+        ]
     }
 }
 
 impl CreditCollector {
-    /// One gauge per live link.
-    fn metrics() -> Vec<Metric> {
+    /// One gauge per live link, of `value`.
+    fn metrics(value: fn(&LinkCredit) -> u32) -> Vec<Metric> {
         let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
         live.retain(|l| l.strong_count() > 0);
         let label = |name: &str, value: &str| {
@@ -308,7 +333,7 @@ impl CreditCollector {
             .filter_map(Weak::upgrade)
             .map(|link| {
                 let mut gauge = Gauge::default();
-                gauge.set_value(f64::from(link.left()));
+                gauge.set_value(f64::from(value(&link)));
                 let mut m = Metric::from_gauge(gauge);
                 m.set_label(vec![
                     label("tenant", &link.tenant),
@@ -569,7 +594,7 @@ mod tests {
         let credits = Credits::default();
         let name = format!("link-{}", uuid::Uuid::new_v4().simple());
         let exported = || {
-            CreditCollector::metrics()
+            CreditCollector::metrics(LinkCredit::left)
                 .iter()
                 .any(|m| m.get_label().iter().any(|l| l.value() == name))
         };
