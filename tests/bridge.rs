@@ -373,40 +373,26 @@ fn events_left_unsettled_show_as_unsettled_deliveries_and_consumer_lag() {
     assert_eq!(attached["attached"], format!("event/{tenant}"));
     let granted = attached["credit"].as_f64().unwrap();
     assert!(granted >= 3.0, "{attached}");
-    let wait_for = |name: &str, labels: &[(&str, &str)], want: f64| {
-        let start = Instant::now();
-        loop {
-            let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
-            if metric(&text, name, labels) == Some(want) {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "{name}{labels:?} never {want}: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
     let link = [("tenant", tenant.as_str()), ("type", "event")];
     // Nothing sent yet: the link has the credit the application granted (as Proton counts it).
-    wait_for("ferrule_bridge_link_credit", &link, granted);
+    f.wait_for_metric("ferrule_bridge_link_credit", &link, granted);
     send_door_events(&f, &tenant, &["opened", "closed", "opened"]);
     for body in ["opened", "closed", "opened"] {
         assert_eq!(next_line(&mut lines)["body"], body);
     }
     assert!(next_line(&mut lines).get("holding").is_some());
-    wait_for("ferrule_bridge_unsettled_deliveries", &link, 2.0);
-    wait_for("ferrule_bridge_link_unsettled_deliveries", &link, 2.0);
+    f.wait_for_metric("ferrule_bridge_unsettled_deliveries", &link, 2.0);
+    f.wait_for_metric("ferrule_bridge_link_unsettled_deliveries", &link, 2.0);
     let (group, topic) = (
         format!("ferrule-bridge.event.{tenant}"),
         format!("hono.event.{tenant}"),
     );
     let lag = [("group", group.as_str()), ("topic", topic.as_str())];
-    wait_for("ferrule_kafka_consumer_lag", &lag, 2.0);
+    f.wait_for_metric("ferrule_kafka_consumer_lag", &lag, 2.0);
     let _ = app.kill();
     let _ = app.wait();
-    wait_for("ferrule_bridge_links", &link, 0.0);
-    wait_for("ferrule_bridge_unsettled_deliveries", &link, 0.0);
+    f.wait_for_metric("ferrule_bridge_links", &link, 0.0);
+    f.wait_for_metric("ferrule_bridge_unsettled_deliveries", &link, 0.0);
     let (_, text) = curl(&[&format!("{}/metrics", f.health)]);
     assert_eq!(
         metric(&text, "ferrule_bridge_link_credit", &link),

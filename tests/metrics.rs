@@ -26,22 +26,6 @@ fn metrics(f: &Ferrule) -> String {
     curl(&[&format!("{}/metrics", f.health)]).1
 }
 
-/// Waits (up to 15 s) until the series `name` with `labels` has the value `want`.
-fn wait_for_value(f: &Ferrule, name: &str, labels: &[(&str, &str)], want: f64) {
-    let start = Instant::now();
-    loop {
-        let text = metrics(f);
-        if metric(&text, name, labels) == Some(want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "{name}{labels:?} never {want}: {text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn connections_are_counted_while_open_and_timed_when_closed() {
     let mut f = Ferrule::start(&kafka());
@@ -61,7 +45,7 @@ fn connections_are_counted_while_open_and_timed_when_closed() {
     );
     let mqtt = [("component_name", "hono-mqtt")];
     let of_tenant = [("component_name", "hono-mqtt"), ("tenant", tenant.as_str())];
-    wait_for_value(&f, "hono_connections_unauthenticated", &mqtt, 0.0);
+    f.wait_for_metric("hono_connections_unauthenticated", &mqtt, 0.0);
 
     // Two devices without credentials, one with.
     let anonymous_topic = format!("command/{tenant}/sensor/req/#");
@@ -71,11 +55,11 @@ fn connections_are_counted_while_open_and_timed_when_closed() {
     ];
     let user = format!("sensor@{tenant}");
     let mut device = subscriber(&f, Some((&user, "dev-secret")), "command///req/#");
-    wait_for_value(&f, "hono_connections_unauthenticated", &mqtt, 2.0);
-    wait_for_value(&f, "hono_connections_authenticated", &of_tenant, 1.0);
+    f.wait_for_metric("hono_connections_unauthenticated", &mqtt, 2.0);
+    f.wait_for_metric("hono_connections_authenticated", &of_tenant, 1.0);
     let attempts = "hono_connections_attempts_total";
     let succeeded = [of_tenant[0], of_tenant[1], ("outcome", "succeeded")];
-    wait_for_value(&f, attempts, &succeeded, 1.0);
+    f.wait_for_metric(attempts, &succeeded, 1.0);
     // A wrong password is an attempt of the tenant that failed, and no connection.
     let refused = Command::new("mosquitto_pub")
         .args(["-h", f.mqtt.split_once(':').unwrap().0])
@@ -85,8 +69,8 @@ fn connections_are_counted_while_open_and_timed_when_closed() {
         .unwrap();
     assert!(!refused.status.success());
     let unauthorized = [of_tenant[0], of_tenant[1], ("outcome", "unauthorized")];
-    wait_for_value(&f, attempts, &unauthorized, 1.0);
-    wait_for_value(&f, "hono_connections_authenticated", &of_tenant, 1.0);
+    f.wait_for_metric(attempts, &unauthorized, 1.0);
+    f.wait_for_metric("hono_connections_authenticated", &of_tenant, 1.0);
     let duration = "hono_connections_authenticated_duration_seconds_count";
     let timed = metric(&metrics(&f), duration, &of_tenant);
     assert_eq!(timed.unwrap_or(0.0), 0.0, "nothing closed yet");
@@ -95,13 +79,13 @@ fn connections_are_counted_while_open_and_timed_when_closed() {
         c.kill().unwrap();
         c.wait().unwrap();
     }
-    wait_for_value(&f, "hono_connections_unauthenticated", &mqtt, 0.0);
+    f.wait_for_metric("hono_connections_unauthenticated", &mqtt, 0.0);
     std::thread::sleep(Duration::from_millis(500));
     device.kill().unwrap();
     device.wait().unwrap();
-    wait_for_value(&f, "hono_connections_authenticated", &of_tenant, 0.0);
+    f.wait_for_metric("hono_connections_authenticated", &of_tenant, 0.0);
     // Timed when it closed: one connection, open at least the half second above.
-    wait_for_value(&f, duration, &of_tenant, 1.0);
+    f.wait_for_metric(duration, &of_tenant, 1.0);
     let sum = metric(
         &metrics(&f),
         "hono_connections_authenticated_duration_seconds_sum",

@@ -393,6 +393,44 @@ fn read_matching(topic: &str, correlation_id: &str) -> std::collections::HashMap
     }
 }
 
+/// The spans of one command's trace, once all three arrived: the router's `route command`
+/// under the application's span `app_span`, the gateway's `deliver command` under it, and the
+/// `upload command response` under that; `response` (the application's view of the response)
+/// carries the last one's context.
+fn command_chain(
+    otlp: &OtlpReceiver,
+    trace_id: &str,
+    app_span: &str,
+    response: &Value,
+) -> [ReceivedSpan; 3] {
+    let spans = otlp.wait_for(trace_id, |spans| {
+        span_of(spans, "ferrule-command-router", "route command").is_some()
+            && span_of(spans, "ferrule-gateway", "deliver command").is_some()
+            && span_of(spans, "ferrule-gateway", "upload command response").is_some()
+    });
+    let route = span_of(&spans, "ferrule-command-router", "route command").unwrap();
+    assert_eq!(
+        route.parent_span_id, app_span,
+        "under the application's span"
+    );
+    let deliver = span_of(&spans, "ferrule-gateway", "deliver command").unwrap();
+    assert_eq!(
+        deliver.parent_span_id, route.span_id,
+        "under the router's span"
+    );
+    let upload = span_of(&spans, "ferrule-gateway", "upload command response").unwrap();
+    assert_eq!(
+        upload.parent_span_id, deliver.span_id,
+        "the response continues it"
+    );
+    assert_eq!(
+        response["traceparent"].as_str().unwrap_or_default(),
+        format!("00-{trace_id}-{}-01", upload.span_id),
+        "{response}"
+    );
+    [route.clone(), deliver.clone(), upload.clone()]
+}
+
 /// A Kafka application (confluent-kafka) sends a request/response command with a
 /// `traceparent` to an MQTT device (paho-mqtt) that answers it: the router's span is under
 /// the application's, the gateway's delivery span under the router's, the response upload
@@ -452,42 +490,16 @@ fn a_commands_trace_goes_through_router_and_gateway_and_back_on_the_response() {
     device.finish();
     application.finish();
 
-    let spans = otlp.wait_for(&trace_id, |spans| {
-        span_of(spans, "ferrule-command-router", "route command").is_some()
-            && span_of(spans, "ferrule-gateway", "deliver command").is_some()
-            && span_of(spans, "ferrule-gateway", "upload command response").is_some()
-    });
-    let route = span_of(&spans, "ferrule-command-router", "route command").unwrap();
-    assert_eq!(
-        route.parent_span_id, app_span,
-        "under the application's span"
-    );
+    let [route, deliver, upload] = command_chain(&otlp, &trace_id, &app_span, &response);
     assert_eq!(route.attributes["device_id"], "lamp");
     assert_eq!(route.attributes["outcome"], "forwarded");
     assert_eq!(route.events, ["resolved"], "{route:#?}");
     assert_eq!(route.error, None);
-    let deliver = span_of(&spans, "ferrule-gateway", "deliver command").unwrap();
-    assert_eq!(
-        deliver.parent_span_id, route.span_id,
-        "under the router's span"
-    );
     assert_eq!(deliver.attributes["subject"], "setBrightness");
     // It ends when the device acknowledged the command (MQTT PUBACK).
     assert_eq!(deliver.events, ["delivered"], "{deliver:#?}");
     assert_eq!(deliver.error, None);
-    let upload = span_of(&spans, "ferrule-gateway", "upload command response").unwrap();
-    assert_eq!(
-        upload.parent_span_id, deliver.span_id,
-        "the response continues it"
-    );
     assert_eq!(upload.attributes["status"], "200");
-    // The response record carries the trace: the response upload's span.
-    let tp = response["traceparent"].as_str().unwrap_or_default();
-    assert_eq!(
-        tp,
-        format!("00-{trace_id}-{}-01", upload.span_id),
-        "{response}"
-    );
 
     // The same traffic in the metrics: Hono's command series of the gateway, the router's
     // own, how long the device's connection lasted, and librdkafka's statistics (reported
@@ -617,25 +629,7 @@ fn an_amqp_commands_trace_goes_through_router_and_gateway_and_back() {
     assert_eq!(response["status"], 200, "{response}");
     device.finish();
 
-    let spans = otlp.wait_for(&trace_id, |spans| {
-        span_of(spans, "ferrule-command-router", "route command").is_some()
-            && span_of(spans, "ferrule-gateway", "deliver command").is_some()
-            && span_of(spans, "ferrule-gateway", "upload command response").is_some()
-    });
-    let route = span_of(&spans, "ferrule-command-router", "route command").unwrap();
-    assert_eq!(
-        route.parent_span_id, app_span,
-        "under the application's span"
-    );
-    let deliver = span_of(&spans, "ferrule-gateway", "deliver command").unwrap();
-    assert_eq!(deliver.parent_span_id, route.span_id);
-    let upload = span_of(&spans, "ferrule-gateway", "upload command response").unwrap();
-    assert_eq!(upload.parent_span_id, deliver.span_id);
-    assert_eq!(
-        response["traceparent"],
-        format!("00-{trace_id}-{}-01", upload.span_id),
-        "{response}"
-    );
+    command_chain(&otlp, &trace_id, &app_span, response);
     f.stop();
 }
 

@@ -366,6 +366,25 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+impl Ferrule {
+    /// Waits (up to 15 s) until this platform's series `name` with `labels` (a subset of its
+    /// labels) has the value `want` on `/metrics`.
+    pub fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], want: f64) {
+        let start = std::time::Instant::now();
+        loop {
+            let (_, text) = curl(&[&format!("{}/metrics", self.health)]);
+            if metric(&text, name, labels) == Some(want) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{name}{labels:?} never {want}: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// The value of the series `name` in Prometheus text `metrics` whose labels include every
 /// `label="value"` of `labels`; `None` when there is none.
 pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
