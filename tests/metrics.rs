@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A mosquitto client that stays connected, subscribed to `topic`.
 fn subscriber(f: &Ferrule, credentials: Option<(&str, &str)>, topic: &str) -> Child {
