@@ -507,8 +507,7 @@ async fn stream_to(
             }
         }
     }
-    // Nothing more is sent: the link's credit is no longer exported (the consumer's close,
-    // when it is dropped below, may take a while).
+    // Nothing more is sent: the link's credit is no longer exported.
     drop(credit);
     if events {
         // Settlements that arrived with the detach still count, in order.
@@ -520,11 +519,19 @@ async fn stream_to(
                 _ => break,
             }
         }
-        let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
     }
+    // The synchronous commit and the consumer's close (it leaves its group) block for a
+    // round trip or more: off the runtime, whose worker serves other links meanwhile.
+    let closing = tokio::task::spawn_blocking(move || {
+        if events {
+            let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+        }
+        drop(consumer);
+    });
     if !detached {
         let _ = sender.close().await;
     }
+    let _ = closing.await;
 }
 
 /// Commands of one link written to Kafka and not yet settled; beyond this the bridge reads no
