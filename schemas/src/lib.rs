@@ -3,6 +3,7 @@
 //! by hand.
 #![forbid(unsafe_code)]
 
+pub mod avro;
 pub mod command;
 pub mod content_type;
 pub mod headers;
