@@ -267,6 +267,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         5,
         include_str!("../migrations/0005_command_consumers_hot.sql"),
     ),
+    (6, include_str!("../migrations/0006_schema_registry.sql")),
 ];
 
 /// An arbitrary constant that serialises concurrent migrators (tests, several instances).

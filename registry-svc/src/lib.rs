@@ -9,12 +9,14 @@ pub mod device_connection;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod schema_registry;
 pub mod search;
 pub mod store;
 
 pub use api::ManagementAuth;
 pub use auth::{
     AuthCacheConfig, AuthError, AuthenticatedApplication, AuthenticatedDevice, DeviceAuthenticator,
+    TopicSchemas,
 };
 pub use db::{DatabaseConfig, DatabaseTls};
 pub use store::Store;
@@ -79,7 +81,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     metrics::init();
-    let app = api::router(store, cfg.management, cfg.max_payload_size);
+    let management = std::sync::Arc::new(cfg.management);
+    let schemas = schema_registry::router(
+        store.pool().clone(),
+        store.topic_names().clone(),
+        management.clone(),
+    );
+    let app = api::router(store, management, cfg.max_payload_size).merge(schemas);
     tracing::info!(addr = %listener.local_addr()?, "registry management API listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

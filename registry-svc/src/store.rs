@@ -74,6 +74,11 @@ impl Store {
         self
     }
 
+    /// How this deployment names its topics.
+    pub fn topic_names(&self) -> &ferrule_schemas::TopicNames {
+        &self.topics
+    }
+
     /// Whether `id` may name a new tenant (see [`check_new_tenant_id`]).
     pub fn check_new_tenant_id(&self, id: &str) -> Result<()> {
         Ok(check_new_tenant_id(&self.topics, id)?)

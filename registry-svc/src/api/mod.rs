@@ -44,7 +44,7 @@ impl Default for ManagementAuth {
 }
 
 impl ManagementAuth {
-    fn allows(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn allows(&self, headers: &HeaderMap) -> bool {
         let Some(value) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -76,11 +76,8 @@ pub(crate) struct Api {
 }
 
 /// Builds the `/v1` router.
-pub(crate) fn router(store: Store, auth: ManagementAuth, max_payload: usize) -> Router {
-    let api = Api {
-        store,
-        auth: Arc::new(auth),
-    };
+pub(crate) fn router(store: Store, auth: Arc<ManagementAuth>, max_payload: usize) -> Router {
+    let api = Api { store, auth };
     Router::new()
         .merge(tenants::routes())
         .merge(devices::routes())

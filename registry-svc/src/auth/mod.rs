@@ -14,6 +14,7 @@ use crate::model::tenant::Tenant;
 use cache::{Cache, CacheControl, CacheKey};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use ferrule_schemas::avro::PayloadSchema;
 use password::PasswordHash;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -108,7 +109,8 @@ pub struct RegistryChange {
 impl RegistryChange {
     /// Whether connections of the affected tenant or device must be closed.
     pub fn revokes_access(&self) -> bool {
-        self.kind != "credentials" && (self.op == "DELETE" || self.enabled == Some(false))
+        matches!(self.kind.as_str(), "tenant" | "device")
+            && (self.op == "DELETE" || self.enabled == Some(false))
     }
 }
 
@@ -194,6 +196,10 @@ struct Inner {
     cache: Cache<Lookup>,
     tenants: Cache<Option<Tenant>>,
     devices: Cache<Option<Device>>,
+    /// The live payload schemas of a tenant topic's subject.
+    topic_schemas: Cache<Option<TopicSchemas>>,
+    /// Schemas by id, as a tenant's records name them.
+    schema_ids: Cache<Option<Arc<PayloadSchema>>>,
     /// Random per process, so that the verification memo is useless outside this process.
     memo_key: [u8; 32],
     changes: broadcast::Sender<RegistryChange>,
@@ -208,6 +214,8 @@ impl DeviceAuthenticator {
                 cache: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
                 tenants: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
                 devices: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
+                topic_schemas: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
+                schema_ids: Cache::new(Duration::from_secs(cfg.ttl_secs), cfg.capacity),
                 memo_key: rand::random(),
                 changes,
             }),
@@ -448,6 +456,80 @@ impl DeviceAuthenticator {
         .await
     }
 
+    /// The live payload schemas of `topic` (a tenant's telemetry or event topic), cached like
+    /// devices; `None` inside when the topic's subject has no schema.
+    pub async fn topic_schemas(
+        &self,
+        tenant: &str,
+        topic: &str,
+    ) -> Result<Arc<Option<TopicSchemas>>, AuthError> {
+        if let Some(hit) = self.cached_topic_schemas(tenant, topic) {
+            return Ok(hit);
+        }
+        let cache = &self.inner.topic_schemas;
+        let generation = cache.generation();
+        let db = self.inner.pool.get().await.map_err(unavailable)?;
+        let subject = crate::schema_registry::subject_of(topic);
+        let rows = crate::schema_registry::store::topic_schemas(&db, &subject)
+            .await
+            .map_err(unavailable)?;
+        let mut all = Vec::with_capacity(rows.len());
+        for (id, text) in rows {
+            all.push(Arc::new(parse_schema(id, &text)?));
+        }
+        let found = Arc::new((!all.is_empty()).then_some(TopicSchemas { all }));
+        cache.insert(
+            CacheKey::new(tenant, "schema", topic),
+            found.clone(),
+            generation,
+        );
+        Ok(found)
+    }
+
+    /// [`Self::topic_schemas`] if the cache holds them.
+    pub fn cached_topic_schemas(
+        &self,
+        tenant: &str,
+        topic: &str,
+    ) -> Option<Arc<Option<TopicSchemas>>> {
+        self.inner.topic_schemas.get(tenant, "schema", topic)
+    }
+
+    /// The schema with registry id `id` if one of `tenant`'s subjects holds it (deleted
+    /// versions too: records written with them stay readable).
+    pub async fn schema_by_id(
+        &self,
+        tenant: &str,
+        id: u32,
+    ) -> Result<Arc<Option<Arc<PayloadSchema>>>, AuthError> {
+        let key = id.to_string();
+        let cache = &self.inner.schema_ids;
+        if let Some(hit) = cache.get(tenant, "schema-id", &key) {
+            return Ok(hit);
+        }
+        let generation = cache.generation();
+        let found = match i32::try_from(id) {
+            Ok(id) => {
+                let text =
+                    crate::schema_registry::store::schema_by_id(&self.inner.pool, Some(tenant), id)
+                        .await;
+                match text {
+                    Ok(text) => Some(Arc::new(parse_schema(id, &text)?)),
+                    Err(e) if e.is_not_found() => None,
+                    Err(e) => return Err(AuthError::Unavailable(e.to_string())),
+                }
+            }
+            Err(_) => None,
+        };
+        let found = Arc::new(found);
+        cache.insert(
+            CacheKey::new(tenant, "schema-id", &key),
+            found.clone(),
+            generation,
+        );
+        Ok(found)
+    }
+
     fn memo_digest(&self, tenant: &str, auth_id: &str, password: &[u8]) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.inner.memo_key);
@@ -526,8 +608,14 @@ impl DeviceAuthenticator {
 
 impl Inner {
     /// Every cache; they all follow the same change notifications.
-    fn caches(&self) -> [&dyn CacheControl; 3] {
-        [&self.cache, &self.tenants, &self.devices]
+    fn caches(&self) -> [&dyn CacheControl; 5] {
+        [
+            &self.cache,
+            &self.tenants,
+            &self.devices,
+            &self.topic_schemas,
+            &self.schema_ids,
+        ]
     }
 }
 
@@ -590,6 +678,32 @@ fn secrets_of(data: &serde_json::Value) -> Box<[Secret]> {
                 .into_boxed_slice()
         })
         .unwrap_or_default()
+}
+
+/// A stored schema parsed for use; one that no longer parses makes the registry unusable for
+/// that topic rather than silently unchecked.
+fn parse_schema(id: i32, text: &str) -> Result<PayloadSchema, AuthError> {
+    let id = u32::try_from(id).map_err(unavailable)?;
+    PayloadSchema::parse(id, text)
+        .map_err(|e| AuthError::Unavailable(format!("stored schema {id} does not parse: {e}")))
+}
+
+/// The live schemas of a topic's subject, newest first (never empty).
+#[derive(Debug)]
+pub struct TopicSchemas {
+    all: Vec<Arc<PayloadSchema>>,
+}
+
+impl TopicSchemas {
+    /// The latest version's schema: what JSON payloads are encoded with.
+    pub fn latest(&self) -> &PayloadSchema {
+        &self.all[0]
+    }
+
+    /// A live version's schema by its id: what an Avro payload may name.
+    pub fn by_id(&self, id: u32) -> Option<&PayloadSchema> {
+        self.all.iter().find(|s| s.id() == id).map(|s| &**s)
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> AuthError {
@@ -752,5 +866,9 @@ mod tests {
         assert!(c("tenant", "UPDATE", Some(false)).revokes_access());
         assert!(!c("device", "UPDATE", Some(true)).revokes_access());
         assert!(!c("credentials", "DELETE", None).revokes_access());
+        assert!(
+            !c("schema", "DELETE", None).revokes_access(),
+            "a schema change closes no connection"
+        );
     }
 }
