@@ -88,15 +88,16 @@ ensure_base() {
 
 ensure_python_kafka() {
     "$PYTHON_WITH_KAFKA" -c "import sys, confluent_kafka, aiocoap.meta
+from confluent_kafka.schema_registry.avro import AvroDeserializer
 sys.exit(confluent_kafka.__version__ != '$CONFLUENT_KAFKA_VERSION'
          or aiocoap.meta.version != '$AIOCOAP_VERSION')" 2>/dev/null && return 0
-    say "installing confluent-kafka $CONFLUENT_KAFKA_VERSION and aiocoap $AIOCOAP_VERSION into $PYTHON_ENV"
+    say "installing confluent-kafka $CONFLUENT_KAFKA_VERSION (with its schema registry and Avro parts) and aiocoap $AIOCOAP_VERSION into $PYTHON_ENV"
     mkdir -p "$FERRULE_HOME/tools"
     # --clear: an environment whose interpreter went away (or never got its pip) is made anew.
     "$PYTHON_WITH_KAFKA" -m pip --version >/dev/null 2>&1 ||
         /usr/bin/python3 -m venv --clear --system-site-packages "$PYTHON_ENV"
     "$PYTHON_WITH_KAFKA" -m pip install --quiet --disable-pip-version-check \
-        "confluent-kafka==$CONFLUENT_KAFKA_VERSION" "aiocoap==$AIOCOAP_VERSION" >&2
+        "confluent-kafka[avro,schemaregistry]==$CONFLUENT_KAFKA_VERSION" "aiocoap==$AIOCOAP_VERSION" >&2
 }
 
 # What the deployment checks (tests/deploy.rs) and the fleet tests (tests/fleet.rs) run:

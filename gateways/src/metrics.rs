@@ -264,6 +264,24 @@ pub fn coap_duplicate(state: &str) {
     COAP_DUPLICATES.with_label_values(&[state]).inc();
 }
 
+static SCHEMA_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    registered(IntCounterVec::new(
+        Opts::new(
+            "ferrule_gateway_payload_schema_rejected_total",
+            "Telemetry and events refused because the payload does not fit the Avro schema of \
+             the tenant's topic, by adapter, tenant and type",
+        ),
+        &["component_name", "tenant", "type"],
+    ))
+});
+
+/// Counts a message whose payload did not fit its topic's schema.
+pub fn payload_schema_refused(adapter: &str, tenant: &str, kind: &str) {
+    SCHEMA_REFUSED
+        .with_label_values(&[adapter, tenant, kind])
+        .inc();
+}
+
 /// Counts a refused request.
 pub fn rejected(adapter: &str, reason: &str) {
     REJECTED.with_label_values(&[adapter, reason]).inc();
@@ -273,6 +291,7 @@ pub fn init() {
     LazyLock::force(&PROCESSING);
     LazyLock::force(&PAYLOAD);
     LazyLock::force(&REJECTED);
+    LazyLock::force(&SCHEMA_REFUSED);
     LazyLock::force(&COMMAND_PROCESSING);
     LazyLock::force(&COMMAND_PAYLOAD);
     LazyLock::force(&CONNECTION_DURATION);

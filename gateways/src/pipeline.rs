@@ -10,8 +10,10 @@ use crate::metrics;
 pub use crate::refusal::{Reason, Refusal};
 use ferrule_registry::model::device::Device;
 use ferrule_registry::model::tenant::Tenant;
-use ferrule_registry::{AuthError, AuthenticatedDevice, DeviceAuthenticator};
+use ferrule_registry::{AuthError, AuthenticatedDevice, DeviceAuthenticator, TopicSchemas};
+use ferrule_schemas::avro::{self, AVRO_CONTENT_TYPE};
 use ferrule_schemas::command::{RequestId, is_valid_response_status};
+use ferrule_schemas::content_type::is_empty_notification;
 use ferrule_schemas::headers as h;
 use ferrule_schemas::ttl::{TtlKind, effective_ttl_millis};
 use ferrule_schemas::{ContentType, TopicKind, TopicNames};
@@ -719,13 +721,20 @@ impl IngestPipeline {
             Some(Err(e)) => return SubmitNow::Done(Err(meta.finish_err(e))),
             Some(Ok(who)) => who,
         };
-        let record = match record_for(self.sender.names(), &up, &who) {
-            Ok(r) => r,
+        let topic = match topic_for(self.sender.names(), &up, &who) {
+            Ok(t) => t,
             Err(e) => return SubmitNow::Done(Err(meta.finish_err(e))),
         };
-        if !self.sender.is_known(&record.topic) {
+        if !self.sender.is_known(&topic) {
             return SubmitNow::Deferred(up);
         }
+        let Some(schemas) = self.registry().cached_topic_schemas(&who.tenant_id, &topic) else {
+            return SubmitNow::Deferred(up);
+        };
+        let record = match record_for(&up, &who, topic, schemas.as_ref().as_ref()) {
+            Ok(r) => r,
+            Err(e) => return SubmitNow::Done(Err(meta.finish_err_of(&who.tenant_id, e))),
+        };
         SubmitNow::Done(self.enqueue(&up, who, record, meta))
     }
 
@@ -737,16 +746,27 @@ impl IngestPipeline {
             let who = self
                 .authorise(up.adapter, &up.origin, up.target.as_ref())
                 .await?;
-            let record = record_for(self.sender.names(), &up, &who)?;
+            let topic = topic_for(self.sender.names(), &up, &who)?;
             self.sender
-                .ensure_topic(&record.topic, who.tenant().ext.as_ref())
+                .ensure_topic(&topic, who.tenant().ext.as_ref())
                 .await
                 .map_err(produce_error)?;
-            Ok((who, record))
+            let schemas = self
+                .registry()
+                .topic_schemas(&who.tenant_id, &topic)
+                .await?;
+            // A refusal from here on is counted for the tenant.
+            Ok(
+                match record_for(&up, &who, topic, schemas.as_ref().as_ref()) {
+                    Ok(record) => Ok((who, record)),
+                    Err(e) => Err((who.tenant_id, e)),
+                },
+            )
         }
         .await;
         match result {
-            Ok((who, record)) => self.enqueue(&up, who, record, meta),
+            Ok(Ok((who, record))) => self.enqueue(&up, who, record, meta),
+            Ok(Err((tenant, e))) => Err(meta.finish_err_of(&tenant, e)),
             Err(e) => Err(meta.finish_err(e)),
         }
     }
@@ -781,7 +801,7 @@ impl IngestPipeline {
             topic: &record.topic,
             key: &who.device_id,
             headers,
-            payload: &up.payload,
+            payload: record.payload.as_deref().unwrap_or(&up.payload),
         });
         let delivery = match delivery {
             Ok(d) => d,
@@ -859,14 +879,33 @@ pub enum SubmitNow {
     Deferred(Upload),
 }
 
-/// A message's topic and headers.
+/// A message's topic and headers, and its payload when the pipeline changed it (a JSON
+/// payload encoded with its topic's schema).
 struct Record {
     topic: String,
     headers: OwnedHeaders,
+    payload: Option<Vec<u8>>,
 }
 
-/// Builds the Kafka record of an authorised message: topic, content type, ttl, every header.
-fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Record, Refusal> {
+/// The topic of an authorised message.
+fn topic_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<String, Refusal> {
+    let kind = match up.endpoint {
+        Endpoint::Telemetry => TopicKind::Telemetry,
+        Endpoint::Event => TopicKind::Event,
+    };
+    names
+        .name(kind, &who.tenant_id)
+        .map_err(|e| Refusal::malformed(e.to_string()))
+}
+
+/// Builds the Kafka record of an authorised message for `topic`: content type, ttl, every
+/// header, and the payload in the topic's schema when it has one (docs/analytics.md).
+fn record_for(
+    up: &Upload,
+    who: &Authorised,
+    topic: String,
+    schemas: Option<&TopicSchemas>,
+) -> Result<Record, Refusal> {
     let (tenant, device) = (who.tenant(), who.device());
     let defaults = merged_defaults(tenant, device);
     let given_ct = up.content_type.clone().or_else(|| {
@@ -878,15 +917,58 @@ fn record_for(names: &TopicNames, up: &Upload, who: &Authorised) -> Result<Recor
     let ct = ContentType::for_upload(given_ct.as_deref(), up.payload.len())
         .map_err(|e| Refusal::malformed(e.to_string()))?;
     let ttl = ttl_millis(up, tenant, device);
-    let kind = match up.endpoint {
-        Endpoint::Telemetry => TopicKind::Telemetry,
-        Endpoint::Event => TopicKind::Event,
+    let typed = match schemas {
+        Some(schemas) if !is_empty_notification(ct.as_str()) => typed(schemas, &up.payload)?,
+        _ => None,
     };
-    let topic = names
-        .name(kind, &who.tenant_id)
-        .map_err(|e| Refusal::malformed(e.to_string()))?;
-    let headers = build_headers(up, &who.device_id, ct.as_str(), ttl, &defaults);
-    Ok(Record { topic, headers })
+    let headers = match &typed {
+        // The record says it is Avro, and what the device sent, so the AMQP bridge can give
+        // Hono applications JSON again.
+        Some(_) => {
+            let mut hs = build_headers(up, &who.device_id, AVRO_CONTENT_TYPE, ttl, &defaults);
+            hs = hs.insert(Header {
+                key: h::SOURCE_CONTENT_TYPE,
+                value: Some(ct.as_str().as_bytes()),
+            });
+            hs
+        }
+        None => build_headers(up, &who.device_id, ct.as_str(), ttl, &defaults),
+    };
+    Ok(Record {
+        topic,
+        headers,
+        payload: typed,
+    })
+}
+
+/// A payload checked against its topic's schemas: one already in the Confluent wire format
+/// must name a live version of the subject and be one whole value of it (kept as sent,
+/// `None`); anything else must be a JSON value of the latest version, returned encoded.
+fn typed(schemas: &TopicSchemas, payload: &[u8]) -> Result<Option<Vec<u8>>, Refusal> {
+    let refuse = |e: &dyn std::fmt::Display| {
+        Refusal::new(
+            Reason::PayloadNotConforming,
+            format!("the payload does not fit the topic's schema: {e}"),
+        )
+    };
+    if avro::is_wire_format(payload) {
+        let Some((id, datum)) = avro::split_wire(payload) else {
+            return Err(refuse(&"the Avro wire format needs 5 header bytes"));
+        };
+        let Some(schema) = schemas.by_id(id) else {
+            return Err(refuse(&format!(
+                "schema {id} is not a live version of the topic's subject"
+            )));
+        };
+        schema.check(datum).map_err(|e| refuse(&e))?;
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    schemas
+        .latest()
+        .encode_json(payload, &mut out)
+        .map_err(|e| refuse(&e))?;
+    Ok(Some(out))
 }
 
 /// What metrics and the upload's span need to know about a message in flight.
@@ -1020,12 +1102,20 @@ impl Meta {
     }
 
     fn finish_err(&self, e: Refusal) -> Refusal {
+        self.finish_err_of("", e)
+    }
+
+    /// [`Self::finish_err`] for a refusal after the tenant was known, counted for it.
+    fn finish_err_of(&self, tenant: &str, e: Refusal) -> Refusal {
         let status = if e.is_unavailable() {
             "undeliverable"
         } else {
             "unprocessable"
         };
-        self.finish("", status);
+        if e.reason == Reason::PayloadNotConforming {
+            metrics::payload_schema_refused(self.adapter, tenant, self.kind);
+        }
+        self.finish(tenant, status);
         // Refused before its tenant was known: a span of the refusal alone.
         if let Some(t) = &self.trace {
             refusal_span(

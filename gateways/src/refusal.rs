@@ -31,6 +31,8 @@ pub enum Reason {
     DeviceNotFound,
     /// The payload is larger than `max_payload_size`.
     PayloadTooLarge,
+    /// The payload does not fit the Avro schema registered for its topic (docs/analytics.md).
+    PayloadNotConforming,
     /// The device registry could not be asked.
     RegistryUnavailable,
     /// Kafka did not take or acknowledge the record.
@@ -150,6 +152,15 @@ impl Reason {
                 "unknown",
                 "payload-too-large",
             ),
+            Reason::PayloadNotConforming => (
+                400,
+                (4, 0),
+                C::NotAuthorized,
+                D::PayloadFormatInvalid,
+                false,
+                "unknown",
+                "payload-not-conforming",
+            ),
             Reason::RegistryUnavailable => (
                 503,
                 (5, 3),
@@ -197,7 +208,7 @@ impl Reason {
             | Reason::GatewayNotAuthorised
             | Reason::TenantNotFound
             | Reason::DeviceNotFound => S::NotAuthorized,
-            Reason::PayloadTooLarge => S::ImplementationSpecific,
+            Reason::PayloadTooLarge | Reason::PayloadNotConforming => S::ImplementationSpecific,
             Reason::RegistryUnavailable
             | Reason::DownstreamUnavailable
             | Reason::NoConsumer
@@ -216,7 +227,7 @@ impl Reason {
     }
 
     /// Every reason, for tests and documentation.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Malformed,
         Reason::Unauthenticated,
         Reason::TenantDisabled,
@@ -226,6 +237,7 @@ impl Reason {
         Reason::TenantNotFound,
         Reason::DeviceNotFound,
         Reason::PayloadTooLarge,
+        Reason::PayloadNotConforming,
         Reason::RegistryUnavailable,
         Reason::DownstreamUnavailable,
         Reason::NoConsumer,

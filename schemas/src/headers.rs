@@ -21,6 +21,9 @@ pub const ORIG_PARTITION: &str = "orig-partition";
 pub const ORIG_OFFSET: &str = "orig-offset";
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
+/// On a record the gateway encoded with its topic's Avro schema: the content type of the JSON
+/// the device sent (docs/analytics.md). The AMQP bridge decodes such records back to it.
+pub const SOURCE_CONTENT_TYPE: &str = "ferrule-source-content-type";
 /// Headers with this prefix are copied from a command into a Hono-generated error response.
 pub const DELIVERY_FAILURE_METADATA_PREFIX: &str = "delivery-failure-notification-metadata";
 

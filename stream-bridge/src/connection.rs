@@ -6,6 +6,7 @@
 use crate::BridgeConfig;
 use crate::address::Address;
 use crate::credit::{Credits, FlowTap, LinkCredit};
+use crate::payload::{self, PayloadFormat};
 use crate::sasl::ApplicationSasl;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
@@ -111,6 +112,7 @@ async fn serve_session(
     let links = LinkAcceptor::builder().initial_delivery_count(0).build();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = attach_address(&attach).and_then(|a| Address::parse(&a));
+        let format = PayloadFormat::of(&attach);
         // Hono's Event API: an event receiver must let the bridge send unsettled (at-least-once).
         let presettled_events = matches!(address, Some(Address::Event { .. }))
             && attach.snd_settle_mode == SenderSettleMode::Settled;
@@ -174,6 +176,10 @@ async fn serve_session(
                 AmqpError::NotAllowed,
                 "events are delivered unsettled only (at least once)".to_owned(),
             )),
+            Some(_) if format.is_err() => Some((
+                AmqpError::InvalidField,
+                format.clone().err().unwrap_or_default(),
+            )),
             Some(_) => None,
         };
         match (endpoint, address, refusal) {
@@ -188,6 +194,7 @@ async fn serve_session(
                 tokio::spawn(stream_to(
                     sender,
                     "telemetry",
+                    format.clone().unwrap_or_default(),
                     tenant,
                     credit,
                     start,
@@ -200,6 +207,7 @@ async fn serve_session(
                 tokio::spawn(stream_to(
                     sender,
                     "event",
+                    format.clone().unwrap_or_default(),
                     tenant,
                     credit,
                     start,
@@ -372,9 +380,11 @@ impl rdkafka::consumer::ConsumerContext for StartAtAttach {
 /// application settled it `accepted` (or `rejected`: it will never take it); at the first
 /// `released` or `modified` the link stops, so that event and the ones after it come again
 /// on the next attach.
+#[allow(clippy::too_many_arguments)]
 async fn stream_to(
     mut sender: Sender,
     kind: &'static str,
+    format: PayloadFormat,
     tenant: String,
     credit: Arc<LinkCredit>,
     start: StartAtAttach,
@@ -447,15 +457,34 @@ async fn stream_to(
                         continue;
                     }
                 };
-                let headers = header_list(&record);
+                let mut headers = header_list(&record);
                 let span = delivery_span(&ctx.tracer, kind, &tenant, &headers);
+                let mut payload = record.payload().unwrap_or_default();
+                let restored = match format {
+                    PayloadFormat::AsSent => {
+                        payload::as_sent(&ctx.registry, &tenant, &headers, payload).await
+                    }
+                    PayloadFormat::Avro => Ok(None),
+                };
+                let restored = match restored {
+                    Ok(r) => r,
+                    Err(e) => {
+                        crate::metrics::undecodable(&tenant, kind);
+                        tracing::warn!(error = e, tenant, "record not decoded from Avro; delivered as stored");
+                        None
+                    }
+                };
+                if let Some((json, source_ct)) = &restored {
+                    payload::restore_headers(&mut headers, source_ct);
+                    payload = json;
+                }
                 // The application continues the delivery's span, else the record's trace.
                 let trace = span.context();
                 let message = crate::message::downstream(
                     kind,
                     &tenant,
                     trace_headers(trace.as_ref()).chain(headers.iter().copied()),
-                    record.payload().unwrap_or_default(),
+                    payload,
                 );
                 let position = (record.partition(), record.offset());
                 // Waits for the application's credit.

@@ -12,6 +12,7 @@ mod credit;
 pub mod message;
 mod metrics;
 mod outcome;
+pub mod payload;
 mod sasl;
 
 use ferrule_registry::DeviceAuthenticator;

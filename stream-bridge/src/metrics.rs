@@ -22,6 +22,25 @@ pub fn refused(reason: &str) {
     REFUSED.with_label_values(&[reason]).inc();
 }
 
+static UNDECODABLE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let m = IntCounterVec::new(
+        Opts::new(
+            "ferrule_bridge_payload_undecodable_total",
+            "Records the gateway encoded with an Avro schema that the bridge could not decode \
+             back to JSON (delivered as stored), by tenant and type",
+        ),
+        &["tenant", "type"],
+    )
+    .unwrap_or_else(|e| panic!("metric definition: {e}"));
+    let _ = prometheus::register(Box::new(m.clone()));
+    m
+});
+
+/// Counts a converted record delivered as stored because it could not be decoded.
+pub fn undecodable(tenant: &str, kind: &str) {
+    UNDECODABLE.with_label_values(&[tenant, kind]).inc();
+}
+
 static COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let m = IntCounterVec::new(
         Opts::new(
@@ -120,6 +139,7 @@ impl Drop for LinkGauges {
 /// Makes the bridge's metrics visible before their first event.
 pub fn init() {
     LazyLock::force(&REFUSED);
+    LazyLock::force(&UNDECODABLE);
     LazyLock::force(&COMMANDS);
     LazyLock::force(&LINKS);
     LazyLock::force(&WAITING);

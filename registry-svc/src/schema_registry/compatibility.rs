@@ -107,6 +107,10 @@ fn cannot_read(writer: &Schema, reader: &Schema) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn one(s: &Schema) -> &[Schema] {
+        std::slice::from_ref(s)
+    }
+
     fn s(text: &str) -> Schema {
         Schema::parse_str(text).unwrap()
     }
@@ -126,13 +130,13 @@ mod tests {
         );
         // `a` dropped: new data lacks what v1 readers need.
         let v4 = s(r#"{"type":"record","name":"R","fields":[]}"#);
-        assert!(Level::Backward.problems(&v2, &[v1.clone()]).is_empty());
-        assert!(Level::Full.problems(&v2, &[v1.clone()]).is_empty());
-        assert!(!Level::Backward.problems(&v3, &[v1.clone()]).is_empty());
-        assert!(Level::Forward.problems(&v3, &[v1.clone()]).is_empty());
-        assert!(Level::Backward.problems(&v4, &[v1.clone()]).is_empty());
-        assert!(!Level::Forward.problems(&v4, &[v1.clone()]).is_empty());
-        assert!(Level::None.problems(&v3, &[v1.clone()]).is_empty());
+        assert!(Level::Backward.problems(&v2, one(&v1)).is_empty());
+        assert!(Level::Full.problems(&v2, one(&v1)).is_empty());
+        assert!(!Level::Backward.problems(&v3, one(&v1)).is_empty());
+        assert!(Level::Forward.problems(&v3, one(&v1)).is_empty());
+        assert!(Level::Backward.problems(&v4, one(&v1)).is_empty());
+        assert!(!Level::Forward.problems(&v4, one(&v1)).is_empty());
+        assert!(Level::None.problems(&v3, one(&v1)).is_empty());
         // Transitive levels look past the latest version: `a` as a string with a default
         // reads the latest (no `a`) but not the first (`a` an int).
         let z = s(
