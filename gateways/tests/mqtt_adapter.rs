@@ -8,6 +8,7 @@ use bytes::BytesMut;
 use common::mqtt::*;
 use common::*;
 use ferrule_gateways::GatewayConfig;
+use ferrule_schemas::avro::own;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4;
 use serde_json::json;
@@ -484,6 +485,8 @@ async fn connection_events_on_connect_and_disconnect() {
                 "application/vnd.eclipse-hono-dc-notification+json"
             );
             assert_eq!(e.headers["device_id"], "dev");
+            // The shape `schemas/avro/connection-event.avsc` promises consumers.
+            own::check(own::CONNECTION_EVENT, &e.payload).unwrap();
             serde_json::from_slice(&e.payload).unwrap()
         })
         .collect();
@@ -519,6 +522,8 @@ async fn errors_are_published_to_the_error_topic() {
     match c.next().await {
         Some(v4::Packet::Publish(e)) => {
             assert_eq!(e.topic, "error///telemetry/abc/400");
+            // The shape `schemas/avro/mqtt-error.avsc` promises devices.
+            own::check(own::MQTT_ERROR, &e.payload).unwrap();
             let body: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
             assert_eq!(body["code"], 400);
             assert_eq!(body["correlation-id"], "abc");
@@ -748,6 +753,8 @@ async fn unacknowledged_qos1_command_gets_503() {
         responses[0].headers["content-type"],
         "application/vnd.eclipse-hono-delivery-failure-notification+json"
     );
+    // The shape `schemas/avro/delivery-failure.avsc` promises consumers.
+    own::check(own::DELIVERY_FAILURE, &responses[0].payload).unwrap();
 }
 
 /// Connects `device` and subscribes it for its commands at QoS 0.

@@ -212,10 +212,11 @@ impl<'a, 'b> Decoder<'a, 'b> {
                 let inner = r.name.namespace();
                 let mut fields = Map::new();
                 for field in &r.fields {
-                    self.path.0.push(Step::Field(field.name.clone()));
+                    let key = super::encode::json_name(field).unwrap_or(&field.name);
+                    self.path.0.push(Step::Field(key.to_owned()));
                     let v = self.get(&field.schema, inner)?;
                     self.path.0.pop();
-                    fields.insert(field.name.clone(), v);
+                    fields.insert(key.to_owned(), v);
                 }
                 Json::Object(fields)
             }

@@ -220,13 +220,20 @@ impl<'a> Encoder<'a> {
                 kind(value)
             ));
         };
-        if let Some(unknown) = fields.keys().find(|k| !r.lookup.contains_key(*k)) {
+        let known = |k: &str| {
+            r.lookup
+                .get(k)
+                .is_some_and(|&i| json_name(&r.fields[i]).is_none())
+                || r.fields.iter().any(|f| json_name(f) == Some(k))
+        };
+        if let Some(unknown) = fields.keys().find(|k| !known(k)) {
             return self.fail(format!("`{unknown}` is not a field of record `{}`", r.name));
         }
         let ns = r.name.namespace();
         for field in &r.fields {
-            self.path.0.push(Step::Field(field.name.clone()));
-            match (fields.get(&field.name), &field.default) {
+            let key = json_name(field).unwrap_or(&field.name);
+            self.path.0.push(Step::Field(key.to_owned()));
+            match (fields.get(key), &field.default) {
                 (Some(v), _) => self.put(&field.schema, ns, v, out)?,
                 (None, Some(default)) => self.put_default(&field.schema, ns, default, out)?,
                 (None, None) => return self.fail("missing, and the field has no default"),
@@ -372,6 +379,15 @@ impl<'a> Encoder<'a> {
         }
         Ok(())
     }
+}
+
+/// The JSON key of a field whose key is not a legal Avro name (`remote-id`): its `json-name`
+/// attribute (docs/analytics.md).
+pub(super) fn json_name(field: &apache_avro::schema::RecordField) -> Option<&str> {
+    field
+        .custom_attributes
+        .get("json-name")
+        .and_then(Json::as_str)
 }
 
 /// How a union branch suits a value (see [`Affinity`]); references are resolved before.

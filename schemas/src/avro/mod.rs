@@ -12,6 +12,7 @@
 
 mod decode;
 mod encode;
+pub mod own;
 
 use apache_avro::Schema;
 use apache_avro::schema::{Name, NamespaceRef};
