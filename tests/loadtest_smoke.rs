@@ -110,6 +110,34 @@ async fn harness_smoke_run() {
     );
     drop(held);
 
+    // The typed-telemetry benchmark's path: a fleet whose tenant has a schema sends JSON that
+    // the gateway writes as Avro; every message arrives, none is refused.
+    let typed = Fleet::provision(&format!("http://127.0.0.1:{registry}"), "admin:smoke", 5)
+        .await
+        .unwrap();
+    typed
+        .register_telemetry_schema(
+            &format!("http://127.0.0.1:{registry}"),
+            "admin:smoke",
+            ferrule_loadtest::typed::SCHEMA,
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    typed
+        .mqtt_publish_payload(
+            &format!("127.0.0.1:{mqtt}"),
+            20,
+            1,
+            ferrule_loadtest::typed::READING.as_bytes().to_vec(),
+            ferrule_loadtest::devices::MqttVersion::V311,
+        )
+        .await
+        .unwrap();
+    wait_for_records(&kafka, &typed.telemetry_topic(), 100, t)
+        .await
+        .unwrap();
+
     // Command round trips through the router and the gateway, and the Kafka echo floor.
     let rt = ferrule_loadtest::commands::round_trips(
         &kafka,

@@ -178,6 +178,33 @@ impl Fleet {
             .collect()
     }
 
+    /// Registers `schema` (Avro, JSON text) for the fleet's telemetry topic through the
+    /// registry's schema registry API: from then on its gateways encode JSON payloads with it.
+    pub async fn register_telemetry_schema(
+        &self,
+        registry: &str,
+        auth: &str,
+        schema: &str,
+    ) -> anyhow::Result<()> {
+        let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+        let r = reqwest::Client::new()
+            .post(format!(
+                "{registry}/subjects/{}-value/versions",
+                self.telemetry_topic()
+            ))
+            .basic_auth(user, Some(password))
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .body(serde_json::json!({ "schema": schema }).to_string())
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "registering the schema: {}",
+            r.text().await?
+        );
+        Ok(())
+    }
+
     pub fn telemetry_topic(&self) -> String {
         format!("hono.telemetry.{}", self.tenant)
     }
@@ -208,7 +235,19 @@ impl Fleet {
         size: usize,
         version: MqttVersion,
     ) -> anyhow::Result<()> {
-        let payload = vec![b'x'; size];
+        self.mqtt_publish_payload(addr, per_device, qos, vec![b'x'; size], version)
+            .await
+    }
+
+    /// Like `mqtt_publish_with`, every message carrying `payload`.
+    pub async fn mqtt_publish_payload(
+        &self,
+        addr: &str,
+        per_device: usize,
+        qos: u8,
+        payload: Vec<u8>,
+        version: MqttVersion,
+    ) -> anyhow::Result<()> {
         let tasks = self.devices.iter().enumerate().map(|(i, d)| {
             let (addr, user, payload) = (addr.to_owned(), self.username(d), payload.clone());
             tokio::spawn(async move {

@@ -17,3 +17,4 @@ pub mod progress;
 pub mod report;
 pub mod resilience;
 pub mod timeline;
+pub mod typed;

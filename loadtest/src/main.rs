@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use ferrule_loadtest::devices;
 use ferrule_loadtest::measure::{self, ProcessSample, Report};
 use ferrule_loadtest::timeline::Timeline;
+use ferrule_loadtest::typed;
 use std::time::{Duration, Instant};
 
 /// The same allocator as the `ferrule` binary, so that the baselines this process serves (the
@@ -65,6 +66,14 @@ enum Scenario {
         /// provisioned, and the run ends when every device's last packet was answered.
         #[arg(long)]
         baseline: bool,
+        /// Devices send a JSON sensor reading ([`typed::READING`]) instead of `size` bytes of
+        /// filler: the same payload for the runs with and without a schema.
+        #[arg(long)]
+        json: bool,
+        /// Registers [`typed::SCHEMA`] for the tenant's telemetry first: the gateway checks
+        /// each JSON payload and writes it as Avro (docs/analytics.md). Implies `--json`.
+        #[arg(long)]
+        avro_schema: bool,
         /// The protocol version the devices speak.
         #[arg(long, value_enum, default_value = "3.1.1")]
         mqtt_version: devices::MqttVersion,
@@ -405,6 +414,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             qos,
             baseline: true,
             mqtt_version,
+            ..
         } => {
             let fleet = devices::Fleet::unprovisioned(*n);
             let total = n * messages_per_device;
@@ -425,15 +435,37 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             messages_per_device,
             qos,
             baseline: false,
+            json,
+            avro_schema,
             mqtt_version,
         } => {
             let fleet = devices::Fleet::provision(&cli.registry, &cli.registry_auth, *n).await?;
+            if *avro_schema {
+                fleet
+                    .register_telemetry_schema(&cli.registry, &cli.registry_auth, typed::SCHEMA)
+                    .await?;
+            }
+            let payload = if *json || *avro_schema {
+                typed::READING.as_bytes().to_vec()
+            } else {
+                vec![b'x'; cli.size]
+            };
             let total = n * messages_per_device;
-            let load =
-                fleet.mqtt_publish_with(addr, *messages_per_device, *qos, cli.size, *mqtt_version);
+            let load = fleet.mqtt_publish_payload(
+                addr,
+                *messages_per_device,
+                *qos,
+                payload,
+                *mqtt_version,
+            );
             let (secs, series) =
                 timed_ingest(&cli.kafka, &fleet.telemetry_topic(), total, load).await?;
-            let name = format!("mqtt{}-qos{qos}", version_tag(*mqtt_version));
+            let typed_tag = match (*avro_schema, *json) {
+                (true, _) => "-avro",
+                (false, true) => "-json",
+                _ => "",
+            };
+            let name = format!("mqtt{}-qos{qos}{typed_tag}", version_tag(*mqtt_version));
             let mut r = Report::new(&name, total, secs);
             r.series = series;
             r
