@@ -1,7 +1,7 @@
 //! Avro binary → plain JSON, the inverse of `encode`: unions unwrapped, records as objects,
 //! `bytes` and `fixed` as strings of U+0000–U+00FF, decimals as decimal strings.
 
-use super::{Mismatch, Path, Step};
+use super::Mismatch;
 use apache_avro::Schema;
 use apache_avro::schema::{DecimalSchema, InnerDecimalSchema, NamespaceRef, UuidSchema};
 use serde_json::{Map, Value as Json};
@@ -13,7 +13,6 @@ const MAX_DEPTH: usize = 64;
 pub(super) struct Decoder<'a, 'b> {
     names: &'a super::Names,
     input: &'b [u8],
-    path: Path,
     depth: usize,
 }
 
@@ -22,7 +21,6 @@ impl<'a, 'b> Decoder<'a, 'b> {
         Decoder {
             names,
             input,
-            path: Path::default(),
             depth: 0,
         }
     }
@@ -37,7 +35,7 @@ impl<'a, 'b> Decoder<'a, 'b> {
     }
 
     fn fail<T>(&self, problem: impl Into<String>) -> Result<T, Mismatch> {
-        Err(Mismatch::at(&self.path, problem))
+        Err(Mismatch::here(problem))
     }
 
     fn take(&mut self, n: usize) -> Result<&'b [u8], Mismatch> {
@@ -184,9 +182,11 @@ impl<'a, 'b> Decoder<'a, 'b> {
                         break;
                     }
                     for _ in 0..n {
-                        self.path.0.push(Step::Index(items.len()));
-                        items.push(self.get(&a.items, ns)?);
-                        self.path.0.pop();
+                        let i = items.len();
+                        items.push(
+                            self.get(&a.items, ns)
+                                .map_err(|e| e.within(format_args!("[{i}]")))?,
+                        );
                     }
                 }
                 Json::Array(items)
@@ -200,9 +200,9 @@ impl<'a, 'b> Decoder<'a, 'b> {
                     }
                     for _ in 0..n {
                         let k = self.string()?;
-                        self.path.0.push(Step::Field(k.clone()));
-                        let v = self.get(&m.types, ns)?;
-                        self.path.0.pop();
+                        let v = self
+                            .get(&m.types, ns)
+                            .map_err(|e| e.within(format_args!(".{k}")))?;
                         entries.insert(k, v);
                     }
                 }
@@ -213,9 +213,9 @@ impl<'a, 'b> Decoder<'a, 'b> {
                 let mut fields = Map::new();
                 for field in &r.fields {
                     let key = super::encode::json_name(field).unwrap_or(&field.name);
-                    self.path.0.push(Step::Field(key.to_owned()));
-                    let v = self.get(&field.schema, inner)?;
-                    self.path.0.pop();
+                    let v = self
+                        .get(&field.schema, inner)
+                        .map_err(|e| e.within(format_args!(".{key}")))?;
                     fields.insert(key.to_owned(), v);
                 }
                 Json::Object(fields)

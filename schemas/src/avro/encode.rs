@@ -1,15 +1,14 @@
 //! Plain JSON → Avro binary, walking the schema and the value together.
 
-use super::{Mismatch, Path, Step};
+use super::Mismatch;
+use super::json::Json;
 use apache_avro::Schema;
 use apache_avro::schema::{
     DecimalSchema, InnerDecimalSchema, NamespaceRef, RecordSchema, UuidSchema,
 };
-use serde_json::Value as Json;
 
 pub(super) struct Encoder<'a> {
     names: &'a super::Names,
-    path: Path,
 }
 
 /// How well a union branch suits a JSON value: branches of the value's own type are tried
@@ -23,14 +22,11 @@ enum Affinity {
 
 impl<'a> Encoder<'a> {
     pub(super) fn new(names: &'a super::Names) -> Self {
-        Encoder {
-            names,
-            path: Path::default(),
-        }
+        Encoder { names }
     }
 
     fn fail<T>(&self, problem: impl Into<String>) -> Result<T, Mismatch> {
-        Err(Mismatch::at(&self.path, problem))
+        Err(Mismatch::here(problem))
     }
 
     /// The schema a named reference stands for.
@@ -51,7 +47,7 @@ impl<'a> Encoder<'a> {
 
     /// Appends `value` encoded as `schema` to `out`; `ns` is the enclosing namespace.
     pub(super) fn put(
-        &mut self,
+        &self,
         schema: &Schema,
         ns: NamespaceRef,
         value: &Json,
@@ -149,9 +145,8 @@ impl<'a> Encoder<'a> {
                 if !items.is_empty() {
                     put_long(items.len() as i64, out);
                     for (i, item) in items.iter().enumerate() {
-                        self.path.0.push(Step::Index(i));
-                        self.put(&a.items, ns, item, out)?;
-                        self.path.0.pop();
+                        self.put(&a.items, ns, item, out)
+                            .map_err(|e| e.within(format_args!("[{i}]")))?;
                     }
                 }
                 out.push(0);
@@ -165,9 +160,8 @@ impl<'a> Encoder<'a> {
                     put_long(entries.len() as i64, out);
                     for (k, v) in entries {
                         put_bytes(k.as_bytes(), out);
-                        self.path.0.push(Step::Field(k.clone()));
-                        self.put(&m.types, ns, v, out)?;
-                        self.path.0.pop();
+                        self.put(&m.types, ns, v, out)
+                            .map_err(|e| e.within(format_args!(".{k}")))?;
                     }
                 }
                 out.push(0);
@@ -185,13 +179,9 @@ impl<'a> Encoder<'a> {
                         tried = true;
                         let mark = out.len();
                         put_long(i as i64, out);
-                        let depth = self.path.0.len();
                         match self.put(branch, ns, value, out) {
                             Ok(()) => return Ok(()),
-                            Err(_) => {
-                                out.truncate(mark);
-                                self.path.0.truncate(depth);
-                            }
+                            Err(_) => out.truncate(mark),
                         }
                     }
                 }
@@ -207,13 +197,8 @@ impl<'a> Encoder<'a> {
         }
     }
 
-    fn record(
-        &mut self,
-        r: &RecordSchema,
-        value: &Json,
-        out: &mut Vec<u8>,
-    ) -> Result<(), Mismatch> {
-        let Json::Object(fields) = value else {
+    fn record(&self, r: &RecordSchema, value: &Json, out: &mut Vec<u8>) -> Result<(), Mismatch> {
+        let Json::Object(members) = value else {
             return self.fail(format!(
                 "expected an object (record `{}`), got {}",
                 r.name,
@@ -226,19 +211,20 @@ impl<'a> Encoder<'a> {
                 .is_some_and(|&i| json_name(&r.fields[i]).is_none())
                 || r.fields.iter().any(|f| json_name(f) == Some(k))
         };
-        if let Some(unknown) = fields.keys().find(|k| !known(k)) {
+        if let Some((unknown, _)) = members.iter().find(|(k, _)| !known(k)) {
             return self.fail(format!("`{unknown}` is not a field of record `{}`", r.name));
         }
         let ns = r.name.namespace();
         for field in &r.fields {
             let key = json_name(field).unwrap_or(&field.name);
-            self.path.0.push(Step::Field(key.to_owned()));
-            match (fields.get(key), &field.default) {
-                (Some(v), _) => self.put(&field.schema, ns, v, out)?,
-                (None, Some(default)) => self.put_default(&field.schema, ns, default, out)?,
-                (None, None) => return self.fail("missing, and the field has no default"),
-            }
-            self.path.0.pop();
+            let written = match (Json::member(members, key), &field.default) {
+                (Some(v), _) => self.put(&field.schema, ns, v, out),
+                (None, Some(default)) => {
+                    self.put_default(&field.schema, ns, &Json::from_value(default), out)
+                }
+                (None, None) => self.fail("missing, and the field has no default"),
+            };
+            written.map_err(|e| e.within(format_args!(".{key}")))?;
         }
         Ok(())
     }
@@ -246,7 +232,7 @@ impl<'a> Encoder<'a> {
     /// A field's default: for a union it is a value of the first branch (Avro specification,
     /// "Schema Declaration: Complex Types").
     fn put_default(
-        &mut self,
+        &self,
         schema: &Schema,
         ns: NamespaceRef,
         default: &Json,
@@ -266,25 +252,25 @@ impl<'a> Encoder<'a> {
 
     fn integer(&self, value: &Json) -> Result<i64, Mismatch> {
         match value {
-            Json::Number(n) => n
-                .as_i64()
-                .map_or_else(|| self.fail(format!("expected an integer, got {n}")), Ok),
+            Json::Int(n) => Ok(*n),
+            Json::UInt(n) => self.fail(format!("{n} is out of a long's range")),
+            Json::Float(f) => self.fail(format!("expected an integer, got {f}")),
             _ => self.fail(format!("expected an integer, got {}", kind(value))),
         }
     }
 
     fn number(&self, value: &Json) -> Result<f64, Mismatch> {
         match value {
-            Json::Number(n) => n
-                .as_f64()
-                .map_or_else(|| self.fail(format!("{n} is not a number")), Ok),
+            Json::Int(n) => Ok(*n as f64),
+            Json::UInt(n) => Ok(*n as f64),
+            Json::Float(f) => Ok(*f),
             _ => self.fail(format!("expected a number, got {}", kind(value))),
         }
     }
 
     fn string<'v>(&self, value: &'v Json) -> Result<&'v str, Mismatch> {
         match value {
-            Json::String(s) => Ok(s),
+            Json::Str(s) => Ok(s),
             _ => self.fail(format!("expected a string, got {}", kind(value))),
         }
     }
@@ -310,8 +296,10 @@ impl<'a> Encoder<'a> {
     /// digits, as its unscaled two's-complement big-endian integer.
     fn decimal(&self, d: &DecimalSchema, value: &Json, out: &mut Vec<u8>) -> Result<(), Mismatch> {
         let text = match value {
-            Json::Number(n) => n.to_string(),
-            Json::String(s) => s.clone(),
+            Json::Int(n) => n.to_string(),
+            Json::UInt(n) => n.to_string(),
+            Json::Float(f) => f.to_string(),
+            Json::Str(s) => s.to_string(),
             _ => return self.fail(format!("expected a decimal, got {}", kind(value))),
         };
         let unscaled = unscaled(&text, d.scale).map_or_else(
@@ -357,21 +345,21 @@ impl<'a> Encoder<'a> {
     }
 
     /// Avro's `duration`: an object of `months`, `days` and `millis`, each 0..2^32.
-    fn duration(&mut self, value: &Json, out: &mut Vec<u8>) -> Result<(), Mismatch> {
+    fn duration(&self, value: &Json, out: &mut Vec<u8>) -> Result<(), Mismatch> {
         let Json::Object(o) = value else {
             return self.fail(format!("expected a duration object, got {}", kind(value)));
         };
-        if let Some(k) = o
-            .keys()
-            .find(|k| !["months", "days", "millis"].contains(&k.as_str()))
+        if let Some((k, _)) = o
+            .iter()
+            .find(|(k, _)| !["months", "days", "millis"].contains(&&**k))
         {
             return self.fail(format!("`{k}` is not a part of a duration"));
         }
         for part in ["months", "days", "millis"] {
-            let n = o
-                .get(part)
-                .and_then(Json::as_u64)
-                .and_then(|n| u32::try_from(n).ok());
+            let n = match Json::member(o, part) {
+                Some(Json::Int(n)) => u32::try_from(*n).ok(),
+                _ => None,
+            };
             let Some(n) = n else {
                 return self.fail(format!("`{part}` must be an integer from 0 to 4294967295"));
             };
@@ -387,7 +375,7 @@ pub(super) fn json_name(field: &apache_avro::schema::RecordField) -> Option<&str
     field
         .custom_attributes
         .get("json-name")
-        .and_then(Json::as_str)
+        .and_then(serde_json::Value::as_str)
 }
 
 /// How a union branch suits a value (see [`Affinity`]); references are resolved before.
@@ -395,7 +383,7 @@ fn affinity(branch: &Schema, value: &Json) -> Affinity {
     use Affinity::*;
     match (value, branch) {
         (Json::Null, Schema::Null) | (Json::Bool(_), Schema::Boolean) => Exact,
-        (Json::Number(n), s) if n.is_i64() || n.is_u64() => match s {
+        (Json::Int(_) | Json::UInt(_), s) => match s {
             Schema::Int
             | Schema::Long
             | Schema::Date
@@ -410,10 +398,10 @@ fn affinity(branch: &Schema, value: &Json) -> Affinity {
             Schema::Float | Schema::Double | Schema::Decimal(_) => Convertible,
             _ => None,
         },
-        (Json::Number(_), Schema::Float | Schema::Double) => Exact,
-        (Json::Number(_), Schema::Decimal(_)) => Convertible,
-        (Json::String(_), Schema::String | Schema::Uuid(_) | Schema::Enum(_)) => Exact,
-        (Json::String(_), Schema::Bytes | Schema::Fixed(_) | Schema::Decimal(_)) => Convertible,
+        (Json::Float(_), Schema::Float | Schema::Double) => Exact,
+        (Json::Float(_), Schema::Decimal(_)) => Convertible,
+        (Json::Str(_), Schema::String | Schema::Uuid(_) | Schema::Enum(_)) => Exact,
+        (Json::Str(_), Schema::Bytes | Schema::Fixed(_) | Schema::Decimal(_)) => Convertible,
         (Json::Array(_), Schema::Array(_)) => Exact,
         (Json::Object(_), Schema::Record(_) | Schema::Map(_) | Schema::Duration(_)) => Exact,
         _ => None,
@@ -425,9 +413,9 @@ fn kind(value: &Json) -> &'static str {
     match value {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",
-        Json::Number(n) if n.is_i64() || n.is_u64() => "an integer",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
+        Json::Int(_) | Json::UInt(_) => "an integer",
+        Json::Float(_) => "a number",
+        Json::Str(_) => "a string",
         Json::Array(_) => "an array",
         Json::Object(_) => "an object",
     }

@@ -12,6 +12,7 @@
 
 mod decode;
 mod encode;
+mod json;
 pub mod own;
 
 use apache_avro::Schema;
@@ -83,33 +84,19 @@ pub struct Mismatch {
 }
 
 impl Mismatch {
-    fn at(path: &Path, problem: impl Into<String>) -> Self {
+    /// A mismatch at the value being looked at; enclosing values add their steps as the error
+    /// travels out ([`Mismatch::within`]), so a value that fits costs no path at all.
+    fn here(problem: impl Into<String>) -> Self {
         Mismatch {
-            path: path.to_string(),
+            path: "$".into(),
             problem: problem.into(),
         }
     }
-}
 
-/// The position in the JSON value, kept as a stack while walking the schema.
-#[derive(Default)]
-struct Path(Vec<Step>);
-
-enum Step {
-    Field(String),
-    Index(usize),
-}
-
-impl std::fmt::Display for Path {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("$")?;
-        for step in &self.0 {
-            match step {
-                Step::Field(name) => write!(f, ".{name}")?,
-                Step::Index(i) => write!(f, "[{i}]")?,
-            }
-        }
-        Ok(())
+    /// This mismatch inside the field or index `step` (`.name`, `[2]`) of the enclosing value.
+    fn within(mut self, step: std::fmt::Arguments) -> Self {
+        self.path.insert_str(1, &step.to_string());
+        self
     }
 }
 
@@ -134,10 +121,8 @@ impl PayloadSchema {
 
     /// A JSON payload as a record in the wire format, appended to `out`.
     pub fn encode_json(&self, json: &[u8], out: &mut Vec<u8>) -> Result<(), Mismatch> {
-        let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| Mismatch {
-            path: "$".into(),
-            problem: format!("not JSON: {e}"),
-        })?;
+        let value =
+            json::Json::parse(json).map_err(|e| Mismatch::here(format!("not JSON: {e}")))?;
         out.reserve(WIRE_HEADER_LEN + json.len());
         out.push(MAGIC_BYTE);
         out.extend_from_slice(&self.id.to_be_bytes());
