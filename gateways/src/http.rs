@@ -321,6 +321,7 @@ async fn upload(
             header_str(headers, h::TRACESTATE)?,
         ),
         received: since,
+        notification: false,
     };
     let polling = upload_with_ttd(
         &a.pipeline,

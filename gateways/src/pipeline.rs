@@ -116,6 +116,9 @@ pub struct Upload {
     /// When the request arrived, set while tracing is on by adapters that authenticate each
     /// request (HTTP): the upload span then starts there, with an `authenticated` event.
     pub received: Option<std::time::SystemTime>,
+    /// A notification the adapter writes itself (a connection event, a ttd notification),
+    /// not a device's payload: its topic's schema does not apply (docs/analytics.md).
+    pub notification: bool,
 }
 
 /// Where an accepted message went.
@@ -918,7 +921,9 @@ fn record_for(
         .map_err(|e| Refusal::malformed(e.to_string()))?;
     let ttl = ttl_millis(up, tenant, device);
     let typed = match schemas {
-        Some(schemas) if !is_empty_notification(ct.as_str()) => typed(schemas, &up.payload)?,
+        Some(schemas) if !up.notification && !is_empty_notification(ct.as_str()) => {
+            typed(schemas, &up.payload)?
+        }
         _ => None,
     };
     let headers = match &typed {
@@ -1428,6 +1433,7 @@ mod tests {
             retain: false,
             trace: None,
             received: None,
+            notification: false,
         }
     }
 

@@ -464,6 +464,13 @@ async fn connection_events_on_connect_and_disconnect() {
     let p = Platform::start_with(cfg).await;
     let tenant = p.tenant(json!({})).await;
     p.device_with_password(&tenant, "dev", json!({})).await;
+    // The tenant's events have a schema: the adapter's own notifications are not held to it
+    // (docs/analytics.md).
+    p.schema(
+        &format!("hono.event.{tenant}"),
+        json!({"type": "record", "name": "Alarm", "fields": [{"name": "level", "type": "int"}]}),
+    )
+    .await;
     let (ok, err) = mosquitto_pub(
         p.mqtt_port,
         "mqttv311",

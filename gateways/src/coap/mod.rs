@@ -903,6 +903,7 @@ fn upload_of(
         retain: false,
         trace: None,
         received: None,
+        notification: false,
     }
 }
 

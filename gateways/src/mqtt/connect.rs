@@ -300,6 +300,7 @@ pub(super) async fn connection_event(
                 retain: false,
                 trace: None,
                 received: None,
+                notification: true,
             };
             if let Err(e) = pipeline.upload(up).await {
                 tracing::warn!(error = %e, device = %device.device_id, "connection event lost");

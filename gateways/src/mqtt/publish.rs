@@ -118,6 +118,7 @@ pub(super) fn prepare_publish(
         retain: p.retain,
         trace: p.trace,
         received: None,
+        notification: false,
     };
     Prepared::Upload(ctx, up)
 }

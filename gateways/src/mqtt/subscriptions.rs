@@ -496,6 +496,7 @@ pub(super) async fn reachability(
         retain: false,
         trace: None,
         received: None,
+        notification: true,
     };
     if let Err(e) = pipeline.upload(up).await {
         tracing::warn!(error = %e, ?device, ttd, "ttd notification lost");

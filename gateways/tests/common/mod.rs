@@ -153,6 +153,18 @@ impl Platform {
         id
     }
 
+    /// Registers the Avro `schema` for `topic` (its subject `<topic>-value`) through the
+    /// registry's schema registry API.
+    pub async fn schema(&self, topic: &str, schema: Value) {
+        let path = format!("/subjects/{topic}-value/versions");
+        self.admin(
+            Method::POST,
+            &path,
+            serde_json::json!({ "schema": schema.to_string() }),
+        )
+        .await;
+    }
+
     pub async fn update_tenant(&self, tenant: &str, body: Value) {
         self.admin(Method::PUT, &format!("/v1/tenants/{tenant}"), body)
             .await;
