@@ -200,7 +200,8 @@ impl Reason {
         };
         use SubAckFailure as S;
         let suback = match self {
-            Reason::Malformed => S::TopicFilterInvalid,
+            // Never a subscription's refusal in fact; a bad request like any other.
+            Reason::Malformed | Reason::PayloadNotConforming => S::TopicFilterInvalid,
             Reason::Unauthenticated
             | Reason::TenantDisabled
             | Reason::AdapterDisabled
@@ -208,7 +209,7 @@ impl Reason {
             | Reason::GatewayNotAuthorised
             | Reason::TenantNotFound
             | Reason::DeviceNotFound => S::NotAuthorized,
-            Reason::PayloadTooLarge | Reason::PayloadNotConforming => S::ImplementationSpecific,
+            Reason::PayloadTooLarge => S::ImplementationSpecific,
             Reason::RegistryUnavailable
             | Reason::DownstreamUnavailable
             | Reason::NoConsumer
@@ -381,6 +382,8 @@ mod tests {
             (Reason::TenantNotFound, 404, (4, 4), C::NotAuthorized),
             (Reason::DeviceNotFound, 404, (4, 4), C::NotAuthorized),
             (Reason::PayloadTooLarge, 413, (4, 13), C::NotAuthorized),
+            // Ferrule's own (docs/analytics.md): a bad request in every protocol.
+            (Reason::PayloadNotConforming, 400, (4, 0), C::NotAuthorized),
             (
                 Reason::RegistryUnavailable,
                 503,
@@ -409,6 +412,10 @@ mod tests {
             Reason::PayloadTooLarge.codes().disconnect,
             CloseReason::PacketTooLarge
         );
+        let schema = Reason::PayloadNotConforming.codes();
+        assert_eq!(schema.disconnect, CloseReason::PayloadFormatInvalid);
+        assert_eq!(schema.disconnect.code(), 0x99);
+        assert!(!schema.terminal, "the MQTT error policy decides");
         assert_eq!(Reason::Unauthenticated.codes().attempt, "unauthorized");
         assert_eq!(Reason::RegistryUnavailable.codes().attempt, "unavailable");
     }
