@@ -300,6 +300,95 @@ async fn invalid_and_incompatible_schemas_get_confluents_codes() {
     assert_eq!(removed, json!({"compatibilityLevel": "NONE"}));
 }
 
+/// `{"type": "record", "name": "R", "fields": [{"name": <name>, "type": <kind>}]}`
+fn one_field(name: &str, kind: &str) -> String {
+    json!({"type": "record", "name": "R", "fields": [{"name": name, "type": kind}]}).to_string()
+}
+
+#[tokio::test]
+async fn compatibility_tests_name_their_version_and_an_empty_subject_takes_anything() {
+    let reg = TestRegistry::start().await;
+    let tenant = reg.tenant(json!({})).await;
+    let subject = format!("hono.telemetry.{tenant}-value");
+    let versions = format!("/subjects/{subject}/versions");
+    // Before the first registration a schema can be tested against `latest`.
+    let (s, t) = call(&reg, Method::GET, &format!("{versions}/latest"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "reading it is still 40401: {t}");
+    let (s, t) = call(
+        &reg,
+        Method::POST,
+        &format!("/compatibility/subjects/{subject}/versions/latest"),
+        Some(json!({"schema": one_field("a", "int")})),
+    )
+    .await;
+    assert_eq!((s, t), (StatusCode::OK, json!({"is_compatible": true})));
+    let (s, e) = call(
+        &reg,
+        Method::POST,
+        &format!("/compatibility/subjects/{subject}/versions/3"),
+        Some(json!({"schema": one_field("a", "int")})),
+    )
+    .await;
+    assert_eq!((s, code(&e)), (StatusCode::NOT_FOUND, 40401));
+
+    call(
+        &reg,
+        Method::PUT,
+        &format!("/config/{subject}"),
+        Some(json!({"compatibility": "NONE"})),
+    )
+    .await;
+    for (name, kind) in [("a", "int"), ("b", "string"), ("c", "long")] {
+        let (s, r) = call(
+            &reg,
+            Method::POST,
+            &versions,
+            Some(json!({"schema": one_field(name, kind)})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{r}");
+    }
+    call(
+        &reg,
+        Method::PUT,
+        &format!("/config/{subject}"),
+        Some(json!({"compatibility": "BACKWARD"})),
+    )
+    .await;
+    let test_v2 = || async {
+        let (_, t) = call(
+            &reg,
+            Method::POST,
+            &format!("/compatibility/subjects/{subject}/versions/2"),
+            Some(json!({"schema": one_field("b", "string")})),
+        )
+        .await;
+        t["is_compatible"].clone()
+    };
+    assert_eq!(
+        test_v2().await,
+        true,
+        "version 2's own schema reads version 2"
+    );
+    // With version 1 gone, version 2 is still version 2 (not the second live one).
+    call(&reg, Method::DELETE, &format!("{versions}/1"), None).await;
+    assert_eq!(test_v2().await, true);
+
+    // Deleting a level the subject never had leaves the one that applies.
+    let (s, c) = call(&reg, Method::DELETE, &format!("/config/{subject}"), None).await;
+    assert_eq!(
+        (s, c),
+        (StatusCode::OK, json!({"compatibilityLevel": "BACKWARD"}))
+    );
+    let (s, c) = call(&reg, Method::DELETE, &format!("/config/{subject}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    // A subject that cannot exist here is not found on reads (42208 only on writes).
+    for path in ["/subjects/orders-value/versions", "/config/orders-value"] {
+        let (s, e) = call(&reg, Method::GET, path, None).await;
+        assert_eq!((s, code(&e)), (StatusCode::NOT_FOUND, 40401), "{path}");
+    }
+}
+
 #[tokio::test]
 async fn applications_read_their_tenants_subjects_only_and_never_write() {
     let reg = TestRegistry::start().await;

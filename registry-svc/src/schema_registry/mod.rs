@@ -236,6 +236,16 @@ impl Caller {
         }
     }
 
+    /// [`Self::subject_tenant`] for a request that reads or deletes: a subject that can never
+    /// exist here is simply not found (40401), as in Confluent's registry.
+    fn subject_to_read(&self, names: &TopicNames, subject: &str) -> Result<String, SrError> {
+        self.subject_tenant(names, subject)
+            .map_err(|e| match e.code {
+                42208 => SrError::subject_not_found(subject),
+                _ => e,
+            })
+    }
+
     /// The tenant of `subject`, checked: a tenant topic's subject that this caller may see.
     fn subject_tenant(&self, names: &TopicNames, subject: &str) -> Result<String, SrError> {
         let tenant = tenant_of(names, subject).ok_or_else(|| {
@@ -479,7 +489,7 @@ async fn versions(
     Path(subject): Path<String>,
     q: Params,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let list = store::versions(&reg.pool, caller.scope(), &subject, flag(&q, "deleted")).await?;
     Ok(ok(list))
 }
@@ -490,7 +500,7 @@ async fn version(
     Path((subject, version)): Path<(String, String)>,
     q: Params,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let v = parse_version(&version)?;
     let found = store::version(&reg.pool, caller.scope(), &subject, v, flag(&q, "deleted")).await?;
     Ok(ok(found))
@@ -502,7 +512,7 @@ async fn raw_schema(
     Path((subject, version)): Path<(String, String)>,
     q: Params,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let v = parse_version(&version)?;
     let found = store::version(&reg.pool, caller.scope(), &subject, v, flag(&q, "deleted")).await?;
     Ok(ok(
@@ -517,7 +527,7 @@ async fn lookup(
     q: Params,
     body: Bytes,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let c = candidate(&body)?;
     let found = store::lookup(
         &reg.pool,
@@ -551,7 +561,7 @@ async fn delete_subject(
     q: Params,
 ) -> SrResult {
     caller.may_write()?;
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     Ok(ok(store::delete_subject(
         &reg.pool,
         &subject,
@@ -567,7 +577,7 @@ async fn delete_version(
     q: Params,
 ) -> SrResult {
     caller.may_write()?;
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let v = parse_version(&version)?;
     Ok(ok(store::delete_version(
         &reg.pool,
@@ -613,7 +623,7 @@ async fn subject_config(
     Path(subject): Path<String>,
     q: Params,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let own = store::level(&reg.pool, Some(&subject)).await?;
     let level = match own {
         Some(l) => l,
@@ -654,10 +664,17 @@ async fn delete_subject_config(
     Path(subject): Path<String>,
 ) -> SrResult {
     caller.may_write()?;
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     match store::delete_level(&reg.pool, Some(&subject)).await? {
         Some(l) => Ok(ok(json!({ "compatibilityLevel": l.name() }))),
-        None => Err(SrError::subject_not_found(&subject)),
+        // Nothing of its own to remove: the level that applies stays, if the subject exists.
+        None => {
+            store::versions(&reg.pool, None, &subject, true).await?;
+            let level = store::level(&reg.pool, None)
+                .await?
+                .unwrap_or(compatibility::DEFAULT);
+            Ok(ok(json!({ "compatibilityLevel": level.name() })))
+        }
     }
 }
 
@@ -668,11 +685,19 @@ async fn test_one(
     q: Params,
     body: Bytes,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let v = parse_version(&version)?;
     let c = candidate(&body)?;
-    // The named version must exist (40401 / 40402 otherwise).
-    let found = store::version(&reg.pool, caller.scope(), &subject, v, false).await?;
+    // The named version must exist (40402 otherwise); `latest` of a subject without versions
+    // is compatible, as in Confluent's registry (a schema may be tested before it is first
+    // registered).
+    let found = match store::version(&reg.pool, caller.scope(), &subject, v, false).await {
+        Ok(found) => found,
+        Err(e) if v == Version::Latest && e.code == 40401 => {
+            return Ok(ok(compatibility_answer(&[], flag(&q, "verbose"))));
+        }
+        Err(e) => return Err(e),
+    };
     let problems = store::problems(
         &reg.pool,
         &subject,
@@ -690,7 +715,7 @@ async fn test_all(
     q: Params,
     body: Bytes,
 ) -> SrResult {
-    caller.subject_tenant(&reg.names, &subject)?;
+    caller.subject_to_read(&reg.names, &subject)?;
     let c = candidate(&body)?;
     let problems = store::problems(&reg.pool, &subject, &c.parsed, None).await?;
     Ok(ok(compatibility_answer(&problems, flag(&q, "verbose"))))

@@ -250,16 +250,20 @@ pub async fn delete_level(pool: &Pool, subject: Option<&str>) -> Result<Option<L
     Ok(row.and_then(|r| Level::parse(r.get(0))))
 }
 
-/// The live schemas of `subject`, oldest first.
-async fn live_schemas(db: &impl GenericClient, subject: &str) -> Result<Vec<String>, SrError> {
+/// The live versions of `subject` and their schemas, oldest first.
+async fn live_schemas(
+    db: &impl GenericClient,
+    subject: &str,
+) -> Result<Vec<(i32, String)>, SrError> {
     let rows = db
         .query(
-            "SELECT s.schema FROM subject_versions v JOIN payload_schemas s ON s.id = v.schema_id
+            "SELECT v.version, s.schema FROM subject_versions v
+               JOIN payload_schemas s ON s.id = v.schema_id
               WHERE v.subject = $1 AND NOT v.deleted ORDER BY v.version",
             &[&subject],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Why `schema` may not join `subject` at the level that applies (or at `level`), against
@@ -282,20 +286,16 @@ async fn problems_in(
 ) -> Result<Vec<String>, SrError> {
     let level = effective_level(db, subject).await?;
     let mut existing = Vec::new();
-    for text in live_schemas(db, subject).await? {
+    for (version, text) in live_schemas(db, subject).await? {
+        // A test against one named version compares with that version alone.
+        if matches!(against, Some(Version::Number(n)) if n != version) {
+            continue;
+        }
         existing.push(apache_avro::Schema::parse_str(&text).map_err(|e| {
             SrError::store(format!(
                 "a stored schema of `{subject}` does not parse: {e}"
             ))
         })?);
-    }
-    // A test against one named version compares with that version alone.
-    if let Some(Version::Number(n)) = against {
-        let at = usize::try_from(n - 1).ok();
-        return Ok(match at.and_then(|i| existing.get(i)) {
-            Some(one) => level.problems(schema, std::slice::from_ref(one)),
-            None => level.problems(schema, &existing),
-        });
     }
     Ok(level.problems(schema, &existing))
 }

@@ -86,7 +86,11 @@ impl<'a> Encoder<'a> {
             }
             Schema::Float => {
                 let f = self.number(value)?;
-                out.extend_from_slice(&(f as f32).to_le_bytes());
+                let narrow = f as f32;
+                if narrow.is_infinite() {
+                    return self.fail(format!("{f:e} is out of a float's range"));
+                }
+                out.extend_from_slice(&narrow.to_le_bytes());
                 Ok(())
             }
             Schema::Double => {

@@ -186,6 +186,17 @@ fn what_does_not_fit_is_refused_with_where() {
 }
 
 #[test]
+fn floats_are_held_to_their_range() {
+    let s =
+        schema(json!({"type": "record", "name": "R", "fields": [{"name": "f", "type": "float"}]}));
+    assert!(encode(&s, json!({"f": 3.4e38})).is_ok());
+    assert_eq!(
+        encode(&s, json!({"f": 1e300})).unwrap_err().to_string(),
+        "$.f: 1e300 is out of a float's range"
+    );
+}
+
+#[test]
 fn ints_are_held_to_32_bits() {
     let s =
         schema(json!({"type": "record", "name": "R", "fields": [{"name": "i", "type": "int"}]}));
