@@ -1,7 +1,7 @@
 //! Avro binary → plain JSON, the inverse of `encode`: unions unwrapped, records as objects,
 //! `bytes` and `fixed` as strings of U+0000–U+00FF, decimals as decimal strings.
 
-use super::Mismatch;
+use super::{Mismatch, json_key, named};
 use apache_avro::Schema;
 use apache_avro::schema::{DecimalSchema, InnerDecimalSchema, NamespaceRef, UuidSchema};
 use serde_json::{Map, Value as Json};
@@ -212,7 +212,7 @@ impl<'a, 'b> Decoder<'a, 'b> {
                 let inner = r.name.namespace();
                 let mut fields = Map::new();
                 for field in &r.fields {
-                    let key = super::encode::json_name(field).unwrap_or(&field.name);
+                    let key = json_key(field);
                     let v = self
                         .get(&field.schema, inner)
                         .map_err(|e| e.within(format_args!(".{key}")))?;
@@ -228,10 +228,7 @@ impl<'a, 'b> Decoder<'a, 'b> {
                 }
             }
             Schema::Ref { name } => {
-                let full = name.fully_qualified_name(ns);
-                let Some(target) = self.names.get(full.as_ref()) else {
-                    return self.fail(format!("unknown type `{full}`"));
-                };
+                let target = named(self.names, name, ns)?;
                 self.get(target, target.namespace().or(ns))?
             }
         })

@@ -1,7 +1,7 @@
 //! Plain JSON → Avro binary, walking the schema and the value together.
 
-use super::Mismatch;
 use super::json::Json;
+use super::{Mismatch, json_key, json_name};
 use apache_avro::Schema;
 use apache_avro::schema::{
     DecimalSchema, InnerDecimalSchema, NamespaceRef, RecordSchema, UuidSchema,
@@ -35,12 +35,7 @@ impl<'a> Encoder<'a> {
         'a: 's,
     {
         match schema {
-            Schema::Ref { name } => {
-                let full = name.fully_qualified_name(ns);
-                self.names
-                    .get(full.as_ref())
-                    .map_or_else(|| self.fail(format!("unknown type `{full}`")), Ok)
-            }
+            Schema::Ref { name } => super::named(self.names, name, ns),
             other => Ok(other),
         }
     }
@@ -220,7 +215,7 @@ impl<'a> Encoder<'a> {
         }
         let ns = r.name.namespace();
         for field in &r.fields {
-            let key = json_name(field).unwrap_or(&field.name);
+            let key = json_key(field);
             let written = match (Json::member(members, key), &field.default) {
                 (Some(v), _) => self.put(&field.schema, ns, v, out),
                 (None, Some(default)) => {
@@ -371,15 +366,6 @@ impl<'a> Encoder<'a> {
         }
         Ok(())
     }
-}
-
-/// The JSON key of a field whose key is not a legal Avro name (`remote-id`): its `json-name`
-/// attribute (docs/analytics.md).
-pub(super) fn json_name(field: &apache_avro::schema::RecordField) -> Option<&str> {
-    field
-        .custom_attributes
-        .get("json-name")
-        .and_then(serde_json::Value::as_str)
 }
 
 /// How a union branch suits a value (see [`Affinity`]); references are resolved before.

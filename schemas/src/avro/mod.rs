@@ -39,6 +39,28 @@ pub struct PayloadSchema {
 /// Every named type of a schema by its full name.
 pub(crate) type Names = HashMap<Name, Schema>;
 
+/// The named type a reference stands for, seen from namespace `ns`.
+fn named<'n>(names: &'n Names, name: &Name, ns: NamespaceRef) -> Result<&'n Schema, Mismatch> {
+    let full = name.fully_qualified_name(ns);
+    names
+        .get(full.as_ref())
+        .ok_or_else(|| Mismatch::here(format!("unknown type `{full}`")))
+}
+
+/// The JSON key of a field whose key is not a legal Avro name (`remote-id`): its `json-name`
+/// attribute (docs/analytics.md).
+fn json_name(field: &apache_avro::schema::RecordField) -> Option<&str> {
+    field
+        .custom_attributes
+        .get("json-name")
+        .and_then(serde_json::Value::as_str)
+}
+
+/// The JSON key of a field: its `json-name`, else its name.
+fn json_key(field: &apache_avro::schema::RecordField) -> &str {
+    json_name(field).unwrap_or(&field.name)
+}
+
 /// Collects the named types of `schema` (records, enums, fixed) under their full names.
 fn collect_names(schema: &Schema, ns: NamespaceRef, names: &mut Names) {
     match schema {
